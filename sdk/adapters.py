@@ -1,0 +1,172 @@
+"""The adapter file format: named float tensors in safetensors, with sorted string metadata.
+
+Names are the torch parameter names of the LoRA modules, which the ONNX initializers carry too, so
+one file loads into PyTorch and into every ONNX graph of the bundle.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from fedclip.sdk.errors import AdapterError
+from fedclip.sdk.manifest import Manifest, TensorSpec
+
+log = logging.getLogger(__name__)
+
+ADAPTER_FORMAT = "1"
+_FORMAT_KEY = "fedclip_adapter_format"
+_REQUIRED = ("bundle_id", "version")
+_KNOWN = ("bundle_id", "version", "parent_version", "round", "strategy", "kind", "agent")
+_warned_fields: set[str] = set()
+
+
+@dataclass(frozen=True)
+class AdapterMeta:
+    bundle_id: str
+    version: str
+    parent_version: str = ""
+    round: int = -1
+    strategy: str = ""
+    kind: str = ""
+    agent: str = ""
+
+    def to_strings(self) -> dict[str, str]:
+        out = {k: str(getattr(self, k)) for k in _KNOWN}
+        out[_FORMAT_KEY] = ADAPTER_FORMAT
+        return dict(sorted(out.items()))
+
+    @classmethod
+    def from_strings(cls, meta: Mapping[str, str] | None, where: str) -> AdapterMeta:
+        meta = dict(meta or {})
+        fmt = meta.pop(_FORMAT_KEY, None)
+        if fmt is None:
+            raise AdapterError(f"{where}: not a fedclip adapter (no {_FORMAT_KEY} in metadata)")
+        if fmt != ADAPTER_FORMAT:
+            raise AdapterError(f"{where}: adapter format {fmt!r} is not supported (expected {ADAPTER_FORMAT})")
+        for key in _REQUIRED:
+            if key not in meta:
+                raise AdapterError(f"{where}: metadata field {key!r} is missing")
+        for key in sorted(set(meta) - set(_KNOWN)):
+            if key not in _warned_fields:  # newer writers may add fields; say so once
+                _warned_fields.add(key)
+                log.warning("%s: unknown adapter metadata field %r ignored", where, key)
+        try:
+            rnd = int(meta.get("round", "-1"))
+        except ValueError:
+            raise AdapterError(f"{where}: metadata field 'round' is not an integer") from None
+        return cls(
+            bundle_id=meta["bundle_id"],
+            version=meta["version"],
+            parent_version=meta.get("parent_version", ""),
+            round=rnd,
+            strategy=meta.get("strategy", ""),
+            kind=meta.get("kind", ""),
+            agent=meta.get("agent", ""),
+        )
+
+
+def encode_tensors(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
+    arrays = {name: np.ascontiguousarray(arr) for name, arr in sorted(tensors.items())}
+    return st_save(arrays, metadata=dict(sorted(metadata.items())))
+
+
+def decode_tensors(blob: bytes, where: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Parse a safetensors blob; any malformation becomes an AdapterError naming `where`."""
+    if len(blob) < 8:
+        raise AdapterError(f"{where}: payload too short to be safetensors ({len(blob)} bytes)")
+    header_len = int.from_bytes(blob[:8], "little")
+    if header_len <= 0 or header_len > len(blob) - 8:
+        raise AdapterError(f"{where}: not a safetensors payload (bad header length)")
+    try:
+        tensors = st_load(blob)
+        import json
+
+        header = json.loads(blob[8 : 8 + header_len])
+    except (SafetensorError, ValueError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{where}: not a valid safetensors payload ({str(e).splitlines()[0][:120]})") from None
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise AdapterError(f"{where}: safetensors metadata must map strings to strings")
+    return tensors, meta
+
+
+def adapter_bytes(tensors: Mapping[str, np.ndarray], meta: AdapterMeta) -> bytes:
+    return encode_tensors(tensors, meta.to_strings())
+
+
+def adapter_from_bytes(blob: bytes, where: str = "adapter") -> tuple[dict[str, np.ndarray], AdapterMeta]:
+    tensors, raw = decode_tensors(blob, where)
+    return tensors, AdapterMeta.from_strings(raw, where)
+
+
+def save_adapter(path: str | Path, tensors: Mapping[str, np.ndarray], meta: AdapterMeta) -> Path:
+    """Write atomically: a reader never sees half a file, a crash never leaves one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = adapter_bytes(tensors, meta)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_adapter(path: str | Path) -> tuple[dict[str, np.ndarray], AdapterMeta]:
+    path = Path(path)
+    try:
+        blob = path.read_bytes()
+    except OSError as e:
+        raise AdapterError(f"{path}: cannot read adapter ({e.strerror or e})") from None
+    return adapter_from_bytes(blob, str(path))
+
+
+def check_tensors(
+    tensors: Mapping[str, np.ndarray],
+    specs: Iterable[TensorSpec],
+    where: str,
+    require_all: bool = True,
+) -> dict[str, np.ndarray]:
+    """Validate names, shapes, dtypes and finiteness against the manifest; return float32 copies."""
+    by_name = {s.name: s for s in specs}
+    unknown = sorted(set(tensors) - set(by_name))
+    if unknown:
+        raise AdapterError(f"{where}: unknown tensor {unknown[0]!r} (not in the bundle's adapter)")
+    if require_all:
+        missing = sorted(set(by_name) - set(tensors))
+        if missing:
+            raise AdapterError(f"{where}: tensor {missing[0]!r} is missing ({len(missing)} missing)")
+    out = {}
+    for name, arr in tensors.items():
+        spec = by_name[name]
+        arr = np.asarray(arr)
+        if arr.dtype != np.dtype(spec.dtype):
+            raise AdapterError(f"{where}: tensor {name!r} has dtype {arr.dtype}, expected {spec.dtype}")
+        if tuple(arr.shape) != tuple(spec.shape):
+            raise AdapterError(f"{where}: tensor {name!r} has shape {list(arr.shape)}, expected {list(spec.shape)}")
+        if not np.all(np.isfinite(arr)):
+            raise AdapterError(f"{where}: tensor {name!r} has non-finite values")
+        out[name] = np.array(arr, copy=True)
+    return out
+
+
+def check_adapter(
+    tensors: Mapping[str, np.ndarray], manifest: Manifest, where: str, exchanged_only: bool = True
+) -> dict[str, np.ndarray]:
+    specs = manifest.exchanged if exchanged_only else manifest.trainable
+    return check_tensors(tensors, specs, where)

@@ -1,0 +1,216 @@
+"""The bundle manifest: the one contract between export (coordinator side) and the device.
+
+Every name and shape the device uses comes from here (habit 3). The manifest is YAML in the bundle as
+`manifest.yaml`; `bundle_id` is the sha256 of the canonical manifest with `bundle_id` blanked, which
+covers every file's sha256, so equal inputs give equal ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from fedclip.sdk.config import from_mapping, to_mapping
+from fedclip.sdk.errors import BundleError, ConfigError
+from fedclip.sdk.hashing import sha256_bytes, sha256_file
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.yaml"
+
+ADAPTER_KINDS = ("lora", "tri-lora")
+TARGETS = ("q", "k", "v", "o", "mlp")
+TOWERS = ("vision", "text")
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    kind: Literal["lora", "tri-lora"]
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    towers: tuple[str, ...]
+    # tri-lora only: "ce-lora" = A random, C identity, B zero, A/B/C trained;
+    # "frozen-seed" = A, B random from `seed` and frozen, only C trained.
+    init: Literal["ce-lora", "frozen-seed"] = "ce-lora"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rank <= 0:
+            raise ConfigError(f"adapter.rank: must be > 0, got {self.rank}")
+        if not self.alpha > 0:
+            raise ConfigError(f"adapter.alpha: must be > 0, got {self.alpha}")
+        for t in self.targets:
+            if t not in TARGETS:
+                raise ConfigError(f"adapter.targets: unknown target {t!r} (choose from {','.join(TARGETS)})")
+        if not self.targets:
+            raise ConfigError("adapter.targets: at least one target is needed")
+        for t in self.towers:
+            if t not in TOWERS:
+                raise ConfigError(f"adapter.towers: unknown tower {t!r} (choose from {','.join(TOWERS)})")
+        if not self.towers:
+            raise ConfigError("adapter.towers: at least one tower is needed")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    kind: Literal["classify", "contrastive"]
+    labels: tuple[str, ...] = ()
+    prompt: str = "a photo of a {}."
+
+    def __post_init__(self) -> None:
+        if self.kind == "classify":
+            if not self.labels:
+                raise ConfigError("task.labels: classify needs at least one label")
+            if len(set(self.labels)) != len(self.labels):
+                raise ConfigError("task.labels: labels must be unique")
+            if any(not lab.strip() for lab in self.labels):
+                raise ConfigError("task.labels: empty label")
+            if "{}" not in self.prompt:
+                raise ConfigError(f"task.prompt: must contain '{{}}' for the label, got {self.prompt!r}")
+
+    def prompts(self) -> list[str]:
+        return [self.prompt.format(label) for label in self.labels]
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    resize_mode: Literal["shortest", "squash"] = "shortest"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    trainable: bool = True
+    # Exchanged tensors travel to the coordinator; the others stay on the device (tri-lora A, B).
+    exchanged: bool = True
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    file: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    name: str
+    embed_dim: int
+    pretrained: str | None = None
+    weights_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    file: str
+    context_length: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format_version: int
+    base_model: BaseModel
+    adapter: AdapterSpec
+    task: TaskSpec
+    preprocess: Preprocess
+    tensors: tuple[TensorSpec, ...]
+    # Keys: "training", "eval", "optimizer", "inference", and for text-tower-only adapters
+    # "image_encoder"; "step" for the portable training graph when exported.
+    graphs: dict[str, GraphSpec]
+    # What the training graph consumes: raw pixels, or cached image embeddings (no adapter on vision).
+    train_input: Literal["image", "image_embeds"] = "image"
+    checkpoint: str = "checkpoint"
+    tokenizer: TokenizerSpec | None = None
+    tools: dict[str, str] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+    bundle_id: str = ""
+
+    # ---- views -------------------------------------------------------------------------------
+    def tensor(self, name: str) -> TensorSpec:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    @property
+    def trainable(self) -> tuple[TensorSpec, ...]:
+        return tuple(t for t in self.tensors if t.trainable)
+
+    @property
+    def exchanged(self) -> tuple[TensorSpec, ...]:
+        return tuple(t for t in self.tensors if t.exchanged)
+
+    # ---- io ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return to_mapping(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = MANIFEST_NAME) -> Manifest:
+        if not isinstance(data, dict):
+            raise BundleError(f"{where}: not a mapping")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BundleError(f"{where}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
+        try:
+            return from_mapping(cls, data, where)
+        except ConfigError as e:
+            raise BundleError(str(e)) from None
+
+    def canonical_id(self) -> str:
+        body = dataclasses.replace(self, bundle_id="").to_dict()
+        return sha256_bytes(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+    @classmethod
+    def load(cls, bundle_dir: str | Path, verify: bool = True) -> Manifest:
+        """Read `bundle_dir/manifest.yaml`; with `verify`, refuse the bundle if any hash differs."""
+        bundle_dir = Path(bundle_dir)
+        path = bundle_dir / MANIFEST_NAME
+        if not path.is_file():
+            raise BundleError(f"{bundle_dir}: not a fedclip bundle (no {MANIFEST_NAME})")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError:
+            raise BundleError(f"{path}: manifest is not valid YAML") from None
+        manifest = cls.from_dict(data, str(path))
+        if verify:
+            manifest.verify(bundle_dir)
+        return manifest
+
+    def verify(self, bundle_dir: str | Path) -> None:
+        bundle_dir = Path(bundle_dir)
+        if self.canonical_id() != self.bundle_id:
+            raise BundleError(f"{bundle_dir}: manifest was modified (bundle id does not match its content)")
+        for rel, digest in sorted(self.files.items()):
+            p = bundle_dir / rel
+            if not p.is_file():
+                raise BundleError(f"{bundle_dir}: file {rel} listed in the manifest is missing")
+            if sha256_file(p) != digest:
+                raise BundleError(f"{bundle_dir}: file {rel} is corrupt (sha256 mismatch)")
+
+    def seal(self, bundle_dir: str | Path) -> Manifest:
+        """Hash every file in `bundle_dir` (but the manifest), set `files` and `bundle_id`, write it."""
+        bundle_dir = Path(bundle_dir)
+        files = {
+            p.relative_to(bundle_dir).as_posix(): sha256_file(p)
+            for p in sorted(bundle_dir.rglob("*"))
+            if p.is_file() and p.name != MANIFEST_NAME
+        }
+        sealed = dataclasses.replace(self, files=files, bundle_id="")
+        sealed = dataclasses.replace(sealed, bundle_id=sealed.canonical_id())
+        (bundle_dir / MANIFEST_NAME).write_text(yaml.safe_dump(sealed.to_dict(), sort_keys=True))
+        return sealed

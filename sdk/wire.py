@@ -1,0 +1,259 @@
+"""The wire protocol: topics, envelopes and their validation (DESIGN.md, "Wire protocol").
+
+A message that carries tensors is one safetensors blob; its `__metadata__["fedclip"]` holds the
+envelope as JSON. A message without tensors is the envelope itself as JSON. Either way `decode`
+validates before anyone acts on it and raises `WireError` with a one-line reason; callers log and
+drop. Only the envelope's `body` is free-form, and each message type checks its own body keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac as _hmac
+import json
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+from fedclip.sdk.adapters import decode_tensors, encode_tensors
+from fedclip.sdk.errors import AdapterError, WireError
+from fedclip.sdk.ids import ID_PATTERN
+
+SCHEMA_VERSION = 1
+DEFAULT_MAX_PAYLOAD = 64 * 1024 * 1024
+_META_KEY = "fedclip"
+
+# Data statistics ride along in updates as tensors with these names (never raw data).
+STATS_PREFIX = "stats/"
+STAT_LABEL_HIST = "stats/label_hist"  # [L] float32 sample counts per label
+STAT_MEAN = "stats/mean"  # [L, D] float32 per-label mean of image embeddings
+STAT_VAR = "stats/var"  # [L, D] float32 per-label diagonal variance
+
+
+class MsgType(str, Enum):
+    STATUS = "status"
+    TASK = "task"
+    UPDATE = "update"
+    ADAPTER = "adapter"  # an adapter pushed for inference / rollout
+    ACK = "ack"
+    COMMAND = "command"
+
+
+class Topics:
+    """All topic names of one fleet, in one place."""
+
+    def __init__(self, fleet: str):
+        if not ID_PATTERN.match(fleet or ""):
+            raise WireError(f"fleet {fleet!r} is not a valid id")
+        self.fleet = fleet
+        self.root = f"fedclip/{fleet}/"
+
+    @property
+    def coordinator_status(self) -> str:
+        return self.root + "coordinator/status"
+
+    def agent(self, agent_id: str, kind: str) -> str:
+        return f"{self.root}agents/{agent_id}/{kind}"
+
+    def status(self, agent_id: str) -> str:
+        return self.agent(agent_id, "status")
+
+    def task(self, agent_id: str) -> str:
+        return self.agent(agent_id, "task")
+
+    def update(self, agent_id: str) -> str:
+        return self.agent(agent_id, "update")
+
+    def adapter(self, agent_id: str) -> str:
+        return self.agent(agent_id, "adapter")
+
+    def ack(self, agent_id: str) -> str:
+        return self.agent(agent_id, "ack")
+
+    def all_agents(self, kind: str) -> str:
+        return f"{self.root}agents/+/{kind}"
+
+    def rollout(self, *parts: str) -> str:
+        return self.root + "/".join(("rollout",) + parts)
+
+    def parse_agent(self, topic: str) -> tuple[str, str]:
+        """`fedclip/<fleet>/agents/<id>/<kind>` -> (id, kind); WireError for anything else."""
+        if not topic.startswith(self.root + "agents/"):
+            raise WireError(f"topic {topic!r} is not an agent topic of fleet {self.fleet}")
+        rest = topic[len(self.root) + len("agents/") :].split("/")
+        if len(rest) != 2 or not ID_PATTERN.match(rest[0]):
+            raise WireError(f"topic {topic!r} has no valid agent id")
+        return rest[0], rest[1]
+
+
+@dataclass(frozen=True)
+class Envelope:
+    type: MsgType
+    fleet: str
+    agent: str  # the agent a task/adapter is for, or the agent an update/status/ack is from
+    round: int = -1
+    base_version: str = ""
+    body: dict[str, Any] = field(default_factory=dict)
+    sent_at: float = 0.0
+    schema: int = SCHEMA_VERSION
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "type": self.type.value,
+            "fleet": self.fleet,
+            "agent": self.agent,
+            "round": self.round,
+            "base_version": self.base_version,
+            "sent_at": self.sent_at,
+            "body": self.body,
+        }
+
+
+@dataclass(frozen=True)
+class Message:
+    envelope: Envelope
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def adapter_tensors(self) -> dict[str, np.ndarray]:
+        return {k: v for k, v in self.tensors.items() if not k.startswith(STATS_PREFIX)}
+
+    @property
+    def stats(self) -> dict[str, np.ndarray]:
+        return {k: v for k, v in self.tensors.items() if k.startswith(STATS_PREFIX)}
+
+
+def tensors_digest(tensors: Mapping[str, np.ndarray]) -> str:
+    """sha256 over names, dtypes, shapes and bytes, independent of the container's metadata."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name])
+        h.update(f"{name}|{arr.dtype.str}|{list(arr.shape)}|".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def _sign(key: bytes, fields: Mapping[str, Any], digest: str) -> str:
+    msg = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode() + b"|" + digest.encode()
+    return _hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
+def encode(
+    envelope: Envelope,
+    tensors: Mapping[str, np.ndarray] | None = None,
+    hmac_key: bytes | None = None,
+) -> bytes:
+    """Serialize a message: safetensors when it has tensors, JSON otherwise."""
+    if not envelope.sent_at:
+        envelope = replace(envelope, sent_at=time.time())
+    fields = envelope.fields()
+    tensors = dict(tensors or {})
+    digest = tensors_digest(tensors) if tensors else ""
+    header = dict(fields, tensors_sha256=digest)
+    if hmac_key:
+        header["hmac"] = _sign(hmac_key, fields, digest)
+    if not tensors:
+        return json.dumps(header, sort_keys=True, allow_nan=False).encode()
+    return encode_tensors(tensors, {_META_KEY: json.dumps(header, sort_keys=True, allow_nan=False)})
+
+
+def decode(
+    payload: bytes,
+    *,
+    fleet: str,
+    expect: MsgType | tuple[MsgType, ...] | None = None,
+    max_bytes: int = DEFAULT_MAX_PAYLOAD,
+    hmac_key: bytes | None = None,
+    where: str = "message",
+) -> Message:
+    """Parse and validate the envelope and tensor integrity. Raises WireError with the reason."""
+    if len(payload) > max_bytes:
+        raise WireError(f"{where}: payload of {len(payload)} bytes exceeds the limit of {max_bytes}")
+    if not payload:
+        raise WireError(f"{where}: empty payload")
+    tensors: dict[str, np.ndarray] = {}
+    if payload[:1] == b"{":
+        try:
+            header = json.loads(payload)
+        except (ValueError, UnicodeDecodeError):
+            raise WireError(f"{where}: not valid JSON") from None
+    else:
+        try:
+            tensors, meta = decode_tensors(payload, where)
+        except AdapterError as e:
+            raise WireError(str(e)) from None
+        if _META_KEY not in meta:
+            raise WireError(f"{where}: safetensors payload has no fedclip envelope")
+        try:
+            header = json.loads(meta[_META_KEY])
+        except ValueError:
+            raise WireError(f"{where}: envelope metadata is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise WireError(f"{where}: envelope must be a JSON object")
+    env = _parse_envelope(header, where)
+    if env.fleet != fleet:
+        raise WireError(f"{where}: message for fleet {env.fleet!r}, this is fleet {fleet!r}")
+    if expect is not None:
+        allowed = expect if isinstance(expect, tuple) else (expect,)
+        if env.type not in allowed:
+            raise WireError(f"{where}: unexpected message type {env.type.value!r}")
+    digest = header.get("tensors_sha256", "")
+    if tensors:
+        for name, arr in tensors.items():
+            if arr.dtype.kind not in "fiu":
+                raise WireError(f"{where}: tensor {name!r} has unsupported dtype {arr.dtype}")
+            if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+                raise WireError(f"{where}: tensor {name!r} has non-finite values")
+        if digest != tensors_digest(tensors):
+            raise WireError(f"{where}: tensors do not match their sha256")
+    elif digest:
+        raise WireError(f"{where}: envelope names tensors but the payload carries none")
+    if hmac_key is not None:
+        given = header.get("hmac")
+        if not isinstance(given, str) or not _hmac.compare_digest(given, _sign(hmac_key, env.fields(), digest)):
+            raise WireError(f"{where}: HMAC missing or wrong")
+    return Message(env, tensors)
+
+
+def _parse_envelope(h: dict[str, Any], where: str) -> Envelope:
+    if h.get("schema") != SCHEMA_VERSION:
+        raise WireError(f"{where}: schema version {h.get('schema')!r} is not supported (expected {SCHEMA_VERSION})")
+    try:
+        mtype = MsgType(h.get("type"))
+    except ValueError:
+        raise WireError(f"{where}: unknown message type {h.get('type')!r}") from None
+    for key in ("fleet", "agent"):
+        value = h.get(key)
+        if not isinstance(value, str) or not ID_PATTERN.match(value):
+            raise WireError(f"{where}: field {key!r} is not a valid id: {value!r}")
+    rnd = h.get("round", -1)
+    if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < -1:
+        raise WireError(f"{where}: field 'round' must be an integer >= -1, got {rnd!r}")
+    base = h.get("base_version", "")
+    if not isinstance(base, str) or len(base) > 128:
+        raise WireError(f"{where}: field 'base_version' must be a short string")
+    body = h.get("body", {})
+    if not isinstance(body, dict):
+        raise WireError(f"{where}: field 'body' must be an object")
+    sent_at = h.get("sent_at", 0.0)
+    if isinstance(sent_at, bool) or not isinstance(sent_at, (int, float)) or not math.isfinite(sent_at):
+        raise WireError(f"{where}: field 'sent_at' must be a number")
+    return Envelope(mtype, h["fleet"], h["agent"], rnd, base, body, float(sent_at))
+
+
+def body_field(msg: Message, key: str, kind: type | tuple[type, ...], where: str = "message") -> Any:
+    """A required body field of the given type, or WireError naming it."""
+    value = msg.envelope.body.get(key)
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise WireError(f"{where}: body field {key!r} has the wrong type")
+    if not isinstance(value, kind):
+        raise WireError(f"{where}: body field {key!r} is missing or has the wrong type")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise WireError(f"{where}: body field {key!r} is not finite")
+    return value

@@ -1,0 +1,1 @@
+"""fedclip.coordinator: rounds, aggregation, registry, rollout and the `fedclip-coord` CLI."""

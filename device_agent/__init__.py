@@ -1,0 +1,1 @@
+"""fedclip.device_agent: the torch-free device agent."""

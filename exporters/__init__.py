@@ -1,0 +1,1 @@
+"""fedclip.exporters: open_clip + LoRA -> ONNX Runtime training bundles (needs torch)."""

@@ -1,0 +1,39 @@
+"""What both CLIs share: FedclipError -> one line on stderr and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from fedclip.sdk.errors import FedclipError
+
+
+def run(app: typer.Typer, prog: str) -> None:
+    try:
+        app(prog_name=prog, standalone_mode=False)
+    except FedclipError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # click's usage errors and aborts
+        import click
+
+        if isinstance(e, click.exceptions.Abort):
+            print(f"{prog}: aborted", file=sys.stderr)
+            sys.exit(130)
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(2)
+        raise
+    sys.exit(0)
+
+
+def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

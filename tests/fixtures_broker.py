@@ -1,0 +1,1 @@
+"""Broker fixtures: a real mosquitto on a free port, started and stopped by the test."""

@@ -1,0 +1,1 @@
+"""Bundle fixtures: tiny random-init bundles exported once per session and shared."""

@@ -17,6 +17,11 @@ app = typer.Typer(
     add_completion=False,
 )
 
+
+@app.callback()
+def _root() -> None:
+    """Keeps the app a command group even while it has a single command."""
+
 # (module, attribute, command name); a module that is not there yet is skipped.
 _COMMANDS = [
     ("fedclip.device_agent.local_cmd", "train", "train"),

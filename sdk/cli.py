@@ -21,13 +21,13 @@ def run(app: typer.Typer, prog: str) -> None:
         sys.exit(130)
     except SystemExit:
         raise
-    except Exception as e:  # click's usage errors and aborts
-        import click
-
-        if isinstance(e, click.exceptions.Abort):
+    except Exception as e:
+        # Usage errors and aborts of the click that typer vendors; matched by shape, not by class,
+        # because typer may vendor its own copy of click.
+        if type(e).__name__ == "Abort":
             print(f"{prog}: aborted", file=sys.stderr)
             sys.exit(130)
-        if isinstance(e, click.ClickException):
+        if callable(getattr(e, "show", None)) and hasattr(e, "exit_code"):
             e.show()
             sys.exit(2)
         raise

@@ -1,0 +1,121 @@
+"""Load ONNX Runtime (and its on-device training API) without importing torch.
+
+The training wheels of onnxruntime check for ORTModule at import time
+(`onnxruntime.capi.onnxruntime_validation` imports `onnxruntime.training.ortmodule`), and
+`onnxruntime.training/__init__` imports the torch-based tooling; both pull torch into the process
+whenever torch is installed. A device agent must stay torch-free, so while importing we put a bare
+package module in place of `onnxruntime.training` (same `__path__`, no `__init__` run) and block
+`ortmodule`; `onnxruntime.training.api` only needs the C bindings. Afterwards the stand-ins are removed
+again so a process that also exports (tests, the coordinator) can still import the real package.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+import types
+from dataclasses import dataclass
+from typing import Any
+
+from fedclip.sdk.errors import BackendError
+
+DEVICES = ("cpu", "cuda")
+_PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+_ort: Any = None
+_api: Any = None
+
+
+def _find_root() -> str:
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is None or not spec.submodule_search_locations:
+        raise BackendError(
+            "onnxruntime is not installed; install the agent extra: pip install 'fedclip[agent]'"
+        )
+    return list(spec.submodule_search_locations)[0]
+
+
+def _import_without_torch(import_fn):
+    """Run `import_fn` with `onnxruntime.training` stood in by a bare package (see module doc)."""
+    if "onnxruntime.training" in sys.modules and sys.modules["onnxruntime.training"] is not None:
+        return import_fn()  # the real package is already there (an exporting process): torch is in too
+    training_dir = os.path.join(_find_root(), "training")
+    stub = types.ModuleType("onnxruntime.training")
+    stub.__path__ = [training_dir]
+    stub.__package__ = "onnxruntime.training"
+    before = {n for n in sys.modules if n.startswith("onnxruntime.training")}
+    sys.modules["onnxruntime.training"] = stub
+    sys.modules["onnxruntime.training.ortmodule"] = None
+    try:
+        return import_fn()
+    finally:
+        # Forget everything imported under the stand-in (the classes we hold keep their modules
+        # alive), so a later `import onnxruntime.training...` loads the real package from scratch.
+        for name in [n for n in sys.modules if n.startswith("onnxruntime.training") and n not in before]:
+            del sys.modules[name]
+        parent = sys.modules.get("onnxruntime")
+        if parent is not None and getattr(parent, "training", None) is stub:
+            delattr(parent, "training")
+
+
+def onnxruntime() -> Any:
+    """The `onnxruntime` module, imported without torch."""
+    global _ort
+    if _ort is None:
+        try:
+            _ort = _import_without_torch(lambda: importlib.import_module("onnxruntime"))
+        except ImportError as e:
+            raise BackendError(f"cannot import onnxruntime ({e})") from None
+    return _ort
+
+
+@dataclass(frozen=True)
+class TrainingApi:
+    CheckpointState: Any
+    Module: Any
+    Optimizer: Any
+
+
+def training_api() -> TrainingApi:
+    """`CheckpointState`, `Module`, `Optimizer` of `onnxruntime.training.api`, torch-free."""
+    global _api
+    if _api is None:
+        onnxruntime()
+        if not os.path.isdir(os.path.join(_find_root(), "training", "api")):
+            raise BackendError(
+                "this onnxruntime has no on-device training API; install onnxruntime-training "
+                "(pip install 'fedclip[agent]'), not plain onnxruntime"
+            )
+        try:
+            mod = _import_without_torch(lambda: importlib.import_module("onnxruntime.training.api"))
+        except ImportError as e:
+            raise BackendError(f"cannot load onnxruntime.training.api ({e})") from None
+        _api = TrainingApi(mod.CheckpointState, mod.Module, mod.Optimizer)
+    return _api
+
+
+def check_device(device: str) -> str:
+    """Return the ORT execution provider for `device`, or a BackendError saying why it cannot run."""
+    if device not in DEVICES:
+        raise BackendError(f"device {device!r} is not supported (choose from {', '.join(DEVICES)})")
+    provider = _PROVIDER[device]
+    available = onnxruntime().get_available_providers()
+    if provider not in available:
+        raise BackendError(
+            f"--device {device} needs {provider}, but this onnxruntime has only {', '.join(available)} "
+            "(install onnxruntime-training built with CUDA: pip install 'fedclip[agent-cuda]')"
+        )
+    return provider
+
+
+def session_options(threads: int | None = None) -> Any:
+    """SessionOptions with `threads` intra-op threads (None: ORT's default, one per core)."""
+    opts = onnxruntime().SessionOptions()
+    if threads is not None:
+        if threads < 1:
+            raise BackendError(f"threads must be >= 1, got {threads}")
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return opts

@@ -6,6 +6,7 @@ one file loads into PyTorch and into every ONNX graph of the bundle.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -16,7 +17,6 @@ from pathlib import Path
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
-from safetensors.numpy import save as st_save
 
 from fedclip.sdk.errors import AdapterError
 from fedclip.sdk.manifest import Manifest, TensorSpec
@@ -75,9 +75,38 @@ class AdapterMeta:
         )
 
 
+_ST_DTYPES = {
+    np.dtype(name): code
+    for name, code in [
+        ("float64", "F64"), ("float32", "F32"), ("float16", "F16"), ("int64", "I64"), ("int32", "I32"),
+        ("int16", "I16"), ("int8", "I8"), ("uint64", "U64"), ("uint32", "U32"), ("uint16", "U16"),
+        ("uint8", "U8"), ("bool", "BOOL"),
+    ]
+}
+
+
 def encode_tensors(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
-    arrays = {name: np.ascontiguousarray(arr) for name, arr in sorted(tensors.items())}
-    return st_save(arrays, metadata=dict(sorted(metadata.items())))
+    """A safetensors blob with sorted names and sorted metadata: equal inputs give equal bytes.
+
+    Written here rather than by `safetensors.numpy.save`, whose metadata order follows a randomized
+    hash map (the same adapter would get a new content address on every save). The blob is plain
+    safetensors; `decode_tensors` reads it with the safetensors library, which validates it.
+    """
+    header: dict[str, object] = {"__metadata__": {str(k): str(v) for k, v in sorted(metadata.items())}}
+    chunks, offset = [], 0
+    for name, arr in sorted(tensors.items()):
+        arr = np.asarray(arr)
+        dtype = _ST_DTYPES.get(arr.dtype.newbyteorder("="))
+        if dtype is None:
+            raise AdapterError(f"tensor {name!r}: dtype {arr.dtype} cannot be stored")
+        data = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+        end = offset + len(data)
+        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, end]}
+        chunks.append(data)
+        offset += len(data)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # 8-byte aligned data, as the reference writer does
+    return len(head).to_bytes(8, "little") + head + b"".join(chunks)
 
 
 def decode_tensors(blob: bytes, where: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -89,10 +118,9 @@ def decode_tensors(blob: bytes, where: str) -> tuple[dict[str, np.ndarray], dict
         raise AdapterError(f"{where}: not a safetensors payload (bad header length)")
     try:
         tensors = st_load(blob)
-        import json
-
         header = json.loads(blob[8 : 8 + header_len])
-    except (SafetensorError, ValueError, UnicodeDecodeError) as e:
+    # KeyError: safetensors' numpy loader has no numpy type for some dtypes (BF16, F8).
+    except (SafetensorError, ValueError, UnicodeDecodeError, KeyError, TypeError, RecursionError) as e:
         raise AdapterError(f"{where}: not a valid safetensors payload ({str(e).splitlines()[0][:120]})") from None
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):

@@ -136,6 +136,9 @@ class Manifest:
     train_input: Literal["image", "image_embeds"] = "image"
     checkpoint: str = "checkpoint"
     tokenizer: TokenizerSpec | None = None
+    # Starting values of the trainable tensors (safetensors) for trainers without an ORT checkpoint
+    # (the portable `step` graph); None when the bundle has no step graph.
+    initial_tensors: str | None = None
     tools: dict[str, str] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
     bundle_id: str = ""
@@ -172,7 +175,10 @@ class Manifest:
             raise BundleError(str(e)) from None
 
     def canonical_id(self) -> str:
+        # Hash the manifest as a reader will load it: an int given for a float field (alpha=8) or a
+        # list for a tuple would otherwise hash differently after the YAML round trip.
         body = dataclasses.replace(self, bundle_id="").to_dict()
+        body = Manifest.from_dict(body).to_dict()
         return sha256_bytes(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
     @classmethod

@@ -156,11 +156,14 @@ def encode(
     tensors = dict(tensors or {})
     digest = tensors_digest(tensors) if tensors else ""
     header = dict(fields, tensors_sha256=digest)
-    if hmac_key:
-        header["hmac"] = _sign(hmac_key, fields, digest)
-    if not tensors:
-        return json.dumps(header, sort_keys=True, allow_nan=False).encode()
-    return encode_tensors(tensors, {_META_KEY: json.dumps(header, sort_keys=True, allow_nan=False)})
+    try:
+        if hmac_key:
+            header["hmac"] = _sign(hmac_key, fields, digest)
+        text = json.dumps(header, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:  # e.g. a NaN loss in metrics: the sender's bug, not a crash
+        what = f"{envelope.type.value} envelope"
+        raise WireError(f"{what}: body is not JSON-serializable or not finite ({e})") from None
+    return text.encode() if not tensors else encode_tensors(tensors, {_META_KEY: text})
 
 
 def decode(
@@ -181,7 +184,7 @@ def decode(
     if payload[:1] == b"{":
         try:
             header = json.loads(payload)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting must not crash us
             raise WireError(f"{where}: not valid JSON") from None
     else:
         try:
@@ -192,7 +195,7 @@ def decode(
             raise WireError(f"{where}: safetensors payload has no fedclip envelope")
         try:
             header = json.loads(meta[_META_KEY])
-        except ValueError:
+        except (ValueError, RecursionError):
             raise WireError(f"{where}: envelope metadata is not valid JSON") from None
     if not isinstance(header, dict):
         raise WireError(f"{where}: envelope must be a JSON object")
@@ -222,8 +225,9 @@ def decode(
 
 
 def _parse_envelope(h: dict[str, Any], where: str) -> Envelope:
-    if h.get("schema") != SCHEMA_VERSION:
-        raise WireError(f"{where}: schema version {h.get('schema')!r} is not supported (expected {SCHEMA_VERSION})")
+    schema = h.get("schema")
+    if type(schema) is not int or schema != SCHEMA_VERSION:  # `true == 1` in Python: compare the type too
+        raise WireError(f"{where}: schema version {schema!r} is not supported (expected {SCHEMA_VERSION})")
     try:
         mtype = MsgType(h.get("type"))
     except ValueError:

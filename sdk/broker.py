@@ -1,0 +1,423 @@
+"""Brokers fedclip can start itself: the embedded amqtt one, and mosquitto for tests and users.
+
+`EmbeddedBroker` runs amqtt in a background thread with its own asyncio loop, bound to 127.0.0.1 only.
+amqtt drops the messages of anonymous sessions while they are away, so persistent sessions need
+authenticated clients: the broker writes a password file with generated credentials (argon2, via
+amqtt's own `pwdlib` dependency) and exposes them as `.username` / `.password`; `.url` carries them.
+
+`MosquittoBroker` writes a config in a temp dir and runs `mosquitto -c` as a subprocess: listener on
+127.0.0.1, optional password file (`mosquitto_passwd`), optional TLS (CA and server cert made with
+`openssl`), persistence on so `restart()` keeps sessions and retained messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from fedclip.sdk.errors import ConfigError, FedclipError
+
+log = logging.getLogger(__name__)
+
+LOCALHOST = "127.0.0.1"
+
+
+class BrokerError(FedclipError):
+    """A broker fedclip starts itself could not start or stop."""
+
+
+def free_port(host: str = LOCALHOST) -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout: float, alive=lambda: True) -> bool:
+    """Poll until something accepts TCP connections on host:port; False on timeout or death."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive():
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+class EmbeddedBroker:
+    """amqtt on 127.0.0.1 in a thread. `start()` returns the URL (credentials included)."""
+
+    def __init__(self, port: int | None = None, username: str = "fedclip", password: str | None = None):
+        self.host = LOCALHOST
+        self.port = port or free_port()
+        self.username = username
+        self.password = password or secrets.token_urlsafe(16)
+        self._dir: tempfile.TemporaryDirectory | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._broker = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.username}:{self.password}@{self.host}:{self.port}"
+
+    @property
+    def plain_url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def _config(self, password_file: Path) -> dict:
+        # The format of amqtt 0.12 (amqtt.contexts.BrokerConfig): plugins keyed by dotted class path.
+        return {
+            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
+            "timeout_disconnect_delay": 0,
+            "plugins": {"amqtt.plugins.authentication.FileAuthPlugin": {"password_file": str(password_file)}},
+        }
+
+    def start(self, timeout: float = 15) -> str:
+        try:
+            from pwdlib import PasswordHash
+            from pwdlib.hashers.argon2 import Argon2Hasher
+        except ImportError:
+            raise BrokerError("the embedded broker needs amqtt: pip install amqtt") from None
+        if self._thread is not None:
+            raise BrokerError("embedded broker already started")
+        # amqtt and its state machine library log every connection and transition at INFO; quiet them
+        # unless the application chose a level for them.
+        for name in ("transitions", "amqtt"):
+            if logging.getLogger(name).level == logging.NOTSET:
+                logging.getLogger(name).setLevel(logging.WARNING)
+        self._dir = tempfile.TemporaryDirectory(prefix="fedclip-amqtt-")
+        pw_file = Path(self._dir.name) / "passwd"
+        # The password is 128 random bits, so a cheap argon2 costs no security and keeps every
+        # CONNECT fast (the default parameters take ~0.5 s of CPU per connection on a small board).
+        hasher = Argon2Hasher(time_cost=1, memory_cost=1024, parallelism=1)
+        pw_file.write_text(f"{self.username}:{PasswordHash((hasher,)).hash(self.password)}\n")
+        self._started.clear()
+        self._error = None
+        self._thread = threading.Thread(
+            target=self._run, args=(self._config(pw_file),), name="fedclip-amqtt", daemon=True
+        )
+        self._thread.start()
+        if not self._started.wait(timeout):
+            raise BrokerError(f"embedded broker did not start within {timeout:g}s")
+        if self._error is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+            raise BrokerError(f"embedded broker failed to start on {self.plain_url}: {self._error}")
+        log.info("embedded MQTT broker listening on %s", self.plain_url)
+        return self.url
+
+    def _run(self, config: dict) -> None:
+        try:
+            from amqtt.broker import Broker
+        except ImportError as e:
+            self._error = e
+            self._started.set()
+            return
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self._loop = loop
+        try:
+            self._broker = Broker(config, loop=loop)
+            loop.run_until_complete(self._broker.start())
+        except Exception as e:  # reported to start() as a BrokerError
+            self._error = e
+            self._started.set()
+            self._close_loop(loop)
+            return
+        self._started.set()
+        try:
+            loop.run_forever()
+        finally:
+            self._close_loop(loop)
+
+    @staticmethod
+    def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
+        # Client handlers amqtt leaves behind would otherwise hold sockets open after stop().
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for t in pending:
+            t.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+    def stop(self, timeout: float = 15) -> None:
+        if self._thread is None:
+            return
+        loop, broker = self._loop, self._broker
+        if loop is not None and broker is not None and not loop.is_closed():
+            fut = asyncio.run_coroutine_threadsafe(broker.shutdown(), loop)
+            try:
+                fut.result(timeout)
+            except Exception as e:  # a half-stopped broker is still stopped below
+                log.warning("embedded broker shutdown: %s", e)
+            loop.call_soon_threadsafe(loop.stop)
+        self._thread.join(timeout)
+        self._thread = None
+        self._loop = None
+        self._broker = None
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+    def __enter__(self) -> EmbeddedBroker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def find_mosquitto() -> str | None:
+    for cand in (shutil.which("mosquitto"), "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    r = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        raise BrokerError(f"openssl {args[0]} failed: {r.stderr.strip().splitlines()[-1:]}")
+
+
+def make_test_certs(out: Path, host: str = LOCALHOST) -> dict[str, Path]:
+    """A throwaway CA, a server cert for `host` and a client cert, all signed by the CA (openssl)."""
+    if shutil.which("openssl") is None:
+        raise BrokerError("openssl is needed to make TLS certificates")
+    out.mkdir(parents=True, exist_ok=True)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=fedclip-test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        cwd=out,
+    )
+    (out / "server.ext").write_text(f"subjectAltName=IP:{host},DNS:localhost\n")
+    for name, subj in (("server", "/CN=localhost"), ("client", "/CN=fedclip-client")):
+        _openssl(
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            subj,
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            cwd=out,
+        )
+        ext = ["-extfile", "server.ext"] if name == "server" else []
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            f"{name}.crt",
+            *ext,
+            cwd=out,
+        )
+    return {k: out / f"{k}" for k in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")}
+
+
+class MosquittoBroker:
+    """A mosquitto subprocess on 127.0.0.1:free port with its config and state in a temp dir."""
+
+    def __init__(
+        self,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        tls: bool = False,
+        require_client_cert: bool = False,
+        binary: str | None = None,
+        port: int | None = None,
+    ):
+        self.binary = binary or find_mosquitto()
+        if self.binary is None:
+            raise BrokerError("mosquitto is not installed (apt-get install mosquitto)")
+        if (username is None) != (password is None):
+            raise ConfigError("mosquitto: username and password go together")
+        self.username = username
+        self.password = password
+        self.tls = tls
+        self.require_client_cert = require_client_cert
+        self.host = LOCALHOST
+        self.port = port or free_port()
+        self._tmp = tempfile.TemporaryDirectory(prefix="fedclip-mosquitto-")
+        self.dir = Path(self._tmp.name)
+        self.certs: dict[str, Path] = {}
+        self._proc: subprocess.Popen | None = None
+        self._write_config()
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+    @property
+    def log_file(self) -> Path:
+        return self.dir / "mosquitto.log"
+
+    def _write_config(self) -> None:
+        (self.dir / "data").mkdir()
+        lines = [
+            # mosquitto started as root drops to user `mosquitto`, which cannot read our temp dir.
+            "user root" if os.geteuid() == 0 else "",
+            f"listener {self.port} {self.host}",
+            "persistence true",
+            f"persistence_location {self.dir / 'data'}/",
+            "autosave_interval 1",
+            f"log_dest file {self.log_file}",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "log_type information",
+            "max_queued_messages 10000",
+        ]
+        if self.username is not None:
+            pw = self.dir / "passwd"
+            pw.touch(mode=0o600)
+            r = subprocess.run(
+                [
+                    shutil.which("mosquitto_passwd") or "mosquitto_passwd",
+                    "-b",
+                    str(pw),
+                    self.username,
+                    self.password,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            if r.returncode != 0:
+                raise BrokerError(f"mosquitto_passwd failed: {r.stderr.strip()}")
+            lines += ["allow_anonymous false", f"password_file {pw}"]
+        else:
+            lines.append("allow_anonymous true")
+        if self.tls:
+            self.certs = make_test_certs(self.dir / "certs")
+            lines += [
+                f"cafile {self.certs['ca.crt']}",
+                f"certfile {self.certs['server.crt']}",
+                f"keyfile {self.certs['server.key']}",
+                f"require_certificate {'true' if self.require_client_cert else 'false'}",
+            ]
+        (self.dir / "mosquitto.conf").write_text("\n".join(line for line in lines if line) + "\n")
+
+    def start(self, timeout: float = 15) -> str:
+        if self.running:
+            raise BrokerError("mosquitto already running")
+        offset = self.log_file.stat().st_size if self.log_file.exists() else 0
+        # stderr to a file, not a pipe nobody reads: a chatty broker must never block on it.
+        with open(self.dir / "stderr.log", "ab") as err:
+            self._proc = subprocess.Popen(
+                [self.binary, "-c", str(self.dir / "mosquitto.conf")],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                start_new_session=True,
+            )
+        if not self._wait_running(timeout, offset):
+            self.kill()
+            stderr = (self.dir / "stderr.log").read_text(errors="replace")
+            lines = (self._log_since(offset) + stderr).splitlines()
+            raise BrokerError(f"mosquitto did not start on port {self.port}: {' | '.join(lines[-3:])}")
+        return self.url
+
+    def _log_since(self, offset: int) -> str:
+        if not self.log_file.exists():
+            return ""
+        with open(self.log_file, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+
+    def _wait_running(self, timeout: float, offset: int) -> bool:
+        # The port alone does not prove it is ours (another process may hold it): mosquitto logs
+        # "running" once its listeners are open, and exits when one cannot bind.
+        deadline = time.monotonic() + timeout
+        alive = lambda: self._proc is not None and self._proc.poll() is None  # noqa: E731
+        while time.monotonic() < deadline and alive():
+            if " running" in self._log_since(offset):
+                return wait_for_port(self.host, self.port, deadline - time.monotonic(), alive=alive)
+            time.sleep(0.05)
+        return False
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self, timeout: float = 15) -> None:
+        """SIGTERM: mosquitto writes its persistence file and exits."""
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(5)
+        self._close_proc()
+
+    def kill(self) -> None:
+        """SIGKILL: what a crash or power loss looks like (state since the last autosave is lost)."""
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(5)
+        self._close_proc()
+
+    def _close_proc(self) -> None:
+        self._proc = None
+
+    def restart(self, timeout: float = 15) -> str:
+        """Stop and start again on the same port with the same persistence file."""
+        self.stop()
+        return self.start(timeout)
+
+    def cleanup(self) -> None:
+        self.kill()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> MosquittoBroker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()

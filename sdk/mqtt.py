@@ -1,0 +1,371 @@
+"""`MqttSession`: a paho-mqtt 2.x client with the semantics fedclip relies on (habit 7).
+
+- Fixed client id and, by default, a persistent session (clean session off) so messages published
+  while a client was away arrive when it returns.
+- Last will (retained `offline` status), automatic reconnect with exponential backoff, and
+  re-subscription on every reconnect (a persistent session keeps them on the broker too; doing it
+  again costs nothing and covers brokers that lost their state).
+- `publish` waits for the PUBACK with a deadline. Publishing while disconnected queues the message in
+  paho, which sends it after the reconnect, so the wait completes then.
+- paho's callbacks only enqueue: incoming messages go to a `queue.Queue` read by `get`, connects go to
+  a worker thread that runs the `on_connect` hooks. The network thread never blocks on work.
+
+MQTT 3.1.1 by default so it runs on every broker, the embedded amqtt one included.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as paho
+from fedclip.sdk.errors import ConfigError, FedclipError
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+_MAX_RECONNECT_DELAY = 30
+_AUTH_REFUSALS = {"authorized", "password"}  # words of the CONNACK codes that mean "your credentials"
+
+
+class MqttError(FedclipError):
+    """The broker refused us, cannot be reached, or did not acknowledge in time."""
+
+
+class ConnectRefused(MqttError):
+    """The broker answered CONNACK with a refusal (bad credentials, not authorized, ...)."""
+
+
+class PublishTimeout(MqttError):
+    """A QoS>0 publish was not acknowledged before its deadline (it may still be delivered later)."""
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+@dataclass(frozen=True)
+class Incoming:
+    topic: str
+    payload: bytes
+    retain: bool
+    # For `MqttSession.ack` when the session was made with manual_ack=True.
+    mid: int = 0
+    qos: int = 0
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    scheme: str
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "mqtts"
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        """`mqtt://host:port` or `mqtts://host:port` (credentials in the URL are accepted)."""
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as e:
+            raise ConfigError(f"broker url {url!r}: {e}") from None
+        if parts.scheme not in _DEFAULT_PORTS:
+            raise ConfigError(f"broker url {url!r}: scheme must be mqtt:// or mqtts://")
+        if not parts.hostname:
+            raise ConfigError(f"broker url {url!r}: no host")
+        return cls(
+            scheme=parts.scheme,
+            host=parts.hostname,
+            port=port or _DEFAULT_PORTS[parts.scheme],
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+        )
+
+    def __str__(self) -> str:  # never prints credentials
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+
+ConnectHook = Callable[["MqttSession"], None]
+
+
+class MqttSession:
+    """One MQTT connection. Use as a context manager, or call `connect()` and `close()`.
+
+    `on_connect` is a list of hooks `hook(session)` run after every successful CONNACK (the first
+    one and every reconnect) on a worker thread, so a hook may `publish` and wait: the usual one
+    publishes the retained `online` status again.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        client_id: str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        insecure: bool = False,
+        clean_session: bool = False,
+        will: Will | None = None,
+        keepalive: int = 30,
+        protocol: str = "3.1.1",
+        max_queue: int = 10000,
+        manual_ack: bool = False,
+    ):
+        if protocol not in ("3.1.1", "5"):
+            raise ConfigError(f"mqtt protocol: {protocol!r} is not one of '3.1.1', '5'")
+        if not client_id:
+            raise ConfigError("mqtt client id: must not be empty (a fixed id keeps the session)")
+        if (cert_file is None) != (key_file is None):
+            raise ConfigError("mqtt tls: cert_file and key_file go together")
+        self.address = BrokerAddress.parse(url)
+        self.client_id = client_id
+        self.clean_session = clean_session
+        self.keepalive = keepalive
+        self._v5 = protocol == "5"
+        # manual_ack: a QoS 1 message is acknowledged only by `ack()`, e.g. after the receiver
+        # persisted it; a receiver killed before that gets the message again from the broker.
+        self.manual_ack = manual_ack
+        self.connected = threading.Event()
+        self.on_connect: list[ConnectHook] = []
+
+        self._incoming: queue.Queue[Incoming] = queue.Queue()
+        self._subscriptions: dict[str, int] = {}
+        self._subs_lock = threading.Lock()
+        self._connack = threading.Event()
+        self._refusal: str | None = None
+        self._closed = False
+        self._hook_events: queue.Queue[object] = queue.Queue()
+        self._hook_thread: threading.Thread | None = None
+
+        if self._v5:
+            client = paho.Client(
+                CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5, manual_ack=manual_ack
+            )
+        else:
+            client = paho.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=client_id,
+                clean_session=clean_session,
+                protocol=paho.MQTTv311,
+                manual_ack=manual_ack,
+            )
+        client.max_queued_messages_set(max_queue)
+        client.reconnect_delay_set(min_delay=1, max_delay=_MAX_RECONNECT_DELAY)
+        user = username if username is not None else self.address.username
+        pwd = password if password is not None else self.address.password
+        if user is not None:
+            client.username_pw_set(user, pwd)
+        if self.address.tls:
+            try:
+                client.tls_set(
+                    ca_certs=ca_file, certfile=cert_file, keyfile=key_file, cert_reqs=ssl.CERT_REQUIRED
+                )
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"mqtt tls: cannot load CA/cert files ({e})") from None
+            client.tls_insecure_set(insecure)
+        elif ca_file or cert_file:
+            raise ConfigError(f"mqtt tls: CA/cert files given but {self.address} is not mqtts://")
+        if will is not None:
+            client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_connect_fail = self._on_connect_fail
+        self._client = client
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def connect(self, timeout: float = 30) -> MqttSession:
+        """Connect and wait for the CONNACK. Retries with backoff while the broker is unreachable."""
+        deadline = time.monotonic() + timeout
+        props = None
+        if self._v5:
+            props = Properties(PacketTypes.CONNECT)
+            # A v5 session lives only as long as its expiry interval: "never" unless clean.
+            props.SessionExpiryInterval = 0 if self.clean_session else 0xFFFFFFFF
+        delay = 0.5
+        while True:
+            try:
+                if self._v5:
+                    self._client.connect(
+                        self.address.host,
+                        self.address.port,
+                        self.keepalive,
+                        clean_start=self.clean_session,
+                        properties=props,
+                    )
+                else:
+                    self._client.connect(self.address.host, self.address.port, self.keepalive)
+                break
+            except ssl.SSLError as e:  # before OSError: it is one, but retrying will not fix it
+                raise MqttError(f"{self.address}: TLS handshake failed ({e.reason or e})") from None
+            except OSError as e:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise MqttError(
+                        f"{self.address}: broker unreachable for {timeout:g}s ({e.strerror or e})"
+                    ) from None
+                log.warning(
+                    "MQTT broker %s unreachable (%s); retrying in %.1fs",
+                    self.address,
+                    e.strerror or e,
+                    min(delay, left),
+                )
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, _MAX_RECONNECT_DELAY)
+        self._hook_thread = threading.Thread(
+            target=self._run_hooks, name=f"mqtt-hooks-{self.client_id}", daemon=True
+        )
+        self._hook_thread.start()
+        self._client.loop_start()
+        if not self._connack.wait(max(0.0, deadline - time.monotonic())):
+            self._shutdown_loop()
+            raise MqttError(f"{self.address}: no CONNACK within {timeout:g}s")
+        if self._refusal is not None:
+            self._shutdown_loop()
+            reason = self._refusal
+            if _AUTH_REFUSALS & set(reason.lower().split()):
+                reason += " (check the username and password)"
+            raise ConnectRefused(f"{self.address}: broker refused client {self.client_id!r}: {reason}")
+        return self
+
+    def close(self) -> None:
+        """Disconnect cleanly (the broker then drops the last will) and stop the threads."""
+        if self._closed:
+            return
+        self._closed = True
+        self._shutdown_loop()
+
+    def _shutdown_loop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+        self.connected.clear()
+        self._hook_events.put(None)
+        if self._hook_thread is not None and self._hook_thread is not threading.current_thread():
+            self._hook_thread.join(timeout=10)
+
+    def __enter__(self) -> MqttSession:
+        if not self._connack.is_set():
+            self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- messaging -------------------------------------------------------------------------------
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        """Subscribe now if connected, and again after every reconnect."""
+        with self._subs_lock:
+            self._subscriptions[topic] = qos
+        self._client.subscribe(topic, qos)  # while disconnected paho refuses; on_connect catches up
+
+    def publish(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, timeout: float = 30
+    ) -> None:
+        """Publish and, for QoS > 0, wait for the broker's acknowledgement until `timeout`."""
+        try:
+            info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        except ValueError as e:  # paho: wildcard in the topic, payload over 268 MB, bad qos
+            raise MqttError(f"{self.address}: cannot publish to {topic!r} ({e})") from None
+        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            raise MqttError(f"{self.address}: outgoing queue full, {topic} not published")
+        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0:
+            # paho kept the message and sends it after the reconnect; only the flag says "failed".
+            info.rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+        elif info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise MqttError(f"{self.address}: publish to {topic} failed ({paho.error_string(info.rc)})")
+        if qos == 0:
+            return
+        try:
+            info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError) as e:
+            raise MqttError(f"{self.address}: publish to {topic} failed ({e})") from None
+        if not info.is_published():
+            raise PublishTimeout(f"{self.address}: publish to {topic} not acknowledged within {timeout:g}s")
+
+    def ack(self, msg: Incoming) -> None:
+        """Send the PUBACK for `msg` (manual_ack sessions only; a no-op for QoS 0)."""
+        if self.manual_ack and msg.qos > 0:
+            self._client.ack(msg.mid, msg.qos)
+
+    def get(self, timeout: float) -> Incoming | None:
+        """The next incoming message, or None after `timeout` seconds (0: do not wait)."""
+        try:
+            if timeout <= 0:
+                return self._incoming.get_nowait()
+            return self._incoming.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    # ---- paho callbacks (network thread: enqueue only) -------------------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self._refusal = str(reason_code)
+            self.connected.clear()
+            if not self._connack.is_set():
+                self._connack.set()
+                client.disconnect()  # connect() raises; stop paho from retrying with bad credentials
+            else:  # a reconnect refused (credentials revoked?): paho keeps retrying with backoff
+                log.error("MQTT broker %s refused client %r: %s", self.address, self.client_id, reason_code)
+            return
+        self._refusal = None
+        with self._subs_lock:
+            subs = list(self._subscriptions.items())
+        if subs:
+            client.subscribe(subs)
+        self.connected.set()
+        self._connack.set()
+        self._hook_events.put(True)
+        log.info(
+            "MQTT connected to %s as %r (session present: %s)",
+            self.address,
+            self.client_id,
+            flags.session_present,
+        )
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        if not self._closed and self._refusal is None:
+            log.warning("MQTT connection to %s lost (%s); reconnecting", self.address, reason_code)
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        log.warning(
+            "MQTT broker %s unreachable; retrying with backoff (up to %ss)",
+            self.address,
+            _MAX_RECONNECT_DELAY,
+        )
+
+    def _on_message(self, client, userdata, msg) -> None:
+        self._incoming.put(Incoming(msg.topic, bytes(msg.payload), bool(msg.retain), msg.mid, msg.qos))
+
+    # ---- worker ----------------------------------------------------------------------------------
+    def _run_hooks(self) -> None:
+        while True:
+            event = self._hook_events.get()
+            if event is None:
+                return
+            for hook in list(self.on_connect):
+                try:
+                    hook(self)
+                except Exception:  # a hook's failure must not end the session; say which one failed
+                    log.exception("MQTT on_connect hook %r failed", hook)

@@ -1,0 +1,300 @@
+"""MqttSession against real brokers: mosquitto processes (plain, auth, TLS) and the embedded amqtt."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+
+import pytest
+from fedclip.sdk.broker import free_port
+from fedclip.sdk.errors import ConfigError, FedclipError
+from fedclip.sdk.mqtt import ConnectRefused, Incoming, MqttError, MqttSession, PublishTimeout, Will
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def collect(session: MqttSession, n: int, timeout: float = 15, topic: str | None = None) -> list[Incoming]:
+    """Up to `n` messages (of `topic`, if given) within `timeout` seconds."""
+    out: list[Incoming] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < n and time.monotonic() < deadline:
+        msg = session.get(timeout=min(0.5, max(0.01, deadline - time.monotonic())))
+        if msg is not None and (topic is None or msg.topic == topic):
+            out.append(msg)
+    return out
+
+
+def wait_for(session: MqttSession, predicate, timeout: float = 15) -> Incoming | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msg = session.get(timeout=0.5)
+        if msg is not None and predicate(msg):
+            return msg
+    return None
+
+
+def subscribed(session: MqttSession, topic: str) -> None:
+    """Subscribe and make sure the broker has it: the broker handles one client's packets in order, so
+    once a probe published after a second SUBSCRIBE comes back, the first one is in place too."""
+    session.subscribe(topic)
+    probe = f"probe/{uuid.uuid4().hex}"
+    session.subscribe(probe)
+    session.publish(probe, b"probe")
+    assert wait_for(session, lambda m: m.topic == probe) is not None
+
+
+# ---- basic pub/sub ---------------------------------------------------------------------------------
+def test_publish_subscribe_qos1_in_order(mosquitto):
+    with MqttSession(mosquitto.url, "sub") as sub, MqttSession(mosquitto.url, "pub") as pub:
+        subscribed(sub, "t/data/#")
+        for i in range(20):
+            pub.publish("t/data/x", f"m{i}".encode(), qos=1)
+        got = collect(sub, 20, topic="t/data/x")
+        assert [m.payload for m in got] == [f"m{i}".encode() for i in range(20)]
+        assert not any(m.retain for m in got)
+
+
+def test_retained_message_reaches_late_subscriber(mosquitto):
+    with MqttSession(mosquitto.url, "pub") as pub:
+        pub.publish("t/status", b"online", retain=True)
+    with MqttSession(mosquitto.url, "late", clean_session=True) as late:
+        late.subscribe("t/status")
+        msg = wait_for(late, lambda m: m.topic == "t/status")
+        assert msg is not None and msg.payload == b"online" and msg.retain
+
+
+def test_on_connect_hook_runs_on_worker_and_can_publish(mosquitto):
+    seen: list[str] = []
+
+    def hook(session: MqttSession) -> None:
+        seen.append(threading.current_thread().name)
+        session.publish("t/hook", b"hello", retain=True, timeout=10)  # waits: must not be on paho's thread
+
+    with MqttSession(mosquitto.url, "obs") as obs:
+        obs.subscribe("t/hook")
+        s = MqttSession(mosquitto.url, "hooked")
+        s.on_connect.append(hook)
+        with s.connect():
+            assert wait_for(obs, lambda m: m.topic == "t/hook" and m.payload == b"hello") is not None
+        assert seen and all(not name.startswith("paho") for name in seen)
+
+
+# ---- last will ---------------------------------------------------------------------------------------
+_CLIENT = textwrap.dedent(
+    """
+    import sys, time
+    from fedclip.sdk.mqtt import MqttSession, Will
+    url, topic = sys.argv[1], sys.argv[2]
+    s = MqttSession(url, "doomed", will=Will(topic, b"offline"))
+    s.connect(timeout=20)
+    s.publish(topic, b"online", retain=True)
+    print("ready", flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_last_will_on_sigkill_is_retained(mosquitto):
+    topic = "fedclip/f/agents/doomed/status"
+    with MqttSession(mosquitto.url, "coord") as coord:
+        subscribed(coord, "fedclip/f/agents/+/status")
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _CLIENT, mosquitto.url, topic], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert proc.stdout.readline().strip() == "ready"
+            assert wait_for(coord, lambda m: m.topic == topic and m.payload == b"online") is not None
+            os.kill(proc.pid, signal.SIGKILL)
+            msg = wait_for(coord, lambda m: m.topic == topic and m.payload == b"offline", timeout=30)
+            assert msg is not None
+        finally:
+            proc.kill()
+            proc.wait(10)
+    with MqttSession(mosquitto.url, "late", clean_session=True) as late:
+        late.subscribe(topic)
+        msg = wait_for(late, lambda m: m.topic == topic)
+        assert msg is not None and msg.payload == b"offline" and msg.retain
+
+
+def test_clean_close_sends_no_will(mosquitto):
+    topic = "t/will"
+    with MqttSession(mosquitto.url, "watcher") as watcher:
+        subscribed(watcher, topic)
+        with MqttSession(mosquitto.url, "polite", will=Will(topic, b"offline", retain=False)) as s:
+            s.publish(topic, b"online")
+        with MqttSession(mosquitto.url, "marker") as marker:
+            marker.publish(topic, b"marker")  # arrives after a will would have
+        got = collect(watcher, 2, topic=topic)
+        assert [m.payload for m in got] == [b"online", b"marker"]
+
+
+# ---- persistent sessions -----------------------------------------------------------------------------
+def _persistent_session_roundtrip(url: str, **creds) -> None:
+    topic = "fedclip/f/agents/a1/task"
+    with MqttSession(url, "a1", **creds) as agent:
+        agent.subscribe(topic)
+        assert agent.connected.wait(5)
+    # the agent is away: its session keeps the subscription and queues QoS 1 messages
+    with MqttSession(url, "coordinator", **creds) as coord:
+        for i in range(3):
+            coord.publish(topic, f"task{i}".encode())
+    with MqttSession(url, "a1", **creds) as agent:  # same id, no subscribe: the broker kept it
+        got = collect(agent, 3, topic=topic)
+        assert [m.payload for m in got] == [b"task0", b"task1", b"task2"]
+
+
+def test_persistent_session_receives_messages_sent_while_away(mosquitto):
+    _persistent_session_roundtrip(mosquitto.url)
+
+
+def test_clean_session_forgets_messages_sent_while_away(mosquitto):
+    topic = "t/forgotten"
+    with MqttSession(mosquitto.url, "c1", clean_session=True) as s:
+        s.subscribe(topic)
+    with MqttSession(mosquitto.url, "pub") as pub:
+        pub.publish(topic, b"lost")
+    with MqttSession(mosquitto.url, "c1", clean_session=True) as s:
+        s.subscribe(topic)
+        with MqttSession(mosquitto.url, "pub") as pub:
+            pub.publish(topic, b"fresh")
+        got = collect(s, 1, topic=topic)
+        assert [m.payload for m in got] == [b"fresh"]
+
+
+def test_persistent_session_mqtt5(mosquitto):
+    _persistent_session_roundtrip(mosquitto.url, protocol="5")
+
+
+def test_broker_restart_mid_session_publish_completes(mosquitto):
+    connects: list[int] = []
+    topic = "t/outage"
+    sub = MqttSession(mosquitto.url, "receiver")
+    pub = MqttSession(mosquitto.url, "sender")
+    pub.on_connect.append(lambda s: connects.append(1))
+    with sub.connect(), pub.connect():
+        subscribed(sub, topic)
+        mosquitto.stop()
+        done = threading.Event()
+        errors: list[BaseException] = []
+
+        def publish_during_outage() -> None:
+            try:
+                pub.publish(topic, b"sent-during-outage", timeout=60)
+                done.set()
+            except BaseException as e:  # surfaced by the assertion below
+                errors.append(e)
+
+        t = threading.Thread(target=publish_during_outage)
+        t.start()
+        time.sleep(0.5)  # let the publish be queued while the broker is down
+        assert not done.is_set()
+        mosquitto.start()
+        t.join(70)
+        assert not errors, errors
+        assert done.is_set()
+        assert pub.connected.wait(30) and sub.connected.wait(30)
+        msg = wait_for(sub, lambda m: m.topic == topic and m.payload == b"sent-during-outage", timeout=30)
+        assert msg is not None
+        assert len(connects) >= 2  # the on_connect hook ran again after the reconnect
+
+
+def test_publish_times_out_while_broker_down(mosquitto):
+    with MqttSession(mosquitto.url, "lonely") as s:
+        mosquitto.stop()
+        with pytest.raises(PublishTimeout, match="not acknowledged"):
+            s.publish("t/x", b"x", timeout=1)
+
+
+# ---- auth and TLS ------------------------------------------------------------------------------------
+def test_password_auth_accepts_valid_credentials(mosquitto_auth):
+    creds = {"username": mosquitto_auth.username, "password": mosquitto_auth.password}
+    _persistent_session_roundtrip(mosquitto_auth.url, **creds)
+
+
+def test_wrong_password_is_a_clear_error(mosquitto_auth):
+    s = MqttSession(mosquitto_auth.url, "intruder", username=mosquitto_auth.username, password="wrong")
+    with pytest.raises(ConnectRefused, match="refused client .intruder.: .*username and password"):
+        s.connect(timeout=10)
+    assert not s.connected.is_set()
+
+
+def test_missing_credentials_are_refused(mosquitto_auth):
+    with pytest.raises(ConnectRefused):
+        MqttSession(mosquitto_auth.url, "anon").connect(timeout=10)
+
+
+def test_tls_with_ca_file(mosquitto_tls):
+    ca = str(mosquitto_tls.certs["ca.crt"])
+    assert mosquitto_tls.url.startswith("mqtts://")
+    with (
+        MqttSession(mosquitto_tls.url, "tls-sub", ca_file=ca) as sub,
+        MqttSession(mosquitto_tls.url, "tls-pub", ca_file=ca) as pub,
+    ):
+        subscribed(sub, "t/tls")
+        pub.publish("t/tls", b"secret")
+        assert wait_for(sub, lambda m: m.payload == b"secret") is not None
+
+
+def test_tls_with_client_certificate(mosquitto_tls):
+    certs = mosquitto_tls.certs
+    with MqttSession(
+        mosquitto_tls.url,
+        "tls-cert",
+        ca_file=str(certs["ca.crt"]),
+        cert_file=str(certs["client.crt"]),
+        key_file=str(certs["client.key"]),
+    ) as s:
+        s.publish("t/tls", b"x")
+
+
+def test_tls_without_the_ca_is_refused(mosquitto_tls):
+    with pytest.raises(MqttError, match="TLS"):
+        MqttSession(mosquitto_tls.url, "tls-bad").connect(timeout=10)
+
+
+# ---- errors ------------------------------------------------------------------------------------------
+def test_unreachable_broker_times_out_with_clear_error():
+    url = f"mqtt://127.0.0.1:{free_port()}"
+    with pytest.raises(MqttError, match="unreachable"):
+        MqttSession(url, "nobody").connect(timeout=1.5)
+
+
+@pytest.mark.parametrize("url", ["http://x:1", "mqtt://", "mqtt://host:notaport", "tcp://h"])
+def test_bad_url_is_a_config_error(url):
+    with pytest.raises(ConfigError):
+        MqttSession(url, "x")
+
+
+def test_bad_arguments_are_config_errors():
+    with pytest.raises(ConfigError):
+        MqttSession("mqtt://h:1", "")
+    with pytest.raises(ConfigError):
+        MqttSession("mqtt://h:1", "x", protocol="4")
+    with pytest.raises(ConfigError, match="not mqtts"):
+        MqttSession("mqtt://h:1", "x", ca_file="/nonexistent")
+    assert issubclass(MqttError, FedclipError)
+
+
+# ---- embedded broker -----------------------------------------------------------------------------------
+def test_embedded_broker_pub_sub(embedded_broker):
+    with MqttSession(embedded_broker.url, "e-sub") as sub, MqttSession(embedded_broker.url, "e-pub") as pub:
+        subscribed(sub, "t/e")
+        for i in range(5):
+            pub.publish("t/e", bytes([i]))
+        got = collect(sub, 5, topic="t/e")
+        assert [m.payload for m in got] == [bytes([i]) for i in range(5)]
+
+
+def test_embedded_broker_persistent_session(embedded_broker):
+    _persistent_session_roundtrip(embedded_broker.url)
+
+
+def test_publish_to_wildcard_topic_is_an_mqtt_error(mosquitto):
+    with MqttSession(mosquitto.url, "p") as s, pytest.raises(MqttError, match="cannot publish"):
+        s.publish("t/+/x", b"x")

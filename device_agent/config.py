@@ -1,0 +1,101 @@
+"""`AgentConfig`: what `fedclip-agent start` needs, from `agent.yaml` and/or flags (flags win)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from fedclip.sdk.config import from_mapping, from_yaml
+from fedclip.sdk.errors import ConfigError
+from fedclip.sdk.ids import check_id
+from fedclip.sdk.mqtt import BrokerAddress
+from fedclip.sdk.wire import DEFAULT_MAX_PAYLOAD
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    broker: str  # mqtt://host:port or mqtts://host:port
+    fleet: str
+    id: str  # agent id; also the fixed MQTT client id
+    bundle: Path
+    data: Path
+    state: Path
+    username: str | None = None
+    password: str | None = None
+    password_file: Path | None = None  # keeps the secret out of agent.yaml and `ps`
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # The coordinator's Ed25519 public key: adapters pushed for inference must be signed with it
+    # (signed rollouts, rollback and pin). Without it, unsigned adapters on agents/<id>/adapter are
+    # validated against the bundle and installed.
+    coordinator_key: Path | None = None
+    keepalive: int = 30
+    groups: tuple[str, ...] = ()  # reported in the status so the coordinator can select by group
+    device: Literal["cpu", "cuda"] = "cpu"
+    threads: int = 0  # ORT intra-op threads; 0 = ORT's default
+    holdout: float = 0.2  # share of the local data kept for before/after evaluation
+    eval_batch_size: int = 64
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
+    connect_timeout: float = 10.0  # per attempt; attempts repeat with backoff until stopped
+    publish_timeout: float = 30.0
+    progress: bool = False  # rich progress bars while training (off for services)
+
+    def __post_init__(self) -> None:
+        check_id(self.fleet, "fleet")
+        check_id(self.id, "id")
+        BrokerAddress.parse(self.broker)
+        for g in self.groups:
+            check_id(g, "groups")
+        if self.keepalive < 5:
+            raise ConfigError(f"keepalive: must be >= 5 seconds, got {self.keepalive}")
+        if not 0.0 < self.holdout < 1.0:
+            raise ConfigError(f"holdout: must be between 0 and 1, got {self.holdout}")
+        if self.threads < 0:
+            raise ConfigError(f"threads: must be >= 0, got {self.threads}")
+        if self.eval_batch_size <= 0:
+            raise ConfigError(f"eval_batch_size: must be > 0, got {self.eval_batch_size}")
+        if self.max_payload_bytes < 1024:
+            raise ConfigError(f"max_payload_bytes: must be >= 1024, got {self.max_payload_bytes}")
+        if self.connect_timeout <= 0 or self.publish_timeout <= 0:
+            raise ConfigError("connect_timeout, publish_timeout: must be > 0")
+        if self.password is not None and self.password_file is not None:
+            raise ConfigError("password, password_file: give one, not both")
+
+    def secret(self) -> str | None:
+        """The broker password, read from `password_file` when given."""
+        if self.password_file is None:
+            return self.password
+        try:
+            return self.password_file.read_text().strip()
+        except OSError as e:
+            raise ConfigError(
+                f"password_file: cannot read {self.password_file} ({e.strerror or e})"
+            ) from None
+
+    @classmethod
+    def load(cls, path: str | Path | None, overrides: dict[str, Any]) -> AgentConfig:
+        """From `path` (YAML) with `overrides` (flags that were given) on top; flags alone without a file."""
+        given = {k: v for k, v in overrides.items() if v is not None and v != ()}
+        if path is not None:
+            cfg = from_yaml(cls, path, given)
+            where = Path(path).parent
+        else:
+            try:
+                cfg = from_mapping(cls, given, where="flags")
+            except ConfigError as e:  # name the flag, not the dataclass field
+                raise ConfigError(str(e).replace("flags.", "--", 1)) from None
+            where = None
+        return cfg._relative_to(where, skip=set(given)) if where is not None else cfg
+
+    def _relative_to(self, base: Path, skip: set[str]) -> AgentConfig:
+        """Paths in agent.yaml are relative to the file, so a config moves with its folder; flags are
+        relative to the working directory."""
+        changes = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name not in skip and isinstance(value, Path) and not value.is_absolute():
+                changes[f.name] = base / value
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,401 @@
+"""The agent's crash-safe state dir.
+
+Layout (every file is written atomically: temp file + fsync + os.replace + fsync of the folder, so a
+`kill -9` at any moment leaves either the old or the new version, never half of one):
+
+    state.json                 identity, adapter versions, rounds and their status, round in progress
+    state.lock                 flock held by the running agent (released by the kernel on kill -9)
+    adapters/<version>.safetensors   adapters installed for inference (full trainable set)
+    trainer/ckpt-<round>       ORT checkpoint (weights + optimizer) at the end of the last round
+    rounds/<round>/task.bin    the task that started the round, to resume it after a restart
+    rounds/<round>/ckpt-<e>    in-progress checkpoint after epoch e
+    rounds/<round>/update.bin  the exact update blob of the round
+
+The update blob is the source of truth for "this round was built": once `update.bin` exists the
+round is never trained again and only those bytes are ever published, so one round never yields two
+different updates, whatever the timing of a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fedclip.sdk.adapters import AdapterMeta, adapter_bytes
+from fedclip.sdk.errors import ConfigError, FedclipError
+from fedclip.sdk.hashing import sha256_bytes
+from fedclip.sdk.ids import ID_PATTERN
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = 1
+STATE_FILE = "state.json"
+LOCK_FILE = "state.lock"
+
+BUILT = "built"  # update blob on disk, not yet acknowledged by the broker
+DONE = "done"  # update published (PUBACK received)
+
+
+class StateError(FedclipError):
+    """The state dir cannot be read or written (full disk, read-only, corrupt)."""
+
+
+def fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # some filesystems refuse fsync on a folder; best effort
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that readers and crashes see the old or the new file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_produce(path: Path, produce: Callable[[Path], None]) -> None:
+    """Like `atomic_write` for files that a library writes itself (ORT checkpoints)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    _remove(tmp)
+    try:
+        produce(tmp)
+        if tmp.is_file():
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _empty_record(agent_id: str, fleet: str, bundle_id: str) -> dict[str, Any]:
+    return {
+        "format": STATE_FORMAT,
+        "agent_id": agent_id,
+        "fleet": fleet,
+        "bundle_id": bundle_id,
+        "current_adapter": None,
+        "adapters": {},
+        "rounds": {},
+        "in_progress": None,
+        "trainer_checkpoint": None,
+    }
+
+
+def read_record(root: str | Path) -> dict[str, Any]:
+    """The state record of a state dir, read-only (for `fedclip-agent status` and `predict`)."""
+    path = Path(root) / STATE_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StateError(f"{root}: not an agent state dir (no {STATE_FILE})") from None
+    except OSError as e:
+        raise StateError(f"{path}: cannot read ({e.strerror or e})") from None
+    except ValueError:
+        raise StateError(f"{path}: not valid JSON (was it edited by hand?)") from None
+    if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
+        raise StateError(
+            f"{path}: state format {data.get('format') if isinstance(data, dict) else None!r} "
+            f"is not supported (expected {STATE_FORMAT})"
+        )
+    return data
+
+
+def current_adapter_path(root: str | Path) -> Path | None:
+    """The adapter file the agent installed last (for `fedclip-agent predict --state DIR`)."""
+    record = read_record(root)
+    version = record.get("current_adapter")
+    entry = record.get("adapters", {}).get(version) if version else None
+    if not entry:
+        return None
+    path = Path(root) / entry["file"]
+    return path if path.is_file() else None
+
+
+class AgentState:
+    """One agent's state dir, held under an exclusive lock while the agent runs."""
+
+    def __init__(self, root: str | Path, *, agent_id: str, fleet: str, bundle_id: str):
+        self.root = Path(root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._lock = open(self.root / LOCK_FILE, "a+")  # noqa: SIM115 - held for the process lifetime
+        except OSError as e:
+            raise StateError(f"{self.root}: cannot create the state dir ({e.strerror or e})") from None
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            raise StateError(f"{self.root}: state dir is in use by another running agent") from None
+        if (self.root / STATE_FILE).exists():
+            self.record = read_record(self.root)
+            if self.record.get("agent_id") != agent_id or self.record.get("fleet") != fleet:
+                self.close()
+                raise ConfigError(
+                    f"state: {self.root} belongs to agent {self.record.get('agent_id')!r} of fleet "
+                    f"{self.record.get('fleet')!r}, not {agent_id!r} of {fleet!r}; use another --state dir"
+                )
+            if self.record.get("bundle_id") != bundle_id:
+                # Adapters and checkpoints of another bundle do not fit this one; the history stays.
+                log.warning(
+                    "state: bundle changed from %s to %s; dropping adapters and checkpoints",
+                    self.record.get("bundle_id"),
+                    bundle_id,
+                )
+                self.record.update(
+                    bundle_id=bundle_id, current_adapter=None, in_progress=None, trainer_checkpoint=None
+                )
+                self._save()
+        else:
+            self.record = _empty_record(agent_id, fleet, bundle_id)
+            self._save()
+        self._sweep_temp_files()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+
+    # ---- persistence ---------------------------------------------------------------------------
+    def _save(self) -> None:
+        data = json.dumps(self.record, sort_keys=True, indent=1, allow_nan=False).encode()
+        try:
+            atomic_write(self.root / STATE_FILE, data)
+        except OSError as e:
+            raise StateError(f"{self.root}: cannot write {STATE_FILE} ({e.strerror or e})") from None
+
+    def _write(self, rel: str, data: bytes) -> None:
+        try:
+            atomic_write(self.root / rel, data)
+        except OSError as e:
+            raise StateError(f"{self.root}: cannot write {rel} ({e.strerror or e})") from None
+
+    def _sweep_temp_files(self) -> None:
+        """Temp files of writes a crash interrupted; they are never referenced."""
+        for tmp in self.root.rglob(".*.tmp"):
+            _remove(tmp)
+
+    # ---- views ---------------------------------------------------------------------------------
+    @property
+    def last_round(self) -> int:
+        rounds = [int(r) for r in self.record["rounds"]]
+        return max(rounds) if rounds else -1
+
+    @property
+    def current_adapter(self) -> str | None:
+        return self.record["current_adapter"]
+
+    def round_status(self, rnd: int) -> str | None:
+        entry = self.record["rounds"].get(str(rnd))
+        return entry["status"] if entry else None
+
+    def current_adapter_path(self) -> Path | None:
+        version = self.record["current_adapter"]
+        if not version:
+            return None
+        return self.root / self.record["adapters"][version]["file"]
+
+    def trainer_checkpoint(self) -> Path | None:
+        rel = self.record.get("trainer_checkpoint")
+        return self.root / rel if rel else None
+
+    def update_blob(self, rnd: int) -> bytes:
+        path = self.root / "rounds" / str(rnd) / "update.bin"
+        try:
+            return path.read_bytes()
+        except OSError as e:
+            raise StateError(f"{path}: cannot read the update of round {rnd} ({e.strerror or e})") from None
+
+    def pending_updates(self) -> list[int]:
+        """Rounds whose update was built but not acknowledged yet, oldest first."""
+        return sorted(int(r) for r, e in self.record["rounds"].items() if e["status"] == BUILT)
+
+    # ---- adapters ------------------------------------------------------------------------------
+    def install_adapter(
+        self,
+        version: str,
+        tensors: Mapping[str, np.ndarray],
+        meta: AdapterMeta,
+        *,
+        source: str,
+        rnd: int = -1,
+    ) -> Path:
+        """Keep an adapter for inference and make it current. Idempotent for a version already there."""
+        if not ID_PATTERN.match(version or ""):
+            raise StateError(f"adapter version {version!r} is not a valid id")
+        rel = f"adapters/{version}.safetensors"
+        if version not in self.record["adapters"] or not (self.root / rel).is_file():
+            self._write(rel, adapter_bytes(tensors, meta))
+        self.record["adapters"][version] = {
+            "file": rel,
+            "source": source,
+            "round": rnd,
+            "installed_at": time.time(),
+        }
+        self.record["current_adapter"] = version
+        self._save()
+        return self.root / rel
+
+    # ---- rounds --------------------------------------------------------------------------------
+    def in_progress(self) -> dict[str, Any] | None:
+        return self.record["in_progress"]
+
+    def begin_round(self, rnd: int, task_blob: bytes) -> dict[str, Any]:
+        """Start (or restart from scratch) round `rnd`: keep its task so a restart can resume it."""
+        old = self.record["in_progress"]
+        self._write(f"rounds/{rnd}/task.bin", task_blob)
+        self.record["in_progress"] = {
+            "round": rnd,
+            "task_sha256": sha256_bytes(task_blob),
+            "epochs_done": 0,
+            "steps_done": 0,
+            "checkpoint": None,
+            "metrics_before": None,
+            "train_seconds": 0.0,
+            "started_at": time.time(),
+        }
+        self._save()
+        if old and old["round"] != rnd:
+            self._drop_round_scratch(old["round"])
+        elif old and old.get("checkpoint"):
+            _remove(self.root / old["checkpoint"])
+        return self.record["in_progress"]
+
+    def task_blob(self, rnd: int) -> bytes:
+        path = self.root / "rounds" / str(rnd) / "task.bin"
+        try:
+            return path.read_bytes()
+        except OSError as e:
+            raise StateError(f"{path}: cannot read the task of round {rnd} ({e.strerror or e})") from None
+
+    def save_progress(
+        self, rnd: int, *, save_checkpoint: Callable[[Path], None] | None = None, **fields: Any
+    ) -> None:
+        """Record progress of the round in progress; the checkpoint (if any) is written before the record
+        points at it, and the one it replaces is removed after, so the record never names a missing file."""
+        prog = self.record["in_progress"]
+        if not prog or prog["round"] != rnd:
+            raise StateError(f"round {rnd} is not in progress")
+        old = prog.get("checkpoint")
+        if save_checkpoint is not None:
+            rel = f"rounds/{rnd}/ckpt-{fields.get('epochs_done', prog['epochs_done'])}"
+            try:
+                atomic_produce(self.root / rel, save_checkpoint)
+            except OSError as e:
+                raise StateError(f"{self.root}: cannot write {rel} ({e.strerror or e})") from None
+            fields["checkpoint"] = rel
+        prog.update(fields)
+        self._save()
+        if save_checkpoint is not None and old and old != prog["checkpoint"]:
+            _remove(self.root / old)
+
+    def store_update(
+        self,
+        rnd: int,
+        blob: bytes,
+        summary: Mapping[str, Any],
+        save_trainer_checkpoint: Callable[[Path], None] | None = None,
+    ) -> None:
+        """The round's update is built: keep its exact bytes, then mark the round BUILT."""
+        self._write(f"rounds/{rnd}/update.bin", blob)
+        old_ckpt = self.record.get("trainer_checkpoint")
+        if save_trainer_checkpoint is not None:
+            rel = f"trainer/ckpt-{rnd}"
+            try:
+                atomic_produce(self.root / rel, save_trainer_checkpoint)
+            except OSError as e:
+                raise StateError(f"{self.root}: cannot write {rel} ({e.strerror or e})") from None
+            self.record["trainer_checkpoint"] = rel
+        self.record["rounds"][str(rnd)] = dict(
+            summary, status=BUILT, update_sha256=sha256_bytes(blob), built_at=time.time()
+        )
+        if self.record["in_progress"] and self.record["in_progress"]["round"] == rnd:
+            self.record["in_progress"] = None
+        self._save()
+        self._drop_round_scratch(rnd)
+        if old_ckpt and old_ckpt != self.record["trainer_checkpoint"]:
+            _remove(self.root / old_ckpt)
+
+    def adopt_built_update(self, rnd: int, summary: Mapping[str, Any]) -> bool:
+        """After a crash between writing update.bin and recording it: adopt the blob as the round's update."""
+        path = self.root / "rounds" / str(rnd) / "update.bin"
+        if not path.is_file() or self.round_status(rnd):
+            return False
+        blob = path.read_bytes()
+        self.record["rounds"][str(rnd)] = dict(
+            summary, status=BUILT, update_sha256=sha256_bytes(blob), built_at=time.time()
+        )
+        if self.record["in_progress"] and self.record["in_progress"]["round"] == rnd:
+            self.record["in_progress"] = None
+        self._save()
+        self._drop_round_scratch(rnd)
+        return True
+
+    def mark_published(self, rnd: int) -> None:
+        entry = self.record["rounds"].get(str(rnd))
+        if not entry or entry["status"] == DONE:
+            return
+        entry.update(status=DONE, published_at=time.time())
+        self._save()
+
+    def _drop_round_scratch(self, rnd: int) -> None:
+        """Task and checkpoints of a round are only needed while it runs; the update blob stays."""
+        folder = self.root / "rounds" / str(rnd)
+        if not folder.is_dir():
+            return
+        for p in folder.iterdir():
+            if p.name != "update.bin":
+                _remove(p)
+        if not any(folder.iterdir()):
+            _remove(folder)
+
+
+def summarize(record: Mapping[str, Any]) -> dict[str, Any]:
+    """What `fedclip-agent status` shows."""
+    rounds = record.get("rounds", {})
+    done = sorted((int(r) for r, e in rounds.items() if e.get("status") == DONE))
+    last = max((int(r) for r in rounds), default=-1)
+    prog = record.get("in_progress")
+    return {
+        "agent_id": record.get("agent_id"),
+        "fleet": record.get("fleet"),
+        "bundle_id": record.get("bundle_id"),
+        "adapter_version": record.get("current_adapter"),
+        "last_round": last,
+        "rounds_done": len(done),
+        "pending_updates": sorted(int(r) for r, e in rounds.items() if e.get("status") == BUILT),
+        "in_progress": prog["round"] if prog else None,
+        "last_metrics": rounds[str(last)].get("metrics", {}) if last >= 0 else {},
+    }

@@ -1,0 +1,567 @@
+"""`fedclip-agent start` as a real subprocess, driven by a scripted coordinator over a real mosquitto.
+
+Real parts only: mosquitto, ONNX Runtime, a tiny exported bundle, Fashion-MNIST images as PNG files.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from fedclip.device_agent.state import current_adapter_path, read_record
+from fedclip.sdk.adapters import check_adapter, load_adapter
+from fedclip.sdk.broker import MosquittoBroker
+from fedclip.sdk.data import label_folder_name
+from fedclip.sdk.errors import WireError
+from fedclip.sdk.manifest import Manifest
+from fedclip.sdk.mqtt import MqttSession
+from fedclip.sdk.wire import (
+    STAT_LABEL_HIST,
+    STAT_MEAN,
+    STAT_VAR,
+    Envelope,
+    Message,
+    MsgType,
+    Topics,
+    decode,
+    encode,
+)
+from fixtures_bundle import FASHION_MNIST_LABELS
+from PIL import Image
+
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(600)]
+
+FLEET = "fleet1"
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+PER_CLASS = 10
+WAIT_S = 180  # generous deadline for every wait: the suite shares 2 cores with other jobs
+
+
+# ---- data ----------------------------------------------------------------------------------------
+def _idx(path: Path) -> np.ndarray:
+    raw = gzip.decompress(path.read_bytes())
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+@pytest.fixture(scope="module")
+def fmnist_dir(tmp_path_factory, tiny_bundle) -> Path:
+    """PER_CLASS real Fashion-MNIST test images per label as PNG folders, plus one corrupt file."""
+    if not FMNIST.is_dir():
+        pytest.skip("Fashion-MNIST is not at /usr/share/datasets/fashion-mnist")
+    images = _idx(FMNIST / "t10k-images-idx3-ubyte.gz")
+    labels = _idx(FMNIST / "t10k-labels-idx1-ubyte.gz")
+    names = Manifest.load(tiny_bundle).task.labels
+    root = tmp_path_factory.mktemp("fmnist")
+    for c, name in enumerate(names):
+        folder = root / label_folder_name(name)
+        folder.mkdir()
+        for i in np.flatnonzero(labels == c)[:PER_CLASS]:
+            Image.fromarray(images[i]).save(folder / f"{i}.png")
+    (root / label_folder_name(names[0]) / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return root
+
+
+# ---- the coordinator stand-in ---------------------------------------------------------------------
+class Coordinator:
+    """Publishes tasks and records every update/status/ack it sees, keyed by agent and round."""
+
+    def __init__(self, url: str, manifest: Manifest, **session_kw):
+        self.manifest = manifest
+        self.topics = Topics(FLEET)
+        self.session = MqttSession(url, "coordinator-stand-in", clean_session=False, **session_kw)
+        self.session.connect(timeout=30)
+        for kind in ("update", "status", "ack"):
+            self.session.subscribe(self.topics.all_agents(kind), qos=1)
+        self.updates: list[tuple[str, int, bytes]] = []
+        self.statuses: list[Message] = []
+        self.acks: list[Message] = []
+
+    def close(self) -> None:
+        self.session.close()
+
+    def pump(self, timeout: float = 0.2) -> None:
+        incoming = self.session.get(timeout)
+        while incoming is not None:
+            if incoming.payload:
+                agent, kind = self.topics.parse_agent(incoming.topic)
+                msg = decode(incoming.payload, fleet=FLEET)
+                if kind == "update":
+                    self.updates.append((agent, msg.envelope.round, incoming.payload))
+                elif kind == "status":
+                    self.statuses.append(msg)
+                elif kind == "ack":
+                    self.acks.append(msg)
+            incoming = self.session.get(0)
+
+    def wait(self, cond, what: str, agent: AgentProc | None = None, timeout: float = WAIT_S):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.pump()
+            result = cond()
+            if result:
+                return result
+            if agent is not None and agent.proc.poll() is not None:
+                pytest.fail(
+                    f"agent exited ({agent.proc.returncode}) while waiting for {what}:\n{agent.tail()}"
+                )
+        pytest.fail(f"timed out waiting for {what}" + (f":\n{agent.tail()}" if agent else ""))
+
+    def update_blobs(self, agent: str, rnd: int) -> list[bytes]:
+        return [b for a, r, b in self.updates if a == agent and r == rnd]
+
+    def wait_update(self, agent: AgentProc, rnd: int) -> Message:
+        blob = self.wait(
+            lambda: (self.update_blobs(agent.id, rnd) or [None])[0], f"update of round {rnd}", agent
+        )
+        return decode(blob, fleet=FLEET, expect=MsgType.UPDATE)
+
+    def last_status(self, agent: str) -> Message | None:
+        mine = [m for m in self.statuses if m.envelope.agent == agent]
+        return mine[-1] if mine else None
+
+    def wait_status(self, agent: AgentProc, pred, what: str) -> Message:
+        def check():
+            st = self.last_status(agent.id)
+            return st if st is not None and pred(st.envelope.body) else None
+
+        return self.wait(check, what, agent)
+
+    def starting_adapter(self, seed: int = 0) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        return {
+            s.name: (0.01 * rng.standard_normal(s.shape)).astype(s.dtype) for s in self.manifest.exchanged
+        }
+
+    def task_blob(
+        self,
+        agent: str,
+        rnd: int,
+        *,
+        epochs: int = 1,
+        bundle_id: str | None = None,
+        tensors: dict | None = None,
+        fleet: str = FLEET,
+        **body,
+    ) -> bytes:
+        body = {
+            "bundle_id": bundle_id or self.manifest.bundle_id,
+            "deadline": time.time() + 3600,
+            "hyperparameters": {"epochs": epochs, "lr": 1e-3, "batch_size": 8},
+            "stats": ["histogram"],
+            "noise_std": 0.0,
+        } | body
+        env = Envelope(MsgType.TASK, fleet, agent, round=rnd, base_version=f"start-{rnd}", body=body)
+        return encode(env, self.starting_adapter(rnd) if tensors is None else tensors)
+
+    def send_task(self, agent: str, rnd: int, **kw) -> bytes:
+        blob = self.task_blob(agent, rnd, **kw)
+        self.publish(self.topics.task(agent), blob, retain=True)
+        return blob
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        self.session.publish(topic, payload, qos=1, retain=retain, timeout=30)
+
+
+@pytest.fixture
+def coordinator_factory(tiny_bundle):
+    made: list[Coordinator] = []
+
+    def make(url: str, bundle: Path | None = None, **session_kw) -> Coordinator:
+        c = Coordinator(url, Manifest.load(bundle or tiny_bundle), **session_kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+# ---- the agent process ----------------------------------------------------------------------------
+class AgentProc:
+    def __init__(self, workdir: Path, args: list[str], agent_id: str, state: Path):
+        self.id = agent_id
+        self.state = state
+        workdir.mkdir(parents=True, exist_ok=True)
+        n = len(list(workdir.glob("agent-*.log")))
+        self.log = workdir / f"agent-{n}.log"
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fedclip.device_agent.cli", "start", *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=os.environ | {"PYTHONUNBUFFERED": "1"},
+            )
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.text().splitlines()[-n:])
+
+    def terminate(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=120)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def progress(self) -> dict | None:
+        try:
+            return read_record(self.state)["in_progress"]
+        except Exception:  # mid-replace reads are impossible, but the file may not exist yet
+            return None
+
+
+@pytest.fixture
+def agent_factory(tmp_path, tiny_bundle, fmnist_dir):
+    started: list[AgentProc] = []
+
+    def start(
+        url: str,
+        agent_id: str = "dev-1",
+        *,
+        state: Path | None = None,
+        config: dict | None = None,
+        extra: tuple[str, ...] = (),
+        bundle: Path | None = None,
+    ):
+        state = state or tmp_path / f"state-{agent_id}"
+        args = [
+            "--broker",
+            url,
+            "--fleet",
+            FLEET,
+            "--id",
+            agent_id,
+            "--bundle",
+            str(bundle or tiny_bundle),
+            "--data",
+            str(fmnist_dir),
+            "--state",
+            str(state),
+            "--threads",
+            "1",
+            *extra,
+        ]
+        if config is not None:
+            cfg = tmp_path / f"{agent_id}.yaml"
+            cfg.write_text(yaml.safe_dump(config))
+            args = ["--config", str(cfg), *args]
+        agent = AgentProc(tmp_path / "logs", args, agent_id, state)
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        agent.kill()
+
+
+def _check_update(msg: Message, coord: Coordinator, agent: str, rnd: int, noisy: bool = False) -> None:
+    env, body = msg.envelope, msg.envelope.body
+    assert (env.agent, env.round, env.base_version) == (agent, rnd, f"start-{rnd}")
+    assert body["bundle_id"] == coord.manifest.bundle_id
+    tensors = check_adapter(msg.adapter_tensors, coord.manifest, "update")  # names, shapes, dtypes, finite
+    start = coord.starting_adapter(rnd)
+    assert any(not np.array_equal(tensors[k], start[k]) for k in start), "training changed nothing"
+    hist = msg.stats[STAT_LABEL_HIST]
+    assert hist.shape == (len(coord.manifest.task.labels),)
+    n_labels = len(coord.manifest.task.labels)
+    if noisy:  # noise for privacy: counts are near, not equal to, the truth
+        assert abs(hist.sum() - body["num_samples"]) < 5
+    else:
+        assert hist.sum() == body["num_samples"] > 0
+    if STAT_MEAN in msg.stats:
+        dim = coord.manifest.base_model.embed_dim
+        assert msg.stats[STAT_MEAN].shape == msg.stats[STAT_VAR].shape == (n_labels, dim)
+        assert (msg.stats[STAT_VAR] >= 0).all()
+    assert body["skipped_images"] == 1  # the corrupt PNG, skipped and counted
+    for key in ("accuracy_before", "accuracy_after", "loss_before", "loss_after", "steps"):
+        assert np.isfinite(body["metrics"][key]), key
+    assert body["train_seconds"] >= 0
+
+
+# ---- tests ----------------------------------------------------------------------------------------
+def test_agent_serves_rounds_and_survives_hostile_input(
+    mosquitto, coordinator_factory, agent_factory, tmp_path
+):
+    coord = coordinator_factory(mosquitto.url)
+    agent = agent_factory(mosquitto.url, config={"max_payload_bytes": 1_000_000, "groups": ["lab"]})
+    online = coord.wait_status(agent, lambda b: b["state"] == "online", "online status")
+    assert online.envelope.body["groups"] == ["lab"]
+    assert online.envelope.body["bundle_id"] == coord.manifest.bundle_id
+    assert "python" in online.envelope.body["versions"]
+
+    task1 = coord.send_task(agent.id, 1)
+    _check_update(coord.wait_update(agent, 1), coord, agent.id, 1)
+
+    # Hostile or wrong messages: each is dropped with a log line and the agent keeps serving.
+    topic = coord.topics.task(agent.id)
+    good = coord.starting_adapter()
+    bad_shape = dict(good)
+    name = next(iter(bad_shape))
+    bad_shape[name] = np.zeros((3, 3), np.float32)
+    nan = {k: v.copy() for k, v in good.items()}
+    nan[name].flat[0] = np.nan
+    hostile = [
+        b"\x00garbage that is neither JSON nor safetensors",
+        b'{"schema": 99, "type": "task"}',
+        json.dumps(
+            {"schema": 1, "type": "task", "fleet": FLEET, "agent": agent.id, "round": "seven"}
+        ).encode(),
+        coord.task_blob(agent.id, 7, fleet="otherfleet"),
+        coord.task_blob("someone-else", 7),
+        coord.task_blob(agent.id, 7, tensors=bad_shape),
+        coord.task_blob(agent.id, 7, tensors=nan),
+        coord.task_blob(agent.id, 7, hyperparameters={"epochs": -1, "lr": 1e-3, "batch_size": 8}),
+        coord.task_blob(agent.id, 7, hyperparameters={"epochs": 1, "lr": "fast", "batch_size": 8}),
+        coord.task_blob(agent.id, 7, stats=["raw-images-please"]),
+        coord.task_blob(agent.id, 7, tensors={"not.in.bundle": np.ones(2, np.float32)}),
+        b"{" + b" " * 1_200_000 + b"}",  # over max_payload_bytes
+    ]
+    for payload in hostile:
+        coord.publish(topic, payload)
+    coord.publish(coord.topics.adapter(agent.id), b"\x01\x02 broken adapter")
+    coord.publish(topic, task1)  # duplicate of a published round
+    coord.publish(topic, coord.task_blob(agent.id, 0))  # stale
+    coord.publish(topic, b"", retain=True)  # the coordinator clears the retained task
+
+    coord.send_task(agent.id, 9, bundle_id="f" * 64)  # another bundle: refused, and the status says why
+    refused = coord.wait_status(agent, lambda b: "bundle" in b.get("notice", ""), "refusal notice")
+    assert "refused" in refused.envelope.body["notice"]
+
+    # An adapter pushed for inference is validated, kept in the state dir and acknowledged.
+    pushed = coord.starting_adapter(seed=42)
+    env = Envelope(
+        MsgType.ADAPTER,
+        FLEET,
+        agent.id,
+        round=1,
+        base_version="pers-1",
+        body={"bundle_id": coord.manifest.bundle_id, "version": "pers-1"},
+    )
+    coord.publish(coord.topics.adapter(agent.id), encode(env, pushed))
+    coord.wait(
+        lambda: [a for a in coord.acks if a.envelope.body.get("adapter_version") == "pers-1"], "ack", agent
+    )
+
+    coord.send_task(agent.id, 2)  # the agent still serves
+    _check_update(coord.wait_update(agent, 2), coord, agent.id, 2)
+    assert sorted(r for a, r, _ in coord.updates) == [1, 2]  # nothing for duplicate, stale, hostile
+    log = agent.text()
+    assert log.count("dropped:") >= len(hostile), agent.tail(80)
+    assert "duplicate task ignored" in log and "stale task ignored" in log
+    assert "Traceback" not in log
+
+    assert agent.terminate() == 0
+    coord.wait_status(agent, lambda b: b["state"] == "offline", "offline status")
+
+    # The adapter of round 2's task is the current one; the pushed one is kept too.
+    path = current_adapter_path(agent.state)
+    tensors, meta = load_adapter(path)
+    assert meta.version == "start-2"
+    assert (agent.state / "adapters" / "pers-1.safetensors").is_file()
+    kept, _ = load_adapter(agent.state / "adapters" / "pers-1.safetensors")
+    assert all(np.array_equal(kept[k], v) for k, v in pushed.items())
+
+    out = subprocess.run(
+        [sys.executable, "-m", "fedclip.device_agent.cli", "status", "--state", str(agent.state), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert (info["agent_id"], info["rounds_done"], info["last_round"]) == (agent.id, 2, 2)
+    assert info["adapter_version"] == "start-2" and "accuracy_after" in info["last_metrics"]
+
+
+@pytest.mark.slow
+def test_broker_restart_mid_round_update_arrives_once(mosquitto, coordinator_factory, agent_factory):
+    coord = coordinator_factory(mosquitto.url)
+    agent = agent_factory(mosquitto.url)
+    coord.wait_status(agent, lambda b: b["state"] == "online", "online status")
+    coord.send_task(agent.id, 1, epochs=12)
+    coord.wait(lambda: (agent.progress() or {}).get("epochs_done", 0) >= 1, "training under way", agent)
+    mosquitto.restart()
+    msg = coord.wait_update(agent, 1)
+    _check_update(msg, coord, agent.id, 1)
+    coord.send_task(agent.id, 2)  # a later round flushes anything still in flight for round 1
+    coord.wait_update(agent, 2)
+    blobs = coord.update_blobs(agent.id, 1)
+    assert len(set(blobs)) == 1, "two different updates for one round"
+    assert "connection to" in agent.text() and "lost" in agent.text()  # the restart did hit the agent
+    assert agent.terminate() == 0
+
+
+@pytest.mark.slow
+def test_kill_9_mid_round_resumes_and_publishes_one_update(mosquitto, coordinator_factory, agent_factory):
+    coord = coordinator_factory(mosquitto.url)
+    agent = agent_factory(mosquitto.url)
+    coord.wait_status(agent, lambda b: b["state"] == "online", "online status")
+    epochs = 10
+    coord.send_task(agent.id, 1, epochs=epochs)
+    coord.wait(lambda: (agent.progress() or {}).get("epochs_done", 0) >= 2, "two epochs done", agent)
+    agent.kill()  # SIGKILL: no offline status from the agent, the broker's last will says it
+    coord.wait_status(agent, lambda b: b["state"] == "offline", "last will")
+    assert not coord.update_blobs(agent.id, 1)
+
+    # Restarted, it resumes from its epoch checkpoint; SIGTERM mid-round stops it cleanly (exit 0).
+    again = agent_factory(mosquitto.url, state=agent.state)
+    coord.wait(lambda: (again.progress() or {}).get("epochs_done", 0) >= 4, "four epochs done", again)
+    assert again.terminate() == 0
+    coord.wait_status(again, lambda b: b["state"] == "offline", "offline after SIGTERM")
+    assert "resuming after epoch 2" in again.text(), again.tail()
+    assert "stopped in epoch" in again.text(), again.tail()
+    assert not coord.update_blobs(agent.id, 1)
+
+    third = agent_factory(mosquitto.url, state=agent.state)
+    msg = coord.wait_update(third, 1)
+    _check_update(msg, coord, agent.id, 1)
+    # Resumed twice, neither redone nor cut short: every epoch's steps counted once.
+    per_epoch = -(-msg.envelope.body["num_samples"] // 8)
+    assert msg.envelope.body["metrics"]["steps"] == epochs * per_epoch
+    assert third.terminate() == 0
+
+    # As if killed after building the update but before the broker acknowledged it: the next start
+    # republishes exactly the kept bytes and never builds a second update for the round.
+    path = agent.state / "state.json"
+    record = json.loads(path.read_text())
+    record["rounds"]["1"]["status"] = "built"
+    path.write_text(json.dumps(record))
+    fourth = agent_factory(mosquitto.url, state=agent.state)
+    coord.wait(lambda: len(coord.update_blobs(agent.id, 1)) >= 2, "republished update", fourth)
+    coord.send_task(agent.id, 1, epochs=epochs)  # the coordinator re-sends round 1: a duplicate
+    coord.send_task(agent.id, 2)
+    coord.wait_update(fourth, 2)
+    assert len(set(coord.update_blobs(agent.id, 1))) == 1, "two different updates for one round"
+    assert fourth.terminate() == 0
+    assert read_record(agent.state)["rounds"]["1"]["status"] == "done"
+
+
+@pytest.mark.slow
+def test_unreachable_broker_and_failing_state_dir(tmp_path, coordinator_factory, agent_factory):
+    broker = MosquittoBroker()
+    try:
+        agent = agent_factory(broker.url)
+        deadline = time.monotonic() + WAIT_S
+        while "unreachable" not in agent.text() and time.monotonic() < deadline:
+            assert agent.proc.poll() is None, agent.tail()
+            time.sleep(0.2)
+        assert "unreachable" in agent.text(), agent.tail()
+        broker.start()
+        coord = coordinator_factory(broker.url)
+        coord.wait_status(agent, lambda b: b["state"] == "online", "online status after the broker came up")
+
+        # A state dir that cannot be written (a file where the rounds folder goes): logged, not published.
+        rounds = agent.state / "rounds"
+        assert not rounds.exists()
+        rounds.write_text("in the way")
+        coord.send_task(agent.id, 1)
+        coord.wait_status(agent, lambda b: "state dir" in b.get("notice", ""), "state error notice")
+        assert not coord.update_blobs(agent.id, 1)
+        assert read_record(agent.state)["in_progress"] is None  # nothing half-recorded
+
+        rounds.unlink()  # space freed: the agent carries on with the next round
+        coord.send_task(agent.id, 2)
+        _check_update(coord.wait_update(agent, 2), coord, agent.id, 2)
+        assert agent.terminate() == 0
+    finally:
+        broker.cleanup()
+
+
+def test_bad_config_is_a_one_line_error(tmp_path, tiny_bundle, fmnist_dir):
+    args = [
+        sys.executable,
+        "-m",
+        "fedclip.device_agent.cli",
+        "start",
+        "--broker",
+        "http://nope",
+        "--fleet",
+        FLEET,
+        "--id",
+        "dev-1",
+        "--bundle",
+        str(tiny_bundle),
+        "--data",
+        str(fmnist_dir),
+        "--state",
+        str(tmp_path / "s"),
+    ]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "mqtt:// or mqtts://" in out.stderr and "Traceback" not in out.stderr
+    with pytest.raises(WireError):
+        Topics("bad/fleet")
+
+
+@pytest.mark.slow
+def test_auth_and_signed_adapters(mosquitto_auth, coordinator_factory, agent_factory, tmp_path):
+    from fedclip.sdk.signing import generate_key, save_public_key, sign_envelope
+
+    key = generate_key()
+    pub = save_public_key(key, tmp_path / "coordinator.pub")
+    pw = tmp_path / "broker-password"
+    pw.write_text(mosquitto_auth.password + "\n")
+    coord = coordinator_factory(
+        mosquitto_auth.url, username=mosquitto_auth.username, password=mosquitto_auth.password
+    )
+    agent = agent_factory(
+        mosquitto_auth.url,
+        extra=(
+            "--username",
+            mosquitto_auth.username,
+            "--password-file",
+            str(pw),
+            "--coordinator-key",
+            str(pub),
+        ),
+    )
+    coord.wait_status(agent, lambda b: b["state"] == "online", "online status with credentials")
+
+    topic = coord.topics.adapter(agent.id)
+    body = {"bundle_id": coord.manifest.bundle_id, "version": "roll-1", "rollout": 1}
+    env = Envelope(MsgType.ADAPTER, FLEET, agent.id, round=3, base_version="roll-1", body=body)
+    forged = coord.starting_adapter(seed=7)
+    coord.publish(topic, encode(env, forged))  # unsigned: refused by the rollout client
+    tensors = coord.starting_adapter(seed=8)
+    coord.publish(topic, encode(sign_envelope(key, env, tensors), tensors))
+    coord.wait(
+        lambda: [a for a in coord.acks if a.envelope.body.get("status") == "installed"], "install ack", agent
+    )
+    assert agent.terminate() == 0
+    path = current_adapter_path(agent.state)
+    kept, meta = load_adapter(path)
+    assert meta.version == "roll-1"
+    assert all(np.array_equal(kept[k], v) for k, v in tensors.items())
+    assert "unsigned" in agent.text()
+
+
+@pytest.mark.slow
+def test_tls_broker_ce_lora_round(mosquitto_tls, coordinator_factory, agent_factory, bundle_factory):
+    """mqtts:// with a CA file, and a tri-lora (CE-LoRA) round: only C travels, with noisy Gaussian stats."""
+    bundle = bundle_factory(adapter="tri-lora", labels=FASHION_MNIST_LABELS)
+    ca = str(mosquitto_tls.certs["ca.crt"])
+    coord = coordinator_factory(mosquitto_tls.url, bundle=bundle, ca_file=ca)
+    assert all(s.name.endswith("lora_C") for s in coord.manifest.exchanged)
+    agent = agent_factory(mosquitto_tls.url, extra=("--ca-file", ca), bundle=bundle)
+    coord.wait_status(agent, lambda b: b["state"] == "online", "online status over TLS")
+    coord.send_task(agent.id, 1, stats=["histogram", "gaussian"], noise_std=0.01)
+    _check_update(coord.wait_update(agent, 1), coord, agent.id, 1, noisy=True)
+    assert agent.terminate() == 0
+    # The adapter kept for inference holds this device's own A and B next to the received C.
+    kept, _ = load_adapter(current_adapter_path(agent.state))
+    assert {s.name for s in coord.manifest.trainable} == set(kept)

@@ -1,0 +1,240 @@
+"""`fedclip-agent train | eval | predict`: offline use of a bundle on local data, no broker needed.
+
+Human output is a short table; `--json` prints one JSON object on stdout (progress bars go to stderr).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import typer
+
+from fedclip.sdk.adapters import AdapterMeta
+from fedclip.sdk.cli import setup_logging
+from fedclip.sdk.errors import DataError
+
+log = logging.getLogger(__name__)
+
+_BUNDLE = typer.Option(..., "--bundle", help="Bundle folder made by `fedclip-coord export`.")
+_DEVICE = typer.Option("cpu", "--device", help="cpu, or cuda (needs onnxruntime-training with CUDA).")
+_THREADS = typer.Option(None, "--threads", min=1, help="CPU threads for ONNX Runtime (default: all cores).")
+_QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars, warnings only.")
+_JSON = typer.Option(False, "--json", help="Print the metrics as one JSON object on stdout.")
+_ADAPTER = typer.Option(
+    None, "--adapter", help="Adapter (.safetensors) to load; default: the bundle's initial one."
+)
+_CACHE = typer.Option(
+    None,
+    "--cache-dir",
+    help="Image-embedding cache for text-tower bundles (default: ~/.cache/fedclip/embeddings).",
+)
+
+
+def _emit(metrics: dict, as_json: bool, title: str) -> None:
+    if as_json:
+        print(json.dumps(metrics, sort_keys=True))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            text = str(int(value)) if value.is_integer() else f"{value:.4f}"
+        else:
+            text = str(value)
+        table.add_row(key, text)
+    Console().print(table)
+
+
+def _open_data(data: Path, manifest, holdout: float):
+    from fedclip.sdk.data import Dataset
+
+    dataset = Dataset.open(data, labels=manifest.task.labels, kind=manifest.task.kind)
+    if holdout <= 0:
+        return dataset, None
+    train_set, held_out = dataset.split(holdout)
+    if not len(train_set) or not len(held_out):
+        raise DataError(f"{data}: too few images for a held-out split of {holdout:g}")
+    return train_set, held_out
+
+
+def train(
+    bundle: Path = _BUNDLE,
+    data: Path = typer.Option(..., "--data", help="Image folder (one sub-folder per label), CSV or JSONL."),
+    epochs: int = typer.Option(1, "--epochs", min=1, help="Passes over the training data."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per step."),
+    lr: float = typer.Option(1e-3, "--lr", min=0.0, help="Learning rate (AdamW)."),
+    max_steps: int = typer.Option(None, "--max-steps", min=1, help="Stop after this many steps."),
+    holdout: float = typer.Option(
+        0.0,
+        "--holdout",
+        min=0.0,
+        max=0.99,
+        help="Fraction kept out of training and evaluated (by file name hash).",
+    ),
+    adapter: Path = _ADAPTER,
+    out: Path = typer.Option(None, "--out", help="Write the trained adapter here (.safetensors)."),
+    seed: int = typer.Option(0, "--seed", help="Shuffle seed."),
+    device: str = _DEVICE,
+    threads: int = _THREADS,
+    cache_dir: Path = _CACHE,
+    quiet: bool = _QUIET,
+    as_json: bool = _JSON,
+) -> None:
+    """Train the bundle's adapter on local data; optionally evaluate a held-out part and save the adapter."""
+    from fedclip.device_agent.trainer import OrtTrainer
+    from fedclip.device_agent.training import batch_source, evaluate, train_local
+    from fedclip.sdk.wire import tensors_digest
+
+    setup_logging(quiet=quiet or as_json)
+    progress = not (quiet or as_json)
+    trainer = OrtTrainer(bundle, device=device, threads=threads)
+    parent = ""
+    if adapter is not None:
+        parent = trainer.load_adapter(adapter).version
+    train_set, held_out = _open_data(data, trainer.manifest, holdout)
+    source = batch_source(trainer, train_set, cache_dir=cache_dir, progress=progress)
+    metrics: dict = {}
+    if held_out is not None:
+        eval_source = batch_source(trainer, held_out, cache_dir=cache_dir, progress=progress)
+        before = evaluate(trainer, eval_source, batch_size=batch_size)
+        metrics.update({f"{k}_before": v for k, v in before.items() if k != "num_samples"})
+    result = train_local(
+        trainer,
+        source,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        max_steps=max_steps,
+        progress=progress,
+        seed=seed,
+    )
+    metrics.update({f"train_{k}": v for k, v in result.items()})
+    metrics["num_train"] = sum(s.key not in train_set.skipped for s in train_set)
+    if held_out is not None:
+        after = evaluate(trainer, eval_source, batch_size=batch_size)
+        metrics.update({f"{k}_after": v for k, v in after.items() if k != "num_samples"})
+        metrics["num_held_out"] = int(after["num_samples"])
+    metrics["skipped_images"] = len(train_set.skipped)
+    if out is not None:
+        tensors = trainer.get_tensors("trainable")
+        meta = AdapterMeta(
+            bundle_id=trainer.manifest.bundle_id,
+            version=f"local-{tensors_digest(tensors)[:12]}",
+            parent_version=parent,
+            strategy="local",
+            kind=trainer.manifest.adapter.kind,
+        )
+        trainer.save_adapter(out, meta, which="trainable")
+        metrics["adapter"] = str(out)
+        metrics["adapter_version"] = meta.version
+    _emit(metrics, as_json, "training")
+
+
+def eval(  # noqa: A001 - the command is called `eval`
+    bundle: Path = _BUNDLE,
+    data: Path = typer.Option(..., "--data", help="Image folder (one sub-folder per label), CSV or JSONL."),
+    adapter: Path = _ADAPTER,
+    holdout: float = typer.Option(
+        0.0,
+        "--holdout",
+        min=0.0,
+        max=0.99,
+        help="Evaluate only the held-out part `train --holdout` kept out.",
+    ),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per step."),
+    device: str = _DEVICE,
+    threads: int = _THREADS,
+    cache_dir: Path = _CACHE,
+    quiet: bool = _QUIET,
+    as_json: bool = _JSON,
+) -> None:
+    """Evaluate loss and accuracy of an adapter on local labelled data."""
+    from fedclip.device_agent.trainer import OrtTrainer
+    from fedclip.device_agent.training import batch_source, evaluate
+
+    setup_logging(quiet=quiet or as_json)
+    progress = not (quiet or as_json)
+    trainer = OrtTrainer(bundle, device=device, threads=threads)
+    if adapter is not None:
+        trainer.load_adapter(adapter)
+    dataset, held_out = _open_data(data, trainer.manifest, holdout)
+    dataset = held_out if held_out is not None else dataset
+    source = batch_source(trainer, dataset, cache_dir=cache_dir, progress=progress)
+    metrics = evaluate(trainer, source, batch_size=batch_size, progress=progress)
+    metrics["num_samples"] = int(metrics["num_samples"])
+    metrics["skipped_images"] = len(dataset.skipped)
+    _emit(metrics, as_json, "evaluation")
+
+
+def predict(
+    images: list[Path] = typer.Argument(..., help="Image files to classify."),
+    bundle: Path = _BUNDLE,
+    adapter: Path = _ADAPTER,
+    top_k: int = typer.Option(3, "--top-k", min=1, help="Labels to show per image."),
+    device: str = _DEVICE,
+    threads: int = _THREADS,
+    quiet: bool = _QUIET,
+    as_json: bool = _JSON,
+) -> None:
+    """Classify images with the bundle (and an adapter): top-k labels with softmax scores."""
+    from fedclip.device_agent.predictor import Predictor
+    from fedclip.sdk.adapters import load_adapter
+    from fedclip.sdk.manifest import Manifest
+    from fedclip.sdk.preprocess import load_image
+
+    setup_logging(quiet=quiet or as_json)
+    manifest = Manifest.load(bundle)
+    if manifest.task.kind != "classify":
+        raise DataError(f"{bundle}: predict needs a classify bundle (this one is {manifest.task.kind})")
+    tensors = None
+    if adapter is not None:
+        tensors, meta = load_adapter(adapter)
+        if meta.bundle_id != manifest.bundle_id:
+            raise DataError(f"{adapter}: adapter was made for bundle {meta.bundle_id[:12]}, not this one")
+    predictor = Predictor(bundle, adapter=tensors, device=device, threads=threads, manifest=manifest)
+    labels = manifest.task.labels
+    k = min(top_k, len(labels))
+    results = []
+    for path in images:
+        # One image at a time: a bad file is reported and the rest still get their answer.
+        try:
+            pixels = predictor.transform(load_image(path))
+        except DataError as e:
+            log.warning("skipped: %s", e)
+            results.append({"image": str(path), "error": str(e)})
+            continue
+        logits = predictor.predict(pixels[None])[0].astype(np.float64)
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        top = np.argsort(-probs, kind="stable")[:k]
+        results.append(
+            {"image": str(path), "top": [{"label": labels[i], "score": float(probs[i])} for i in top]}
+        )
+    if as_json:
+        print(json.dumps({"predictions": results}))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="predictions")
+        table.add_column("image")
+        for r in range(k):
+            table.add_column(f"#{r + 1}")
+        for res in results:
+            cells = (
+                [f"error: {res['error']}"]
+                if "error" in res
+                else [f"{t['label']} ({t['score']:.2f})" for t in res["top"]]
+            )
+            table.add_row(res["image"], *cells)
+        Console().print(table)
+    if all("error" in r for r in results):
+        raise DataError("no image could be read")
+    if any(math.isnan(t["score"]) for r in results if "top" in r for t in r["top"]):
+        raise DataError("the model produced non-finite scores")

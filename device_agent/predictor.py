@@ -1,0 +1,101 @@
+"""Local inference over a bundle's inference graph, with adapter tensors swapped in.
+
+Adapter tensors are initializers of the inference graph named like the torch parameters, so a trained
+adapter replaces them through `SessionOptions.add_initializer` without touching the model file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedclip.device_agent.ort_loader import check_device, onnxruntime, session_options
+from fedclip.sdk.adapters import check_tensors
+from fedclip.sdk.errors import BackendError, BundleError, DataError
+from fedclip.sdk.manifest import Manifest
+from fedclip.sdk.preprocess import ImageTransform
+
+
+class Predictor:
+    """`predict(images) -> logits`, `embed_images(images) -> image_embeds` for one adapter."""
+
+    def __init__(
+        self,
+        bundle_dir: str | Path,
+        *,
+        adapter: Mapping[str, np.ndarray] | None = None,
+        device: str = "cpu",
+        threads: int | None = None,
+        verify: bool = True,
+        manifest: Manifest | None = None,
+    ) -> None:
+        self.bundle_dir = Path(bundle_dir)
+        self.manifest = manifest if manifest is not None else Manifest.load(self.bundle_dir, verify=verify)
+        if "inference" not in self.manifest.graphs:
+            raise BundleError(f"{self.bundle_dir}: manifest has no 'inference' graph")
+        self.device = device
+        self.threads = threads
+        provider = check_device(device)
+        # On CUDA, nodes without a CUDA kernel fall back to the CPU rather than failing the session.
+        self._providers = [provider] if device == "cpu" else [provider, "CPUExecutionProvider"]
+        self.transform = ImageTransform(self.manifest.preprocess)
+        # ORT reads the initializer buffers at run time: the arrays must outlive the session.
+        self._keep: list[Any] = []
+        tensors = {}
+        if adapter:
+            tensors = check_tensors(adapter, self.manifest.trainable, "adapter", require_all=False)
+        self._session = self._open("inference", tensors)
+        self._encoder = None
+        self._inputs = {i.name for i in self._session.get_inputs()}
+        self._outputs = [o.name for o in self._session.get_outputs()]
+
+    def _open(self, key: str, tensors: Mapping[str, np.ndarray]) -> Any:
+        ort = onnxruntime()
+        opts = session_options(self.threads)
+        for name, arr in sorted(tensors.items()):
+            arr = np.ascontiguousarray(arr)
+            value = ort.OrtValue.ortvalue_from_numpy(arr)
+            self._keep.extend((arr, value))
+            opts.add_initializer(name, value)
+        path = self.bundle_dir / self.manifest.graphs[key].file
+        # ORT's ConstantFolding folds from the model file's initializer values, not from the ones
+        # given to add_initializer (measured with onnxruntime 1.19: the override was silently lost
+        # behind a folded Transpose), so it is off whenever tensors are overridden.
+        extra = {"disabled_optimizers": ["ConstantFolding"]} if tensors else {}
+        try:
+            return ort.InferenceSession(str(path), sess_options=opts, providers=self._providers, **extra)
+        except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise BackendError(f"{path}: ONNX Runtime cannot load the {key} graph ({msg})") from None
+
+    def _images(self, images: np.ndarray) -> np.ndarray:
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        s = self.manifest.preprocess.image_size
+        if images.ndim != 4 or images.shape[1:] != (3, s, s):
+            raise DataError(f"images must be float32 [B, 3, {s}, {s}], got {list(images.shape)}")
+        return images
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Class logits [B, L] (classify bundles)."""
+        if self.manifest.task.kind != "classify" or "logits" not in self._outputs:
+            raise DataError("predict needs a classify bundle (this one is contrastive)")
+        if "text" in self._inputs:
+            raise DataError("predict needs a classify bundle (this inference graph takes text)")
+        return self._session.run(["logits"], {"image": self._images(images)})[0]
+
+    def embed_images(self, images: np.ndarray) -> np.ndarray:
+        """Image embeddings [B, D]: from the image encoder when the bundle has one."""
+        images = self._images(images)
+        if "image_encoder" in self.manifest.graphs:
+            if self._encoder is None:
+                self._encoder = self._open("image_encoder", {})
+            return self._encoder.run(["image_embeds"], {"image": images})[0]
+        if "image_embeds" not in self._outputs or "text" in self._inputs:
+            raise BundleError(f"{self.bundle_dir}: inference graph gives no image_embeds from images alone")
+        return self._session.run(["image_embeds"], {"image": images})[0]
+
+    def predict_files(self, paths: list[str | Path]) -> np.ndarray:
+        return self.predict(np.stack([self.transform.load(p) for p in paths]))

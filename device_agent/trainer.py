@@ -1,0 +1,201 @@
+"""`OrtTrainer`: torch-free on-device training of a bundle with ONNX Runtime's training API.
+
+The bundle's manifest is the only source of graph input names and tensor names/shapes (habit 3);
+the ORT checkpoint holds every parameter, and only the adapter tensors are trainable.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from fedclip.device_agent.ort_loader import check_device, session_options, training_api
+from fedclip.sdk.adapters import AdapterMeta, check_tensors, load_adapter, save_adapter
+from fedclip.sdk.errors import AdapterError, BackendError, BundleError, DataError
+from fedclip.sdk.manifest import Manifest
+
+_BUNDLE_PROPERTY = "fedclip_bundle_id"
+_LR_PROPERTY = "fedclip_lr"
+_REQUIRED_GRAPHS = ("training", "eval", "optimizer")
+
+
+class OrtTrainer:
+    """One bundle's training session: train/eval steps, adapter tensors in and out, checkpoints."""
+
+    def __init__(
+        self, bundle_dir: str | Path, *, device: str = "cpu", threads: int | None = None, verify: bool = True
+    ) -> None:
+        self.bundle_dir = Path(bundle_dir)
+        self.manifest = Manifest.load(self.bundle_dir, verify=verify)
+        for key in _REQUIRED_GRAPHS:
+            if key not in self.manifest.graphs:
+                raise BundleError(
+                    f"{self.bundle_dir}: manifest has no {key!r} graph; this bundle cannot train"
+                )
+        self.device = device
+        self.threads = threads
+        check_device(device)
+        self._api = training_api()
+        self._lr: float | None = None
+        self._open(self.bundle_dir / self.manifest.checkpoint)
+
+    # ---- sessions --------------------------------------------------------------------------------
+    def _open(self, checkpoint: Path) -> None:
+        graphs = self.manifest.graphs
+        try:
+            state = self._api.CheckpointState.load_checkpoint(str(checkpoint))
+        except RuntimeError as e:
+            raise BundleError(f"{checkpoint}: cannot load checkpoint ({_first_line(e)})") from None
+        try:
+            module = self._api.Module(
+                str(self.bundle_dir / graphs["training"].file),
+                state,
+                str(self.bundle_dir / graphs["eval"].file),
+                device=self.device,
+                session_options=session_options(self.threads),
+            )
+            optimizer = self._api.Optimizer(str(self.bundle_dir / graphs["optimizer"].file), module)
+        except RuntimeError as e:
+            raise BackendError(
+                f"{self.bundle_dir}: ONNX Runtime cannot load the training graphs ({_first_line(e)})"
+            ) from None
+        missing = [t.name for t in self.manifest.trainable if t.name not in state.parameters]
+        if missing:
+            raise BundleError(f"{self.bundle_dir}: checkpoint lacks trainable tensor {missing[0]!r}")
+        self._state, self._module, self._optimizer = state, module, optimizer
+        self._train_io = (tuple(module.train().input_names()), tuple(module.output_names()))
+        self._eval_io = (tuple(module.eval().input_names()), tuple(module.output_names()))
+        if self._lr is not None:
+            optimizer.set_learning_rate(self._lr)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(self.manifest.graphs["training"].inputs)
+
+    def _feeds(self, names: tuple[str, ...], inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        missing = [n for n in names if n not in inputs]
+        if missing:
+            raise DataError(f"training input {missing[0]!r} is missing (the graph takes {', '.join(names)})")
+        return [np.ascontiguousarray(inputs[n]) for n in names]
+
+    # ---- steps -----------------------------------------------------------------------------------
+    def train_step(self, inputs: Mapping[str, np.ndarray]) -> float:
+        """One optimizer step on one batch; returns the batch loss before the step."""
+        names, outputs = self._train_io
+        feeds = self._feeds(names, inputs)
+        self._module.train()
+        out = self._module(*feeds)
+        out = out if isinstance(out, tuple) else (out,)
+        self._optimizer.step()
+        self._module.lazy_reset_grad()
+        loss = float(np.asarray(out[outputs.index("loss") if "loss" in outputs else 0]))
+        return loss
+
+    def eval_step(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names, outputs = self._eval_io
+        feeds = self._feeds(names, inputs)
+        self._module.eval()
+        out = self._module(*feeds)
+        out = out if isinstance(out, tuple) else (out,)
+        return {name: np.asarray(value) for name, value in zip(outputs, out, strict=False)}
+
+    def set_lr(self, lr: float) -> None:
+        if not (lr > 0 and np.isfinite(lr)):
+            raise DataError(f"learning rate must be a positive number, got {lr}")
+        self._lr = float(lr)
+        self._optimizer.set_learning_rate(self._lr)
+
+    @property
+    def lr(self) -> float:
+        return float(self._optimizer.get_learning_rate())
+
+    def reset_optimizer(self) -> None:
+        """Forget the optimizer's moments (a new round from a new global adapter), keep the tensors."""
+        tensors = self.get_tensors("trainable")
+        self._open(self.bundle_dir / self.manifest.checkpoint)
+        self.set_tensors(tensors)
+
+    # ---- tensors ---------------------------------------------------------------------------------
+    def _specs(self, which: Literal["trainable", "exchanged"]):
+        if which == "trainable":
+            return self.manifest.trainable
+        if which == "exchanged":
+            return self.manifest.exchanged
+        raise ValueError(f"which must be 'trainable' or 'exchanged', got {which!r}")
+
+    def get_tensors(self, which: Literal["trainable", "exchanged"] = "trainable") -> dict[str, np.ndarray]:
+        params = self._state.parameters
+        return {s.name: np.array(params[s.name].data, copy=True) for s in self._specs(which)}
+
+    def set_tensors(self, tensors: Mapping[str, np.ndarray], where: str = "adapter") -> None:
+        """Overwrite some or all trainable tensors; every one is validated before any is written."""
+        checked = check_tensors(tensors, self.manifest.trainable, where, require_all=False)
+        params = self._state.parameters
+        for name, arr in checked.items():
+            params[name] = np.ascontiguousarray(arr)
+
+    def save_adapter(
+        self, path: str | Path, meta: AdapterMeta, which: Literal["trainable", "exchanged"] = "exchanged"
+    ) -> Path:
+        if meta.bundle_id != self.manifest.bundle_id:
+            raise AdapterError(
+                f"{path}: adapter metadata names bundle {meta.bundle_id[:12]}, not this bundle"
+            )
+        return save_adapter(path, self.get_tensors(which), meta)
+
+    def load_adapter(self, path: str | Path) -> AdapterMeta:
+        tensors, meta = load_adapter(path)
+        if meta.bundle_id and meta.bundle_id != self.manifest.bundle_id:
+            raise AdapterError(
+                f"{path}: adapter was made for bundle {meta.bundle_id[:12]}, "
+                f"this bundle is {self.manifest.bundle_id[:12]}"
+            )
+        self.set_tensors(tensors, where=str(path))
+        return meta
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """Tensors and optimizer state, written atomically so a crash never leaves half a file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._state.properties[_BUNDLE_PROPERTY] = self.manifest.bundle_id
+        self._state.properties[_LR_PROPERTY] = float(self.lr)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            self._api.CheckpointState.save_checkpoint(self._state, tmp, include_optimizer_state=True)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Resume from `save_checkpoint`: the next step gives what an uninterrupted run would."""
+        path = Path(path)
+        if not path.is_file():
+            raise BundleError(f"{path}: checkpoint not found")
+        try:
+            probe = self._api.CheckpointState.load_checkpoint(str(path))
+        except RuntimeError as e:
+            raise BundleError(f"{path}: not a training checkpoint ({_first_line(e)})") from None
+        props = probe.properties
+        owner = props[_BUNDLE_PROPERTY] if _BUNDLE_PROPERTY in props else ""
+        if owner != self.manifest.bundle_id:
+            raise BundleError(
+                f"{path}: checkpoint belongs to bundle {str(owner)[:12] or '?'}, not this bundle"
+            )
+        del probe
+        self._lr = float(props[_LR_PROPERTY]) if _LR_PROPERTY in props else self._lr
+        self._open(path)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

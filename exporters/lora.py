@@ -124,7 +124,9 @@ class SplitAttention(nn.Module):
         scores = (q * (1.0 / math.sqrt(hd))) @ k.transpose(-2, -1)
         if attn_mask is not None:
             if attn_mask.dtype == torch.bool:
-                attn_mask = torch.zeros_like(attn_mask, dtype=scores.dtype).masked_fill(attn_mask, float("-inf"))
+                attn_mask = torch.zeros_like(attn_mask, dtype=scores.dtype).masked_fill(
+                    attn_mask, float("-inf")
+                )
             if attn_mask.dim() == 3:  # [B*H, L, S], as MultiheadAttention takes it
                 attn_mask = attn_mask.reshape(bsz, h, lq, ls)
             scores = scores + attn_mask
@@ -148,7 +150,9 @@ def trainable_factors(spec: AdapterSpec, train: tuple[str, ...] = ()) -> tuple[s
     if train:
         for f in train:
             if f not in allowed:
-                raise ConfigError(f"adapter.train: unknown factor {f!r} for {spec.kind} (choose from {','.join(allowed)})")
+                raise ConfigError(
+                    f"adapter.train: unknown factor {f!r} for {spec.kind} (choose from {','.join(allowed)})"
+                )
         chosen = tuple(f for f in allowed if f in train)
     elif tri and spec.init == "frozen-seed":
         chosen = ("C",)
@@ -156,13 +160,15 @@ def trainable_factors(spec: AdapterSpec, train: tuple[str, ...] = ()) -> tuple[s
         chosen = allowed
     b_zero = not (tri and spec.init == "frozen-seed")
     if b_zero and "B" not in chosen:
-        # y = W0 x + s B C A x with B = 0: dL/dA and dL/dC both carry a factor B, so they stay zero forever.
+        # y = W0 x + s B C A x with B = 0: dL/dA and dL/dC both carry a factor B, so they stay zero.
         raise ConfigError(
-            f"adapter: with init {spec.init!r} B starts at zero, so training only {'+'.join(chosen)} gets zero "
-            "gradient; train B too or use tri-lora init frozen-seed"
+            f"adapter: with init {spec.init!r} B starts at zero, so training only {'+'.join(chosen)} "
+            "gets zero gradient; train B too or use tri-lora init frozen-seed"
         )
     if tri and spec.init == "frozen-seed" and chosen != ("C",) and train:
-        raise ConfigError("adapter: init frozen-seed trains only C (A and B come frozen from the shared seed)")
+        raise ConfigError(
+            "adapter: init frozen-seed trains only C (A and B come frozen from the shared seed)"
+        )
     return chosen
 
 
@@ -200,7 +206,9 @@ def inject_adapters(model: nn.Module, spec: AdapterSpec, train: tuple[str, ...] 
             attn_targets = [t for t in ("q", "k", "v", "o") if t in spec.targets]
             if not isinstance(blk.attn, SplitAttention):
                 if not isinstance(blk.attn, nn.MultiheadAttention):
-                    raise ConfigError(f"lora: {path}.attn is {type(blk.attn).__name__}, not MultiheadAttention")
+                    raise ConfigError(
+                        f"lora: {path}.attn is {type(blk.attn).__name__}, not MultiheadAttention"
+                    )
                 blk.attn = SplitAttention(blk.attn)
             for t in attn_targets:
                 name = _ATTN_TARGETS[t]

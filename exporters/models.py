@@ -108,7 +108,9 @@ def _weights_path(name: str, pretrained: str) -> Path:
     cfg = open_clip.get_pretrained_cfg(name, pretrained)
     if not cfg:
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
-        raise ExportError(f"--pretrained: {pretrained!r} is neither a file nor a tag of {name} (tags: {tags})")
+        raise ExportError(
+            f"--pretrained: {pretrained!r} is neither a file nor a tag of {name} (tags: {tags})"
+        )
     try:
         return Path(open_clip.download_pretrained(cfg))
     except Exception as e:  # network errors come in many classes
@@ -127,7 +129,9 @@ def build_base_model(model: str, pretrained: str | None = None, seed: int = 0) -
     except Exception as e:
         raise ExportError(f"--model: open_clip cannot build {model!r}: {e}") from None
     if type(clip).__name__ != "CLIP":
-        raise ExportError(f"--model: {model!r} builds a {type(clip).__name__}; only open_clip CLIP is supported")
+        raise ExportError(
+            f"--model: {model!r} builds a {type(clip).__name__}; only open_clip CLIP is supported"
+        )
     weights_sha = None
     if pretrained:
         path = _weights_path(name, pretrained)

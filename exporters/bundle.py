@@ -1,0 +1,331 @@
+"""The whole export: base model + adapters -> ONNX graphs + ORT artifacts + sealed manifest.
+
+The bundle is built in a temp dir next to `out` and renamed into place at the end, so a failed
+export leaves nothing half-written. Everything is seeded, so equal configs give equal bytes and
+an equal bundle_id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as pkg_version
+from pathlib import Path
+
+import torch
+
+from fedclip.exporters import onnx_export, tasks
+from fedclip.exporters.config import ExportConfig
+from fedclip.exporters.lora import (
+    adapter_tensors,
+    inject_adapters,
+    load_adapter_into_torch,
+    merge_adapters,
+    unmerge_adapters,
+)
+from fedclip.exporters.models import BuiltModel, build_base_model, copy_vocab
+from fedclip.sdk.errors import ExportError, FedclipError
+from fedclip.sdk.manifest import (
+    FORMAT_VERSION,
+    AdapterSpec,
+    BaseModel,
+    GraphSpec,
+    Manifest,
+    TaskSpec,
+    TensorSpec,
+    TokenizerSpec,
+)
+
+__all__ = [
+    "AdaptedModel",
+    "adapter_spec",
+    "adapter_tensors",
+    "build_adapted_model",
+    "export_bundle",
+    "load_adapter_into_torch",
+    "merge_adapters",
+    "task_spec",
+    "TorchTwin",
+    "torch_twin",
+    "tokenize",
+    "unmerge_adapters",
+]
+
+log = logging.getLogger(__name__)
+
+TRAINING, EVAL, OPTIMIZER = "training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"
+INFERENCE, IMAGE_ENCODER = "inference_model.onnx", "image_encoder.onnx"
+VOCAB = "tokenizer/bpe_simple_vocab_16e6.txt.gz"
+_DUMMY_BATCH = 2
+
+
+@dataclass
+class AdaptedModel:
+    base: BuiltModel
+    spec: AdapterSpec
+    names: list[str]  # adapter tensor names, sorted
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.base.model
+
+    @property
+    def trainable(self) -> list[str]:
+        params = dict(self.model.named_parameters())
+        return [n for n in self.names if params[n].requires_grad]
+
+
+def adapter_spec(cfg: ExportConfig) -> AdapterSpec:
+    return AdapterSpec(
+        kind=cfg.adapter,
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        targets=tuple(cfg.targets),
+        towers=tuple(cfg.towers),
+        init=cfg.init,
+        seed=cfg.seed,
+    )
+
+
+def task_spec(cfg: ExportConfig) -> TaskSpec:
+    if cfg.task == "contrastive":
+        return TaskSpec(kind="contrastive", labels=tuple(cfg.labels), prompt=cfg.prompt)
+    return TaskSpec(kind="classify", labels=tuple(cfg.labels), prompt=cfg.prompt)
+
+
+def build_adapted_model(
+    model: str, adapter: AdapterSpec, pretrained: str | None = None, train: tuple[str, ...] = ()
+) -> AdaptedModel:
+    """The PyTorch twin of a bundle: same base weights, same adapter names and initial values."""
+    base = build_base_model(model, pretrained, seed=adapter.seed)
+    names = inject_adapters(base.model, adapter, train)
+    return AdaptedModel(base=base, spec=adapter, names=names)
+
+
+@dataclass
+class TorchTwin:
+    """PyTorch modules computing what a bundle's graphs compute (for parity tests, benchmarks)."""
+
+    adapted: AdaptedModel
+    graph: torch.nn.Module  # like training/eval: (x, labels|text) -> (loss, logits) | loss
+    inference: torch.nn.Module  # like inference_model.onnx
+    image_encoder: torch.nn.Module | None  # like image_encoder.onnx (text-tower-only bundles)
+
+
+def torch_twin(manifest: Manifest, model: str | None = None, pretrained: str | None = None) -> TorchTwin:
+    """Rebuild the PyTorch side of a bundle from its manifest (same seed, so same initial tensors).
+
+    `model` defaults to the manifest's base model name; pass the JSON path for JSON-config bundles.
+    """
+    spec = manifest.adapter
+    adapted = build_adapted_model(
+        model or manifest.base_model.name, spec, pretrained or manifest.base_model.pretrained
+    )
+    trainable = {t.name for t in manifest.tensors if t.trainable}
+    for name, p in adapted.model.named_parameters():
+        p.requires_grad_(name in trainable)
+    return _twin(adapted, manifest.task)
+
+
+def _twin(adapted: AdaptedModel, task: TaskSpec) -> TorchTwin:
+    clip = adapted.model
+    from_embeds = "vision" not in adapted.spec.towers
+    text_adapted = "text" in adapted.spec.towers
+    if task.kind == "classify":
+        label_tokens = tokenize(task.prompts(), adapted.base.context_length)
+        graph = tasks.ClassifyGraph(clip, label_tokens, from_embeds, text_adapted)
+        inference = tasks.ClassifyInference(clip, label_tokens, text_adapted)
+    else:
+        graph = tasks.ContrastiveGraph(clip, from_embeds)
+        inference = tasks.ContrastiveInference(clip)
+    encoder = tasks.ImageEncoder(clip) if from_embeds else None
+    return TorchTwin(adapted=adapted, graph=graph, inference=inference, image_encoder=encoder)
+
+
+def tokenize(texts: list[str], context_length: int) -> torch.Tensor:
+    import open_clip
+
+    return open_clip.tokenize(texts, context_length=context_length)
+
+
+def _tools() -> dict[str, str]:
+    out = {}
+    for dist in (
+        "fedclip",
+        "torch",
+        "open_clip_torch",
+        "onnx",
+        "onnxruntime-training-cpu",
+        "onnxruntime-training",
+    ):
+        with contextlib.suppress(PackageNotFoundError):
+            out[dist] = pkg_version(dist)
+    return out
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"--out: {out} already exists and is not an empty directory")
+    parent = out.parent
+    if not parent.is_dir():
+        raise ExportError(f"--out: parent directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"--out: cannot write into {parent}")
+
+
+@contextlib.contextmanager
+def _steps(show: bool, total: int) -> Iterator:
+    if not show:
+        yield lambda desc: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description:<34}"), BarColumn(), TimeElapsedColumn(), console=Console(stderr=True)
+    ) as progress:
+        task = progress.add_task("export", total=total)
+        first = [True]
+
+        def step(desc: str) -> None:
+            if not first[0]:
+                progress.advance(task)
+            first[0] = False
+            progress.update(task, description=desc)
+
+        yield step
+        progress.update(task, completed=total, description="done")
+
+
+def _dummy_inputs(
+    adapted: AdaptedModel, task: TaskSpec, from_embeds: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    base = adapted.base
+    if from_embeds:
+        x = torch.randn(_DUMMY_BATCH, base.embed_dim, generator=g)
+    else:
+        size = base.preprocess.image_size
+        x = torch.randn(_DUMMY_BATCH, 3, size, size, generator=g)
+    if task.kind == "classify":
+        y = torch.zeros(_DUMMY_BATCH, dtype=torch.long)
+    else:
+        y = tokenize(["a photo."] * _DUMMY_BATCH, base.context_length)
+    return x, y
+
+
+def _write_graphs(adapted: AdaptedModel, task: TaskSpec, tmp: Path, step) -> tuple[dict[str, GraphSpec], str]:
+    from_embeds = "vision" not in adapted.spec.towers
+    train_input = "image_embeds" if from_embeds else "image"
+    x, y = _dummy_inputs(adapted, task, from_embeds)
+    graphs: dict[str, GraphSpec] = {}
+
+    step("exporting training graph")
+    twin = _twin(adapted, task)
+    if task.kind == "classify":
+        io_in, io_out, eval_out = (train_input, "labels"), ("loss", "logits"), ("loss", "logits")
+    else:
+        io_in, io_out, eval_out = (train_input, "text"), ("loss",), ("loss",)
+    proto = onnx_export.export_onnx(twin.graph, (x, y), io_in, io_out)
+
+    step("generating ORT training artifacts")
+    onnx_export.generate_training_artifacts(proto, adapted.trainable, tmp, keep_outputs=("loss",))
+    graphs["training"] = GraphSpec(file=TRAINING, inputs=io_in, outputs=("loss",))
+    graphs["eval"] = GraphSpec(file=EVAL, inputs=io_in, outputs=eval_out)
+    graphs["optimizer"] = GraphSpec(file=OPTIMIZER, inputs=(), outputs=())
+
+    step("exporting inference graph")
+    size = adapted.base.preprocess.image_size
+    image = torch.randn(_DUMMY_BATCH, 3, size, size, generator=torch.Generator().manual_seed(1))
+    if task.kind == "classify":
+        inf_in, inf_out, args = ("image",), ("logits", "image_embeds"), (image,)
+    else:
+        inf_in, inf_out, args = ("image", "text"), ("image_embeds", "text_embeds"), (image, y)
+    proto = onnx_export.export_onnx(twin.inference, args, inf_in, inf_out)
+    onnx_export.make_overridable(proto, adapted.names)
+    onnx_export.save(proto, tmp / INFERENCE)
+    graphs["inference"] = GraphSpec(file=INFERENCE, inputs=inf_in, outputs=inf_out)
+
+    if from_embeds:
+        step("exporting image encoder")
+        proto = onnx_export.export_onnx(twin.image_encoder, (image,), ("image",), ("image_embeds",))
+        onnx_export.save(proto, tmp / IMAGE_ENCODER)
+        graphs["image_encoder"] = GraphSpec(file=IMAGE_ENCODER, inputs=("image",), outputs=("image_embeds",))
+    return graphs, train_input
+
+
+def _tensor_specs(adapted: AdaptedModel) -> tuple[TensorSpec, ...]:
+    params = dict(adapted.model.named_parameters())
+    out = []
+    for name in adapted.names:
+        p = params[name]
+        factor = name.rsplit(".", 1)[-1]
+        exchanged = adapted.spec.kind == "lora" or factor == "lora_C"
+        out.append(
+            TensorSpec(name=name, shape=tuple(p.shape), trainable=p.requires_grad, exchanged=exchanged)
+        )
+    return tuple(out)
+
+
+def export_bundle(cfg: ExportConfig, show_progress: bool = False) -> Manifest:
+    """Build the bundle described by `cfg` at `cfg.out`; returns the sealed manifest."""
+    spec = adapter_spec(cfg)
+    task = task_spec(cfg)
+    out = Path(cfg.out).expanduser().absolute()
+    _check_out(out)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise ExportError(f"--out: cannot write into {out.parent} ({e.strerror})") from None
+    n_steps = 6 + ("vision" not in spec.towers)
+    try:
+        with _steps(show_progress, n_steps) as step, torch.no_grad():
+            step(f"building {cfg.model}")
+            adapted = build_adapted_model(cfg.model, spec, cfg.pretrained, tuple(cfg.train))
+            graphs, train_input = _write_graphs(adapted, task, tmp, step)
+            step("writing manifest")
+            tokenizer = None
+            if task.kind == "contrastive":
+                copy_vocab(tmp / Path(VOCAB).parent)
+                tokenizer = TokenizerSpec(file=VOCAB, context_length=adapted.base.context_length)
+            base = adapted.base
+            manifest = Manifest(
+                format_version=FORMAT_VERSION,
+                base_model=BaseModel(
+                    name=base.name,
+                    embed_dim=base.embed_dim,
+                    pretrained=base.pretrained,
+                    weights_sha256=base.weights_sha256,
+                ),
+                adapter=spec,
+                task=task,
+                preprocess=base.preprocess,
+                tensors=_tensor_specs(adapted),
+                graphs=graphs,
+                train_input=train_input,
+                checkpoint="checkpoint",
+                tokenizer=tokenizer,
+                tools=_tools(),
+            )
+            sealed = manifest.seal(tmp)
+            if out.exists():
+                out.rmdir()  # checked empty above
+            os.replace(tmp, out)
+        return sealed
+    except FedclipError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.debug("export failed", exc_info=True)
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ExportError(f"export of {cfg.model} failed: {type(e).__name__}: {first}") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,143 @@
+"""The step format of a bundle: `step` + `step_eval` graphs, their weights shared with inference.
+
+`write_step_format` is what the bundle export calls while it builds a bundle; `add_step_format`
+adds the format to a bundle exported without it (rebuilding the same seeded model) and reseals it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fedclip.exporters.step_graph import AdamW, export_step_graphs
+from fedclip.exporters.step_weights import share_weights
+from fedclip.sdk.adapters import encode_tensors
+from fedclip.sdk.errors import ExportError
+from fedclip.sdk.manifest import GraphSpec, Manifest
+
+WEIGHTS_FILE = "weights.bin"
+INITIAL_TENSORS = "initial_tensors.safetensors"
+# Graphs whose frozen weights go into the shared file too (written before the step graphs).
+SHARED_GRAPHS = ("inference", "image_encoder")
+
+
+def write_initial_tensors(task_module: nn.Module, trainable: Sequence[str], out_dir: Path) -> str:
+    params = dict(task_module.named_parameters())
+    arrays = {n: params[n].detach().cpu().float().numpy().copy() for n in trainable}
+    (Path(out_dir) / INITIAL_TENSORS).write_bytes(encode_tensors(arrays, {"fedclip_initial_tensors": "1"}))
+    return INITIAL_TENSORS
+
+
+def write_step_format(
+    task_module: nn.Module,
+    trainable: Sequence[str],
+    example_inputs: Sequence[torch.Tensor],
+    input_names: Sequence[str],
+    eval_outputs: Sequence[str],
+    out_dir: str | Path,
+    graphs: dict[str, GraphSpec],
+    *,
+    adamw: AdamW = AdamW(),
+) -> tuple[dict[str, GraphSpec], str]:
+    """Write the step format into `out_dir`; returns (`graphs` + step/step_eval, initial_tensors file).
+
+    `graphs` are the bundle's graphs written so far: the inference graph and image encoder among them
+    move their frozen weights into the shared `weights.bin` first, so the step graphs reuse them.
+    """
+    out_dir = Path(out_dir)
+    for key in SHARED_GRAPHS:
+        if key in graphs:
+            path = out_dir / graphs[key].file
+            share_weights(path, path, out_dir / WEIGHTS_FILE)
+    step_graphs = export_step_graphs(
+        task_module,
+        trainable,
+        example_inputs,
+        input_names,
+        eval_outputs,
+        out_dir,
+        adamw=adamw,
+        weights_file=WEIGHTS_FILE,
+    )
+    initial = write_initial_tensors(task_module, trainable, out_dir)
+    return {**graphs, **step_graphs}, initial
+
+
+def _task_module(adapted, manifest: Manifest):
+    from fedclip.exporters import tasks
+    from fedclip.exporters.bundle import tokenize
+
+    from_embeds = manifest.train_input == "image_embeds"
+    text_adapted = "text" in manifest.adapter.towers
+    if manifest.task.kind == "classify":
+        tokens = tokenize(manifest.task.prompts(), adapted.base.context_length)
+        return tasks.ClassifyGraph(adapted.model, tokens, from_embeds, text_adapted), ("loss", "logits")
+    return tasks.ContrastiveGraph(adapted.model, from_embeds), ("loss",)
+
+
+def _example_inputs(adapted, manifest: Manifest) -> tuple[torch.Tensor, torch.Tensor]:
+    from fedclip.exporters.bundle import tokenize
+
+    g = torch.Generator().manual_seed(0)
+    if manifest.train_input == "image_embeds":
+        x = torch.randn(2, adapted.base.embed_dim, generator=g)
+    else:
+        size = manifest.preprocess.image_size
+        x = torch.randn(2, 3, size, size, generator=g)
+    if manifest.task.kind == "classify":
+        return x, torch.zeros(2, dtype=torch.long)
+    return x, tokenize(["a photo."] * 2, adapted.base.context_length)
+
+
+def add_step_format(bundle_dir: str | Path, *, model: str | None = None, adamw: AdamW = AdamW()) -> Manifest:
+    """Add the step format to an exported bundle; returns the resealed manifest (a new bundle id).
+
+    The model is rebuilt from the manifest (same name, weights and adapter seed give the same
+    tensors); pass `model` when the bundle was exported from a JSON config file. The bundle is
+    rewritten in a copy that replaces it at the end, so a failure leaves it as it was.
+    """
+    from fedclip.exporters.bundle import build_adapted_model
+
+    bundle_dir = Path(bundle_dir)
+    manifest = Manifest.load(bundle_dir)
+    if "step" in manifest.graphs:
+        raise ExportError(f"{bundle_dir}: the bundle already has a step graph")
+    factors = tuple(sorted({t.name.rsplit("_", 1)[-1] for t in manifest.trainable}))
+    adapted = build_adapted_model(
+        model or manifest.base_model.name, manifest.adapter, manifest.base_model.pretrained, factors
+    )
+    if adapted.trainable != [t.name for t in manifest.trainable]:
+        raise ExportError(f"{bundle_dir}: the rebuilt model's trainable tensors differ from the manifest's")
+    task_module, eval_outputs = _task_module(adapted, manifest)
+    work = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}.step-", dir=bundle_dir.parent))
+    try:
+        shutil.copytree(bundle_dir, work, dirs_exist_ok=True)
+        io_in = tuple(manifest.graphs["training"].inputs) if "training" in manifest.graphs else None
+        if io_in is None:
+            io_in = (manifest.train_input, "labels" if manifest.task.kind == "classify" else "text")
+        graphs, initial = write_step_format(
+            task_module,
+            adapted.trainable,
+            _example_inputs(adapted, manifest),
+            io_in,
+            eval_outputs,
+            work,
+            dict(manifest.graphs),
+            adamw=adamw,
+        )
+        sealed = dataclasses.replace(manifest, graphs=graphs, initial_tensors=initial).seal(work)
+        old = bundle_dir.with_name(f".{bundle_dir.name}.old")
+        os.replace(bundle_dir, old)
+        os.replace(work, bundle_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        return sealed
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise

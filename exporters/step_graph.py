@@ -1,0 +1,297 @@
+"""The portable training step: forward, backward and AdamW as ONE ordinary ONNX graph.
+
+`step` graph: (data inputs, `step`, `lr`, every trainable tensor, its AdamW moments) ->
+(`loss`, `step_out`, new tensors, new moments). Frozen weights are initializers, the ops are plain
+ai.onnx (opset 18), so any ONNX Runtime build (no training API) can train a bundle with it.
+`step_eval` graph: (data inputs, trainable tensors) -> the task graph's outputs (`loss`, `logits`).
+
+Why this route: torch.export cannot trace `torch.func.grad` nor `autograd.grad` inside `forward`,
+but `make_fx` traces the whole step (functional_call + autograd.grad + AdamW in tensor ops) into an
+FX graph of aten ops, which torch.export (for the dynamic batch axis) and the dynamo ONNX exporter
+take like any module. `nll_loss_forward/backward` are decomposed while tracing because onnxscript's
+nll_loss fakes its total weight, which would scale gradients by the batch size.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import onnx
+import torch
+from torch import nn
+
+from fedclip.exporters.step_weights import share_weights
+from fedclip.sdk.errors import ExportError
+from fedclip.sdk.manifest import GraphSpec
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+# IR 8 is the oldest IR that carries opset 18; older ONNX Runtime builds (JetPack's) refuse IR 10.
+IR_VERSION = 8
+STEP_FILE = "step_model.onnx"
+STEP_EVAL_FILE = "step_eval_model.onnx"
+
+# The step graph's own names (the data names `image`, `labels`, ... come from docs/internals.md).
+STEP_IN, LR_IN, LOSS_OUT, STEP_OUT = "step", "lr", "loss", "step_out"
+EXP_AVG, EXP_AVG_SQ, NEW = ".exp_avg", ".exp_avg_sq", ".new"
+
+
+@dataclass(frozen=True)
+class AdamW:
+    """AdamW fixed at export; the learning rate is a graph input.
+
+    `mode="torch"` is torch.optim.AdamW; `mode="hf"` is the transformers variant (eps added before
+    the bias correction, decay after the update) that ORT's AdamWOptimizer runs with adam_mode=1.
+    The defaults are those of the optimizer in the bundle's ORT training artifacts (onnxblock's
+    AdamW), so the two formats of one bundle train alike and a mixed fleet aggregates like updates.
+    """
+
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-6
+    weight_decay: float = 0.0
+    mode: Literal["torch", "hf"] = "hf"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("torch", "hf"):
+            raise ExportError(f"adamw.mode: {self.mode!r} is not 'torch' or 'hf'")
+
+
+def step_io(data_inputs: Sequence[str], trainable: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The step graph's input and output names, in graph order."""
+    inputs = (
+        *data_inputs,
+        STEP_IN,
+        LR_IN,
+        *trainable,
+        *(n + EXP_AVG for n in trainable),
+        *(n + EXP_AVG_SQ for n in trainable),
+    )
+    outputs = (
+        LOSS_OUT,
+        STEP_OUT,
+        *(n + NEW for n in trainable),
+        *(n + EXP_AVG + NEW for n in trainable),
+        *(n + EXP_AVG_SQ + NEW for n in trainable),
+    )
+    return inputs, outputs
+
+
+def _loss_of(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _step_function(module: nn.Module, names: Sequence[str], n_data: int, opt: AdamW):
+    b1, b2 = opt.betas
+    n = len(names)
+
+    def step_fn(*args):
+        data = args[:n_data]
+        step, lr = args[n_data], args[n_data + 1]
+        state = args[n_data + 2 :]
+        params, exp_avg, exp_avg_sq = state[:n], state[n : 2 * n], state[2 * n :]
+        loss = _loss_of(torch.func.functional_call(module, dict(zip(names, params, strict=False)), data))
+        grads = torch.autograd.grad(loss, params)
+        t = (step + 1).to(torch.float32)
+        bc1 = 1 - b1**t
+        bc2_sqrt = torch.sqrt(1 - b2**t)
+        new_p, new_m, new_v = [], [], []
+        # The same arithmetic as torch.optim.AdamW (single-tensor path) or ORT's adam_mode=1.
+        for p, g, m, v in zip(params, grads, exp_avg, exp_avg_sq, strict=False):
+            m2 = m + (g - m) * (1 - b1)
+            v2 = v * b2 + g * g * (1 - b2)
+            if opt.mode == "torch":
+                p2 = p * (1 - lr * opt.weight_decay)
+                p2 = p2 - (lr / bc1) * m2 / (torch.sqrt(v2) / bc2_sqrt + opt.eps)
+            else:
+                p2 = p - (lr * bc2_sqrt / bc1) * m2 / (torch.sqrt(v2) + opt.eps)
+                if opt.weight_decay:
+                    p2 = p2 - lr * opt.weight_decay * p2
+            new_p.append(p2)
+            new_m.append(m2)
+            new_v.append(v2)
+        return (loss, step + 1, *new_p, *new_m, *new_v)
+
+    return step_fn
+
+
+def _eval_function(module: nn.Module, names: Sequence[str], n_data: int):
+    def eval_fn(*args):
+        out = torch.func.functional_call(module, dict(zip(names, args[n_data:], strict=False)), args[:n_data])
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+    return eval_fn
+
+
+class _Traced(nn.Module):
+    """Holds the make_fx graph so torch.export sees an ordinary module with positional inputs."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, *args):
+        return self.gm(*args)
+
+
+def _free_batch_size(module: nn.Module, data: Sequence[torch.Tensor]) -> int:
+    """A trace batch size equal to no other dimension.
+
+    Symbolic tracing gives equal sizes one symbol (duck sizing); a batch of 8 next to 8 labels
+    would tie the batch to the label count and lose the dynamic axis.
+    """
+    taken = {d for t in (*module.parameters(), *module.buffers(), *data) for d in t.shape}
+    return next(b for b in range(5, 10_000) if b not in taken)
+
+
+def _with_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
+    reps = -(-batch // t.shape[0])
+    return t.repeat(reps, *([1] * (t.dim() - 1)))[:batch].clone()
+
+
+def _trace_and_export(
+    fn, args: list[torch.Tensor], n_data: int, input_names, output_names, path: Path
+) -> None:
+    from torch._decomp import get_decompositions
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    decomp = get_decompositions([torch.ops.aten.nll_loss_forward, torch.ops.aten.nll_loss_backward])
+    with torch.enable_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = make_fx(fn, tracing_mode="symbolic", decomposition_table=decomp, _allow_non_fake_inputs=True)(
+            *args
+        )
+        batch = torch.export.Dim("batch", min=1, max=1 << 16)
+        dyn = tuple({0: batch} if i < n_data else None for i in range(len(args)))
+        plain = tuple(a.detach() for a in args)
+        program = torch.export.export(_Traced(gm), plain, dynamic_shapes=(dyn,), strict=False)
+        onnx_program = torch.onnx.export(
+            program,
+            (),
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamo=True,
+            opset_version=OPSET,
+            optimize=True,
+            verbose=False,
+        )
+    model = onnx_program.model_proto
+    got_in = [i.name for i in model.graph.input]
+    got_out = [o.name for o in model.graph.output]
+    if got_in != list(input_names) or got_out != list(output_names):
+        raise ExportError(f"{path.name}: exported graph io {got_in[:3]}... differs from the requested names")
+    model.ir_version = IR_VERSION
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=1024
+    )
+
+
+def _prepare(module: nn.Module, trainable: Sequence[str], example_inputs: Sequence[torch.Tensor]):
+    params = dict(module.named_parameters())
+    missing = [n for n in trainable if n not in params]
+    if missing:
+        raise ExportError(
+            f"step graph: trainable tensor {missing[0]!r} is not a parameter of the task module"
+        )
+    if not trainable:
+        raise ExportError("step graph: no trainable tensors")
+    batch = _free_batch_size(module, example_inputs)
+    data = [_with_batch(t.detach(), batch) for t in example_inputs]
+    values = [params[n].detach().clone().float().requires_grad_(True) for n in trainable]
+    return data, values
+
+
+def export_step_graph(
+    task_module: nn.Module,
+    trainable: Sequence[str],
+    example_inputs: Sequence[torch.Tensor],
+    input_names: Sequence[str],
+    out_dir: str | Path,
+    *,
+    adamw: AdamW = AdamW(),
+    weights_file: str | None = None,
+    file: str = STEP_FILE,
+) -> GraphSpec:
+    """Write the training-step graph of `task_module` (forward returns the loss first) to `out_dir/file`.
+
+    `input_names` name `example_inputs` (dim 0 of each is the batch). With `weights_file`, frozen
+    weights go into that shared external-data file of `out_dir`, stored once whatever graph has them.
+    """
+    out_dir = Path(out_dir)
+    data, values = _prepare(task_module, trainable, example_inputs)
+    step = torch.zeros(1, dtype=torch.int64)
+    lr = torch.full((1,), 1e-3)
+    zeros = [torch.zeros_like(v).detach() for v in values]
+    args = [*data, step, lr, *values, *zeros, *[z.clone() for z in zeros]]
+    inputs, outputs = step_io(input_names, trainable)
+    fn = _step_function(task_module, list(trainable), len(data), adamw)
+    _export_into(fn, args, len(data), inputs, outputs, out_dir, file, weights_file)
+    return GraphSpec(file=file, inputs=inputs, outputs=outputs)
+
+
+def export_step_eval_graph(
+    task_module: nn.Module,
+    trainable: Sequence[str],
+    example_inputs: Sequence[torch.Tensor],
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    out_dir: str | Path,
+    *,
+    weights_file: str | None = None,
+    file: str = STEP_EVAL_FILE,
+) -> GraphSpec:
+    """The task graph's outputs with the trainable tensors as inputs (no initializers to override)."""
+    out_dir = Path(out_dir)
+    data, values = _prepare(task_module, trainable, example_inputs)
+    values = [v.detach() for v in values]
+    inputs = (*input_names, *trainable)
+    fn = _eval_function(task_module, list(trainable), len(data))
+    with torch.no_grad():
+        n_out = len(fn(*data, *values))
+    if n_out != len(output_names):
+        raise ExportError(
+            f"step eval graph: the task module returns {n_out} outputs, {len(output_names)} named"
+        )
+    _export_into(fn, [*data, *values], len(data), inputs, tuple(output_names), out_dir, file, weights_file)
+    return GraphSpec(file=file, inputs=inputs, outputs=tuple(output_names))
+
+
+def _export_into(
+    fn, args, n_data, inputs, outputs, out_dir: Path, file: str, weights_file: str | None
+) -> None:
+    if weights_file is None:
+        _trace_and_export(fn, args, n_data, inputs, outputs, out_dir / file)
+        return
+    # Export next to the bundle, then move the weights into the shared file and the graph in place.
+    with tempfile.TemporaryDirectory(prefix=".step-", dir=out_dir) as tmp:
+        _trace_and_export(fn, args, n_data, inputs, outputs, Path(tmp) / file)
+        share_weights(Path(tmp) / file, out_dir / file, out_dir / weights_file)
+
+
+def export_step_graphs(
+    task_module: nn.Module,
+    trainable: Sequence[str],
+    example_inputs: Sequence[torch.Tensor],
+    input_names: Sequence[str],
+    eval_outputs: Sequence[str],
+    out_dir: str | Path,
+    *,
+    adamw: AdamW = AdamW(),
+    weights_file: str | None = None,
+) -> dict[str, GraphSpec]:
+    """Both graphs the step backend needs, as `manifest.graphs` entries `step` and `step_eval`."""
+    common = dict(weights_file=weights_file)
+    return {
+        "step": export_step_graph(
+            task_module, trainable, example_inputs, input_names, out_dir, adamw=adamw, **common
+        ),
+        "step_eval": export_step_eval_graph(
+            task_module, trainable, example_inputs, input_names, eval_outputs, out_dir, **common
+        ),
+    }

@@ -1,0 +1,109 @@
+"""One external-data file for the frozen weights of every graph in a bundle.
+
+The exporters name and lay out frozen weights differently (the dynamo exporter renames them), so
+tensors are matched by content: a tensor whose bytes are already in the shared file points at them,
+anything new is appended. Existing bytes never move, so graphs written earlier stay valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto
+
+ALIGN = 64  # keeps float tensors aligned for ORT's loader, which may memory-map them
+MIN_BYTES = 1024
+
+
+def _external(t: TensorProto) -> dict[str, str] | None:
+    if t.data_location != TensorProto.EXTERNAL:
+        return None
+    return {e.key: e.value for e in t.external_data}
+
+
+def _read_external(info: dict[str, str], base: Path) -> bytes:
+    with open(base / info["location"], "rb") as f:
+        f.seek(int(info.get("offset", 0)))
+        length = info.get("length")
+        return f.read(int(length)) if length is not None else f.read()
+
+
+def _tensor_bytes(t: TensorProto, base: Path) -> bytes | None:
+    info = _external(t)
+    if info is not None:
+        return _read_external(info, base)
+    if t.HasField("raw_data"):
+        return t.raw_data
+    return None  # typed fields (float_data, ...): small constants, left as they are
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def weights_index(weights: Path) -> dict[str, tuple[int, int]]:
+    """sha256 -> (offset, length) of every tensor that a graph next to `weights` stores there."""
+    index: dict[str, tuple[int, int]] = {}
+    if not weights.is_file():
+        return index
+    for model_path in sorted(weights.parent.glob("*.onnx")):
+        model = onnx.load(str(model_path), load_external_data=False)
+        for t in model.graph.initializer:
+            info = _external(t)
+            if info is None or info.get("location") != weights.name:
+                continue
+            off, length = int(info.get("offset", 0)), int(info["length"])
+            with open(weights, "rb") as f:
+                f.seek(off)
+                index.setdefault(_digest(f.read(length)), (off, length))
+    return index
+
+
+def share_weights(src: Path, dst: Path, weights: Path, min_bytes: int = MIN_BYTES) -> dict[str, int]:
+    """Rewrite the graph `src` as `dst` with its initializers of `min_bytes` or more in `weights`.
+
+    `weights` must sit in `dst`'s folder (ONNX external data is relative to the graph). Returns
+    byte counts: `shared` (found already), `added` (appended). `src` may equal `dst`.
+    """
+    src, dst, weights = Path(src), Path(dst), Path(weights)
+    if weights.parent.resolve() != dst.parent.resolve():
+        raise ValueError(f"{weights} must be in the folder of {dst}")
+    model = onnx.load(str(src), load_external_data=False)
+    index = weights_index(weights)
+    counts = {"shared": 0, "added": 0}
+    with open(weights, "ab") as out:
+        for t in model.graph.initializer:
+            data = _tensor_bytes(t, src.parent)
+            if data is None:
+                continue
+            if len(data) < min_bytes:
+                if _external(t) is not None:  # small tensor from another file: embed it
+                    del t.external_data[:]
+                    t.data_location = TensorProto.DEFAULT
+                    t.raw_data = data
+                continue
+            key = _digest(data)
+            if key in index:
+                counts["shared"] += len(data)
+            else:
+                pad = -out.tell() % ALIGN
+                out.write(b"\0" * pad)
+                index[key] = (out.tell(), len(data))
+                out.write(data)
+                counts["added"] += len(data)
+            off, length = index[key]
+            t.ClearField("raw_data")
+            del t.external_data[:]
+            t.data_location = TensorProto.EXTERNAL
+            for k, v in (("location", weights.name), ("offset", str(off)), ("length", str(length))):
+                entry = t.external_data.add()
+                entry.key, entry.value = k, v
+        out.flush()
+        os.fsync(out.fileno())
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    onnx.save_model(model, str(tmp))
+    os.replace(tmp, dst)
+    return counts

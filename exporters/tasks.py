@@ -1,0 +1,160 @@
+"""Torch modules whose ONNX exports are the bundle graphs (names fixed by docs/internals.md).
+
+Each module re-registers the CLIP submodules it uses under their CLIP attribute names, so every
+parameter keeps its CLIP name (`visual.transformer.resblocks.0.attn.q_proj.lora_A`, ...) in the ONNX
+initializers and in adapter files.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _ClipParts(nn.Module):
+    """The CLIP pieces a graph needs, under CLIP's own attribute names."""
+
+    def __init__(self, clip: nn.Module, vision: bool, text: bool) -> None:
+        super().__init__()
+        if vision:
+            self.visual = clip.visual
+        if text:
+            self.transformer = clip.transformer
+            self.token_embedding = clip.token_embedding
+            self.positional_embedding = clip.positional_embedding
+            self.ln_final = clip.ln_final
+            self.text_projection = clip.text_projection
+            self.register_buffer("attn_mask", clip.attn_mask.clone(), persistent=False)
+        self.logit_scale = clip.logit_scale
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        return self.visual(image)
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        """CLIP.encode_text with argmax pooling, written so ORT CPU can run it.
+
+        ORT CPU has no int64 ArgMax, so the end-of-text position (the largest token id) is found
+        on int32 tokens; token ids are < 2**31.
+        """
+        x = self.token_embedding(text) + self.positional_embedding
+        x = self.transformer(x, attn_mask=self.attn_mask)
+        x = self.ln_final(x)
+        eot = text.to(torch.int32).argmax(dim=-1)
+        # A 0/1 mask-sum instead of gather: ORT's training graph builder aborts on the gather's
+        # gradient here, and x * 0 + ... is exact, so the pooled value is bit-identical.
+        positions = torch.arange(text.shape[1], device=text.device)
+        mask = (positions.unsqueeze(0) == eot.unsqueeze(1)).to(x.dtype)
+        pooled = (x * mask.unsqueeze(-1)).sum(dim=1)
+        if isinstance(self.text_projection, nn.Linear):
+            return self.text_projection(pooled)
+        return pooled @ self.text_projection
+
+
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1)
+
+
+class ClassifyGraph(nn.Module):
+    """`(image | image_embeds, labels) -> (loss, logits)`; logits over the labels' prompts.
+
+    Without a text adapter the class text embeddings are constants computed here, at export.
+    """
+
+    def __init__(
+        self, clip: nn.Module, label_tokens: torch.Tensor, from_embeds: bool, text_adapted: bool
+    ) -> None:
+        super().__init__()
+        self.from_embeds = from_embeds
+        self.text_adapted = text_adapted
+        self._init_parts(clip, vision=not from_embeds, text=text_adapted)
+        if text_adapted:
+            self.register_buffer("label_tokens", label_tokens.clone())
+        else:
+            with torch.no_grad():
+                full = _ClipParts(clip, vision=False, text=True)
+                embeds = _norm(full.encode_text(label_tokens))
+            self.register_buffer("class_text_embeds", embeds.detach().clone())
+
+    def _init_parts(self, clip: nn.Module, vision: bool, text: bool) -> None:
+        # Flatten the parts onto self so parameter names have no extra prefix.
+        parts = _ClipParts(clip, vision, text)
+        for name, child in parts.named_children():
+            self.add_module(name, child)
+        for name, p in parts.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, b in parts.named_buffers(recurse=False):
+            self.register_buffer(name, b, persistent=False)
+
+    encode_image = _ClipParts.encode_image
+    encode_text = _ClipParts.encode_text
+
+    def text_features(self) -> torch.Tensor:
+        if self.text_adapted:
+            return _norm(self.encode_text(self.label_tokens))
+        return self.class_text_embeds
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        img = x if self.from_embeds else self.encode_image(x)
+        return self.logit_scale.exp() * _norm(img) @ self.text_features().t()
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.logits(x)
+        return F.cross_entropy(logits, labels), logits
+
+
+class ClassifyInference(ClassifyGraph):
+    """`image -> (logits, image_embeds)`."""
+
+    def __init__(self, clip: nn.Module, label_tokens: torch.Tensor, text_adapted: bool) -> None:
+        super().__init__(clip, label_tokens, from_embeds=False, text_adapted=text_adapted)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        img = self.encode_image(image)
+        return self.logit_scale.exp() * _norm(img) @ self.text_features().t(), img
+
+
+class ContrastiveGraph(nn.Module):
+    """`(image | image_embeds, text) -> loss`: CLIP's symmetric InfoNCE over the batch."""
+
+    def __init__(self, clip: nn.Module, from_embeds: bool) -> None:
+        super().__init__()
+        self.from_embeds = from_embeds
+        ClassifyGraph._init_parts(self, clip, vision=not from_embeds, text=True)
+
+    encode_image = _ClipParts.encode_image
+    encode_text = _ClipParts.encode_text
+
+    def logits(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        img = x if self.from_embeds else self.encode_image(x)
+        return self.logit_scale.exp() * _norm(img) @ _norm(self.encode_text(text)).t()
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(x, text)
+        target = torch.arange(logits.shape[0], device=logits.device)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+class ContrastiveInference(nn.Module):
+    """`(image, text) -> (image_embeds, text_embeds)`, both unnormalized."""
+
+    def __init__(self, clip: nn.Module) -> None:
+        super().__init__()
+        ClassifyGraph._init_parts(self, clip, vision=True, text=True)
+
+    encode_image = _ClipParts.encode_image
+    encode_text = _ClipParts.encode_text
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode_image(image), self.encode_text(text)
+
+
+class ImageEncoder(nn.Module):
+    """`image -> image_embeds` of the frozen vision tower (text-tower-only bundles)."""
+
+    def __init__(self, clip: nn.Module) -> None:
+        super().__init__()
+        self.visual = clip.visual
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.visual(image)

@@ -113,6 +113,9 @@ def check_device(device: str) -> str:
 def session_options(threads: int | None = None) -> Any:
     """SessionOptions with `threads` intra-op threads (None: ORT's default, one per core)."""
     opts = onnxruntime().SessionOptions()
+    # Adapter values are overridable graph inputs with initializers, which ORT warns about once per
+    # tensor at every session start; that is by design (see exporters/onnx_export.py), so errors only.
+    opts.log_severity_level = 3
     if threads is not None:
         if threads < 1:
             raise BackendError(f"threads must be >= 1, got {threads}")

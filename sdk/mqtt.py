@@ -25,28 +25,17 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
-from fedclip.sdk.errors import ConfigError, FedclipError
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+
+from fedclip.sdk.errors import ConfigError, ConnectRefused, MqttError, PublishTimeout
 
 log = logging.getLogger(__name__)
 
 _DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 _MAX_RECONNECT_DELAY = 30
 _AUTH_REFUSALS = {"authorized", "password"}  # words of the CONNACK codes that mean "your credentials"
-
-
-class MqttError(FedclipError):
-    """The broker refused us, cannot be reached, or did not acknowledge in time."""
-
-
-class ConnectRefused(MqttError):
-    """The broker answered CONNACK with a refusal (bad credentials, not authorized, ...)."""
-
-
-class PublishTimeout(MqttError):
-    """A QoS>0 publish was not acknowledged before its deadline (it may still be delivered later)."""
 
 
 @dataclass(frozen=True)

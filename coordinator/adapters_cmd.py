@@ -1,0 +1,85 @@
+"""`fedclip-coord adapters list|show|export`: the adapter registry of a coordinator state dir."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="List, inspect and export adapter versions from the registry.", no_args_is_help=True)
+
+_STATE = typer.Option(..., "--state", help="The coordinator's state directory.")
+
+
+def _registry(state: Path):
+    from fedclip.coordinator.registry import Registry
+    from fedclip.coordinator.store import Store
+
+    store = Store(state, readonly=True)
+    return store, Registry(store, store.get_meta("bundle_id") or "")
+
+
+@app.command("list")
+def list_(
+    state: Path = _STATE,
+    scope: str | None = typer.Option(None, help="global or agent."),
+    agent: str | None = typer.Option(None, help="Only this agent's versions."),
+) -> None:
+    """Every adapter version: round, scope, parent, strategy."""
+    from rich.console import Console
+    from rich.table import Table
+
+    store, reg = _registry(state)
+    with store:
+        rows = reg.list(scope)
+    table = Table("version", "round", "scope", "agent", "parent", "strategy", "metrics")
+    for v in rows:
+        if agent and v.agent != agent:
+            continue
+        shown = ", ".join(f"{k}={x:.3g}" for k, x in sorted(v.metrics.items()) if "acc" in k or "loss" in k)
+        table.add_row(
+            v.version, str(v.round), v.scope, v.agent or "-", v.parent or "-", v.strategy, shown or "-"
+        )
+    Console().print(table)
+
+
+@app.command()
+def show(version: str = typer.Argument(..., help="Version id, e.g. g-r3."), state: Path = _STATE) -> None:
+    """One version's record and tensors (name, shape, norm) as JSON."""
+    import numpy as np
+
+    store, reg = _registry(state)
+    with store:
+        row = reg.show(version)
+        tensors, meta = reg.load(version)
+    out = {
+        "version": row.version,
+        "parent": row.parent,
+        "round": row.round,
+        "strategy": row.strategy,
+        "scope": row.scope,
+        "agent": row.agent,
+        "blob": row.blob,
+        "metrics": row.metrics,
+        "bundle_id": meta.bundle_id,
+        "kind": meta.kind,
+        "tensors": {
+            k: {"shape": list(v.shape), "dtype": str(v.dtype), "norm": float(np.linalg.norm(v))}
+            for k, v in sorted(tensors.items())
+        },
+    }
+    typer.echo(json.dumps(out, indent=2, sort_keys=True))
+
+
+@app.command()
+def export(
+    version: str = typer.Argument(..., help="Version id, e.g. g-r3 or a-<agent>-r3."),
+    out: Path = typer.Option(..., "--out", "-o", help="Adapter file to write (.safetensors)."),
+    state: Path = _STATE,
+) -> None:
+    """Write a version as a fedclip adapter file (loads into PyTorch and the ONNX graphs)."""
+    store, reg = _registry(state)
+    with store:
+        path = reg.export(version, out)
+    typer.echo(str(path))

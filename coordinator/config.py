@@ -1,0 +1,97 @@
+"""`fedclip-coord serve` settings: one frozen dataclass, from YAML and/or flags (flags win)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from fedclip.coordinator.strategies.base import StrategyOptions
+from fedclip.sdk.config import from_mapping, from_yaml
+from fedclip.sdk.errors import ConfigError
+from fedclip.sdk.ids import check_id
+
+
+@dataclass(frozen=True)
+class CoordConfig:
+    broker: str
+    fleet: str
+    bundle: Path
+    state: Path
+    strategy: str = "fedavg"
+    rounds: int = 1  # aggregated rounds to run; failed rounds do not count
+    clients_per_round: int = 0  # K; 0 = every compatible online agent
+    selection: Literal["random", "all"] = "random"
+    seed: int = 0
+    min_updates: int = 1  # quorum Q: updates needed to aggregate, and online agents needed to start
+    round_timeout: float = 600.0  # seconds; the deadline is extended once by as much below quorum
+    local_epochs: int = 1
+    lr: float = 1e-3
+    batch_size: int = 32
+    max_steps: int = 0  # 0 = no limit
+    noise_std: float = 0.0  # noise the agents add to their shared statistics
+    lam: float = 0.5
+    tau: float = 0.1
+    trim_fraction: float = 0.1
+    max_update_norm: float = 0.0  # L2 bound on (update - start) over all tensors; 0 = no bound
+    norm_action: Literal["clip", "reject"] = "reject"
+    max_payload_mb: float = 64.0
+    client_id: str = ""  # default: fedclip-coord-<fleet>
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    insecure: bool = False
+    publish_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        check_id(self.fleet, "fleet")
+        if self.client_id:
+            check_id(self.client_id, "client_id")
+        for name in ("rounds", "min_updates", "local_epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("round_timeout", "lr", "max_payload_mb", "publish_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
+        for name in ("max_steps", "noise_std", "max_update_norm", "clients_per_round"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.clients_per_round and self.clients_per_round < self.min_updates:
+            raise ConfigError(
+                f"clients_per_round: {self.clients_per_round} is below min_updates {self.min_updates}; "
+                "no round could ever reach its quorum"
+            )
+        from fedclip.coordinator import strategies
+
+        strategies.get(self.strategy)  # unknown names fail here, naming the known ones
+        self.strategy_options()
+
+    @property
+    def mqtt_client_id(self) -> str:
+        return self.client_id or f"fedclip-coord-{self.fleet}"
+
+    @property
+    def max_payload_bytes(self) -> int:
+        return int(self.max_payload_mb * 1024 * 1024)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {
+            "epochs": self.local_epochs,
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            "max_steps": self.max_steps or None,
+        }
+
+    def strategy_options(self) -> StrategyOptions:
+        return StrategyOptions(
+            self.clients_per_round, self.selection, self.seed, self.lam, self.tau, self.trim_fraction
+        )
+
+    @classmethod
+    def load(cls, path: str | Path | None, overrides: dict[str, Any]) -> CoordConfig:
+        """From `path` (YAML) with `overrides` (flags that were given) on top, or from flags alone."""
+        if path is not None:
+            return from_yaml(cls, path, overrides)
+        return from_mapping(cls, {k: v for k, v in overrides.items() if v is not None}, where="flags")

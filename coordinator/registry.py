@@ -1,0 +1,145 @@
+"""The adapter registry: every adapter version (global and per-agent) with its lineage.
+
+A version is a `fedclip.sdk.adapters` file stored as a content-addressed blob; its row records the
+parent version, the round, the strategy and the round's metrics. Heads name the current version of
+each scope: `global`, and `agent:<id>` for personalized strategies.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from fedclip.coordinator.store import Store, VersionRow
+from fedclip.coordinator.strategies.base import AdapterRef, AggregateResult
+from fedclip.sdk.adapters import AdapterMeta, adapter_bytes, adapter_from_bytes, save_adapter
+from fedclip.sdk.errors import AdapterError
+
+GLOBAL = "global"
+INITIAL_VERSION = "g-r0"
+
+
+def global_version(round_id: int) -> str:
+    return f"g-r{round_id}"
+
+
+def agent_version(agent: str, round_id: int) -> str:
+    return f"a-{agent}-r{round_id}"
+
+
+class Registry:
+    """Adapter versions over a `Store`; also the strategies' `AdapterBook`."""
+
+    def __init__(self, store: Store, bundle_id: str, kind: str = ""):
+        self.store = store
+        self.bundle_id = bundle_id
+        self.kind = kind
+        self._cache: dict[str, dict[str, np.ndarray]] = {}
+
+    # ---- writing -------------------------------------------------------------------------------
+    def _blob(self, tensors: Mapping[str, np.ndarray], meta: AdapterMeta) -> str:
+        return self.store.blobs.put(adapter_bytes(tensors, meta))
+
+    def ensure_initial(self, tensors: Mapping[str, np.ndarray], strategy: str) -> str:
+        """Record the bundle's initial adapter as version `g-r0` once."""
+        if self.store.head(GLOBAL) is None:
+            meta = AdapterMeta(self.bundle_id, INITIAL_VERSION, "", 0, strategy, self.kind)
+            row = VersionRow(
+                INITIAL_VERSION, "", 0, strategy, GLOBAL, "", self._blob(tensors, meta), {}, time.time()
+            )
+            self.store.add_version(row, head=GLOBAL)
+        return self.store.head(GLOBAL) or INITIAL_VERSION
+
+    def commit_round(
+        self,
+        round_id: int,
+        strategy: str,
+        result: AggregateResult,
+        parents: Mapping[str, str],
+        metrics: Mapping[str, Mapping[str, float]],
+        round_metrics: Mapping[str, float],
+    ) -> str:
+        """Store the round's adapters (blobs first), then versions + heads + round state in one commit.
+
+        `parents`: agent -> version it started from; `metrics`: agent -> its metrics for the round.
+        """
+        now = time.time()
+        gparent = self.store.head(GLOBAL) or ""
+        gv = global_version(round_id)
+        gmeta = AdapterMeta(self.bundle_id, gv, gparent, round_id, strategy, self.kind)
+        rows = [
+            VersionRow(
+                gv,
+                gparent,
+                round_id,
+                strategy,
+                GLOBAL,
+                "",
+                self._blob(result.global_tensors, gmeta),
+                dict(round_metrics),
+                now,
+            )
+        ]
+        heads = {GLOBAL: gv}
+        for agent, tensors in sorted(result.per_agent.items()):
+            v = agent_version(agent, round_id)
+            parent = parents.get(agent, gparent)
+            meta = AdapterMeta(self.bundle_id, v, parent, round_id, strategy, self.kind, agent)
+            rows.append(
+                VersionRow(
+                    v,
+                    parent,
+                    round_id,
+                    strategy,
+                    "agent",
+                    agent,
+                    self._blob(tensors, meta),
+                    dict(metrics.get(agent, {})),
+                    now,
+                )
+            )
+            heads[f"agent:{agent}"] = v
+        flat = [(round_id, a, k, float(x)) for a, m in metrics.items() for k, x in m.items()]
+        flat += [(round_id, "", k, float(x)) for k, x in round_metrics.items()]
+        self.store.close_round_with(round_id, rows, heads, flat, gv)
+        return gv
+
+    # ---- reading (AdapterBook) -----------------------------------------------------------------
+    def load(self, version: str) -> tuple[dict[str, np.ndarray], AdapterMeta]:
+        row = self.store.version(version)
+        if row is None:
+            raise AdapterError(f"adapter version {version!r} is not in the registry")
+        return adapter_from_bytes(self.store.blobs.get(row.blob), f"adapter {version}")
+
+    def tensors(self, version: str) -> dict[str, np.ndarray]:
+        if version not in self._cache:
+            if len(self._cache) > 64:  # per-agent versions are many; keep the cache small
+                self._cache.clear()
+            self._cache[version] = self.load(version)[0]
+        return self._cache[version]
+
+    def global_adapter(self) -> AdapterRef:
+        v = self.store.head(GLOBAL)
+        if v is None:
+            raise AdapterError("the registry has no global adapter yet")
+        return AdapterRef(v, self.tensors(v))
+
+    def agent_adapter(self, agent: str) -> AdapterRef | None:
+        v = self.store.head(f"agent:{agent}")
+        return AdapterRef(v, self.tensors(v)) if v else None
+
+    def list(self, scope: str | None = None) -> list[VersionRow]:
+        return self.store.versions(scope)
+
+    def show(self, version: str) -> VersionRow:
+        row = self.store.version(version)
+        if row is None:
+            raise AdapterError(f"adapter version {version!r} is not in the registry")
+        return row
+
+    def export(self, version: str, out: str | Path) -> Path:
+        tensors, meta = self.load(version)
+        return save_adapter(out, tensors, meta)

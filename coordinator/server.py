@@ -1,0 +1,666 @@
+"""The round loop: select, send tasks, collect and validate updates, aggregate, persist, repeat.
+
+One thread does the work; MQTT callbacks only enqueue (`MqttSession`). The session uses manual
+acknowledgements: a QoS 1 update is acknowledged only after its row (and blob) are committed, so a
+coordinator killed at any point gets every unacknowledged update again from the broker after a
+restart, and the (round, agent) primary key turns that redelivery into a no-op. The round itself
+(selection, tasks, deadline, whether it was extended) lives in the store, so a restarted
+coordinator continues the same round.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+
+from fedclip.coordinator import strategies
+from fedclip.coordinator.config import CoordConfig
+from fedclip.coordinator.fleet import Fleet
+from fedclip.coordinator.metrics import METRICS_FILE, MetricsLog, weighted_means
+from fedclip.coordinator.registry import Registry
+from fedclip.coordinator.store import Store
+from fedclip.coordinator.strategies.aggregate import clip_delta, delta_norm
+from fedclip.coordinator.strategies.base import Update
+from fedclip.sdk.adapters import check_tensors, encode_tensors
+from fedclip.sdk.errors import AdapterError, ConfigError, WireError
+from fedclip.sdk.manifest import Manifest
+from fedclip.sdk.mqtt import Incoming, MqttSession, Will
+from fedclip.sdk.wire import (
+    STAT_LABEL_HIST,
+    STAT_MEAN,
+    STAT_VAR,
+    Envelope,
+    Message,
+    MsgType,
+    Topics,
+    body_field,
+    decode,
+    encode,
+    tensors_digest,
+)
+
+log = logging.getLogger("fedclip.coordinator")
+
+_KNOWN_STATS = {STAT_LABEL_HIST, STAT_MEAN, STAT_VAR}
+_NEEDS = {"histogram": (STAT_LABEL_HIST,), "gaussian": (STAT_MEAN, STAT_VAR)}
+_POLL_S = 0.2
+# Fault injection for the kill -9 tests: "<point>:<agent>" makes the process SIGKILL itself there.
+_CRASH_ENV = "FEDCLIP_COORD_CRASH_AT"
+
+
+def _crash_point(point: str, agent: str) -> None:
+    if os.environ.get(_CRASH_ENV) == f"{point}:{agent}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class RoundState:
+    round: int
+    deadline: float
+    extended: bool
+    selected: dict[str, str]  # agent -> base version of its task
+    task_blobs: dict[str, str]  # agent -> blob sha of its task message
+    received: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class Accepted:
+    agent: str
+    sha: str
+    tensors: dict[str, np.ndarray]
+    stats: dict[str, np.ndarray]
+    num_samples: int
+    metrics: dict[str, float]
+    norm: float
+    clipped: bool
+
+
+class BlobTensors(Mapping):
+    """The exchanged tensors of a stored update, read from disk on access (never all in RAM)."""
+
+    def __init__(self, path: Path, names: tuple[str, ...]):
+        self.path, self.names = path, names
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.names:
+            raise KeyError(name)
+        with safe_open(str(self.path), framework="np") as f:
+            return f.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def items(self):  # type: ignore[override]  # one open per update, not one per tensor
+        with safe_open(str(self.path), framework="np") as f:
+            return [(n, f.get_tensor(n)) for n in self.names]
+
+
+class Server:
+    def __init__(
+        self, cfg: CoordConfig, manifest: Manifest, initial: Mapping[str, np.ndarray], progress=None
+    ):
+        self.cfg = cfg
+        self.manifest = manifest
+        self.topics = Topics(cfg.fleet)
+        self.strategy = strategies.create(cfg.strategy, cfg.strategy_options())
+        self.store = Store(cfg.state)
+        self._check_state_dir()
+        self.registry = Registry(self.store, manifest.bundle_id, manifest.adapter.kind)
+        initial = check_tensors(initial, manifest.exchanged, "initial adapter")
+        self.registry.ensure_initial(initial, self.strategy.name)
+        self.metrics = MetricsLog(Path(cfg.state) / METRICS_FILE)
+        self.fleet = Fleet()
+        self.current: RoundState | None = None
+        self.progress = progress  # optional callback(event: str, server) for a live view
+        self.exchanged = tuple(sorted(t.name for t in manifest.exchanged))
+        self.session = MqttSession(
+            cfg.broker,
+            cfg.mqtt_client_id,
+            username=cfg.username,
+            password=cfg.password,
+            ca_file=cfg.ca_file,
+            cert_file=cfg.cert_file,
+            key_file=cfg.key_file,
+            insecure=cfg.insecure,
+            clean_session=False,
+            will=Will(self.topics.coordinator_status, self._status_payload("offline")),
+            manual_ack=True,
+        )
+        self.session.on_connect.append(lambda s: self._publish_status("online"))
+        self._waiting_logged = False
+
+    def _check_state_dir(self) -> None:
+        for key, value in (
+            ("fleet", self.cfg.fleet),
+            ("bundle_id", self.manifest.bundle_id),
+            ("strategy", self.strategy.name),
+        ):
+            have = self.store.get_meta(key)
+            if have is None:
+                self.store.set_meta(key, value)
+            elif have != value:
+                raise ConfigError(f"state dir {self.cfg.state}: belongs to {key} {have!r}, not {value!r}")
+
+    # ---- top level ---------------------------------------------------------------------------
+    def run(self) -> int:
+        self.session.subscribe(self.topics.all_agents("status"), 1)
+        self.session.subscribe(self.topics.all_agents("update"), 1)
+        self.session.connect()
+        try:
+            self._publish_status("online")
+            while self.store.count_rounds("aggregated") < self.cfg.rounds:
+                self._run_one_round()
+            self._finish()
+            return 0
+        finally:
+            self.session.close()
+            self.store.close()
+
+    def _run_one_round(self) -> None:
+        last = self.store.last_round()
+        if last is not None and last.state == "collecting":
+            self._resume(last.round)
+        else:
+            self._start_round((last.round + 1) if last else 1)
+        self._collect()
+
+    # ---- starting and resuming ---------------------------------------------------------------
+    def _start_round(self, round_id: int) -> None:
+        while True:  # wait (serving messages) until enough compatible agents are online
+            candidates = self.fleet.compatible_online(self.manifest.bundle_id)
+            if len(candidates) >= self.cfg.min_updates:
+                break
+            if not self._waiting_logged:
+                log.info(
+                    "waiting for agents: %d of %d needed are online on bundle %s",
+                    len(candidates),
+                    self.cfg.min_updates,
+                    self.manifest.bundle_id[:12],
+                )
+                self._waiting_logged = True
+            self._event("waiting")
+            self._pump(_POLL_S)
+        self._waiting_logged = False
+        selected = self.strategy.select(round_id, candidates)
+        plans = self.strategy.configure_round(round_id, selected, self.registry)
+        deadline = time.time() + self.cfg.round_timeout
+        rows = []
+        for agent, plan in sorted(plans.items()):
+            blob = self._task_blob(
+                round_id, agent, plan.start.version, plan.start.tensors, plan.stats, deadline
+            )
+            rows.append((agent, plan.start.version, blob))
+        self.store.start_round(round_id, self.strategy.name, deadline, rows)  # before anything is sent
+        self.current = RoundState(
+            round_id, deadline, False, {a: v for a, v, _ in rows}, {a: b for a, _, b in rows}
+        )
+        log.info(
+            "round %d: started with %d agents (%s), deadline in %.0fs",
+            round_id,
+            len(rows),
+            ", ".join(a for a, _, _ in rows[:8]) + (" ..." if len(rows) > 8 else ""),
+            self.cfg.round_timeout,
+        )
+        self._send_tasks(self.current, list(self.current.selected))
+        self._publish_status("online")
+
+    def _resume(self, round_id: int) -> None:
+        row = self.store.get_round(round_id)
+        sel = self.store.selections(round_id)
+        st = RoundState(
+            round_id,
+            row.deadline,
+            row.extended,
+            {a: v for a, (v, _) in sel.items()},
+            {a: b for a, (_, b) in sel.items()},
+        )
+        st.received = {u.agent for u in self.store.updates(round_id)}
+        self.current = st
+        log.info(
+            "round %d: resumed after a restart (%d of %d updates already stored)",
+            round_id,
+            len(st.received),
+            len(st.selected),
+        )
+        # The tasks may not have gone out before the crash; the agents ignore a second copy.
+        self._send_tasks(st, [a for a in st.selected if a not in st.received])
+        self._publish_status("online")
+
+    def _task_blob(
+        self,
+        round_id: int,
+        agent: str,
+        base_version: str,
+        tensors: Mapping[str, np.ndarray],
+        stats: tuple[str, ...],
+        deadline: float,
+    ) -> str:
+        body = {
+            "bundle_id": self.manifest.bundle_id,
+            "deadline": deadline,
+            "hyperparameters": self.cfg.hyperparameters(),
+            "stats": list(stats),
+            "noise_std": self.cfg.noise_std,
+            "reset_optimizer": False,
+        }
+        env = Envelope(
+            MsgType.TASK, self.cfg.fleet, agent, round=round_id, base_version=base_version, body=body
+        )
+        return self.store.blobs.put(encode(env, tensors))
+
+    def _send_tasks(self, st: RoundState, agents: list[str]) -> None:
+        for agent in agents:
+            self._publish(self.topics.task(agent), self.store.blobs.get(st.task_blobs[agent]), retain=True)
+
+    # ---- collecting --------------------------------------------------------------------------
+    def _collect(self) -> None:
+        st = self.current
+        assert st is not None
+        while True:
+            if st.received >= set(st.selected):
+                self._aggregate(st)
+                return
+            if time.time() >= st.deadline:
+                n = len(st.received)
+                if n >= self.cfg.min_updates:
+                    log.info(
+                        "round %d: deadline passed with %d of %d updates; stragglers dropped",
+                        st.round,
+                        n,
+                        len(st.selected),
+                    )
+                    self._aggregate(st)
+                    return
+                if not st.extended:
+                    self._extend(st)
+                else:
+                    self._fail(
+                        st, f"quorum not reached: {n} of {self.cfg.min_updates} updates after extension"
+                    )
+                    return
+            self._event("collecting")
+            self._pump(_POLL_S)
+
+    def _extend(self, st: RoundState) -> None:
+        deadline = time.time() + self.cfg.round_timeout
+        missing = sorted(set(st.selected) - st.received)
+        blobs = {}
+        for agent in missing:  # same task, later deadline, so an agent that has not started still may
+            base = st.selected[agent]
+            old = decode(
+                self.store.blobs.get(st.task_blobs[agent]),
+                fleet=self.cfg.fleet,
+                max_bytes=self.cfg.max_payload_bytes,
+            )
+            blobs[agent] = self._task_blob(
+                st.round, agent, base, old.tensors, tuple(old.envelope.body["stats"]), deadline
+            )
+        self.store.extend_round(st.round, deadline, blobs)
+        st.deadline, st.extended = deadline, True
+        st.task_blobs.update(blobs)
+        log.info(
+            "round %d: %d of %d updates below quorum %d; deadline extended once by %.0fs",
+            st.round,
+            len(st.received),
+            len(st.selected),
+            self.cfg.min_updates,
+            self.cfg.round_timeout,
+        )
+        self._send_tasks(st, missing)
+
+    def _fail(self, st: RoundState, reason: str) -> None:
+        self.store.fail_round(st.round, reason)
+        log.warning("round %d: failed (%s); starting a new round", st.round, reason)
+        self.metrics.append(
+            {
+                "round": st.round,
+                "state": "failed",
+                "reason": reason,
+                "strategy": self.strategy.name,
+                "selected": len(st.selected),
+                "updates": len(st.received),
+                "closed_at": time.time(),
+            }
+        )
+        self._close(st)
+
+    def _close(self, st: RoundState) -> None:
+        # The round's tasks are stale now; an agent that connects later must not train on them.
+        for agent in sorted(st.selected):
+            self._publish(self.topics.task(agent), b"", retain=True)
+        self.current = None
+        self._event("closed")
+
+    # ---- aggregation -------------------------------------------------------------------------
+    def _aggregate(self, st: RoundState) -> None:
+        rows = self.store.updates(st.round)
+        updates = []
+        for r in rows:
+            path = self.store.blobs.path(r.blob)
+            stats = {}
+            with safe_open(str(path), framework="np") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    if name in _KNOWN_STATS:
+                        stats[name] = f.get_tensor(name)
+            base = self.registry.tensors(st.selected[r.agent])
+            updates.append(
+                Update(r.agent, r.num_samples, BlobTensors(path, self.exchanged), base, stats, r.metrics)
+            )
+        t0 = time.perf_counter()
+        try:
+            result = self.strategy.aggregate(st.round, updates)
+            for scope, tensors in [("global", result.global_tensors), *result.per_agent.items()]:
+                check_tensors(tensors, self.manifest.exchanged, f"round {st.round}: aggregate for {scope}")
+        except (AdapterError, ValueError, FloatingPointError) as e:  # never store a broken adapter
+            self._fail(st, f"aggregation failed: {e}")
+            return
+        seconds = time.perf_counter() - t0
+        per_agent = {r.agent: r.metrics for r in rows}
+        samples = {r.agent: r.num_samples for r in rows}
+        round_metrics = weighted_means(per_agent, samples)
+        round_metrics.update(result.metrics)
+        gv = self.registry.commit_round(
+            st.round, self.strategy.name, result, st.selected, per_agent, round_metrics
+        )
+        log.info(
+            "round %d: aggregated %d updates with %s in %.2fs -> %s%s",
+            st.round,
+            len(rows),
+            self.strategy.name,
+            seconds,
+            gv,
+            f" (+{len(result.per_agent)} personalized)" if result.per_agent else "",
+        )
+        self.metrics.append(
+            {
+                "round": st.round,
+                "state": "aggregated",
+                "strategy": self.strategy.name,
+                "global_version": gv,
+                "selected": len(st.selected),
+                "updates": len(rows),
+                "metrics": round_metrics,
+                "agents": per_agent,
+                "samples": samples,
+                "aggregate_seconds": seconds,
+                "closed_at": time.time(),
+            }
+        )
+        self._close(st)
+
+    # ---- messages ----------------------------------------------------------------------------
+    def _pump(self, timeout: float) -> None:
+        """Handle queued messages (waiting up to `timeout` for the first); ack each once it is stored."""
+        msg = self.session.get(timeout)
+        while msg is not None:
+            # Bad input is handled (rejected) inside; anything raised here is our own failure (the
+            # store, the disk): no ack, the process ends, and the broker redelivers after a restart.
+            self._handle(msg)
+            self.session.ack(msg)
+            msg = self.session.get(0)
+
+    def _handle(self, msg: Incoming) -> None:
+        try:
+            agent, kind = self.topics.parse_agent(msg.topic)
+        except WireError as e:
+            log.warning("dropped: %s", e)
+            return
+        if kind == "status":
+            self._on_status(agent, msg)
+        elif kind == "update":
+            self._on_update(agent, msg)
+
+    def _on_status(self, agent: str, msg: Incoming) -> None:
+        try:
+            decoded = None
+            if msg.payload:
+                decoded = decode(
+                    msg.payload,
+                    fleet=self.cfg.fleet,
+                    expect=MsgType.STATUS,
+                    max_bytes=1 << 20,
+                    where=f"status of {agent}",
+                )
+            a = self.fleet.on_status(agent, decoded)
+        except WireError as e:
+            log.warning("status dropped: %s", e)
+            return
+        if a is None:
+            return
+        self.store.upsert_agent(a.agent, a.online, a.bundle_id, a.adapter_version, a.last_round, a.info)
+        log.info(
+            "agent %s: %s (bundle %s, adapter %s, last round %d)",
+            agent,
+            "online" if a.online else "offline",
+            a.bundle_id[:12] or "-",
+            a.adapter_version or "-",
+            a.last_round,
+        )
+
+    def _on_update(self, agent: str, msg: Incoming) -> None:
+        where = f"update on the topic of {agent}"
+        round_id = -1
+        try:
+            decoded = decode(
+                msg.payload,
+                fleet=self.cfg.fleet,
+                expect=MsgType.UPDATE,
+                max_bytes=self.cfg.max_payload_bytes,
+                where=where,
+            )
+            round_id = decoded.envelope.round
+            accepted = self._validate(agent, decoded, where)
+        except (WireError, AdapterError) as e:
+            self._reject(msg.topic, agent, round_id, str(e))
+            return
+        except (ValueError, TypeError, KeyError, OverflowError) as e:  # a shape no check foresaw
+            self._reject(msg.topic, agent, round_id, f"{where}: malformed update ({type(e).__name__}: {e})")
+            return
+        if accepted is None:
+            return
+        st = self.current
+        _crash_point("update-received", agent)
+        blob = self.store.blobs.put(
+            encode_tensors({**accepted.tensors, **accepted.stats}, {"agent": agent, "round": str(st.round)})
+        )
+        outcome = self.store.add_update(
+            st.round,
+            agent,
+            accepted.sha,
+            blob,
+            accepted.num_samples,
+            accepted.metrics,
+            accepted.norm,
+            accepted.clipped,
+        )
+        _crash_point("update-stored", agent)  # committed, not yet acknowledged
+        if outcome == "stored":
+            st.received.add(agent)
+            log.info(
+                "round %d: update from %s accepted (%d samples, norm %.3g%s) [%d/%d]",
+                st.round,
+                agent,
+                accepted.num_samples,
+                accepted.norm,
+                ", clipped" if accepted.clipped else "",
+                len(st.received),
+                len(st.selected),
+            )
+        elif outcome == "duplicate":
+            log.info("round %d: duplicate update from %s ignored (redelivery)", st.round, agent)
+        else:
+            self._reject(
+                msg.topic,
+                agent,
+                st.round,
+                f"{where}: a different update for round {st.round} was already accepted from this agent",
+            )
+
+    def _validate(self, agent: str, msg: Message, where: str) -> Accepted | None:
+        env = msg.envelope
+        if env.agent != agent:
+            raise WireError(f"{where}: claims to be from agent {env.agent!r}")
+        st = self.current
+        if st is None or env.round != st.round:
+            row = self.store.get_round(env.round) if env.round >= 0 else None
+            if row is not None and row.state != "collecting":
+                log.info("round %d: late update from %s dropped (round is %s)", env.round, agent, row.state)
+                self.store.add_rejection(
+                    f"agents/{agent}/update", agent, env.round, f"late: round {row.state}"
+                )
+                return None
+            current = st.round if st else "none"
+            raise WireError(f"{where}: round {env.round} is not the current round ({current})")
+        if agent not in st.selected:
+            raise WireError(f"{where}: agent {agent!r} was not selected for round {st.round}")
+        if env.base_version and env.base_version != st.selected[agent]:
+            raise WireError(f"{where}: built on {env.base_version!r}, the task gave {st.selected[agent]!r}")
+        bundle_id = body_field(msg, "bundle_id", str, where)
+        if bundle_id != self.manifest.bundle_id:
+            raise WireError(
+                f"{where}: for bundle {bundle_id[:12]}, this round runs {self.manifest.bundle_id[:12]}"
+            )
+        num_samples = body_field(msg, "num_samples", int, where)
+        if num_samples < 0:
+            raise WireError(f"{where}: num_samples must be >= 0, got {num_samples}")
+        metrics = self._metrics(msg, where)
+        tensors = check_tensors(msg.adapter_tensors, self.manifest.exchanged, where)
+        stats = self._stats(msg, where)
+        base = self.registry.tensors(st.selected[agent])
+        norm = delta_norm(tensors, base)
+        clipped = False
+        bound = self.cfg.max_update_norm
+        if bound and norm > bound:
+            if self.cfg.norm_action == "reject":
+                raise WireError(f"{where}: update norm {norm:.4g} exceeds the bound {bound:g}")
+            tensors = clip_delta(tensors, base, bound)
+            clipped = True
+        return Accepted(
+            agent, tensors_digest(msg.tensors), tensors, stats, num_samples, metrics, norm, clipped
+        )
+
+    def _metrics(self, msg: Message, where: str) -> dict[str, float]:
+        raw = msg.envelope.body.get("metrics", {})
+        if not isinstance(raw, dict) or len(raw) > 64:
+            raise WireError(f"{where}: body field 'metrics' must be an object of at most 64 numbers")
+        out = {}
+        for k, v in raw.items():
+            if (
+                not isinstance(k, str)
+                or len(k) > 64
+                or isinstance(v, bool)
+                or not isinstance(v, (int, float))
+            ):
+                raise WireError(f"{where}: metric {str(k)[:64]!r} is not a number")
+            if not np.isfinite(v):
+                raise WireError(f"{where}: metric {k!r} is not finite")
+            out[k] = float(v)
+        return out
+
+    def _stats(self, msg: Message, where: str) -> dict[str, np.ndarray]:
+        stats = msg.stats
+        unknown = sorted(set(stats) - _KNOWN_STATS)
+        if unknown:
+            raise WireError(f"{where}: unknown statistic {unknown[0]!r}")
+        for kind in self.strategy.stats:
+            for name in _NEEDS[kind]:
+                if name not in stats:
+                    raise WireError(
+                        f"{where}: statistic {name!r} is missing ({self.strategy.name} needs {kind})"
+                    )
+        labels = len(self.manifest.task.labels)
+        dim = self.manifest.base_model.embed_dim
+        out = {}
+        for name, arr in stats.items():
+            arr = np.asarray(arr)
+            if name == STAT_LABEL_HIST:
+                expect: tuple[int, ...] = (labels,) if labels else (arr.shape[0],) if arr.ndim == 1 else (-1,)
+            else:
+                expect = (
+                    labels or (stats[STAT_LABEL_HIST].shape[0] if STAT_LABEL_HIST in stats else -1),
+                    dim,
+                )
+            if arr.dtype.kind != "f" or tuple(arr.shape) != expect:
+                raise WireError(
+                    f"{where}: statistic {name!r} has shape {list(arr.shape)} {arr.dtype}, "
+                    f"expected {list(expect)} float"
+                )
+            if name != STAT_MEAN and np.any(arr < 0):
+                raise WireError(f"{where}: statistic {name!r} has negative values")
+            out[name] = arr.astype(np.float32)
+        return out
+
+    def _reject(self, topic: str, agent: str, round_id: int, reason: str) -> None:
+        log.warning("rejected: %s", reason)
+        self.store.add_rejection(topic, agent, round_id, reason)
+
+    # ---- outgoing ----------------------------------------------------------------------------
+    def _publish(self, topic: str, payload: bytes, retain: bool) -> None:
+        self.session.publish(topic, payload, qos=1, retain=retain, timeout=self.cfg.publish_timeout)
+
+    def _status_payload(self, state: str, **extra: object) -> bytes:
+        last = self.store.last_round()
+        body = {
+            "state": state,
+            "bundle_id": self.manifest.bundle_id,
+            "round": last.round if last else 0,
+            "strategy": self.strategy.name,
+            **extra,
+        }
+        return encode(Envelope(MsgType.STATUS, self.cfg.fleet, "coordinator", round=body["round"], body=body))
+
+    def _publish_status(self, state: str, **extra: object) -> None:
+        self._publish(self.topics.coordinator_status, self._status_payload(state, **extra), retain=True)
+
+    def _finish(self) -> None:
+        """Clear every retained task, so no agent trains a stale one; say we are done."""
+        for agent in self.store.tasked_agents():
+            self._publish(self.topics.task(agent), b"", retain=True)
+        self._publish_status("offline", finished=True)
+        log.info(
+            "done: %d rounds aggregated (%d failed); retained tasks cleared",
+            self.store.count_rounds("aggregated"),
+            self.store.count_rounds("failed"),
+        )
+        self._event("finished")
+
+    def _event(self, name: str) -> None:
+        if self.progress is not None:
+            self.progress(name, self)
+
+
+def load_initial_adapter(bundle_dir: str | Path, manifest: Manifest) -> dict[str, np.ndarray]:
+    """The exchanged tensors' starting values, as exported.
+
+    From the bundle's `initial_adapter.safetensors` when it has one; otherwise from the inference
+    graph, whose adapter tensors are initializers named like the torch parameters (internals.md).
+    """
+    bundle_dir = Path(bundle_dir)
+    wanted = {t.name for t in manifest.exchanged}
+    path = bundle_dir / "initial_adapter.safetensors"
+    if path.is_file():
+        from fedclip.sdk.adapters import decode_tensors
+
+        found, _ = decode_tensors(path.read_bytes(), str(path))
+    else:
+        graph = manifest.graphs.get("inference")
+        if graph is None:
+            raise ConfigError(f"{bundle_dir}: no initial_adapter.safetensors, no inference graph")
+        import onnx
+        from onnx import numpy_helper
+
+        model = onnx.load(str(bundle_dir / graph.file), load_external_data=True)
+        found = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name in wanted}
+        path = bundle_dir / graph.file
+    return check_tensors({k: v for k, v in found.items() if k in wanted}, manifest.exchanged, str(path))

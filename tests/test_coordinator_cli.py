@@ -1,0 +1,126 @@
+"""`fedclip-coord status` and `fedclip-coord adapters`, on a state dir written by the real store."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fedclip.coordinator.config import CoordConfig
+from fedclip.coordinator.metrics import MetricsLog, plot, weighted_means
+from fedclip.coordinator.registry import Registry
+from fedclip.coordinator.store import Store
+from fedclip.coordinator.strategies.base import AggregateResult
+from fedclip.sdk.adapters import load_adapter
+from fedclip.sdk.errors import ConfigError
+
+
+def _coord(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fedclip.coordinator.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.fixture
+def state(tmp_path):
+    d = tmp_path / "state"
+    t0 = {"x.lora_C": np.eye(2, dtype=np.float32)}
+    with Store(d) as s:
+        s.set_meta("fleet", "f1")
+        s.set_meta("bundle_id", "b" * 64)
+        s.set_meta("strategy", "ce-lora")
+        s.upsert_agent("cam1", True, "b" * 64, "a-cam1-r1", 1, {"device": {"cpu": "x86"}})
+        s.upsert_agent("cam2", False, "b" * 64, "", -1, {})
+        reg = Registry(s, "b" * 64, "tri-lora")
+        reg.ensure_initial(t0, "ce-lora")
+        s.start_round(1, "ce-lora", 1.0, [("cam1", "g-r0", "t")])
+        res = AggregateResult({"x.lora_C": 2 * t0["x.lora_C"]}, {"cam1": {"x.lora_C": 3 * t0["x.lora_C"]}})
+        reg.commit_round(
+            1,
+            "ce-lora",
+            res,
+            {"cam1": "g-r0"},
+            {"cam1": {"accuracy": 0.75, "loss": 0.5}},
+            {"accuracy": 0.75, "loss": 0.5},
+        )
+    log = MetricsLog(d / "metrics.jsonl")
+    log.append(
+        {
+            "round": 1,
+            "state": "aggregated",
+            "metrics": {"accuracy": 0.75, "loss": 0.5},
+            "agents": {"cam1": {"accuracy": 0.75, "loss": 0.5}},
+        }
+    )
+    log.append({"round": 2, "state": "failed"})
+    log.append(
+        {
+            "round": 3,
+            "state": "aggregated",
+            "metrics": {"accuracy": 0.8, "loss": 0.4},
+            "agents": {"cam1": {"accuracy": 0.8, "loss": 0.4}},
+        }
+    )
+    return d
+
+
+def test_status_shows_the_fleet_and_plots(state, tmp_path):
+    out = _coord("status", "--state", str(state), "--plot", str(tmp_path / "m.png"))
+    assert out.returncode == 0, out.stderr
+    assert "cam1" in out.stdout and "cam2" in out.stdout and "a-cam1-r1" in out.stdout
+    assert "accuracy=0.75" in out.stdout and "g-r1" in out.stdout
+    assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_status_on_a_missing_state_dir_is_a_one_line_error(tmp_path):
+    out = _coord("status", "--state", str(tmp_path / "nope"))
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "no coordinator state" in out.stderr
+
+
+def test_adapters_list_show_export(state, tmp_path):
+    out = _coord("adapters", "list", "--state", str(state))
+    assert out.returncode == 0, out.stderr
+    for v in ("g-r0", "g-r1", "a-cam1-r1"):
+        assert v in out.stdout
+    shown = json.loads(_coord("adapters", "show", "a-cam1-r1", "--state", str(state)).stdout)
+    assert (
+        shown["parent"] == "g-r0"
+        and shown["agent"] == "cam1"
+        and shown["tensors"]["x.lora_C"]["shape"] == [2, 2]
+    )
+    dest = tmp_path / "cam1.safetensors"
+    out = _coord("adapters", "export", "a-cam1-r1", "--out", str(dest), "--state", str(state))
+    assert out.returncode == 0, out.stderr
+    tensors, meta = load_adapter(dest)
+    np.testing.assert_array_equal(tensors["x.lora_C"], 3 * np.eye(2, dtype=np.float32))
+    assert meta.version == "a-cam1-r1" and meta.round == 1 and meta.strategy == "ce-lora"
+    bad = _coord("adapters", "show", "g-r9", "--state", str(state))
+    assert bad.returncode == 2 and "not in the registry" in bad.stderr
+
+
+def test_serve_config_errors_name_the_field(tmp_path):
+    cfg = tmp_path / "coord.yaml"
+    cfg.write_text("broker: mqtt://127.0.0.1:1\nfleet: f\nbundle: b\nstate: s\nstrategy: fedsgd\n")
+    out = _coord("serve", "--config", str(cfg))
+    assert out.returncode == 2 and "unknown strategy 'fedsgd'" in out.stderr
+    with pytest.raises(ConfigError, match="clients_per_round"):
+        CoordConfig.load(
+            None,
+            dict(broker="mqtt://h", fleet="f", bundle="b", state="s", clients_per_round=1, min_updates=2),
+        )
+    with pytest.raises(ConfigError, match="min_updates"):
+        CoordConfig.load(None, dict(broker="mqtt://h", fleet="f", bundle="b", state="s", min_updates=0))
+    cfg.write_text("broker: mqtt://127.0.0.1:1\nfleet: f\nbundle: b\nstate: s\nrounds: 3\n")
+    c = CoordConfig.load(cfg, {"rounds": 5, "lr": None})
+    assert c.rounds == 5 and c.mqtt_client_id == "fedclip-coord-f"
+
+
+def test_weighted_means_and_plot_refuses_empty(tmp_path):
+    m = weighted_means({"a": {"acc": 1.0}, "b": {"acc": 0.0, "loss": 2.0}}, {"a": 3, "b": 1})
+    assert m == {"acc": 0.75, "loss": 2.0}
+    with pytest.raises(ConfigError, match="no aggregated round"):
+        plot([{"round": 1, "state": "failed"}], tmp_path / "x.png")

@@ -19,108 +19,25 @@ import signal
 import threading
 import time
 import zlib
-from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from fedclip.device_agent.config import AgentConfig
-from fedclip.device_agent.state import AgentState, StateError
-from fedclip.sdk.adapters import AdapterMeta, check_adapter
-from fedclip.sdk.errors import DataError, FedclipError, WireError
+from fedclip.device_agent.state import AgentState
+from fedclip.device_agent.task import RoundTask, WrongBundle, parse_adapter, parse_task
+from fedclip.sdk.adapters import AdapterMeta, check_adapter, load_adapter
+from fedclip.sdk.errors import DataError, FedclipError, MqttError, StateError
 from fedclip.sdk.ids import ID_PATTERN
 from fedclip.sdk.manifest import Manifest
-from fedclip.sdk.mqtt import Incoming, MqttError, MqttSession, Will
+from fedclip.sdk.mqtt import Incoming, MqttSession, Will
 from fedclip.sdk.wire import Envelope, Message, MsgType, Topics, decode, encode
 
 log = logging.getLogger("fedclip.agent")
 
-STAT_KINDS = ("histogram", "gaussian")
-_MAX_EPOCHS = 10_000
-_MAX_BATCH = 65_536
 _RETRY_PENDING_S = 15.0  # a pending update is offered again this often while it stays unacknowledged
-
-
-class WrongBundle(WireError):
-    """A task or adapter for another bundle: refused, and the coordinator is told why."""
-
-
-@dataclass(frozen=True)
-class RoundTask:
-    round: int
-    base_version: str
-    bundle_id: str
-    deadline: float
-    epochs: int
-    lr: float
-    batch_size: int
-    max_steps: int | None
-    stats: tuple[str, ...]
-    noise_std: float
-    reset_optimizer: bool
-    adapter: dict[str, np.ndarray]  # validated exchanged tensors; empty: keep the current ones
-
-
-def parse_task(msg: Message, manifest: Manifest, agent_id: str, where: str) -> RoundTask:
-    """Validate a decoded task against this agent and its bundle; WireError/AdapterError say why not."""
-    env = msg.envelope
-    if env.agent != agent_id:
-        raise WireError(f"{where}: task is for agent {env.agent!r}, this is {agent_id!r}")
-    if env.round < 0:
-        raise WireError(f"{where}: task has no round id")
-    body = env.body
-    bundle_id = body.get("bundle_id")
-    if not isinstance(bundle_id, str):
-        raise WireError(f"{where}: body field 'bundle_id' is missing")
-    if bundle_id != manifest.bundle_id:
-        raise WrongBundle(
-            f"task is for bundle {bundle_id[:12]}, this agent runs bundle {manifest.bundle_id[:12]}"
-        )
-    hp = body.get("hyperparameters", {})
-    if not isinstance(hp, dict):
-        raise WireError(f"{where}: body field 'hyperparameters' must be an object")
-    epochs = _number(hp.get("epochs", 1), int, 1, _MAX_EPOCHS, "hyperparameters.epochs", where)
-    lr = _number(hp.get("lr", 1e-3), float, 0.0, 10.0, "hyperparameters.lr", where)
-    if lr <= 0:
-        raise WireError(f"{where}: hyperparameters.lr must be > 0")
-    batch_size = _number(hp.get("batch_size", 32), int, 1, _MAX_BATCH, "hyperparameters.batch_size", where)
-    max_steps = hp.get("max_steps")
-    if max_steps is not None:
-        max_steps = _number(max_steps, int, 1, 10**9, "hyperparameters.max_steps", where)
-    stats = body.get("stats", ["histogram"])
-    if not isinstance(stats, list) or any(s not in STAT_KINDS for s in stats):
-        raise WireError(f"{where}: body field 'stats' must be a list of {', '.join(STAT_KINDS)}")
-    noise_std = _number(body.get("noise_std", 0.0), float, 0.0, 1e6, "noise_std", where)
-    deadline = _number(body.get("deadline", 0.0), float, 0.0, 1e12, "deadline", where)
-    reset = body.get("reset_optimizer", False)
-    if not isinstance(reset, bool):
-        raise WireError(f"{where}: body field 'reset_optimizer' must be true or false")
-    if msg.stats:
-        raise WireError(f"{where}: a task carries no statistics")
-    adapter = check_adapter(msg.adapter_tensors, manifest, where) if msg.adapter_tensors else {}
-    return RoundTask(
-        env.round,
-        env.base_version,
-        bundle_id,
-        deadline,
-        epochs,
-        lr,
-        batch_size,
-        max_steps,
-        tuple(dict.fromkeys(["histogram", *stats])),
-        noise_std,
-        reset,
-        adapter,
-    )
-
-
-def _number(value: Any, kind: type, lo: float, hi: float, name: str, where: str) -> Any:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok and kind is int:
-        ok = isinstance(value, int)
-    if not ok or not (lo <= value <= hi):
-        raise WireError(f"{where}: {name} must be a {kind.__name__} in [{lo:g}, {hi:g}], got {value!r}")
-    return kind(value)
 
 
 def _versions() -> dict[str, str]:
@@ -148,8 +65,9 @@ class Agent:
         self.stop = threading.Event()
         self._install_signals()  # early, so a SIGTERM while loading still ends in a clean exit 0
         self.topics = Topics(cfg.fleet)
+        self.bundle_dir = self._bundle_dir()
         # Refuses a bundle whose hashes do not match its manifest.
-        self.manifest: Manifest = Manifest.load(cfg.bundle)
+        self.manifest: Manifest = Manifest.load(self.bundle_dir)
         data = Dataset.open(cfg.data, labels=self.manifest.task.labels, kind=self.manifest.task.kind)
         self.train_set, self.held_out = data.split(cfg.holdout)
         if not len(self.train_set) or not len(self.held_out):
@@ -190,12 +108,23 @@ class Agent:
             cfg.state,
         )
 
+    def _bundle_dir(self) -> Path:
+        """The bundle folder; a URL is downloaded into the state dir first (resumed, every sha256
+        checked, a mismatch refused) and reused on the next start."""
+        url = self.cfg.bundle_url
+        if url is None:
+            return Path(self.cfg.bundle)
+        from fedclip.sdk.fetch import fetch_bundle
+
+        log.info("fetching bundle %s", url)
+        return fetch_bundle(url, self.cfg.state / "bundles", progress=self.cfg.progress)
+
     def _load_trainer(self):
         """A trainer as it stood at the end of the last completed round (local tensors, optimizer)."""
         from fedclip.device_agent.trainer import OrtTrainer
 
         trainer = OrtTrainer(
-            self.cfg.bundle, device=self.cfg.device, threads=self.cfg.threads or None, verify=False
+            self.bundle_dir, device=self.cfg.device, threads=self.cfg.threads or None, verify=False
         )  # verified by Manifest.load above
         ckpt = self.state.trainer_checkpoint()
         if ckpt is not None:
@@ -219,6 +148,7 @@ class Agent:
             bundle_id=self.manifest.bundle_id,
             check_fn=lambda tensors, where: check_adapter(tensors, self.manifest, where),
             on_change=self._on_rollout_change,
+            baseline_fn=self._baseline_adapter,
             max_payload=self.cfg.max_payload_bytes,
             publish_timeout=self.cfg.publish_timeout,
         )
@@ -237,14 +167,28 @@ class Agent:
         finally:
             self.trainer.set_tensors(saved)
 
+    def _baseline_adapter(self) -> tuple[str, dict[str, np.ndarray]] | None:
+        """The adapter inference used before the first rollout, so rolling that rollout back returns
+        to it; None when inference ran on the bundle's own adapter."""
+        path = self.state.current_adapter_path()
+        if path is None or not path.is_file():
+            return None
+        tensors, _ = load_adapter(path)
+        names = {spec.name for spec in self.manifest.exchanged}
+        return self.state.current_adapter, {k: v for k, v in tensors.items() if k in names}
+
     def _on_rollout_change(self, version: str | None, exchanged: dict[str, np.ndarray] | None) -> None:
-        if version is None or exchanged is None:
-            return  # nothing installed by rollouts any more: inference keeps the agent's current adapter
         try:
-            self._install(version, dict(exchanged), source="rollout", rnd=-1)
+            if version is not None and exchanged is not None:
+                self._install(version, dict(exchanged), source="rollout", rnd=-1)
+            elif self.state.current_source() == "rollout":
+                # The first rollout was rolled back and there was no adapter before it: inference goes
+                # back to the bundle's own; an adapter installed since by a round stays.
+                self.state.set_current_adapter(None)
+                log.info("rollout rolled back; inference is on the bundle's own adapter again")
         except FedclipError as e:
             log.error("rollout adapter %s not recorded in the state dir: %s", version, e)
-        self._refresh_status()
+        self._publish_status()  # retained, so the coordinator sees the switch without a reconnect
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def run(self) -> int:
@@ -387,14 +331,13 @@ class Agent:
         self.notice = f"refused: {why}"
         self._publish_status()
 
-    def _on_task(self, payload: bytes, where: str) -> None:
-        msg = decode(
-            payload,
-            fleet=self.cfg.fleet,
-            expect=MsgType.TASK,
-            max_bytes=self.cfg.max_payload_bytes,
-            where=where,
+    def _decode(self, payload: bytes, expect: MsgType, where: str) -> Message:
+        return decode(
+            payload, fleet=self.cfg.fleet, expect=expect, max_bytes=self.cfg.max_payload_bytes, where=where
         )
+
+    def _on_task(self, payload: bytes, where: str) -> None:
+        msg = self._decode(payload, MsgType.TASK, where)
         rnd = msg.envelope.round
         status = self.state.round_status(rnd)
         if status == "done":
@@ -419,26 +362,9 @@ class Agent:
             raise
 
     def _on_adapter(self, payload: bytes, where: str) -> None:
-        msg = decode(
-            payload,
-            fleet=self.cfg.fleet,
-            expect=MsgType.ADAPTER,
-            max_bytes=self.cfg.max_payload_bytes,
-            where=where,
-        )
+        msg = self._decode(payload, MsgType.ADAPTER, where)
         env = msg.envelope
-        if env.agent != self.cfg.id:
-            raise WireError(f"{where}: adapter is for agent {env.agent!r}")
-        bundle_id = env.body.get("bundle_id")
-        if bundle_id != self.manifest.bundle_id:
-            raise WrongBundle(
-                f"adapter is for bundle {str(bundle_id)[:12]}, "
-                f"this agent runs bundle {self.manifest.bundle_id[:12]}"
-            )
-        version = env.body.get("version") or env.base_version
-        if not isinstance(version, str) or not ID_PATTERN.match(version):
-            raise WireError(f"{where}: adapter version {version!r} is not a valid id")
-        tensors = check_adapter(msg.adapter_tensors, self.manifest, where)
+        version, tensors = parse_adapter(msg, self.manifest, self.cfg.id, where)
         self._install(
             version,
             tensors,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib
 
 import typer
-
 from fedclip.sdk.cli import run
 
 app = typer.Typer(

@@ -13,13 +13,15 @@ from fedclip.sdk.ids import check_id
 from fedclip.sdk.mqtt import BrokerAddress
 from fedclip.sdk.wire import DEFAULT_MAX_PAYLOAD
 
+BUNDLE_URL_SCHEMES = ("http://", "https://", "file://")
+
 
 @dataclass(frozen=True)
 class AgentConfig:
     broker: str  # mqtt://host:port or mqtts://host:port
     fleet: str
     id: str  # agent id; also the fixed MQTT client id
-    bundle: Path
+    bundle: str | Path  # a bundle folder, or an http(s):// / file:// URL fetched into <state>/bundles
     data: Path
     state: Path
     username: str | None = None
@@ -44,6 +46,8 @@ class AgentConfig:
     progress: bool = False  # rich progress bars while training (off for services)
 
     def __post_init__(self) -> None:
+        if not self.bundle_url:  # a folder: a Path, so it is resolved relative to agent.yaml
+            object.__setattr__(self, "bundle", Path(self.bundle))
         check_id(self.fleet, "fleet")
         check_id(self.id, "id")
         BrokerAddress.parse(self.broker)
@@ -63,6 +67,12 @@ class AgentConfig:
             raise ConfigError("connect_timeout, publish_timeout: must be > 0")
         if self.password is not None and self.password_file is not None:
             raise ConfigError("password, password_file: give one, not both")
+
+    @property
+    def bundle_url(self) -> str | None:
+        """`bundle` when it names a bundle to download rather than a local folder."""
+        value = str(self.bundle) if isinstance(self.bundle, str) else ""
+        return value if value.startswith(BUNDLE_URL_SCHEMES) else None
 
     def secret(self) -> str | None:
         """The broker password, read from `password_file` when given."""

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import typer
+
 from fedclip.sdk.cli import setup_logging
 
 
@@ -16,7 +17,11 @@ def start(
     broker: str | None = typer.Option(None, help="Broker URL: mqtt://host:1883 or mqtts://host:8883."),
     fleet: str | None = typer.Option(None, help="Fleet name (topic root fedclip/<fleet>/)."),
     agent_id: str | None = typer.Option(None, "--id", help="Agent id; also the fixed MQTT client id."),
-    bundle: Path | None = typer.Option(None, help="Bundle folder exported by `fedclip-coord export`."),
+    bundle: str | None = typer.Option(
+        None,
+        help="Bundle folder exported by `fedclip-coord export`, or its http(s):// or file:// URL "
+        "(downloaded into the state dir, every file's sha256 checked).",
+    ),
     data: Path | None = typer.Option(
         None, help="Local data: image folder (one folder per label), CSV or JSONL."
     ),

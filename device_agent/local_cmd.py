@@ -51,6 +51,16 @@ def _emit(metrics: dict, as_json: bool, title: str) -> None:
     Console().print(table)
 
 
+def _open_trainer(bundle: Path, adapter: Path | None, device: str, threads: int | None, quiet: bool):
+    """(trainer with the adapter loaded, that adapter's version or "", show progress bars)."""
+    from fedclip.device_agent.trainer import OrtTrainer
+
+    setup_logging(quiet=quiet)
+    trainer = OrtTrainer(bundle, device=device, threads=threads)
+    parent = trainer.load_adapter(adapter).version if adapter is not None else ""
+    return trainer, parent, not quiet
+
+
 def _open_data(data: Path, manifest, holdout: float):
     from fedclip.sdk.data import Dataset
 
@@ -87,16 +97,10 @@ def train(
     as_json: bool = _JSON,
 ) -> None:
     """Train the bundle's adapter on local data; optionally evaluate a held-out part and save the adapter."""
-    from fedclip.device_agent.trainer import OrtTrainer
     from fedclip.device_agent.training import batch_source, evaluate, train_local
     from fedclip.sdk.wire import tensors_digest
 
-    setup_logging(quiet=quiet or as_json)
-    progress = not (quiet or as_json)
-    trainer = OrtTrainer(bundle, device=device, threads=threads)
-    parent = ""
-    if adapter is not None:
-        parent = trainer.load_adapter(adapter).version
+    trainer, parent, progress = _open_trainer(bundle, adapter, device, threads, quiet or as_json)
     train_set, held_out = _open_data(data, trainer.manifest, holdout)
     source = batch_source(trainer, train_set, cache_dir=cache_dir, progress=progress)
     metrics: dict = {}
@@ -155,14 +159,9 @@ def eval(  # noqa: A001 - the command is called `eval`
     as_json: bool = _JSON,
 ) -> None:
     """Evaluate loss and accuracy of an adapter on local labelled data."""
-    from fedclip.device_agent.trainer import OrtTrainer
     from fedclip.device_agent.training import batch_source, evaluate
 
-    setup_logging(quiet=quiet or as_json)
-    progress = not (quiet or as_json)
-    trainer = OrtTrainer(bundle, device=device, threads=threads)
-    if adapter is not None:
-        trainer.load_adapter(adapter)
+    trainer, _, progress = _open_trainer(bundle, adapter, device, threads, quiet or as_json)
     dataset, held_out = _open_data(data, trainer.manifest, holdout)
     dataset = held_out if held_out is not None else dataset
     source = batch_source(trainer, dataset, cache_dir=cache_dir, progress=progress)

@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from fedclip.device_agent.state import atomic_write
 from fedclip.sdk.adapters import AdapterMeta, adapter_bytes, adapter_from_bytes
 from fedclip.sdk.errors import FedclipError, WireError
 from fedclip.sdk.fetch import fetch_bytes
+from fedclip.sdk.fsutil import atomic_write
 from fedclip.sdk.ids import ID_PATTERN
 from fedclip.sdk.signing import Ed25519PublicKey, load_public_key, verify_message
 from fedclip.sdk.wire import DEFAULT_MAX_PAYLOAD, Envelope, Message, MsgType, Topics, decode, encode

@@ -22,21 +22,23 @@ import contextlib
 import fcntl
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from fedclip.sdk.adapters import AdapterMeta, adapter_bytes
-from fedclip.sdk.errors import ConfigError, FedclipError
+from fedclip.sdk.errors import ConfigError, StateError
+from fedclip.sdk.fsutil import atomic_produce, atomic_write, fsync_dir, remove
 from fedclip.sdk.hashing import sha256_bytes
 from fedclip.sdk.ids import ID_PATTERN
 
 log = logging.getLogger(__name__)
+
+# Kept importable from here: older code and the step backend import them from this module.
+__all__ = ["AgentState", "StateError", "atomic_produce", "atomic_write", "fsync_dir", "read_record"]
 
 STATE_FORMAT = 1
 STATE_FILE = "state.json"
@@ -44,60 +46,6 @@ LOCK_FILE = "state.lock"
 
 BUILT = "built"  # update blob on disk, not yet acknowledged by the broker
 DONE = "done"  # update published (PUBACK received)
-
-
-class StateError(FedclipError):
-    """The state dir cannot be read or written (full disk, read-only, corrupt)."""
-
-
-def fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # some filesystems refuse fsync on a folder; best effort
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that readers and crashes see the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_produce(path: Path, produce: Callable[[Path], None]) -> None:
-    """Like `atomic_write` for files that a library writes itself (ORT checkpoints)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    _remove(tmp)
-    try:
-        produce(tmp)
-        if tmp.is_file():
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
 
 
 def _empty_record(agent_id: str, fleet: str, bundle_id: str) -> dict[str, Any]:
@@ -190,22 +138,23 @@ class AgentState:
 
     # ---- persistence ---------------------------------------------------------------------------
     def _save(self) -> None:
-        data = json.dumps(self.record, sort_keys=True, indent=1, allow_nan=False).encode()
-        try:
-            atomic_write(self.root / STATE_FILE, data)
-        except OSError as e:
-            raise StateError(f"{self.root}: cannot write {STATE_FILE} ({e.strerror or e})") from None
+        self._write(STATE_FILE, json.dumps(self.record, sort_keys=True, indent=1, allow_nan=False).encode())
 
     def _write(self, rel: str, data: bytes) -> None:
+        self._produce(rel, lambda path: atomic_write(path, data))
+
+    def _produce(self, rel: str, write: Callable[[Path], object]) -> str:
+        """Run one atomic write of `rel`; a full or read-only disk becomes a one-line StateError."""
         try:
-            atomic_write(self.root / rel, data)
+            write(self.root / rel)
         except OSError as e:
             raise StateError(f"{self.root}: cannot write {rel} ({e.strerror or e})") from None
+        return rel
 
     def _sweep_temp_files(self) -> None:
         """Temp files of writes a crash interrupted; they are never referenced."""
         for tmp in self.root.rglob(".*.tmp"):
-            _remove(tmp)
+            remove(tmp)
 
     # ---- views ---------------------------------------------------------------------------------
     @property
@@ -268,6 +217,19 @@ class AgentState:
         self._save()
         return self.root / rel
 
+    def current_source(self) -> str | None:
+        """Who installed the current adapter: `task`, `adapter`, `rollout` (None: no adapter)."""
+        version = self.record["current_adapter"]
+        return self.record["adapters"][version].get("source") if version else None
+
+    def set_current_adapter(self, version: str | None) -> None:
+        """Switch inference to an adapter already kept here, or to the bundle's own (None)."""
+        if version is not None and version not in self.record["adapters"]:
+            raise StateError(f"adapter {version!r} is not installed in {self.root}")
+        if self.record["current_adapter"] != version:
+            self.record["current_adapter"] = version
+            self._save()
+
     # ---- rounds --------------------------------------------------------------------------------
     def in_progress(self) -> dict[str, Any] | None:
         return self.record["in_progress"]
@@ -290,7 +252,7 @@ class AgentState:
         if old and old["round"] != rnd:
             self._drop_round_scratch(old["round"])
         elif old and old.get("checkpoint"):
-            _remove(self.root / old["checkpoint"])
+            remove(self.root / old["checkpoint"])
         return self.record["in_progress"]
 
     def task_blob(self, rnd: int) -> bytes:
@@ -311,15 +273,11 @@ class AgentState:
         old = prog.get("checkpoint")
         if save_checkpoint is not None:
             rel = f"rounds/{rnd}/ckpt-{fields.get('epochs_done', prog['epochs_done'])}"
-            try:
-                atomic_produce(self.root / rel, save_checkpoint)
-            except OSError as e:
-                raise StateError(f"{self.root}: cannot write {rel} ({e.strerror or e})") from None
-            fields["checkpoint"] = rel
+            fields["checkpoint"] = self._produce(rel, lambda path: atomic_produce(path, save_checkpoint))
         prog.update(fields)
         self._save()
         if save_checkpoint is not None and old and old != prog["checkpoint"]:
-            _remove(self.root / old)
+            remove(self.root / old)
 
     def store_update(
         self,
@@ -332,28 +290,22 @@ class AgentState:
         self._write(f"rounds/{rnd}/update.bin", blob)
         old_ckpt = self.record.get("trainer_checkpoint")
         if save_trainer_checkpoint is not None:
-            rel = f"trainer/ckpt-{rnd}"
-            try:
-                atomic_produce(self.root / rel, save_trainer_checkpoint)
-            except OSError as e:
-                raise StateError(f"{self.root}: cannot write {rel} ({e.strerror or e})") from None
-            self.record["trainer_checkpoint"] = rel
-        self.record["rounds"][str(rnd)] = dict(
-            summary, status=BUILT, update_sha256=sha256_bytes(blob), built_at=time.time()
-        )
-        if self.record["in_progress"] and self.record["in_progress"]["round"] == rnd:
-            self.record["in_progress"] = None
-        self._save()
-        self._drop_round_scratch(rnd)
+            self.record["trainer_checkpoint"] = self._produce(
+                f"trainer/ckpt-{rnd}", lambda path: atomic_produce(path, save_trainer_checkpoint)
+            )
+        self._mark_built(rnd, blob, summary)
         if old_ckpt and old_ckpt != self.record["trainer_checkpoint"]:
-            _remove(self.root / old_ckpt)
+            remove(self.root / old_ckpt)
 
     def adopt_built_update(self, rnd: int, summary: Mapping[str, Any]) -> bool:
         """After a crash between writing update.bin and recording it: adopt the blob as the round's update."""
         path = self.root / "rounds" / str(rnd) / "update.bin"
         if not path.is_file() or self.round_status(rnd):
             return False
-        blob = path.read_bytes()
+        self._mark_built(rnd, path.read_bytes(), summary)
+        return True
+
+    def _mark_built(self, rnd: int, blob: bytes, summary: Mapping[str, Any]) -> None:
         self.record["rounds"][str(rnd)] = dict(
             summary, status=BUILT, update_sha256=sha256_bytes(blob), built_at=time.time()
         )
@@ -361,7 +313,6 @@ class AgentState:
             self.record["in_progress"] = None
         self._save()
         self._drop_round_scratch(rnd)
-        return True
 
     def mark_published(self, rnd: int) -> None:
         entry = self.record["rounds"].get(str(rnd))
@@ -377,9 +328,9 @@ class AgentState:
             return
         for p in folder.iterdir():
             if p.name != "update.bin":
-                _remove(p)
+                remove(p)
         if not any(folder.iterdir()):
-            _remove(folder)
+            remove(folder)
 
 
 def summarize(record: Mapping[str, Any]) -> dict[str, Any]:

@@ -6,8 +6,6 @@ the ORT checkpoint holds every parameter, and only the adapter tensors are train
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -15,8 +13,9 @@ from typing import Literal
 import numpy as np
 
 from fedclip.device_agent.ort_loader import check_device, session_options, training_api
-from fedclip.sdk.adapters import AdapterMeta, check_tensors, load_adapter, save_adapter
-from fedclip.sdk.errors import AdapterError, BackendError, BundleError, DataError
+from fedclip.sdk.adapters import AdapterFiles, check_tensors
+from fedclip.sdk.errors import BackendError, BundleError, DataError
+from fedclip.sdk.fsutil import atomic_produce
 from fedclip.sdk.manifest import Manifest
 
 _BUNDLE_PROPERTY = "fedclip_bundle_id"
@@ -24,7 +23,7 @@ _LR_PROPERTY = "fedclip_lr"
 _REQUIRED_GRAPHS = ("training", "eval", "optimizer")
 
 
-class OrtTrainer:
+class OrtTrainer(AdapterFiles):
     """One bundle's training session: train/eval steps, adapter tensors in and out, checkpoints."""
 
     def __init__(
@@ -121,13 +120,6 @@ class OrtTrainer:
         self.set_tensors(tensors)
 
     # ---- tensors ---------------------------------------------------------------------------------
-    def _specs(self, which: Literal["trainable", "exchanged"]):
-        if which == "trainable":
-            return self.manifest.trainable
-        if which == "exchanged":
-            return self.manifest.exchanged
-        raise ValueError(f"which must be 'trainable' or 'exchanged', got {which!r}")
-
     def get_tensors(self, which: Literal["trainable", "exchanged"] = "trainable") -> dict[str, np.ndarray]:
         params = self._state.parameters
         return {s.name: np.array(params[s.name].data, copy=True) for s in self._specs(which)}
@@ -139,43 +131,17 @@ class OrtTrainer:
         for name, arr in checked.items():
             params[name] = np.ascontiguousarray(arr)
 
-    def save_adapter(
-        self, path: str | Path, meta: AdapterMeta, which: Literal["trainable", "exchanged"] = "exchanged"
-    ) -> Path:
-        if meta.bundle_id != self.manifest.bundle_id:
-            raise AdapterError(
-                f"{path}: adapter metadata names bundle {meta.bundle_id[:12]}, not this bundle"
-            )
-        return save_adapter(path, self.get_tensors(which), meta)
-
-    def load_adapter(self, path: str | Path) -> AdapterMeta:
-        tensors, meta = load_adapter(path)
-        if meta.bundle_id and meta.bundle_id != self.manifest.bundle_id:
-            raise AdapterError(
-                f"{path}: adapter was made for bundle {meta.bundle_id[:12]}, "
-                f"this bundle is {self.manifest.bundle_id[:12]}"
-            )
-        self.set_tensors(tensors, where=str(path))
-        return meta
-
     # ---- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self, path: str | Path) -> Path:
         """Tensors and optimizer state, written atomically so a crash never leaves half a file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         self._state.properties[_BUNDLE_PROPERTY] = self.manifest.bundle_id
         self._state.properties[_LR_PROPERTY] = float(self.lr)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            self._api.CheckpointState.save_checkpoint(self._state, tmp, include_optimizer_state=True)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_produce(
+            path,
+            lambda tmp: self._api.CheckpointState.save_checkpoint(
+                self._state, str(tmp), include_optimizer_state=True
+            ),
+        )
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Resume from `save_checkpoint`: the next step gives what an uninterrupted run would."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -20,15 +19,15 @@ from typing import Any
 import numpy as np
 
 from fedclip.device_agent.predictor import Predictor
+from fedclip.device_agent.task import STAT_KINDS
 from fedclip.device_agent.trainer import OrtTrainer
 from fedclip.sdk.data import Dataset, Sample
 from fedclip.sdk.errors import DataError
+from fedclip.sdk.fsutil import atomic_write
 from fedclip.sdk.hashing import sha256_file
 from fedclip.sdk.manifest import Manifest
 from fedclip.sdk.preprocess import ImageTransform, load_image
 from fedclip.sdk.wire import STAT_LABEL_HIST, STAT_MEAN, STAT_VAR
-
-STAT_KINDS = ("histogram", "gaussian")
 
 
 def default_cache_dir() -> Path:
@@ -107,12 +106,7 @@ class EmbeddingCache:
 
     def _save_index(self) -> None:
         body = json.dumps({"dim": self.dim, "rows": self.rows, "stats": self.stats})
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".index.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._index_path)
+        atomic_write(self._index_path, body.encode())
 
     def _content_hash(self, sample: Sample) -> str | None:
         try:

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 
 from fedclip.sdk.errors import AdapterError
+from fedclip.sdk.fsutil import atomic_write
 from fedclip.sdk.manifest import Manifest, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,9 @@ class AdapterMeta:
         if fmt is None:
             raise AdapterError(f"{where}: not a fedclip adapter (no {_FORMAT_KEY} in metadata)")
         if fmt != ADAPTER_FORMAT:
-            raise AdapterError(f"{where}: adapter format {fmt!r} is not supported (expected {ADAPTER_FORMAT})")
+            raise AdapterError(
+                f"{where}: adapter format {fmt!r} is not supported (expected {ADAPTER_FORMAT})"
+            )
         for key in _REQUIRED:
             if key not in meta:
                 raise AdapterError(f"{where}: metadata field {key!r} is missing")
@@ -78,9 +80,18 @@ class AdapterMeta:
 _ST_DTYPES = {
     np.dtype(name): code
     for name, code in [
-        ("float64", "F64"), ("float32", "F32"), ("float16", "F16"), ("int64", "I64"), ("int32", "I32"),
-        ("int16", "I16"), ("int8", "I8"), ("uint64", "U64"), ("uint32", "U32"), ("uint16", "U16"),
-        ("uint8", "U8"), ("bool", "BOOL"),
+        ("float64", "F64"),
+        ("float32", "F32"),
+        ("float16", "F16"),
+        ("int64", "I64"),
+        ("int32", "I32"),
+        ("int16", "I16"),
+        ("int8", "I8"),
+        ("uint64", "U64"),
+        ("uint32", "U32"),
+        ("uint16", "U16"),
+        ("uint8", "U8"),
+        ("bool", "BOOL"),
     ]
 }
 
@@ -121,7 +132,9 @@ def decode_tensors(blob: bytes, where: str) -> tuple[dict[str, np.ndarray], dict
         header = json.loads(blob[8 : 8 + header_len])
     # KeyError: safetensors' numpy loader has no numpy type for some dtypes (BF16, F8).
     except (SafetensorError, ValueError, UnicodeDecodeError, KeyError, TypeError, RecursionError) as e:
-        raise AdapterError(f"{where}: not a valid safetensors payload ({str(e).splitlines()[0][:120]})") from None
+        raise AdapterError(
+            f"{where}: not a valid safetensors payload ({str(e).splitlines()[0][:120]})"
+        ) from None
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise AdapterError(f"{where}: safetensors metadata must map strings to strings")
@@ -139,20 +152,41 @@ def adapter_from_bytes(blob: bytes, where: str = "adapter") -> tuple[dict[str, n
 
 def save_adapter(path: str | Path, tensors: Mapping[str, np.ndarray], meta: AdapterMeta) -> Path:
     """Write atomically: a reader never sees half a file, a crash never leaves one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    blob = adapter_bytes(tensors, meta)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, adapter_bytes(tensors, meta))
+
+
+class AdapterFiles:
+    """`save_adapter` / `load_adapter` / `_specs` for a trainer (ORT or step backend): the class brings
+    `manifest`, `get_tensors(which)` and `set_tensors(tensors, where=...)`; an adapter of another
+    bundle is refused either way."""
+
+    manifest: Manifest
+
+    def _specs(self, which: Literal["trainable", "exchanged"]) -> tuple[TensorSpec, ...]:
+        if which == "trainable":
+            return self.manifest.trainable
+        if which == "exchanged":
+            return self.manifest.exchanged
+        raise ValueError(f"which must be 'trainable' or 'exchanged', got {which!r}")
+
+    def save_adapter(
+        self, path: str | Path, meta: AdapterMeta, which: Literal["trainable", "exchanged"] = "exchanged"
+    ) -> Path:
+        if meta.bundle_id != self.manifest.bundle_id:
+            raise AdapterError(
+                f"{path}: adapter metadata names bundle {meta.bundle_id[:12]}, not this bundle"
+            )
+        return save_adapter(path, self.get_tensors(which), meta)  # type: ignore[attr-defined]
+
+    def load_adapter(self, path: str | Path) -> AdapterMeta:
+        tensors, meta = load_adapter(path)
+        if meta.bundle_id and meta.bundle_id != self.manifest.bundle_id:
+            raise AdapterError(
+                f"{path}: adapter was made for bundle {meta.bundle_id[:12]}, "
+                f"this bundle is {self.manifest.bundle_id[:12]}"
+            )
+        self.set_tensors(tensors, where=str(path))  # type: ignore[attr-defined]
+        return meta
 
 
 def load_adapter(path: str | Path) -> tuple[dict[str, np.ndarray], AdapterMeta]:
@@ -186,7 +220,9 @@ def check_tensors(
         if arr.dtype != np.dtype(spec.dtype):
             raise AdapterError(f"{where}: tensor {name!r} has dtype {arr.dtype}, expected {spec.dtype}")
         if tuple(arr.shape) != tuple(spec.shape):
-            raise AdapterError(f"{where}: tensor {name!r} has shape {list(arr.shape)}, expected {list(spec.shape)}")
+            raise AdapterError(
+                f"{where}: tensor {name!r} has shape {list(arr.shape)}, expected {list(spec.shape)}"
+            )
         if not np.all(np.isfinite(arr)):
             raise AdapterError(f"{where}: tensor {name!r} has non-finite values")
         out[name] = np.array(arr, copy=True)

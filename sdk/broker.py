@@ -25,15 +25,11 @@ import threading
 import time
 from pathlib import Path
 
-from fedclip.sdk.errors import ConfigError, FedclipError
+from fedclip.sdk.errors import BrokerError, ConfigError
 
 log = logging.getLogger(__name__)
 
 LOCALHOST = "127.0.0.1"
-
-
-class BrokerError(FedclipError):
-    """A broker fedclip starts itself could not start or stop."""
 
 
 def free_port(host: str = LOCALHOST) -> int:

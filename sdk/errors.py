@@ -33,3 +33,23 @@ class DataError(FedclipError):
 
 class BackendError(FedclipError):
     """The requested ONNX Runtime backend or execution provider is not available."""
+
+
+class StateError(FedclipError):
+    """The agent's state dir cannot be read or written (full disk, read-only, corrupt)."""
+
+
+class BrokerError(FedclipError):
+    """A broker fedclip starts itself (embedded amqtt, mosquitto) could not start or stop."""
+
+
+class MqttError(FedclipError):
+    """The broker refused us, cannot be reached, or did not acknowledge in time."""
+
+
+class ConnectRefused(MqttError):
+    """The broker answered CONNACK with a refusal (bad credentials, not authorized, ...)."""
+
+
+class PublishTimeout(MqttError):
+    """A QoS>0 publish was not acknowledged before its deadline (it may still be delivered later)."""

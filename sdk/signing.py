@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import replace
@@ -27,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedclip.sdk.errors import ConfigError, WireError
+from fedclip.sdk.fsutil import atomic_write
 from fedclip.sdk.wire import Envelope, Message, tensors_digest
 
 SIGNATURE_FIELD = "signature"
@@ -54,24 +54,12 @@ def generate_key() -> Ed25519PrivateKey:
     return Ed25519PrivateKey.generate()
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    # 0600 from creation: the key never exists world-readable, not even for a moment.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_private_key(key: Ed25519PrivateKey, path: str | Path) -> Path:
     path = Path(path)
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    _write_private(path, pem)
+    atomic_write(path, pem, mode=0o600)  # 0600 from creation: never world-readable, even briefly
     return path
 
 
@@ -80,11 +68,7 @@ def save_public_key(key: Ed25519PublicKey | Ed25519PrivateKey, path: str | Path)
     if isinstance(key, Ed25519PrivateKey):
         key = key.public_key()
     pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(pem)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, pem, mode=0o644)
 
 
 def _read(path: Path, what: str) -> bytes:

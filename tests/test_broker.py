@@ -5,10 +5,11 @@ from __future__ import annotations
 import socket
 
 import pytest
-from fedclip.sdk.broker import BrokerError, EmbeddedBroker, MosquittoBroker, free_port
-from fedclip.sdk.errors import ConfigError
-from fedclip.sdk.mqtt import ConnectRefused, MqttSession
 from fixtures_broker import need_mosquitto
+
+from fedclip.sdk.broker import EmbeddedBroker, MosquittoBroker, free_port
+from fedclip.sdk.errors import BrokerError, ConfigError, ConnectRefused
+from fedclip.sdk.mqtt import MqttSession
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -12,9 +12,10 @@ import time
 import uuid
 
 import pytest
+
 from fedclip.sdk.broker import free_port
-from fedclip.sdk.errors import ConfigError, FedclipError
-from fedclip.sdk.mqtt import ConnectRefused, Incoming, MqttError, MqttSession, PublishTimeout, Will
+from fedclip.sdk.errors import ConfigError, ConnectRefused, FedclipError, MqttError, PublishTimeout
+from fedclip.sdk.mqtt import Incoming, MqttSession, Will
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -298,3 +299,15 @@ def test_embedded_broker_persistent_session(embedded_broker):
 def test_publish_to_wildcard_topic_is_an_mqtt_error(mosquitto):
     with MqttSession(mosquitto.url, "p") as s, pytest.raises(MqttError, match="cannot publish"):
         s.publish("t/+/x", b"x")
+
+
+def test_errors_live_in_sdk_errors_and_stay_importable_from_their_old_modules():
+    import fedclip.device_agent.state as state
+    import fedclip.sdk.broker as broker
+    import fedclip.sdk.errors as errors
+    import fedclip.sdk.mqtt as mqtt
+
+    assert mqtt.MqttError is errors.MqttError and issubclass(errors.MqttError, FedclipError)
+    assert mqtt.ConnectRefused is ConnectRefused and issubclass(ConnectRefused, MqttError)
+    assert mqtt.PublishTimeout is PublishTimeout and issubclass(PublishTimeout, MqttError)
+    assert broker.BrokerError is errors.BrokerError and state.StateError is errors.StateError

@@ -248,3 +248,31 @@ def test_personalized_versions_roll_out_per_agent(tmp_path):
         assert sent["alice"]["rollout_version"] == "g-r1" and sent["alice"]["rollout"] == rid
     finally:
         store.close()
+
+
+def test_two_processes_driving_one_rollout_decide_each_stage_once(tmp_path):
+    """`serve` and `rollout start --wait` share the database: a stage is decided by whoever is first,
+    and a manager without the adapter (a rollout started from a file) never promotes it."""
+    m = _manager(tmp_path)
+    other = RolloutManager(
+        _Recorder(), Topics("f"), RolloutStore(tmp_path / "r.sqlite"), generate_key(), DictSource()
+    )
+    fleet = {x: AgentInfo(x) for x in "abc"}
+    rid = m.start(RolloutParams("v1", Target.parse("all"), canary="1", stage_timeout=60), fleet)
+    (canary,) = m.store.stages(rid)[0].agents
+    m.handle(_ack_msg(canary, {"rollout": rid, "status": "installed", "version": "v1"}))
+    other.tick()  # the stage is due, but `other` cannot load v1: it leaves the promotion to `m`
+    assert m.store.get(rid).state == "canary" and other.session.published == []
+    m.tick()
+    sent = len(m.session.published)
+    assert m.store.get(rid).state == "promoted"
+    # a decision taken from a stale view loses the compare-and-set and publishes nothing
+    assert not other.store.finish_stage(rid, "canary", "failed", "late", None)
+    for x in set("abc") - {canary}:
+        other.handle(_ack_msg(x, {"rollout": rid, "status": "installed", "version": "v1"}))
+    other.tick()  # the rest stage needs no adapter: `other` completes it
+    m.tick()
+    assert m.store.get(rid).state == "complete" and len(m.session.published) == sent
+    events = [text for _, text in m.store.events(rid)]
+    assert sum("canary passed" in t for t in events) == 1, events
+    assert sum(t.startswith("rest: sent") for t in events) == 1, events

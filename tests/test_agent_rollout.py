@@ -1,0 +1,69 @@
+"""Signed rollouts reaching a real `fedclip-agent start` process: the retained status follows every
+switch at once, and rolling back a rollout returns inference to the adapter it replaced.
+
+Real parts: mosquitto, the agent subprocess (ONNX Runtime, Fashion-MNIST PNGs, its state dir),
+Ed25519-signed adapters and rollback commands as the coordinator sends them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_agent_fleet import FLEET, agent_factory, coordinator_factory, fmnist_dir  # noqa: F401
+
+from fedclip.device_agent.state import current_adapter_path, read_record
+from fedclip.sdk.adapters import load_adapter
+from fedclip.sdk.signing import ensure_keypair, sign_envelope
+from fedclip.sdk.wire import Envelope, MsgType, encode
+
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(600)]
+
+
+def test_rollout_switches_status_and_rollback_restores_the_previous_adapter(
+    mosquitto,
+    coordinator_factory,  # noqa: F811
+    agent_factory,  # noqa: F811
+    tmp_path,
+):
+    key, pub = ensure_keypair(tmp_path / "keys")
+    coord = coordinator_factory(mosquitto.url)
+    agent = agent_factory(mosquitto.url, extra=("--coordinator-key", str(pub)))
+    coord.wait_status(agent, lambda b: b["state"] == "online" and b["adapter_version"] == "", "online")
+    bundle_id = coord.manifest.bundle_id
+
+    def push(rid: int, version: str, tensors: dict) -> None:
+        body = {"rollout": rid, "stage": "rest", "version": version, "bundle_id": bundle_id}
+        env = Envelope(MsgType.ADAPTER, FLEET, agent.id, base_version=version, body=body)
+        coord.publish(coord.topics.adapter(agent.id), encode(sign_envelope(key, env, tensors), tensors), True)
+
+    def rollback(rid: int, version: str) -> None:
+        body = {"command": "rollback", "rollout": rid, "version": version, "reason": "test"}
+        env = sign_envelope(key, Envelope(MsgType.COMMAND, FLEET, agent.id, body=body))
+        coord.publish(coord.topics.agent(agent.id, "command"), encode(env), True)
+
+    def on(version: str | None, what: str) -> None:
+        # The retained status is republished by the agent itself: no reconnect happens in this test.
+        coord.wait_status(agent, lambda b: b["adapter_version"] == (version or ""), what)
+        assert read_record(agent.state)["current_adapter"] == version
+
+    # A first rollout onto an agent that never had an adapter, then its rollback.
+    push(1, "r1", coord.starting_adapter(11))
+    on("r1", "status naming rollout 1's adapter")
+    rollback(1, "r1")
+    on(None, "status after rolling back the first rollout")
+    assert current_adapter_path(agent.state) is None  # inference is on the bundle's own adapter again
+
+    # A round installs the task's starting adapter; a rollout replaces it; the rollback brings it back.
+    coord.send_task(agent.id, 1)
+    coord.wait_update(agent, 1)
+    on("start-1", "status after round 1")
+    push(2, "r2", coord.starting_adapter(22))
+    on("r2", "status naming rollout 2's adapter")
+    rollback(2, "r2")
+    on("start-1", "status after rolling back rollout 2")
+    tensors, meta = load_adapter(current_adapter_path(agent.state))
+    assert meta.version == "start-1"
+    for name, value in coord.starting_adapter(1).items():
+        np.testing.assert_array_equal(tensors[name], value)
+    assert "rolled back: r2 -> start-1" in agent.text()
+    assert agent.terminate() == 0

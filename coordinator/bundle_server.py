@@ -9,7 +9,6 @@ is given, because a fleet usually reaches the coordinator through a VPN or a rev
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 from http import HTTPStatus
@@ -18,6 +17,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from fedclip.sdk.errors import ConfigError
+from fedclip.sdk.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -179,16 +179,7 @@ class BundleServer:
 
 def publish_file(root: str | Path, name: str, data: bytes) -> Path:
     """Place `data` under the served root atomically (adapters too large for MQTT go here)."""
-    root = Path(root)
-    path = root / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return atomic_write(Path(root) / name, data)
 
 
 __all__ = ["BundleServer", "publish_file"]

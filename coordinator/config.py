@@ -44,6 +44,9 @@ class CoordConfig:
     key_file: str | None = None
     insecure: bool = False
     publish_timeout: float = 30.0
+    http: bool = True  # serve the bundle (and large adapters) over HTTP next to MQTT
+    http_host: str = "127.0.0.1"  # a fleet usually reaches it through a VPN or a reverse proxy
+    http_port: int = 0  # 0: a free port (logged, and in the coordinator's retained status)
 
     def __post_init__(self) -> None:
         check_id(self.fleet, "fleet")
@@ -55,6 +58,8 @@ class CoordConfig:
         for name in ("round_timeout", "lr", "max_payload_mb", "publish_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.http_port <= 65535:
+            raise ConfigError(f"http_port: must be 0..65535, got {self.http_port}")
         for name in ("max_steps", "noise_std", "max_update_norm", "clients_per_round"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")

@@ -1,62 +1,125 @@
-"""What the coordinator knows of the agents, from their retained status topics."""
+"""What the coordinator knows of the agents, from their retained status topics.
+
+The one parser of agent status messages: the round loop (`Fleet`), rollouts (target groups, which
+agents are online) and the CLI's snapshot (`read_fleet`) all go through `status_from_message`.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from fedclip.sdk.errors import WireError
-from fedclip.sdk.wire import Message, MsgType
+from fedclip.sdk.ids import ID_PATTERN
+from fedclip.sdk.wire import Message, MsgType, Topics, decode
+
+log = logging.getLogger(__name__)
+
+MAX_STATUS_BYTES = 1 << 20
+_INFO_KEYS = ("versions", "device", "groups", "notice")
 
 
-@dataclass
-class AgentState:
-    agent: str
-    online: bool
+@dataclass(frozen=True)
+class AgentInfo:
+    """One agent as its last retained status describes it."""
+
+    id: str
+    online: bool = True
+    groups: tuple[str, ...] = ()  # from the agent's config (site, hardware, ...): rollout targets
     bundle_id: str = ""
     adapter_version: str = ""
     last_round: int = -1
-    info: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     seen_at: float = 0.0
 
 
-class Fleet:
-    def __init__(self) -> None:
-        self.agents: dict[str, AgentState] = {}
+def status_from_message(topic_agent: str, msg: Message) -> AgentInfo:
+    """Validate a decoded status against the topic it came on; WireError says what is wrong."""
+    env = msg.envelope
+    if env.type is not MsgType.STATUS:
+        raise WireError(f"status of {topic_agent}: unexpected message type {env.type.value!r}")
+    if env.agent != topic_agent:
+        raise WireError(f"status on the topic of {topic_agent!r} claims to be from {env.agent!r}")
+    body = env.body
+    state = body.get("state")
+    if state not in ("online", "offline"):
+        raise WireError(f"status of {topic_agent}: field 'state' must be online or offline, got {state!r}")
+    last_round = body.get("last_round", -1)
+    raw_groups = body.get("groups", [])
+    groups = raw_groups if isinstance(raw_groups, list) else []
+    return AgentInfo(
+        id=topic_agent,
+        online=state == "online",
+        groups=tuple(g for g in groups if isinstance(g, str) and ID_PATTERN.match(g)),
+        bundle_id=str(body.get("bundle_id", "") or "")[:128],
+        adapter_version=str(body.get("adapter_version", "") or "")[:128],
+        last_round=last_round if isinstance(last_round, int) and not isinstance(last_round, bool) else -1,
+        info={k: body[k] for k in _INFO_KEYS if k in body},
+        seen_at=time.time(),
+    )
 
-    def on_status(self, topic_agent: str, msg: Message | None) -> AgentState | None:
-        """Apply one status message; None (an emptied retained topic) forgets the agent."""
-        if msg is None:
-            self.agents.pop(topic_agent, None)
+
+def decode_status(topics: Topics, topic_agent: str, payload: bytes) -> AgentInfo:
+    """Decode and validate the payload of `agents/<topic_agent>/status`; WireError if it is bad."""
+    msg = decode(
+        payload,
+        fleet=topics.fleet,
+        expect=MsgType.STATUS,
+        max_bytes=MAX_STATUS_BYTES,
+        where=f"status of {topic_agent}",
+    )
+    return status_from_message(topic_agent, msg)
+
+
+def parse_status(topics: Topics, topic: str, payload: bytes) -> AgentInfo | None:
+    """An agent's status from any topic: None for other topics, emptied topics and bad statuses."""
+    try:
+        agent, kind = topics.parse_agent(topic)
+        if kind != "status" or not payload:
             return None
-        env = msg.envelope
-        if env.type is not MsgType.STATUS:
-            raise WireError(f"status of {topic_agent}: unexpected message type {env.type.value!r}")
-        if env.agent != topic_agent:
-            raise WireError(f"status on the topic of {topic_agent!r} claims to be from {env.agent!r}")
-        body = env.body
-        state = body.get("state")
-        if state not in ("online", "offline"):
-            raise WireError(
-                f"status of {topic_agent}: field 'state' must be online or offline, got {state!r}"
-            )
-        last_round = body.get("last_round", -1)
-        info = {k: body[k] for k in ("versions", "device", "groups", "notice") if k in body}
-        a = AgentState(
-            agent=topic_agent,
-            online=state == "online",
-            bundle_id=str(body.get("bundle_id", ""))[:128],
-            adapter_version=str(body.get("adapter_version", "") or "")[:128],
-            last_round=last_round if isinstance(last_round, int) and not isinstance(last_round, bool) else -1,
-            info=info,
-            seen_at=time.time(),
-        )
-        self.agents[topic_agent] = a
-        return a
+        return decode_status(topics, agent, payload)
+    except WireError as e:
+        log.debug("dropped: %s", e)
+        return None
+
+
+def read_fleet(
+    session: Any, topics: Topics, quiet: float = 0.5, timeout: float = 5.0
+) -> dict[str, AgentInfo]:
+    """Subscribe to every agent's retained status and collect them until `quiet` s pass without one.
+
+    For commands that run apart from `serve` (its `Fleet` keeps the same view while it runs).
+    """
+    session.subscribe(topics.all_agents("status"), qos=1)
+    fleet: dict[str, AgentInfo] = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        incoming = session.get(timeout=quiet)
+        if incoming is None:
+            break
+        info = parse_status(topics, incoming.topic, incoming.payload)
+        if info is not None:
+            fleet[info.id] = info
+    return fleet
+
+
+class Fleet:
+    """The agents the round loop knows, kept up to date from their retained statuses."""
+
+    def __init__(self) -> None:
+        self.agents: dict[str, AgentInfo] = {}
+
+    def on_status(self, topic_agent: str, info: AgentInfo | None) -> None:
+        """Apply one status; None (an emptied retained topic) forgets the agent."""
+        if info is None:
+            self.agents.pop(topic_agent, None)
+        else:
+            self.agents[topic_agent] = info
 
     def compatible_online(self, bundle_id: str) -> list[str]:
-        return sorted(a.agent for a in self.agents.values() if a.online and a.bundle_id == bundle_id)
+        return sorted(a.id for a in self.agents.values() if a.online and a.bundle_id == bundle_id)
 
     def online_count(self) -> int:
         return sum(a.online for a in self.agents.values())

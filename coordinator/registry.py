@@ -15,8 +15,16 @@ import numpy as np
 
 from fedclip.coordinator.store import Store, VersionRow
 from fedclip.coordinator.strategies.base import AdapterRef, AggregateResult
-from fedclip.sdk.adapters import AdapterMeta, adapter_bytes, adapter_from_bytes, save_adapter
-from fedclip.sdk.errors import AdapterError
+from fedclip.sdk.adapters import (
+    AdapterMeta,
+    adapter_bytes,
+    adapter_from_bytes,
+    check_tensors,
+    decode_tensors,
+    save_adapter,
+)
+from fedclip.sdk.errors import AdapterError, ConfigError
+from fedclip.sdk.manifest import Manifest
 
 GLOBAL = "global"
 INITIAL_VERSION = "g-r0"
@@ -143,3 +151,27 @@ class Registry:
     def export(self, version: str, out: str | Path) -> Path:
         tensors, meta = self.load(version)
         return save_adapter(out, tensors, meta)
+
+
+def load_initial_adapter(bundle_dir: str | Path, manifest: Manifest) -> dict[str, np.ndarray]:
+    """The exchanged tensors' starting values, as exported.
+
+    From the bundle's `initial_adapter.safetensors` when it has one; otherwise from the inference
+    graph, whose adapter tensors are initializers named like the torch parameters (internals.md).
+    """
+    bundle_dir = Path(bundle_dir)
+    wanted = {t.name for t in manifest.exchanged}
+    path = bundle_dir / "initial_adapter.safetensors"
+    if path.is_file():
+        found, _ = decode_tensors(path.read_bytes(), str(path))
+    else:
+        graph = manifest.graphs.get("inference")
+        if graph is None:
+            raise ConfigError(f"{bundle_dir}: no initial_adapter.safetensors, no inference graph")
+        import onnx
+        from onnx import numpy_helper
+
+        model = onnx.load(str(bundle_dir / graph.file), load_external_data=True)
+        found = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name in wanted}
+        path = bundle_dir / graph.file
+    return check_tensors({k: v for k, v in found.items() if k in wanted}, manifest.exchanged, str(path))

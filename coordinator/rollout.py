@@ -18,11 +18,8 @@ and a restarted coordinator continues the state machine (`RolloutManager.tick`).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,42 +30,50 @@ from typing import Any, Protocol
 import numpy as np
 
 from fedclip.coordinator.bundle_server import publish_file
+from fedclip.coordinator.fleet import AgentInfo, parse_status, read_fleet
+from fedclip.coordinator.rollout_store import (
+    ACK_STATUSES,
+    CANARY,
+    COMPLETE,
+    DB_NAME,
+    FINAL_STATES,
+    INSTALLED,
+    PIN,
+    PINNED,
+    PROMOTED,
+    REJECTED,
+    REST,
+    ROLLED_BACK,
+    ROLLED_BACK_ACK,
+    RUNNING_CANARY,
+    Ack,
+    RolloutError,
+    RolloutRow,
+    RolloutStore,
+    StageRow,
+)
 from fedclip.sdk.adapters import AdapterMeta, adapter_bytes
 from fedclip.sdk.errors import ConfigError, FedclipError, WireError
 from fedclip.sdk.hashing import sha256_bytes
-from fedclip.sdk.ids import ID_PATTERN, check_id
+from fedclip.sdk.ids import check_id
 from fedclip.sdk.signing import Ed25519PrivateKey, sign_envelope
 from fedclip.sdk.wire import DEFAULT_MAX_PAYLOAD, Envelope, MsgType, Topics, decode, encode
 
 log = logging.getLogger(__name__)
 
-DB_NAME = "rollout.sqlite"
-CANARY, REST, PIN = "canary", "rest", "pin"
+KEY_DIR = "keys"  # <state>/keys: the coordinator's Ed25519 key pair (`ensure_keypair`)
 
-# rollout states
-RUNNING_CANARY, PROMOTED, COMPLETE, ROLLED_BACK = "canary", "promoted", "complete", "rolled_back"
-FINAL_STATES = (COMPLETE, ROLLED_BACK)
-# ack statuses an agent can send
-INSTALLED, REJECTED, ROLLED_BACK_ACK, PINNED = "installed", "rejected", "rolled_back", "pinned"
-ACK_STATUSES = (INSTALLED, REJECTED, ROLLED_BACK_ACK, PINNED)
-
-
-class RolloutError(FedclipError):
-    """A rollout cannot start or be changed as asked."""
+# The database part and the fleet view live in their own modules; these names stay importable here.
+__all__ = [
+    "ACK_STATUSES", "CANARY", "COMPLETE", "DB_NAME", "FINAL_STATES", "INSTALLED", "KEY_DIR", "PIN", "PINNED",
+    "PROMOTED", "REJECTED", "REST", "ROLLED_BACK", "ROLLED_BACK_ACK", "RUNNING_CANARY", "Ack",
+    "AdapterSource", "AgentInfo", "Decision", "DictSource", "RegistrySource", "RolloutError",
+    "RolloutManager", "RolloutParams", "RolloutRow", "RolloutStore", "StageRow", "Target", "decide",
+    "parse_canary", "parse_status", "read_fleet", "select_canary",
+]  # fmt: skip
 
 
 # ---- targets and canaries ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AgentInfo:
-    """What a rollout needs to know about an agent (from its retained status)."""
-
-    id: str
-    online: bool = True
-    groups: tuple[str, ...] = ()
-    bundle_id: str = ""
-    adapter_version: str = ""
 
 
 @dataclass(frozen=True)
@@ -135,26 +140,6 @@ def select_canary(targets: Sequence[str], fleet: Mapping[str, AgentInfo], spec: 
         return (0 if online else 1, sha256(f"{salt}/{agent}".encode()).hexdigest())
 
     return sorted(sorted(targets, key=order)[:n])
-
-
-@dataclass(frozen=True)
-class Ack:
-    agent: str
-    status: str
-    version: str = ""
-    new_accuracy: float | None = None
-    current_accuracy: float | None = None
-    new_loss: float | None = None
-    current_loss: float | None = None
-    num_samples: int = 0
-    reason: str = ""
-
-    @property
-    def regression(self) -> float | None:
-        """Accuracy lost, in percentage points (negative: the new adapter is better)."""
-        if self.new_accuracy is None or self.current_accuracy is None:
-            return None
-        return (self.current_accuracy - self.new_accuracy) * 100.0
 
 
 @dataclass(frozen=True)
@@ -237,323 +222,6 @@ class DictSource:
         if version not in self.versions:
             raise RolloutError(f"adapter version {version!r} is unknown")
         return self.versions[version]
-
-
-# ---- the database --------------------------------------------------------------------------------
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS rollouts(
-    id INTEGER PRIMARY KEY AUTOINCREMENT, version TEXT NOT NULL, target TEXT NOT NULL,
-    canary TEXT NOT NULL, max_regression REAL NOT NULL, min_acks REAL NOT NULL,
-    stage_timeout REAL NOT NULL, state TEXT NOT NULL, reason TEXT, created_at REAL NOT NULL,
-    updated_at REAL NOT NULL, skipped TEXT NOT NULL DEFAULT '[]', targets TEXT NOT NULL DEFAULT '[]');
-CREATE TABLE IF NOT EXISTS rollout_stages(
-    rollout INTEGER NOT NULL, name TEXT NOT NULL, agents TEXT NOT NULL, state TEXT NOT NULL,
-    started_at REAL, deadline REAL, decided_at REAL, mean_regression REAL, reason TEXT,
-    PRIMARY KEY(rollout, name));
-CREATE TABLE IF NOT EXISTS rollout_acks(
-    rollout INTEGER NOT NULL, agent TEXT NOT NULL, stage TEXT NOT NULL, status TEXT NOT NULL,
-    version TEXT, new_accuracy REAL, current_accuracy REAL, new_loss REAL, current_loss REAL,
-    num_samples INTEGER, reason TEXT, at REAL NOT NULL, PRIMARY KEY(rollout, agent));
-CREATE TABLE IF NOT EXISTS rollout_pins(agent TEXT PRIMARY KEY, version TEXT NOT NULL, at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS rollout_events(
-    id INTEGER PRIMARY KEY AUTOINCREMENT, rollout INTEGER, at REAL NOT NULL, event TEXT NOT NULL);
-"""
-
-
-@dataclass(frozen=True)
-class RolloutRow:
-    id: int
-    version: str
-    target: str
-    canary: str
-    max_regression: float
-    min_acks: float
-    stage_timeout: float
-    state: str
-    reason: str
-    created_at: float
-    updated_at: float
-    skipped: tuple[str, ...]
-    targets: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class StageRow:
-    rollout: int
-    name: str
-    agents: tuple[str, ...]
-    state: str  # "running", "passed", "failed", "done"
-    started_at: float | None
-    deadline: float | None
-    decided_at: float | None
-    mean_regression: float | None
-    reason: str
-
-
-class RolloutStore:
-    """The rollout tables in their own SQLite file (WAL). Thread-safe through one lock."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode survives a process crash; an OS crash may lose the last acks, which
-            # agents send again on their next status anyway (acks are idempotent upserts).
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute("PRAGMA busy_timeout=5000")
-            self._conn.executescript(_SCHEMA)
-        except sqlite3.Error as e:
-            raise RolloutError(f"{self.path}: cannot open the rollout database ({e})") from None
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-    def _tx(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                out = fn(self._conn)
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
-            return out
-
-    def _q(self, sql: str, args: tuple = ()) -> list[tuple]:
-        with self._lock:
-            return self._conn.execute(sql, args).fetchall()
-
-    # rollouts
-    def create(
-        self,
-        version: str,
-        target: str,
-        canary: str,
-        max_regression: float,
-        min_acks: float,
-        stage_timeout: float,
-        skipped: Sequence[str],
-        targets: Sequence[str],
-    ) -> int:
-        now = time.time()
-
-        def fn(c: sqlite3.Connection) -> int:
-            cur = c.execute(
-                "INSERT INTO rollouts(version, target, canary, max_regression, min_acks, stage_timeout,"
-                " state, reason, created_at, updated_at, skipped, targets) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    version,
-                    target,
-                    canary,
-                    max_regression,
-                    min_acks,
-                    stage_timeout,
-                    RUNNING_CANARY,
-                    "",
-                    now,
-                    now,
-                    json.dumps(sorted(skipped)),
-                    json.dumps(sorted(targets)),
-                ),
-            )
-            rid = int(cur.lastrowid)
-            c.execute(
-                "INSERT INTO rollout_events(rollout, at, event) VALUES(?,?,?)",
-                (rid, now, f"started {version} to {target}"),
-            )
-            return rid
-
-        return self._tx(fn)
-
-    def set_state(self, rid: int, state: str, reason: str) -> None:
-        now = time.time()
-
-        def fn(c: sqlite3.Connection) -> None:
-            c.execute(
-                "UPDATE rollouts SET state=?, reason=?, updated_at=? WHERE id=?", (state, reason, now, rid)
-            )
-            c.execute(
-                "INSERT INTO rollout_events(rollout, at, event) VALUES(?,?,?)",
-                (rid, now, f"{state}: {reason}"),
-            )
-
-        self._tx(fn)
-
-    def get(self, rid: int) -> RolloutRow | None:
-        rows = self._q("SELECT * FROM rollouts WHERE id=?", (rid,))
-        return _rollout(rows[0]) if rows else None
-
-    def rollouts(self, limit: int = 50) -> list[RolloutRow]:
-        return [_rollout(r) for r in self._q("SELECT * FROM rollouts ORDER BY id DESC LIMIT ?", (limit,))]
-
-    def active(self) -> list[RolloutRow]:
-        marks = ",".join("?" * len(FINAL_STATES))
-        return [
-            _rollout(r)
-            for r in self._q(f"SELECT * FROM rollouts WHERE state NOT IN ({marks}) ORDER BY id", FINAL_STATES)
-        ]
-
-    # stages
-    def add_stage(self, rid: int, name: str, agents: Sequence[str], deadline: float) -> None:
-        now = time.time()
-        self._tx(
-            lambda c: c.execute(
-                "INSERT OR REPLACE INTO rollout_stages VALUES(?,?,?,?,?,?,?,?,?)",
-                (rid, name, json.dumps(sorted(agents)), "running", now, deadline, None, None, ""),
-            )
-        )
-
-    def finish_stage(
-        self, rid: int, name: str, state: str, reason: str, mean_regression: float | None
-    ) -> None:
-        self._tx(
-            lambda c: c.execute(
-                "UPDATE rollout_stages SET state=?, reason=?, mean_regression=?, decided_at=?"
-                " WHERE rollout=? AND name=?",
-                (state, reason, mean_regression, time.time(), rid, name),
-            )
-        )
-
-    def stages(self, rid: int) -> list[StageRow]:
-        rows = self._q("SELECT * FROM rollout_stages WHERE rollout=? ORDER BY started_at", (rid,))
-        return [
-            StageRow(r[0], r[1], tuple(json.loads(r[2])), r[3], r[4], r[5], r[6], r[7], r[8] or "")
-            for r in rows
-        ]
-
-    def stage_names(self, rid: int) -> tuple[str, ...]:
-        return tuple(
-            r[0] for r in self._q("SELECT name FROM rollout_stages WHERE rollout=? ORDER BY name", (rid,))
-        )
-
-    # acks
-    def record_ack(self, rid: int, stage: str, ack: Ack) -> None:
-        """Upsert: a later ack replaces the status; metrics already known are kept when it has none."""
-        self._tx(
-            lambda c: c.execute(
-                "INSERT INTO rollout_acks VALUES(?,?,?,?,?,?,?,?,?,?,?,?)"
-                " ON CONFLICT(rollout, agent) DO UPDATE SET status=excluded.status, version=excluded.version,"
-                " reason=excluded.reason, at=excluded.at,"
-                " new_accuracy=coalesce(excluded.new_accuracy, new_accuracy),"
-                " current_accuracy=coalesce(excluded.current_accuracy, current_accuracy),"
-                " new_loss=coalesce(excluded.new_loss, new_loss),"
-                " current_loss=coalesce(excluded.current_loss, current_loss),"
-                " num_samples=max(excluded.num_samples, num_samples)",
-                (
-                    rid,
-                    ack.agent,
-                    stage,
-                    ack.status,
-                    ack.version,
-                    ack.new_accuracy,
-                    ack.current_accuracy,
-                    ack.new_loss,
-                    ack.current_loss,
-                    ack.num_samples,
-                    ack.reason,
-                    time.time(),
-                ),
-            )
-        )
-
-    def acks(self, rid: int, stage: str | None = None) -> list[Ack]:
-        sql, args = "SELECT * FROM rollout_acks WHERE rollout=?", (rid,)
-        if stage:
-            sql, args = sql + " AND stage=?", (rid, stage)
-        return [
-            Ack(r[1], r[3], r[4] or "", r[5], r[6], r[7], r[8], r[9] or 0, r[10] or "")
-            for r in self._q(sql + " ORDER BY agent", args)
-        ]
-
-    # pins
-    def pin(self, agent: str, version: str) -> None:
-        self._tx(
-            lambda c: c.execute(
-                "INSERT OR REPLACE INTO rollout_pins VALUES(?,?,?)", (agent, version, time.time())
-            )
-        )
-
-    def unpin(self, agent: str) -> bool:
-        return self._tx(lambda c: c.execute("DELETE FROM rollout_pins WHERE agent=?", (agent,)).rowcount) > 0
-
-    def pins(self) -> dict[str, str]:
-        return dict(self._q("SELECT agent, version FROM rollout_pins ORDER BY agent"))
-
-    def event(self, rid: int | None, text: str) -> None:
-        self._tx(
-            lambda c: c.execute(
-                "INSERT INTO rollout_events(rollout, at, event) VALUES(?,?,?)", (rid, time.time(), text)
-            )
-        )
-
-    def events(self, rid: int) -> list[tuple[float, str]]:
-        return self._q("SELECT at, event FROM rollout_events WHERE rollout=? ORDER BY id", (rid,))
-
-
-def _rollout(r: tuple) -> RolloutRow:
-    return RolloutRow(
-        r[0],
-        r[1],
-        r[2],
-        r[3],
-        r[4],
-        r[5],
-        r[6],
-        r[7],
-        r[8] or "",
-        r[9],
-        r[10],
-        tuple(json.loads(r[11] or "[]")),
-        tuple(json.loads(r[12] or "[]")),
-    )
-
-
-# ---- fleet view from retained statuses -----------------------------------------------------------
-
-
-def read_fleet(
-    session: Any, topics: Topics, quiet: float = 0.5, timeout: float = 5.0
-) -> dict[str, AgentInfo]:
-    """Subscribe to every agent's retained status and collect them until `quiet` s pass without one.
-
-    The coordinator's `fleet` module keeps the same view while it runs; this is for the CLI.
-    """
-    session.subscribe(topics.all_agents("status"), qos=1)
-    fleet: dict[str, AgentInfo] = {}
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        incoming = session.get(timeout=quiet)
-        if incoming is None:
-            break
-        info = parse_status(topics, incoming.topic, incoming.payload)
-        if info is not None:
-            fleet[info.id] = info
-    return fleet
-
-
-def parse_status(topics: Topics, topic: str, payload: bytes) -> AgentInfo | None:
-    try:
-        agent, kind = topics.parse_agent(topic)
-        if kind != "status" or not payload:
-            return None
-        msg = decode(payload, fleet=topics.fleet, expect=MsgType.STATUS, where=f"status on {topic}")
-    except WireError as e:
-        log.debug("dropped: %s", e)
-        return None
-    body = msg.envelope.body
-    groups = tuple(g for g in body.get("groups", []) if isinstance(g, str) and ID_PATTERN.match(g))
-    return AgentInfo(
-        agent,
-        body.get("state") == "online",
-        groups,
-        str(body.get("bundle_id", "")),
-        str(body.get("adapter_version", "")),
-    )
 
 
 # ---- the state machine ---------------------------------------------------------------------------
@@ -817,16 +485,20 @@ class RolloutManager:
         decision = decide(acks, current.agents, row.max_regression, row.min_acks)
         if current.name == CANARY:
             if decision.promote:
-                self.store.finish_stage(row.id, CANARY, "passed", decision.reason, decision.mean_regression)
+                rest = self._rest_targets(row, current.agents)
+                if rest and not self._can_send(row.version, rest[0]):
+                    return  # started from a file this process does not have: its own command promotes
+                if not self.store.finish_stage(
+                    row.id, CANARY, "passed", decision.reason, decision.mean_regression
+                ):
+                    return  # another process (serve, watch, start --wait) decided it first
                 self.store.set_state(row.id, PROMOTED, decision.reason)
                 self._say(row.id, f"canary passed: {decision.reason}; promoting")
-                rest = self._rest_targets(row, current.agents)
                 if rest:
                     self._begin_stage(row.id, REST, rest, params)
                 else:
                     self.store.set_state(row.id, COMPLETE, decision.reason)
-            else:
-                self.store.finish_stage(row.id, CANARY, "failed", decision.reason, decision.mean_regression)
+            elif self.store.finish_stage(row.id, CANARY, "failed", decision.reason, decision.mean_regression):
                 self._say(row.id, f"canary failed: {decision.reason}")
                 self.rollback(row.id, f"automatic: {decision.reason}")
             return
@@ -835,9 +507,18 @@ class RolloutManager:
         summary = f"{decision.acked} of {decision.expected} acknowledged" + (
             f", {pending} pending (retained for when they reconnect)" if pending else ""
         )
-        self.store.finish_stage(row.id, REST, "done", summary, decision.mean_regression)
+        if not self.store.finish_stage(row.id, REST, "done", summary, decision.mean_regression):
+            return
         self.store.set_state(row.id, COMPLETE, summary)
         self._say(row.id, f"complete: {summary}")
+
+    def _can_send(self, version: str, agent: str) -> bool:
+        try:
+            self.adapters.load_for(version, agent)
+        except FedclipError as e:
+            log.debug("rollout of %s: not promoting here (%s)", version, e)
+            return False
+        return True
 
     def _rest_targets(self, row: RolloutRow, canary: Sequence[str]) -> list[str]:
         pins = self.store.pins()  # agents pinned since the start are left out too

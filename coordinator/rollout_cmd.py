@@ -9,6 +9,8 @@ running; `serve` also drives open rollouts (acks and stage decisions) while it r
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -18,6 +20,7 @@ from rich.table import Table
 from fedclip.coordinator.rollout import (
     DB_NAME,
     FINAL_STATES,
+    KEY_DIR,
     ROLLED_BACK,
     DictSource,
     RegistrySource,
@@ -37,8 +40,6 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-
-KEY_DIR = "keys"
 
 _STATE = typer.Option(
     Path("coordinator-state"), "--state", help="Coordinator state dir (database, keys, registry)."
@@ -138,6 +139,30 @@ def _manager(
     )
 
 
+@contextmanager
+def _connected(
+    state: Path,
+    broker: str,
+    fleet: str,
+    username: str | None,
+    password_file: Path | None,
+    ca_file: Path | None,
+    source,
+    console: Console,
+    **manager_options,
+) -> Iterator[RolloutManager]:
+    """A manager on its own persistent MQTT session; both closed when the command ends."""
+    session = _session(broker, fleet, username, password_file, ca_file)
+    try:
+        manager = _manager(state, session, fleet, source, console, **manager_options)
+        try:
+            yield manager
+        finally:
+            manager.store.close()
+    finally:
+        session.close()
+
+
 @app.command()
 def start(
     version: str = typer.Argument(
@@ -180,11 +205,11 @@ def start(
     console = Console()
     version, source = _source(state, version)
     params = RolloutParams(version, Target.parse(to), canary, max_regression, min_acks, stage_timeout)
-    session = _session(broker, fleet, username, password_file, ca_file)
-    try:
-        manager = _manager(state, session, fleet, source, console, url_root, url_base, inline_limit_kb)
+    broker_args = (broker, fleet, username, password_file, ca_file)
+    limits = dict(url_root=url_root, url_base=url_base, inline_limit_kb=inline_limit_kb)
+    with _connected(state, *broker_args, source, console, **limits) as manager:
         manager.subscribe()
-        snapshot = _session(broker, fleet, username, password_file, ca_file, persistent=False)
+        snapshot = _session(*broker_args, persistent=False)
         try:
             agents = read_fleet(snapshot, manager.topics, quiet=fleet_wait, timeout=max(5.0, fleet_wait * 5))
         finally:
@@ -197,9 +222,7 @@ def start(
             )
             return
         row = _watch(manager, rid, wait_timeout, console)
-    finally:
-        session.close()
-    _print_rollout(console, manager.store, rid)
+        _print_rollout(console, manager.store, rid)
     if row.state == ROLLED_BACK:
         raise SystemExit(1)  # sdk.cli.run turns typer.Exit into 0 outside standalone mode
 
@@ -217,18 +240,14 @@ def watch(
 ) -> None:
     """Record acks and take the stage decisions of a running rollout until it completes or rolls back."""
     console = Console()
-    session = _session(broker, fleet, username, password_file, ca_file)
-    try:
-        manager = _manager(state, session, fleet, DictSource(), console)
+    with _connected(state, broker, fleet, username, password_file, ca_file, DictSource(), console) as manager:
         row = manager.store.get(rollout_id)
         if row is None:
             raise RolloutError(f"rollout {rollout_id} does not exist")
         _, manager.adapters = _source(state, row.version)
         manager.subscribe()
         row = _watch(manager, rollout_id, wait_timeout, console)
-    finally:
-        session.close()
-    _print_rollout(console, manager.store, rollout_id)
+        _print_rollout(console, manager.store, rollout_id)
     if row.state == ROLLED_BACK:
         raise SystemExit(1)  # sdk.cli.run turns typer.Exit into 0 outside standalone mode
 
@@ -279,11 +298,8 @@ def rollback(
 ) -> None:
     """Send every agent of a rollout a signed rollback to the adapter it had before."""
     console = Console()
-    session = _session(broker, fleet, username, password_file, ca_file)
-    try:
-        _manager(state, session, fleet, DictSource(), console).rollback(rollout_id, "rolled back by operator")
-    finally:
-        session.close()
+    with _connected(state, broker, fleet, username, password_file, ca_file, DictSource(), console) as manager:
+        manager.rollback(rollout_id, "rolled back by operator")
 
 
 @app.command()
@@ -300,11 +316,8 @@ def pin(
     """Keep AGENT on VERSION: rollouts leave it out until `unpin`."""
     console = Console()
     version, source = _source(state, version)
-    session = _session(broker, fleet, username, password_file, ca_file)
-    try:
-        _manager(state, session, fleet, source, console).pin(agent, version)
-    finally:
-        session.close()
+    with _connected(state, broker, fleet, username, password_file, ca_file, source, console) as manager:
+        manager.pin(agent, version)
     console.print(f"{agent} pinned to {version}")
 
 
@@ -320,11 +333,8 @@ def unpin(
 ) -> None:
     """Let AGENT take part in rollouts again."""
     console = Console()
-    session = _session(broker, fleet, username, password_file, ca_file)
-    try:
-        _manager(state, session, fleet, DictSource(), console).unpin(agent)
-    finally:
-        session.close()
+    with _connected(state, broker, fleet, username, password_file, ca_file, DictSource(), console) as manager:
+        manager.unpin(agent)
     console.print(f"{agent} unpinned")
 
 

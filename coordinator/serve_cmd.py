@@ -78,10 +78,19 @@ def serve(
     trim_fraction: float | None = typer.Option(None, help="trimmed-mean: share dropped at each end."),
     max_update_norm: float | None = typer.Option(None, help="L2 bound on an update (0: none)."),
     norm_action: str | None = typer.Option(None, help="What to do above the bound: clip or reject."),
+    http: bool | None = typer.Option(
+        None, "--http/--no-http", help="Serve the bundle over HTTP for agents (default: on)."
+    ),
+    http_host: str | None = typer.Option(None, help="Address of the bundle server (default 127.0.0.1)."),
+    http_port: int | None = typer.Option(None, help="Port of the bundle server (default 0: a free one)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Run federated rounds over MQTT until --rounds rounds are aggregated; resumes from --state."""
+    """Run federated rounds over MQTT until --rounds rounds are aggregated; resumes from --state.
+
+    Meanwhile it serves the bundle over HTTP (URL logged and in the retained coordinator status),
+    signs with the key in <state>/keys (made on first start) and drives open rollouts.
+    """
     from fedclip.coordinator.config import CoordConfig
     from fedclip.coordinator.server import Server, load_initial_adapter
     from fedclip.sdk.manifest import Manifest
@@ -107,6 +116,9 @@ def serve(
         lam=lam,
         tau=tau,
         trim_fraction=trim_fraction,
+        http=http,
+        http_host=http_host,
+        http_port=http_port,
     )
     cfg = CoordConfig.load(config, {k: str(v) if isinstance(v, Path) else v for k, v in flags.items()})
     manifest = Manifest.load(cfg.bundle)

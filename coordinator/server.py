@@ -6,6 +6,10 @@ coordinator killed at any point gets every unacknowledged update again from the 
 restart, and the (round, agent) primary key turns that redelivery into a no-op. The round itself
 (selection, tasks, deadline, whether it was extended) lives in the store, so a restarted
 coordinator continues the same round.
+
+Next to the rounds, on the same thread and session: the bundle directory is served over HTTP
+(`bundle_server`), and open rollouts (`rollout`) get their acks and stage decisions; update
+validation itself is the pure functions of `validation`.
 """
 
 from __future__ import annotations
@@ -13,45 +17,40 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sqlite3
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
 
 from fedclip.coordinator import strategies
+from fedclip.coordinator.bundle_server import BundleServer
 from fedclip.coordinator.config import CoordConfig
-from fedclip.coordinator.fleet import Fleet
+from fedclip.coordinator.fleet import Fleet, decode_status
 from fedclip.coordinator.metrics import METRICS_FILE, MetricsLog, weighted_means
-from fedclip.coordinator.registry import Registry
-from fedclip.coordinator.store import Store
-from fedclip.coordinator.strategies.aggregate import clip_delta, delta_norm
+from fedclip.coordinator.registry import (
+    Registry,
+    load_initial_adapter,  # noqa: F401  (re-exported)
+)
+from fedclip.coordinator.rollout import KEY_DIR, RegistrySource, RolloutManager
+from fedclip.coordinator.rollout_store import DB_NAME as ROLLOUT_DB
+from fedclip.coordinator.rollout_store import RolloutStore
+from fedclip.coordinator.store import BlobTensors, Store, read_tensors
 from fedclip.coordinator.strategies.base import Update
+from fedclip.coordinator.validation import KNOWN_STATS, Accepted, NormBound, validate_update
 from fedclip.sdk.adapters import check_tensors, encode_tensors
-from fedclip.sdk.errors import AdapterError, ConfigError, WireError
+from fedclip.sdk.errors import AdapterError, ConfigError, FedclipError, WireError
 from fedclip.sdk.manifest import Manifest
 from fedclip.sdk.mqtt import Incoming, MqttSession, Will
-from fedclip.sdk.wire import (
-    STAT_LABEL_HIST,
-    STAT_MEAN,
-    STAT_VAR,
-    Envelope,
-    Message,
-    MsgType,
-    Topics,
-    body_field,
-    decode,
-    encode,
-    tensors_digest,
-)
+from fedclip.sdk.signing import ensure_keypair
+from fedclip.sdk.wire import Envelope, Message, MsgType, Topics, decode, encode
 
 log = logging.getLogger("fedclip.coordinator")
 
-_KNOWN_STATS = {STAT_LABEL_HIST, STAT_MEAN, STAT_VAR}
-_NEEDS = {"histogram": (STAT_LABEL_HIST,), "gaussian": (STAT_MEAN, STAT_VAR)}
 _POLL_S = 0.2
+_TICK_S = 1.0  # how often open rollouts are advanced
 # Fault injection for the kill -9 tests: "<point>:<agent>" makes the process SIGKILL itself there.
 _CRASH_ENV = "FEDCLIP_COORD_CRASH_AT"
 
@@ -71,47 +70,16 @@ class RoundState:
     received: set[str] = field(default_factory=set)
 
 
-@dataclass(frozen=True)
-class Accepted:
-    agent: str
-    sha: str
-    tensors: dict[str, np.ndarray]
-    stats: dict[str, np.ndarray]
-    num_samples: int
-    metrics: dict[str, float]
-    norm: float
-    clipped: bool
-
-
-class BlobTensors(Mapping):
-    """The exchanged tensors of a stored update, read from disk on access (never all in RAM)."""
-
-    def __init__(self, path: Path, names: tuple[str, ...]):
-        self.path, self.names = path, names
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        if name not in self.names:
-            raise KeyError(name)
-        with safe_open(str(self.path), framework="np") as f:
-            return f.get_tensor(name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def items(self):  # type: ignore[override]  # one open per update, not one per tensor
-        with safe_open(str(self.path), framework="np") as f:
-            return [(n, f.get_tensor(n)) for n in self.names]
-
-
 class Server:
     def __init__(
         self, cfg: CoordConfig, manifest: Manifest, initial: Mapping[str, np.ndarray], progress=None
     ):
         self.cfg = cfg
         self.manifest = manifest
+        # Rollouts and bundle serving: set up by `run` (the HTTP thread must not outlive it).
+        self.bundles: BundleServer | None = None
+        self.rollouts: RolloutManager | None = None
+        self._next_tick = 0.0
         self.topics = Topics(cfg.fleet)
         self.strategy = strategies.create(cfg.strategy, cfg.strategy_options())
         self.store = Store(cfg.state)
@@ -154,10 +122,12 @@ class Server:
 
     # ---- top level ---------------------------------------------------------------------------
     def run(self) -> int:
-        self.session.subscribe(self.topics.all_agents("status"), 1)
-        self.session.subscribe(self.topics.all_agents("update"), 1)
-        self.session.connect()
+        rollout_store = None
         try:
+            rollout_store = self._start_rollouts()
+            self.session.subscribe(self.topics.all_agents("status"), 1)
+            self.session.subscribe(self.topics.all_agents("update"), 1)
+            self.session.connect()
             self._publish_status("online")
             while self.store.count_rounds("aggregated") < self.cfg.rounds:
                 self._run_one_round()
@@ -165,7 +135,33 @@ class Server:
             return 0
         finally:
             self.session.close()
+            if self.bundles is not None:
+                self.bundles.stop()
+            if rollout_store is not None:
+                rollout_store.close()
             self.store.close()
+
+    def _start_rollouts(self) -> RolloutStore:
+        """The signing key, the bundle server and the rollout state machine next to the rounds."""
+        key, public = ensure_keypair(Path(self.cfg.state) / KEY_DIR)
+        log.info("coordinator public key: %s (give it to agents as coordinator_key)", public)
+        if self.cfg.http:
+            self.bundles = BundleServer(self.cfg.bundle, self.cfg.http_host, self.cfg.http_port).start()
+            log.info("bundle server: agents download this bundle from %s", self.bundles.url)
+        store = RolloutStore(Path(self.cfg.state) / ROLLOUT_DB)
+        self.rollouts = RolloutManager(
+            self.session,
+            self.topics,
+            store,
+            key,
+            RegistrySource(self.registry),
+            publish_timeout=self.cfg.publish_timeout,
+            # adapters too large for MQTT go by URL, next to the bundle (only with the HTTP server)
+            url_root=self.cfg.bundle if self.bundles else None,
+            url_base=self.bundles.url if self.bundles else None,
+        )
+        self.rollouts.subscribe()  # before connect: the subscription is part of the session
+        return store
 
     def _run_one_round(self) -> None:
         last = self.store.last_round()
@@ -348,11 +344,7 @@ class Server:
         updates = []
         for r in rows:
             path = self.store.blobs.path(r.blob)
-            stats = {}
-            with safe_open(str(path), framework="np") as f:
-                for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                    if name in _KNOWN_STATS:
-                        stats[name] = f.get_tensor(name)
+            stats = read_tensors(path, KNOWN_STATS)
             base = self.registry.tensors(st.selected[r.agent])
             updates.append(
                 Update(r.agent, r.num_samples, BlobTensors(path, self.exchanged), base, stats, r.metrics)
@@ -406,9 +398,30 @@ class Server:
         while msg is not None:
             # Bad input is handled (rejected) inside; anything raised here is our own failure (the
             # store, the disk): no ack, the process ends, and the broker redelivers after a restart.
-            self._handle(msg)
+            if not self._rollout_step(msg):
+                self._handle(msg)
             self.session.ack(msg)
             msg = self.session.get(0)
+        if time.monotonic() >= self._next_tick:
+            self._next_tick = time.monotonic() + _TICK_S
+            self._rollout_step(None)
+
+    def _rollout_step(self, msg: Incoming | None) -> bool:
+        """Offer `msg` to the rollout manager (True if it was a rollout ack), or tick it (None).
+
+        A rollout problem is logged, never allowed to stop the rounds: acks are idempotent and agents
+        send them again, and the next tick (here, or `rollout watch`) retries a stage decision.
+        """
+        if self.rollouts is None:
+            return False
+        try:
+            if msg is None:
+                self.rollouts.tick()
+                return True
+            return self.rollouts.handle(msg)
+        except (FedclipError, sqlite3.Error) as e:
+            log.warning("rollout: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
+            return msg is not None
 
     def _handle(self, msg: Incoming) -> None:
         try:
@@ -423,22 +436,14 @@ class Server:
 
     def _on_status(self, agent: str, msg: Incoming) -> None:
         try:
-            decoded = None
-            if msg.payload:
-                decoded = decode(
-                    msg.payload,
-                    fleet=self.cfg.fleet,
-                    expect=MsgType.STATUS,
-                    max_bytes=1 << 20,
-                    where=f"status of {agent}",
-                )
-            a = self.fleet.on_status(agent, decoded)
+            a = decode_status(self.topics, agent, msg.payload) if msg.payload else None
         except WireError as e:
             log.warning("status dropped: %s", e)
             return
+        self.fleet.on_status(agent, a)
         if a is None:
             return
-        self.store.upsert_agent(a.agent, a.online, a.bundle_id, a.adapter_version, a.last_round, a.info)
+        self.store.upsert_agent(a.id, a.online, a.bundle_id, a.adapter_version, a.last_round, a.info)
         log.info(
             "agent %s: %s (bundle %s, adapter %s, last round %d)",
             agent,
@@ -508,6 +513,7 @@ class Server:
             )
 
     def _validate(self, agent: str, msg: Message, where: str) -> Accepted | None:
+        """The checks of `validation`, after matching the round; None for a late update (logged)."""
         env = msg.envelope
         if env.agent != agent:
             raise WireError(f"{where}: claims to be from agent {env.agent!r}")
@@ -522,84 +528,18 @@ class Server:
                 return None
             current = st.round if st else "none"
             raise WireError(f"{where}: round {env.round} is not the current round ({current})")
-        if agent not in st.selected:
-            raise WireError(f"{where}: agent {agent!r} was not selected for round {st.round}")
-        if env.base_version and env.base_version != st.selected[agent]:
-            raise WireError(f"{where}: built on {env.base_version!r}, the task gave {st.selected[agent]!r}")
-        bundle_id = body_field(msg, "bundle_id", str, where)
-        if bundle_id != self.manifest.bundle_id:
-            raise WireError(
-                f"{where}: for bundle {bundle_id[:12]}, this round runs {self.manifest.bundle_id[:12]}"
-            )
-        num_samples = body_field(msg, "num_samples", int, where)
-        if num_samples < 0:
-            raise WireError(f"{where}: num_samples must be >= 0, got {num_samples}")
-        metrics = self._metrics(msg, where)
-        tensors = check_tensors(msg.adapter_tensors, self.manifest.exchanged, where)
-        stats = self._stats(msg, where)
-        base = self.registry.tensors(st.selected[agent])
-        norm = delta_norm(tensors, base)
-        clipped = False
-        bound = self.cfg.max_update_norm
-        if bound and norm > bound:
-            if self.cfg.norm_action == "reject":
-                raise WireError(f"{where}: update norm {norm:.4g} exceeds the bound {bound:g}")
-            tensors = clip_delta(tensors, base, bound)
-            clipped = True
-        return Accepted(
-            agent, tensors_digest(msg.tensors), tensors, stats, num_samples, metrics, norm, clipped
+        return validate_update(
+            agent,
+            msg,
+            round_id=st.round,
+            selected=st.selected,
+            manifest=self.manifest,
+            strategy=self.strategy.name,
+            needed_stats=self.strategy.stats,
+            start_tensors=self.registry.tensors,
+            bound=NormBound(self.cfg.max_update_norm, self.cfg.norm_action),
+            where=where,
         )
-
-    def _metrics(self, msg: Message, where: str) -> dict[str, float]:
-        raw = msg.envelope.body.get("metrics", {})
-        if not isinstance(raw, dict) or len(raw) > 64:
-            raise WireError(f"{where}: body field 'metrics' must be an object of at most 64 numbers")
-        out = {}
-        for k, v in raw.items():
-            if (
-                not isinstance(k, str)
-                or len(k) > 64
-                or isinstance(v, bool)
-                or not isinstance(v, (int, float))
-            ):
-                raise WireError(f"{where}: metric {str(k)[:64]!r} is not a number")
-            if not np.isfinite(v):
-                raise WireError(f"{where}: metric {k!r} is not finite")
-            out[k] = float(v)
-        return out
-
-    def _stats(self, msg: Message, where: str) -> dict[str, np.ndarray]:
-        stats = msg.stats
-        unknown = sorted(set(stats) - _KNOWN_STATS)
-        if unknown:
-            raise WireError(f"{where}: unknown statistic {unknown[0]!r}")
-        for kind in self.strategy.stats:
-            for name in _NEEDS[kind]:
-                if name not in stats:
-                    raise WireError(
-                        f"{where}: statistic {name!r} is missing ({self.strategy.name} needs {kind})"
-                    )
-        labels = len(self.manifest.task.labels)
-        dim = self.manifest.base_model.embed_dim
-        out = {}
-        for name, arr in stats.items():
-            arr = np.asarray(arr)
-            if name == STAT_LABEL_HIST:
-                expect: tuple[int, ...] = (labels,) if labels else (arr.shape[0],) if arr.ndim == 1 else (-1,)
-            else:
-                expect = (
-                    labels or (stats[STAT_LABEL_HIST].shape[0] if STAT_LABEL_HIST in stats else -1),
-                    dim,
-                )
-            if arr.dtype.kind != "f" or tuple(arr.shape) != expect:
-                raise WireError(
-                    f"{where}: statistic {name!r} has shape {list(arr.shape)} {arr.dtype}, "
-                    f"expected {list(expect)} float"
-                )
-            if name != STAT_MEAN and np.any(arr < 0):
-                raise WireError(f"{where}: statistic {name!r} has negative values")
-            out[name] = arr.astype(np.float32)
-        return out
 
     def _reject(self, topic: str, agent: str, round_id: int, reason: str) -> None:
         log.warning("rejected: %s", reason)
@@ -618,6 +558,8 @@ class Server:
             "strategy": self.strategy.name,
             **extra,
         }
+        if self.bundles is not None and state == "online":
+            body["bundle_url"] = self.bundles.url
         return encode(Envelope(MsgType.STATUS, self.cfg.fleet, "coordinator", round=body["round"], body=body))
 
     def _publish_status(self, state: str, **extra: object) -> None:
@@ -638,29 +580,3 @@ class Server:
     def _event(self, name: str) -> None:
         if self.progress is not None:
             self.progress(name, self)
-
-
-def load_initial_adapter(bundle_dir: str | Path, manifest: Manifest) -> dict[str, np.ndarray]:
-    """The exchanged tensors' starting values, as exported.
-
-    From the bundle's `initial_adapter.safetensors` when it has one; otherwise from the inference
-    graph, whose adapter tensors are initializers named like the torch parameters (internals.md).
-    """
-    bundle_dir = Path(bundle_dir)
-    wanted = {t.name for t in manifest.exchanged}
-    path = bundle_dir / "initial_adapter.safetensors"
-    if path.is_file():
-        from fedclip.sdk.adapters import decode_tensors
-
-        found, _ = decode_tensors(path.read_bytes(), str(path))
-    else:
-        graph = manifest.graphs.get("inference")
-        if graph is None:
-            raise ConfigError(f"{bundle_dir}: no initial_adapter.safetensors, no inference graph")
-        import onnx
-        from onnx import numpy_helper
-
-        model = onnx.load(str(bundle_dir / graph.file), load_external_data=True)
-        found = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name in wanted}
-        path = bundle_dir / graph.file
-    return check_tensors({k: v for k, v in found.items() if k in wanted}, manifest.exchanged, str(path))

@@ -9,19 +9,21 @@ crash between the two leaves an orphan blob, which costs space, never correctnes
 from __future__ import annotations
 
 import json
-import os
 import queue
 import sqlite3
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+from safetensors import safe_open
+
 from fedclip.sdk.errors import ConfigError, FedclipError
+from fedclip.sdk.fsutil import atomic_write
 from fedclip.sdk.hashing import sha256_bytes
 
 T = TypeVar("T")
@@ -57,6 +59,40 @@ CREATE TABLE IF NOT EXISTS rejections(
 
 class StoreError(FedclipError):
     """The state dir cannot be opened or is from an incompatible version."""
+
+
+def connect(
+    path: Path, schema: str, *, synchronous: str = "FULL", readonly: bool = False, threads: bool = False
+) -> sqlite3.Connection:
+    """The way every coordinator database is opened: autocommit (transactions are explicit, see
+    `transaction`), WAL so readers (`status`, the CLIs) never block the writer, a 5 s busy wait for
+    other processes, and `schema` created when missing. `threads`: usable from any thread (the
+    caller serializes). Raises sqlite3.Error."""
+    if readonly:
+        conn = sqlite3.connect(
+            f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=not threads
+        )
+    else:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=not threads)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("PRAGMA busy_timeout=5000")
+    if not readonly:
+        conn.executescript(schema)
+    return conn
+
+
+def transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """Run `fn(conn)` in one write transaction (taken at once: no lock upgrade deadlock); rolled
+    back if it raises."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return result
 
 
 @dataclass(frozen=True)
@@ -112,17 +148,7 @@ class Blobs:
         path = self.path(sha)
         if path.is_file() and path.stat().st_size == len(data):
             return sha
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, data)
         return sha
 
     def get(self, sha: str) -> bytes:
@@ -152,15 +178,9 @@ class Store:
     def _open(self) -> sqlite3.Connection:
         path = self.dir / DB_NAME
         try:
-            if self._readonly:
-                conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
-            else:
-                conn = sqlite3.connect(path, isolation_level=None)
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=FULL")
-                conn.executescript(_SCHEMA)
+            conn = connect(path, _SCHEMA, readonly=self._readonly)
+            if not self._readonly:
                 conn.execute("INSERT OR IGNORE INTO meta VALUES('schema', ?)", (str(SCHEMA_VERSION),))
-            conn.execute("PRAGMA busy_timeout=5000")
             row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         except sqlite3.Error as e:
             raise StoreError(f"state dir {self.dir}: cannot open the database ({e})") from None
@@ -184,17 +204,7 @@ class Store:
             if not fut.set_running_or_notify_cancel():
                 continue
             try:
-                if self._readonly:
-                    fut.set_result(fn(conn))
-                    continue
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    result = fn(conn)
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
-                fut.set_result(result)
+                fut.set_result(fn(conn) if self._readonly else transaction(conn, fn))
             except BaseException as e:
                 fut.set_exception(e)
 
@@ -463,3 +473,33 @@ def _version(r: tuple) -> VersionRow:
     return VersionRow(
         r[0], r[1] or "", r[2], r[3] or "", r[4], r[5] or "", r[6], json.loads(r[7] or "{}"), r[8]
     )
+
+
+class BlobTensors(Mapping):
+    """The exchanged tensors of a stored update, read from disk on access (never all in RAM)."""
+
+    def __init__(self, path: Path, names: tuple[str, ...]):
+        self.path, self.names = path, names
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.names:
+            raise KeyError(name)
+        with safe_open(str(self.path), framework="np") as f:
+            return f.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def items(self):  # type: ignore[override]  # one open per update, not one per tensor
+        with safe_open(str(self.path), framework="np") as f:
+            return [(n, f.get_tensor(n)) for n in self.names]
+
+
+def read_tensors(path: Path, wanted: Iterable[str]) -> dict[str, np.ndarray]:
+    """The tensors of a stored blob whose names are in `wanted` (the ones it has)."""
+    wanted = set(wanted)
+    with safe_open(str(path), framework="np") as f:
+        return {n: f.get_tensor(n) for n in f.keys() if n in wanted}  # noqa: SIM118 (no __iter__)

@@ -496,3 +496,27 @@ def test_ce_lora_rounds_personalize_and_restart_from_personal_adapters(mosquitto
     ca = expect.per_agent["a"]
     k0 = sorted(ca)[0]
     assert abs(float((ca[k0] - sent["a"].tensors[k0]).mean())) < 0.05
+
+
+@pytest.mark.parametrize("http", [True, False])
+def test_bundle_server_and_rollouts_are_set_up_next_to_the_rounds(lora_bundle, tmp_path, http):
+    from fedclip.sdk.signing import PUBLIC_KEY_NAME
+
+    manifest = Manifest.load(lora_bundle)
+    state = tmp_path / "state"
+    cfg = _cfg("mqtt://127.0.0.1:1", lora_bundle, state, http=http)  # never connected here
+    server = Server(cfg, manifest, load_initial_adapter(lora_bundle, manifest))
+    store = server._start_rollouts()
+    try:
+        assert (state / "keys" / PUBLIC_KEY_NAME).is_file() and (state / "rollout.sqlite").is_file()
+        body = decode(server._status_payload("online"), fleet=FLEET).envelope.body
+        if http:
+            assert body["bundle_url"] == server.bundles.url == server.rollouts.url_base
+            assert server.rollouts.url_root == lora_bundle
+        else:
+            assert server.bundles is None and server.rollouts.url_base is None and "bundle_url" not in body
+    finally:
+        if server.bundles is not None:
+            server.bundles.stop()
+        store.close()
+        server.store.close()

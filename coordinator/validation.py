@@ -1,0 +1,139 @@
+"""Update validation: pure checks of a decoded update against the manifest and the current round.
+
+Each check raises `WireError` (or `AdapterError` from the tensor check) with a one-line reason that
+names the update and what is wrong; the round loop logs it, records it in the `rejections` table and
+drops the update. Nothing here touches the store or the network, so every rule is testable alone.
+The order follows docs/aggregation.md: envelope agent, selection, base version, bundle id, counts and
+metrics, tensors, statistics, update norm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedclip.coordinator.strategies.aggregate import clip_delta, delta_norm
+from fedclip.sdk.adapters import check_tensors
+from fedclip.sdk.errors import WireError
+from fedclip.sdk.manifest import Manifest
+from fedclip.sdk.wire import STAT_LABEL_HIST, STAT_MEAN, STAT_VAR, Message, body_field, tensors_digest
+
+KNOWN_STATS = frozenset({STAT_LABEL_HIST, STAT_MEAN, STAT_VAR})
+# what each statistic kind a strategy asks for (`Strategy.stats`) means on the wire
+STATS_NEEDED = {"histogram": (STAT_LABEL_HIST,), "gaussian": (STAT_MEAN, STAT_VAR)}
+MAX_METRICS = 64
+
+
+@dataclass(frozen=True)
+class NormBound:
+    """`max_update_norm` (0: none) and what to do above it: "reject" or "clip"."""
+
+    max_norm: float = 0.0
+    action: str = "reject"
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """An update that passed every check, ready to be stored."""
+
+    agent: str
+    sha: str  # of the tensors as sent: tells a redelivery from a different update
+    tensors: dict[str, np.ndarray]
+    stats: dict[str, np.ndarray]
+    num_samples: int
+    metrics: dict[str, float]
+    norm: float
+    clipped: bool
+
+
+def check_metrics(msg: Message, where: str) -> dict[str, float]:
+    """`body.metrics`: at most 64 finite numbers with short string names."""
+    raw = msg.envelope.body.get("metrics", {})
+    if not isinstance(raw, dict) or len(raw) > MAX_METRICS:
+        raise WireError(f"{where}: body field 'metrics' must be an object of at most {MAX_METRICS} numbers")
+    out = {}
+    for k, v in raw.items():
+        if not isinstance(k, str) or len(k) > 64 or isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise WireError(f"{where}: metric {str(k)[:64]!r} is not a number")
+        if not np.isfinite(v):
+            raise WireError(f"{where}: metric {k!r} is not finite")
+        out[k] = float(v)
+    return out
+
+
+def check_stats(
+    msg: Message, manifest: Manifest, needed: Sequence[str], strategy: str, where: str
+) -> dict[str, np.ndarray]:
+    """`stats/*` tensors: only known names, every one the strategy `needed`, shapes from the manifest."""
+    stats = msg.stats
+    unknown = sorted(set(stats) - KNOWN_STATS)
+    if unknown:
+        raise WireError(f"{where}: unknown statistic {unknown[0]!r}")
+    for kind in needed:
+        for name in STATS_NEEDED[kind]:
+            if name not in stats:
+                raise WireError(f"{where}: statistic {name!r} is missing ({strategy} needs {kind})")
+    labels = len(manifest.task.labels)
+    dim = manifest.base_model.embed_dim
+    out = {}
+    for name, arr in stats.items():
+        arr = np.asarray(arr)
+        if name == STAT_LABEL_HIST:
+            expect: tuple[int, ...] = (labels,) if labels else (arr.shape[0],) if arr.ndim == 1 else (-1,)
+        else:  # per-label means and variances; contrastive bundles have no labels: the histogram's length
+            expect = (labels or (stats[STAT_LABEL_HIST].shape[0] if STAT_LABEL_HIST in stats else -1), dim)
+        if arr.dtype.kind != "f" or tuple(arr.shape) != expect:
+            raise WireError(
+                f"{where}: statistic {name!r} has shape {list(arr.shape)} {arr.dtype}, "
+                f"expected {list(expect)} float"
+            )
+        if name != STAT_MEAN and np.any(arr < 0):
+            raise WireError(f"{where}: statistic {name!r} has negative values")
+        out[name] = arr.astype(np.float32)
+    return out
+
+
+def validate_update(
+    agent: str,
+    msg: Message,
+    *,
+    round_id: int,
+    selected: Mapping[str, str],
+    manifest: Manifest,
+    strategy: str,
+    needed_stats: Sequence[str],
+    start_tensors: Callable[[str], Mapping[str, np.ndarray]],
+    bound: NormBound = NormBound(),
+    where: str,
+) -> Accepted:
+    """Every check of an update for the current round `round_id`, whose `selected` maps each selected
+    agent to the version its task started from; `start_tensors(version)` gives that version's tensors.
+    The caller has already decoded the message (size, schema, fleet, sha256, finite values) and
+    matched its round to `round_id`."""
+    env = msg.envelope
+    if env.agent != agent:
+        raise WireError(f"{where}: claims to be from agent {env.agent!r}")
+    if agent not in selected:
+        raise WireError(f"{where}: agent {agent!r} was not selected for round {round_id}")
+    if env.base_version and env.base_version != selected[agent]:
+        raise WireError(f"{where}: built on {env.base_version!r}, the task gave {selected[agent]!r}")
+    bundle_id = body_field(msg, "bundle_id", str, where)
+    if bundle_id != manifest.bundle_id:
+        raise WireError(f"{where}: for bundle {bundle_id[:12]}, this round runs {manifest.bundle_id[:12]}")
+    num_samples = body_field(msg, "num_samples", int, where)
+    if num_samples < 0:
+        raise WireError(f"{where}: num_samples must be >= 0, got {num_samples}")
+    metrics = check_metrics(msg, where)
+    tensors = check_tensors(msg.adapter_tensors, manifest.exchanged, where)
+    stats = check_stats(msg, manifest, needed_stats, strategy, where)
+    base = start_tensors(selected[agent])
+    norm = delta_norm(tensors, base)
+    clipped = False
+    if bound.max_norm and norm > bound.max_norm:
+        if bound.action == "reject":
+            raise WireError(f"{where}: update norm {norm:.4g} exceeds the bound {bound.max_norm:g}")
+        tensors = clip_delta(tensors, base, bound.max_norm)
+        clipped = True
+    return Accepted(agent, tensors_digest(msg.tensors), tensors, stats, num_samples, metrics, norm, clipped)

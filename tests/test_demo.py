@@ -1,0 +1,306 @@
+"""`fedclip-coord demo` and the process group it runs on.
+
+The end-to-end tests start the real command in a subprocess: embedded amqtt broker, real export,
+partition, coordinator and agent processes. Leftover processes are found by the run's unique folder,
+which every child carries in its command line (state dirs, data dirs), so the check does not depend
+on who the parent is after the demo has exited.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from fedclip.coordinator.demo import (
+    DemoConfig,
+    FleetRun,
+    build_report,
+    plot_accuracy,
+    read_partition,
+    resolve_dataset,
+    round_records,
+    write_markdown,
+)
+from fedclip.coordinator.procs import ChildFailed, ProcessGroup, port_is_free, wait_port_free
+from fedclip.sdk.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _procs_mentioning(marker: str) -> list[psutil.Process]:
+    me = os.getpid()
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if p.info["pid"] != me and any(marker in a for a in (p.info["cmdline"] or [])):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def _wait_gone(marker: str, timeout_s: float = 15.0) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = [p for p in _procs_mentioning(marker) if p.status() != psutil.STATUS_ZOMBIE]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
+# ---- process group -------------------------------------------------------------------------------
+def _sleeper(marker: str) -> list[str]:
+    """A process that sleeps and carries `marker` in its command line (coreutils sleep refuses it)."""
+    return [sys.executable, "-c", "import time; time.sleep(300)", marker]
+
+
+def test_process_group_stops_children_and_grandchildren(tmp_path):
+    marker = f"fedclip-test-{os.getpid()}-{time.monotonic_ns()}"
+    with ProcessGroup(log_dir=tmp_path / "logs") as procs:
+        # A shell that forks a grandchild: only a group kill reaches the grandchild.
+        py = " ".join(_sleeper(marker)[:2]) + ' "import time; time.sleep(300)" ' + marker
+        procs.spawn("shell", ["sh", "-c", f"{py} & {py}; wait", marker])
+        procs.spawn("sleeper", _sleeper(marker))
+        deadline = time.monotonic() + 10
+        while len(_procs_mentioning(marker)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(_procs_mentioning(marker)) == 4  # shell, its two children, the sleeper
+        for c in procs.children:
+            assert os.getpgid(c.pid) == c.pid  # own process group
+    assert _wait_gone(marker) == []
+
+
+def test_process_group_reports_a_dead_child_with_its_log(tmp_path):
+    with ProcessGroup(log_dir=tmp_path / "logs") as procs:
+        child = procs.spawn("crasher", [sys.executable, "-c", "import sys; print('boom-123'); sys.exit(3)"])
+        child.proc.wait(10)
+        with pytest.raises(ChildFailed, match=r"crasher exited with code 3[\s\S]*boom-123"):
+            procs.check()
+        procs.check(allow_exit=("crasher",))  # an expected exit is not an error
+
+
+def test_process_group_run_returns_stdout_and_raises_on_failure(tmp_path):
+    with ProcessGroup(log_dir=tmp_path / "logs") as procs:
+        out = procs.run("ok", [sys.executable, "-c", "print('{\"a\": 1}')"], timeout_s=30, capture=True)
+        assert json.loads(out) == {"a": 1}
+        with pytest.raises(ChildFailed, match="bad failed with exit code 4"):
+            procs.run("bad", [sys.executable, "-c", "import sys; sys.exit(4)"], timeout_s=30)
+        with pytest.raises(ChildFailed, match="did not finish"):
+            procs.run("slow", ["sleep", "30"], timeout_s=0.5)
+
+
+def test_children_die_with_a_killed_parent(tmp_path):
+    """A parent killed with SIGKILL runs no cleanup; the kernel's parent-death signal stops the child."""
+    marker = f"fedclip-orphan-{os.getpid()}-{time.monotonic_ns()}"
+    script = textwrap.dedent(
+        f"""
+        import os, signal, time
+        from pathlib import Path
+        from fedclip.coordinator.procs import ProcessGroup
+        g = ProcessGroup(log_dir=Path({str(tmp_path)!r}))
+        g.spawn("sleeper", {_sleeper(marker)!r})
+        print("ready", flush=True)
+        time.sleep(300)
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 10
+        while not _procs_mentioning(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _procs_mentioning(marker)
+        parent.kill()
+        parent.wait(10)
+        assert _wait_gone(marker) == []
+    finally:
+        parent.kill()
+        parent.wait(10)
+
+
+def test_port_helpers():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert not port_is_free(port)
+        assert not wait_port_free(port, timeout_s=0.2)
+    assert wait_port_free(port, timeout_s=5)
+
+
+# ---- pieces of the demo --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("strategy", "fedprox", "--strategy"),
+        ("shift", "sideways", "--shift"),
+        ("dirichlet", 0.0, "--dirichlet"),
+        ("lr", -1.0, "--lr"),
+        ("bundle", Path("/nonexistent/bundle"), "--bundle"),
+    ],
+)
+def test_demo_config_rejects_bad_values(field, value, match):
+    with pytest.raises(ConfigError, match=match):
+        DemoConfig(**{field: value})
+
+
+def test_auto_dataset_prefers_fashion_mnist():
+    from fedclip.sdk.partition import FASHION_MNIST_DIR
+
+    expected = "fashion-mnist" if (FASHION_MNIST_DIR / "train-labels-idx1-ubyte.gz").exists() else "digits"
+    assert resolve_dataset("auto") == expected
+    assert resolve_dataset("imagefolder:/x") == "imagefolder:/x"
+
+
+def test_round_records_keep_aggregated_rounds_and_skip_torn_lines(tmp_path):
+    lines = [
+        {"round": 1, "state": "aggregated", "metrics": {"accuracy_after": 0.5}},
+        {"round": 2, "state": "failed"},
+        {"round": 2, "state": "aggregated", "metrics": {}},
+    ]
+    text = "\n".join(json.dumps(r) for r in lines) + '\n{"round": 3, "sta'
+    (tmp_path / "metrics.jsonl").write_text(text)
+    assert [r["round"] for r in round_records(tmp_path)] == [1, 2]
+
+
+def test_read_partition_falls_back_to_folders(tmp_path):
+    for a in ("agent-0", "agent-1"):
+        (tmp_path / a / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "partition.json").write_text(json.dumps({"labels": ["cat", "dog"]}))
+    assert read_partition(tmp_path) == (["cat", "dog"], ["agent-0", "agent-1"])
+
+
+def test_report_files(tmp_path):
+    cfg = DemoConfig(out=tmp_path, agents=2, rounds=2)
+    run = FleetRun(
+        rounds=[
+            {"round": 1, "state": "aggregated", "seconds": 3.0, "uplink_bytes": 1000, "downlink_bytes": 2000},
+            {"round": 2, "state": "aggregated", "seconds": 2.5, "uplink_bytes": 1000, "downlink_bytes": 2000},
+        ],
+        seconds=5.5,
+    )
+    acc = {"a": [0.1, 0.3, 0.5], "b": [0.2, 0.2, 0.4]}
+    report = build_report(cfg, "digits", ["0", "1"], run, acc, 9.0)
+    assert report["mean_accuracy_before"] == pytest.approx(0.15)
+    assert report["mean_accuracy_after"] == pytest.approx(0.45)
+    assert report["bytes_total"] == 6000
+    write_markdown(report, tmp_path / "report.md")
+    assert "| a | 10.0% | 50.0% |" in (tmp_path / "report.md").read_text()
+    plot_accuracy(report, tmp_path / "accuracy.png")
+    assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_flag_is_one_line_error_and_starts_nothing(tmp_path):
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedclip.coordinator.cli",
+            "demo",
+            "--strategy",
+            "nope",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2
+    assert "--strategy" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+# ---- the whole job ---------------------------------------------------------------------------------
+TINY = ["--agents", "2", "--rounds", "2", "--per-agent", "60", "--round-timeout", "120", "--timeout", "600"]
+
+
+def _demo_argv(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "fedclip.coordinator.cli", "demo", *TINY, "--out", str(out), *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    r = subprocess.run(_demo_argv(out), capture_output=True, text=True, timeout=800, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "report.md").is_file()
+    assert len(report["agents"]) == 2
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    for a in report["agents"].values():
+        assert len(a["accuracy_per_round"]) == 3
+        for acc in a["accuracy_per_round"]:
+            assert isinstance(acc, float) and 0.0 <= acc <= 1.0
+    assert report["bytes_total"] > 0
+    assert "agent-00" in r.stdout and "total" in r.stdout  # the tables
+    assert _wait_gone(str(out)) == []
+    port = int(re.search(r"127\.0\.0\.1:(\d+)", r.stdout).group(1))
+    assert port_is_free(port)
+
+    # A second run into the same folder needs no cleanup.
+    r2 = subprocess.run(_demo_argv(out, "--rounds", "1"), capture_output=True, text=True, timeout=800)
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    assert len(list((out / "runs").iterdir())) == 2
+    assert len(json.loads((out / "report.json").read_text())["rounds"]) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_demo_ctrl_c_stops_everything(tmp_path):
+    out = tmp_path / "demo"
+    log = tmp_path / "demo.out"
+    with open(log, "w") as f:
+        demo = subprocess.Popen(_demo_argv(out, "--rounds", "50"), stdout=f, stderr=subprocess.STDOUT)
+    try:
+        # Wait until the fleet is up: both agents and the coordinator are running.
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and demo.poll() is None:
+            cmds = [" ".join(p.info["cmdline"] or []) for p in _procs_mentioning(str(out))]
+            if sum("fedclip.device_agent.cli start" in c for c in cmds) == 2 and any(
+                " serve " in c for c in cmds
+            ):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"the fleet never came up: {log.read_text()[-3000:]}")
+        assert _procs_mentioning(str(out))
+        time.sleep(3)  # mid-round
+        demo.send_signal(signal.SIGINT)
+        rc = demo.wait(60)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait(10)
+    text = log.read_text()
+    assert rc in (0, 130), text[-3000:]
+    assert "interrupted" in text
+    assert _wait_gone(str(out)) == []
+    port = int(re.search(r"127\.0\.0\.1:(\d+)", text).group(1))
+    assert wait_port_free(port, timeout_s=10)
+
+
+def test_given_bundle_must_fit_strategy_and_labels(bundle_factory):
+    from fedclip.coordinator.demo import check_bundle
+
+    lora = bundle_factory(adapter="lora", labels=("a", "b", "c"))
+    cfg = DemoConfig(strategy="fedavg", bundle=lora)
+    assert check_bundle(cfg, lora, ["a", "b", "c"]) == lora
+    with pytest.raises(ConfigError, match="needs tri-lora"):
+        check_bundle(DemoConfig(strategy="ce-lora", bundle=lora), lora, ["a", "b", "c"])
+    with pytest.raises(ConfigError, match="labels"):
+        check_bundle(cfg, lora, ["x", "y", "z"])

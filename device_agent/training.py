@@ -88,7 +88,9 @@ class EmbeddingCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._data = self.dir / "embeds.f32"
         self._index_path = self.dir / "index.json"
-        self._load_index()
+        # Under the lock: loading may discard a stale data file, which must not race a writer.
+        with self._locked():
+            self._load_index()
 
     def _load_index(self) -> None:
         try:

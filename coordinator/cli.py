@@ -23,6 +23,7 @@ app = typer.Typer(
 def _root() -> None:
     """Keeps the app a command group even while it has a single command."""
 
+
 # (module, attribute, command name); a module that is not there yet is skipped.
 _COMMANDS = [
     ("fedclip.coordinator.export_cmd", "export", "export"),

@@ -33,11 +33,12 @@ def partition(
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
 ) -> None:
     """Partition a dataset among agents with Dirichlet label skew and optional per-agent camera shifts."""
-    from fedclip.sdk.errors import ConfigError
-    from fedclip.sdk.partition import write_partition
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
+
+    from fedclip.sdk.errors import ConfigError
+    from fedclip.sdk.partition import write_partition
 
     if shift not in ("none", "per-agent"):
         raise ConfigError(f"--shift: {shift!r} is not one of none, per-agent")

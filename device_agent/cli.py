@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 
 import typer
+
 from fedclip.sdk.cli import run
 
 app = typer.Typer(
@@ -20,6 +21,7 @@ app = typer.Typer(
 @app.callback()
 def _root() -> None:
     """Keeps the app a command group even while it has a single command."""
+
 
 # (module, attribute, command name); a module that is not there yet is skipped.
 _COMMANDS = [

@@ -168,7 +168,9 @@ class Manifest:
             raise BundleError(f"{where}: not a mapping")
         version = data.get("format_version")
         if version != FORMAT_VERSION:
-            raise BundleError(f"{where}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
+            raise BundleError(
+                f"{where}: format_version {version!r} is not supported (expected {FORMAT_VERSION})"
+            )
         try:
             return from_mapping(cls, data, where)
         except ConfigError as e:

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from fedclip.sdk.errors import ConfigError, DataError
 from PIL import Image, ImageFilter, ImageOps
+
+from fedclip.sdk.errors import ConfigError, DataError
 
 FASHION_MNIST_DIR = Path(os.environ.get("FEDCLIP_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 # Folder-safe names that read well in a CLIP prompt ("a photo of a t-shirt.").

@@ -23,6 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+
 from fedclip.sdk.errors import BundleError, ConfigError
 
 try:

@@ -219,7 +219,9 @@ def decode(
         raise WireError(f"{where}: envelope names tensors but the payload carries none")
     if hmac_key is not None:
         given = header.get("hmac")
-        if not isinstance(given, str) or not _hmac.compare_digest(given, _sign(hmac_key, env.fields(), digest)):
+        if not isinstance(given, str) or not _hmac.compare_digest(
+            given, _sign(hmac_key, env.fields(), digest)
+        ):
             raise WireError(f"{where}: HMAC missing or wrong")
     return Message(env, tensors)
 

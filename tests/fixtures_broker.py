@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from fedclip.sdk.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto
 
 __all__ = ["embedded_broker", "mosquitto", "mosquitto_auth", "mosquitto_tls", "need_mosquitto"]

@@ -10,6 +10,8 @@ import uuid
 
 import numpy as np
 import pytest
+from safetensors.numpy import save as st_save
+
 from fedclip.sdk.adapters import (
     AdapterMeta,
     adapter_bytes,
@@ -22,7 +24,6 @@ from fedclip.sdk.adapters import (
 )
 from fedclip.sdk.errors import AdapterError
 from fedclip.sdk.manifest import TensorSpec
-from safetensors.numpy import save as st_save
 
 SPECS = (
     TensorSpec("b.lora_A", (2, 8)),
@@ -214,8 +215,9 @@ def test_check_tensors_partial_and_check_adapter_exchanged_only():
 
 @pytest.mark.parametrize("dtype", ["<f4", ">f4", "f2", "f8", "i8", "i4", "u1", "i1", "bool"])
 def test_encode_tensors_dtypes_round_trip_through_safetensors(dtype):
-    from fedclip.sdk.adapters import encode_tensors
     from safetensors.numpy import load as st_load
+
+    from fedclip.sdk.adapters import encode_tensors
 
     arr = (np.arange(12).reshape(3, 4) % 2 if dtype == "bool" else np.arange(12).reshape(3, 4)).astype(dtype)
     blob = encode_tensors({"x": arr, "empty": np.zeros((0, 2), np.float32)}, {"k": "v"})

@@ -17,6 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from fixtures_bundle import FASHION_MNIST_LABELS
+from PIL import Image
+
 from fedclip.device_agent.state import current_adapter_path, read_record
 from fedclip.sdk.adapters import check_adapter, load_adapter
 from fedclip.sdk.broker import MosquittoBroker
@@ -35,8 +38,6 @@ from fedclip.sdk.wire import (
     decode,
     encode,
 )
-from fixtures_bundle import FASHION_MNIST_LABELS
-from PIL import Image
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(600)]
 

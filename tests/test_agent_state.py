@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from fedclip.device_agent.state import (
     BUILT,
     DONE,
@@ -239,8 +240,9 @@ def test_status_command_table_and_json(tmp_path):
     s.store_update(1, b"u", {"metrics": {"accuracy_after": 0.25}, "num_samples": 3})
     s.mark_published(1)
     s.close()
-    from fedclip.device_agent.cli import app
     from typer.testing import CliRunner
+
+    from fedclip.device_agent.cli import app
 
     out = CliRunner().invoke(app, ["status", "--state", str(tmp_path), "--json"])
     assert out.exit_code == 0, out.output

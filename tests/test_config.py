@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+
 from fedclip.sdk.config import from_mapping, from_yaml, load_yaml, to_mapping
 from fedclip.sdk.errors import ConfigError
 

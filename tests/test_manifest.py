@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import yaml
+
 from fedclip.sdk.errors import BundleError, ConfigError
 from fedclip.sdk.manifest import (
     MANIFEST_NAME,

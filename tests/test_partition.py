@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from fedclip.sdk.errors import ConfigError, DataError
 from fedclip.sdk.partition import (
     FASHION_MNIST_DIR,
@@ -25,7 +27,6 @@ from fedclip.sdk.partition import (
     read_summary,
     write_partition,
 )
-from PIL import Image
 
 HAVE_FMNIST = (FASHION_MNIST_DIR / "train-labels-idx1-ubyte.gz").is_file()
 

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from fedclip.sdk.errors import BundleError, ConfigError
 from fedclip.sdk.tokenizer import Tokenizer, clean, default_vocab_path, fix_text
 

@@ -8,6 +8,7 @@ import struct
 
 import numpy as np
 import pytest
+
 from fedclip.sdk.adapters import encode_tensors
 from fedclip.sdk.errors import WireError
 from fedclip.sdk.wire import (

@@ -14,7 +14,8 @@ nll_loss fakes its total weight, which would scale gradients by the batch size.
 
 from __future__ import annotations
 
-import logging
+import contextlib
+import io
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -29,8 +30,6 @@ from torch import nn
 from fedclip.exporters.step_weights import share_weights
 from fedclip.sdk.errors import ExportError
 from fedclip.sdk.manifest import GraphSpec
-
-log = logging.getLogger(__name__)
 
 OPSET = 18
 # IR 8 is the oldest IR that carries opset 18; older ONNX Runtime builds (JetPack's) refuse IR 10.
@@ -87,16 +86,28 @@ def _loss_of(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _step_function(module: nn.Module, names: Sequence[str], n_data: int, opt: AdamW):
+def _frozen_tensors(module: nn.Module, trainable: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer the step does not train, by its module path."""
+    skip = set(trainable)
+    out = {n: p.detach() for n, p in module.named_parameters() if n not in skip}
+    out.update(dict(module.named_buffers()))
+    return out
+
+
+def _step_function(module: nn.Module, names: Sequence[str], frozen: Sequence[str], n_data: int, opt: AdamW):
     b1, b2 = opt.betas
     n = len(names)
+    k = len(frozen)
 
     def step_fn(*args):
+        weights = dict(zip(frozen, args[:k], strict=True))
+        args = args[k:]
         data = args[:n_data]
         step, lr = args[n_data], args[n_data + 1]
         state = args[n_data + 2 :]
         params, exp_avg, exp_avg_sq = state[:n], state[n : 2 * n], state[2 * n :]
-        loss = _loss_of(torch.func.functional_call(module, dict(zip(names, params, strict=False)), data))
+        weights.update(zip(names, params, strict=True))
+        loss = _loss_of(torch.func.functional_call(module, weights, data))
         grads = torch.autograd.grad(loss, params)
         t = (step + 1).to(torch.float32)
         bc1 = 1 - b1**t
@@ -121,23 +132,36 @@ def _step_function(module: nn.Module, names: Sequence[str], n_data: int, opt: Ad
     return step_fn
 
 
-def _eval_function(module: nn.Module, names: Sequence[str], n_data: int):
+def _eval_function(module: nn.Module, names: Sequence[str], frozen: Sequence[str], n_data: int):
+    k = len(frozen)
+
     def eval_fn(*args):
-        out = torch.func.functional_call(module, dict(zip(names, args[n_data:], strict=False)), args[:n_data])
+        weights = dict(zip(frozen, args[:k], strict=True))
+        args = args[k:]
+        weights.update(zip(names, args[n_data:], strict=True))
+        out = torch.func.functional_call(module, weights, args[:n_data])
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
     return eval_fn
 
 
 class _Traced(nn.Module):
-    """Holds the make_fx graph so torch.export sees an ordinary module with positional inputs."""
+    """The make_fx graph as an ordinary module: frozen weights as buffers, the rest positional inputs.
 
-    def __init__(self, gm: torch.fx.GraphModule) -> None:
+    The frozen weights were graph inputs while tracing: closed-over tensors would be constant-folded
+    by make_fx, which stores e.g. every transposed linear weight as a second copy.
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, frozen: Sequence[torch.Tensor]) -> None:
         super().__init__()
         self.gm = gm
+        self.n_frozen = len(frozen)
+        for i, t in enumerate(frozen):
+            self.register_buffer(f"frozen_{i}", t)
 
     def forward(self, *args):
-        return self.gm(*args)
+        frozen = [getattr(self, f"frozen_{i}") for i in range(self.n_frozen)]
+        return self.gm(*frozen, *args)
 
 
 def _free_batch_size(module: nn.Module, data: Sequence[torch.Tensor]) -> int:
@@ -156,21 +180,66 @@ def _with_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def _trace_and_export(
-    fn, args: list[torch.Tensor], n_data: int, input_names, output_names, path: Path
+    fn,
+    frozen: list[torch.Tensor],
+    args: list[torch.Tensor],
+    n_data: int,
+    input_names,
+    output_names,
+    path: Path,
+) -> None:
+    try:
+        _trace_and_export_unchecked(fn, frozen, args, n_data, input_names, output_names, path)
+    except ExportError:
+        raise
+    except Exception as e:  # torch's tracers and exporters raise many classes
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ExportError(f"{path.name}: cannot export the training step: {type(e).__name__}: {first}") from e
+
+
+def _optimize(onnx_program) -> None:
+    """onnxscript's graph optimizer, but leaving large frozen weights in their torch layout.
+
+    It always folds a Transpose of a large initializer with one consumer, which stores every
+    linear weight as W^T; the inference graph holds W, so the shared weights file would get both.
+    """
+    try:
+        from onnxscript.optimizer import _constant_folding as folding
+    except ImportError:
+        folding = None
+    saved = getattr(folding, "_DEFAULT_ALWAYS_FOLD_OPS", None)
+    if saved is not None:
+        folding._DEFAULT_ALWAYS_FOLD_OPS = frozenset()
+    try:
+        onnx_program.optimize()
+    finally:
+        if saved is not None:
+            folding._DEFAULT_ALWAYS_FOLD_OPS = saved
+
+
+def _trace_and_export_unchecked(
+    fn,
+    frozen: list[torch.Tensor],
+    args: list[torch.Tensor],
+    n_data: int,
+    input_names,
+    output_names,
+    path: Path,
 ) -> None:
     from torch._decomp import get_decompositions
     from torch.fx.experimental.proxy_tensor import make_fx
 
     decomp = get_decompositions([torch.ops.aten.nll_loss_forward, torch.ops.aten.nll_loss_backward])
-    with torch.enable_grad(), warnings.catch_warnings():
+    # torch.onnx prints its progress to stdout, which would tear the export's progress bar.
+    with torch.enable_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         gm = make_fx(fn, tracing_mode="symbolic", decomposition_table=decomp, _allow_non_fake_inputs=True)(
-            *args
+            *frozen, *args
         )
         batch = torch.export.Dim("batch", min=1, max=1 << 16)
         dyn = tuple({0: batch} if i < n_data else None for i in range(len(args)))
         plain = tuple(a.detach() for a in args)
-        program = torch.export.export(_Traced(gm), plain, dynamic_shapes=(dyn,), strict=False)
+        program = torch.export.export(_Traced(gm, frozen), plain, dynamic_shapes=(dyn,), strict=False)
         onnx_program = torch.onnx.export(
             program,
             (),
@@ -178,9 +247,10 @@ def _trace_and_export(
             output_names=list(output_names),
             dynamo=True,
             opset_version=OPSET,
-            optimize=True,
+            optimize=False,
             verbose=False,
         )
+        _optimize(onnx_program)
     model = onnx_program.model_proto
     got_in = [i.name for i in model.graph.input]
     got_out = [o.name for o in model.graph.output]
@@ -230,8 +300,9 @@ def export_step_graph(
     zeros = [torch.zeros_like(v).detach() for v in values]
     args = [*data, step, lr, *values, *zeros, *[z.clone() for z in zeros]]
     inputs, outputs = step_io(input_names, trainable)
-    fn = _step_function(task_module, list(trainable), len(data), adamw)
-    _export_into(fn, args, len(data), inputs, outputs, out_dir, file, weights_file)
+    frozen = _frozen_tensors(task_module, trainable)
+    fn = _step_function(task_module, list(trainable), list(frozen), len(data), adamw)
+    _export_into(fn, list(frozen.values()), args, len(data), inputs, outputs, out_dir, file, weights_file)
     return GraphSpec(file=file, inputs=inputs, outputs=outputs)
 
 
@@ -251,26 +322,37 @@ def export_step_eval_graph(
     data, values = _prepare(task_module, trainable, example_inputs)
     values = [v.detach() for v in values]
     inputs = (*input_names, *trainable)
-    fn = _eval_function(task_module, list(trainable), len(data))
+    frozen = _frozen_tensors(task_module, trainable)
+    fn = _eval_function(task_module, list(trainable), list(frozen), len(data))
     with torch.no_grad():
-        n_out = len(fn(*data, *values))
+        n_out = len(fn(*frozen.values(), *data, *values))
     if n_out != len(output_names):
         raise ExportError(
             f"step eval graph: the task module returns {n_out} outputs, {len(output_names)} named"
         )
-    _export_into(fn, [*data, *values], len(data), inputs, tuple(output_names), out_dir, file, weights_file)
+    _export_into(
+        fn,
+        list(frozen.values()),
+        [*data, *values],
+        len(data),
+        inputs,
+        tuple(output_names),
+        out_dir,
+        file,
+        weights_file,
+    )
     return GraphSpec(file=file, inputs=inputs, outputs=tuple(output_names))
 
 
 def _export_into(
-    fn, args, n_data, inputs, outputs, out_dir: Path, file: str, weights_file: str | None
+    fn, frozen, args, n_data, inputs, outputs, out_dir: Path, file: str, weights_file: str | None
 ) -> None:
     if weights_file is None:
-        _trace_and_export(fn, args, n_data, inputs, outputs, out_dir / file)
+        _trace_and_export(fn, frozen, args, n_data, inputs, outputs, out_dir / file)
         return
     # Export next to the bundle, then move the weights into the shared file and the graph in place.
     with tempfile.TemporaryDirectory(prefix=".step-", dir=out_dir) as tmp:
-        _trace_and_export(fn, args, n_data, inputs, outputs, Path(tmp) / file)
+        _trace_and_export(fn, frozen, args, n_data, inputs, outputs, Path(tmp) / file)
         share_weights(Path(tmp) / file, out_dir / file, out_dir / weights_file)
 
 

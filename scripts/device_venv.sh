@@ -4,26 +4,30 @@
 # machine without an onnxruntime-training wheel runs; the step-graph backend needs nothing more.
 # Usage: bash scripts/device_venv.sh [DIR]          (default DIR: .venv-device)
 #        PYTHON=python3.10 bash scripts/device_venv.sh .venv-device-310
+#        PYTHON=python3.10 ORT_SPEC=onnxruntime==1.16.3 NUMPY_SPEC="numpy<2" \
+#          bash scripts/device_venv.sh .venv-device-ort116
+#          (1.16.3 is the newest onnxruntime pip offers a manylinux2014-only aarch64 board; onnxruntime
+#          before 1.19 is built against numpy 1)
 # Idempotent: a second run installs nothing new.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DIR=${1:-.venv-device}
 PY=${PYTHON:-python3}
-if ! command -v "$PY" >/dev/null; then
-  # pyenv keeps the other interpreters off PATH; look there before giving up.
+if ! "$PY" -c 'pass' >/dev/null 2>&1; then
+  # pyenv keeps the other interpreters off PATH (or behind shims that refuse); look there too.
   want=${PY#python}
   for cand in "$HOME"/.pyenv/versions/"$want"*/bin/python; do
     [ -x "$cand" ] && PY=$cand && break
   done
 fi
-command -v "$PY" >/dev/null || { echo "device_venv: interpreter $PY not found" >&2; exit 2; }
+"$PY" -c 'pass' >/dev/null 2>&1 || { echo "device_venv: interpreter $PY not found" >&2; exit 2; }
 
 if [ ! -x "$DIR/bin/python" ]; then
   "$PY" -m venv "$DIR"
 fi
 "$DIR/bin/python" -m pip install -q --upgrade pip
-"$DIR/bin/python" -m pip install -q "onnxruntime>=1.17" "numpy>=1.24,<3" "pillow>=10" "pyyaml>=6" \
+"$DIR/bin/python" -m pip install -q "${ORT_SPEC:-onnxruntime>=1.16}" "${NUMPY_SPEC:-numpy>=1.24,<3}" "pillow>=10" "pyyaml>=6" \
   "paho-mqtt>=2.0,<3" "safetensors>=0.4" "typer>=0.12" "rich>=13"
 # --no-deps: the extras would pull torch or onnxruntime-training, which a device does not have.
 "$DIR/bin/python" -m pip install -q --no-deps -e .

@@ -44,13 +44,27 @@ class Predictor:
         self.transform = ImageTransform(self.manifest.preprocess)
         # ORT reads the initializer buffers at run time: the arrays must outlive the session.
         self._keep: list[Any] = []
-        tensors = {}
+        self._tensors: Mapping[str, np.ndarray] = {}
         if adapter:
-            tensors = check_tensors(adapter, self.manifest.trainable, "adapter", require_all=False)
-        self._session = self._open("inference", tensors)
-        self._encoder = None
-        self._inputs = {i.name for i in self._session.get_inputs()}
-        self._outputs = [o.name for o in self._session.get_outputs()]
+            self._tensors = check_tensors(adapter, self.manifest.trainable, "adapter", require_all=False)
+        # Sessions open on first use: an embedding cache that only needs the image encoder (or
+        # nothing, when every embedding is cached) never loads the full inference graph's weights.
+        self._inference: Any = None
+        self._encoder: Any = None
+
+    @property
+    def _session(self) -> Any:
+        if self._inference is None:
+            self._inference = self._open("inference", self._tensors)
+        return self._inference
+
+    @property
+    def _inputs(self) -> set[str]:
+        return {i.name for i in self._session.get_inputs()}
+
+    @property
+    def _outputs(self) -> list[str]:
+        return [o.name for o in self._session.get_outputs()]
 
     def _open(self, key: str, tensors: Mapping[str, np.ndarray]) -> Any:
         ort = onnxruntime()

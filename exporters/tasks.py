@@ -12,6 +12,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def trim_label_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """Label prompt tokens cut after the longest prompt's end-of-text token.
+
+    Exact for CLIP's causal text tower: position i attends to positions <= i only, so the padding
+    after a prompt's end-of-text token never reaches its pooled (end-of-text) feature. It saves
+    running the text tower over the full context (77 tokens) for prompts of a few tokens.
+    """
+    end = int(tokens.to(torch.int32).argmax(dim=-1).max()) + 1
+    return tokens[:, :end].clone()
+
+
 class _ClipParts(nn.Module):
     """The CLIP pieces a graph needs, under CLIP's own attribute names."""
 
@@ -35,10 +46,21 @@ class _ClipParts(nn.Module):
         """CLIP.encode_text with argmax pooling, written so ORT CPU can run it.
 
         ORT CPU has no int64 ArgMax, so the end-of-text position (the largest token id) is found
-        on int32 tokens; token ids are < 2**31.
+        on int32 tokens; token ids are < 2**31. Text shorter than the context (trimmed label
+        prompts) uses the leading positional embeddings and causal-mask block. The TorchScript
+        tracer turns `text.shape[1]` into a graph value, so traced graphs take the length from
+        the module's `text_len` (a Python int, constant slices); graphs without one (contrastive
+        text inputs at the full context) are unchanged.
         """
-        x = self.token_embedding(text) + self.positional_embedding
-        x = self.transformer(x, attn_mask=self.attn_mask)
+        n = getattr(self, "text_len", None)
+        if n is None and not torch.jit.is_tracing() and text.shape[1] < self.positional_embedding.shape[0]:
+            n = text.shape[1]
+        if n is None:
+            pos, attn_mask = self.positional_embedding, self.attn_mask
+        else:
+            pos, attn_mask = self.positional_embedding[:n], self.attn_mask[:n, :n]
+        x = self.token_embedding(text) + pos
+        x = self.transformer(x, attn_mask=attn_mask)
         x = self.ln_final(x)
         eot = text.to(torch.int32).argmax(dim=-1)
         # A 0/1 mask-sum instead of gather: ORT's training graph builder aborts on the gather's
@@ -58,7 +80,9 @@ def _norm(x: torch.Tensor) -> torch.Tensor:
 class ClassifyGraph(nn.Module):
     """`(image | image_embeds, labels) -> (loss, logits)`; logits over the labels' prompts.
 
-    Without a text adapter the class text embeddings are constants computed here, at export.
+    Without a text adapter the class text embeddings are constants computed here, at export;
+    with one, the prompts run through the text tower trimmed to their longest end-of-text token
+    (`trim_label_tokens`), which gives the full-context result exactly at a fraction of the cost.
     """
 
     def __init__(
@@ -68,8 +92,12 @@ class ClassifyGraph(nn.Module):
         self.from_embeds = from_embeds
         self.text_adapted = text_adapted
         self._init_parts(clip, vision=not from_embeds, text=text_adapted)
+        label_tokens = trim_label_tokens(label_tokens)
+        # A Python int (None at the full context): traced graphs slice by constants.
+        n = int(label_tokens.shape[1])
+        self.text_len = n if n < clip.positional_embedding.shape[0] else None
         if text_adapted:
-            self.register_buffer("label_tokens", label_tokens.clone())
+            self.register_buffer("label_tokens", label_tokens)
         else:
             with torch.no_grad():
                 full = _ClipParts(clip, vision=False, text=True)

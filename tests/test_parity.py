@@ -5,9 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from fixtures_bundle import OrtBundle, ort_infer
 
-from fedclip.exporters.bundle import load_adapter_into_torch, tokenize, torch_twin
+from fedclip.exporters import tasks
+from fedclip.exporters.bundle import build_adapted_model, load_adapter_into_torch, tokenize, torch_twin
+from fedclip.sdk.manifest import AdapterSpec
 
 TOL = 1e-4
 
@@ -132,3 +135,64 @@ def test_ort_training_matches_torch(bundle_factory, case):
     for got, ref in zip(swapped, _torch_inference(twin, feeds), strict=True):
         np.testing.assert_allclose(got, ref, atol=TOL, rtol=0)
     assert any(not np.allclose(a, b, atol=1e-3) for a, b in zip(stock, swapped, strict=True))
+
+
+# ---- trimmed label prompts vs open_clip's own full-context text tower ---------------------------
+PROMPTS = ["a photo of a cat.", "a photo of a t-shirt or top, a type of clothing.", "a dog"]
+
+
+def _open_clip_classify(clip, tokens: torch.Tensor, embeds: torch.Tensor, labels: torch.Tensor):
+    """The classify loss and logits as open_clip computes them, prompts at the full context."""
+    text = F.normalize(clip.encode_text(tokens), dim=-1)
+    logits = clip.logit_scale.exp() * F.normalize(embeds, dim=-1) @ text.t()
+    return F.cross_entropy(logits, labels), logits
+
+
+def test_trimmed_label_prompts_match_open_clip_full_context():
+    spec = AdapterSpec("lora", 4, 8.0, ("q", "k", "v", "o", "mlp"), ("text",))
+    clip = build_adapted_model("fedclip-tiny", spec).model
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # nonzero B, so the adapter is on the path being compared
+        for name, p in clip.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    full = tokenize(PROMPTS, clip.context_length)
+    graph = tasks.ClassifyGraph(clip, full, from_embeds=True, text_adapted=True)
+    # the longest prompt ends well inside the context, so the graph really runs on fewer tokens
+    assert graph.label_tokens.shape[1] == int(full.argmax(dim=-1).max()) + 1 < clip.context_length
+    assert torch.equal(graph.label_tokens, full[:, : graph.label_tokens.shape[1]])
+
+    embeds = torch.randn(5, clip.text_projection.shape[1], generator=gen)
+    labels = torch.tensor([0, 1, 2, 1, 0])
+    trainable = [p for n, p in clip.named_parameters() if "lora_" in n]
+    loss, logits = graph(embeds, labels)
+    grads = torch.autograd.grad(loss, trainable)
+    ref_loss, ref_logits = _open_clip_classify(clip, full, embeds, labels)
+    ref_grads = torch.autograd.grad(ref_loss, trainable)
+
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=0)
+    assert any(g.abs().max() > 1e-4 for g in ref_grads)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=0)
+
+
+def test_ort_text_adapted_classify_matches_open_clip_full_context(bundle_factory):
+    args, _ = CASES["lora-classify-text"]
+    ob = OrtBundle(bundle_factory(**args))
+    m = ob.manifest
+    twin = torch_twin(m)
+    images, x, y = _batch(ob, twin)
+    clip = twin.adapted.model.eval()
+    full = tokenize(m.task.prompts(), clip.context_length)
+    with torch.no_grad():
+        ref = _open_clip_classify(clip, full, torch.from_numpy(x), torch.from_numpy(y))
+    for got, r in zip(ob.evaluate(x, y), ref, strict=True):
+        np.testing.assert_allclose(got, r.numpy(), atol=1e-5, rtol=0)
+    # the inference graph embeds the images itself; its logits match open_clip's too
+    (logits, embeds) = ort_infer(ob.dir / m.graphs["inference"].file, {"image": images})
+    with torch.no_grad():
+        _, ref_logits = _open_clip_classify(
+            clip, full, clip.encode_image(torch.from_numpy(images)), torch.from_numpy(y)
+        )
+    np.testing.assert_allclose(logits, ref_logits.numpy(), atol=1e-5, rtol=0)

@@ -724,18 +724,12 @@ def _findings(r: dict) -> list[str]:
         d = v["d_ort_cached"]
         out.append(
             f"- Text tower from cached embeddings, (d) vs (c): missed ({s['c_over_d_epoch_speedup']:.1f}x "
-            "per epoch, target 35x). Caching removes the image tower, but a classify bundle with a text "
-            "adapter runs the text tower forward and backward over all "
-            f"{len(cfg['labels'])} label prompts at the full context length every step, "
-            "whatever the batch size; that fixed per-step cost "
-            f"({d['step_s_median']:.2f} s here) bounds the speed-up. At batch {cfg['batch_size']} it is "
-            "of the same order as the image tower's share of (c). Two ways to reach the target: (1) run "
-            "the label prompts at their real length instead of the padded context (CLIP's causal mask "
-            "means positions after the end-of-text token never reach the pooled feature, so cutting the "
-            "context to the longest prompt is exact and divides the text cost by ~context/prompt "
-            "length, 77/~10 for ViT-B-32); (2) larger batches for (d): its step time barely depends on "
-            "the batch (the embeddings are tiny) while (c)'s epoch cost is per image, so the per-epoch "
-            "speed-up grows about linearly with the batch size."
+            "per epoch, target 35x). Caching removes the image tower; what is left per step is the text "
+            f"tower forward and backward over all {len(cfg['labels'])} label prompts plus the update "
+            f"({d['step_s_median']:.2f} s here), whatever the batch size, while (c)'s epoch cost is per "
+            "image, so this fixed cost bounds the speed-up at small batches. Label prompts are now cut "
+            "to the longest prompt (exact under CLIP's causal mask); where this run predates that, the "
+            "recheck below and the notes give the numbers after it, including a batch-64 run."
         )
     if "recheck_cached" in r:
         rc = r["recheck_cached"]

@@ -24,6 +24,12 @@ def export(
     labels: str = typer.Option(None, "--labels", help='labels.txt (one per line) or "cat,dog,...".'),
     prompt: str = typer.Option(None, "--prompt", help='Label prompt [default: "a photo of a {}."].'),
     out: Path = typer.Option(None, "--out", help="Bundle directory to create."),
+    fmt: str = typer.Option(
+        None,
+        "--format",
+        help="Training formats: step (portable, any onnxruntime) | ort-training (ONNX Runtime "
+        "training API) | both [default: both].",
+    ),
     config: Path = typer.Option(None, "--config", help="export.yaml with the same fields; flags win."),
 ) -> None:
     """Export an open_clip model with LoRA adapters as an ONNX Runtime training bundle."""
@@ -32,7 +38,7 @@ def export(
     from rich.console import Console
 
     from fedclip.exporters.bundle import export_bundle
-    from fedclip.exporters.config import load_export_config
+    from fedclip.exporters.config import CLI_DEFAULT_FORMAT, load_export_config
 
     # open_clip warns through the root logger about random weights; we say it once, ourselves.
     logging.getLogger().setLevel(logging.ERROR)
@@ -51,12 +57,16 @@ def export(
         "labels": labels,
         "prompt": prompt,
         "out": str(out) if out is not None else None,
+        "format": fmt,
     }
-    cfg = load_export_config(config, flags)
+    cfg = load_export_config(config, flags, default_format=CLI_DEFAULT_FORMAT)
     manifest = export_bundle(cfg, show_progress=True)
     if not cfg.pretrained:
         Console(stderr=True).print(
             f"note: no --pretrained given: {cfg.model} has random weights (seed {cfg.seed})", highlight=False
         )
     trainable = sum(1 for t in manifest.tensors if t.trainable)
-    print(f"bundle {manifest.bundle_id} written to {cfg.out} ({trainable} trainable adapter tensors)")
+    print(
+        f"bundle {manifest.bundle_id} written to {cfg.out} ({trainable} trainable adapter tensors, "
+        f"formats: {', '.join(manifest.formats)})"
+    )

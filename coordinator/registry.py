@@ -156,13 +156,22 @@ class Registry:
 def load_initial_adapter(bundle_dir: str | Path, manifest: Manifest) -> dict[str, np.ndarray]:
     """The exchanged tensors' starting values, as exported.
 
-    From the bundle's `initial_adapter.safetensors` when it has one; otherwise from the inference
+    From the manifest's `initial_tensors` (step format) when they cover them, else from the bundle's
+    `initial_adapter.safetensors` when it has one; otherwise from the inference
     graph, whose adapter tensors are initializers named like the torch parameters (internals.md).
     """
     bundle_dir = Path(bundle_dir)
     wanted = {t.name for t in manifest.exchanged}
     path = bundle_dir / "initial_adapter.safetensors"
-    if path.is_file():
+    found: dict[str, np.ndarray] = {}
+    if manifest.initial_tensors:
+        # Step-format bundles list the trainable tensors' starting values: no onnx parsing needed
+        # (unless an exchanged tensor is frozen, which only the inference graph holds).
+        initial = bundle_dir / manifest.initial_tensors
+        found, _ = decode_tensors(initial.read_bytes(), str(initial))
+    if wanted <= set(found):
+        path = bundle_dir / manifest.initial_tensors
+    elif path.is_file():
         found, _ = decode_tensors(path.read_bytes(), str(path))
     else:
         graph = manifest.graphs.get("inference")

@@ -121,11 +121,15 @@ class Agent:
 
     def _load_trainer(self):
         """A trainer as it stood at the end of the last completed round (local tensors, optimizer)."""
-        from fedclip.device_agent.trainer import OrtTrainer
+        from fedclip.device_agent.step_backend import make_trainer
 
-        trainer = OrtTrainer(
-            self.bundle_dir, device=self.cfg.device, threads=self.cfg.threads or None, verify=False
-        )  # verified by Manifest.load above
+        trainer = make_trainer(
+            self.bundle_dir,
+            backend=self.cfg.backend,
+            device=self.cfg.device,
+            threads=self.cfg.threads or None,
+            verify=False,  # verified by Manifest.load above
+        )
         ckpt = self.state.trainer_checkpoint()
         if ckpt is not None:
             try:

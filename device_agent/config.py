@@ -37,6 +37,9 @@ class AgentConfig:
     keepalive: int = 30
     groups: tuple[str, ...] = ()  # reported in the status so the coordinator can select by group
     device: Literal["cpu", "cuda"] = "cpu"
+    # Training backend: step (the bundle's portable step graph, any onnxruntime), ort-training (ONNX
+    # Runtime's training API), auto (ort-training when installed and the bundle has its artifacts).
+    backend: Literal["auto", "step", "ort-training"] = "auto"
     threads: int = 0  # ORT intra-op threads; 0 = ORT's default
     holdout: float = 0.2  # share of the local data kept for before/after evaluation
     eval_batch_size: int = 64

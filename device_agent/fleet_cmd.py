@@ -41,6 +41,9 @@ def start(
     ),
     device: str | None = typer.Option(None, help="ONNX Runtime device: cpu or cuda."),
     threads: int | None = typer.Option(None, help="ONNX Runtime threads (0: its default)."),
+    backend: str | None = typer.Option(
+        None, "--backend", help="Training backend: auto | step | ort-training [default: auto]."
+    ),
     progress: bool | None = typer.Option(
         None, "--progress/--no-progress", help="Progress bars while training."
     ),
@@ -72,6 +75,7 @@ def start(
         "groups": list(group) if group else None,
         "device": device,
         "threads": threads,
+        "backend": backend,
         "progress": progress,
     }
     cfg = AgentConfig.load(config, overrides)

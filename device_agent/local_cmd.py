@@ -20,7 +20,13 @@ from fedclip.sdk.errors import DataError
 log = logging.getLogger(__name__)
 
 _BUNDLE = typer.Option(..., "--bundle", help="Bundle folder made by `fedclip-coord export`.")
-_DEVICE = typer.Option("cpu", "--device", help="cpu, or cuda (needs onnxruntime-training with CUDA).")
+_DEVICE = typer.Option("cpu", "--device", help="cpu, or cuda (needs a CUDA build of onnxruntime).")
+_BACKEND = typer.Option(
+    "auto",
+    "--backend",
+    help="auto | step (portable step graph, any onnxruntime) | ort-training (ONNX Runtime training "
+    "API); auto picks ort-training when it is installed and the bundle has its artifacts.",
+)
 _THREADS = typer.Option(None, "--threads", min=1, help="CPU threads for ONNX Runtime (default: all cores).")
 _QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars, warnings only.")
 _JSON = typer.Option(False, "--json", help="Print the metrics as one JSON object on stdout.")
@@ -51,12 +57,14 @@ def _emit(metrics: dict, as_json: bool, title: str) -> None:
     Console().print(table)
 
 
-def _open_trainer(bundle: Path, adapter: Path | None, device: str, threads: int | None, quiet: bool):
+def _open_trainer(
+    bundle: Path, adapter: Path | None, device: str, threads: int | None, quiet: bool, backend: str = "auto"
+):
     """(trainer with the adapter loaded, that adapter's version or "", show progress bars)."""
-    from fedclip.device_agent.trainer import OrtTrainer
+    from fedclip.device_agent.step_backend import make_trainer
 
     setup_logging(quiet=quiet)
-    trainer = OrtTrainer(bundle, device=device, threads=threads)
+    trainer = make_trainer(bundle, backend=backend, device=device, threads=threads)
     parent = trainer.load_adapter(adapter).version if adapter is not None else ""
     return trainer, parent, not quiet
 
@@ -91,6 +99,7 @@ def train(
     out: Path = typer.Option(None, "--out", help="Write the trained adapter here (.safetensors)."),
     seed: int = typer.Option(0, "--seed", help="Shuffle seed."),
     device: str = _DEVICE,
+    backend: str = _BACKEND,
     threads: int = _THREADS,
     cache_dir: Path = _CACHE,
     quiet: bool = _QUIET,
@@ -100,7 +109,7 @@ def train(
     from fedclip.device_agent.training import batch_source, evaluate, train_local
     from fedclip.sdk.wire import tensors_digest
 
-    trainer, parent, progress = _open_trainer(bundle, adapter, device, threads, quiet or as_json)
+    trainer, parent, progress = _open_trainer(bundle, adapter, device, threads, quiet or as_json, backend)
     train_set, held_out = _open_data(data, trainer.manifest, holdout)
     source = batch_source(trainer, train_set, cache_dir=cache_dir, progress=progress)
     metrics: dict = {}
@@ -153,6 +162,7 @@ def eval(  # noqa: A001 - the command is called `eval`
     ),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per step."),
     device: str = _DEVICE,
+    backend: str = _BACKEND,
     threads: int = _THREADS,
     cache_dir: Path = _CACHE,
     quiet: bool = _QUIET,
@@ -161,7 +171,7 @@ def eval(  # noqa: A001 - the command is called `eval`
     """Evaluate loss and accuracy of an adapter on local labelled data."""
     from fedclip.device_agent.training import batch_source, evaluate
 
-    trainer, _, progress = _open_trainer(bundle, adapter, device, threads, quiet or as_json)
+    trainer, _, progress = _open_trainer(bundle, adapter, device, threads, quiet or as_json, backend)
     dataset, held_out = _open_data(data, trainer.manifest, holdout)
     dataset = held_out if held_out is not None else dataset
     source = batch_source(trainer, dataset, cache_dir=cache_dir, progress=progress)

@@ -26,9 +26,42 @@ _PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 _ort: Any = None
 _api: Any = None
+_builds_checked = False
+
+# pip distributions that all install the same `onnxruntime` package: with two of them in one
+# environment the files of one overwrite the other's and neither works as built.
+ORT_BUILDS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-training", "onnxruntime-training-cpu")
+
+
+def installed_ort_builds() -> list[str]:
+    """The onnxruntime builds installed where this interpreter looks (sorted `name==version`)."""
+    from importlib.metadata import distributions
+
+    found = {}
+    for dist in distributions():
+        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        if name in ORT_BUILDS:
+            found.setdefault(name, f"{name}=={dist.version}")
+    return sorted(found.values())
+
+
+def check_single_build() -> None:
+    """BackendError when more than one onnxruntime build is installed (they break each other)."""
+    global _builds_checked
+    if _builds_checked:
+        return
+    builds = installed_ort_builds()
+    if len(builds) > 1:
+        raise BackendError(
+            f"{' and '.join(builds)} are installed together; they overwrite each other's `onnxruntime` "
+            "package. Use separate venvs: pip install 'fedclip[agent]' (or another agent-* extra) on "
+            "devices, 'fedclip[coordinator]' for the coordinator"
+        )
+    _builds_checked = True
 
 
 def _find_root() -> str:
+    check_single_build()
     spec = importlib.util.find_spec("onnxruntime")
     if spec is None or not spec.submodule_search_locations:
         raise BackendError(
@@ -64,6 +97,7 @@ def onnxruntime() -> Any:
     """The `onnxruntime` module, imported without torch."""
     global _ort
     if _ort is None:
+        check_single_build()
         try:
             _ort = _import_without_torch(lambda: importlib.import_module("onnxruntime"))
         except ImportError as e:
@@ -85,8 +119,8 @@ def training_api() -> TrainingApi:
         onnxruntime()
         if not os.path.isdir(os.path.join(_find_root(), "training", "api")):
             raise BackendError(
-                "this onnxruntime has no on-device training API; install onnxruntime-training "
-                "(pip install 'fedclip[agent]'), not plain onnxruntime"
+                "this onnxruntime has no on-device training API; use the step backend (--backend step) "
+                "or a venv with the training build (pip install 'fedclip[agent-ort-training]')"
             )
         try:
             mod = _import_without_torch(lambda: importlib.import_module("onnxruntime.training.api"))
@@ -105,7 +139,8 @@ def check_device(device: str) -> str:
     if provider not in available:
         raise BackendError(
             f"--device {device} needs {provider}, but this onnxruntime has only {', '.join(available)} "
-            "(install onnxruntime-training built with CUDA: pip install 'fedclip[agent-cuda]')"
+            "(install a CUDA build in a fresh venv: pip install 'fedclip[agent-cuda]', or "
+            "'fedclip[agent-ort-training-cuda]' for the ORT training API)"
         )
     return provider
 

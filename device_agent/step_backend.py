@@ -304,6 +304,15 @@ def make_trainer(bundle_dir: str | Path, backend: str = "auto", **kw):
         else:
             raise BundleError(f"{bundle_dir}: the bundle has no training graphs")
         kw["verify"] = False  # just verified
+    else:
+        manifest = Manifest.load(bundle_dir, verify=kw.get("verify", True))
+        if backend not in manifest.formats:
+            have = ", ".join(manifest.formats) or "none"
+            raise BackendError(
+                f"{bundle_dir}: --backend {backend} cannot train this bundle (it was exported with "
+                f"format {have}); use --backend auto or re-export with --format {backend} or both"
+            )
+        kw["verify"] = False  # just verified
     if backend == "step":
         return StepTrainer(bundle_dir, **kw)
     from fedclip.device_agent.trainer import OrtTrainer

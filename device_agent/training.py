@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from fedclip.device_agent.predictor import Predictor
+from fedclip.device_agent.step_backend import StepTrainer
 from fedclip.device_agent.task import STAT_KINDS
 from fedclip.device_agent.trainer import OrtTrainer
 from fedclip.sdk.data import Dataset, Sample
@@ -28,6 +29,9 @@ from fedclip.sdk.hashing import sha256_file
 from fedclip.sdk.manifest import Manifest
 from fedclip.sdk.preprocess import ImageTransform, load_image
 from fedclip.sdk.wire import STAT_LABEL_HIST, STAT_MEAN, STAT_VAR
+
+# Either backend (see step_backend.make_trainer): both have the same public interface.
+Trainer = OrtTrainer | StepTrainer
 
 
 def default_cache_dir() -> Path:
@@ -272,7 +276,7 @@ class BatchSource:
 
 
 def batch_source(
-    trainer: OrtTrainer, dataset: Dataset, *, cache_dir: str | Path | None = None, progress: bool = False
+    trainer: Trainer, dataset: Dataset, *, cache_dir: str | Path | None = None, progress: bool = False
 ) -> BatchSource:
     """The batch source for `trainer`'s bundle; builds the embedding cache when the bundle needs one."""
     cache = None
@@ -286,7 +290,7 @@ def batch_source(
 
 # ---- train / evaluate ------------------------------------------------------------------------------
 def train_local(
-    trainer: OrtTrainer,
+    trainer: Trainer,
     dataset: Dataset | BatchSource,
     *,
     epochs: int,
@@ -347,7 +351,7 @@ def train_local(
 
 
 def evaluate(
-    trainer: OrtTrainer,
+    trainer: Trainer,
     dataset: Dataset | BatchSource,
     *,
     batch_size: int = 64,
@@ -379,7 +383,7 @@ def evaluate(
 
 # ---- statistics --------------------------------------------------------------------------------------
 def data_statistics(
-    model: Predictor | OrtTrainer,
+    model: Predictor | Trainer,
     dataset: Dataset,
     kinds: Sequence[str] = STAT_KINDS,
     noise_std: float = 0.0,
@@ -434,7 +438,7 @@ def data_statistics(
     return {name: np.ascontiguousarray(arr, dtype=np.float32) for name, arr in out.items()}
 
 
-def _predictor_of(trainer: OrtTrainer) -> Predictor:
+def _predictor_of(trainer: Trainer) -> Predictor:
     return Predictor(
         trainer.bundle_dir,
         adapter=trainer.get_tensors("trainable"),

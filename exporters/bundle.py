@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fedclip.exporters import onnx_export, tasks
+from fedclip.exporters import onnx_export, step_bundle, tasks
 from fedclip.exporters.config import ExportConfig
 from fedclip.exporters.lora import (
     adapter_tensors,
@@ -220,25 +220,28 @@ def _dummy_inputs(
     return x, y
 
 
-def _write_graphs(adapted: AdaptedModel, task: TaskSpec, tmp: Path, step) -> tuple[dict[str, GraphSpec], str]:
+def _write_graphs(
+    adapted: AdaptedModel, task: TaskSpec, tmp: Path, step, formats: tuple[str, ...] = ("ort-training",)
+) -> tuple[dict[str, GraphSpec], str, str | None]:
+    """Writes the graphs; returns (graphs, train_input, initial tensors file or None)."""
     from_embeds = "vision" not in adapted.spec.towers
     train_input = "image_embeds" if from_embeds else "image"
     x, y = _dummy_inputs(adapted, task, from_embeds)
     graphs: dict[str, GraphSpec] = {}
 
-    step("exporting training graph")
     twin = _twin(adapted, task)
     if task.kind == "classify":
         io_in, io_out, eval_out = (train_input, "labels"), ("loss", "logits"), ("loss", "logits")
     else:
         io_in, io_out, eval_out = (train_input, "text"), ("loss",), ("loss",)
-    proto = onnx_export.export_onnx(twin.graph, (x, y), io_in, io_out)
-
-    step("generating ORT training artifacts")
-    onnx_export.generate_training_artifacts(proto, adapted.trainable, tmp, keep_outputs=("loss",))
-    graphs["training"] = GraphSpec(file=TRAINING, inputs=io_in, outputs=("loss",))
-    graphs["eval"] = GraphSpec(file=EVAL, inputs=io_in, outputs=eval_out)
-    graphs["optimizer"] = GraphSpec(file=OPTIMIZER, inputs=(), outputs=())
+    if "ort-training" in formats:
+        step("exporting training graph")
+        proto = onnx_export.export_onnx(twin.graph, (x, y), io_in, io_out)
+        step("generating ORT training artifacts")
+        onnx_export.generate_training_artifacts(proto, adapted.trainable, tmp, keep_outputs=("loss",))
+        graphs["training"] = GraphSpec(file=TRAINING, inputs=io_in, outputs=("loss",))
+        graphs["eval"] = GraphSpec(file=EVAL, inputs=io_in, outputs=eval_out)
+        graphs["optimizer"] = GraphSpec(file=OPTIMIZER, inputs=(), outputs=())
 
     step("exporting inference graph")
     size = adapted.base.preprocess.image_size
@@ -257,7 +260,15 @@ def _write_graphs(adapted: AdaptedModel, task: TaskSpec, tmp: Path, step) -> tup
         proto = onnx_export.export_onnx(twin.image_encoder, (image,), ("image",), ("image_embeds",))
         onnx_export.save(proto, tmp / IMAGE_ENCODER)
         graphs["image_encoder"] = GraphSpec(file=IMAGE_ENCODER, inputs=("image",), outputs=("image_embeds",))
-    return graphs, train_input
+
+    initial = None
+    if "step" in formats:
+        step("exporting step graph")
+        # The step graphs and the inference graph (and image encoder) share one weights.bin.
+        graphs, initial = step_bundle.write_step_format(
+            twin.graph, adapted.trainable, (x, y), io_in, eval_out, tmp, graphs
+        )
+    return graphs, train_input, initial
 
 
 def _tensor_specs(adapted: AdaptedModel) -> tuple[TensorSpec, ...]:
@@ -283,12 +294,13 @@ def export_bundle(cfg: ExportConfig, show_progress: bool = False) -> Manifest:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as e:
         raise ExportError(f"--out: cannot write into {out.parent} ({e.strerror})") from None
-    n_steps = 6 + ("vision" not in spec.towers)
+    formats = cfg.formats
+    n_steps = 3 + ("vision" not in spec.towers) + 2 * ("ort-training" in formats) + ("step" in formats)
     try:
         with _steps(show_progress, n_steps) as step, torch.no_grad():
             step(f"building {cfg.model}")
             adapted = build_adapted_model(cfg.model, spec, cfg.pretrained, tuple(cfg.train))
-            graphs, train_input = _write_graphs(adapted, task, tmp, step)
+            graphs, train_input, initial = _write_graphs(adapted, task, tmp, step, cfg.formats)
             step("writing manifest")
             tokenizer = None
             if task.kind == "contrastive":
@@ -309,8 +321,9 @@ def export_bundle(cfg: ExportConfig, show_progress: bool = False) -> Manifest:
                 tensors=_tensor_specs(adapted),
                 graphs=graphs,
                 train_input=train_input,
-                checkpoint="checkpoint",
+                checkpoint="checkpoint" if "ort-training" in cfg.formats else None,
                 tokenizer=tokenizer,
+                initial_tensors=initial,
                 tools=_tools(),
             )
             sealed = manifest.seal(tmp)

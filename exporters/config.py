@@ -10,6 +10,9 @@ from typing import Any, Literal
 from fedclip.sdk.config import from_mapping, load_yaml
 from fedclip.sdk.errors import ConfigError
 
+# `--format`: which training formats the bundle carries (see Manifest.formats).
+FORMATS = {"step": ("step",), "ort-training": ("ort-training",), "both": ("ort-training", "step")}
+
 
 @dataclass(frozen=True)
 class ExportConfig:
@@ -28,6 +31,14 @@ class ExportConfig:
     task: Literal["classify", "contrastive"] = "classify"
     labels: tuple[str, ...] = ()
     prompt: str = "a photo of a {}."
+    # step: the portable step graph only (any onnxruntime trains it); ort-training: ONNX Runtime
+    # training artifacts only; both. `fedclip-coord export` defaults to both (CLI_DEFAULT_FORMAT);
+    # library callers keep the original ORT-only bundles unless they ask.
+    format: Literal["step", "ort-training", "both"] = "ort-training"
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        return FORMATS[self.format]
 
 
 def parse_labels(value: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -50,9 +61,17 @@ def parse_labels(value: str | Sequence[str] | None) -> tuple[str, ...]:
     raise ConfigError(f"labels: expected a file, a comma list or a list, got {type(value).__name__}")
 
 
-def load_export_config(path: str | Path | None, overrides: Mapping[str, Any]) -> ExportConfig:
-    """YAML file (optional) + flags; flags that were given win."""
+CLI_DEFAULT_FORMAT = "both"
+
+
+def load_export_config(
+    path: str | Path | None, overrides: Mapping[str, Any], default_format: str | None = None
+) -> ExportConfig:
+    """YAML file (optional) + flags; flags that were given win, then the file, then
+    `default_format` (the CLI's) for `format`, then the dataclass defaults."""
     data: dict[str, Any] = dict(load_yaml(path)) if path else {}
+    if default_format is not None:
+        data.setdefault("format", default_format)
     data.update({k: v for k, v in overrides.items() if v is not None})
     if "labels" in data:
         data["labels"] = parse_labels(data["labels"])

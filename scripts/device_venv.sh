@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Creates the device-side venv: PLAIN onnxruntime (no training build, no torch) plus the sdk's
-# dependencies, and fedclip itself without its extras. It is what a Jetson-class board or any
+# Creates the device-side venv: PLAIN onnxruntime (no training build, no torch): fedclip installed
+# editable with its `agent` extra. It is what a Jetson-class board or any
 # machine without an onnxruntime-training wheel runs; the step-graph backend needs nothing more.
 # Usage: bash scripts/device_venv.sh [DIR]          (default DIR: .venv-device)
 #        PYTHON=python3.10 bash scripts/device_venv.sh .venv-device-310
@@ -27,14 +27,20 @@ if [ ! -x "$DIR/bin/python" ]; then
   "$PY" -m venv "$DIR"
 fi
 "$DIR/bin/python" -m pip install -q --upgrade pip
-"$DIR/bin/python" -m pip install -q "${ORT_SPEC:-onnxruntime>=1.16}" "${NUMPY_SPEC:-numpy>=1.24,<3}" "pillow>=10" "pyyaml>=6" \
-  "paho-mqtt>=2.0,<3" "safetensors>=0.4" "typer>=0.12" "rich>=13"
-# --no-deps: the extras would pull torch or onnxruntime-training, which a device does not have.
-"$DIR/bin/python" -m pip install -q --no-deps -e .
+# The runtime first (ORT_SPEC/NUMPY_SPEC may pin an older pair), then fedclip with its `agent` extra:
+# the core dependencies come from pyproject.toml, and the constraint keeps pip from upgrading the
+# pinned runtime to satisfy the extra.
+"$DIR/bin/python" -m pip install -q "${ORT_SPEC:-onnxruntime>=1.16}" "${NUMPY_SPEC:-numpy>=1.24,<3}"
+constraints=$(mktemp)
+trap 'rm -f "$constraints"' EXIT
+"$DIR/bin/python" -m pip freeze | grep -iE '^(onnxruntime|numpy)==' >"$constraints"
+"$DIR/bin/python" -m pip install -q -c "$constraints" -e '.[agent]'
 "$DIR/bin/python" - <<'PY'
 import importlib.util, sys
 import onnxruntime
 assert importlib.util.find_spec("torch") is None, "torch must not be installed in the device venv"
 import fedclip.sdk.manifest  # noqa: F401
+from fedclip.device_agent.ort_loader import check_single_build
+check_single_build()  # one onnxruntime build only
 print(f"device_venv: {sys.prefix} ready (Python {sys.version.split()[0]}, onnxruntime {onnxruntime.__version__})")
 PY

@@ -25,6 +25,9 @@ MANIFEST_NAME = "manifest.yaml"
 ADAPTER_KINDS = ("lora", "tri-lora")
 TARGETS = ("q", "k", "v", "o", "mlp")
 TOWERS = ("vision", "text")
+# The graphs each training format needs (see `Manifest.formats`).
+ORT_TRAINING_GRAPHS = ("training", "eval", "optimizer")
+STEP_GRAPHS = ("step", "step_eval")
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,8 @@ class Manifest:
     graphs: dict[str, GraphSpec]
     # What the training graph consumes: raw pixels, or cached image embeddings (no adapter on vision).
     train_input: Literal["image", "image_embeds"] = "image"
-    checkpoint: str = "checkpoint"
+    # The ORT training checkpoint; None in a bundle exported with the step format only.
+    checkpoint: str | None = "checkpoint"
     tokenizer: TokenizerSpec | None = None
     # Starting values of the trainable tensors (safetensors) for trainers without an ORT checkpoint
     # (the portable `step` graph); None when the bundle has no step graph.
@@ -157,6 +161,20 @@ class Manifest:
     @property
     def exchanged(self) -> tuple[TensorSpec, ...]:
         return tuple(t for t in self.tensors if t.exchanged)
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        """The training formats the bundle carries: "ort-training" (ORT artifacts), "step" (portable).
+
+        Derived from `graphs` rather than stored, so bundles exported before the step format keep
+        their bundle id.
+        """
+        out = []
+        if self.checkpoint and all(k in self.graphs for k in ORT_TRAINING_GRAPHS):
+            out.append("ort-training")
+        if all(k in self.graphs for k in STEP_GRAPHS) and self.initial_tensors:
+            out.append("step")
+        return tuple(out)
 
     # ---- io ----------------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -24,7 +24,8 @@ __all__ = ["FASHION_MNIST_LABELS", "bundle_factory", "tiny_bundle"]
 
 @pytest.fixture(scope="session")
 def bundle_factory(tmp_path_factory):
-    """`make(adapter=..., task=..., towers=..., ...) -> Path`: a fedclip-tiny bundle, cached per arguments."""
+    """`make(adapter=..., task=..., towers=..., formats=..., ...) -> Path`: a fedclip-tiny bundle, cached
+    per arguments; `formats` is ("ort-training",) (default), ("step",) or both."""
     root = tmp_path_factory.mktemp("bundles")
     cache: dict[tuple, Path] = {}
 
@@ -37,8 +38,11 @@ def bundle_factory(tmp_path_factory):
         alpha: float = 8.0,
         labels: tuple[str, ...] = ("a", "b", "c"),
         init: str = "ce-lora",
+        formats: tuple[str, ...] = ("ort-training",),
     ) -> Path:
-        key = (adapter, task, tuple(towers), tuple(targets), rank, alpha, tuple(labels), init)
+        # ORT artifacts only by default: the step export costs time most tests do not need.
+        fmt = {("ort-training",): "ort-training", ("step",): "step"}.get(tuple(formats), "both")
+        key = (adapter, task, tuple(towers), tuple(targets), rank, alpha, tuple(labels), init, fmt)
         if key not in cache:
             from fedclip.exporters.bundle import export_bundle
             from fedclip.exporters.config import ExportConfig
@@ -56,6 +60,7 @@ def bundle_factory(tmp_path_factory):
                     init=init,
                     task=task,
                     labels=tuple(labels) if task == "classify" else (),
+                    format=fmt,
                 )
             )
             cache[key] = out

@@ -288,10 +288,14 @@ def test_embedding_cache_for_text_tower_bundles(bundle_factory, tmp_path):
     direct = predictor.embed_images(np.stack([predictor.transform.load(s.path) for s in ds.samples]))
     np.testing.assert_allclose(inputs["image_embeds"], direct, atol=1e-5)
     np.testing.assert_array_equal(inputs["labels"], [s.label for s in ds.samples])
+    # embedding needs the image encoder only: the inference graph (both towers) stays closed
+    assert predictor._encoder is not None and predictor._inference is None
 
-    # a second run embeds nothing; a changed file is embedded again; the training uses the cache
-    batch_source(trainer, Dataset.open(data, labels=FASHION_MNIST_LABELS), cache_dir=cache_dir)
+    # a second run embeds nothing and opens no ONNX session at all; a changed file is embedded
+    # again; the training uses the cache
+    warm = batch_source(trainer, Dataset.open(data, labels=FASHION_MNIST_LABELS), cache_dir=cache_dir)
     assert (cache_files / "embeds.f32").stat().st_size == size
+    assert warm._cache.predictor._encoder is None and warm._cache.predictor._inference is None
     # rows a crash appended after the last saved index are dropped, not mistaken for new ones
     with open(cache_files / "embeds.f32", "ab") as f:
         f.write(np.full((3, trainer.manifest.base_model.embed_dim), 7.0, np.float32).tobytes())

@@ -16,16 +16,9 @@ from typing import Literal
 import numpy as np
 
 from fedclip.device_agent.ort_loader import check_device, onnxruntime, session_options
-from fedclip.device_agent.state import atomic_write
-from fedclip.sdk.adapters import (
-    AdapterMeta,
-    check_tensors,
-    decode_tensors,
-    encode_tensors,
-    load_adapter,
-    save_adapter,
-)
+from fedclip.sdk.adapters import AdapterFiles, check_tensors, decode_tensors, encode_tensors
 from fedclip.sdk.errors import AdapterError, BackendError, BundleError, DataError
+from fedclip.sdk.fsutil import atomic_write
 from fedclip.sdk.manifest import Manifest
 
 # The step graph's names besides the data inputs; the exporter writes them (exporters/step_graph.py)
@@ -40,7 +33,7 @@ _PARAM, _M, _V = "param/", "exp_avg/", "exp_avg_sq/"
 _STEP_KEY = "step"
 
 
-class StepTrainer:
+class StepTrainer(AdapterFiles):
     """One bundle's training session over the `step` and `step_eval` graphs."""
 
     def __init__(
@@ -177,13 +170,7 @@ class StepTrainer:
         self._exp_avg = {n: np.zeros_like(a) for n, a in self._tensors.items()}
         self._exp_avg_sq = {n: np.zeros_like(a) for n, a in self._tensors.items()}
 
-    # ---- tensors ---------------------------------------------------------------------------------
-    def _specs(self, which: Literal["trainable", "exchanged"]):
-        if which == "trainable":
-            return self.manifest.trainable
-        if which == "exchanged":
-            return self.manifest.exchanged
-        raise ValueError(f"which must be 'trainable' or 'exchanged', got {which!r}")
+    # ---- tensors (save_adapter / load_adapter come from AdapterFiles) -------------------------------
 
     def get_tensors(self, which: Literal["trainable", "exchanged"] = "trainable") -> dict[str, np.ndarray]:
         return {s.name: self._tensors[s.name].copy() for s in self._specs(which)}
@@ -193,25 +180,6 @@ class StepTrainer:
         checked = check_tensors(tensors, self.manifest.trainable, where, require_all=False)
         for name, arr in checked.items():
             self._tensors[name] = np.ascontiguousarray(arr)
-
-    def save_adapter(
-        self, path: str | Path, meta: AdapterMeta, which: Literal["trainable", "exchanged"] = "exchanged"
-    ) -> Path:
-        if meta.bundle_id != self.manifest.bundle_id:
-            raise AdapterError(
-                f"{path}: adapter metadata names bundle {meta.bundle_id[:12]}, not this bundle"
-            )
-        return save_adapter(path, self.get_tensors(which), meta)
-
-    def load_adapter(self, path: str | Path) -> AdapterMeta:
-        tensors, meta = load_adapter(path)
-        if meta.bundle_id and meta.bundle_id != self.manifest.bundle_id:
-            raise AdapterError(
-                f"{path}: adapter was made for bundle {meta.bundle_id[:12]}, "
-                f"this bundle is {self.manifest.bundle_id[:12]}"
-            )
-        self.set_tensors(tensors, where=str(path))
-        return meta
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self, path: str | Path) -> Path:

@@ -2,12 +2,43 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
+from collections.abc import Sequence
 
 import typer
 
 from fedclip.sdk.errors import FedclipError
+
+
+def make_app(
+    help: str, commands: Sequence[tuple[str, str, str]], groups: Sequence[tuple[str, str, str]] = ()
+) -> typer.Typer:
+    """A typer app from (module, attribute, name) entries: commands, then sub-apps, then `version`.
+
+    Modules are imported here, once; each keeps its heavy imports (torch) inside its functions.
+    """
+    app = typer.Typer(help=help, no_args_is_help=True, add_completion=False)
+
+    @app.callback()
+    def _root() -> None:
+        # A callback keeps the app a command group, so `prog CMD` works for every command.
+        pass
+
+    for module, attr, name in commands:
+        app.command(name)(getattr(importlib.import_module(module), attr))
+    for module, attr, name in groups:
+        app.add_typer(getattr(importlib.import_module(module), attr), name=name)
+
+    @app.command()
+    def version() -> None:
+        """Print the fedclip version."""
+        from importlib.metadata import version as _v
+
+        print(f"fedclip {_v('fedclip')}")
+
+    return app
 
 
 def run(app: typer.Typer, prog: str) -> None:

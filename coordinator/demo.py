@@ -42,7 +42,9 @@ from fedclip.coordinator.procs import (
     sigterm_as_interrupt,
     wait_port_free,
 )
+from fedclip.coordinator.rollout import KEY_DIR
 from fedclip.sdk.errors import ConfigError, DataError, FedclipError
+from fedclip.sdk.signing import ensure_keypair
 
 log = logging.getLogger(__name__)
 
@@ -294,12 +296,15 @@ def run_federation(
         min_updates=len(agent_ids), round_timeout=cfg.round_timeout, local_epochs=cfg.local_epochs,
         lr=cfg.lr, seed=cfg.seed,
     )  # fmt: skip
+    # The key pair exists before any agent starts, so every agent gets its public half and only
+    # signed rollouts (`deliver_final`) can change its adapter; `serve` reuses the pair.
+    _, coordinator_key = ensure_keypair(run.coordinator_state / KEY_DIR)
     coordinator = procs.spawn("coordinator", coord_cli("serve", *options))
     for aid in agent_ids:
         run.agent_states[aid] = work / "agents" / aid
         options = flags(
             broker=broker.url, fleet=cfg.fleet, id=aid, bundle=bundle, data=data_dir / aid / "train",
-            state=run.agent_states[aid], threads=1,
+            state=run.agent_states[aid], threads=1, coordinator_key=coordinator_key,
         )  # fmt: skip
         procs.spawn(f"agent-{aid}", agent_cli("start", *options, *auth_flags(broker)))
     t0 = time.monotonic()
@@ -387,11 +392,13 @@ def _count(x: object) -> str:
 
 
 # ---- final adapters and evaluation --------------------------------------------------------------
-def agent_adapters(state_dir: Path) -> dict[int, Path]:
+def agent_adapters(state_dir: Path, rollout_round: int | None = None) -> dict[int, Path]:
     """after_round -> adapter file, from the agent's state record.
 
     An adapter that came with the task of round r is the model after round r - 1 (round 1's is the
-    exported one); one that came by rollout of round r's version is the model after round r.
+    exported one); one that came by rollout of round r's version is the model after round r. Signed
+    rollouts record no round; the demo's only rollout (`deliver_final`) is of round `rollout_round`,
+    under per-agent versions for personalized strategies, so the source alone places it.
     """
     try:
         record = json.loads((state_dir / "state.json").read_text())
@@ -401,6 +408,8 @@ def agent_adapters(state_dir: Path) -> dict[int, Path]:
     for entry in record.get("adapters", {}).values():
         path = state_dir / entry["file"]
         rnd = int(entry.get("round", -1))
+        if rnd < 0 and entry.get("source") == "rollout":
+            rnd = -1 if rollout_round is None else rollout_round
         if not path.is_file() or rnd < 0:
             continue
         after = rnd - 1 if entry.get("source") == "task" else rnd
@@ -408,6 +417,10 @@ def agent_adapters(state_dir: Path) -> dict[int, Path]:
         if after not in found or at >= found[after][0]:  # the latest install of a round wins
             found[after] = (at, path)
     return {r: p for r, (_, p) in sorted(found.items())}
+
+
+def _last_round(run: FleetRun) -> int | None:
+    return int(run.rounds[-1]["round"]) if run.rounds else None
 
 
 def deliver_final(
@@ -434,7 +447,9 @@ def deliver_final(
     missing = sorted(run.agent_states)
     while missing and time.monotonic() < deadline:
         procs.check(allow_exit=("coordinator",))
-        missing = [a for a in missing if last["round"] not in agent_adapters(run.agent_states[a])]
+        missing = [
+            a for a in missing if last["round"] not in agent_adapters(run.agent_states[a], _last_round(run))
+        ]
         time.sleep(0.5)
     return missing
 
@@ -476,7 +491,7 @@ def accuracy_per_round(
     jobs = []
     for aid, state in run.agent_states.items():
         acc[aid] = [None] * (rounds + 1)
-        adapters = agent_adapters(state)
+        adapters = agent_adapters(state, _last_round(run))
         adapters[0] = None  # the bundle's own initial adapter
         jobs += [(aid, r, adapters[r]) for r in range(rounds + 1) if r in adapters]
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())

@@ -203,8 +203,15 @@ class Agent:
             self.session.subscribe(self.topics.task(self.cfg.id), qos=1)
             if self.rollout is not None:
                 self.rollout.subscribe()  # signed adapters, rollback and pin commands
-            else:
+            elif self.cfg.accept_unsigned_adapters:
+                log.warning(
+                    "accepting unsigned adapters on %s (closed test setups only)",
+                    self.topics.adapter(self.cfg.id),
+                )
                 self.session.subscribe(self.topics.adapter(self.cfg.id), qos=1)
+            else:
+                # Unsigned pushes would let anyone who can publish on the broker replace the model.
+                log.info("no coordinator_key: adapter rollouts are ignored until one is configured")
             self._resume()
             while not self.stop.is_set():
                 incoming = self.session.get(timeout=0.5)
@@ -317,7 +324,7 @@ class Agent:
         try:
             if kind == "task":
                 self._on_task(incoming.payload, where=f"task on {incoming.topic}")
-            elif kind == "adapter":
+            elif kind == "adapter" and self.cfg.accept_unsigned_adapters:
                 self._on_adapter(incoming.payload, where=f"adapter on {incoming.topic}")
             else:
                 log.warning("%s: unexpected topic, dropped", incoming.topic)

@@ -31,9 +31,12 @@ class AgentConfig:
     cert_file: Path | None = None
     key_file: Path | None = None
     # The coordinator's Ed25519 public key: adapters pushed for inference must be signed with it
-    # (signed rollouts, rollback and pin). Without it, unsigned adapters on agents/<id>/adapter are
-    # validated against the bundle and installed.
+    # (signed rollouts, rollback and pin). Without it, the agent ignores agents/<id>/adapter, so whoever
+    # can publish on the broker cannot push an adapter to the fleet.
     coordinator_key: Path | None = None
+    # Closed test setups only: without coordinator_key, install unsigned adapters pushed on
+    # agents/<id>/adapter (validated against the bundle).
+    accept_unsigned_adapters: bool = False
     keepalive: int = 30
     groups: tuple[str, ...] = ()  # reported in the status so the coordinator can select by group
     device: Literal["cpu", "cuda"] = "cpu"

@@ -33,6 +33,11 @@ def start(
     coordinator_key: Path | None = typer.Option(
         None, help="Coordinator's public key: only adapters signed with it are installed."
     ),
+    accept_unsigned_adapters: bool = typer.Option(
+        False,
+        "--accept-unsigned-adapters",
+        help="Without --coordinator-key, install unsigned pushed adapters (for closed test setups only).",
+    ),
     ca_file: Path | None = typer.Option(None, help="CA certificate for mqtts://."),
     cert_file: Path | None = typer.Option(None, help="Client certificate for mqtts:// (with --key-file)."),
     key_file: Path | None = typer.Option(None, help="Client key for mqtts://."),
@@ -69,6 +74,7 @@ def start(
         "username": username,
         "password_file": password_file,
         "coordinator_key": coordinator_key,
+        "accept_unsigned_adapters": accept_unsigned_adapters or None,  # absent: agent.yaml decides
         "ca_file": ca_file,
         "cert_file": cert_file,
         "key_file": key_file,

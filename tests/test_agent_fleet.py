@@ -334,7 +334,6 @@ def test_agent_serves_rounds_and_survives_hostile_input(
     ]
     for payload in hostile:
         coord.publish(topic, payload)
-    coord.publish(coord.topics.adapter(agent.id), b"\x01\x02 broken adapter")
     coord.publish(topic, task1)  # duplicate of a published round
     coord.publish(topic, coord.task_blob(agent.id, 0))  # stale
     coord.publish(topic, b"", retain=True)  # the coordinator clears the retained task
@@ -343,20 +342,9 @@ def test_agent_serves_rounds_and_survives_hostile_input(
     refused = coord.wait_status(agent, lambda b: "bundle" in b.get("notice", ""), "refusal notice")
     assert "refused" in refused.envelope.body["notice"]
 
-    # An adapter pushed for inference is validated, kept in the state dir and acknowledged.
-    pushed = coord.starting_adapter(seed=42)
-    env = Envelope(
-        MsgType.ADAPTER,
-        FLEET,
-        agent.id,
-        round=1,
-        base_version="pers-1",
-        body={"bundle_id": coord.manifest.bundle_id, "version": "pers-1"},
-    )
-    coord.publish(coord.topics.adapter(agent.id), encode(env, pushed))
-    coord.wait(
-        lambda: [a for a in coord.acks if a.envelope.body.get("adapter_version") == "pers-1"], "ack", agent
-    )
+    # Without a coordinator key an unsigned adapter push is ignored: a broker publisher cannot
+    # change the model the device runs.
+    coord.publish(coord.topics.adapter(agent.id), _adapter_push(coord, agent.id, "pers-1"))
 
     coord.send_task(agent.id, 2)  # the agent still serves
     _check_update(coord.wait_update(agent, 2), coord, agent.id, 2)
@@ -365,17 +353,17 @@ def test_agent_serves_rounds_and_survives_hostile_input(
     assert log.count("dropped:") >= len(hostile), agent.tail(80)
     assert "duplicate task ignored" in log and "stale task ignored" in log
     assert "Traceback" not in log
+    assert "no coordinator_key: adapter rollouts are ignored" in log
 
     assert agent.terminate() == 0
     coord.wait_status(agent, lambda b: b["state"] == "offline", "offline status")
 
-    # The adapter of round 2's task is the current one; the pushed one is kept too.
+    # The adapter of round 2's task is the current one; the unsigned push left no trace.
     path = current_adapter_path(agent.state)
     tensors, meta = load_adapter(path)
     assert meta.version == "start-2"
-    assert (agent.state / "adapters" / "pers-1.safetensors").is_file()
-    kept, _ = load_adapter(agent.state / "adapters" / "pers-1.safetensors")
-    assert all(np.array_equal(kept[k], v) for k, v in pushed.items())
+    assert not (agent.state / "adapters" / "pers-1.safetensors").exists()
+    assert not [a for a in coord.acks if a.envelope.body.get("adapter_version") == "pers-1"]
 
     out = subprocess.run(
         [sys.executable, "-m", "fedclip.device_agent.cli", "status", "--state", str(agent.state), "--json"],
@@ -387,6 +375,40 @@ def test_agent_serves_rounds_and_survives_hostile_input(
     info = json.loads(out.stdout)
     assert (info["agent_id"], info["rounds_done"], info["last_round"]) == (agent.id, 2, 2)
     assert info["adapter_version"] == "start-2" and "accuracy_after" in info["last_metrics"]
+
+
+def _adapter_push(coord, agent_id: str, version: str, seed: int = 42) -> bytes:
+    env = Envelope(
+        MsgType.ADAPTER,
+        FLEET,
+        agent_id,
+        round=1,
+        base_version=version,
+        body={"bundle_id": coord.manifest.bundle_id, "version": version},
+    )
+    return encode(env, coord.starting_adapter(seed=seed))
+
+
+def test_unsigned_adapters_only_with_flag(mosquitto, coordinator_factory, agent_factory):
+    """--accept-unsigned-adapters (closed test setups): a pushed adapter is validated, kept, acked."""
+    coord = coordinator_factory(mosquitto.url)
+    agent = agent_factory(mosquitto.url, extra=("--accept-unsigned-adapters",))
+    coord.wait_status(agent, lambda b: b["state"] == "online", "online status")
+    coord.publish(coord.topics.adapter(agent.id), b"\x01\x02 broken adapter")
+    coord.publish(coord.topics.adapter(agent.id), _adapter_push(coord, agent.id, "pers-1"))
+    coord.wait(
+        lambda: [a for a in coord.acks if a.envelope.body.get("adapter_version") == "pers-1"], "ack", agent
+    )
+    assert agent.terminate() == 0
+    log = agent.text()
+    assert "dropped:" in log and "accepting unsigned adapters" in log
+    assert "Traceback" not in log
+    path = current_adapter_path(agent.state)
+    assert path == agent.state / "adapters" / "pers-1.safetensors"
+    kept, meta = load_adapter(path)
+    assert meta.version == "pers-1"
+    pushed = coord.starting_adapter(seed=42)
+    assert all(np.array_equal(kept[k], v) for k, v in pushed.items())
 
 
 @pytest.mark.slow

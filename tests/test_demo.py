@@ -247,6 +247,8 @@ def test_demo_end_to_end(tmp_path):
         for acc in a["accuracy_per_round"]:
             assert isinstance(acc, float) and 0.0 <= acc <= 1.0
     assert report["bytes_total"] > 0
+    # The last round's adapters reached every agent by signed rollout (agents hold the coordinator key).
+    assert not [n for n in report["notes"] if "did not reach" in n], report["notes"]
     assert "agent-00" in r.stdout and "total" in r.stdout  # the tables
     assert _wait_gone(str(out)) == []
     port = int(re.search(r"127\.0\.0\.1:(\d+)", r.stdout).group(1))

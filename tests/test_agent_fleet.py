@@ -440,13 +440,16 @@ def test_kill_9_mid_round_resumes_and_publishes_one_update(mosquitto, coordinato
     agent.kill()  # SIGKILL: no offline status from the agent, the broker's last will says it
     coord.wait_status(agent, lambda b: b["state"] == "offline", "last will")
     assert not coord.update_blobs(agent.id, 1)
+    # Epochs are short: more than two may be done by the time the kill lands; read what is on disk.
+    done = agent.progress()["epochs_done"]
+    assert 2 <= done < epochs
 
     # Restarted, it resumes from its epoch checkpoint; SIGTERM mid-round stops it cleanly (exit 0).
     again = agent_factory(mosquitto.url, state=agent.state)
-    coord.wait(lambda: (again.progress() or {}).get("epochs_done", 0) >= 4, "four epochs done", again)
+    coord.wait(lambda: (again.progress() or {}).get("epochs_done", 0) >= done + 1, "one more epoch", again)
     assert again.terminate() == 0
     coord.wait_status(again, lambda b: b["state"] == "offline", "offline after SIGTERM")
-    assert "resuming after epoch 2" in again.text(), again.tail()
+    assert f"resuming after epoch {done} " in again.text(), again.tail()
     assert "stopped in epoch" in again.text(), again.tail()
     assert not coord.update_blobs(agent.id, 1)
 

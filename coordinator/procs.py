@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,23 +109,8 @@ class ProcessGroup:
 
     def run(self, name: str, argv: Sequence[str], timeout_s: float, capture: bool = False) -> str:
         """Run a short-lived child to completion; its stdout when `capture`, ChildFailed on failure."""
-        child = self.spawn(name, argv, capture=capture)
-        try:
-            rc = child.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.stop(child)
-            raise ChildFailed(
-                f"{name} did not finish within {timeout_s:g}s (log: {child.log_path})"
-            ) from None
-        child.stopped = True
-        if rc != 0:
-            tail = child.tail()
-            raise ChildFailed(
-                f"{name} failed with exit code {rc}" + (f" (log: {child.log_path})\n{tail}" if tail else "")
-            )
-        if capture and child.out_path is not None:
-            return child.out_path.read_text(errors="replace")
-        return ""
+        # A child that overstays gets the group's graceful stop (SIGTERM, then SIGKILL).
+        return procs_wait(self.spawn(name, argv, capture=capture), timeout_s, on_timeout=self.stop)
 
     def stop(self, child: Child, grace_s: float = 5.0) -> None:
         """Stop one child (and its group) now."""
@@ -178,13 +163,19 @@ class ProcessGroup:
             self.stop_all()
 
 
-def procs_wait(child: Child, timeout_s: float) -> str:
-    """Wait for a short-lived child; its captured stdout, or ChildFailed on failure or timeout."""
+def procs_wait(child: Child, timeout_s: float, on_timeout: Callable[[Child], None] | None = None) -> str:
+    """Wait for a short-lived child; its captured stdout, or ChildFailed on failure or timeout.
+
+    On timeout the child's group is killed, or handed to `on_timeout` (e.g. a graceful stop).
+    """
     try:
         rc = child.proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        _signal_group(child.proc, signal.SIGKILL)
-        child.proc.wait(timeout=5.0)
+        if on_timeout is not None:
+            on_timeout(child)
+        else:
+            _signal_group(child.proc, signal.SIGKILL)
+            child.proc.wait(timeout=5.0)
         child.stopped = True
         raise ChildFailed(
             f"{child.name} did not finish within {timeout_s:g}s (log: {child.log_path})"

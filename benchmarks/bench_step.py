@@ -184,6 +184,7 @@ def main() -> None:
     ap.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     ap.add_argument("--bundle", help=argparse.SUPPRESS)
     ap.add_argument("--only", default=",".join(WORKERS), help="comma list of trainers to run")
+    ap.add_argument("--work", help="keep the exported bundle here and reuse it on the next run")
     args = ap.parse_args()
     if args.worker:
         res = worker(
@@ -199,10 +200,22 @@ def main() -> None:
     print("\n".join(_markdown(r) for r in results))
 
 
+def _export_once(model: str, work: Path) -> dict:
+    # Export dominates a ViT-B run; --work keeps it so trainer runs can be repeated on a quiet machine.
+    record = work / "export.json"
+    if record.exists():
+        return json.loads(record.read_text())
+    exported = export(model, work)
+    record.write_text(json.dumps(exported, indent=2))
+    return exported
+
+
 def _run_model(model: str, args) -> dict:
-    work = Path(tempfile.mkdtemp(prefix="bench-step-"))
+    keep = args.work is not None
+    work = Path(args.work) / model if keep else Path(tempfile.mkdtemp(prefix="bench-step-"))
+    work.mkdir(parents=True, exist_ok=True)
     try:
-        exported = export(model, work)
+        exported = _export_once(model, work)
         trainers = []
         for kind in args.only.split(","):
             cmd = [
@@ -230,7 +243,8 @@ def _run_model(model: str, args) -> dict:
             "trainers": trainers,
         }
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

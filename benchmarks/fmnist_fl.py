@@ -233,6 +233,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-3, help="LoRA learning rate (agents)")
     ap.add_argument("--fullft-lr", type=float, default=1e-4, help="full fine-tuning learning rate")
     ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--lam", type=float, default=None, help="ce-lora data weight (default: coordinator)")
+    ap.add_argument("--tau", type=float, default=None, help="ce-lora temperature (coordinator default)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
     ap.add_argument("--model", default="fedclip-tiny")
@@ -253,6 +255,7 @@ def main() -> None:
     if args.resume and (args.out / "fmnist_fl.json").is_file():
         # Keep finished (seed, method) results and the base model; run only what is missing.
         prev = json.loads((args.out / "fmnist_fl.json").read_text())
+        _check_same_protocol(prev["protocol"], args)
         done = {int(s): r for s, r in prev["results"].items()}
         base_info = prev.get("base")
     elif args.work.exists():
@@ -283,6 +286,7 @@ def main() -> None:
         base_cfg = DemoConfig(
             agents=args.agents, rounds=args.rounds, local_epochs=args.local_epochs, lr=args.lr,
             rank=args.rank, alpha=2.0 * args.rank, model=args.model, pretrained=pretrained, seed=seed,
+            lam=args.lam, tau=args.tau,
             round_timeout=600, timeout=3600, out=sw, run_name="-",
         )  # fmt: skip
         bundles = {}
@@ -328,6 +332,17 @@ def main() -> None:
     print(f"report: {args.out / 'fmnist_fl.md'}")
 
 
+_PROTOCOL_KEYS = ("agents", "beta", "per_agent", "rounds", "local_epochs", "lr", "fullft_lr", "rank", "model")
+
+
+def _check_same_protocol(prev: dict, args) -> None:
+    """--resume mixes results of two runs: only sound when they ran the same protocol."""
+    differ = [k for k in _PROTOCOL_KEYS if prev.get(k) != getattr(args, k)]
+    differ += [k for k in ("lam", "tau") if prev.get(k) != getattr(args, k)]
+    if differ:
+        sys.exit(f"--resume: {args.out / 'fmnist_fl.json'} ran another protocol ({', '.join(differ)} differ)")
+
+
 def _save(args, base_info, results, t_start) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     doc = {
@@ -340,6 +355,8 @@ def _save(args, base_info, results, t_start) -> None:
             "lr": args.lr,
             "fullft_lr": args.fullft_lr,
             "rank": args.rank,
+            "lam": args.lam,
+            "tau": args.tau,
             "seeds": args.seeds,
             "methods": args.methods,
             "model": args.model,

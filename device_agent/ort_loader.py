@@ -157,3 +157,23 @@ def session_options(threads: int | None = None) -> Any:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     return opts
+
+
+# ConstantFolding turns Transpose(W) of a frozen weight into a new private W^T (and folds from the
+# file's values, not from add_initializer overrides); disabling it costs no measurable time here.
+NO_FOLDING = ["ConstantFolding"]
+
+
+def lean_session_options(threads: int | None = None) -> Any:
+    """`session_options` for graphs with large frozen weights in an external file.
+
+    Without weight prepacking (and with `NO_FOLDING`) ONNX Runtime keeps no private copy of a frozen
+    weight: it maps them from the weights file, clean file pages that sessions of the same process
+    and the page cache share. The arena and memory patterns cost no time and keep resident memory down.
+    ViT-B-32 step trainer: peak RSS 1.8 -> 1.3 GB, 0.8 GB of it file pages (benchmarks/results/step.md).
+    """
+    opts = session_options(threads)
+    opts.enable_cpu_mem_arena = False
+    opts.enable_mem_pattern = False
+    opts.add_session_config_entry("session.disable_prepacking", "1")
+    return opts

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from fedclip.device_agent.ort_loader import check_device, onnxruntime, session_options
+from fedclip.device_agent.ort_loader import NO_FOLDING, check_device, lean_session_options, onnxruntime
 from fedclip.sdk.adapters import check_tensors
 from fedclip.sdk.errors import BackendError, BundleError, DataError
 from fedclip.sdk.manifest import Manifest
@@ -68,19 +68,20 @@ class Predictor:
 
     def _open(self, key: str, tensors: Mapping[str, np.ndarray]) -> Any:
         ort = onnxruntime()
-        opts = session_options(self.threads)
+        opts = lean_session_options(self.threads)
         for name, arr in sorted(tensors.items()):
             arr = np.ascontiguousarray(arr)
             value = ort.OrtValue.ortvalue_from_numpy(arr)
             self._keep.extend((arr, value))
             opts.add_initializer(name, value)
         path = self.bundle_dir / self.manifest.graphs[key].file
-        # ORT's ConstantFolding folds from the model file's initializer values, not from the ones
-        # given to add_initializer (measured with onnxruntime 1.19: the override was silently lost
-        # behind a folded Transpose), so it is off whenever tensors are overridden.
-        extra = {"disabled_optimizers": ["ConstantFolding"]} if tensors else {}
+        # Off always: besides copying frozen weights, ORT's ConstantFolding folds from the model file's
+        # values, not from add_initializer's (onnxruntime 1.19: an override was silently lost behind a
+        # folded Transpose).
         try:
-            return ort.InferenceSession(str(path), sess_options=opts, providers=self._providers, **extra)
+            return ort.InferenceSession(
+                str(path), sess_options=opts, providers=self._providers, disabled_optimizers=NO_FOLDING
+            )
         except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
             msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise BackendError(f"{path}: ONNX Runtime cannot load the {key} graph ({msg})") from None

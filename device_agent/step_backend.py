@@ -15,7 +15,7 @@ from typing import Literal
 
 import numpy as np
 
-from fedclip.device_agent.ort_loader import check_device, onnxruntime, session_options
+from fedclip.device_agent.ort_loader import NO_FOLDING, check_device, lean_session_options, onnxruntime
 from fedclip.sdk.adapters import AdapterFiles, check_tensors, decode_tensors, encode_tensors
 from fedclip.sdk.errors import AdapterError, BackendError, BundleError, DataError
 from fedclip.sdk.fsutil import atomic_write
@@ -82,13 +82,10 @@ class StepTrainer(AdapterFiles):
 
     def _session(self, file: str, provider: str):
         ort = onnxruntime()
-        opts = session_options(self.threads)
-        # The arena and memory patterns cost no time here and keep the resident memory down.
-        opts.enable_cpu_mem_arena = False
-        opts.enable_mem_pattern = False
+        opts = lean_session_options(self.threads)
         path = self.bundle_dir / file
         try:
-            return ort.InferenceSession(str(path), opts, providers=[provider])
+            return ort.InferenceSession(str(path), opts, providers=[provider], disabled_optimizers=NO_FOLDING)
         except Exception as e:  # ORT raises its own Fail/InvalidGraph classes
             raise BackendError(
                 f"{path}: ONNX Runtime cannot load the step graph ({_first_line(e)})"

@@ -33,6 +33,9 @@ class CoordConfig:
     lam: float = 0.5
     tau: float = 0.1
     trim_fraction: float = 0.1
+    # Data statistics (ce-lora) travel once per agent and data; N > 0 asks for them again when the
+    # held ones are N or more rounds old. 0: only when the agent's data digest changes.
+    stats_refresh_rounds: int = 0
     max_update_norm: float = 0.0  # L2 bound on (update - start) over all tensors; 0 = no bound
     norm_action: Literal["clip", "reject"] = "reject"
     max_payload_mb: float = 64.0
@@ -60,7 +63,13 @@ class CoordConfig:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
         if not 0 <= self.http_port <= 65535:
             raise ConfigError(f"http_port: must be 0..65535, got {self.http_port}")
-        for name in ("max_steps", "noise_std", "max_update_norm", "clients_per_round"):
+        for name in (
+            "max_steps",
+            "noise_std",
+            "max_update_norm",
+            "clients_per_round",
+            "stats_refresh_rounds",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.clients_per_round and self.clients_per_round < self.min_updates:

@@ -76,6 +76,9 @@ class DemoConfig:
     round_timeout: float = 120.0
     timeout: float = 900.0
     seed: int = 0
+    # ce-lora's data-distance weight and temperature; None = the coordinator's defaults
+    lam: float | None = None
+    tau: float | None = None
     out: Path = Path("fedclip-demo")
     run_name: str = "run"
     fleet: str = FLEET
@@ -294,7 +297,7 @@ def run_federation(
         config=config, broker=broker.url, fleet=cfg.fleet, bundle=bundle, state=run.coordinator_state,
         strategy=cfg.strategy, rounds=cfg.rounds, clients_per_round=len(agent_ids),
         min_updates=len(agent_ids), round_timeout=cfg.round_timeout, local_epochs=cfg.local_epochs,
-        lr=cfg.lr, seed=cfg.seed,
+        lr=cfg.lr, seed=cfg.seed, lam=cfg.lam, tau=cfg.tau,
     )  # fmt: skip
     # The key pair exists before any agent starts, so every agent gets its public half and only
     # signed rollouts (`deliver_final`) can change its adapter; `serve` reuses the pair.
@@ -350,8 +353,10 @@ def run_federation(
 def round_costs(state_dir: Path) -> dict[int, dict[str, float]]:
     """Per aggregated round: seconds from start to close, bytes down (tasks) and up (updates).
 
-    Read from the coordinator's store: a task blob is the exact payload sent; an update blob holds
-    the update's tensors and statistics as received (without the envelope's few hundred bytes).
+    Read from the coordinator's store: a task blob is the exact payload sent; an update's
+    `wire_bytes` is its payload as received. Rows from before that column fall back to the stored
+    blob's size (its tensors and statistics, without the envelope's few hundred bytes); the blob is
+    not the uplink any more, since it also holds statistics the coordinator already had.
     """
     from fedclip.coordinator.store import Store
 
@@ -362,7 +367,10 @@ def round_costs(state_dir: Path) -> dict[int, dict[str, float]]:
             if row.state != "aggregated":
                 continue
             down = sum(_size(store, blob) for _, blob in store.selections(row.round).values())
-            up = sum(_size(store, u.blob) for u in store.updates(row.round))
+            up = sum(
+                u.wire_bytes if u.wire_bytes is not None else _size(store, u.blob)
+                for u in store.updates(row.round)
+            )
             secs = (row.closed_at - row.started_at) if row.closed_at else None
             out[row.round] = {"seconds": secs, "uplink_bytes": up, "downlink_bytes": down}
     finally:

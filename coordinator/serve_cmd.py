@@ -76,6 +76,11 @@ def serve(
     lam: float | None = typer.Option(None, help="ce-lora: weight of the data distance (0..1)."),
     tau: float | None = typer.Option(None, help="ce-lora: softmax temperature over distances."),
     trim_fraction: float | None = typer.Option(None, help="trimmed-mean: share dropped at each end."),
+    stats_refresh_rounds: int | None = typer.Option(
+        None,
+        help="ce-lora: ask agents for their data statistics again once the held ones are this many "
+        "rounds old (default 0: only when an agent's data changes).",
+    ),
     max_update_norm: float | None = typer.Option(None, help="L2 bound on an update (0: none)."),
     norm_action: str | None = typer.Option(None, help="What to do above the bound: clip or reject."),
     http: bool | None = typer.Option(
@@ -116,6 +121,7 @@ def serve(
         lam=lam,
         tau=tau,
         trim_fraction=trim_fraction,
+        stats_refresh_rounds=stats_refresh_rounds,
         http=http,
         http_host=http_host,
         http_port=http_port,

@@ -39,7 +39,7 @@ from fedclip.coordinator.rollout_store import DB_NAME as ROLLOUT_DB
 from fedclip.coordinator.rollout_store import RolloutStore
 from fedclip.coordinator.store import BlobTensors, Store, read_tensors
 from fedclip.coordinator.strategies.base import Update
-from fedclip.coordinator.validation import KNOWN_STATS, Accepted, NormBound, validate_update
+from fedclip.coordinator.validation import KNOWN_STATS, Accepted, HeldStats, NormBound, validate_update
 from fedclip.sdk.adapters import check_tensors, encode_tensors
 from fedclip.sdk.errors import AdapterError, ConfigError, FedclipError, WireError
 from fedclip.sdk.manifest import Manifest
@@ -194,7 +194,13 @@ class Server:
         rows = []
         for agent, plan in sorted(plans.items()):
             blob = self._task_blob(
-                round_id, agent, plan.start.version, plan.start.tensors, plan.stats, deadline
+                round_id,
+                agent,
+                plan.start.version,
+                plan.start.tensors,
+                plan.stats,
+                deadline,
+                self._held_digest(agent, round_id, plan.stats),
             )
             rows.append((agent, plan.start.version, blob))
         self.store.start_round(round_id, self.strategy.name, deadline, rows)  # before anything is sent
@@ -233,6 +239,30 @@ class Server:
         self._send_tasks(st, [a for a in st.selected if a not in st.received])
         self._publish_status("online")
 
+    def _held_digest(self, agent: str, round_id: int, stats: tuple[str, ...]) -> str:
+        """The data digest of the statistics held for `agent`, so it need not send them again; ""
+        (send them) when the strategy needs none, none are held, or they are due for a refresh."""
+        if "gaussian" not in stats:
+            return ""
+        held = self.store.agent_stats(agent)
+        if held is None or not self.store.blobs.path(held.blob).is_file():
+            return ""
+        refresh = self.cfg.stats_refresh_rounds
+        if refresh and round_id - held.round >= refresh:
+            return ""
+        return held.data_digest
+
+    def _held_stats(self, agent: str) -> HeldStats | None:
+        held = self.store.agent_stats(agent)
+        if held is None or not held.data_digest:
+            return None
+        try:
+            stats = read_tensors(self.store.blobs.path(held.blob), KNOWN_STATS)
+        except Exception as e:  # a lost or damaged blob: none held, so the update is rejected
+            log.warning("held statistics of %s unreadable (%s)", agent, e)
+            return None
+        return HeldStats(held.data_digest, stats)
+
     def _task_blob(
         self,
         round_id: int,
@@ -241,6 +271,7 @@ class Server:
         tensors: Mapping[str, np.ndarray],
         stats: tuple[str, ...],
         deadline: float,
+        stats_digest: str = "",
     ) -> str:
         body = {
             "bundle_id": self.manifest.bundle_id,
@@ -250,6 +281,8 @@ class Server:
             "noise_std": self.cfg.noise_std,
             "reset_optimizer": False,
         }
+        if stats_digest:  # the agent leaves out the statistics it computed for this digest
+            body["stats_digest"] = stats_digest
         env = Envelope(
             MsgType.TASK, self.cfg.fleet, agent, round=round_id, base_version=base_version, body=body
         )
@@ -299,8 +332,15 @@ class Server:
                 fleet=self.cfg.fleet,
                 max_bytes=self.cfg.max_payload_bytes,
             )
+            body = old.envelope.body
             blobs[agent] = self._task_blob(
-                st.round, agent, base, old.tensors, tuple(old.envelope.body["stats"]), deadline
+                st.round,
+                agent,
+                base,
+                old.tensors,
+                tuple(body["stats"]),
+                deadline,
+                body.get("stats_digest", ""),
             )
         self.store.extend_round(st.round, deadline, blobs)
         st.deadline, st.extended = deadline, True
@@ -476,9 +516,17 @@ class Server:
             return
         st = self.current
         _crash_point("update-received", agent)
+        # The stored update holds its statistics whether they travelled or were the held ones, so
+        # aggregation reads every round's updates the same way; `wire_bytes` keeps what travelled.
         blob = self.store.blobs.put(
             encode_tensors({**accepted.tensors, **accepted.stats}, {"agent": agent, "round": str(st.round)})
         )
+        held = None
+        if accepted.stats_sent:
+            held = (
+                accepted.data_digest,
+                self.store.blobs.put(encode_tensors(accepted.stats, {"agent": agent})),
+            )
         outcome = self.store.add_update(
             st.round,
             agent,
@@ -488,6 +536,8 @@ class Server:
             accepted.metrics,
             accepted.norm,
             accepted.clipped,
+            wire_bytes=len(msg.payload),
+            stats=held,
         )
         _crash_point("update-stored", agent)  # committed, not yet acknowledged
         if outcome == "stored":
@@ -538,6 +588,7 @@ class Server:
             needed_stats=self.strategy.stats,
             start_tensors=self.registry.tensors,
             bound=NormBound(self.cfg.max_update_norm, self.cfg.norm_action),
+            held_stats=self._held_stats,
             where=where,
         )
 

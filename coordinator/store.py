@@ -44,7 +44,9 @@ CREATE TABLE IF NOT EXISTS selections(
 CREATE TABLE IF NOT EXISTS updates(
     round INTEGER NOT NULL, agent TEXT NOT NULL, sha256 TEXT NOT NULL, blob TEXT NOT NULL,
     num_samples INTEGER NOT NULL, metrics TEXT NOT NULL, norm REAL, clipped INTEGER NOT NULL,
-    received_at REAL, PRIMARY KEY(round, agent));
+    received_at REAL, wire_bytes INTEGER, PRIMARY KEY(round, agent));
+CREATE TABLE IF NOT EXISTS agent_stats(
+    agent TEXT PRIMARY KEY, round INTEGER NOT NULL, data_digest TEXT NOT NULL, blob TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS versions(
     version TEXT PRIMARY KEY, parent TEXT, round INTEGER, strategy TEXT, scope TEXT NOT NULL,
     agent TEXT, blob TEXT NOT NULL, metrics TEXT, created_at REAL);
@@ -55,6 +57,9 @@ CREATE TABLE IF NOT EXISTS metrics(
 CREATE TABLE IF NOT EXISTS rejections(
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL, topic TEXT, agent TEXT, round INTEGER, reason TEXT);
 """
+# Columns added after a table's first release: (table, column, type). A state dir from before gets
+# them in place when opened for writing (old rows read NULL); a read-only open reads NULL for them.
+_ADDED_COLUMNS = (("updates", "wire_bytes", "INTEGER"),)
 
 
 class StoreError(FedclipError):
@@ -118,6 +123,18 @@ class UpdateRow:
     metrics: dict[str, float]
     norm: float | None
     clipped: bool
+    wire_bytes: int | None = None  # the update's payload as received; None for rows from before
+
+
+@dataclass(frozen=True)
+class StatsRow:
+    """The data statistics the coordinator holds for one agent: accepted in `round`, computed from
+    the data the agent named `data_digest` ("" from an agent that names none: never reused)."""
+
+    agent: str
+    round: int
+    data_digest: str
+    blob: str  # safetensors of the statistics tensors, float32
 
 
 @dataclass(frozen=True)
@@ -181,7 +198,10 @@ class Store:
             conn = connect(path, _SCHEMA, readonly=self._readonly)
             if not self._readonly:
                 conn.execute("INSERT OR IGNORE INTO meta VALUES('schema', ?)", (str(SCHEMA_VERSION),))
+                _add_missing_columns(conn)
             row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            self._wire_bytes = "wire_bytes" in _columns(conn, "updates")
+            self._has_agent_stats = bool(_columns(conn, "agent_stats"))
         except sqlite3.Error as e:
             raise StoreError(f"state dir {self.dir}: cannot open the database ({e})") from None
         if row is None or row[0] != str(SCHEMA_VERSION):
@@ -351,8 +371,14 @@ class Store:
         metrics: dict[str, float],
         norm: float | None,
         clipped: bool,
+        wire_bytes: int | None = None,
+        stats: tuple[str, str] | None = None,
     ) -> str:
-        """Store one update; "stored", "duplicate" (same tensors again: QoS 1 redelivery) or "conflict"."""
+        """Store one update; "stored", "duplicate" (same tensors again: QoS 1 redelivery) or "conflict".
+
+        `stats` = (data digest, blob) of statistics that travelled with it: they become the agent's
+        held statistics in the same transaction, so no crash leaves the update without them (or the
+        other way round)."""
 
         def fn(c: sqlite3.Connection) -> str:
             row = c.execute(
@@ -361,7 +387,8 @@ class Store:
             if row is not None:
                 return "duplicate" if row[0] == sha else "conflict"
             c.execute(
-                "INSERT INTO updates VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO updates(round, agent, sha256, blob, num_samples, metrics, norm, clipped, "
+                "received_at, wire_bytes) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     round_id,
                     agent,
@@ -372,21 +399,38 @@ class Store:
                     norm,
                     int(clipped),
                     time.time(),
+                    wire_bytes,
                 ),
             )
+            if stats is not None:
+                c.execute("INSERT OR REPLACE INTO agent_stats VALUES(?, ?, ?, ?)", (agent, round_id, *stats))
             return "stored"
 
         return self._call(fn)
 
     def updates(self, round_id: int) -> list[UpdateRow]:
+        wire = "wire_bytes" if self._wire_bytes else "NULL"
         rows = self._call(
             lambda c: c.execute(
-                "SELECT round, agent, sha256, blob, num_samples, metrics, norm, clipped FROM updates "
-                "WHERE round=? ORDER BY agent",
+                f"SELECT round, agent, sha256, blob, num_samples, metrics, norm, clipped, {wire} "
+                "FROM updates WHERE round=? ORDER BY agent",
                 (round_id,),
             ).fetchall()
         )
-        return [UpdateRow(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], bool(r[7])) for r in rows]
+        return [
+            UpdateRow(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], bool(r[7]), r[8]) for r in rows
+        ]
+
+    def agent_stats(self, agent: str) -> StatsRow | None:
+        """The statistics held for `agent` (the last ones that travelled), or None."""
+        if not self._has_agent_stats:
+            return None
+        row = self._call(
+            lambda c: c.execute(
+                "SELECT agent, round, data_digest, blob FROM agent_stats WHERE agent=?", (agent,)
+            ).fetchone()
+        )
+        return StatsRow(*row) if row else None
 
     def add_rejection(self, topic: str, agent: str, round_id: int, reason: str) -> None:
         self._call(
@@ -463,6 +507,20 @@ class Store:
         if round_id is not None:
             sql, args = sql + " WHERE round=?", (round_id,)
         return self._call(lambda c: c.execute(sql + " ORDER BY round, agent, name", args).fetchall())
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    return {r[1] for r in conn.execute(f"PRAGMA table_info({table})").fetchall()}
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    def fn(c: sqlite3.Connection) -> None:  # checked under the write lock: two openers add it once
+        for table, column, kind in _ADDED_COLUMNS:
+            if column not in _columns(c, table):
+                c.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+
+    if any(col not in _columns(conn, t) for t, col, _ in _ADDED_COLUMNS):
+        transaction(conn, fn)
 
 
 def _round(r: tuple) -> RoundRow:

@@ -24,6 +24,7 @@ KNOWN_STATS = frozenset({STAT_LABEL_HIST, STAT_MEAN, STAT_VAR})
 # what each statistic kind a strategy asks for (`Strategy.stats`) means on the wire
 STATS_NEEDED = {"histogram": (STAT_LABEL_HIST,), "gaussian": (STAT_MEAN, STAT_VAR)}
 MAX_METRICS = 64
+MAX_DIGEST_CHARS = 128
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,14 @@ class NormBound:
 
     max_norm: float = 0.0
     action: str = "reject"
+
+
+@dataclass(frozen=True)
+class HeldStats:
+    """Statistics the coordinator already holds for an agent, and the data digest they belong to."""
+
+    data_digest: str
+    stats: Mapping[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,8 @@ class Accepted:
     metrics: dict[str, float]
     norm: float
     clipped: bool
+    data_digest: str = ""  # body `data_digest`: the agent's data the statistics describe
+    stats_sent: bool = False  # the gaussian statistics travelled (not taken from the held ones)
 
 
 def check_metrics(msg: Message, where: str) -> dict[str, float]:
@@ -63,17 +74,46 @@ def check_metrics(msg: Message, where: str) -> dict[str, float]:
     return out
 
 
+def check_data_digest(msg: Message, where: str) -> str:
+    """`body.data_digest`: "" when absent (an agent from before it existed)."""
+    digest = msg.envelope.body.get("data_digest", "")
+    if not isinstance(digest, str) or len(digest) > MAX_DIGEST_CHARS:
+        raise WireError(
+            f"{where}: body field 'data_digest' must be a string of at most {MAX_DIGEST_CHARS} chars"
+        )
+    return digest
+
+
 def check_stats(
-    msg: Message, manifest: Manifest, needed: Sequence[str], strategy: str, where: str
+    msg: Message,
+    manifest: Manifest,
+    needed: Sequence[str],
+    strategy: str,
+    where: str,
+    *,
+    data_digest: str = "",
+    held: HeldStats | None = None,
 ) -> dict[str, np.ndarray]:
-    """`stats/*` tensors: only known names, every one the strategy `needed`, shapes from the manifest."""
+    """`stats/*` tensors: only known names, every one the strategy `needed`, shapes from the manifest.
+
+    An update may leave out the gaussian statistics (both of them) when its `data_digest` is the one
+    `held` statistics were computed for: those stand in (they passed these checks when they came)."""
     stats = msg.stats
     unknown = sorted(set(stats) - KNOWN_STATS)
     if unknown:
         raise WireError(f"{where}: unknown statistic {unknown[0]!r}")
+    reused = {}
+    if "gaussian" in needed and not (set(STATS_NEEDED["gaussian"]) & set(stats)):
+        if data_digest and held is not None and held.data_digest == data_digest:
+            reused = {n: np.asarray(held.stats[n], np.float32) for n in STATS_NEEDED["gaussian"]}
+        else:
+            raise WireError(
+                f"{where}: statistic {STAT_MEAN!r} is missing ({strategy} needs gaussian) and the "
+                f"coordinator holds none for data digest {data_digest[:12] or '(none)'}"
+            )
     for kind in needed:
         for name in STATS_NEEDED[kind]:
-            if name not in stats:
+            if name not in stats and name not in reused:
                 raise WireError(f"{where}: statistic {name!r} is missing ({strategy} needs {kind})")
     labels = len(manifest.task.labels)
     dim = manifest.base_model.embed_dim
@@ -92,6 +132,14 @@ def check_stats(
         if name != STAT_MEAN and np.any(arr < 0):
             raise WireError(f"{where}: statistic {name!r} has negative values")
         out[name] = arr.astype(np.float32)
+    if reused:
+        labels = out[STAT_LABEL_HIST].shape[0] if STAT_LABEL_HIST in out else None
+        for name, arr in reused.items():  # held for the same data, so only a changed label set differs
+            if labels is not None and arr.shape[0] != labels:
+                raise WireError(
+                    f"{where}: held statistic {name!r} has {arr.shape[0]} labels, the update {labels}"
+                )
+        out.update(reused)
     return out
 
 
@@ -106,10 +154,13 @@ def validate_update(
     needed_stats: Sequence[str],
     start_tensors: Callable[[str], Mapping[str, np.ndarray]],
     bound: NormBound = NormBound(),
+    held_stats: Callable[[str], HeldStats | None] = lambda agent: None,
     where: str,
 ) -> Accepted:
     """Every check of an update for the current round `round_id`, whose `selected` maps each selected
-    agent to the version its task started from; `start_tensors(version)` gives that version's tensors.
+    agent to the version its task started from; `start_tensors(version)` gives that version's tensors,
+    `held_stats(agent)` the statistics already held for the agent (asked only when an update leans
+    on them).
     The caller has already decoded the message (size, schema, fleet, sha256, finite values) and
     matched its round to `round_id`."""
     env = msg.envelope
@@ -127,7 +178,10 @@ def validate_update(
         raise WireError(f"{where}: num_samples must be >= 0, got {num_samples}")
     metrics = check_metrics(msg, where)
     tensors = check_tensors(msg.adapter_tensors, manifest.exchanged, where)
-    stats = check_stats(msg, manifest, needed_stats, strategy, where)
+    data_digest = check_data_digest(msg, where)
+    sent = bool(set(STATS_NEEDED["gaussian"]) & set(msg.stats))
+    held = held_stats(agent) if "gaussian" in needed_stats and not sent else None
+    stats = check_stats(msg, manifest, needed_stats, strategy, where, data_digest=data_digest, held=held)
     base = start_tensors(selected[agent])
     norm = delta_norm(tensors, base)
     clipped = False
@@ -136,4 +190,15 @@ def validate_update(
             raise WireError(f"{where}: update norm {norm:.4g} exceeds the bound {bound.max_norm:g}")
         tensors = clip_delta(tensors, base, bound.max_norm)
         clipped = True
-    return Accepted(agent, tensors_digest(msg.tensors), tensors, stats, num_samples, metrics, norm, clipped)
+    return Accepted(
+        agent,
+        tensors_digest(msg.tensors),
+        tensors,
+        stats,
+        num_samples,
+        metrics,
+        norm,
+        clipped,
+        data_digest,
+        sent and "gaussian" in needed_stats,
+    )

@@ -521,7 +521,7 @@ class Agent:
     def _build_update(
         self, task: RoundTask, prog: dict[str, Any], after: dict[str, float]
     ) -> tuple[bytes, dict]:
-        from fedclip.device_agent.training import data_statistics
+        from fedclip.device_agent.training import data_digest, data_statistics, wire_statistics
 
         before = prog["metrics_before"] or {}
         metrics = {f"{k}_before": v for k, v in before.items() if k != "num_samples"}
@@ -532,11 +532,22 @@ class Agent:
         metrics["steps"] = float(prog["steps_done"])
         # The noise seed depends on agent and round only, so a redone round draws the same noise.
         seed = zlib.crc32(f"{self.cfg.id}/{task.round}".encode())
+        # The per-label means and variances are most of an update's bytes and change only with the
+        # data: when the coordinator already holds them for exactly this data (the task's
+        # `stats_digest`), only the label histogram (tiny) goes out, with the digest that vouches for
+        # the rest. Anything else (new files, other kinds, other noise) gives a new digest: resent.
+        digest = data_digest(self.train_set, task.stats, task.noise_std)
+        kinds = task.stats
+        if "gaussian" in kinds and task.stats_digest and task.stats_digest == digest:
+            kinds = tuple(k for k in kinds if k != "gaussian")
+            log.info("round %d: coordinator holds this data's statistics; not sending them again", task.round)
         stats = data_statistics(
-            self.trainer, self.train_set, kinds=task.stats, noise_std=task.noise_std, seed=seed
+            self.trainer, self.train_set, kinds=kinds, noise_std=task.noise_std, seed=seed
         )
+        if "gaussian" in kinds:  # decoding may have found more unreadable files: name what was used
+            digest = data_digest(self.train_set, task.stats, task.noise_std)
         tensors = dict(self.trainer.get_tensors("exchanged"))
-        tensors.update(stats)
+        tensors.update(wire_statistics(stats))
         skipped = self.train_set.skipped
         readable = sum(1 for smp in self.train_set.samples if smp.key not in skipped)
         body = {
@@ -546,6 +557,8 @@ class Agent:
             "train_seconds": round(float(prog["train_seconds"]), 3),
             "skipped_images": len(skipped),
         }
+        if task.stats:
+            body["data_digest"] = digest
         env = Envelope(
             MsgType.UPDATE,
             self.cfg.fleet,

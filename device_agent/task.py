@@ -17,6 +17,7 @@ from fedclip.sdk.wire import Message
 STAT_KINDS = ("histogram", "gaussian")
 _MAX_EPOCHS = 10_000
 _MAX_BATCH = 65_536
+MAX_DIGEST_CHARS = 128
 
 
 class WrongBundle(WireError):
@@ -37,6 +38,9 @@ class RoundTask:
     noise_std: float
     reset_optimizer: bool
     adapter: dict[str, np.ndarray]  # validated exchanged tensors; empty: keep the current ones
+    # data digest of the statistics the coordinator holds for this agent ("": none); when it equals
+    # the agent's current `training.data_digest`, the gaussian statistics need not travel again
+    stats_digest: str = ""
 
 
 def parse_task(msg: Message, manifest: Manifest, agent_id: str, where: str) -> RoundTask:
@@ -73,6 +77,11 @@ def parse_task(msg: Message, manifest: Manifest, agent_id: str, where: str) -> R
     reset = body.get("reset_optimizer", False)
     if not isinstance(reset, bool):
         raise WireError(f"{where}: body field 'reset_optimizer' must be true or false")
+    stats_digest = body.get("stats_digest", "")
+    if not isinstance(stats_digest, str) or len(stats_digest) > MAX_DIGEST_CHARS:
+        raise WireError(
+            f"{where}: body field 'stats_digest' must be a string of at most {MAX_DIGEST_CHARS} chars"
+        )
     if msg.stats:
         raise WireError(f"{where}: a task carries no statistics")
     adapter = check_adapter(msg.adapter_tensors, manifest, where) if msg.adapter_tensors else {}
@@ -89,6 +98,7 @@ def parse_task(msg: Message, manifest: Manifest, agent_id: str, where: str) -> R
         noise_std,
         reset,
         adapter,
+        stats_digest,
     )
 
 

@@ -7,6 +7,7 @@ statistics are running sums.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -436,6 +437,54 @@ def data_statistics(
             noisy = out[name] + rng.normal(0.0, noise_std, size=out[name].shape)
             out[name] = noisy if name == STAT_MEAN else np.maximum(noisy, 0.0)
     return {name: np.ascontiguousarray(arr, dtype=np.float32) for name, arr in out.items()}
+
+
+def data_digest(dataset: Dataset, kinds: Sequence[str], noise_std: float) -> str:
+    """sha256 naming what `data_statistics` would be computed from, without decoding an image.
+
+    Over the sorted (key, file size, label) of the readable samples, the statistic kinds and the
+    noise level: adding, removing, relabelling or rewriting a file (or asking for other statistics)
+    gives a new digest, so the coordinator knows its stored statistics are stale. A file rewritten
+    with the same size is the one change it misses; hashing every file's content each round would
+    cost more than the statistics it saves.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps({"kinds": sorted(set(kinds)), "noise_std": float(noise_std)}).encode())
+    rows = []
+    for s in dataset.samples:
+        if s.key in dataset.skipped:
+            continue
+        try:
+            size = s.path.stat().st_size
+        except OSError:
+            continue
+        rows.append((s.key, size, s.label))
+    for key, size, label in sorted(rows):
+        h.update(f"\n{key}\t{size}\t{label}".encode())
+    return h.hexdigest()
+
+
+_F16_MAX = float(np.finfo(np.float16).max)
+
+
+def wire_statistics(stats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`stats` as they travel: per-label means and variances in float16 (half the bytes), the label
+    histogram in float32 (counts above 2048 are not exact in float16).
+
+    Embedding statistics are small numbers (unit-norm embeddings: |mean| <= 1, variances around
+    1/D); float16 keeps ~3 significant digits there, far below the spread the data distance measures,
+    and variances below 6e-8 round to 0, which the distance treats as "no spread" anyway. A variance
+    stays >= 0 through the cast (clamped in case). A tensor with values beyond float16's range (an
+    unnormalized embedding) stays float32 rather than overflowing to inf.
+    """
+    out = dict(stats)
+    for name in (STAT_MEAN, STAT_VAR):
+        arr = stats.get(name)
+        if arr is None or not np.all(np.abs(arr) <= _F16_MAX):
+            continue
+        half = np.asarray(arr).astype(np.float16)
+        out[name] = np.maximum(half, np.float16(0)) if name == STAT_VAR else half
+    return out
 
 
 def _predictor_of(trainer: Trainer) -> Predictor:

@@ -8,7 +8,7 @@ import pytest
 
 from fedclip.coordinator.fleet import Fleet, parse_status
 from fedclip.coordinator.registry import load_initial_adapter
-from fedclip.coordinator.validation import NormBound, validate_update
+from fedclip.coordinator.validation import HeldStats, NormBound, validate_update
 from fedclip.sdk.errors import AdapterError, WireError
 from fedclip.sdk.manifest import Manifest
 from fedclip.sdk.wire import Envelope, MsgType, Topics, decode, encode
@@ -135,3 +135,100 @@ def test_one_status_parser_for_rounds_and_rollouts():
     assert fleet.compatible_online("b1") == ["cam1"] and fleet.online_count() == 1
     fleet.on_status("cam1", None)  # an emptied retained status forgets the agent
     assert fleet.compatible_online("b1") == []
+
+
+# ---- statistics held by the coordinator (they travel once per agent and data) ------------------
+def _gauss(manifest, value=0.1, dtype=np.float16):
+    labels, dim = len(manifest.task.labels), manifest.base_model.embed_dim
+    return {
+        "stats/label_hist": np.ones(labels, np.float32),
+        "stats/mean": np.full((labels, dim), value, dtype),
+        "stats/var": np.full((labels, dim), 0.01, dtype),
+    }
+
+
+def _check_held(manifest, start, msg, held):
+    return validate_update(
+        "a",
+        msg,
+        round_id=1,
+        selected={"a": "g-r0"},
+        manifest=manifest,
+        strategy="ce-lora",
+        needed_stats=("histogram", "gaussian"),
+        start_tensors=lambda version: start,
+        held_stats=lambda agent: held if agent == "a" else None,
+        where="update of a",
+    )
+
+
+def test_float16_statistics_are_accepted_as_float32_and_marked_sent(setup):
+    manifest, start = setup
+    sent = _gauss(manifest)
+    ok = _check_held(manifest, start, _update(manifest, start, stats=sent, data_digest="d1"), None)
+    assert ok.stats_sent and ok.data_digest == "d1"
+    assert all(v.dtype == np.float32 for v in ok.stats.values())
+    np.testing.assert_allclose(ok.stats["stats/mean"], sent["stats/mean"].astype(np.float32))
+
+
+def test_missing_gaussian_statistics_use_the_held_ones_for_the_same_data(setup):
+    manifest, start = setup
+    stored = {k: v.astype(np.float32) for k, v in _gauss(manifest, value=0.3).items()}
+    held = HeldStats("d1", stored)
+    hist = {"stats/label_hist": np.full(len(manifest.task.labels), 2.0, np.float32)}
+    ok = _check_held(manifest, start, _update(manifest, start, stats=hist, data_digest="d1"), held)
+    assert not ok.stats_sent and ok.data_digest == "d1"
+    np.testing.assert_array_equal(ok.stats["stats/mean"], stored["stats/mean"])
+    np.testing.assert_array_equal(ok.stats["stats/var"], stored["stats/var"])
+    np.testing.assert_array_equal(ok.stats["stats/label_hist"], hist["stats/label_hist"])  # the fresh one
+
+
+@pytest.mark.parametrize(
+    "digest, held, needle",
+    [
+        ("d2", "d1", "holds none for data digest d2"),  # the data changed
+        (None, "d1", "holds none for data digest (none)"),  # an agent that names no digest
+        ("d1", None, "holds none for data digest d1"),  # nothing held (a new state dir)
+        ("", "", "holds none for data digest (none)"),  # "" never matches, not even ""
+    ],
+)
+def test_missing_statistics_without_matching_held_ones_are_rejected(setup, digest, held, needle):
+    manifest, start = setup
+    held_stats = None if held is None else HeldStats(held, _gauss(manifest, dtype=np.float32))
+    body = {} if digest is None else {"data_digest": digest}
+    hist = {"stats/label_hist": np.ones(len(manifest.task.labels), np.float32)}
+    with pytest.raises(WireError) as e:
+        _check_held(manifest, start, _update(manifest, start, stats=hist, **body), held_stats)
+    assert "statistic 'stats/mean' is missing (ce-lora needs gaussian)" in str(e.value)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_half_the_gaussian_statistics_is_never_completed_from_held_ones(setup):
+    manifest, start = setup
+    held = HeldStats("d1", _gauss(manifest, dtype=np.float32))
+    partial = {k: v for k, v in _gauss(manifest).items() if k != "stats/var"}
+    with pytest.raises(WireError, match="statistic 'stats/var' is missing"):
+        _check_held(manifest, start, _update(manifest, start, stats=partial, data_digest="d1"), held)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_float16_statistics_are_rejected_when_decoded(setup, bad):
+    manifest, start = setup
+    stats = _gauss(manifest)
+    stats["stats/var"][0, 0] = bad
+    env = Envelope(MsgType.UPDATE, FLEET, "a", round=1, base_version="g-r0", body={"bundle_id": "x"})
+    with pytest.raises(WireError, match="tensor 'stats/var' has non-finite values"):
+        decode(encode(env, {**start, **stats}), fleet=FLEET)
+
+
+def test_negative_float16_variance_and_bad_digests_are_rejected(setup):
+    manifest, start = setup
+    stats = _gauss(manifest)
+    stats["stats/var"][1, 2] = np.float16(-0.01)
+    with pytest.raises(WireError, match="statistic 'stats/var' has negative values"):
+        _check_held(manifest, start, _update(manifest, start, stats=stats, data_digest="d1"), None)
+    for bad in ("x" * 129, 12):
+        with pytest.raises(WireError, match="'data_digest' must be a string of at most 128 chars"):
+            _check_held(
+                manifest, start, _update(manifest, start, stats=_gauss(manifest), data_digest=bad), None
+            )

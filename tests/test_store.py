@@ -103,3 +103,56 @@ def test_readonly_store_needs_existing_state(tmp_path):
         s.set_meta("k", "v")
     with Store(tmp_path, readonly=True) as s:
         assert s.get_meta("k") == "v"
+
+
+def test_update_and_held_statistics_commit_together(tmp_path):
+    with Store(tmp_path) as s:
+        s.start_round(1, "ce-lora", 1.0, [("a", "g-r0", "t"), ("b", "g-r0", "t")])
+        stats_blob = s.blobs.put(b"stats")
+        out = s.add_update(1, "a", "h1", s.blobs.put(b"u"), 3, {}, None, False, 1234, ("d1", stats_blob))
+        assert out == "stored"
+        assert s.updates(1)[0].wire_bytes == 1234
+        held = s.agent_stats("a")
+        assert (held.agent, held.round, held.data_digest, held.blob) == ("a", 1, "d1", stats_blob)
+        # a redelivery or a conflicting copy changes neither the update nor the held statistics
+        assert s.add_update(1, "a", "h2", s.blobs.put(b"v"), 3, {}, None, False, 9, ("d2", "x")) == "conflict"
+        assert s.agent_stats("a") == held
+        # the statistics row fails to insert: the update is rolled back with it (one transaction)
+        with sqlite3.connect(tmp_path / "coordinator.sqlite") as other:
+            other.execute(
+                "CREATE TRIGGER no_stats BEFORE INSERT ON agent_stats BEGIN SELECT RAISE(ABORT, 'boom'); END"
+            )
+        with pytest.raises(sqlite3.IntegrityError, match="boom"):
+            s.add_update(1, "b", "h3", s.blobs.put(b"w"), 3, {}, None, False, 10, ("d3", stats_blob))
+        assert [u.agent for u in s.updates(1)] == ["a"] and s.agent_stats("b") is None
+        # an update without travelled statistics leaves the held ones alone
+        assert s.add_update(1, "b", "h3", s.blobs.put(b"w"), 3, {}, None, False, 10) == "stored"
+        assert s.agent_stats("b") is None and s.updates(1)[1].wire_bytes == 10
+
+
+# The tables as the first release created them: no updates.wire_bytes, no agent_stats.
+_OLD_SCHEMA = """
+CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE updates(
+    round INTEGER NOT NULL, agent TEXT NOT NULL, sha256 TEXT NOT NULL, blob TEXT NOT NULL,
+    num_samples INTEGER NOT NULL, metrics TEXT NOT NULL, norm REAL, clipped INTEGER NOT NULL,
+    received_at REAL, PRIMARY KEY(round, agent));
+INSERT INTO meta VALUES('schema', '1');
+INSERT INTO updates VALUES(1, 'a', 'h1', 'blob1', 5, '{}', 0.5, 0, 1.0);
+"""
+
+
+def test_a_state_dir_from_before_opens_and_upgrades_in_place(tmp_path):
+    conn = sqlite3.connect(tmp_path / "coordinator.sqlite")
+    conn.executescript(_OLD_SCHEMA)
+    conn.close()
+    with Store(tmp_path, readonly=True) as s:  # a read-only open (status) changes nothing
+        assert [(u.agent, u.wire_bytes) for u in s.updates(1)] == [("a", None)]
+        assert s.agent_stats("a") is None
+    with Store(tmp_path) as s:
+        assert [(u.agent, u.wire_bytes) for u in s.updates(1)] == [("a", None)]  # old rows: NULL
+        assert s.add_update(1, "b", "h2", "blob2", 5, {}, None, False, 77, ("d", "sb")) == "stored"
+        assert [u.wire_bytes for u in s.updates(1)] == [None, 77]
+        assert s.agent_stats("b").data_digest == "d"
+    with Store(tmp_path) as s:  # upgraded once: opening again is a no-op
+        assert len(s.updates(1)) == 2

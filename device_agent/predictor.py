@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from fedclip.device_agent.ort_loader import NO_FOLDING, check_device, lean_session_options, onnxruntime
+from fedclip.device_agent.shared_weights import add_shared_initializers, shared_initializers
 from fedclip.sdk.adapters import check_tensors
 from fedclip.sdk.errors import BackendError, BundleError, DataError
 from fedclip.sdk.manifest import Manifest
@@ -69,12 +70,11 @@ class Predictor:
     def _open(self, key: str, tensors: Mapping[str, np.ndarray]) -> Any:
         ort = onnxruntime()
         opts = lean_session_options(self.threads)
-        for name, arr in sorted(tensors.items()):
-            arr = np.ascontiguousarray(arr)
-            value = ort.OrtValue.ortvalue_from_numpy(arr)
-            self._keep.extend((arr, value))
-            opts.add_initializer(name, value)
-        path = self.bundle_dir / self.manifest.graphs[key].file
+        file = self.manifest.graphs[key].file
+        overrides = {name: np.ascontiguousarray(arr) for name, arr in tensors.items()}
+        frozen = shared_initializers(self.bundle_dir, self.manifest, file, skip=overrides)
+        add_shared_initializers(opts, ort, {**frozen, **overrides}, self._keep)
+        path = self.bundle_dir / file
         # Off always: besides copying frozen weights, ORT's ConstantFolding folds from the model file's
         # values, not from add_initializer's (onnxruntime 1.19: an override was silently lost behind a
         # folded Transpose).

@@ -16,6 +16,7 @@ from typing import Literal
 import numpy as np
 
 from fedclip.device_agent.ort_loader import NO_FOLDING, check_device, lean_session_options, onnxruntime
+from fedclip.device_agent.shared_weights import add_shared_initializers, shared_initializers
 from fedclip.sdk.adapters import AdapterFiles, check_tensors, decode_tensors, encode_tensors
 from fedclip.sdk.errors import AdapterError, BackendError, BundleError, DataError
 from fedclip.sdk.fsutil import atomic_write
@@ -53,6 +54,7 @@ class StepTrainer(AdapterFiles):
         self.device = device
         self.threads = threads
         provider = check_device(device)
+        self._keep: list = []  # arrays and OrtValues the sessions' initializers point into
         self._names = tuple(t.name for t in self.manifest.trainable)
         self._data_names = self._check_step_io()
         self._step_sess = self._session(graphs["step"].file, provider)
@@ -83,6 +85,8 @@ class StepTrainer(AdapterFiles):
     def _session(self, file: str, provider: str):
         ort = onnxruntime()
         opts = lean_session_options(self.threads)
+        frozen = shared_initializers(self.bundle_dir, self.manifest, file)
+        add_shared_initializers(opts, ort, frozen, self._keep)
         path = self.bundle_dir / file
         try:
             return ort.InferenceSession(str(path), opts, providers=[provider], disabled_optimizers=NO_FOLDING)

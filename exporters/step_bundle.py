@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fedclip.exporters.step_graph import AdamW, export_step_graphs
-from fedclip.exporters.step_weights import share_weights
+from fedclip.exporters.step_weights import share_weights, write_weights_index
 from fedclip.sdk.adapters import encode_tensors
 from fedclip.sdk.errors import ExportError
 from fedclip.sdk.manifest import GraphSpec, Manifest
@@ -67,7 +67,10 @@ def write_step_format(
         weights_file=WEIGHTS_FILE,
     )
     initial = write_initial_tensors(task_module, trainable, out_dir)
-    return {**graphs, **step_graphs}, initial
+    graphs = {**graphs, **step_graphs}
+    sharing = [g.file for key, g in graphs.items() if key in (*SHARED_GRAPHS, *step_graphs)]
+    write_weights_index(out_dir, sharing, WEIGHTS_FILE)
+    return graphs, initial
 
 
 def _task_module(adapted, manifest: Manifest):

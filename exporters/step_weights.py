@@ -107,3 +107,39 @@ def share_weights(src: Path, dst: Path, weights: Path, min_bytes: int = MIN_BYTE
     onnx.save_model(model, str(tmp))
     os.replace(tmp, dst)
     return counts
+
+
+INDEX_FILE = "weights_index.json"
+INDEX_FORMAT = 1
+
+
+def write_weights_index(bundle_dir: Path, graph_files: list[str], weights_name: str) -> str:
+    """Write `weights_index.json`: for each graph, its initializers stored in `weights_name` with
+    offset, length, dtype and shape. Agents read frozen weights through ONE memory map of the file
+    with it and hand the same pages to every session (`fedclip.device_agent.shared_weights`), where
+    ONNX Runtime would map the file once per session. Returns the file name."""
+    import json
+
+    from onnx import helper
+
+    bundle_dir = Path(bundle_dir)
+    graphs: dict[str, dict[str, dict]] = {}
+    for file in sorted(graph_files):
+        model = onnx.load(str(bundle_dir / file), load_external_data=False)
+        entries = {}
+        for t in model.graph.initializer:
+            info = _external(t)
+            if info is None or info.get("location") != weights_name:
+                continue
+            entries[t.name] = {
+                "offset": int(info.get("offset", 0)),
+                "length": int(info["length"]),
+                "dtype": helper.tensor_dtype_to_np_dtype(t.data_type).name,
+                "shape": [int(d) for d in t.dims],
+            }
+        graphs[file] = entries
+    doc = {"format": INDEX_FORMAT, "weights": weights_name, "graphs": graphs}
+    tmp = bundle_dir / f".{INDEX_FILE}.tmp"
+    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, bundle_dir / INDEX_FILE)
+    return INDEX_FILE

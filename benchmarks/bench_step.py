@@ -71,6 +71,7 @@ def worker(kind: str, bundle: Path, model: str, batch: int, threads: int, steps:
         trainer.set_lr(1e-4)
         losses = []
         times = _timed(lambda i: losses.append(trainer.train_step(batches[i % 3])), steps, warmup)
+        trainer.eval_step(batches[0])  # an agent evaluates every round: its graph counts in the peak
         torch_loaded = "torch" in sys.modules
     else:
         import torch
@@ -102,6 +103,8 @@ def worker(kind: str, bundle: Path, model: str, batch: int, threads: int, steps:
             losses.append(float(loss.detach()))
 
         times = _timed(step, steps, warmup)
+        with torch.no_grad():
+            module(batches[0]["image"], batches[0]["labels"])
         torch_loaded = True
     return {
         "kind": kind,
@@ -153,7 +156,8 @@ def _markdown(res: dict) -> str:
         "",
         f"{res['platform']}; random-init weights; median of {a['steps']} steps",
         f"after {a['warmup']} warm-up steps;",
-        "each trainer in its own process (peak RSS = that process's VmHWM).",
+        "each trainer in its own process (peak RSS = that process's VmHWM, after the timed steps",
+        "and one evaluation batch, as an agent round does).",
         "",
         "| trainer | step ms (median) | step ms (min) | peak RSS MB | loss first -> last | torch loaded |",
         "|---|---:|---:|---:|---|---|",

@@ -1,7 +1,9 @@
 """The wire protocol: topics, envelopes and their validation (DESIGN.md, "Wire protocol").
 
 A message that carries tensors is one safetensors blob; its `__metadata__["fedclip"]` holds the
-envelope as JSON. A message without tensors is the envelope itself as JSON. Either way `decode`
+envelope as JSON. A message without tensors is the envelope itself as JSON. A tensor message goes
+zlib-compressed behind the 4-byte magic `FCZ1` when that saves bytes: its safetensors header (every
+tensor's name, dtype, shape) and the envelope are most of a small update. Either way `decode`
 validates before anyone acts on it and raises `WireError` with a one-line reason; callers log and
 drop. Only the envelope's `body` is free-form, and each message type checks its own body keys.
 """
@@ -13,6 +15,7 @@ import hmac as _hmac
 import json
 import math
 import time
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -27,6 +30,9 @@ from fedclip.sdk.ids import ID_PATTERN
 SCHEMA_VERSION = 1
 DEFAULT_MAX_PAYLOAD = 64 * 1024 * 1024
 _META_KEY = "fedclip"
+# A safetensors blob starts with its header length (u64 LE): "FCZ1" would announce an 800 MB header,
+# so the magic cannot be mistaken for a plain tensor message.
+COMPRESSED_MAGIC = b"FCZ1"
 
 # Data statistics ride along in updates as tensors with these names (never raw data).
 STATS_PREFIX = "stats/"
@@ -148,8 +154,10 @@ def encode(
     envelope: Envelope,
     tensors: Mapping[str, np.ndarray] | None = None,
     hmac_key: bytes | None = None,
+    compress: bool = True,
 ) -> bytes:
-    """Serialize a message: safetensors when it has tensors, JSON otherwise."""
+    """Serialize a message: safetensors when it has tensors (zlib-compressed when that is smaller,
+    unless `compress` is False), JSON otherwise."""
     if not envelope.sent_at:
         envelope = replace(envelope, sent_at=time.time())
     fields = envelope.fields()
@@ -163,7 +171,29 @@ def encode(
     except (TypeError, ValueError) as e:  # e.g. a NaN loss in metrics: the sender's bug, not a crash
         what = f"{envelope.type.value} envelope"
         raise WireError(f"{what}: body is not JSON-serializable or not finite ({e})") from None
-    return text.encode() if not tensors else encode_tensors(tensors, {_META_KEY: text})
+    if not tensors:
+        return text.encode()  # JSON stays JSON: readable with any MQTT client
+    blob = encode_tensors(tensors, {_META_KEY: text})
+    if not compress:
+        return blob
+    # Float tensors barely compress (a few % from their exponents): below 10% saved, the receiver's
+    # inflate costs more than the bytes are worth, and the message stays plain.
+    packed = COMPRESSED_MAGIC + zlib.compress(blob, 6)
+    return packed if len(packed) <= 0.9 * len(blob) else blob
+
+
+def _inflate(payload: bytes, max_bytes: int, where: str) -> bytes:
+    """The message inside a compressed payload, never more than `max_bytes` of it (no zip bombs)."""
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(payload[len(COMPRESSED_MAGIC) :], max_bytes + 1)
+    except zlib.error as e:
+        raise WireError(f"{where}: compressed payload is corrupt ({e})") from None
+    if len(out) > max_bytes:
+        raise WireError(f"{where}: decompressed payload exceeds the limit of {max_bytes} bytes")
+    if not d.eof or d.unused_data:
+        raise WireError(f"{where}: compressed payload is truncated or has trailing bytes")
+    return out
 
 
 def decode(
@@ -180,6 +210,10 @@ def decode(
         raise WireError(f"{where}: payload of {len(payload)} bytes exceeds the limit of {max_bytes}")
     if not payload:
         raise WireError(f"{where}: empty payload")
+    if payload[: len(COMPRESSED_MAGIC)] == COMPRESSED_MAGIC:
+        payload = _inflate(payload, max_bytes, where)
+        if payload[:1] == b"{":  # only tensor messages are ever compressed
+            raise WireError(f"{where}: compressed payload holds no tensors")
     tensors: dict[str, np.ndarray] = {}
     if payload[:1] == b"{":
         try:

@@ -34,18 +34,18 @@ def run_one(args, lam: float, tau: float, rank: int, methods: list[str], out: Pa
     doc = json.loads((out / "fmnist_fl.json").read_text())
     row = {"lam": lam, "tau": tau, "rank": rank}
     for method in methods:
-        finals, worst, per_round = [], [], []
+        finals, worst, tensors = [], [], []
         for res in doc["results"].values():
             acc = [v[-1] for v in res[method]["accuracy_per_round"].values()]
             finals.append(sum(acc) / len(acc))
             worst.append(min(acc))
-            up, down = res[method].get("uplink_bytes_per_round"), res[method].get("downlink_bytes_per_round")
-            if up and down:
-                per_round.append(sum(u + d for u, d in zip(up, down, strict=True)) / len(up))
+            if res[method].get("exchanged_tensor_bytes"):
+                tensors.append(res[method]["exchanged_tensor_bytes"])
         row[method] = {
             "mean": sum(finals) / len(finals),
             "worst": sum(worst) / len(worst),
-            "bytes_per_round": sum(per_round) / len(per_round) if per_round else None,
+            # what the rank changes on the wire: the exchanged cores per agent and direction
+            "tensor_bytes": tensors[0] if tensors else None,
         }
     return row
 
@@ -59,13 +59,13 @@ def markdown(rows: list[dict], args) -> str:
         "`fmnist_fl.md`. Mean over seeds of the agents' mean and worst final accuracy. "
         "The settings were chosen on these same seeds.",
         "",
-        "| lam | tau | rank | CE-LoRA mean (%) | CE-LoRA worst (%) | bytes / round | local-only mean (%) |",
+        "| lam | tau | rank | CE-LoRA mean (%) | CE-LoRA worst (%) | cores / agent | local-only mean (%) |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     local = next((r["local-lora"]["mean"] for r in rows if "local-lora" in r), None)
     for r in rows:
         c = r["ce-lora"]
-        b = f"{c['bytes_per_round'] / 1024:.1f} KB" if c["bytes_per_round"] else "-"
+        b = f"{c['tensor_bytes']} B" if c["tensor_bytes"] else "-"
         lo = f"{100 * r['local-lora']['mean']:.1f}" if "local-lora" in r else (
             f"({100 * local:.1f})" if local is not None else "-")  # fmt: skip
         acc = f"{100 * c['mean']:.1f} | {100 * c['worst']:.1f}"

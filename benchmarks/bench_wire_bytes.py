@@ -156,7 +156,7 @@ def main() -> None:
     ap.add_argument("--model", default="ViT-B-32")
     ap.add_argument("--agents", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--per-agent", type=int, default=24)
+    ap.add_argument("--per-agent", type=int, default=64)
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--work", type=Path, default=Path("/tmp/fedclip-wire-bytes"))
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "wire_bytes")

@@ -521,12 +521,8 @@ class Server:
         blob = self.store.blobs.put(
             encode_tensors({**accepted.tensors, **accepted.stats}, {"agent": agent, "round": str(st.round)})
         )
-        held = None
-        if accepted.stats_sent:
-            held = (
-                accepted.data_digest,
-                self.store.blobs.put(encode_tensors(accepted.stats, {"agent": agent})),
-            )
+        # Statistics that travelled become the agent's held ones: the update's blob has them.
+        held = (accepted.data_digest, blob) if accepted.stats_sent else None
         outcome = self.store.add_update(
             st.round,
             agent,

@@ -134,7 +134,7 @@ class StatsRow:
     agent: str
     round: int
     data_digest: str
-    blob: str  # safetensors of the statistics tensors, float32
+    blob: str  # the stored update they came with: its `stats/*` tensors, float32
 
 
 @dataclass(frozen=True)

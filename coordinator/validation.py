@@ -18,13 +18,20 @@ from fedclip.coordinator.strategies.aggregate import clip_delta, delta_norm
 from fedclip.sdk.adapters import check_tensors
 from fedclip.sdk.errors import WireError
 from fedclip.sdk.manifest import Manifest
-from fedclip.sdk.wire import STAT_LABEL_HIST, STAT_MEAN, STAT_VAR, Message, body_field, tensors_digest
+from fedclip.sdk.wire import (
+    STAT_LABEL_HIST,
+    STAT_MEAN,
+    STAT_VAR,
+    Message,
+    body_field,
+    digest_field,
+    tensors_digest,
+)
 
 KNOWN_STATS = frozenset({STAT_LABEL_HIST, STAT_MEAN, STAT_VAR})
 # what each statistic kind a strategy asks for (`Strategy.stats`) means on the wire
 STATS_NEEDED = {"histogram": (STAT_LABEL_HIST,), "gaussian": (STAT_MEAN, STAT_VAR)}
 MAX_METRICS = 64
-MAX_DIGEST_CHARS = 128
 
 
 @dataclass(frozen=True)
@@ -72,16 +79,6 @@ def check_metrics(msg: Message, where: str) -> dict[str, float]:
             raise WireError(f"{where}: metric {k!r} is not finite")
         out[k] = float(v)
     return out
-
-
-def check_data_digest(msg: Message, where: str) -> str:
-    """`body.data_digest`: "" when absent (an agent from before it existed)."""
-    digest = msg.envelope.body.get("data_digest", "")
-    if not isinstance(digest, str) or len(digest) > MAX_DIGEST_CHARS:
-        raise WireError(
-            f"{where}: body field 'data_digest' must be a string of at most {MAX_DIGEST_CHARS} chars"
-        )
-    return digest
 
 
 def check_stats(
@@ -178,7 +175,7 @@ def validate_update(
         raise WireError(f"{where}: num_samples must be >= 0, got {num_samples}")
     metrics = check_metrics(msg, where)
     tensors = check_tensors(msg.adapter_tensors, manifest.exchanged, where)
-    data_digest = check_data_digest(msg, where)
+    data_digest = digest_field(msg, "data_digest", where)
     sent = bool(set(STATS_NEEDED["gaussian"]) & set(msg.stats))
     held = held_stats(agent) if "gaussian" in needed_stats and not sent else None
     stats = check_stats(msg, manifest, needed_stats, strategy, where, data_digest=data_digest, held=held)

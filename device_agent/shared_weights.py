@@ -22,7 +22,8 @@ import numpy as np
 from fedclip.sdk.errors import BundleError
 from fedclip.sdk.manifest import Manifest
 
-INDEX_FILE = "weights_index.json"  # same name as fedclip.exporters.step_weights.INDEX_FILE
+INDEX_FILE = "weights_index.json"  # written by fedclip.exporters.step_weights.write_weights_index
+INDEX_FORMAT = 1
 _DTYPES = {"float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool"}
 
 # (real path, size, mtime) -> the process's one read-only map of that weights file
@@ -47,7 +48,7 @@ def _index(bundle_dir: Path, manifest: Manifest) -> dict | None:
     where = bundle_dir / INDEX_FILE
     try:
         doc = json.loads(where.read_text())
-        if doc.get("format") != 1 or not isinstance(doc.get("graphs"), dict):
+        if doc.get("format") != INDEX_FORMAT or not isinstance(doc.get("graphs"), dict):
             raise ValueError("unknown format")
         weights = str(doc["weights"])
         if os.path.basename(weights) != weights or weights not in manifest.files:

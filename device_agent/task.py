@@ -12,12 +12,11 @@ from fedclip.sdk.adapters import check_adapter
 from fedclip.sdk.errors import WireError
 from fedclip.sdk.ids import ID_PATTERN
 from fedclip.sdk.manifest import Manifest
-from fedclip.sdk.wire import Message
+from fedclip.sdk.wire import Message, digest_field
 
 STAT_KINDS = ("histogram", "gaussian")
 _MAX_EPOCHS = 10_000
 _MAX_BATCH = 65_536
-MAX_DIGEST_CHARS = 128
 
 
 class WrongBundle(WireError):
@@ -77,11 +76,7 @@ def parse_task(msg: Message, manifest: Manifest, agent_id: str, where: str) -> R
     reset = body.get("reset_optimizer", False)
     if not isinstance(reset, bool):
         raise WireError(f"{where}: body field 'reset_optimizer' must be true or false")
-    stats_digest = body.get("stats_digest", "")
-    if not isinstance(stats_digest, str) or len(stats_digest) > MAX_DIGEST_CHARS:
-        raise WireError(
-            f"{where}: body field 'stats_digest' must be a string of at most {MAX_DIGEST_CHARS} chars"
-        )
+    stats_digest = digest_field(msg, "stats_digest", where)
     if msg.stats:
         raise WireError(f"{where}: a task carries no statistics")
     adapter = check_adapter(msg.adapter_tensors, manifest, where) if msg.adapter_tensors else {}

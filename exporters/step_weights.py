@@ -14,6 +14,8 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto
 
+from fedclip.device_agent.shared_weights import INDEX_FILE, INDEX_FORMAT
+
 ALIGN = 64  # keeps float tensors aligned for ORT's loader, which may memory-map them
 MIN_BYTES = 1024
 
@@ -107,10 +109,6 @@ def share_weights(src: Path, dst: Path, weights: Path, min_bytes: int = MIN_BYTE
     onnx.save_model(model, str(tmp))
     os.replace(tmp, dst)
     return counts
-
-
-INDEX_FILE = "weights_index.json"
-INDEX_FORMAT = 1
 
 
 def write_weights_index(bundle_dir: Path, graph_files: list[str], weights_name: str) -> str:

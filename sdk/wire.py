@@ -33,6 +33,8 @@ _META_KEY = "fedclip"
 # A safetensors blob starts with its header length (u64 LE): "FCZ1" would announce an 800 MB header,
 # so the magic cannot be mistaken for a plain tensor message.
 COMPRESSED_MAGIC = b"FCZ1"
+# Longest data digest a task (`stats_digest`) or an update (`data_digest`) may carry.
+MAX_DIGEST_CHARS = 128
 
 # Data statistics ride along in updates as tensors with these names (never raw data).
 STATS_PREFIX = "stats/"
@@ -285,6 +287,14 @@ def _parse_envelope(h: dict[str, Any], where: str) -> Envelope:
     if isinstance(sent_at, bool) or not isinstance(sent_at, (int, float)) or not math.isfinite(sent_at):
         raise WireError(f"{where}: field 'sent_at' must be a number")
     return Envelope(mtype, h["fleet"], h["agent"], rnd, base, body, float(sent_at))
+
+
+def digest_field(msg: Message, key: str, where: str = "message") -> str:
+    """An optional data-digest body field (`stats_digest`, `data_digest`): "" when absent."""
+    value = msg.envelope.body.get(key, "")
+    if not isinstance(value, str) or len(value) > MAX_DIGEST_CHARS:
+        raise WireError(f"{where}: body field {key!r} must be a string of at most {MAX_DIGEST_CHARS} chars")
+    return value
 
 
 def body_field(msg: Message, key: str, kind: type | tuple[type, ...], where: str = "message") -> Any:

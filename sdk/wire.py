@@ -35,6 +35,9 @@ _META_KEY = "fedclip"
 COMPRESSED_MAGIC = b"FCZ1"
 # Longest data digest a task (`stats_digest`) or an update (`data_digest`) may carry.
 MAX_DIGEST_CHARS = 128
+# Highest round id any message may name: rounds reach SQLite (a signed 64-bit INTEGER) and the agents'
+# round counters, so a bigger number is refused at parse time rather than overflowing there.
+MAX_ROUND = 2**31 - 1
 
 # Data statistics ride along in updates as tensors with these names (never raw data).
 STATS_PREFIX = "stats/"
@@ -275,8 +278,9 @@ def _parse_envelope(h: dict[str, Any], where: str) -> Envelope:
         if not isinstance(value, str) or not ID_PATTERN.match(value):
             raise WireError(f"{where}: field {key!r} is not a valid id: {value!r}")
     rnd = h.get("round", -1)
-    if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < -1:
-        raise WireError(f"{where}: field 'round' must be an integer >= -1, got {rnd!r}")
+    if isinstance(rnd, bool) or not isinstance(rnd, int) or not -1 <= rnd <= MAX_ROUND:
+        shown = repr(rnd) if len(repr(rnd)) <= 40 else repr(rnd)[:37] + "..."
+        raise WireError(f"{where}: field 'round' must be an integer in [-1, {MAX_ROUND}], got {shown}")
     base = h.get("base_version", "")
     if not isinstance(base, str) or len(base) > 128:
         raise WireError(f"{where}: field 'base_version' must be a short string")
@@ -286,6 +290,8 @@ def _parse_envelope(h: dict[str, Any], where: str) -> Envelope:
     sent_at = h.get("sent_at", 0.0)
     if isinstance(sent_at, bool) or not isinstance(sent_at, (int, float)) or not math.isfinite(sent_at):
         raise WireError(f"{where}: field 'sent_at' must be a number")
+    if not 0 <= sent_at <= 1e11:  # float(2**1000) is finite too; a timestamp is compared, so bound it
+        raise WireError(f"{where}: field 'sent_at' is not a plausible unix time")
     return Envelope(mtype, h["fleet"], h["agent"], rnd, base, body, float(sent_at))
 
 

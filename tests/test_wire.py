@@ -140,7 +140,9 @@ REJECTIONS = {
     "agent-not-str": (json_payload(agent=5), "'agent' is not a valid id"),
     "round-str": (json_payload(round="3"), "'round' must be an integer"),
     "round-bool": (json_payload(round=True), "'round' must be an integer"),
-    "round-negative": (json_payload(round=-2), "'round' must be an integer >= -1"),
+    "round-negative": (json_payload(round=-2), "'round' must be an integer in [-1, "),
+    "round-huge": (json_payload(round=2**63), "'round' must be an integer in [-1, "),
+    "sent-at-huge": (json_payload(sent_at=float(2**1000)), "'sent_at' is not a plausible"),
     "base-version-long": (json_payload(base_version="v" * 129), "base_version"),
     "body-list": (json_payload(body=[1]), "'body' must be an object"),
     "sent-at-nan": (

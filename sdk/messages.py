@@ -727,8 +727,9 @@ class RolloutCommand(WireBody):
 
 
 # ---- encode / decode ----------------------------------------------------------------------------
-def envelope(obj: WireBody, fleet: str, agent: str) -> Envelope:
-    """The envelope `obj` travels in: `agent` is the agent it is for (task, push, command) or from."""
+def envelope(obj: WireBody, fleet: str, agent: str, sent_at: float = 0.0) -> Envelope:
+    """The envelope `obj` travels in: `agent` is the agent it is for (task, push, command) or from;
+    `sent_at` 0 means now (stamped when encoded)."""
     return Envelope(
         obj.TYPE,
         fleet,
@@ -736,12 +737,15 @@ def envelope(obj: WireBody, fleet: str, agent: str) -> Envelope:
         round=obj.envelope_round(),
         base_version=obj.envelope_base_version(),
         body=obj.to_body(),
+        sent_at=sent_at,
     )
 
 
-def encode(obj: WireBody, fleet: str, agent: str, key: Any = None, compress: bool = True) -> bytes:
+def encode(
+    obj: WireBody, fleet: str, agent: str, key: Any = None, compress: bool = True, sent_at: float = 0.0
+) -> bytes:
     """The payload of `obj`, signed with `key` (an Ed25519 private key) when given."""
-    env = envelope(obj, fleet, agent)
+    env = envelope(obj, fleet, agent, sent_at)
     tensors = obj.tensors()
     if key is not None:
         from fedclip.sdk.signing import sign_envelope  # signing imports wire, never messages

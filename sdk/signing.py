@@ -128,12 +128,19 @@ def sign(key: Ed25519PrivateKey, data: bytes) -> bytes:
     return key.sign(data)
 
 
-def verify(public_key: Ed25519PublicKey, data: bytes, signature: bytes, where: str = "message") -> None:
-    """Raise WireError unless `signature` is `public_key`'s signature of `data`."""
+def verify(
+    public_key: Ed25519PublicKey,
+    data: bytes,
+    signature: bytes,
+    where: str = "message",
+    signer: str = "the coordinator's public key",
+) -> None:
+    """Raise WireError unless `signature` is `public_key`'s signature of `data`; `signer` names the key
+    in the error."""
     try:
         public_key.verify(signature, data)
     except InvalidSignature:
-        raise WireError(f"{where}: signature does not verify with the coordinator's public key") from None
+        raise WireError(f"{where}: signature does not verify with {signer}") from None
 
 
 # ---- wire messages -----------------------------------------------------------------------------
@@ -159,7 +166,12 @@ def sign_envelope(
     return replace(envelope, body=body)
 
 
-def verify_message(public_key: Ed25519PublicKey, msg: Message, where: str = "message") -> None:
+def verify_message(
+    public_key: Ed25519PublicKey,
+    msg: Message,
+    where: str = "message",
+    signer: str = "the coordinator's public key",
+) -> None:
     """Raise WireError unless `msg` (already decoded by `wire.decode`) carries a valid signature."""
     raw = msg.envelope.body.get(SIGNATURE_FIELD)
     if not isinstance(raw, str) or not raw:
@@ -171,4 +183,4 @@ def verify_message(public_key: Ed25519PublicKey, msg: Message, where: str = "mes
     if len(sig) != 64:
         raise WireError(f"{where}: signature has {len(sig)} bytes, an Ed25519 signature has 64")
     digest = tensors_digest(msg.tensors) if msg.tensors else ""
-    verify(public_key, signed_bytes(msg.envelope.fields(), digest), sig, where)
+    verify(public_key, signed_bytes(msg.envelope.fields(), digest), sig, where, signer)

@@ -33,6 +33,7 @@ from fedclip.sdk.wire import (
     Envelope,
     Message,
     MsgType,
+    tensors_digest,
 )
 from fedclip.sdk.wire import decode as wire_decode
 from fedclip.sdk.wire import encode as wire_encode
@@ -747,11 +748,12 @@ def encode(
     """The payload of `obj`, signed with `key` (an Ed25519 private key) when given."""
     env = envelope(obj, fleet, agent, sent_at)
     tensors = obj.tensors()
+    digest = tensors_digest(tensors) if tensors else ""  # once, for the signature and the header
     if key is not None:
         from fedclip.sdk.signing import sign_envelope  # signing imports wire, never messages
 
-        env = sign_envelope(key, env, tensors)
-    return wire_encode(env, tensors, compress=compress)
+        env = sign_envelope(key, env, tensors, digest)
+    return wire_encode(env, tensors, compress=compress, digest=digest)
 
 
 def decode(

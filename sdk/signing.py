@@ -154,12 +154,17 @@ def signed_bytes(fields: Mapping, digest: str) -> bytes:
 
 
 def sign_envelope(
-    key: Ed25519PrivateKey, envelope: Envelope, tensors: Mapping[str, np.ndarray] | None = None
+    key: Ed25519PrivateKey,
+    envelope: Envelope,
+    tensors: Mapping[str, np.ndarray] | None = None,
+    digest: str | None = None,
 ) -> Envelope:
-    """The envelope with `body.signature` set; pass the result and the same tensors to `wire.encode`."""
+    """The envelope with `body.signature` set; pass the result and the same tensors to `wire.encode`.
+    `digest`: the tensors' `tensors_digest`, when the caller has it already."""
     if not envelope.sent_at:
         envelope = replace(envelope, sent_at=time.time())
-    digest = tensors_digest(tensors) if tensors else ""
+    if digest is None:
+        digest = tensors_digest(tensors) if tensors else ""
     sig = key.sign(signed_bytes(envelope.fields(), digest))
     body = dict(envelope.body)
     body[SIGNATURE_FIELD] = base64.b64encode(sig).decode("ascii")
@@ -182,5 +187,7 @@ def verify_message(
         raise WireError(f"{where}: signature is not valid base64") from None
     if len(sig) != 64:
         raise WireError(f"{where}: signature has {len(sig)} bytes, an Ed25519 signature has 64")
-    digest = tensors_digest(msg.tensors) if msg.tensors else ""
+    # `wire.decode` checked the tensors against their digest already; recompute only for a Message
+    # built another way
+    digest = msg.digest or (tensors_digest(msg.tensors) if msg.tensors else "")
     verify(public_key, signed_bytes(msg.envelope.fields(), digest), sig, where, signer)

@@ -130,6 +130,8 @@ class Envelope:
 class Message:
     envelope: Envelope
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    # sha256 of the tensors (`tensors_digest`), as `decode` checked it: signatures reuse it
+    digest: str = ""
 
     @property
     def adapter_tensors(self) -> dict[str, np.ndarray]:
@@ -160,14 +162,17 @@ def encode(
     tensors: Mapping[str, np.ndarray] | None = None,
     hmac_key: bytes | None = None,
     compress: bool = True,
+    digest: str | None = None,
 ) -> bytes:
     """Serialize a message: safetensors when it has tensors (zlib-compressed when that is smaller,
-    unless `compress` is False), JSON otherwise."""
+    unless `compress` is False), JSON otherwise. `digest`: the tensors' `tensors_digest` when the
+    caller already has it (a signer does)."""
     if not envelope.sent_at:
         envelope = replace(envelope, sent_at=time.time())
     fields = envelope.fields()
     tensors = dict(tensors or {})
-    digest = tensors_digest(tensors) if tensors else ""
+    if digest is None:
+        digest = tensors_digest(tensors) if tensors else ""
     header = dict(fields, tensors_sha256=digest)
     try:
         if hmac_key:
@@ -246,6 +251,8 @@ def decode(
         if env.type not in allowed:
             raise WireError(f"{where}: unexpected message type {env.type.value!r}")
     digest = header.get("tensors_sha256", "")
+    if not isinstance(digest, str):
+        raise WireError(f"{where}: field 'tensors_sha256' must be a string")
     if tensors:
         for name, arr in tensors.items():
             if arr.dtype.kind not in "fiu":
@@ -262,7 +269,7 @@ def decode(
             given, _sign(hmac_key, env.fields(), digest)
         ):
             raise WireError(f"{where}: HMAC missing or wrong")
-    return Message(env, tensors)
+    return Message(env, tensors, digest if tensors else "")
 
 
 def _parse_envelope(h: dict[str, Any], where: str) -> Envelope:

@@ -175,13 +175,17 @@ class Enrolment:
             self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
     def set_coordinator_login(self, login: Login) -> None:
-        self._set_meta("coordinator_login", json.dumps({"mosquitto": login.mosquitto, "argon2": login.argon2}))
+        self._set_meta(
+            "coordinator_login", json.dumps({"mosquitto": login.mosquitto, "argon2": login.argon2})
+        )
 
     def enrol(self, device: Device) -> None:
         """Add a device, or replace its enrolment (a re-issued kit: new key, new login, unrevoked)."""
         check_id(device.agent, "agent id")
         if len(device.public_key) != 32:
-            raise ConfigError(f"{device.agent}: an Ed25519 public key has 32 bytes, got {len(device.public_key)}")
+            raise ConfigError(
+                f"{device.agent}: an Ed25519 public key has 32 bytes, got {len(device.public_key)}"
+            )
         with self._lock:
             self._db.execute(
                 "INSERT OR REPLACE INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, NULL, NULL)",

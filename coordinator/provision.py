@@ -37,7 +37,13 @@ from fedclip.sdk.errors import ConfigError
 from fedclip.sdk.fsutil import atomic_write, remove
 from fedclip.sdk.ids import check_id
 from fedclip.sdk.mqtt import BrokerAddress
-from fedclip.sdk.signing import PUBLIC_KEY_NAME, ensure_keypair, generate_key, save_private_key, save_public_key
+from fedclip.sdk.signing import (
+    PUBLIC_KEY_NAME,
+    ensure_keypair,
+    generate_key,
+    save_private_key,
+    save_public_key,
+)
 
 PROVISION_DIR = "provision"
 COORDINATOR_PASSWORD = "coordinator.password"
@@ -209,7 +215,13 @@ class Provisioner:
         return Kit(agent_id, target, files)
 
     def _agent_yaml(
-        self, agent_id: str, url: str, server_tls: bool, client_tls: bool, groups: tuple[str, ...], bundle: str
+        self,
+        agent_id: str,
+        url: str,
+        server_tls: bool,
+        client_tls: bool,
+        groups: tuple[str, ...],
+        bundle: str,
     ) -> str:
         # Paths are relative: AgentConfig resolves them against agent.yaml's folder, so the kit
         # works wherever it is unpacked.

@@ -22,10 +22,14 @@ def init(
         "mqtt://127.0.0.1:1883", help="The broker URL devices use (mqtts://host:port for TLS)."
     ),
     host: list[str] = typer.Option(
-        [], "--host", help="A name or address on the broker's certificate (repeat; default: the URL's host, "
-        "127.0.0.1, localhost)."
+        [],
+        "--host",
+        help="A name or address on the broker's certificate (repeat; default: the URL's host, "
+        "127.0.0.1, localhost).",
     ),
-    bundle: str = typer.Option("bundle", help="What each kit's agent.yaml names as its bundle (folder or URL)."),
+    bundle: str = typer.Option(
+        "bundle", help="What each kit's agent.yaml names as its bundle (folder or URL)."
+    ),
 ) -> None:
     """Make the fleet's keys: coordinator signing key, fleet CA, broker certificate, coordinator login.
 
@@ -54,12 +58,18 @@ def add(
     agent_id: str = typer.Argument(..., help="The device's agent id."),
     state: Path = _STATE,
     group: list[str] = typer.Option([], "--group", help="A group the device belongs to (repeat)."),
-    tls: bool = typer.Option(False, "--tls", help="Also issue a TLS client certificate (broker URL mqtts://)."),
+    tls: bool = typer.Option(
+        False, "--tls", help="Also issue a TLS client certificate (broker URL mqtts://)."
+    ),
     out: Path | None = typer.Option(None, "--out", help="Write the kit as this folder."),
     tar: Path | None = typer.Option(None, "--tar", help="Write the kit as this .tar.gz."),
     broker: str | None = typer.Option(None, help="Broker URL for this device (default: the fleet's)."),
-    bundle: str | None = typer.Option(None, help="Bundle folder or URL for this device (default: the fleet's)."),
-    force: bool = typer.Option(False, "--force", help="Re-issue the kit of an enrolled device (new key, login)."),
+    bundle: str | None = typer.Option(
+        None, help="Bundle folder or URL for this device (default: the fleet's)."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Re-issue the kit of an enrolled device (new key, login)."
+    ),
 ) -> None:
     """Make a device's startup kit and enrol its public key; private files are 0600."""
     from fedclip.coordinator.provision import Provisioner

@@ -85,7 +85,8 @@ class Enrolment:
     def load(cls, state_dir: str | Path) -> Enrolment:
         if not cls.exists(state_dir):
             raise ConfigError(
-                f"{state_dir}: the fleet is not provisioned (no {DB_NAME}); run `fedclip-coord provision init`"
+                f"{state_dir}: the fleet is not provisioned (no {DB_NAME}); "
+                "run `fedclip-coord provision init`"
             )
         return cls(Path(state_dir) / DB_NAME)
 

@@ -42,9 +42,8 @@ def init(
     typer.echo(f"  coordinator key   {prov.coordinator_public_key}")
     typer.echo(f"  fleet CA          {prov.dir / 'ca.crt'}")
     typer.echo(f"  broker cert for   {', '.join(prov.settings.hosts)}")
-    typer.echo(
-        f"  coordinator login --username {_coordinator_user()} --password-file {prov.coordinator_password_file}"
-    )
+    login = f"--username {_coordinator_user()} --password-file {prov.coordinator_password_file}"
+    typer.echo(f"  coordinator login {login}")
 
 
 def _coordinator_user() -> str:

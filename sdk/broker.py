@@ -27,6 +27,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 from fedclip.sdk.broker_acl import FleetAcl, argon2_hash
@@ -147,8 +148,11 @@ class EmbeddedBroker:
         asyncio.set_event_loop(loop)
         self._loop = loop
         try:
-            self._broker = Broker(config, loop=loop)
-            loop.run_until_complete(self._broker.start())
+            with warnings.catch_warnings():
+                # amqtt 0.12's ACL plugin config has only `acl` (its subscribe ACL), and warns about it.
+                warnings.filterwarnings("ignore", message="The 'acl' option is deprecated")
+                self._broker = Broker(config, loop=loop)
+                loop.run_until_complete(self._broker.start())
         except Exception as e:  # reported to start() as a BrokerError
             self._error = e
             self._started.set()

@@ -257,6 +257,14 @@ class Provisioner:
         return dev, self.write_brokers()
 
     # ---- broker configs ------------------------------------------------------------------------
+    def embedded_broker(self, port: int | None = None):
+        """The embedded amqtt broker with the fleet's logins and ACL; its `url` carries the
+        coordinator's login. It reads the registry when started: restart it to apply a revoke."""
+        from fedclip.sdk.broker import EmbeddedBroker
+
+        password = self.coordinator_password_file.read_text().strip()
+        return EmbeddedBroker(port, COORDINATOR_USER, password, acl=self.registry.broker_acl())
+
     def write_broker(self, kind: str, out: Path, **options) -> list[Path]:
         from fedclip.coordinator.broker_files import write_broker_files
 

@@ -210,3 +210,14 @@ def test_mosquitto_tls_listener_requires_the_fleets_client_certificate(tmp_path)
             MqttSession(broker.url, "devT", ca_file=str(kit / "ca.crt"), **creds).connect(5)
     finally:
         broker.cleanup()
+
+
+def test_the_provisioned_embedded_broker_admits_the_coordinator_and_the_kits(fleet):
+    with fleet.prov.embedded_broker() as broker:
+        assert f"{COORDINATOR_USER}:" in broker.url  # the coordinator's own login rides in the URL
+        with MqttSession(broker.url, "coord-url", clean_session=True).connect(DEADLINE) as coord:
+            coord.subscribe(T.update("devA"))
+            with _device(SimpleNamespace(url=broker.plain_url), fleet, "devA") as a:
+                _barrier(coord, a, T.update("devA"))
+        with pytest.raises(ConnectRefused):
+            MqttSession(broker.plain_url, "anon", clean_session=True).connect(DEADLINE)

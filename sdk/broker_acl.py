@@ -148,10 +148,13 @@ class FleetAcl:
         """The `plugins` section of amqtt 0.12's broker config: file logins, then topic ACLs.
 
         amqtt's `acl` is its subscribe ACL; a subscription outside it is refused (SUBACK 0x80), so
-        nothing outside it is ever delivered. A publish outside `publish_acl` is dropped.
+        nothing outside it is ever delivered. A publish outside `publish_acl` is dropped. A device
+        login must use its own client id (`amqtt_plugins.py`): amqtt would otherwise hand device B's
+        queued messages to whoever resumes B's session.
         """
         return {
             "amqtt.plugins.authentication.FileAuthPlugin": {"password_file": password_file},
+            "fedclip.sdk.amqtt_plugins.DeviceClientIdPlugin": {},
             "amqtt.plugins.topic_checking.TopicAccessControlListPlugin": {
                 "publish_acl": {login.username: self.publish_topics(login) for login in self.logins},
                 "acl": {login.username: self.read_topics(login) for login in self.logins},

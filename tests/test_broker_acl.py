@@ -221,3 +221,23 @@ def test_the_provisioned_embedded_broker_admits_the_coordinator_and_the_kits(fle
                 _barrier(coord, a, T.update("devA"))
         with pytest.raises(ConnectRefused):
             MqttSession(broker.plain_url, "anon", clean_session=True).connect(DEADLINE)
+
+
+def test_a_device_cannot_take_over_another_devices_session(broker, fleet):
+    """devA's login under devB's client id must not receive what the broker queued for devB."""
+    b = MqttSession(broker.url, "devB", username="devB", password=_password(fleet.kits["devB"]))
+    b.subscribe(T.task("devB"))
+    with _coordinator(broker, fleet) as coord:
+        with b.connect(DEADLINE):
+            _barrier(b, coord, T.task("devB"))  # devB's persistent session holds the subscription
+        coord.publish(T.task("devB"), b"secret-queued-task")  # queued for devB while it is away
+        thief = MqttSession(broker.url, "devB", username="devA", password=_password(fleet.kits["devA"]))
+        thief.subscribe(T.coordinator_status)
+        try:
+            thief.connect(DEADLINE)
+        except ConnectRefused:
+            return  # the embedded broker refuses a device login under another id outright
+        with thief:
+            # a resumed session gets its queued messages first: the barrier comes after them
+            seen = _barrier(thief, coord, T.coordinator_status)
+    assert [m.payload for m in seen if m.payload.startswith(b"secret")] == []

@@ -178,9 +178,17 @@ def test_a_revoked_kit_no_longer_logs_in(broker, fleet):
     agent = f"devR-{broker.kind}"
     fleet.kits[agent] = fleet.prov.add(agent, out=fleet.root / "kits" / agent).path
     broker.apply()  # a new device logs in once the broker rereads its files
-    _device(broker, fleet, agent).close()
-    fleet.prov.revoke(agent, "stolen")
-    broker.apply()
+    live = _device(broker, fleet, agent)
+    try:
+        fleet.prov.revoke(agent, "stolen")
+        broker.apply()
+        # its open connection is cut too (mosquitto re-checks logins on reload), and stays cut
+        end = time.monotonic() + DEADLINE
+        while live.connected.is_set():
+            assert time.monotonic() < end, "the revoked device's open connection survived the reload"
+            time.sleep(0.05)
+    finally:
+        live.close()
     with pytest.raises(ConnectRefused):
         _device(broker, fleet, agent)
     _device(broker, fleet, "devA").close()  # the others are untouched

@@ -159,11 +159,14 @@ class Provisioner:
         broker: str | None = None,
         bundle: str | None = None,
         force: bool = False,
+        rewrite_brokers: bool = True,
     ) -> Kit:
         """Make `agent_id`'s startup kit (a folder `out` or a tarball `tar`) and enrol its public key.
 
         An id enrolled before (revoked or not) is re-issued only with `force`: a new key pair and
-        login replace the old ones, so the old kit stops working (rotation)."""
+        login replace the old ones, so the old kit stops working (rotation). The broker files written
+        before are rewritten with the new login, unless `rewrite_brokers` is False (a batch of adds
+        calls `write_brokers` once at the end: each rewrite costs time in the fleet's size)."""
         check_id(agent_id, "agent id")
         for g in groups:
             check_id(g, "--group")
@@ -211,7 +214,8 @@ class Provisioner:
         self.registry.enrol(
             Device(agent_id, raw, tuple(groups), login.mosquitto, login.argon2, serial, time.time())
         )
-        self.write_brokers()  # a re-issued kit's old login must stop working too
+        if rewrite_brokers:
+            self.write_brokers()  # the new login works, and a re-issued kit's old one stops
         return Kit(agent_id, target, files)
 
     def _agent_yaml(

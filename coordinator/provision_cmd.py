@@ -54,14 +54,15 @@ def _coordinator_user() -> str:
 
 @app.command()
 def add(
-    agent_id: str = typer.Argument(..., help="The device's agent id."),
+    agent_ids: list[str] = typer.Argument(..., help="The device's agent id (several with --kits)."),
     state: Path = _STATE,
     group: list[str] = typer.Option([], "--group", help="A group the device belongs to (repeat)."),
     tls: bool = typer.Option(
         False, "--tls", help="Also issue a TLS client certificate (broker URL mqtts://)."
     ),
-    out: Path | None = typer.Option(None, "--out", help="Write the kit as this folder."),
-    tar: Path | None = typer.Option(None, "--tar", help="Write the kit as this .tar.gz."),
+    out: Path | None = typer.Option(None, "--out", help="Write the kit as this folder (one id)."),
+    tar: Path | None = typer.Option(None, "--tar", help="Write the kit as this .tar.gz (one id)."),
+    kits: Path | None = typer.Option(None, "--kits", help="Write each id's kit as KITS/<id>.tar.gz."),
     broker: str | None = typer.Option(None, help="Broker URL for this device (default: the fleet's)."),
     bundle: str | None = typer.Option(
         None, help="Bundle folder or URL for this device (default: the fleet's)."
@@ -70,14 +71,34 @@ def add(
         False, "--force", help="Re-issue the kit of an enrolled device (new key, login)."
     ),
 ) -> None:
-    """Make a device's startup kit and enrol its public key; private files are 0600."""
-    from fedclip.coordinator.provision import Provisioner
+    """Make each device's startup kit and enrol its public key; private files are 0600."""
+    from rich.progress import track
 
+    from fedclip.coordinator.provision import Provisioner
+    from fedclip.sdk.errors import ConfigError
+
+    if (out, tar, kits).count(None) != 2:
+        raise ConfigError("provision add: give one of --out DIR, --tar FILE, --kits DIR")
+    if kits is None and len(agent_ids) > 1:
+        raise ConfigError("provision add: several ids need --kits DIR (one tarball each)")
     prov = Provisioner.open(state)
-    kit = prov.add(
-        agent_id, groups=tuple(group), tls=tls, out=out, tar=tar, broker=broker, bundle=bundle, force=force
-    )
-    typer.echo(f"{agent_id}: startup kit {kit.path} ({', '.join(kit.files)})")
+    ids = track(agent_ids, description="kits", transient=True) if len(agent_ids) > 1 else agent_ids
+    try:
+        for agent_id in ids:
+            target = dict(out=out, tar=tar) if kits is None else dict(tar=kits / f"{agent_id}.tar.gz")
+            kit = prov.add(
+                agent_id,
+                groups=tuple(group),
+                tls=tls,
+                broker=broker,
+                bundle=bundle,
+                force=force,
+                rewrite_brokers=False,
+                **target,
+            )
+            typer.echo(f"{agent_id}: startup kit {kit.path} ({', '.join(kit.files)})")
+    finally:
+        prov.write_brokers()  # once for every kit made, also when a later id in the list failed
     _remind_reload(prov)
 
 

@@ -23,7 +23,6 @@ import base64
 import hashlib
 import hmac
 import secrets
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from fedclip.sdk.errors import ConfigError
@@ -52,7 +51,7 @@ def mosquitto_hash(password: str, *, salt: bytes | None = None, iterations: int 
 
 
 def mosquitto_verify(password: str, hashed: str) -> bool:
-    """True when `hashed` (a `$7$` line part) is `password`'s hash; for tests and `provision check`."""
+    """True when `hashed` (the part of a passwd line after `user:`) is `password`'s `$7$` hash."""
     parts = hashed.split("$")
     if len(parts) != 5 or parts[1] != "7":
         return False
@@ -160,10 +159,6 @@ class FleetAcl:
                 "acl": {login.username: self.read_topics(login) for login in self.logins},
             },
         }
-
-    def without(self, usernames: Iterable[str]) -> FleetAcl:
-        gone = set(usernames)
-        return FleetAcl(self.fleet, tuple(x for x in self.logins if x.username not in gone))
 
 
 __all__ = [

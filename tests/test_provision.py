@@ -7,6 +7,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -176,16 +177,23 @@ def test_mosquitto_hash_matches_mosquitto_passwd(tmp_path):
     assert mosquitto_verify("s3cret", mosquitto_hash("s3cret"))
 
 
-def _coord(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "fedclip.coordinator.cli", "provision", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+@pytest.fixture
+def _coord(monkeypatch, capsys):
+    """`fedclip-coord provision ARGS` in this process (the CLI's own entry point, exit code and
+    stderr included): a subprocess per call would cost seconds of interpreter start each."""
+    from fedclip.coordinator.cli import main
+
+    def call(*args: str) -> SimpleNamespace:
+        monkeypatch.setattr(sys, "argv", ["fedclip-coord", "provision", *args])
+        with pytest.raises(SystemExit) as e:
+            main()
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=e.value.code, stdout=out.out, stderr=out.err)
+
+    return call
 
 
-def test_cli_provisions_and_errors_are_one_line(tmp_path):
+def test_cli_provisions_and_errors_are_one_line(tmp_path, _coord):
     state = str(tmp_path / "state")
     r = _coord("add", "cam-x", "--state", state, "--out", str(tmp_path / "k"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "provision init" in r.stderr
@@ -193,12 +201,20 @@ def test_cli_provisions_and_errors_are_one_line(tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"--username {COORDINATOR_USER} --password-file" in r.stdout
     assert (tmp_path / "state" / "provision" / COORDINATOR_PASSWORD).is_file()
+    r = _coord("broker", "--state", state, "--out", str(tmp_path / "b"))
+    assert r.returncode == 0, r.stderr
     r = _coord("add", "cam-x", "--state", state, "--tar", str(tmp_path / "cam-x.tgz"), "--group", "g1")
     assert r.returncode == 0, r.stderr
+    r = _coord("add", "cam-y", "cam-z", "--state", state, "--kits", str(tmp_path / "kits"))
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "kits").iterdir()) == ["cam-y.tar.gz", "cam-z.tar.gz"]
+    acl = (tmp_path / "b" / "acl").read_text()
+    assert all(f"user {a}\n" in acl for a in ("cam-x", "cam-y", "cam-z"))  # rewritten after the batch
     for bad in (
         ("add", "cam/x", "--state", state, "--out", str(tmp_path / "k2")),
         ("add", "cam-x", "--state", state, "--out", str(tmp_path / "k3")),
-        ("add", "cam-y", "--state", state),
+        ("add", "cam-w", "--state", state),
+        ("add", "cam-v", "cam-w", "--state", state, "--out", str(tmp_path / "k4")),
         ("revoke", "nobody", "--state", state),
         ("broker", "--state", state, "--out", str(tmp_path / "b"), "--kind", "nginx"),
     ):

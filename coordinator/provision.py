@@ -133,6 +133,7 @@ class Provisioner:
             registry.set_coordinator_login(_login(COORDINATOR_USER, password, agent=None))
             atomic_write(self.coordinator_password_file, password.encode() + b"\n", mode=0o600)
         self._save_settings()
+        self.write_brokers()  # a new coordinator login or broker certificate reaches the broker files
         return self
 
     @classmethod

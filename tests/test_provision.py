@@ -157,6 +157,13 @@ def test_revoke_rewrites_the_broker_files_written_before(prov, tmp_path):
     conf = (tmp_path / "mosq" / "conf.d" / "fedclip.conf").read_text()
     assert "allow_anonymous false" in conf and "listener 1883 127.0.0.1" in conf
 
+    # rotating the coordinator's login (delete its file, init again) rewrites the broker files too
+    old_hash = (tmp_path / "mosq" / "passwd").read_text().splitlines()[0]
+    prov.coordinator_password_file.unlink()
+    Provisioner.init(prov.state, FLEET, broker=prov.settings.broker)
+    new_hash = (tmp_path / "mosq" / "passwd").read_text().splitlines()[0]
+    assert new_hash.startswith(f"{COORDINATOR_USER}:") and new_hash != old_hash
+
     _, rewritten = Provisioner.open(prov.state).revoke("cam-04")
     assert tmp_path / "mosq" / "passwd" in rewritten and tmp_path / "amqtt" / "passwd" in rewritten
     for name in ("mosq/passwd", "mosq/acl", "amqtt/passwd", "amqtt/amqtt.yaml"):

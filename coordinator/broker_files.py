@@ -8,8 +8,9 @@ mosquitto (`--kind mosquitto`), made to drop into a stock install (Debian's mosq
     <out>/certs/                the fleet CA and the broker's certificate, when a TLS listener is asked
 mosquitto rereads the password and ACL files on SIGHUP, so a revoke takes effect on `reload`.
 
-amqtt (`--kind amqtt`): `<out>/amqtt.yaml` (a whole broker config for `amqtt -c`) and `<out>/passwd`
-(argon2). `EmbeddedBroker(acl=...)` builds the same plugin section from the registry directly.
+amqtt (`--kind amqtt`): `<out>/amqtt.yaml` (a whole broker config for `amqtt -c`, with fedclip's
+plugins) and `<out>/fleet-acl.json` (the logins' `$7$` hashes and the fleet, 0600; restart amqtt after
+a rewrite). `EmbeddedBroker(acl=...)` enforces the same rules from the registry in process.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from fedclip.sdk.broker_acl import amqtt_plugins
 from fedclip.sdk.errors import ConfigError
 from fedclip.sdk.fsutil import atomic_write
 
@@ -52,11 +54,11 @@ def write_broker_files(
     if kind == "amqtt":
         if tls_port:
             raise ConfigError("provision broker --kind amqtt: no TLS listener is generated; use mosquitto")
-        pw = atomic_write(out / "passwd", acl.amqtt_passwd().encode(), mode=0o600)
+        pw = atomic_write(out / "fleet-acl.json", acl.to_json().encode(), mode=0o600)
         config = {
             "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
             "timeout_disconnect_delay": 0,
-            "plugins": acl.amqtt_plugins(str(pw)),
+            "plugins": amqtt_plugins(acl_file=str(pw)),
         }
         conf = atomic_write(out / "amqtt.yaml", yaml.safe_dump(config, sort_keys=False).encode(), mode=0o644)
         return [conf, pw]

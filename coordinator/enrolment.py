@@ -34,7 +34,6 @@ CREATE TABLE IF NOT EXISTS devices (
     public_key BLOB NOT NULL,
     groups TEXT NOT NULL,
     mosquitto_hash TEXT NOT NULL,
-    argon2_hash TEXT,
     cert_serial TEXT,
     enrolled_at REAL NOT NULL,
     revoked_at REAL,
@@ -49,7 +48,6 @@ class Device:
     public_key: bytes  # raw Ed25519, 32 bytes
     groups: tuple[str, ...]
     mosquitto_hash: str
-    argon2_hash: str | None
     cert_serial: str | None
     enrolled_at: float
     revoked_at: float | None = None
@@ -61,7 +59,7 @@ class Device:
 
     @property
     def login(self) -> Login:
-        return Login(self.agent, self.mosquitto_hash, self.argon2_hash, agent=self.agent)
+        return Login(self.agent, self.mosquitto_hash, agent=self.agent)
 
 
 class Enrolment:
@@ -159,7 +157,7 @@ class Enrolment:
         if raw is None:
             return None
         d = json.loads(raw)
-        return Login(COORDINATOR_USER, d["mosquitto"], d.get("argon2"))
+        return Login(COORDINATOR_USER, d["mosquitto"])
 
     def broker_acl(self) -> FleetAcl:
         """The broker's users and rules: the coordinator and every unrevoked device."""
@@ -176,9 +174,7 @@ class Enrolment:
             self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
     def set_coordinator_login(self, login: Login) -> None:
-        self._set_meta(
-            "coordinator_login", json.dumps({"mosquitto": login.mosquitto, "argon2": login.argon2})
-        )
+        self._set_meta("coordinator_login", json.dumps({"mosquitto": login.mosquitto}))
 
     def enrol(self, device: Device) -> None:
         """Add a device, or replace its enrolment (a re-issued kit: new key, new login, unrevoked)."""
@@ -189,13 +185,12 @@ class Enrolment:
             )
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
+                "INSERT OR REPLACE INTO devices VALUES (?, ?, ?, ?, ?, ?, NULL, NULL)",
                 (
                     device.agent,
                     device.public_key,
                     json.dumps(list(device.groups)),
                     device.mosquitto_hash,
-                    device.argon2_hash,
                     device.cert_serial,
                     device.enrolled_at or time.time(),
                 ),

@@ -32,7 +32,7 @@ import yaml
 from fedclip.coordinator.enrolment import Device, Enrolment
 from fedclip.coordinator.pki import CertificateAuthority, make_ca
 from fedclip.coordinator.rollout import KEY_DIR
-from fedclip.sdk.broker_acl import COORDINATOR_USER, Login, argon2_hash, mosquitto_hash, new_password
+from fedclip.sdk.broker_acl import COORDINATOR_USER, Login, mosquitto_hash, new_password
 from fedclip.sdk.errors import ConfigError
 from fedclip.sdk.fsutil import atomic_write, remove
 from fedclip.sdk.ids import check_id
@@ -212,9 +212,7 @@ class Provisioner:
                 kit.rename(target)
         raw = key.public_key().public_bytes_raw()
         login = _login(agent_id, password, agent=agent_id)
-        self.registry.enrol(
-            Device(agent_id, raw, tuple(groups), login.mosquitto, login.argon2, serial, time.time())
-        )
+        self.registry.enrol(Device(agent_id, raw, tuple(groups), login.mosquitto, serial, time.time()))
         if rewrite_brokers:
             self.write_brokers()  # the new login works, and a re-issued kit's old one stops
         return Kit(agent_id, target, files)
@@ -264,7 +262,7 @@ class Provisioner:
     # ---- broker configs ------------------------------------------------------------------------
     def embedded_broker(self, port: int | None = None):
         """The embedded amqtt broker with the fleet's logins and ACL; its `url` carries the
-        coordinator's login. It reads the registry when started: restart it to apply a revoke."""
+        coordinator's login. After a revoke: `broker.reload(self.registry.broker_acl())`."""
         from fedclip.sdk.broker import EmbeddedBroker
 
         password = self.coordinator_password_file.read_text().strip()
@@ -292,11 +290,7 @@ class Provisioner:
 
 
 def _login(username: str, password: str, agent: str | None) -> Login:
-    try:
-        a2 = argon2_hash(password)
-    except ConfigError:  # no amqtt here: mosquitto logins still work; the embedded broker says so
-        a2 = None
-    return Login(username, mosquitto_hash(password), a2, agent=agent)
+    return Login(username, mosquitto_hash(password), agent=agent)
 
 
 def _read_settings(pdir: Path) -> FleetSettings | None:

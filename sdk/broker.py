@@ -5,7 +5,9 @@ amqtt drops the messages of anonymous sessions while they are away, so persisten
 authenticated clients. Without `acl` the broker writes a password file with one generated login
 (argon2, via amqtt's own `pwdlib` dependency) and exposes it as `.username` / `.password`; `.url`
 carries them. With `acl` (a provisioned fleet's `FleetAcl`, from the enrolment registry) it admits
-exactly the fleet's logins and enforces their topic rules, like the generated mosquitto config.
+exactly the fleet's logins and enforces their topic rules, like the generated mosquitto config
+(`amqtt_plugins.py`); `reload(acl)` applies a new registry at once, keeping sessions and retained
+messages.
 
 `MosquittoBroker` writes a config in a temp dir and runs `mosquitto -c` as a subprocess: listener on
 127.0.0.1, optional password file (`mosquitto_passwd`), optional TLS (CA and server cert made with
@@ -27,10 +29,9 @@ import subprocess
 import tempfile
 import threading
 import time
-import warnings
 from pathlib import Path
 
-from fedclip.sdk.broker_acl import FleetAcl, argon2_hash
+from fedclip.sdk.broker_acl import FleetAcl, amqtt_plugins
 from fedclip.sdk.errors import BrokerError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,16 @@ def wait_for_port(host: str, port: int, timeout: float, alive=lambda: True) -> b
     return False
 
 
+def _argon2(password: str) -> str:
+    """The hash amqtt's FileAuthPlugin checks. The password is 128 random bits, so a cheap argon2
+    costs no security and keeps every CONNECT fast (the default parameters take ~0.5 s of CPU per
+    connection on a small board)."""
+    from pwdlib import PasswordHash
+    from pwdlib.hashers.argon2 import Argon2Hasher
+
+    return PasswordHash((Argon2Hasher(time_cost=1, memory_cost=1024, parallelism=1),)).hash(password)
+
+
 class EmbeddedBroker:
     """amqtt on 127.0.0.1 in a thread. `start()` returns the URL (credentials included)."""
 
@@ -81,6 +92,7 @@ class EmbeddedBroker:
         self._broker = None
         self._started = threading.Event()
         self._error: BaseException | None = None
+        self._key = f"embedded-{id(self)}-{secrets.token_hex(4)}"
 
     @property
     def url(self) -> str:
@@ -95,7 +107,7 @@ class EmbeddedBroker:
     def _config(self, password_file: Path) -> dict:
         # The format of amqtt 0.12 (amqtt.contexts.BrokerConfig): plugins keyed by dotted class path.
         if self.acl is not None:
-            plugins = self.acl.amqtt_plugins(str(password_file))
+            plugins = amqtt_plugins(key=self._key)
         else:
             plugins = {"amqtt.plugins.authentication.FileAuthPlugin": {"password_file": str(password_file)}}
         return {
@@ -119,9 +131,11 @@ class EmbeddedBroker:
         self._dir = tempfile.TemporaryDirectory(prefix="fedclip-amqtt-")
         pw_file = Path(self._dir.name) / "passwd"
         if self.acl is not None:
-            pw_file.write_text(self.acl.amqtt_passwd())
+            from fedclip.sdk.amqtt_plugins import LIVE
+
+            LIVE[self._key] = self.acl
         else:
-            pw_file.write_text(f"{self.username}:{argon2_hash(self.password)}\n")
+            pw_file.write_text(f"{self.username}:{_argon2(self.password)}\n")
         self._started.clear()
         self._error = None
         self._thread = threading.Thread(
@@ -148,11 +162,8 @@ class EmbeddedBroker:
         asyncio.set_event_loop(loop)
         self._loop = loop
         try:
-            with warnings.catch_warnings():
-                # amqtt 0.12's ACL plugin config has only `acl` (its subscribe ACL), and warns about it.
-                warnings.filterwarnings("ignore", message="The 'acl' option is deprecated")
-                self._broker = Broker(config, loop=loop)
-                loop.run_until_complete(self._broker.start())
+            self._broker = Broker(config, loop=loop)
+            loop.run_until_complete(self._broker.start())
         except Exception as e:  # reported to start() as a BrokerError
             self._error = e
             self._started.set()
@@ -175,7 +186,21 @@ class EmbeddedBroker:
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
 
+    def reload(self, acl: FleetAcl) -> None:
+        """Enforce `acl` from the next packet on (a revoked login can no longer connect, publish or
+        receive); sessions and retained messages stay."""
+        if self.acl is None:
+            raise BrokerError("embedded broker: reload needs a broker started with an acl")
+        from fedclip.sdk.amqtt_plugins import LIVE
+
+        self.acl = acl
+        LIVE[self._key] = acl
+
     def stop(self, timeout: float = 15) -> None:
+        if self.acl is not None:
+            from fedclip.sdk.amqtt_plugins import LIVE
+
+            LIVE.pop(self._key, None)
         if self._thread is None:
             return
         loop, broker = self._loop, self._broker

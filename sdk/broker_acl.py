@@ -1,9 +1,9 @@
 """Who may log in to a fleet's broker and where each login may publish and subscribe.
 
-One set of rules, rendered for each broker fedclip configures: mosquitto (`password_file` in its
-PBKDF2-SHA512 `$7$` format and an `acl_file`) and the embedded amqtt (argon2 password file and its
-`TopicAccessControlListPlugin` config). Provisioning writes both from the enrolment registry; the
-embedded broker loads the amqtt form.
+One set of rules and one password hash (mosquitto's PBKDF2-SHA512 `$7$`), for each broker fedclip
+configures: mosquitto gets them rendered as its `password_file` and `acl_file`; the embedded amqtt
+broker checks them live through fedclip's plugins (`amqtt_plugins.py`, `FleetAcl.allows`), so a
+reload there is one object swap. Provisioning writes both from the enrolment registry.
 
 The rules (topics under `fedclip/<fleet>/`, `wire.Topics` names them):
 - a device publishes only on its own `agents/<id>/{status,update,ack}`;
@@ -20,8 +20,11 @@ device can ever be enrolled under the coordinator's name.
 from __future__ import annotations
 
 import base64
+import binascii
+import functools
 import hashlib
 import hmac
+import json
 import secrets
 from dataclasses import dataclass, field
 
@@ -55,30 +58,22 @@ def mosquitto_verify(password: str, hashed: str) -> bool:
     parts = hashed.split("$")
     if len(parts) != 5 or parts[1] != "7":
         return False
-    salt, want = base64.b64decode(parts[3]), parts[4]
-    got = mosquitto_hash(password, salt=salt, iterations=int(parts[2])).split("$")[4]
-    return hmac.compare_digest(got, want)
-
-
-def argon2_hash(password: str) -> str:
-    """The hash amqtt's FileAuthPlugin checks (pwdlib ships with amqtt). Cheap parameters: the
-    password is 128 random bits, and the default costs ~0.5 s of CPU per CONNECT on a small board."""
     try:
-        from pwdlib import PasswordHash
-        from pwdlib.hashers.argon2 import Argon2Hasher
-    except ImportError:
-        raise ConfigError("argon2 hashes for the embedded broker need amqtt: pip install amqtt") from None
-    hasher = Argon2Hasher(time_cost=1, memory_cost=1024, parallelism=1)
-    return PasswordHash((hasher,)).hash(password)
+        salt, rounds = base64.b64decode(parts[3], validate=True), int(parts[2])
+    except (ValueError, binascii.Error):
+        return False
+    if not 1 <= rounds <= 1_000_000:  # a corrupt hash must not cost a minute of CPU per login
+        return False
+    got = mosquitto_hash(password, salt=salt, iterations=rounds).split("$")[4]
+    return hmac.compare_digest(got, parts[4])
 
 
 @dataclass(frozen=True)
 class Login:
-    """One broker user: its name, the hashes of its password, and the device it is (None: coordinator)."""
+    """One broker user: its name, its password's `$7$` hash, and the device it is (None: coordinator)."""
 
     username: str
     mosquitto: str
-    argon2: str | None = None
     agent: str | None = None
 
 
@@ -103,6 +98,26 @@ class FleetAcl:
     @property
     def topics(self) -> Topics:
         return Topics(self.fleet)
+
+    @functools.cached_property
+    def _by_name(self) -> dict[str, Login]:
+        return {login.username: login for login in self.logins}
+
+    def login(self, username: str | None) -> Login | None:
+        return self._by_name.get(username) if username else None
+
+    def check_password(self, username: str | None, password: str | None) -> bool:
+        login = self.login(username)
+        return login is not None and mosquitto_verify(password or "", login.mosquitto)
+
+    def allows(self, username: str | None, action: str, topic: str) -> bool:
+        """May `username` `action` ("publish", "subscribe" or "receive") on `topic` (a filter for
+        subscribe: it must be no wider than a rule)? Unknown logins may do nothing."""
+        login = self.login(username)
+        if login is None:
+            return False
+        rules = self.publish_topics(login) if action == "publish" else self.read_topics(login)
+        return any(covers(rule, topic) for rule in rules)
 
     # ---- the rules -----------------------------------------------------------------------------
     def publish_topics(self, login: Login) -> list[str]:
@@ -133,39 +148,48 @@ class FleetAcl:
             out.extend(f"topic read {topic}\n" for topic in read if topic not in pub)
         return "".join(out)
 
-    # ---- amqtt --------------------------------------------------------------------------------
-    def amqtt_passwd(self) -> str:
-        missing = [login.username for login in self.logins if not login.argon2]
-        if missing:
-            raise ConfigError(
-                f"broker users {', '.join(missing[:3])}: no argon2 hash for the embedded broker "
-                "(provisioned without amqtt installed; `provision add --force` them again)"
-            )
-        return "".join(f"{login.username}:{login.argon2}\n" for login in self.logins)
+    # ---- the embedded broker's file form ------------------------------------------------------
+    def to_json(self) -> str:
+        logins = [{"username": x.username, "mosquitto": x.mosquitto, "agent": x.agent} for x in self.logins]
+        return json.dumps({"fleet": self.fleet, "logins": logins}, indent=1)
 
-    def amqtt_plugins(self, password_file: str) -> dict:
-        """The `plugins` section of amqtt 0.12's broker config: file logins, then topic ACLs.
+    @classmethod
+    def from_json(cls, text: str, where: str = "fleet ACL") -> FleetAcl:
+        try:
+            data = json.loads(text)
+            return cls(data["fleet"], tuple(Login(**x) for x in data["logins"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{where}: not a fleet ACL ({e})") from None
 
-        amqtt's `acl` is its subscribe ACL; a subscription outside it is refused (SUBACK 0x80), so
-        nothing outside it is ever delivered. A publish outside `publish_acl` is dropped. A device
-        login must use its own client id (`amqtt_plugins.py`): amqtt would otherwise hand device B's
-        queued messages to whoever resumes B's session.
-        """
-        return {
-            "amqtt.plugins.authentication.FileAuthPlugin": {"password_file": password_file},
-            "fedclip.sdk.amqtt_plugins.DeviceClientIdPlugin": {},
-            "amqtt.plugins.topic_checking.TopicAccessControlListPlugin": {
-                "publish_acl": {login.username: self.publish_topics(login) for login in self.logins},
-                "acl": {login.username: self.read_topics(login) for login in self.logins},
-            },
-        }
+
+def covers(rule: str, requested: str) -> bool:
+    """True when the topic filter `rule` covers `requested`: a topic, or a filter whose wildcards
+    the rule matches with the same wildcard or a `#` (so a subscription is never wider than a rule)."""
+    want = requested.split("/")
+    for i, part in enumerate(rule.split("/")):
+        if part == "#":
+            return True  # the rest, and the parent level itself (MQTT)
+        if i >= len(want) or want[i] == "#" or (part != "+" and part != want[i]):
+            return False
+    return len(rule.split("/")) == len(want)
+
+
+def amqtt_plugins(*, key: str = "", acl_file: str = "") -> dict:
+    """The `plugins` section of an amqtt 0.12 broker config enforcing a fleet's ACL with fedclip's
+    plugins (`amqtt_plugins.py`): `key` names a live ACL of this process, `acl_file` a JSON file."""
+    cfg = {"key": key, "acl_file": acl_file}
+    return {
+        "fedclip.sdk.amqtt_plugins.FleetAuthPlugin": cfg,
+        "fedclip.sdk.amqtt_plugins.FleetTopicPlugin": dict(cfg),
+    }
 
 
 __all__ = [
     "COORDINATOR_USER",
     "FleetAcl",
     "Login",
-    "argon2_hash",
+    "amqtt_plugins",
+    "covers",
     "mosquitto_hash",
     "mosquitto_verify",
     "new_password",

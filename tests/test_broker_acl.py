@@ -7,6 +7,10 @@ the coordinator's), and the test waits for that sentinel; whatever was refused h
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -16,8 +20,8 @@ import pytest
 from fixtures_broker import need_mosquitto
 
 from fedclip.coordinator.provision import KIT_PASSWORD, Provisioner
-from fedclip.sdk.broker import EmbeddedBroker, MosquittoBroker, free_port
-from fedclip.sdk.broker_acl import COORDINATOR_USER
+from fedclip.sdk.broker import EmbeddedBroker, MosquittoBroker, free_port, wait_for_port
+from fedclip.sdk.broker_acl import COORDINATOR_USER, covers, mosquitto_verify
 from fedclip.sdk.errors import ConnectRefused, MqttError
 from fedclip.sdk.mqtt import MqttSession
 from fedclip.sdk.wire import Topics
@@ -52,13 +56,11 @@ class _Broker:
         self.url = f"mqtt://127.0.0.1:{self.port}"
 
     def apply(self) -> None:
-        """mosquitto rereads the rewritten files on SIGHUP; amqtt reads them at start."""
+        """mosquitto rereads the rewritten files on SIGHUP; the embedded broker takes the registry."""
         if self.kind == "mosquitto":
             self.impl.reload()
         else:
-            self.impl.stop()
-            self.impl = EmbeddedBroker(self.port, acl=self.fleet.prov.registry.broker_acl())
-            self.impl.start()
+            self.impl.reload(self.fleet.prov.registry.broker_acl())
 
     def stop(self) -> None:
         if self.kind == "mosquitto":
@@ -180,13 +182,25 @@ def test_a_revoked_kit_no_longer_logs_in(broker, fleet):
     broker.apply()  # a new device logs in once the broker rereads its files
     live = _device(broker, fleet, agent)
     try:
-        fleet.prov.revoke(agent, "stolen")
-        broker.apply()
-        # its open connection is cut too (mosquitto re-checks logins on reload), and stays cut
-        end = time.monotonic() + DEADLINE
-        while live.connected.is_set():
-            assert time.monotonic() < end, "the revoked device's open connection survived the reload"
-            time.sleep(0.05)
+        with _coordinator(broker, fleet) as coord:
+            coord.subscribe(T.root + "#")
+            seen = _barrier(coord, coord, T.root + "probe")
+            fleet.prov.revoke(agent, "stolen")
+            broker.apply()
+            if broker.kind == "mosquitto":
+                # mosquitto re-checks connected logins on reload: the open connection is cut
+                end = time.monotonic() + DEADLINE
+                while live.connected.is_set():
+                    assert time.monotonic() < end, "the revoked device's connection survived the reload"
+                    time.sleep(0.05)
+            else:
+                # the embedded broker keeps the connection but drops what it publishes from now on;
+                # the PUBACK says the broker handled it, so devA's sentinel comes after it
+                live.publish(T.update(agent), b"from-revoked")
+                with _device(broker, fleet, "devA") as a:
+                    a.publish(T.update("devA"), b"sentinel")
+                _until(coord, b"sentinel", seen)
+                assert b"from-revoked" not in [m.payload for m in seen]
     finally:
         live.close()
     with pytest.raises(ConnectRefused):
@@ -241,11 +255,77 @@ def test_a_device_cannot_take_over_another_devices_session(broker, fleet):
         coord.publish(T.task("devB"), b"secret-queued-task")  # queued for devB while it is away
         thief = MqttSession(broker.url, "devB", username="devA", password=_password(fleet.kits["devA"]))
         thief.subscribe(T.coordinator_status)
-        try:
-            thief.connect(DEADLINE)
-        except ConnectRefused:
-            return  # the embedded broker refuses a device login under another id outright
-        with thief:
+        if broker.kind == "amqtt":  # the embedded broker refuses a device login under another id
+            with pytest.raises(ConnectRefused):
+                thief.connect(DEADLINE)
+            return
+        with thief.connect(DEADLINE):  # mosquitto gives it a fresh session of its own
             # a resumed session gets its queued messages first: the barrier comes after them
             seen = _barrier(thief, coord, T.coordinator_status)
     assert [m.payload for m in seen if m.payload.startswith(b"secret")] == []
+
+
+def test_a_standalone_amqtt_runs_the_generated_config(fleet, tmp_path):
+    """`provision broker --kind amqtt` output, run by amqtt's own command in its own process."""
+    amqtt = Path(sys.executable).with_name("amqtt")
+    if not amqtt.exists():
+        pytest.skip("amqtt's command is not installed next to this Python")
+    port = free_port()
+    conf, _ = fleet.prov.write_broker("amqtt", tmp_path / "amqtt", port=port)
+    with open(tmp_path / "amqtt.log", "wb") as log:
+        proc = subprocess.Popen([str(amqtt), "-c", str(conf)], stdout=log, stderr=log, start_new_session=True)
+    try:
+        assert wait_for_port("127.0.0.1", port, DEADLINE, alive=lambda: proc.poll() is None), (
+            tmp_path / "amqtt.log"
+        ).read_text()[-2000:]
+        url = f"mqtt://127.0.0.1:{port}"
+        with pytest.raises(ConnectRefused):
+            MqttSession(url, "anon", clean_session=True).connect(DEADLINE)
+        with _coordinator(SimpleNamespace(url=url), fleet) as coord:
+            coord.subscribe(T.root + "#")
+            seen = _barrier(coord, coord, T.root + "probe")
+            with _device(SimpleNamespace(url=url), fleet, "devA") as a:
+                a.publish(T.update("devB"), b"forged")
+                a.publish(T.update("devA"), b"sentinel")
+            _until(coord, b"sentinel", seen)
+        assert b"forged" not in [m.payload for m in seen]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+@pytest.mark.parametrize(
+    ("rule", "requested", "covered"),
+    [
+        ("a/b/c", "a/b/c", True),
+        ("a/b/c", "a/b/x", False),
+        ("a/b/c", "a/b", False),
+        ("a/b/c", "a/b/c/d", False),
+        ("a/+/c", "a/x/c", True),
+        ("a/+/c", "a/+/c", True),
+        ("a/b/c", "a/+/c", False),  # a subscription wider than the rule
+        ("a/+/c", "a/#", False),
+        ("a/#", "a", True),  # '#' matches the parent level too (MQTT)
+        ("a/#", "a/b/c", True),
+        ("a/#", "a/+/c", True),
+        ("a/#", "b/c", False),
+    ],
+)
+def test_topic_rule_matching(rule, requested, covered):
+    assert covers(rule, requested) is covered
+
+
+def test_a_corrupt_password_hash_never_verifies():
+    for bad in (
+        "",
+        "$7$",
+        "$6$x$y$z",
+        "$7$abc$c2FsdA==$aGFzaA==",
+        "$7$101$!!!$aGFzaA==",
+        "$7$99999999$c2FsdA==$eA==",
+    ):
+        assert not mosquitto_verify("pw", bad)

@@ -165,8 +165,8 @@ def test_revoke_rewrites_the_broker_files_written_before(prov, tmp_path):
     assert new_hash.startswith(f"{COORDINATOR_USER}:") and new_hash != old_hash
 
     _, rewritten = Provisioner.open(prov.state).revoke("cam-04")
-    assert tmp_path / "mosq" / "passwd" in rewritten and tmp_path / "amqtt" / "passwd" in rewritten
-    for name in ("mosq/passwd", "mosq/acl", "amqtt/passwd", "amqtt/amqtt.yaml"):
+    assert tmp_path / "mosq" / "passwd" in rewritten and tmp_path / "amqtt" / "fleet-acl.json" in rewritten
+    for name in ("mosq/passwd", "mosq/acl", "amqtt/fleet-acl.json"):
         text = (tmp_path / name).read_text()
         assert "cam-04" not in text and "cam-05" in text, name
 

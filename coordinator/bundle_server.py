@@ -27,7 +27,9 @@ from fedclip.sdk.fsutil import atomic_write
 log = logging.getLogger(__name__)
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
-_COPY_CHUNK = 1 << 20
+# Each write must finish within the connection timeout (sendall's timeout covers the whole call), so
+# chunks stay small: 64 KiB in 30 s is ~2 KB/s, slower than any link a device downloads a bundle over.
+_COPY_CHUNK = 64 << 10
 DEFAULT_TIMEOUT = 30.0  # seconds a connection may stay silent (idle keep-alive, a stalled reader)
 DEFAULT_MAX_CONNECTIONS = 64
 _BUSY = (

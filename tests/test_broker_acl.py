@@ -26,6 +26,7 @@ from fedclip.sdk.errors import ConnectRefused, MqttError
 from fedclip.sdk.mqtt import MqttSession
 from fedclip.sdk.wire import Topics
 
+pytestmark = pytest.mark.broker
 FLEET = "acl-fleet"
 T = Topics(FLEET)
 DEADLINE = 15

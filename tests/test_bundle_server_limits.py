@@ -4,6 +4,7 @@ manifest cannot name a file outside its folder."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import socket
 import time
 import urllib.request
@@ -72,6 +73,27 @@ def test_connections_past_the_cap_get_503_and_the_server_stays_up(tmp_path):
                 if time.monotonic() > end:
                     raise
                 time.sleep(0.05)
+
+
+def test_a_client_that_stops_reading_is_cut_and_frees_its_slot(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="fedclip.coordinator.bundle_server")
+    (tmp_path / "big.bin").write_bytes(b"\0" * (32 << 20))  # more than the socket buffers hold
+    (tmp_path / "a.bin").write_bytes(b"payload")
+    with BundleServer(tmp_path, timeout=0.5, max_connections=1) as server:
+        stalled = _connect(server)
+        stalled.sendall(b"GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n")  # and never reads
+        # the only slot is free again once the server gave up on the stalled reader
+        end = time.monotonic() + DEADLINE
+        while True:
+            try:
+                assert _get(server, "a.bin") == b"payload"
+                break
+            except OSError:
+                assert time.monotonic() < end, "the stalled download kept its connection"
+                time.sleep(0.05)
+        stalled.close()
+    # the handler ended because the reader stalled, not because it sent the whole file
+    assert any("stalled during big.bin" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from fedclip.coordinator.store import Store
 from fedclip.sdk.broker import MosquittoBroker, free_port
 from fedclip.sdk.broker_acl import COORDINATOR_USER
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.broker, pytest.mark.timeout(600)]
 FLEET = "kit-fleet"
 
 

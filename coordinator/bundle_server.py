@@ -4,12 +4,17 @@
 MQTT size limit travel here, never over the broker. Only GET and HEAD; only regular files under the
 root (no listings, no `..`, no symlinks that leave the root); bound to 127.0.0.1 unless an address
 is given, because a fleet usually reaches the coordinator through a VPN or a reverse proxy.
+
+Each connection has a thread, so a client must not hold one for free: a connection that sends
+nothing (or reads nothing) for `timeout` seconds is closed, and past `max_connections` open at once
+a new one gets `503 Service Unavailable` with `Retry-After` and is closed (agents retry downloads).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import socket
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,7 +27,15 @@ from fedclip.sdk.fsutil import atomic_write
 log = logging.getLogger(__name__)
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
-_COPY_CHUNK = 1 << 20
+# Each write must finish within the connection timeout (sendall's timeout covers the whole call), so
+# chunks stay small: 64 KiB in 30 s is ~2 KB/s, slower than any link a device downloads a bundle over.
+_COPY_CHUNK = 64 << 10
+DEFAULT_TIMEOUT = 30.0  # seconds a connection may stay silent (idle keep-alive, a stalled reader)
+DEFAULT_MAX_CONNECTIONS = 64
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Type: text/plain\r\n"
+    b"Content-Length: 24\r\nConnection: close\r\n\r\n503 Service Unavailable\n"
+)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -33,6 +46,11 @@ class _Handler(BaseHTTPRequestHandler):
     @property
     def root(self) -> Path:
         return self.server.root  # type: ignore[attr-defined]
+
+    def setup(self) -> None:
+        # StreamRequestHandler applies `self.timeout` to the socket: reads and writes both.
+        self.timeout = self.server.conn_timeout  # type: ignore[attr-defined]
+        super().setup()
 
     def log_message(self, fmt: str, *args) -> None:  # route to logging, not stderr
         log.debug("%s %s", self.address_string(), fmt % args)
@@ -108,6 +126,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_body(f, length)
         except (BrokenPipeError, ConnectionResetError):
             log.info("client %s left during %s", self.address_string(), path.name)
+        except TimeoutError:
+            log.info("client %s stalled during %s; closed", self.address_string(), path.name)
+            self.close_connection = True
 
     def send_body(self, f, length: int) -> None:
         left = length
@@ -122,6 +143,40 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    conn_timeout = DEFAULT_TIMEOUT
+
+    def set_limit(self, max_connections: int) -> None:
+        self._slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request, client_address)
+            return
+        try:
+            super().process_request(request, client_address)  # starts the thread
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse(self, request: socket.socket, client_address) -> None:
+        # Answered on the accept thread, so it must never block: a short send timeout, no reading.
+        log.warning("bundle server: %s refused, all connections busy", client_address[0])
+        try:
+            request.settimeout(1.0)
+            request.sendall(_BUSY)
+            # Read what the client already sent: closing with unread bytes would send a reset,
+            # which can discard the 503 before the client reads it.
+            request.setblocking(False)
+            request.recv(65536)
+        except OSError:
+            pass
+        self.shutdown_request(request)
 
 
 class BundleServer:
@@ -130,11 +185,23 @@ class BundleServer:
     Use as a context manager, or `start()` / `stop()`; `url` is the base URL agents download from.
     """
 
-    def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 0, handler: type = _Handler):
+    def __init__(
+        self,
+        root: str | Path,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        handler: type = _Handler,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    ):
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise ConfigError(f"bundle server: {root} is not a directory")
+        if not timeout > 0 or max_connections < 1:
+            raise ConfigError("bundle server: timeout must be > 0 and max_connections >= 1")
         self.host, self.port = host, port
+        self.timeout, self.max_connections = timeout, max_connections
         self._handler = handler
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -156,6 +223,8 @@ class BundleServer:
                 f"bundle server: cannot listen on {self.host}:{self.port} ({e.strerror or e})"
             ) from None
         self._server.root = self.root  # type: ignore[attr-defined]
+        self._server.conn_timeout = self.timeout
+        self._server.set_limit(self.max_connections)
         self._thread = threading.Thread(target=self._server.serve_forever, name="bundle-server", daemon=True)
         self._thread.start()
         log.info("serving %s read-only at %s", self.root, self.url)

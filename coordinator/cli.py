@@ -20,6 +20,7 @@ app = make_app(
     groups=[
         ("fedclip.coordinator.adapters_cmd", "app", "adapters"),
         ("fedclip.coordinator.rollout_cmd", "app", "rollout"),
+        ("fedclip.coordinator.provision_cmd", "app", "provision"),
     ],
 )
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -10,6 +10,21 @@ from fedclip.coordinator.strategies.base import StrategyOptions
 from fedclip.sdk.config import from_mapping, from_yaml
 from fedclip.sdk.errors import ConfigError
 from fedclip.sdk.ids import check_id
+
+
+def read_secret(path: Path, what: str) -> str:
+    """The first line of a secret file; refused when others may read it (chmod 600 fixes it)."""
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot read {path} ({e.strerror or e})") from None
+    if mode & 0o007:
+        raise ConfigError(f"{what}: {path} is readable by every user; chmod 600 it")
+    secret = text.strip().splitlines()[0].strip() if text.strip() else ""
+    if not secret:
+        raise ConfigError(f"{what}: {path} is empty")
+    return secret
 
 
 @dataclass(frozen=True)
@@ -42,6 +57,7 @@ class CoordConfig:
     client_id: str = ""  # default: fedclip-coord-<fleet>
     username: str | None = None
     password: str | None = None
+    password_file: str | None = None  # keeps the broker password out of the YAML, the URL and `ps`
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
@@ -72,6 +88,8 @@ class CoordConfig:
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.password is not None and self.password_file is not None:
+            raise ConfigError("password, password_file: give one, not both")
         if self.clients_per_round and self.clients_per_round < self.min_updates:
             raise ConfigError(
                 f"clients_per_round: {self.clients_per_round} is below min_updates {self.min_updates}; "
@@ -81,6 +99,14 @@ class CoordConfig:
 
         strategies.get(self.strategy)  # unknown names fail here, naming the known ones
         self.strategy_options()
+
+    def with_secret(self) -> CoordConfig:
+        """This config with `password` read from `password_file`, which must not be world-readable."""
+        if self.password_file is None:
+            return self
+        return replace(
+            self, password=read_secret(Path(self.password_file), "password_file"), password_file=None
+        )
 
     @property
     def mqtt_client_id(self) -> str:

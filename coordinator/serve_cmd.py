@@ -58,6 +58,10 @@ class _LiveView:
 def serve(
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML file; flags given override it."),
     broker: str | None = typer.Option(None, help="Broker URL, mqtt://host:port or mqtts://host:port."),
+    username: str | None = typer.Option(None, help="Broker user (fedclip.coordinator when provisioned)."),
+    password_file: Path | None = typer.Option(
+        None, "--password-file", help="File holding the broker password (not world-readable)."
+    ),
     fleet: str | None = typer.Option(None, help="Fleet name (topic root fedclip/<fleet>/)."),
     bundle: Path | None = typer.Option(None, help="Bundle directory from `fedclip-coord export`."),
     state: Path | None = typer.Option(
@@ -103,6 +107,8 @@ def serve(
     setup_logging(verbose, quiet)
     flags = dict(
         broker=broker,
+        username=username,
+        password_file=password_file,
         fleet=fleet,
         bundle=bundle,
         state=state,
@@ -127,6 +133,7 @@ def serve(
         http_port=http_port,
     )
     cfg = CoordConfig.load(config, {k: str(v) if isinstance(v, Path) else v for k, v in flags.items()})
+    cfg = cfg.with_secret()
     manifest = Manifest.load(cfg.bundle)
     view = _LiveView() if sys.stderr.isatty() else None
     try:

@@ -2,12 +2,18 @@
 
 `EmbeddedBroker` runs amqtt in a background thread with its own asyncio loop, bound to 127.0.0.1 only.
 amqtt drops the messages of anonymous sessions while they are away, so persistent sessions need
-authenticated clients: the broker writes a password file with generated credentials (argon2, via
-amqtt's own `pwdlib` dependency) and exposes them as `.username` / `.password`; `.url` carries them.
+authenticated clients. Without `acl` the broker writes a password file with one generated login
+(argon2, via amqtt's own `pwdlib` dependency) and exposes it as `.username` / `.password`; `.url`
+carries them. With `acl` (a provisioned fleet's `FleetAcl`, from the enrolment registry) it admits
+exactly the fleet's logins and enforces their topic rules, like the generated mosquitto config
+(`amqtt_plugins.py`); `reload(acl)` applies a new registry at once, keeping sessions and retained
+messages.
 
 `MosquittoBroker` writes a config in a temp dir and runs `mosquitto -c` as a subprocess: listener on
 127.0.0.1, optional password file (`mosquitto_passwd`), optional TLS (CA and server cert made with
-`openssl`), persistence on so `restart()` keeps sessions and retained messages.
+`openssl`), persistence on so `restart()` keeps sessions and retained messages. With `include_dir`
+it runs a config `fedclip-coord provision broker` generated instead of its own listener and logins;
+`reload()` (SIGHUP) makes mosquitto reread the password and ACL files.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import threading
 import time
 from pathlib import Path
 
+from fedclip.sdk.broker_acl import FleetAcl, amqtt_plugins
 from fedclip.sdk.errors import BrokerError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -51,23 +58,46 @@ def wait_for_port(host: str, port: int, timeout: float, alive=lambda: True) -> b
     return False
 
 
+def _argon2(password: str) -> str:
+    """The hash amqtt's FileAuthPlugin checks. The password is 128 random bits, so a cheap argon2
+    costs no security and keeps every CONNECT fast (the default parameters take ~0.5 s of CPU per
+    connection on a small board)."""
+    from pwdlib import PasswordHash
+    from pwdlib.hashers.argon2 import Argon2Hasher
+
+    return PasswordHash((Argon2Hasher(time_cost=1, memory_cost=1024, parallelism=1),)).hash(password)
+
+
 class EmbeddedBroker:
     """amqtt on 127.0.0.1 in a thread. `start()` returns the URL (credentials included)."""
 
-    def __init__(self, port: int | None = None, username: str = "fedclip", password: str | None = None):
+    def __init__(
+        self,
+        port: int | None = None,
+        username: str | None = "fedclip",
+        password: str | None = None,
+        *,
+        acl: FleetAcl | None = None,
+    ):
         self.host = LOCALHOST
         self.port = port or free_port()
-        self.username = username
-        self.password = password or secrets.token_urlsafe(16)
+        self.acl = acl
+        # With an ACL the broker knows only hashes: `url` carries the credentials given here (the
+        # caller's own login, e.g. the coordinator's), or none.
+        self.username = username if acl is None or password is not None else None
+        self.password = password or (secrets.token_urlsafe(16) if acl is None else None)
         self._dir: tempfile.TemporaryDirectory | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._broker = None
         self._started = threading.Event()
         self._error: BaseException | None = None
+        self._key = f"embedded-{id(self)}-{secrets.token_hex(4)}"
 
     @property
     def url(self) -> str:
+        if self.username is None or self.password is None:
+            return self.plain_url
         return f"mqtt://{self.username}:{self.password}@{self.host}:{self.port}"
 
     @property
@@ -76,16 +106,19 @@ class EmbeddedBroker:
 
     def _config(self, password_file: Path) -> dict:
         # The format of amqtt 0.12 (amqtt.contexts.BrokerConfig): plugins keyed by dotted class path.
+        if self.acl is not None:
+            plugins = amqtt_plugins(key=self._key)
+        else:
+            plugins = {"amqtt.plugins.authentication.FileAuthPlugin": {"password_file": str(password_file)}}
         return {
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
             "timeout_disconnect_delay": 0,
-            "plugins": {"amqtt.plugins.authentication.FileAuthPlugin": {"password_file": str(password_file)}},
+            "plugins": plugins,
         }
 
     def start(self, timeout: float = 15) -> str:
         try:
-            from pwdlib import PasswordHash
-            from pwdlib.hashers.argon2 import Argon2Hasher
+            import amqtt  # noqa: F401
         except ImportError:
             raise BrokerError("the embedded broker needs amqtt: pip install amqtt") from None
         if self._thread is not None:
@@ -97,10 +130,12 @@ class EmbeddedBroker:
                 logging.getLogger(name).setLevel(logging.WARNING)
         self._dir = tempfile.TemporaryDirectory(prefix="fedclip-amqtt-")
         pw_file = Path(self._dir.name) / "passwd"
-        # The password is 128 random bits, so a cheap argon2 costs no security and keeps every
-        # CONNECT fast (the default parameters take ~0.5 s of CPU per connection on a small board).
-        hasher = Argon2Hasher(time_cost=1, memory_cost=1024, parallelism=1)
-        pw_file.write_text(f"{self.username}:{PasswordHash((hasher,)).hash(self.password)}\n")
+        if self.acl is not None:
+            from fedclip.sdk.amqtt_plugins import LIVE
+
+            LIVE[self._key] = self.acl
+        else:
+            pw_file.write_text(f"{self.username}:{_argon2(self.password)}\n")
         self._started.clear()
         self._error = None
         self._thread = threading.Thread(
@@ -151,7 +186,21 @@ class EmbeddedBroker:
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
 
+    def reload(self, acl: FleetAcl) -> None:
+        """Enforce `acl` from the next packet on (a revoked login can no longer connect, publish or
+        receive); sessions and retained messages stay."""
+        if self.acl is None:
+            raise BrokerError("embedded broker: reload needs a broker started with an acl")
+        from fedclip.sdk.amqtt_plugins import LIVE
+
+        self.acl = acl
+        LIVE[self._key] = acl
+
     def stop(self, timeout: float = 15) -> None:
+        if self.acl is not None:
+            from fedclip.sdk.amqtt_plugins import LIVE
+
+            LIVE.pop(self._key, None)
         if self._thread is None:
             return
         loop, broker = self._loop, self._broker
@@ -264,6 +313,7 @@ class MosquittoBroker:
         require_client_cert: bool = False,
         binary: str | None = None,
         port: int | None = None,
+        include_dir: str | Path | None = None,
     ):
         self.binary = binary or find_mosquitto()
         if self.binary is None:
@@ -274,6 +324,10 @@ class MosquittoBroker:
         self.password = password
         self.tls = tls
         self.require_client_cert = require_client_cert
+        # A generated config (`provision broker`): its listeners and logins replace ours.
+        self.include_dir = Path(include_dir).resolve() if include_dir is not None else None
+        if self.include_dir is not None and (username is not None or port is None):
+            raise ConfigError("mosquitto include_dir: give the port it listens on, and no username")
         self.host = LOCALHOST
         self.port = port or free_port()
         self._tmp = tempfile.TemporaryDirectory(prefix="fedclip-mosquitto-")
@@ -295,7 +349,6 @@ class MosquittoBroker:
         lines = [
             # mosquitto started as root drops to user `mosquitto`, which cannot read our temp dir.
             "user root" if os.geteuid() == 0 else "",
-            f"listener {self.port} {self.host}",
             "persistence true",
             f"persistence_location {self.dir / 'data'}/",
             "autosave_interval 1",
@@ -306,6 +359,12 @@ class MosquittoBroker:
             "log_type information",
             "max_queued_messages 10000",
         ]
+        if self.include_dir is not None:
+            # mosquitto reads include_dir last; everything about listeners and logins is in there.
+            lines.append(f"include_dir {self.include_dir}")
+            (self.dir / "mosquitto.conf").write_text("\n".join(line for line in lines if line) + "\n")
+            return
+        lines.insert(1, f"listener {self.port} {self.host}")
         if self.username is not None:
             pw = self.dir / "passwd"
             pw.touch(mode=0o600)
@@ -401,6 +460,18 @@ class MosquittoBroker:
 
     def _close_proc(self) -> None:
         self._proc = None
+
+    def reload(self, timeout: float = 15) -> None:
+        """SIGHUP: mosquitto rereads its password and ACL files (a revoked login stops working)."""
+        if not self.running:
+            raise BrokerError("mosquitto is not running")
+        offset = self.log_file.stat().st_size if self.log_file.exists() else 0
+        self._proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        deadline = time.monotonic() + timeout
+        while "Reloading config" not in self._log_since(offset):
+            if time.monotonic() > deadline or not self.running:
+                raise BrokerError(f"mosquitto did not reload within {timeout:g}s")
+            time.sleep(0.05)
 
     def restart(self, timeout: float = 15) -> str:
         """Stop and start again on the same port with the same persistence file."""

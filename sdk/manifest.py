@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 import yaml
@@ -82,6 +82,14 @@ class TaskSpec:
 
     def prompts(self) -> list[str]:
         return [self.prompt.format(label) for label in self.labels]
+
+
+def safe_relpath(rel: str, where: str) -> PurePosixPath:
+    """A manifest's names stay inside the bundle folder: no absolute paths, no `..`, no dot-names."""
+    p = PurePosixPath(rel) if isinstance(rel, str) else None
+    if p is None or not rel or p.is_absolute() or ".." in p.parts or "\\" in rel or rel.startswith("."):
+        raise BundleError(f"{where}: manifest names a file outside its folder: {rel!r}")
+    return p
 
 
 @dataclass(frozen=True)
@@ -180,6 +188,14 @@ class Manifest:
     def to_dict(self) -> dict:
         return to_mapping(self)
 
+    def file_names(self) -> list[str]:
+        """Every path the manifest names inside the bundle folder."""
+        names = [*self.files, *(g.file for g in self.graphs.values())]
+        names += [n for n in (self.checkpoint, self.initial_tensors) if n]
+        if self.tokenizer is not None:
+            names.append(self.tokenizer.file)
+        return names
+
     @classmethod
     def from_dict(cls, data: dict, where: str = MANIFEST_NAME) -> Manifest:
         if not isinstance(data, dict):
@@ -190,9 +206,12 @@ class Manifest:
                 f"{where}: format_version {version!r} is not supported (expected {FORMAT_VERSION})"
             )
         try:
-            return from_mapping(cls, data, where)
+            manifest = from_mapping(cls, data, where)
         except ConfigError as e:
             raise BundleError(str(e)) from None
+        for rel in manifest.file_names():
+            safe_relpath(rel, where)
+        return manifest
 
     def canonical_id(self) -> str:
         # Hash the manifest as a reader will load it: an int given for a float field (alpha=8) or a
@@ -221,8 +240,11 @@ class Manifest:
         bundle_dir = Path(bundle_dir)
         if self.canonical_id() != self.bundle_id:
             raise BundleError(f"{bundle_dir}: manifest was modified (bundle id does not match its content)")
+        root = bundle_dir.resolve()
         for rel, digest in sorted(self.files.items()):
             p = bundle_dir / rel
+            if p.exists() and not p.resolve().is_relative_to(root):  # a symlink out of the folder
+                raise BundleError(f"{bundle_dir}: file {rel} listed in the manifest leads outside the bundle")
             if not p.is_file():
                 raise BundleError(f"{bundle_dir}: file {rel} listed in the manifest is missing")
             if sha256_file(p) != digest:

@@ -106,7 +106,9 @@ class FleetCollector:
         yield online
 
         fleet = GaugeMetricFamily(
-            "fedclip_fleet_metric", "Fleet (sample-weighted) metrics of the last aggregated round", labels=["name"]
+            "fedclip_fleet_metric",
+            "Fleet (sample-weighted) metrics of the last aggregated round",
+            labels=["name"],
         )
         for name, value in sorted(v.fleet_metrics()["metrics"].items()):
             if value is not None:
@@ -115,8 +117,12 @@ class FleetCollector:
 
         rollouts = v.rollouts(limit=1000)
         r_state = GaugeMetricFamily("fedclip_rollouts", "Rollouts by state", labels=["state"])
-        stages = GaugeMetricFamily("fedclip_rollout_stages", "Rollout stages by name and state", labels=["stage", "state"])
-        acks = GaugeMetricFamily("fedclip_rollout_acks", "Rollout acknowledgements by status", labels=["status"])
+        stages = GaugeMetricFamily(
+            "fedclip_rollout_stages", "Rollout stages by name and state", labels=["stage", "state"]
+        )
+        acks = GaugeMetricFamily(
+            "fedclip_rollout_acks", "Rollout acknowledgements by status", labels=["status"]
+        )
         counts: dict[tuple[str, ...], int] = {}
         for r in rollouts:
             counts[("r", r["state"])] = counts.get(("r", r["state"]), 0) + 1

@@ -15,11 +15,13 @@ import sys
 import urllib.error
 import urllib.request
 
+import numpy as np
 import pytest
 from ops_fleet import WAIT_S, GroupAgent, ServeWithOps, eventually, play_round, sample, scrape
 
 from fedclip.coordinator.fleet_view import REJECTION_KINDS, rejection_kind
 from fedclip.coordinator.ops_server import OpsServer, read_credentials
+from fedclip.coordinator.registry import Registry
 from fedclip.coordinator.store import Store
 from fedclip.sdk.manifest import Manifest
 from fedclip.sdk.wire import Topics
@@ -233,3 +235,70 @@ def test_basic_auth_read_only_and_one_line_errors(tmp_path):
 )
 def test_rejection_kinds_are_bounded(reason, kind):
     assert rejection_kind(reason) == kind and kind in REJECTION_KINDS
+
+
+def test_rollout_commands_json(mosquitto, tmp_path):
+    """`rollout start/status/watch --json` with agents that really install and acknowledge."""
+    from test_rollout import FLEET as RFLEET
+    from test_rollout import HarnessAgent
+
+    from fedclip.sdk.adapters import AdapterMeta, save_adapter
+    from fedclip.sdk.signing import PUBLIC_KEY_NAME, ensure_keypair
+
+    state = tmp_path / "coord"
+    ensure_keypair(state / "keys")
+    # rollout 1 from an adapter file, rollout 2 from the registry (`watch` resolves versions there)
+    first_file = save_adapter(
+        tmp_path / "v-one.safetensors", {"x.lora_A": np.ones((2, 2), np.float32)}, AdapterMeta("", "v-one")
+    )
+    with Store(state) as s:
+        Registry(s, "", "lora").ensure_initial({"x.lora_A": np.zeros((2, 2), np.float32)}, "fedavg")
+
+    def evaluate(tensors):  # the agent's local evaluation: the new adapter scores 0.8, no adapter 0.7
+        return {"loss": 0.5, "accuracy": 0.7 if tensors is None else 0.8, "num_samples": 10}
+
+    common = ["--state", str(state), "--broker", mosquitto.url, "--fleet", RFLEET]
+    agents = [
+        HarnessAgent(mosquitto.url, n, tmp_path / "agents" / n, state / "keys" / PUBLIC_KEY_NAME, evaluate)
+        for n in ("a", "b")
+    ]
+    try:
+        for a in agents:
+            a.start()
+        eventually(lambda: all(a.session.connected.is_set() for a in agents), "agents to connect")
+        first = _json("rollout", "start", str(first_file), "--to", "all", "--canary", "0", "--wait",
+                      "--wait-timeout", str(WAIT_S), "--json", *common)  # fmt: skip
+        assert (first["id"], first["version"], first["state"], first["target"]) == (
+            1,
+            "v-one",
+            "complete",
+            "all",
+        )
+        assert sorted(first["targets"]) == ["a", "b"]
+        assert [(s["name"], s["state"], sorted(s["agents"])) for s in first["stages"]] == [
+            ("rest", "done", ["a", "b"])
+        ]
+        acks = {a["agent"]: a for a in first["acks"]}
+        assert {a["status"] for a in acks.values()} == {"installed"}
+        assert acks["a"]["new_accuracy"] == 0.8 and acks["a"]["current_accuracy"] == 0.7
+        assert acks["a"]["regression"] == pytest.approx(-10.0)
+
+        started = _json("rollout", "start", "g-r0", "--to", "agents:a", "--canary", "0", "--json",
+                        *common)  # fmt: skip
+        assert started["id"] == 2 and started["state"] != "complete" and started["targets"] == ["a"]
+        out = _coord("rollout", "watch", "2", "--wait-timeout", str(WAIT_S), "--json", *common)
+        assert out.returncode == 0, out.stderr
+        lines = [json.loads(x) for x in out.stdout.splitlines()]
+        assert lines[-1]["type"] == "rollout" and lines[-1]["id"] == 2 and lines[-1]["state"] == "complete"
+        events = [x for x in lines[:-1] if x["type"] == "event"]
+        assert events and all(x["rollout"] == 2 and x["text"] for x in events)
+        assert any(x["text"].startswith("complete") for x in events)
+    finally:
+        for a in agents:
+            a.stop()
+
+    listed = _json("rollout", "status", "--state", str(state), "--json")
+    assert [(r["id"], r["state"]) for r in listed["rollouts"]] == [(2, "complete"), (1, "complete")]
+    assert listed["pins"] == {}
+    one = _json("rollout", "status", "1", "--state", str(state), "--json")
+    assert one == first | {"updated_at": one["updated_at"]}

@@ -149,11 +149,14 @@ class FleetView:
         self._log = MetricsLog(self.dir / METRICS_FILE)
         self._log_key: tuple[int, int] | None = None
         self._log_records: list[dict[str, Any]] = []
+        self._rollouts: RolloutStore | None = None  # opened once rollout.sqlite exists
 
     def close(self) -> None:
         self.store.close()
         with self._lock:
             self._conn.close()
+            if self._rollouts is not None:
+                self._rollouts.close()
 
     def __enter__(self) -> FleetView:
         return self
@@ -232,15 +235,28 @@ class FleetView:
             "metrics": finite({n: v for _, a, n, v in self.store.metrics(rnd) if a == ""}),
         }
 
+    def _fleet_metrics_by_round(self) -> dict[int, dict[str, float]]:
+        out: dict[int, dict[str, float]] = {}
+        for rnd, name, value in self._q("SELECT round, name, value FROM metrics WHERE agent=''"):
+            out.setdefault(rnd, {})[name] = value
+        return out
+
+    def _last_agent_metrics(self) -> dict[str, tuple[int, dict[str, float]]]:
+        """agent -> (round, metrics) of the latest round it has metrics for; one pass in SQLite, not
+        every row of every round in Python (a large fleet has millions)."""
+        rows = self._q(
+            "SELECT m.agent, m.round, m.name, m.value FROM metrics m JOIN "
+            "(SELECT agent, MAX(round) AS r FROM metrics WHERE agent != '' GROUP BY agent) l "
+            "ON m.agent = l.agent AND m.round = l.r"
+        )
+        out: dict[str, tuple[int, dict[str, float]]] = {}
+        for agent, rnd, name, value in rows:
+            out.setdefault(agent, (rnd, {}))[1][name] = value
+        return out
+
     def agents(self) -> list[dict[str, Any]]:
         heads = {v.agent: v.version for v in self.store.versions("agent")}
-        last: dict[str, tuple[int, dict[str, float]]] = {}
-        for rnd, agent, name, value in self.store.metrics():
-            if agent:
-                if agent not in last or last[agent][0] < rnd:
-                    last[agent] = (rnd, {})
-                if last[agent][0] == rnd:
-                    last[agent][1][name] = value
+        last = self._last_agent_metrics()
         out = []
         for a in self.store.agents():
             info = a["info"]
@@ -265,10 +281,7 @@ class FleetView:
 
     def rounds(self, limit: int | None = None) -> list[dict[str, Any]]:
         updates, tasks, logged = self._per_round_updates(), self._per_round_tasks(), self._log_by_round()
-        fleet: dict[int, dict[str, float]] = {}
-        for rnd, agent, name, value in self.store.metrics():
-            if agent == "":
-                fleet.setdefault(rnd, {})[name] = value
+        fleet = self._fleet_metrics_by_round()
         rows = self.store.rounds()
         if limit is not None:
             rows = rows[-limit:]
@@ -319,16 +332,15 @@ class FleetView:
         return counts
 
     def rollouts(self, limit: int = 20) -> list[dict[str, Any]]:
-        path = self.dir / ROLLOUT_DB
-        if not path.is_file():  # no rollout yet: never create the database from a read-only view
-            return []
-        store = RolloutStore(path)
-        try:
-            return [rollout_record(store, r) for r in store.rollouts(limit)]
-        finally:
-            store.close()
+        if self._rollouts is None:
+            path = self.dir / ROLLOUT_DB
+            if not path.is_file():  # no rollout yet: never create the database from a read-only view
+                return []
+            with self._lock:
+                self._rollouts = self._rollouts or RolloutStore(path)
+        return [rollout_record(self._rollouts, r) for r in self._rollouts.rollouts(limit)]
 
-    def document(self, round_limit: int = 500) -> dict[str, Any]:
+    def document(self, round_limit: int = 500, version_limit: int = 500) -> dict[str, Any]:
         """Everything the dashboard shows, in one JSON document (`GET /api/fleet`)."""
         return {
             **self.summary(),
@@ -336,7 +348,7 @@ class FleetView:
             "fleet_metrics": self.fleet_metrics(),
             "agents": self.agents(),
             "rounds": self.rounds(round_limit),
-            "versions": self.versions(),
+            "versions": self.versions()[-version_limit:],
             "rollouts": self.rollouts(),
             "rejections": self.rejections(),
             "rejection_counts": self.rejection_counts(),

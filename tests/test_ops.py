@@ -302,3 +302,15 @@ def test_rollout_commands_json(mosquitto, tmp_path):
     assert listed["pins"] == {}
     one = _json("rollout", "status", "1", "--state", str(state), "--json")
     assert one == first | {"updated_at": one["updated_at"]}
+
+
+def test_ops_settings_are_checked():
+    from fedclip.coordinator.config import CoordConfig
+    from fedclip.sdk.errors import ConfigError
+
+    base = dict(broker="mqtt://h", fleet="f", bundle="b", state="s")
+    with pytest.raises(ConfigError, match="ops_port: must be 0..65535"):
+        CoordConfig.load(None, {**base, "ops_port": 70000})
+    off = CoordConfig.load(None, base)
+    assert off.ops_port is None and off.ops_host == "127.0.0.1" and off.ops_auth_file is None
+    assert CoordConfig.load(None, {**base, "ops_port": 0}).ops_port == 0

@@ -9,13 +9,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
-from test_coordinator import FLEET, ScriptedAgent
+from test_coordinator import FLEET, ScriptedAgent, wait_for
 
 from fedclip.sdk.broker import free_port
 from fedclip.sdk.wire import Envelope, MsgType, encode
@@ -24,14 +23,8 @@ WAIT_S = 120.0  # generous: the suite shares 2 cores
 
 
 def eventually(pred, what: str, timeout: float = WAIT_S):
-    """`pred()`'s first truthy value, polled until the deadline; AssertionError naming `what`."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    """`pred()`'s first truthy value, polled until the deadline (test_coordinator's `wait_for`)."""
+    return wait_for(pred, timeout=timeout, what=what)
 
 
 class GroupAgent(ScriptedAgent):

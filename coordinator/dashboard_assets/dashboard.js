@@ -43,9 +43,19 @@ function fmtTime(t) {
   return typeof t === "number" ? new Date(1000 * t).toLocaleTimeString() : "-";
 }
 
+// The few numbers worth a glance: accuracy before -> after local training (or plain accuracy) and
+// the loss after; the full set is in /api/fleet.
 function fmtMetrics(m) {
-  const keys = Object.keys(m || {}).filter((k) => /acc|loss/.test(k) && m[k] !== null).sort();
-  return keys.map((k) => k + "=" + fmtNum(m[k])).join(", ") || "-";
+  m = m || {};
+  const parts = [];
+  if (typeof m.accuracy_before === "number" || typeof m.accuracy_after === "number") {
+    parts.push("acc " + fmtPct(m.accuracy_before) + " → " + fmtPct(m.accuracy_after));
+  } else if (typeof m.accuracy === "number") {
+    parts.push("acc " + fmtPct(m.accuracy));
+  }
+  const loss = m.loss_after ?? m.loss;
+  if (typeof loss === "number") parts.push("loss " + fmtNum(loss));
+  return parts.join(", ") || "-";
 }
 
 function stateCell(state) {
@@ -145,9 +155,10 @@ function render(doc) {
   fillTable("rounds", rounds.slice(-30).reverse(), (r) => {
     const m = r.metrics || {};
     const before = m.accuracy_before ?? null, after = m.accuracy_after ?? m.accuracy ?? null;
+    const accuracy = before === null ? fmtPct(after) : fmtPct(before) + " → " + fmtPct(after);
     const note = el("td", r.reason || (r.extended ? "deadline extended" : ""), "reason");
     return row([r.round, stateCell(r.state), r.updates + " / " + r.selected,
-      fmtPct(before) + " → " + fmtPct(after), fmtSecs(r.duration_s), fmtSecs(r.aggregate_s),
+      accuracy, fmtSecs(r.duration_s), fmtSecs(r.aggregate_s),
       fmtBytes(r.bytes_in), fmtBytes(r.bytes_out), r.global_version || "-", note],
       { "data-round": String(r.round), "data-state": r.state });
   });

@@ -254,9 +254,11 @@ class FleetView:
             out.setdefault(agent, (rnd, {}))[1][name] = value
         return out
 
-    def agents(self) -> list[dict[str, Any]]:
+    def agents(self, metrics: bool = True) -> list[dict[str, Any]]:
+        """Every known agent; `metrics=False` skips their latest metrics (the costly part, which
+        `/metrics` does not export): `metrics_round` is then None and `metrics` {}."""
         heads = {v.agent: v.version for v in self.store.versions("agent")}
-        last = self._last_agent_metrics()
+        last = self._last_agent_metrics() if metrics else {}
         out = []
         for a in self.store.agents():
             info = a["info"]

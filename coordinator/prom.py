@@ -53,7 +53,7 @@ class FleetCollector:
 
     def _collect(self) -> Iterator[Metric]:
         v = self.view
-        summary, rounds, agents = v.summary(), v.rounds(), v.agents()
+        summary, rounds, agents = v.summary(), v.rounds(), v.agents(metrics=False)
 
         up = GaugeMetricFamily("fedclip_state_readable", "1 if the state dir could be read")
         up.add_metric([], 1)

@@ -146,6 +146,7 @@ class FleetView:
         self._lock = threading.Lock()
         self._conn = connect(self.dir / DB_NAME, "", readonly=True, threads=True)
         self._task_sizes: dict[str, int] = {}  # blobs are content-addressed: a size never changes
+        self._closed_tasks: dict[int, tuple[int, int]] = {}  # per closed round, see _per_round_tasks
         self._log = MetricsLog(self.dir / METRICS_FILE)
         self._log_key: tuple[int, int] | None = None
         self._log_records: list[dict[str, Any]] = []
@@ -176,21 +177,31 @@ class FleetView:
         rows = self._q(f"SELECT round, COUNT(*), {total} FROM updates GROUP BY round")
         return {r: (n, b) for r, n, b in rows}
 
-    def _per_round_tasks(self) -> dict[int, tuple[int, int]]:
-        """round -> (selected agents, bytes of the task messages sent to them, last issue each)."""
+    def _per_round_tasks(self, closed_upto: int) -> dict[int, tuple[int, int]]:
+        """round -> (selected agents, bytes of the task messages sent to them, last issue each).
+
+        A closed round's tasks never change, so rounds up to `closed_upto` (every earlier round is
+        closed too) are summed once and kept; each call reads only the selections after them."""
+        done = self._closed_tasks
+        upto = max(done, default=0)
         out: dict[int, list[int]] = {}
-        for rnd, blob in self._q("SELECT round, task_blob FROM selections"):
+        for rnd, blob in self._q("SELECT round, task_blob FROM selections WHERE round > ?", (upto,)):
             size = self._task_sizes.get(blob)
             if size is None:
                 try:
                     size = self.store.blobs.path(blob).stat().st_size
                 except OSError:
                     size = 0  # a blob that was never written (tests) or was removed: count nothing
-                self._task_sizes[blob] = size
+                if rnd > closed_upto:
+                    self._task_sizes[blob] = size  # an open round's tasks are looked up again
             acc = out.setdefault(rnd, [0, 0])
             acc[0] += 1
             acc[1] += size
-        return {r: (n, b) for r, (n, b) in out.items()}
+        fresh = {r: (n, b) for r, (n, b) in out.items()}
+        done.update({r: v for r, v in fresh.items() if r <= closed_upto})
+        if len(self._task_sizes) > 100_000:  # bound the memory of a long-running view
+            self._task_sizes.clear()
+        return {**done, **fresh}
 
     def _log_by_round(self) -> dict[int, dict[str, Any]]:
         """The last metrics.jsonl record of each round, re-read only when the file changed."""
@@ -282,9 +293,13 @@ class FleetView:
         return out
 
     def rounds(self, limit: int | None = None) -> list[dict[str, Any]]:
-        updates, tasks, logged = self._per_round_updates(), self._per_round_tasks(), self._log_by_round()
-        fleet = self._fleet_metrics_by_round()
         rows = self.store.rounds()
+        # rounds run one at a time: every round before the first still collecting is closed
+        closed_upto = next(
+            (r.round - 1 for r in rows if r.state == "collecting"), rows[-1].round if rows else 0
+        )
+        updates, logged = self._per_round_updates(), self._log_by_round()
+        tasks, fleet = self._per_round_tasks(closed_upto), self._fleet_metrics_by_round()
         if limit is not None:
             rows = rows[-limit:]
         out = []

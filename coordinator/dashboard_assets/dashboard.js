@@ -188,6 +188,8 @@ function render(doc) {
 
 async function poll() {
   const error = document.getElementById("error");
+  const started = performance.now();
+  let delay = INTERVAL_MS;
   try {
     const resp = await fetch("/api/fleet", { cache: "no-store" });
     if (!resp.ok) throw new Error("HTTP " + resp.status + " " + (await resp.text()).trim());
@@ -198,7 +200,9 @@ async function poll() {
     error.textContent = "cannot read the fleet: " + e.message;
     error.hidden = false;
   } finally {
-    setTimeout(poll, INTERVAL_MS);
+    // a large fleet's document takes a while to build: never spend more than a fifth of the time on it
+    delay = Math.max(INTERVAL_MS, 5 * (performance.now() - started));
+    setTimeout(poll, delay);
   }
 }
 

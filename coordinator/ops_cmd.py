@@ -1,11 +1,12 @@
 """`fedclip-coord dashboard`: the ops endpoint (dashboard and `/metrics`) for a state dir, alone.
 
 The same server `serve --ops-port` starts, for when no coordinator runs: a finished experiment, or a
-machine that only has a copy of the state dir. Read-only; runs until Ctrl-C.
+machine that only has a copy of the state dir. Read-only; runs until Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
 
+import signal
 import threading
 from pathlib import Path
 
@@ -27,7 +28,13 @@ def dashboard(
     setup_logging()
     ops = start_ops(state, host, port, auth_file)
     typer.echo(f"dashboard: {ops.url}/  metrics: {ops.url}/metrics", err=True)
+    stop = threading.Event()
+    # Ctrl-C and SIGTERM (systemd, docker stop) both end it cleanly, even where the shell that
+    # started it made SIGINT ignored (background jobs)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
-        threading.Event().wait()  # until Ctrl-C (sdk.cli.run prints "interrupted")
+        stop.wait()
     finally:
         ops.stop()
+    typer.echo("dashboard: stopped", err=True)

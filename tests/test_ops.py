@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 
@@ -21,6 +24,7 @@ from fedclip.coordinator.fleet_view import REJECTION_KINDS, rejection_kind
 from fedclip.coordinator.ops_server import OpsServer, read_credentials
 from fedclip.coordinator.registry import Registry
 from fedclip.coordinator.store import Store
+from fedclip.sdk.broker import free_port, wait_for_port
 from fedclip.sdk.manifest import Manifest
 from fedclip.sdk.wire import Topics
 
@@ -63,9 +67,20 @@ def test_metrics_dashboard_json_and_cli_json_follow_a_real_run(mosquitto, lora_b
         GroupAgent(mosquitto.url, "cam1", bundle_id, groups=("lab",)),
         GroupAgent(mosquitto.url, "cam2", bundle_id),
     ]
-    serve = ServeWithOps(mosquitto.url, lora_bundle, state, tmp_path / "serve.log", rounds=2)
+    creds = ("prom", "scrape-pw")
+    (tmp_path / "ops.auth").write_text(":".join(creds) + "\n")
+    serve = ServeWithOps(
+        mosquitto.url,
+        lora_bundle,
+        state,
+        tmp_path / "serve.log",
+        2,
+        "--ops-auth-file",
+        str(tmp_path / "ops.auth"),
+    )
     try:
-        serve.wait_up()
+        serve.wait_up(creds)
+        assert serve.get("/metrics")[0] == 401  # --ops-auth-file reached the endpoint
         play_round(agents, 1, accuracy=0.4)
         # garbage on an update topic: rejected as malformed, counted by reason
         agents[0].session.publish(Topics("t1").update("cam1"), b"\x00garbage", qos=1)
@@ -73,7 +88,7 @@ def test_metrics_dashboard_json_and_cli_json_follow_a_real_run(mosquitto, lora_b
 
         # ---- /metrics during the run ----
         def scraped():
-            status, headers, body = serve.get("/metrics")
+            status, headers, body = serve.get("/metrics", creds)
             assert status == 200 and headers["Content-Type"].startswith("text/plain")
             m = scrape(body.decode())
             return m if sample(m, "fedclip_updates_rejected_total", reason="malformed") >= 1 else None
@@ -101,7 +116,7 @@ def test_metrics_dashboard_json_and_cli_json_follow_a_real_run(mosquitto, lora_b
         assert sample(m, "fedclip_fleet_metric", name="accuracy") == pytest.approx(0.4)
 
         # ---- the dashboard's JSON document ----
-        status, headers, body = serve.get("/api/fleet")
+        status, headers, body = serve.get("/api/fleet", creds)
         assert status == 200 and headers["Content-Type"] == "application/json"
         doc = json.loads(body)
         assert doc["fleet"] == "t1" and doc["bundle_id"] == bundle_id and doc["global_version"] == "g-r1"
@@ -118,9 +133,9 @@ def test_metrics_dashboard_json_and_cli_json_follow_a_real_run(mosquitto, lora_b
         assert doc["rollouts"] == []
 
         # ---- read-only and no path escapes ----
-        assert serve.get("/assets/../ops_server.py")[0] == 404
-        assert serve.get("/assets/dashboard.js")[0] == 200
-        assert serve.get("/nope")[0] == 404
+        assert serve.get("/assets/../ops_server.py", creds)[0] == 404
+        assert serve.get("/assets/dashboard.js", creds)[0] == 200
+        assert serve.get("/nope", creds)[0] == 404
 
         for a, t in zip(agents, tasks2, strict=True):
             a.send(a.update(t, 0.6, num_samples=10))
@@ -304,3 +319,28 @@ def test_ops_settings_are_checked():
     off = CoordConfig.load(None, base)
     assert off.ops_port is None and off.ops_host == "127.0.0.1" and off.ops_auth_file is None
     assert CoordConfig.load(None, {**base, "ops_port": 0}).ops_port == 0
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_dashboard_command_serves_a_state_dir_until_stopped(tmp_path, sig):
+    state = tmp_path / "state"
+    with Store(state) as s:
+        s.set_meta("fleet", "f1")
+        s.upsert_agent("cam1", True, "b" * 64, "g-r0", 0, {"groups": ["lab"]})
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedclip.coordinator.cli", "dashboard", "--state", str(state),
+         "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert wait_for_port("127.0.0.1", port, WAIT_S, alive=lambda: proc.poll() is None), proc.stderr.read()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+            m = scrape(r.read().decode())
+        assert sample(m, "fedclip_agents_online", group="lab", bundle="b" * 12) == 1
+        assert sample(m, "fedclip_rounds", state="aggregated") == 0
+    finally:
+        proc.send_signal(getattr(signal, sig))
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and err.strip().endswith("dashboard: stopped"), err
+    assert f"http://127.0.0.1:{port}/metrics" in err

@@ -36,6 +36,7 @@ _REJECTION_KINDS = (
     ("already accepted", "conflict"),
     ("signature", "signature"),
     ("statistic", "statistics"),
+    ("metric", "metrics"),
     ("not a safetensors", "malformed"),
     ("not valid json", "malformed"),
     ("malformed", "malformed"),

@@ -12,15 +12,17 @@ import shutil
 from pathlib import Path
 
 import pytest
-from ops_fleet import WAIT_S, GroupAgent, ServeWithOps, play_round
+from ops_fleet import FLEET, WAIT_S, GroupAgent, ServeWithOps, play_round
 
 from fedclip.sdk.manifest import Manifest
+from fedclip.sdk.wire import Envelope, MsgType, encode
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(400)]
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 # Set to a path (e.g. docs/img/dashboard.png) to keep the screenshot the test takes.
 SCREENSHOT_ENV = "FEDCLIP_DASHBOARD_SCREENSHOT"
+XSS = '<img src=x onerror="window.__xss=1">'
 
 
 def _browser():
@@ -86,6 +88,17 @@ def test_dashboard_shows_the_fleet_and_follows_rounds(mosquitto, bundle_factory,
         chart = browser.find_element(By.CSS_SELECTOR, "#chart-accuracy")
         assert chart.get_attribute("data-points") == "1"
         assert chart.find_elements(By.CSS_SELECTOR, "canvas")  # uPlot drew
+
+        # a device-chosen string in a rejection reason is shown as text, never run as HTML
+        hostile = encode(
+            Envelope(MsgType.UPDATE, FLEET, "cam1", round=2, base_version=tasks[0].envelope.base_version,
+                     body={"bundle_id": bundle_id, "num_samples": 1, "metrics": {XSS: "x"}}),
+            tasks[0].adapter_tensors,
+        )  # fmt: skip
+        agents[0].send(hostile)
+        wait.until(lambda _: rows("#rejections tbody tr"), "the rejection on the page")
+        assert XSS in text("#rejections tbody tr") and text("#rejection-counts") == "metrics 1"
+        assert browser.execute_script("return window.__xss === undefined")
 
         # the page follows the fleet: round 2 closes while it is open
         for a, t in zip(agents, tasks, strict=True):

@@ -233,6 +233,7 @@ def test_basic_auth_read_only_and_one_line_errors(tmp_path):
         ("update on the topic of a: update norm 3e+04 exceeds the bound 100", "norm_bound"),
         ("update on the topic of a: tensor 'x' has non-finite values", "tensors"),
         ("update on the topic of a: unknown statistic 'stats/raw_images'", "statistics"),
+        ("update on the topic of a: metric '<b>' is not a number", "metrics"),
         ("something nobody foresaw", "other"),
     ],
 )

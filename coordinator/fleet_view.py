@@ -136,7 +136,8 @@ def rollout_record(store: RolloutStore, r: RolloutRow, detail: bool = True) -> d
 
 
 class FleetView:
-    """Read-only records of one state dir. Thread-safe; use as a context manager or `close()`.
+    """Read-only records of one state dir; use as a context manager or `close()`. One caller at a
+    time (the ops server serializes its requests): the caches below are plain dicts.
 
     Raises ConfigError (one line) when the dir holds no coordinator state.
     """

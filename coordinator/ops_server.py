@@ -14,6 +14,7 @@ import base64
 import hmac
 import logging
 import sqlite3
+import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -144,6 +145,7 @@ class OpsServer:
         credentials: tuple[str, str] | None = None,
     ):
         self.view = FleetView(state)
+        self._reading = threading.Lock()
         self.registry = registry_for(self.view)
         self.credentials = credentials
         self.assets = frozenset(p.name for p in ASSETS.iterdir() if p.is_file())
@@ -154,11 +156,16 @@ class OpsServer:
     def url(self) -> str:
         return self._http.url
 
+    # One request reads the view at a time: its caches are not safe for concurrent updates, and two
+    # scrapes at once would only double the database work.
     def metrics(self) -> bytes:
-        return render(self.registry)
+        with self._reading:
+            return render(self.registry)
 
     def document(self) -> bytes:
-        return dumps(self.view.document()).encode()
+        with self._reading:
+            doc = self.view.document()
+        return dumps(doc).encode()
 
     def start(self) -> OpsServer:
         try:

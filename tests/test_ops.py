@@ -345,3 +345,28 @@ def test_dashboard_command_serves_a_state_dir_until_stopped(tmp_path, sig):
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and err.strip().endswith("dashboard: stopped"), err
     assert f"http://127.0.0.1:{port}/metrics" in err
+
+
+def test_concurrent_scrapes_and_polls_all_succeed(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    state = tmp_path / "state"
+    with Store(state) as s:
+        s.set_meta("fleet", "f1")
+        s.start_round(1, "fedavg", 1.0, [(f"a{i}", "g-r0", "t") for i in range(20)])
+        for i in range(20):
+            s.upsert_agent(f"a{i}", True, "b" * 64, "", 0, {"groups": [f"g{i % 3}"]})
+    with OpsServer(state) as ops:
+
+        def get(path: str) -> int:
+            with urllib.request.urlopen(ops.url + path, timeout=60) as r:
+                body = r.read()
+            if path == "/api/fleet":
+                assert len(json.loads(body)["agents"]) == 20
+            else:
+                assert sample(scrape(body.decode()), "fedclip_agents_known") == 20
+            return r.status
+
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(get, ["/metrics", "/api/fleet"] * 20))
+    assert statuses == [200] * 40

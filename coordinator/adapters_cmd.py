@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
+
+from fedclip.coordinator.json_out import JSON_OPTION, print_json
 
 app = typer.Typer(help="List, inspect and export adapter versions from the registry.", no_args_is_help=True)
 
@@ -25,18 +26,22 @@ def list_(
     state: Path = _STATE,
     scope: str | None = typer.Option(None, help="global or agent."),
     agent: str | None = typer.Option(None, help="Only this agent's versions."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Every adapter version: round, scope, parent, strategy."""
     from rich.console import Console
     from rich.table import Table
 
+    from fedclip.coordinator.fleet_view import version_record
+
     store, reg = _registry(state)
     with store:
-        rows = reg.list(scope)
+        rows = [v for v in reg.list(scope) if not agent or v.agent == agent]
+    if as_json:
+        print_json({"versions": [version_record(v) for v in rows]})
+        return
     table = Table("version", "round", "scope", "agent", "parent", "strategy", "metrics")
     for v in rows:
-        if agent and v.agent != agent:
-            continue
         shown = ", ".join(f"{k}={x:.3g}" for k, x in sorted(v.metrics.items()) if "acc" in k or "loss" in k)
         table.add_row(
             v.version, str(v.round), v.scope, v.agent or "-", v.parent or "-", v.strategy, shown or "-"
@@ -45,23 +50,25 @@ def list_(
 
 
 @app.command()
-def show(version: str = typer.Argument(..., help="Version id, e.g. g-r3."), state: Path = _STATE) -> None:
-    """One version's record and tensors (name, shape, norm) as JSON."""
+def show(
+    version: str = typer.Argument(..., help="Version id, e.g. g-r3."),
+    state: Path = _STATE,
+    as_json: bool = typer.Option(True, "--json", help="Print JSON (the only output of this command)."),
+) -> None:
+    """One version's record and tensors (name, shape, norm) as JSON (`--json` is accepted for scripts
+    that pass it to every command)."""
     import numpy as np
 
+    from fedclip.coordinator.fleet_view import version_record
+
+    del as_json  # the output is JSON either way
     store, reg = _registry(state)
     with store:
         row = reg.show(version)
         tensors, meta = reg.load(version)
     out = {
-        "version": row.version,
-        "parent": row.parent,
-        "round": row.round,
-        "strategy": row.strategy,
-        "scope": row.scope,
-        "agent": row.agent,
+        **version_record(row),
         "blob": row.blob,
-        "metrics": row.metrics,
         "bundle_id": meta.bundle_id,
         "kind": meta.kind,
         "tensors": {
@@ -69,7 +76,7 @@ def show(version: str = typer.Argument(..., help="Version id, e.g. g-r3."), stat
             for k, v in sorted(tensors.items())
         },
     }
-    typer.echo(json.dumps(out, indent=2, sort_keys=True))
+    print_json(out)
 
 
 @app.command()

@@ -14,6 +14,7 @@ app = make_app(
         ("fedclip.coordinator.export_cmd", "export", "export"),
         ("fedclip.coordinator.serve_cmd", "serve", "serve"),
         ("fedclip.coordinator.serve_cmd", "status", "status"),
+        ("fedclip.coordinator.ops_cmd", "dashboard", "dashboard"),
         ("fedclip.coordinator.partition_cmd", "partition", "partition"),
         ("fedclip.coordinator.demo", "demo", "demo"),
     ],

@@ -66,6 +66,10 @@ class CoordConfig:
     http: bool = True  # serve the bundle (and large adapters) over HTTP next to MQTT
     http_host: str = "127.0.0.1"  # a fleet usually reaches it through a VPN or a reverse proxy
     http_port: int = 0  # 0: a free port (logged, and in the coordinator's retained status)
+    # The operator's endpoint (`/metrics` and the read-only dashboard): off unless a port is given.
+    ops_port: int | None = None  # 0: a free port (logged)
+    ops_host: str = "127.0.0.1"
+    ops_auth_file: str | None = None  # "user:password" on its first line: basic auth on every route
 
     def __post_init__(self) -> None:
         check_id(self.fleet, "fleet")
@@ -77,8 +81,10 @@ class CoordConfig:
         for name in ("round_timeout", "lr", "max_payload_mb", "publish_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
-        if not 0 <= self.http_port <= 65535:
-            raise ConfigError(f"http_port: must be 0..65535, got {self.http_port}")
+        for name in ("http_port", "ops_port"):
+            port = getattr(self, name)
+            if port is not None and not 0 <= port <= 65535:
+                raise ConfigError(f"{name}: must be 0..65535, got {port}")
         for name in (
             "max_steps",
             "noise_std",

@@ -31,6 +31,7 @@ def export(
         "training API) | both [default: both].",
     ),
     config: Path = typer.Option(None, "--config", help="export.yaml with the same fields; flags win."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON (docs/operations.md)."),
 ) -> None:
     """Export an open_clip model with LoRA adapters as an ONNX Runtime training bundle."""
     import logging
@@ -66,6 +67,20 @@ def export(
             f"note: no --pretrained given: {cfg.model} has random weights (seed {cfg.seed})", highlight=False
         )
     trainable = sum(1 for t in manifest.tensors if t.trainable)
+    if as_json:  # the summary for scripts; fields in docs/operations.md
+        from fedclip.coordinator.json_out import print_json
+
+        print_json(
+            {
+                "bundle_id": manifest.bundle_id,
+                "out": str(cfg.out),
+                "formats": list(manifest.formats),
+                "model": cfg.model,
+                "pretrained": cfg.pretrained or None,
+                "trainable_tensors": trainable,
+            }
+        )
+        return
     print(
         f"bundle {manifest.bundle_id} written to {cfg.out} ({trainable} trainable adapter tensors, "
         f"formats: {', '.join(manifest.formats)})"

@@ -9,7 +9,7 @@ running; `serve` also drives open rollouts (acks and stage decisions) while it r
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,6 +17,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedclip.coordinator.fleet_view import rollout_record
+from fedclip.coordinator.json_out import JSON_OPTION, print_json, print_json_line
 from fedclip.coordinator.rollout import (
     DB_NAME,
     FINAL_STATES,
@@ -118,6 +120,7 @@ def _manager(
     url_root: Path | None = None,
     url_base: str | None = None,
     inline_limit_kb: int = 4096,
+    on_event: Callable[[int, str], None] | None = None,
 ) -> RolloutManager:
     from fedclip.sdk.signing import ensure_keypair
 
@@ -135,7 +138,7 @@ def _manager(
         inline_limit=inline_limit_kb * 1024,
         url_root=url_root,
         url_base=url_base,
-        on_event=lambda rid, text: console.print(f"rollout {rid}: {text}"),
+        on_event=on_event or (lambda rid, text: console.print(f"rollout {rid}: {text}")),
     )
 
 
@@ -200,9 +203,13 @@ def start(
     username: str | None = _USER,
     password_file: Path | None = _PWFILE,
     ca_file: Path | None = _CA,
+    as_json: bool = JSON_OPTION,
 ) -> None:
-    """Start a rollout: canary stage, then (if it passes) everyone else; `--wait` drives it to the end."""
-    console = Console()
+    """Start a rollout: canary stage, then (if it passes) everyone else; `--wait` drives it to the end.
+
+    With `--json`, stdout gets one rollout record (the final one with `--wait`); messages go to stderr.
+    """
+    console = Console(stderr=as_json)
     version, source = _source(state, version)
     params = RolloutParams(version, Target.parse(to), canary, max_regression, min_acks, stage_timeout)
     broker_args = (broker, fleet, username, password_file, ca_file)
@@ -220,9 +227,14 @@ def start(
             console.print(
                 f"`fedclip-coord serve` or `fedclip-coord rollout watch {rid}` drives it on from here."
             )
+            if as_json:
+                print_json(rollout_record(manager.store, manager.store.get(rid)))
             return
         row = _watch(manager, rid, wait_timeout, console)
-        _print_rollout(console, manager.store, rid)
+        if as_json:
+            print_json(rollout_record(manager.store, row))
+        else:
+            _print_rollout(console, manager.store, rid)
     if row.state == ROLLED_BACK:
         raise SystemExit(1)  # sdk.cli.run turns typer.Exit into 0 outside standalone mode
 
@@ -237,17 +249,31 @@ def watch(
     username: str | None = _USER,
     password_file: Path | None = _PWFILE,
     ca_file: Path | None = _CA,
+    as_json: bool = JSON_OPTION,
 ) -> None:
-    """Record acks and take the stage decisions of a running rollout until it completes or rolls back."""
-    console = Console()
-    with _connected(state, broker, fleet, username, password_file, ca_file, DictSource(), console) as manager:
+    """Record acks and take the stage decisions of a running rollout until it completes or rolls back.
+
+    With `--json`, stdout is JSON lines: `{"type": "event", ...}` as things happen, then one
+    `{"type": "rollout", ...}` with the rollout record when it ends or the wait times out.
+    """
+    console = Console(stderr=as_json)
+
+    def as_line(rid: int, text: str) -> None:
+        print_json_line({"type": "event", "rollout": rid, "at": time.time(), "text": text})
+
+    events = as_line if as_json else None
+    broker_args = (broker, fleet, username, password_file, ca_file)
+    with _connected(state, *broker_args, DictSource(), console, on_event=events) as manager:
         row = manager.store.get(rollout_id)
         if row is None:
             raise RolloutError(f"rollout {rollout_id} does not exist")
         _, manager.adapters = _source(state, row.version)
         manager.subscribe()
         row = _watch(manager, rollout_id, wait_timeout, console)
-        _print_rollout(console, manager.store, rollout_id)
+        if as_json:
+            print_json_line({"type": "rollout", **rollout_record(manager.store, row)})
+        else:
+            _print_rollout(console, manager.store, rollout_id)
     if row.state == ROLLED_BACK:
         raise SystemExit(1)  # sdk.cli.run turns typer.Exit into 0 outside standalone mode
 
@@ -264,16 +290,27 @@ def _watch(manager: RolloutManager, rid: int, timeout: float, console: Console):
 def status(
     rollout_id: int | None = typer.Argument(None, help="Rollout id; without it, the latest rollouts."),
     state: Path = _STATE,
+    as_json: bool = JSON_OPTION,
 ) -> None:
-    """Rollouts, their stages and every acknowledgement, from the coordinator's database."""
+    """Rollouts, their stages and every acknowledgement, from the coordinator's database.
+
+    With `--json`: one rollout record, or `{"rollouts": [...], "pins": {agent: version}}`.
+    """
     console = Console()
     if not (state / DB_NAME).is_file():
         raise ConfigError(f"--state {state}: no rollouts yet ({DB_NAME} missing)")
     store = _store(state)
     if rollout_id is not None:
-        if store.get(rollout_id) is None:
+        row = store.get(rollout_id)
+        if row is None:
             raise RolloutError(f"rollout {rollout_id} does not exist")
-        _print_rollout(console, store, rollout_id)
+        if as_json:
+            print_json(rollout_record(store, row))
+        else:
+            _print_rollout(console, store, rollout_id)
+        return
+    if as_json:
+        print_json({"rollouts": [rollout_record(store, r) for r in store.rollouts()], "pins": store.pins()})
         return
     table = Table(title="rollouts")
     for col in ("id", "version", "target", "state", "started", "reason"):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from pathlib import Path
 
 import typer
 
+from fedclip.coordinator.json_out import JSON_OPTION, print_json
 from fedclip.sdk.cli import setup_logging
 
 
@@ -92,6 +94,13 @@ def serve(
     ),
     http_host: str | None = typer.Option(None, help="Address of the bundle server (default 127.0.0.1)."),
     http_port: int | None = typer.Option(None, help="Port of the bundle server (default 0: a free one)."),
+    ops_port: int | None = typer.Option(
+        None, help="Serve /metrics (Prometheus) and the read-only dashboard on this port (0: a free one)."
+    ),
+    ops_host: str | None = typer.Option(None, help="Address of the ops endpoint (default 127.0.0.1)."),
+    ops_auth_file: Path | None = typer.Option(
+        None, help="File with user:password: the ops endpoint asks for HTTP basic auth."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -131,69 +140,97 @@ def serve(
         http=http,
         http_host=http_host,
         http_port=http_port,
+        ops_port=ops_port,
+        ops_host=ops_host,
+        ops_auth_file=ops_auth_file,
     )
     cfg = CoordConfig.load(config, {k: str(v) if isinstance(v, Path) else v for k, v in flags.items()})
     cfg = cfg.with_secret()
     manifest = Manifest.load(cfg.bundle)
     view = _LiveView() if sys.stderr.isatty() else None
+    ops = None
     try:
         server = Server(cfg, manifest, load_initial_adapter(cfg.bundle, manifest), progress=view)
+        ops = start_ops(cfg.state, cfg.ops_host, cfg.ops_port, cfg.ops_auth_file)
         server.run()
     finally:
+        if ops is not None:
+            ops.stop()
         if view is not None:
             view.stop()
+
+
+def start_ops(state: Path | str, host: str, port: int | None, auth_file: str | Path | None):
+    """The ops endpoint (`/metrics`, dashboard) on `host:port`, or None when no port is given."""
+    if port is None:
+        return None
+    from fedclip.coordinator.ops_server import OpsServer, read_credentials
+
+    creds = read_credentials(auth_file) if auth_file else None
+    ops = OpsServer(state, host, port, creds).start()
+    logging.getLogger("fedclip.coordinator").info(
+        "ops: dashboard at %s/ and Prometheus metrics at %s/metrics%s",
+        ops.url,
+        ops.url,
+        " (basic auth)" if creds else "",
+    )
+    return ops
 
 
 def status(
     state: Path = typer.Option(..., help="The coordinator's state directory."),
     plot: Path | None = typer.Option(None, help="Also write the per-round metrics plot (PNG) here."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Show the fleet: agents, online, last round, adapter versions, metrics."""
     from rich.console import Console
     from rich.table import Table
 
+    from fedclip.coordinator.fleet_view import FleetView
     from fedclip.coordinator.metrics import METRICS_FILE, MetricsLog
     from fedclip.coordinator.metrics import plot as plot_metrics
-    from fedclip.coordinator.store import Store
 
+    with FleetView(state) as view:
+        doc = {**view.summary(), "fleet_metrics": view.fleet_metrics(), "agents": view.agents()}
+    if plot is not None:
+        out = plot_metrics(MetricsLog(Path(state) / METRICS_FILE).read(), plot)
+        doc["plot"] = str(out)
+    if as_json:
+        print_json(doc)
+        return
     console = Console()
-    with Store(state, readonly=True) as store:
-        agents = store.agents()
-        rounds = store.rounds()
-        heads = {v.agent: v.version for v in store.versions("agent")}
-        gv = store.head("global")
-        per_agent: dict[str, dict[str, float]] = {}
-        last_done = next((r for r in reversed(rounds) if r.state == "aggregated"), None)
-        if last_done is not None:
-            for _rnd, agent, name, value in store.metrics(last_done.round):
-                per_agent.setdefault(agent, {})[name] = value
-        fleet, bundle = store.get_meta("fleet"), store.get_meta("bundle_id") or ""
-        strategy = store.get_meta("strategy")
-    last = rounds[-1] if rounds else None
-    console.print(f"fleet [bold]{fleet}[/]  bundle {bundle[:12]}  strategy {strategy}  global adapter {gv}")
-    if last is not None:
-        done = sum(r.state == "aggregated" for r in rounds)
-        failed = sum(r.state == "failed" for r in rounds)
-        console.print(f"rounds: {done} aggregated, {failed} failed; last round {last.round} is {last.state}")
+    bundle, rounds = doc["bundle_id"] or "", doc["round_counts"]
+    console.print(
+        f"fleet [bold]{doc['fleet']}[/]  bundle {bundle[:12]}  strategy {doc['strategy']}  "
+        f"global adapter {doc['global_version']}"
+    )
+    if rounds["last"] is not None:
+        console.print(
+            f"rounds: {rounds['aggregated']} aggregated, {rounds['failed']} failed; "
+            f"last round {rounds['last']} is {rounds['last_state']}"
+        )
+    last_done = doc["fleet_metrics"]["round"]
     table = Table("agent", "online", "bundle", "adapter version", "last round", "personal adapter", "metrics")
-    for a in agents:
-        m = per_agent.get(a["agent"], {})
-        shown = ", ".join(f"{k}={v:.3g}" for k, v in sorted(m.items()) if "acc" in k or "loss" in k)
+    for a in doc["agents"]:
+        m = a["metrics"] if a["metrics_round"] == last_done else {}
+        shown = ", ".join(
+            f"{k}={v:.3g}" for k, v in sorted(m.items()) if v is not None and ("acc" in k or "loss" in k)
+        )
         table.add_row(
             a["agent"],
             "yes" if a["online"] else "no",
             (a["bundle_id"] or "")[:12],
             a["adapter_version"] or "-",
             str(a["last_round"]),
-            heads.get(a["agent"], "-"),
+            a["personal_version"] or "-",
             shown or "-",
         )
     console.print(table)
-    if "" in per_agent:
+    fleet_metrics = doc["fleet_metrics"]["metrics"]
+    if fleet_metrics:
         console.print(
             "fleet metrics (last round): "
-            + ", ".join(f"{k}={v:.4g}" for k, v in sorted(per_agent[""].items()))
+            + ", ".join(f"{k}={v:.4g}" for k, v in sorted(fleet_metrics.items()) if v is not None)
         )
     if plot is not None:
-        out = plot_metrics(MetricsLog(Path(state) / METRICS_FILE).read(), plot)
-        console.print(f"plot written to {out}")
+        console.print(f"plot written to {doc['plot']}")

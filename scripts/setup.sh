@@ -8,9 +8,12 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 "$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), "fedclip coordinator needs Python 3.11 (onnxruntime-training has no newer wheel)"'
 
-# Debian packages: mosquitto for the tests' real broker, Fashion-MNIST for the demo's real data.
+# Debian packages: mosquitto for the tests' real broker, Fashion-MNIST for the demo's real data,
+# chromium and its driver for the dashboard's browser test.
 need=()
 [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null || need+=(mosquitto)
+command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need+=(dataset-fashion-mnist)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -132,11 +133,14 @@ def test_config_file_with_flags_winning_and_labels_file(tmp_path):
         )
     )
     out = tmp_path / "bundle"
-    res = _subprocess_cli("--config", str(cfg), "--rank", "4", "--out", str(out))
+    res = _subprocess_cli("--config", str(cfg), "--rank", "4", "--out", str(out), "--json")
     assert res.returncode == 0, res.stderr
     assert "random weights" in res.stderr
     m = Manifest.load(out)
-    assert m.bundle_id in res.stdout
+    summary = json.loads(res.stdout)  # --json: the summary alone on stdout
+    assert (summary["bundle_id"], summary["out"], summary["model"]) == (m.bundle_id, str(out), "fedclip-tiny")
+    assert summary["formats"] == list(m.formats) and summary["pretrained"] is None
+    assert summary["trainable_tensors"] == sum(t.trainable for t in m.tensors) > 0
     assert m.adapter.rank == 4 and m.adapter.alpha == 4.0  # flag beat the file, the file beat defaults
     assert m.adapter.targets == ("q", "k")
     assert m.task.labels == ("cat", "dog", "bird")

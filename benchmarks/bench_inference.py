@@ -34,19 +34,9 @@ sys.path.insert(0, str(HERE))
 
 import _measure as M  # noqa: E402
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-LABELS = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
+from fedclip.sdk.partition import FASHION_MNIST_CLASSES as LABELS  # noqa: E402
+from fedclip.sdk.partition import FASHION_MNIST_DIR as FMNIST  # noqa: E402
+
 BATCHES = (1, 32)
 
 

@@ -91,6 +91,8 @@ class InferenceHandler(BaseHTTPRequestHandler):
     server: Any  # InferenceServer or UnixInferenceServer
     protocol_version = "HTTP/1.1"
     server_version = "fedclip-inference"
+    # A client that stops sending (or an idle keep-alive connection) frees its thread after this.
+    timeout = 60
 
     def address_string(self) -> str:  # a Unix socket has no (host, port)
         return self.client_address[0] if isinstance(self.client_address, tuple) else "unix"
@@ -258,9 +260,10 @@ def make_server(
     max_body: int = DEFAULT_MAX_BODY,
 ) -> InferenceServer | UnixInferenceServer:
     """Bind (not yet serving): call `serve_forever()`, and `shutdown()` + `server_close()` to stop."""
-    if unix is not None:
-        return UnixInferenceServer(unix, classifier, max_body)
+    where = f"--unix {unix}" if unix is not None else f"{host}:{port}"
     try:
+        if unix is not None:
+            return UnixInferenceServer(unix, classifier, max_body)
         return InferenceServer((host, port), classifier, max_body)
     except OSError as e:
-        raise DataError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+        raise DataError(f"cannot listen on {where} ({e.strerror or e})") from None

@@ -4,9 +4,6 @@ through a signed rollout and its rollback while a thread keeps predicting (real 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -15,13 +12,12 @@ import pytest
 from PIL import Image
 from test_agent_fleet import FLEET, agent_factory, fmnist_dir  # noqa: F401  (fixtures)
 from test_rollout import world  # noqa: F401  (fixture: evaluator + good/bad adapters)
+from test_rollout_agents import WAIT_S, rollout_cli
 
 from fedclip.device_agent.classifier import Classifier, installed_adapter
 from fedclip.sdk.adapters import save_adapter
 from fedclip.sdk.errors import DataError
 from fedclip.sdk.signing import ensure_keypair
-
-WAIT_S = 180
 
 
 def _images(n: int, seed: int = 0) -> list[np.ndarray]:
@@ -95,14 +91,7 @@ def test_follows_a_rollout_and_its_rollback_while_predicting(
     agent = agent_factory(mosquitto.url, "dev-1", extra=("--coordinator-key", str(pub)))
     common = ["--state", str(coord), "--broker", mosquitto.url, "--fleet", FLEET]
 
-    def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "fedclip.coordinator.cli", "rollout", *args],
-            env=dict(os.environ, COLUMNS="200"),
-            capture_output=True,
-            text=True,
-            timeout=WAIT_S * 2,
-        )
+    cli = rollout_cli
 
     deadline = time.monotonic() + WAIT_S
     while not (agent.state / "state.json").is_file():

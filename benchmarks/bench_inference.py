@@ -34,9 +34,6 @@ sys.path.insert(0, str(HERE))
 
 import _measure as M  # noqa: E402
 
-from fedclip.sdk.partition import FASHION_MNIST_CLASSES as LABELS  # noqa: E402
-from fedclip.sdk.partition import FASHION_MNIST_DIR as FMNIST  # noqa: E402
-
 BATCHES = (1, 32)
 
 
@@ -44,6 +41,7 @@ BATCHES = (1, 32)
 def work_export(spec: dict) -> dict:
     from fedclip.exporters.bundle import export_bundle
     from fedclip.exporters.config import ExportConfig
+    from fedclip.sdk.partition import FASHION_MNIST_CLASSES as LABELS
 
     t0 = time.perf_counter()
     export_bundle(
@@ -64,6 +62,7 @@ def work_prepare(spec: dict) -> dict:
     from fedclip.exporters.adapter_export import write_open_clip
     from fedclip.sdk.adapters import AdapterMeta, save_adapter
     from fedclip.sdk.manifest import Manifest
+    from fedclip.sdk.partition import FASHION_MNIST_DIR as FMNIST
 
     out = Path(spec["work"])
     (out / "images").mkdir(parents=True, exist_ok=True)

@@ -178,3 +178,30 @@ def test_unix_socket(tiny_bundle, tmp_path):
     finally:
         assert server.stop() == 0, server.log.read_text()
     assert not sock.exists()  # removed on a clean stop
+
+
+def test_follows_the_agent_state_dir(tiny_bundle, adapter_file, tmp_path):
+    """`--state DIR`: /health reports the adapter the agent's state names, and moves when it changes."""
+    from fedclip.device_agent.state import AgentState
+    from fedclip.sdk.adapters import load_adapter
+
+    m = Manifest.load(tiny_bundle)
+    state_dir = tmp_path / "agent"
+    st = AgentState(state_dir, agent_id="cam", fleet="f", bundle_id=m.bundle_id)
+    (state_dir / "bundles").mkdir()
+    (state_dir / "bundles" / m.bundle_id).symlink_to(tiny_bundle)  # where an agent downloads it
+    tensors, meta = load_adapter(adapter_file)
+    st.install_adapter("v7", tensors, meta, source="rollout")
+    server = Served(tmp_path, "--state", str(state_dir), "--port", "0")
+    try:
+        assert server.request("GET", "/health")[1]["adapter_version"] == "v7"
+        st.set_current_adapter(None)  # what a rollback to the bundle's own adapter writes
+        deadline = time.monotonic() + WAIT_S
+        while server.request("GET", "/health")[1]["adapter_version"] is not None:
+            assert time.monotonic() < deadline, server.log.read_text()
+            time.sleep(0.1)
+        status, out = server.request("POST", "/predict", {"images": [_b64(_png(2))]})
+        assert status == 200 and out["adapter_version"] is None
+    finally:
+        assert server.stop() == 0, server.log.read_text()
+        st.close()

@@ -79,14 +79,50 @@ def show(
     print_json(out)
 
 
+EXPORT_FORMATS = ("fedclip", "open_clip", "lora")
+
+
 @app.command()
 def export(
     version: str = typer.Argument(..., help="Version id, e.g. g-r3 or a-<agent>-r3."),
-    out: Path = typer.Option(..., "--out", "-o", help="Adapter file to write (.safetensors)."),
+    out: Path = typer.Option(..., "--out", "-o", help="File to write (.safetensors; .pt for open_clip)."),
     state: Path = _STATE,
+    fmt: str = typer.Option(
+        "fedclip",
+        "--format",
+        help="fedclip: an adapter file (loads into PyTorch and the ONNX graphs); open_clip: the base model "
+        "with the adapter merged, for open_clip.create_model(NAME, pretrained=FILE); lora: the factors "
+        "with their open_clip weight names (docs/deploy.md).",
+    ),
+    bundle: Path = typer.Option(
+        None, "--bundle", help="The bundle folder (open_clip and lora: the base model and adapter spec)."
+    ),
 ) -> None:
-    """Write a version as a fedclip adapter file (loads into PyTorch and the ONNX graphs)."""
+    """Write a version as a fedclip adapter file, a merged open_clip checkpoint, or a LoRA file."""
+    from fedclip.sdk.errors import ConfigError
+
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"--format: unknown format {fmt!r} (choose from {', '.join(EXPORT_FORMATS)})")
     store, reg = _registry(state)
     with store:
-        path = reg.export(version, out)
-    typer.echo(str(path))
+        if fmt == "fedclip":
+            typer.echo(str(reg.export(version, out)))
+            return
+        tensors, meta = reg.load(version)
+    if bundle is None:
+        raise ConfigError(f"--format {fmt} needs --bundle (the bundle the version was trained on)")
+    from fedclip.exporters.adapter_export import write_lora, write_open_clip  # torch: only here
+    from fedclip.sdk.manifest import Manifest
+
+    manifest = Manifest.load(bundle)
+    if meta.bundle_id != manifest.bundle_id:
+        raise ConfigError(
+            f"--bundle: {bundle} is bundle {manifest.bundle_id[:12]}, not {meta.bundle_id[:12]}"
+        )
+    written = (
+        write_open_clip(manifest, tensors, out)
+        if fmt == "open_clip"
+        else [write_lora(manifest, tensors, meta, out)]
+    )
+    for path in written:
+        typer.echo(str(path))

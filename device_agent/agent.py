@@ -114,10 +114,12 @@ class Agent:
         url = self.cfg.bundle_url
         if url is None:
             return Path(self.cfg.bundle)
+        from fedclip.device_agent.step_backend import fetch_formats
         from fedclip.sdk.fetch import fetch_bundle
 
         log.info("fetching bundle %s", url)
-        return fetch_bundle(url, self.cfg.state / "bundles", progress=self.cfg.progress)
+        formats = fetch_formats(self.cfg.backend)  # only the training format this device runs
+        return fetch_bundle(url, self.cfg.state / "bundles", formats=formats, progress=self.cfg.progress)
 
     def _load_trainer(self):
         """A trainer as it stood at the end of the last completed round (local tensors, optimizer)."""

@@ -13,6 +13,7 @@ app = make_app(
         ("fedclip.device_agent.local_cmd", "train", "train"),
         ("fedclip.device_agent.local_cmd", "eval", "eval"),
         ("fedclip.device_agent.local_cmd", "predict", "predict"),
+        ("fedclip.device_agent.local_cmd", "serve_inference", "serve-inference"),
         ("fedclip.device_agent.fleet_cmd", "start", "start"),
         ("fedclip.device_agent.fleet_cmd", "status", "status"),
     ],

@@ -1,7 +1,8 @@
 """Local inference over a bundle's inference graph, with adapter tensors swapped in.
 
 Adapter tensors are initializers of the inference graph named like the torch parameters, so a trained
-adapter replaces them through `SessionOptions.add_initializer` without touching the model file.
+adapter replaces them through `SessionOptions.add_initializer` without touching the model file. The
+bundle's text encoder graph (open vocabulary) takes the text tower's adapter tensors the same way.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class Predictor:
         # nothing, when every embedding is cached) never loads the full inference graph's weights.
         self._inference: Any = None
         self._encoder: Any = None
+        self._text: Any = None
+        self._tokenizer: Any = None
 
     @property
     def _session(self) -> Any:
@@ -86,6 +89,54 @@ class Predictor:
             msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise BackendError(f"{path}: ONNX Runtime cannot load the {key} graph ({msg})") from None
 
+    def load(self) -> Predictor:
+        """Open every session this predictor serves with now, rather than on first use: a caller
+        that swaps predictors (`Classifier`) never serves a request with a half-loaded one."""
+        _ = self._session
+        if "text_encoder" in self.manifest.graphs:
+            _ = self._text_session
+        return self
+
+    @property
+    def _text_session(self) -> Any:
+        if self._text is None:
+            if "text_encoder" not in self.manifest.graphs:
+                raise BundleError(
+                    f"{self.bundle_dir}: the bundle has no text encoder graph (exported before open "
+                    "vocabulary); re-export it to classify against other labels"
+                )
+            # The text graph holds only the text tower: the vision tower's tensors are not its inputs.
+            text = {n: a for n, a in self._tensors.items() if not n.startswith("visual.")}
+            self._text = self._open("text_encoder", text)
+        return self._text
+
+    def tokenize(self, texts: list[str]) -> np.ndarray:
+        """int64 [N, context_length] tokens with the bundle's own vocabulary."""
+        if self._tokenizer is None:
+            from fedclip.sdk.tokenizer import Tokenizer
+
+            spec = self.manifest.tokenizer
+            if spec is None:
+                raise BundleError(f"{self.bundle_dir}: the bundle has no tokenizer")
+            self._tokenizer = Tokenizer.from_file(self.bundle_dir / spec.file, spec.context_length)
+        return self._tokenizer(texts)
+
+    def encode_texts(self, texts: list[str]) -> tuple[np.ndarray, float]:
+        """(text embeddings [N, D] unnormalized, the logit scale) through the adapted text tower."""
+        embeds, scale = self._text_session.run(["text_embeds", "logit_scale"], {"text": self.tokenize(texts)})
+        return embeds, float(scale[0])
+
+    def image_outputs(self, images: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """(logits over the bundle's labels or None, image embeddings) in one run of the graphs."""
+        images = self._images(images)
+        names = self._outputs
+        if "text" not in self._inputs and "image_embeds" in names:
+            if "logits" in names:
+                logits, embeds = self._session.run(["logits", "image_embeds"], {"image": images})
+                return logits, embeds
+            return None, self._session.run(["image_embeds"], {"image": images})[0]
+        return None, self.embed_images(images)
+
     def _images(self, images: np.ndarray) -> np.ndarray:
         images = np.ascontiguousarray(images, dtype=np.float32)
         s = self.manifest.preprocess.image_size
@@ -108,9 +159,14 @@ class Predictor:
             if self._encoder is None:
                 self._encoder = self._open("image_encoder", {})
             return self._encoder.run(["image_embeds"], {"image": images})[0]
-        if "image_embeds" not in self._outputs or "text" in self._inputs:
-            raise BundleError(f"{self.bundle_dir}: inference graph gives no image_embeds from images alone")
-        return self._session.run(["image_embeds"], {"image": images})[0]
+        if "image_embeds" not in self._outputs:
+            raise BundleError(f"{self.bundle_dir}: inference graph gives no image_embeds")
+        feeds = {"image": images}
+        if "text" in self._inputs:
+            # Contrastive graphs embed both towers in one run; a one-token text per image is the
+            # cheapest text input, and its embedding is dropped.
+            feeds["text"] = self.tokenize([""] * len(images))
+        return self._session.run(["image_embeds"], feeds)[0]
 
     def predict_files(self, paths: list[str | Path]) -> np.ndarray:
         return self.predict(np.stack([self.transform.load(p) for p in paths]))

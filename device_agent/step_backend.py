@@ -250,6 +250,14 @@ def _has_ort_artifacts(manifest: Manifest) -> bool:
     return all(k in manifest.graphs for k in ("training", "eval", "optimizer"))
 
 
+def fetch_formats(backend: str) -> tuple[str, ...]:
+    """The training formats a device with `backend` can run, in `make_trainer`'s order of preference:
+    what `fetch_bundle(formats=...)` downloads, so a device never fetches a format it does not run."""
+    if backend == "auto":
+        return ("ort-training", "step") if _has_training_api() else ("step",)
+    return (backend,)
+
+
 def make_trainer(bundle_dir: str | Path, backend: str = "auto", **kw):
     """`OrtTrainer` or `StepTrainer` for `bundle_dir`.
 
@@ -260,9 +268,10 @@ def make_trainer(bundle_dir: str | Path, backend: str = "auto", **kw):
         raise BackendError(f"backend {backend!r} is not supported (choose from {', '.join(BACKENDS)})")
     if backend == "auto":
         manifest = Manifest.load(bundle_dir, verify=kw.get("verify", True))
-        if _has_training_api() and _has_ort_artifacts(manifest):
+        present = manifest.present_formats(bundle_dir)  # a bundle fetched for one format has only it
+        if _has_training_api() and "ort-training" in present:
             backend = "ort-training"
-        elif "step" in manifest.graphs:
+        elif "step" in present:
             backend = "step"
         elif _has_ort_artifacts(manifest):
             raise BackendError(

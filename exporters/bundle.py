@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fedclip.exporters import onnx_export, step_bundle, tasks
+from fedclip.exporters import onnx_export, step_bundle, tasks, text_encoder
 from fedclip.exporters.config import ExportConfig
 from fedclip.exporters.lora import (
     adapter_tensors,
@@ -254,6 +254,9 @@ def _write_graphs(
     onnx_export.make_overridable(proto, adapted.names)
     onnx_export.save(proto, tmp / INFERENCE)
     graphs["inference"] = GraphSpec(file=INFERENCE, inputs=inf_in, outputs=inf_out)
+    # Open vocabulary on the device: any labels or prompts, through the adapted text tower.
+    ctx = adapted.base.context_length
+    graphs["text_encoder"] = text_encoder.write_text_encoder(adapted.model, adapted.names, ctx, tmp)
 
     if from_embeds:
         step("exporting image encoder")
@@ -302,10 +305,9 @@ def export_bundle(cfg: ExportConfig, show_progress: bool = False) -> Manifest:
             adapted = build_adapted_model(cfg.model, spec, cfg.pretrained, tuple(cfg.train))
             graphs, train_input, initial = _write_graphs(adapted, task, tmp, step, cfg.formats)
             step("writing manifest")
-            tokenizer = None
-            if task.kind == "contrastive":
-                copy_vocab(tmp / Path(VOCAB).parent)
-                tokenizer = TokenizerSpec(file=VOCAB, context_length=adapted.base.context_length)
+            # Every bundle has the text encoder graph, so every bundle needs the tokenizer.
+            copy_vocab(tmp / Path(VOCAB).parent)
+            tokenizer = TokenizerSpec(file=VOCAB, context_length=adapted.base.context_length)
             base = adapted.base
             manifest = Manifest(
                 format_version=FORMAT_VERSION,

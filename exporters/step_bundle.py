@@ -25,7 +25,7 @@ from fedclip.sdk.manifest import GraphSpec, Manifest
 WEIGHTS_FILE = "weights.bin"
 INITIAL_TENSORS = "initial_tensors.safetensors"
 # Graphs whose frozen weights go into the shared file too (written before the step graphs).
-SHARED_GRAPHS = ("inference", "image_encoder")
+SHARED_GRAPHS = ("inference", "image_encoder", "text_encoder")
 
 
 def write_initial_tensors(task_module: nn.Module, trainable: Sequence[str], out_dir: Path) -> str:

@@ -28,6 +28,8 @@ TOWERS = ("vision", "text")
 # The graphs each training format needs (see `Manifest.formats`).
 ORT_TRAINING_GRAPHS = ("training", "eval", "optimizer")
 STEP_GRAPHS = ("step", "step_eval")
+TRAINING_FORMATS = ("ort-training", "step")
+SHARED = "shared"  # the files every device needs, whatever it trains with (inference, tokenizer, ...)
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,49 @@ class Manifest:
             out.append("step")
         return tuple(out)
 
+    def format_files(self) -> dict[str, tuple[str, ...]]:
+        """Which of `files` belong to which training format, and which are `SHARED` (every device).
+
+        A format owns its graph files (and anything named after them, like external data) and its
+        starting state: the ORT checkpoint for "ort-training", the initial tensors for "step". The
+        rest, the shared weights file that the inference graph also reads among it, is shared.
+        """
+        own: dict[str, set[str]] = {}
+        for fmt, keys in (("ort-training", ORT_TRAINING_GRAPHS), ("step", STEP_GRAPHS)):
+            prefixes = [self.graphs[k].file for k in keys if k in self.graphs]
+            start = self.checkpoint if fmt == "ort-training" else self.initial_tensors
+            if start:
+                prefixes.append(start)
+            own[fmt] = {
+                rel
+                for rel in self.files
+                if any(rel == p or rel.startswith((p + "/", p + ".")) for p in prefixes)
+            }
+        taken = set().union(*own.values())
+        out = {fmt: tuple(sorted(names)) for fmt, names in own.items() if names}
+        out[SHARED] = tuple(sorted(set(self.files) - taken))
+        return out
+
+    def files_for(self, formats: tuple[str, ...] | list[str] | None) -> dict[str, str]:
+        """The files (name -> sha256) a device running `formats` needs; None: every file."""
+        if formats is None:
+            return dict(self.files)
+        unknown = [f for f in formats if f not in TRAINING_FORMATS]
+        if unknown:
+            raise BundleError(f"unknown format {unknown[0]!r} (choose from {', '.join(TRAINING_FORMATS)})")
+        groups = self.format_files()
+        names = set(groups[SHARED]).union(*(groups.get(f, ()) for f in formats))
+        return {rel: digest for rel, digest in self.files.items() if rel in names}
+
+    def present_formats(self, bundle_dir: str | Path) -> tuple[str, ...]:
+        """The training formats whose files are all in `bundle_dir` (a bundle fetched for one format
+        has only that one's); use with `verify`, which checks the files that are there."""
+        bundle_dir = Path(bundle_dir)
+        groups = self.format_files()
+        return tuple(
+            f for f in self.formats if all((bundle_dir / rel).is_file() for rel in groups.get(f, ()))
+        )
+
     # ---- io ----------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return to_mapping(self)
@@ -241,8 +286,19 @@ class Manifest:
         if self.canonical_id() != self.bundle_id:
             raise BundleError(f"{bundle_dir}: manifest was modified (bundle id does not match its content)")
         root = bundle_dir.resolve()
+        # A device may have fetched only the formats it trains with (`fetch_bundle(formats=...)`):
+        # a format is either wholly there or wholly absent; the shared files must all be there.
+        groups = self.format_files()
+        absent = {
+            rel
+            for fmt, names in groups.items()
+            if fmt != SHARED and not any((bundle_dir / r).exists() for r in names)
+            for rel in names
+        }
         for rel, digest in sorted(self.files.items()):
             p = bundle_dir / rel
+            if rel in absent:
+                continue
             if p.exists() and not p.resolve().is_relative_to(root):  # a symlink out of the folder
                 raise BundleError(f"{bundle_dir}: file {rel} listed in the manifest leads outside the bundle")
             if not p.is_file():

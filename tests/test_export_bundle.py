@@ -32,8 +32,8 @@ def test_tiny_bundle_manifest(tiny_bundle):
     assert m.base_model.name == "fedclip-tiny" and m.base_model.weights_sha256 is None
     assert m.preprocess.image_size == 32 and m.preprocess.interpolation == "bicubic"
     assert m.train_input == "image"
-    assert set(m.graphs) == {"training", "eval", "optimizer", "inference"}
-    assert m.tokenizer is None
+    assert set(m.graphs) == {"training", "eval", "optimizer", "inference", "text_encoder"}
+    assert m.tokenizer is not None  # the text encoder graph (open vocabulary) needs it
     assert {"torch", "onnx", "open_clip_torch"} <= set(m.tools)
     names = [t.name for t in m.tensors]
     assert "visual.transformer.resblocks.0.attn.q_proj.lora_A" in names

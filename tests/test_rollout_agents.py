@@ -44,6 +44,17 @@ def _statuses(url: str, ids: set[str], cond, what: str) -> dict:
     pytest.fail(f"timed out waiting for {what}: {seen}")
 
 
+def rollout_cli(*args: str) -> subprocess.CompletedProcess:
+    """`fedclip-coord rollout ARGS` in its own process (its own key, database and MQTT session)."""
+    return subprocess.run(
+        [sys.executable, "-m", "fedclip.coordinator.cli", "rollout", *args],
+        env=dict(os.environ, COLUMNS="200"),
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S * 2,
+    )
+
+
 def wait_current(agents, version: str) -> None:
     """Every agent's state dir names `version` as the adapter inference uses."""
     deadline = time.monotonic() + WAIT_S
@@ -78,14 +89,7 @@ def test_real_agents_canary_promote_then_regression_rollback(mosquitto, tmp_path
         str(WAIT_S),
     ]
 
-    def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "fedclip.coordinator.cli", "rollout", *args],
-            env=dict(os.environ, COLUMNS="200"),
-            capture_output=True,
-            text=True,
-            timeout=WAIT_S * 2,
-        )
+    cli = rollout_cli
 
     try:
         fleet = _statuses(mosquitto.url, ids, lambda a: a.online, "three online agents")

@@ -11,6 +11,8 @@ AGENT_MODULES = (
     "fedclip.device_agent.ort_loader",
     "fedclip.device_agent.trainer",
     "fedclip.device_agent.predictor",
+    "fedclip.device_agent.classifier",
+    "fedclip.device_agent.inference_http",
     "fedclip.device_agent.training",
     "fedclip.device_agent.local_cmd",
     "fedclip.device_agent.cli",

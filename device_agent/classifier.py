@@ -1,0 +1,350 @@
+"""`Classifier`: the application's inference API on the device, following the fleet's adapter.
+
+    clf = Classifier.from_state("/var/lib/fedclip/agent")        # what the agent installed
+    clf.predict([pil_image]).top(3)                               # the bundle's labels
+    clf.predict(frames, labels=["cat", "dog", "forklift"])        # any labels (open vocabulary)
+    clf.embed_images(frames), clf.embed_texts(["a red car"])      # L2-normalized embeddings
+
+Torch-free, ONNX Runtime only. `from_state` follows the adapter the agent has installed for inference
+(`installed_adapter`, the one place that reads it): a watcher thread notices a change of the agent's
+state file, builds a complete `Predictor` for the new adapter (sessions open, weights loaded) and
+only then swaps one reference under a lock, so a request is served wholly by the old adapter or
+wholly by the new one, never by a half-loaded one; a rollback is a change like any other. Each call
+takes the current predictor once at its start and uses it for every batch and for the label
+embeddings, and its result names the adapter version that produced it.
+
+Label embeddings go through the bundle's text encoder graph with the installed text-tower adapter,
+are computed once per (adapter version, prompts) and cached; logits are CLIP's
+`logit_scale * cos(image, text)`, the formula the training graph uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedclip.device_agent.predictor import Predictor
+from fedclip.sdk.adapters import load_adapter
+from fedclip.sdk.errors import DataError, FedclipError, StateError
+from fedclip.sdk.manifest import Manifest
+from fedclip.sdk.preprocess import load_image
+
+log = logging.getLogger(__name__)
+
+_TEXT_CACHE = 64  # label sets kept per classifier (a few per adapter version is the usual load)
+
+
+def installed_adapter(state_dir: str | Path) -> tuple[str, str | None, Path | None]:
+    """(bundle id, adapter version or None, its file or None): what the agent serves inference with.
+
+    Read-only, and the only place the Classifier learns it from: today the agent's `state.json`
+    (`current_adapter`, kept there by rounds, `--adapter` installs and rollouts alike).
+    """
+    from fedclip.device_agent.state import read_record
+
+    record = read_record(state_dir)
+    version = record.get("current_adapter")
+    entry = record.get("adapters", {}).get(version) if version else None
+    path = Path(state_dir) / entry["file"] if entry else None
+    return str(record.get("bundle_id") or ""), (version if entry else None), path
+
+
+def _state_stamp(state_dir: Path) -> tuple[int, int] | None:
+    """Changes whenever the agent replaces its state file (atomic replace: a new inode)."""
+    from fedclip.device_agent.state import STATE_FILE
+
+    try:
+        st = (state_dir / STATE_FILE).stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """One call's answer: logits over `labels`, made by adapter `adapter_version` (None: bundle's own)."""
+
+    labels: tuple[str, ...]
+    logits: np.ndarray  # float32 [B, len(labels)]
+    adapter_version: str | None
+
+    @property
+    def probs(self) -> np.ndarray:
+        z = self.logits.astype(np.float64)
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        return z / z.sum(axis=1, keepdims=True)
+
+    def top(self, k: int = 1) -> list[list[tuple[str, float]]]:
+        """Per image, the k best (label, probability), best first."""
+        probs = self.probs
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        return [[(self.labels[j], float(p[j])) for j in row] for p, row in zip(probs, order, strict=True)]
+
+
+@dataclass(frozen=True)
+class _Served:
+    """What one adapter version serves with: built completely before it becomes current."""
+
+    version: str | None
+    predictor: Predictor
+
+
+class Classifier:
+    """Thread-safe image classification and embedding with one bundle and the adapter in use."""
+
+    def __init__(
+        self,
+        bundle_dir: str | Path,
+        *,
+        adapter: str | Path | None = None,
+        labels: Sequence[str] | None = None,
+        prompt: str | None = None,
+        device: str = "cpu",
+        threads: int | None = None,
+        batch_size: int = 32,
+    ) -> None:
+        if batch_size < 1:
+            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        self.bundle_dir = Path(bundle_dir)
+        self.manifest = Manifest.load(self.bundle_dir)
+        self.device, self.threads, self.batch_size = device, threads, batch_size
+        self.prompt = prompt or self.manifest.task.prompt
+        self.labels = tuple(labels) if labels is not None else None
+        if self.labels is None and self.manifest.task.kind != "classify":
+            log.info("contrastive bundle: pass labels= to predict (embeddings work without)")
+        self._lock = threading.Lock()
+        self._text_cache: OrderedDict[tuple, tuple[np.ndarray, float]] = OrderedDict()
+        self._state_dir: Path | None = None
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._stamp: tuple[int, int] | None = None
+        self._switched = threading.Condition(self._lock)
+        version, tensors = None, None
+        if adapter is not None:
+            tensors, meta = load_adapter(adapter)
+            if meta.bundle_id != self.manifest.bundle_id:
+                raise DataError(f"{adapter}: adapter was made for bundle {meta.bundle_id[:12]}, not this one")
+            version = meta.version or None
+        self._served = self._build(version, tensors)
+        if self.labels is not None:
+            self._text_features(self._served, self._prompts(self.labels, None))  # fail early, warm cache
+
+    # ---- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_bundle(cls, bundle: str | Path, adapter: str | Path | None = None, **kw: Any) -> Classifier:
+        """A fixed adapter (a `.safetensors` file) or the bundle's own; it never switches."""
+        return cls(bundle, adapter=adapter, **kw)
+
+    @classmethod
+    def from_state(
+        cls, state_dir: str | Path, bundle: str | Path | None = None, *, poll: float = 0.5, **kw: Any
+    ) -> Classifier:
+        """Follow the adapter an agent with state dir `state_dir` has installed, switching within
+        `poll` seconds of a change. `bundle` defaults to the one the agent downloaded into
+        `<state>/bundles/<bundle id>` (agents started with a bundle URL)."""
+        state_dir = Path(state_dir)
+        bundle_id, _, _ = installed_adapter(state_dir)
+        if bundle is None:
+            bundle = state_dir / "bundles" / bundle_id
+            if not bundle.is_dir():
+                raise StateError(
+                    f"{state_dir}: the agent's bundle is not in {bundle.parent}; pass the bundle folder"
+                )
+        clf = cls(bundle, **kw)
+        if clf.manifest.bundle_id != bundle_id:
+            raise StateError(f"{bundle}: not the bundle of the agent's state dir ({bundle_id[:12]})")
+        clf._state_dir = state_dir
+        clf.refresh()
+        clf._watcher = threading.Thread(
+            target=clf._watch, args=(poll,), name="fedclip-classifier", daemon=True
+        )
+        clf._watcher.start()
+        return clf
+
+    def _build(self, version: str | None, tensors: dict[str, np.ndarray] | None) -> _Served:
+        predictor = Predictor(
+            self.bundle_dir,
+            adapter=tensors,
+            device=self.device,
+            threads=self.threads,
+            manifest=self.manifest,
+        )
+        return _Served(version=version, predictor=predictor.load())
+
+    # ---- following the agent -------------------------------------------------------------------
+    @property
+    def adapter_version(self) -> str | None:
+        """The adapter version requests are served with now (None: the bundle's own)."""
+        return self._served.version
+
+    def refresh(self) -> bool:
+        """Switch to the agent's installed adapter if it changed; True when it switched."""
+        if self._state_dir is None:
+            return False
+        stamp = _state_stamp(self._state_dir)
+        bundle_id, version, path = installed_adapter(self._state_dir)
+        self._stamp = stamp
+        if version == self._served.version:
+            return False
+        if bundle_id != self.manifest.bundle_id:
+            raise StateError(
+                f"{self._state_dir}: the agent moved to bundle {bundle_id[:12]}; start a new Classifier"
+            )
+        tensors = None
+        if path is not None:
+            tensors, meta = load_adapter(path)
+            if meta.bundle_id != self.manifest.bundle_id:
+                raise StateError(f"{path}: adapter was made for bundle {meta.bundle_id[:12]}")
+        served = self._build(version, tensors)  # complete before it is visible
+        with self._lock:
+            old, self._served = self._served, served
+            self._switched.notify_all()
+        log.info("inference switched from adapter %s to %s", old.version, version)
+        return True
+
+    def wait_for(self, version: str | None, timeout: float) -> bool:
+        """Block until requests are served by `version` (or `timeout` seconds pass)."""
+        with self._lock:
+            return self._switched.wait_for(lambda: self._served.version == version, timeout)
+
+    def _watch(self, poll: float) -> None:
+        while not self._stop.wait(poll):
+            if _state_stamp(self._state_dir) == self._stamp:
+                continue
+            try:
+                self.refresh()
+            except FedclipError as e:  # a bad adapter file: keep serving the current one
+                log.error("keeping adapter %s: %s", self._served.version, e)
+            except OSError as e:
+                log.error("keeping adapter %s: cannot read the state dir (%s)", self._served.version, e)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=10)
+
+    def __enter__(self) -> Classifier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- inputs --------------------------------------------------------------------------------
+    def _pixels(self, images: Iterable[Any], predictor: Predictor) -> np.ndarray:
+        """float32 [B, 3, S, S] from PIL images, HxWx3 uint8 arrays, or preprocessed arrays."""
+        from PIL import Image
+
+        s = self.manifest.preprocess.image_size
+        if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[1:] == (3, s, s):
+            return np.ascontiguousarray(images, dtype=np.float32)
+        out = []
+        for i, img in enumerate(images):
+            if isinstance(img, np.ndarray):
+                if img.shape == (3, s, s) and img.dtype != np.uint8:
+                    out.append(img.astype(np.float32, copy=False))
+                    continue
+                if img.ndim not in (2, 3) or img.dtype != np.uint8:
+                    raise DataError(
+                        f"image {i}: an array must be HxW or HxWx3 uint8, or float32 [3, {s}, {s}] "
+                        f"preprocessed; got {img.dtype} {list(img.shape)}"
+                    )
+                img = Image.fromarray(img)
+            elif isinstance(img, (str, Path)):
+                img = load_image(img)
+            elif not isinstance(img, Image.Image):
+                raise DataError(
+                    f"image {i}: expected a PIL image, an array or a path, got {type(img).__name__}"
+                )
+            out.append(predictor.transform(img))
+        if not out:
+            raise DataError("no images given")
+        return np.stack(out)
+
+    def _prompts(self, labels: Sequence[str], prompt: str | None) -> tuple[str, ...]:
+        template = prompt or self.prompt
+        if "{}" not in template:
+            raise DataError(f"prompt must contain '{{}}' for the label, got {template!r}")
+        if not labels or any(not isinstance(x, str) or not x.strip() for x in labels):
+            raise DataError("labels must be a non-empty list of non-empty strings")
+        return tuple(template.format(x) for x in labels)
+
+    def _text_features(self, served: _Served, texts: tuple[str, ...]) -> tuple[np.ndarray, float]:
+        """(normalized text embeddings, logit scale) of `texts` under `served`'s adapter, cached."""
+        key = (served.version, texts)
+        with self._lock:
+            hit = self._text_cache.get(key)
+            if hit is not None:
+                self._text_cache.move_to_end(key)
+                return hit
+        embeds, scale = served.predictor.encode_texts(list(texts))
+        value = (_normalize(embeds), scale)
+        with self._lock:
+            self._text_cache[key] = value
+            while len(self._text_cache) > _TEXT_CACHE:
+                self._text_cache.popitem(last=False)
+        return value
+
+    # ---- API -----------------------------------------------------------------------------------
+    def predict(
+        self, images: Iterable[Any], labels: Sequence[str] | None = None, prompt: str | None = None
+    ) -> Predictions:
+        """Classify images against `labels` (default: the constructor's, else the bundle's own)."""
+        served = self._served  # one adapter for the whole call
+        labels = tuple(labels) if labels is not None else self.labels
+        pixels = self._pixels(images, served.predictor)
+        own = labels is None or (
+            labels == self.manifest.task.labels and (prompt or self.prompt) == self.manifest.task.prompt
+        )
+        if labels is None and self.manifest.task.kind != "classify":
+            raise DataError("this bundle is contrastive: pass labels= (the texts to classify against)")
+        text = None if own else self._text_features(served, self._prompts(labels, prompt))
+        chunks = []
+        for start in range(0, len(pixels), self.batch_size):
+            logits, embeds = served.predictor.image_outputs(pixels[start : start + self.batch_size])
+            if text is not None or logits is None:
+                feats, scale = text or self._text_features(served, self._prompts(labels, prompt))
+                logits = scale * _normalize(embeds) @ feats.T
+            chunks.append(np.asarray(logits, dtype=np.float32))
+        labels = labels if labels is not None else self.manifest.task.labels
+        return Predictions(
+            labels=tuple(labels), logits=np.concatenate(chunks), adapter_version=served.version
+        )
+
+    def predict_files(
+        self, paths: Sequence[str | Path], labels: Sequence[str] | None = None, prompt: str | None = None
+    ) -> Predictions:
+        """`predict` on image files; an unreadable file is a DataError naming it."""
+        return self.predict([load_image(p) for p in paths], labels=labels, prompt=prompt)
+
+    def embed_images(self, images: Iterable[Any]) -> np.ndarray:
+        """L2-normalized image embeddings [B, D] with the vision adapter in use."""
+        served = self._served
+        pixels = self._pixels(images, served.predictor)
+        out = [
+            served.predictor.image_outputs(pixels[s : s + self.batch_size])[1]
+            for s in range(0, len(pixels), self.batch_size)
+        ]
+        return _normalize(np.concatenate(out))
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """L2-normalized text embeddings [N, D] with the text adapter in use (cached per version)."""
+        texts = tuple(texts)
+        if not texts or any(not isinstance(t, str) for t in texts):
+            raise DataError("texts must be a non-empty list of strings")
+        return self._text_features(self._served, texts)[0]
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    n = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(n, 1e-12)
+
+
+__all__ = ["Classifier", "Predictions", "installed_adapter"]

@@ -379,10 +379,7 @@ def round_costs(state_dir: Path) -> dict[int, dict[str, float]]:
 
 
 def _size(store, blob: str) -> int:
-    try:
-        return store.blobs.path(blob).stat().st_size
-    except OSError:
-        return 0
+    return store.blobs.size(blob) or 0
 
 
 def _round_line(cfg: DemoConfig, rec: dict) -> str:

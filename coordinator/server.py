@@ -37,7 +37,7 @@ from fedclip.coordinator.registry import (
 from fedclip.coordinator.rollout import KEY_DIR, RegistrySource, RolloutManager
 from fedclip.coordinator.rollout_store import DB_NAME as ROLLOUT_DB
 from fedclip.coordinator.rollout_store import RolloutStore
-from fedclip.coordinator.store import BlobTensors, Store, read_tensors
+from fedclip.coordinator.store import Store
 from fedclip.coordinator.strategies.base import Update
 from fedclip.coordinator.validation import KNOWN_STATS, Accepted, HeldStats, NormBound, validate_update
 from fedclip.sdk.adapters import check_tensors, encode_tensors
@@ -245,7 +245,7 @@ class Server:
         if "gaussian" not in stats:
             return ""
         held = self.store.agent_stats(agent)
-        if held is None or not self.store.blobs.path(held.blob).is_file():
+        if held is None or not self.store.blobs.has(held.blob):
             return ""
         refresh = self.cfg.stats_refresh_rounds
         if refresh and round_id - held.round >= refresh:
@@ -257,7 +257,7 @@ class Server:
         if held is None or not held.data_digest:
             return None
         try:
-            stats = read_tensors(self.store.blobs.path(held.blob), KNOWN_STATS)
+            stats = self.store.blobs.read_tensors(held.blob, KNOWN_STATS)
         except Exception as e:  # a lost or damaged blob: none held, so the update is rejected
             log.warning("held statistics of %s unreadable (%s)", agent, e)
             return None
@@ -383,11 +383,17 @@ class Server:
         rows = self.store.updates(st.round)
         updates = []
         for r in rows:
-            path = self.store.blobs.path(r.blob)
-            stats = read_tensors(path, KNOWN_STATS)
+            stats = self.store.blobs.read_tensors(r.blob, KNOWN_STATS)
             base = self.registry.tensors(st.selected[r.agent])
             updates.append(
-                Update(r.agent, r.num_samples, BlobTensors(path, self.exchanged), base, stats, r.metrics)
+                Update(
+                    r.agent,
+                    r.num_samples,
+                    self.store.blobs.tensors(r.blob, self.exchanged),
+                    base,
+                    stats,
+                    r.metrics,
+                )
             )
         t0 = time.perf_counter()
         try:

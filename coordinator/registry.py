@@ -142,6 +142,9 @@ class Registry:
     def list(self, scope: str | None = None) -> list[VersionRow]:
         return self.store.versions(scope)
 
+    def has(self, version: str) -> bool:
+        return self.store.version(version) is not None
+
     def show(self, version: str) -> VersionRow:
         row = self.store.version(version)
         if row is None:

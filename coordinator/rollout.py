@@ -204,7 +204,7 @@ class RegistrySource:
         row = self.registry.show(version)
         if row.scope != "agent" and row.round > 0:
             own = agent_version(agent, row.round)
-            if self.registry.store.version(own) is not None:
+            if self.registry.has(own):
                 return self.registry.load(own)
         return self.registry.load(version)
 

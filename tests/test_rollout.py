@@ -19,16 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fedclip.coordinator.rollout import (
-    COMPLETE,
-    ROLLED_BACK,
-    DictSource,
-    RolloutManager,
-    RolloutParams,
-    RolloutStore,
-    Target,
-    read_fleet,
-)
+from fedclip.coordinator.fleet import read_fleet
+from fedclip.coordinator.rollout import RolloutManager
+from fedclip.coordinator.rollout_policy import RolloutParams, Target
+from fedclip.coordinator.rollout_sources import DictSource
+from fedclip.coordinator.rollout_store import COMPLETE, ROLLED_BACK, RolloutStore
 from fedclip.device_agent.rollout_client import RolloutClient
 from fedclip.sdk.adapters import AdapterMeta, save_adapter
 from fedclip.sdk.data import Dataset, label_folder_name

@@ -4,19 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from fedclip.coordinator.rollout import (
-    Ack,
-    AgentInfo,
-    DictSource,
-    RolloutError,
-    RolloutManager,
-    RolloutParams,
-    RolloutStore,
-    Target,
-    decide,
-    parse_canary,
-    select_canary,
-)
+from fedclip.coordinator.fleet import AgentInfo
+from fedclip.coordinator.rollout import RolloutManager
+from fedclip.coordinator.rollout_policy import RolloutParams, Target, decide, parse_canary, select_canary
+from fedclip.coordinator.rollout_sources import DictSource
+from fedclip.coordinator.rollout_store import Ack, RolloutError, RolloutStore
 from fedclip.sdk.errors import ConfigError
 from fedclip.sdk.mqtt import Incoming
 from fedclip.sdk.signing import generate_key
@@ -212,7 +204,7 @@ def test_personalized_versions_roll_out_per_agent(tmp_path):
     import numpy as np
 
     from fedclip.coordinator.registry import Registry, agent_version
-    from fedclip.coordinator.rollout import RegistrySource
+    from fedclip.coordinator.rollout_sources import RegistrySource
     from fedclip.coordinator.store import Store, VersionRow
     from fedclip.sdk.adapters import AdapterMeta, adapter_bytes
 

@@ -11,7 +11,8 @@ from pathlib import Path
 from fedclip.coordinator.bundle_server import BundleServer
 from fedclip.coordinator.config import CoordConfig
 from fedclip.coordinator.registry import Registry
-from fedclip.coordinator.rollout import KEY_DIR, RegistrySource, RolloutManager
+from fedclip.coordinator.rollout import KEY_DIR, RolloutManager
+from fedclip.coordinator.rollout_sources import RegistrySource
 from fedclip.coordinator.rollout_store import DB_NAME as ROLLOUT_DB
 from fedclip.coordinator.rollout_store import RolloutStore
 from fedclip.sdk.errors import FedclipError

@@ -185,12 +185,12 @@ def agent_adapters(state_dir: Path, rollout_round: int | None = None) -> dict[in
     found: dict[int, tuple[float, Path]] = {}
     for entry in record.get("adapters", {}).values():
         path = state_dir / entry["file"]
-        rnd = int(entry.get("round", -1))
-        if rnd < 0 and entry.get("source") == "rollout":
-            rnd = -1 if rollout_round is None else rollout_round
-        if not path.is_file() or rnd < 0:
+        round_id = int(entry.get("round", -1))
+        if round_id < 0 and entry.get("source") == "rollout":
+            round_id = -1 if rollout_round is None else rollout_round
+        if not path.is_file() or round_id < 0:
             continue
-        after = rnd - 1 if entry.get("source") == "task" else rnd
+        after = round_id - 1 if entry.get("source") == "task" else round_id
         at = float(entry.get("installed_at", 0.0))
         if after not in found or at >= found[after][0]:  # the latest install of a round wins
             found[after] = (at, path)

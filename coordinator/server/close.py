@@ -10,15 +10,13 @@ from __future__ import annotations
 import logging
 import time
 
-from fedclip.coordinator.metrics import MetricsLog, weighted_means
-from fedclip.coordinator.registry import Registry
+from fedclip.coordinator.metrics import weighted_means
+from fedclip.coordinator.server.context import RoundContext
 from fedclip.coordinator.server.tasks import RoundState
-from fedclip.coordinator.store import Store
-from fedclip.coordinator.strategies.base import Strategy, Update
+from fedclip.coordinator.strategies.base import Update
 from fedclip.coordinator.validation import KNOWN_STATS
 from fedclip.sdk.adapters import check_tensors
 from fedclip.sdk.errors import AdapterError
-from fedclip.sdk.manifest import Manifest
 
 log = logging.getLogger("fedclip.coordinator")
 
@@ -26,15 +24,10 @@ log = logging.getLogger("fedclip.coordinator")
 class RoundCloser:
     """Closes rounds for one coordinator."""
 
-    def __init__(
-        self, manifest: Manifest, store: Store, registry: Registry, strategy: Strategy, metrics: MetricsLog
-    ):
-        self.manifest = manifest
-        self.store = store
-        self.registry = registry
-        self.strategy = strategy
-        self.metrics = metrics
-        self.exchanged = tuple(sorted(t.name for t in manifest.exchanged))
+    def __init__(self, ctx: RoundContext):
+        self.manifest, self.strategy, self.metrics = ctx.manifest, ctx.strategy, ctx.metrics
+        self.store, self.registry = ctx.store, ctx.registry
+        self.exchanged = tuple(sorted(t.name for t in ctx.manifest.exchanged))
 
     def _updates(self, st: RoundState) -> list[Update]:
         """The round's stored updates, their tensors read from disk on access."""

@@ -12,15 +12,11 @@ import os
 import signal
 from typing import Literal
 
-from fedclip.coordinator.config import CoordConfig
-from fedclip.coordinator.registry import Registry
+from fedclip.coordinator.server.context import RoundContext
 from fedclip.coordinator.server.tasks import RoundState
-from fedclip.coordinator.store import Store
-from fedclip.coordinator.strategies.base import Strategy
 from fedclip.coordinator.validation import KNOWN_STATS, Accepted, HeldStats, NormBound, validate_update
 from fedclip.sdk.adapters import encode_tensors
 from fedclip.sdk.errors import AdapterError, WireError
-from fedclip.sdk.manifest import Manifest
 from fedclip.sdk.mqtt import Incoming
 from fedclip.sdk.wire import Message, MsgType, decode
 
@@ -40,14 +36,9 @@ def _crash_point(point: str, agent: str) -> None:
 class UpdateIntake:
     """Takes `agents/<id>/update` messages for the round the caller has open."""
 
-    def __init__(
-        self, cfg: CoordConfig, manifest: Manifest, store: Store, registry: Registry, strategy: Strategy
-    ):
-        self.cfg = cfg
-        self.manifest = manifest
-        self.store = store
-        self.registry = registry
-        self.strategy = strategy
+    def __init__(self, ctx: RoundContext):
+        self.cfg, self.manifest, self.strategy = ctx.cfg, ctx.manifest, ctx.strategy
+        self.store, self.registry = ctx.store, ctx.registry
 
     def on_update(self, agent: str, msg: Incoming, st: RoundState | None) -> Outcome:
         """Handle one update that came on `agent`'s topic; `st.received` grows when it is stored."""

@@ -27,6 +27,7 @@ from fedclip.coordinator.fleet import Fleet, decode_status
 from fedclip.coordinator.metrics import METRICS_FILE, MetricsLog
 from fedclip.coordinator.registry import Registry
 from fedclip.coordinator.server.close import RoundCloser
+from fedclip.coordinator.server.context import RoundContext
 from fedclip.coordinator.server.intake import UpdateIntake
 from fedclip.coordinator.server.services import Services
 from fedclip.coordinator.server.tasks import RoundState, Tasks, TaskSpec
@@ -90,9 +91,10 @@ class Server:
         self.topics = Topics(cfg.fleet)
         self.fleet = Fleet()
         self.metrics = MetricsLog(Path(cfg.state) / METRICS_FILE)
-        self.tasks = Tasks(cfg, manifest, store)
-        self.intake = UpdateIntake(cfg, manifest, store, registry, self.strategy)
-        self.closer = RoundCloser(manifest, store, registry, self.strategy, self.metrics)
+        ctx = RoundContext(cfg, manifest, store, registry, self.strategy, self.metrics)
+        self.tasks = Tasks(ctx)
+        self.intake = UpdateIntake(ctx)
+        self.closer = RoundCloser(ctx)
         self.current: RoundState | None = None
         self.progress = progress  # optional callback for a live view
         # Rollouts and bundle serving: started by `run` (the HTTP thread must not outlive it).

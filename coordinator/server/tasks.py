@@ -11,9 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedclip.coordinator.config import CoordConfig
-from fedclip.coordinator.store import Store
-from fedclip.sdk.manifest import Manifest
+from fedclip.coordinator.server.context import RoundContext
 from fedclip.sdk.wire import Envelope, MsgType, decode, encode
 
 
@@ -52,10 +50,8 @@ class TaskSpec:
 class Tasks:
     """Builds, stores and re-issues task messages for one coordinator."""
 
-    def __init__(self, cfg: CoordConfig, manifest: Manifest, store: Store):
-        self.cfg = cfg
-        self.manifest = manifest
-        self.store = store
+    def __init__(self, ctx: RoundContext):
+        self.cfg, self.manifest, self.store = ctx.cfg, ctx.manifest, ctx.store
 
     def build(self, spec: TaskSpec, tensors: Mapping[str, np.ndarray]) -> str:
         """Store the task message of `spec`; returns its blob sha."""

@@ -30,39 +30,21 @@ from fedclip.coordinator.server.close import RoundCloser
 from fedclip.coordinator.server.context import RoundContext
 from fedclip.coordinator.server.intake import UpdateIntake
 from fedclip.coordinator.server.services import Services
+from fedclip.coordinator.server.setup import check_state_dir, open_parts, status_payload
 from fedclip.coordinator.server.tasks import RoundState, Tasks, TaskSpec
 from fedclip.coordinator.store import Store
 from fedclip.coordinator.strategies.base import Strategy
-from fedclip.sdk.adapters import check_tensors
-from fedclip.sdk.errors import ConfigError, WireError
+from fedclip.sdk.errors import WireError
 from fedclip.sdk.manifest import Manifest
-from fedclip.sdk.mqtt import Incoming, MqttSession, Will
+from fedclip.sdk.mqtt import Incoming
 from fedclip.sdk.transport import Transport
-from fedclip.sdk.wire import Envelope, MsgType, Topics, encode
+from fedclip.sdk.wire import Topics
 
 log = logging.getLogger("fedclip.coordinator")
 
 _POLL_S = 0.2
 
 Progress = Callable[[str, "Server"], None]  # (event, server): "waiting", "collecting", "closed", ...
-
-
-def status_payload(
-    fleet: str, bundle_id: str, strategy: str, round_id: int, state: str, **extra: object
-) -> bytes:
-    """The coordinator's retained status message (`state` online or offline)."""
-    body = {"state": state, "bundle_id": bundle_id, "round": round_id, "strategy": strategy, **extra}
-    return encode(Envelope(MsgType.STATUS, fleet, "coordinator", round=round_id, body=body))
-
-
-def check_state_dir(store: Store, cfg: CoordConfig, bundle_id: str, strategy: str) -> None:
-    """Claim the state dir for this fleet, bundle and strategy; ConfigError if it holds another's."""
-    for key, value in (("fleet", cfg.fleet), ("bundle_id", bundle_id), ("strategy", strategy)):
-        have = store.get_meta(key)
-        if have is None:
-            store.set_meta(key, value)
-        elif have != value:
-            raise ConfigError(f"state dir {cfg.state}: belongs to {key} {have!r}, not {value!r}")
 
 
 class Server:
@@ -113,30 +95,8 @@ class Server:
         """The store in `cfg.state` (with `initial` as version g-r0 on first start), its registry,
         and an MQTT session to `cfg.broker` whose last will says the coordinator went offline."""
         strategy = strategies.create(cfg.strategy, cfg.strategy_options())
-        store = Store(cfg.state)
+        session, store, registry = open_parts(cfg, manifest, initial, strategy)
         try:
-            check_state_dir(store, cfg, manifest.bundle_id, strategy.name)
-            registry = Registry(store, manifest.bundle_id, manifest.adapter.kind)
-            registry.ensure_initial(
-                check_tensors(initial, manifest.exchanged, "initial adapter"), strategy.name
-            )
-            last = store.last_round()
-            will = status_payload(
-                cfg.fleet, manifest.bundle_id, strategy.name, last.round if last else 0, "offline"
-            )
-            session = MqttSession(
-                cfg.broker,
-                cfg.mqtt_client_id,
-                username=cfg.username,
-                password=cfg.password,
-                ca_file=cfg.ca_file,
-                cert_file=cfg.cert_file,
-                key_file=cfg.key_file,
-                insecure=cfg.insecure,
-                clean_session=False,
-                will=Will(Topics(cfg.fleet).coordinator_status, will),
-                manual_ack=True,
-            )
             return cls(cfg, manifest, session, store, registry, strategy=strategy, progress=progress)
         except BaseException:
             store.close()

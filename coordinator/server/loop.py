@@ -8,8 +8,8 @@ restart, and the (round, agent) primary key turns that redelivery into a no-op. 
 continues the same round.
 
 Its helpers each do one job: `tasks` builds the task messages, `intake` takes updates, `close`
-aggregates or fails a round. Next to the rounds, on the same thread and transport, the bundle
-directory is served over HTTP (`bundle_server`) and open rollouts get their acks and stage decisions.
+aggregates or fails a round, `setup` builds the parts from the settings, and `services` runs beside
+the rounds on the same thread and transport: the bundle's HTTP server and the open rollouts.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from fedclip.sdk.errors import FedclipError
 
@@ -79,7 +80,8 @@ class ProcessGroup:
         if sys.platform.startswith("linux"):
             argv = [sys.executable, "-c", _PDEATHSIG_SHIM, str(os.getpid()), *argv]
         log_path = out_path = None
-        err = out = subprocess.DEVNULL
+        err: int | IO[bytes] = subprocess.DEVNULL
+        out: int | IO[bytes] = subprocess.DEVNULL
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             log_path = self.log_dir / f"{name}.log"

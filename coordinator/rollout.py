@@ -140,11 +140,10 @@ class RolloutManager:
             digest = sha256_bytes(blob)
             publish_file(self.url_root, f"adapters/{digest}.safetensors", blob)
             body.update(url=f"{self.url_base}/adapters/{digest}.safetensors", sha256=digest, size=len(blob))
-            tensors = None
         env = Envelope(
             MsgType.ADAPTER, self.topics.fleet, agent, round=meta.round, base_version=meta.version, body=body
         )
-        self._publish(self.topics.adapter(agent), env, tensors)
+        self._publish(self.topics.adapter(agent), env, None if "url" in body else tensors)
 
     def _send_command(self, agent: str, command: str, kind: str = "command", **body: Any) -> None:
         env = Envelope(MsgType.COMMAND, self.topics.fleet, agent, body={"command": command, **body})
@@ -256,7 +255,7 @@ class RolloutManager:
         stage = self._stage_of(rid).get(agent)
         if stage is None:
             raise WireError(f"{where}: agent {agent} is not part of rollout {rid}")
-        metrics = body.get("metrics") if isinstance(body.get("metrics"), dict) else {}
+        metrics = _metric_dict(body.get("metrics"))
         new, cur = _metric_dict(metrics.get("new")), _metric_dict(metrics.get("current"))
         ack = Ack(
             agent=agent,

@@ -164,7 +164,8 @@ class RolloutStore:
                     json.dumps(sorted(targets)),
                 ),
             )
-            rid = int(cur.lastrowid)
+            rid = cur.lastrowid
+            assert rid is not None  # set by the INSERT just made
             c.execute(
                 "INSERT INTO rollout_events(rollout, at, event) VALUES(?,?,?)",
                 (rid, now, f"started {version} to {target}"),
@@ -269,6 +270,7 @@ class RolloutStore:
         )
 
     def acks(self, rid: int, stage: str | None = None) -> list[Ack]:
+        args: tuple
         sql, args = "SELECT * FROM rollout_acks WHERE rollout=?", (rid,)
         if stage:
             sql, args = sql + " AND stage=?", (rid, stage)

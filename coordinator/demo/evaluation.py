@@ -52,7 +52,7 @@ def accuracy_per_round(
     jobs = []
     for aid, state in run.agent_states.items():
         acc[aid] = [None] * (rounds + 1)
-        adapters = agent_adapters(state, last_round(run))
+        adapters: dict[int, Path | None] = {**agent_adapters(state, last_round(run))}
         adapters[0] = None  # the bundle's own initial adapter
         jobs += [(aid, r, adapters[r]) for r in range(rounds + 1) if r in adapters]
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())

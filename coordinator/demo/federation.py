@@ -32,9 +32,9 @@ class FleetRun:
 
     rounds: list[dict] = field(default_factory=list)  # the coordinator's per-round JSON lines
     seconds: float = 0.0
-    costs: dict[int, dict[str, float]] = field(default_factory=dict)  # round -> seconds, bytes
+    costs: dict[int, dict[str, float | None]] = field(default_factory=dict)  # round -> seconds, bytes
     final_missing: list[str] = field(default_factory=list)  # agents without the last round's adapter
-    coordinator_state: Path | None = None
+    coordinator_state: Path = Path()  # set by run_federation
     agent_states: dict[str, Path] = field(default_factory=dict)
 
 
@@ -123,7 +123,7 @@ def run_federation(
     return run
 
 
-def round_costs(state_dir: Path) -> dict[int, dict[str, float]]:
+def round_costs(state_dir: Path) -> dict[int, dict[str, float | None]]:
     """Per aggregated round: seconds from start to close, bytes down (tasks) and up (updates).
 
     Read from the coordinator's store: a task blob is the exact payload sent; an update's

@@ -47,8 +47,8 @@ def build_report(
         aid: {"accuracy_before": s[0], "accuracy_after": s[-1], "accuracy_per_round": s}
         for aid, s in acc.items()
     }
-    before = [a["accuracy_before"] for a in agents.values() if a["accuracy_before"] is not None]
-    after = [a["accuracy_after"] for a in agents.values() if a["accuracy_after"] is not None]
+    before = [s[0] for s in acc.values() if s[0] is not None]
+    after = [s[-1] for s in acc.values() if s[-1] is not None]
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "password"}
     return {
         "config": config,

@@ -304,12 +304,14 @@ class Store:
         return version_row(row) if row else None
 
     def versions(self, scope: str | None = None) -> list[VersionRow]:
+        args: tuple
         sql, args = "SELECT * FROM versions", ()
         if scope:
             sql, args = sql + " WHERE scope=?", (scope,)
         return [version_row(r) for r in self.db.rows(sql + " ORDER BY round, scope DESC, agent", args)]
 
     def metrics(self, round_id: int | None = None) -> list[tuple[int, str, str, float]]:
+        args: tuple
         sql, args = "SELECT round, agent, name, value FROM metrics", ()
         if round_id is not None:
             sql, args = sql + " WHERE round=?", (round_id,)

@@ -77,7 +77,7 @@ class RolloutManager:
 
     def __init__(
         self,
-        session: Transport,
+        transport: Transport,
         topics: Topics,
         store: RolloutStore,
         key: Ed25519PrivateKey,
@@ -90,7 +90,7 @@ class RolloutManager:
         url_base: str | None = None,
         on_event: Callable[[int, str], None] | None = None,
     ):
-        self.session = session
+        self.transport = transport
         self.topics = topics
         self.store = store
         self.key = key
@@ -106,7 +106,7 @@ class RolloutManager:
         self.on_event = on_event or (lambda rid, text: log.info("rollout %d: %s", rid, text))
 
     def subscribe(self) -> None:
-        self.session.subscribe(self.topics.all_agents("ack"), qos=1)
+        self.transport.subscribe(self.topics.all_agents("ack"), qos=1)
 
     # ---- publishing --------------------------------------------------------------------------
     def _publish(self, topic: str, env: Envelope, tensors: Mapping[str, np.ndarray] | None = None) -> None:
@@ -116,7 +116,7 @@ class RolloutManager:
             raise RolloutError(
                 f"{topic}: signed message of {len(payload)} bytes exceeds the limit of {self.max_payload}"
             )
-        self.session.publish(topic, payload, qos=1, retain=True, timeout=self.publish_timeout)
+        self.transport.publish(topic, payload, qos=1, retain=True, timeout=self.publish_timeout)
 
     def _send_adapter(self, rid: int, stage: str, version: str, agent: str) -> None:
         tensors, meta = self.adapters.load_for(version, agent)
@@ -336,10 +336,10 @@ class RolloutManager:
                 raise RolloutError(f"rollout {rid} does not exist")
             if row.state in FINAL_STATES or time.monotonic() >= deadline:
                 return row
-            incoming = self.session.get(timeout=poll)
+            incoming = self.transport.get(timeout=poll)
             while incoming is not None:
                 self.handle(incoming)
-                incoming = self.session.get(timeout=0)
+                incoming = self.transport.get(timeout=0)
             self.tick()
 
 

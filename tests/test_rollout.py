@@ -222,7 +222,7 @@ def _fleet_view(manager, n: int):
     view = {}
     deadline = time.monotonic() + WAIT_S
     while len(view) < n and time.monotonic() < deadline:
-        view.update(read_fleet(manager.session, manager.topics, quiet=0.3, timeout=3))
+        view.update(read_fleet(manager.transport, manager.topics, quiet=0.3, timeout=3))
     return view
 
 
@@ -316,7 +316,7 @@ def test_offline_agent_catches_up_on_reconnect(fleet):
     view = {k: v for k, v in view.items()}
     deadline = time.monotonic() + WAIT_S
     while view["c"].online and time.monotonic() < deadline:
-        view.update(read_fleet(manager.session, manager.topics, quiet=0.3, timeout=3))
+        view.update(read_fleet(manager.transport, manager.topics, quiet=0.3, timeout=3))
     assert not view["c"].online
 
     rid = manager.start(RolloutParams("good", Target.parse("all"), canary="1", stage_timeout=5), view)

@@ -91,7 +91,7 @@ def world(tmp_path):
     store = RolloutStore(tmp_path / "rollout.sqlite")
     manager = RolloutManager(broker.client(), TOPICS, store, key, source, on_event=lambda rid, text: None)
     manager.subscribe()
-    manager.session.connect()
+    manager.transport.connect()
     agents = {x: broker.client() for x in "abcd"}
     for agent_id, client in agents.items():
         client.subscribe(TOPICS.adapter(agent_id))
@@ -127,7 +127,7 @@ def test_a_good_canary_is_promoted_and_the_rollout_completes(world):
     (canary,) = manager.store.stages(rid)[0].agents
     assert [a for a in agents if broker.retained(TOPICS.adapter(a))] == [canary]
     _answer(world, canary, cur=0.5, new=0.6)
-    assert manager.handle(manager.session.get(5.0))  # the canary's ack
+    assert manager.handle(manager.transport.get(5.0))  # the canary's ack
     manager.tick()  # every canary agent answered: promote and send the rest
     assert [s.name for s in manager.store.stages(rid)] == [CANARY, REST]
     for agent_id in sorted(set(agents) - {canary}):

@@ -302,7 +302,7 @@ def test_canary_regression_rolls_back_automatically(fleet):
 def drain(manager, seconds: float = 0.5) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        msg = manager.session.get(timeout=0.05)
+        msg = manager.transport.get(timeout=0.05)
         if msg is not None:
             manager.handle(msg)
 
@@ -382,7 +382,7 @@ def test_tampered_unsigned_and_wrongly_signed_adapters_are_refused(fleet, world,
     acks = MqttSession(mosquitto.url, "ack-watch", clean_session=True).connect(timeout=30)
     acks.subscribe(topics.ack("a"))
     for payload in (bytes(flipped), wrong_key, unsigned, for_b, resigned_tensors):
-        manager.session.publish(topics.adapter("a"), payload, retain=True)
+        manager.transport.publish(topics.adapter("a"), payload, retain=True)
     time.sleep(1.0)
     assert a.version is None and a.changes == [] and ev.calls >= 0
     rejected = []
@@ -391,7 +391,7 @@ def test_tampered_unsigned_and_wrongly_signed_adapters_are_refused(fleet, world,
     assert rejected and all(b["status"] == "rejected" for b in rejected)
     assert any("signature" in b["reason"] for b in rejected)
 
-    manager.session.publish(topics.adapter("a"), good, retain=True)
+    manager.transport.publish(topics.adapter("a"), good, retain=True)
     wait_for(lambda: a.version == "good", "the genuine adapter")
     acks.close()
 

@@ -75,14 +75,11 @@ def _data(bundle: Path, work: Path) -> Path:
 def rollout_to_three(url: str, bundle: Path, work: Path, repeats: int) -> dict:
     from test_rollout import FLEET, Evaluator, HarnessAgent
 
-    from fedclip.coordinator.rollout import (
-        DictSource,
-        RolloutManager,
-        RolloutParams,
-        RolloutStore,
-        Target,
-        read_fleet,
-    )
+    from fedclip.coordinator.fleet import read_fleet
+    from fedclip.coordinator.rollout import RolloutManager
+    from fedclip.coordinator.rollout_policy import RolloutParams, Target
+    from fedclip.coordinator.rollout_sources import DictSource
+    from fedclip.coordinator.rollout_store import RolloutStore
     from fedclip.device_agent.training import train_local
     from fedclip.sdk.adapters import AdapterMeta
     from fedclip.sdk.mqtt import MqttSession
@@ -132,14 +129,11 @@ def rollout_to_three(url: str, bundle: Path, work: Path, repeats: int) -> dict:
 
 
 def thousand_acks(url: str, work: Path, n: int = 1000) -> dict:
-    from fedclip.coordinator.rollout import (
-        AgentInfo,
-        DictSource,
-        RolloutManager,
-        RolloutParams,
-        RolloutStore,
-        Target,
-    )
+    from fedclip.coordinator.fleet import AgentInfo
+    from fedclip.coordinator.rollout import RolloutManager
+    from fedclip.coordinator.rollout_policy import RolloutParams, Target
+    from fedclip.coordinator.rollout_sources import DictSource
+    from fedclip.coordinator.rollout_store import RolloutStore
     from fedclip.sdk.adapters import AdapterMeta
     from fedclip.sdk.mqtt import Incoming, MqttSession
     from fedclip.sdk.signing import generate_key

@@ -13,6 +13,7 @@ from typing import Any
 
 from fedclip.sdk.errors import WireError
 from fedclip.sdk.ids import ID_PATTERN
+from fedclip.sdk.transport import Transport
 from fedclip.sdk.wire import Message, MsgType, Topics, decode
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def parse_status(topics: Topics, topic: str, payload: bytes) -> AgentInfo | None
 
 
 def read_fleet(
-    session: Any, topics: Topics, quiet: float = 0.5, timeout: float = 5.0
+    session: Transport, topics: Topics, quiet: float = 0.5, timeout: float = 5.0
 ) -> dict[str, AgentInfo]:
     """Subscribe to every agent's retained status and collect them until `quiet` s pass without one.
 

@@ -20,7 +20,8 @@ from typing import Any
 from fedclip.coordinator.metrics import METRICS_FILE, MetricsLog
 from fedclip.coordinator.rollout_store import DB_NAME as ROLLOUT_DB
 from fedclip.coordinator.rollout_store import RolloutRow, RolloutStore
-from fedclip.coordinator.store import DB_NAME, Store, VersionRow, connect
+from fedclip.coordinator.store import DB_NAME, Store, VersionRow
+from fedclip.coordinator.store.db import connect
 
 SCHEMA = 1  # bumped only when a field changes meaning or goes away; new fields may appear any time
 
@@ -146,7 +147,7 @@ class FleetView:
         self.dir = Path(state)
         self.store = Store(self.dir, readonly=True)
         self._lock = threading.Lock()
-        self._conn = connect(self.dir / DB_NAME, "", readonly=True, threads=True)
+        self._conn = connect(self.dir / DB_NAME, "", readonly=True)
         self._task_sizes: dict[str, int] = {}  # blobs are content-addressed: a size never changes
         self._closed_tasks: dict[int, tuple[int, int]] = {}  # per closed round, see _per_round_tasks
         self._log = MetricsLog(self.dir / METRICS_FILE)
@@ -190,10 +191,8 @@ class FleetView:
         for rnd, blob in self._q("SELECT round, task_blob FROM selections WHERE round > ?", (upto,)):
             size = self._task_sizes.get(blob)
             if size is None:
-                try:
-                    size = self.store.blobs.path(blob).stat().st_size
-                except OSError:
-                    size = 0  # a blob that was never written (tests) or was removed: count nothing
+                # a blob that was never written (tests) or was removed: count nothing
+                size = self.store.blobs.size(blob) or 0
                 if rnd > closed_upto:
                     self._task_sizes[blob] = size  # an open round's tasks are looked up again
             acc = out.setdefault(rnd, [0, 0])

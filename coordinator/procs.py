@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from fedclip.sdk.errors import FedclipError
 
@@ -79,7 +80,8 @@ class ProcessGroup:
         if sys.platform.startswith("linux"):
             argv = [sys.executable, "-c", _PDEATHSIG_SHIM, str(os.getpid()), *argv]
         log_path = out_path = None
-        err = out = subprocess.DEVNULL
+        err: int | IO[bytes] = subprocess.DEVNULL
+        out: int | IO[bytes] = subprocess.DEVNULL
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             log_path = self.log_dir / f"{name}.log"
@@ -209,42 +211,37 @@ def _group_alive(pgid: int) -> bool:
 
 
 @contextlib.contextmanager
-def deferred_interrupts() -> Iterator[None]:
+def _signals_handled(sigs: list[signal.Signals], handler: Callable[[int, object], None]) -> Iterator[None]:
+    """`handler` for `sigs` inside the block, the old handlers after; nothing outside the main thread
+    (only it may set handlers)."""
+    try:
+        old = {s: signal.signal(s, handler) for s in sigs}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def deferred_interrupts() -> contextlib.AbstractContextManager[None]:
     """Ignore further SIGINT/SIGTERM while cleaning up: we are already on the way out."""
 
     def _hold(signum: int, _frame: object) -> None:
         log.warning("%s received while stopping children; still stopping", signal.Signals(signum).name)
 
-    try:
-        old = {s: signal.signal(s, _hold) for s in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:  # not the main thread: nothing to defer
-        yield
-        return
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+    return _signals_handled([signal.SIGINT, signal.SIGTERM], _hold)
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
+def sigterm_as_interrupt() -> contextlib.AbstractContextManager[None]:
     """Treat SIGTERM and SIGHUP like Ctrl-C so one cleanup path serves all three."""
 
     def _raise(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    sigs = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
-    try:
-        old = {s: signal.signal(s, _raise) for s in sigs}
-    except ValueError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+    return _signals_handled([signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []), _raise)
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:

@@ -142,6 +142,9 @@ class Registry:
     def list(self, scope: str | None = None) -> list[VersionRow]:
         return self.store.versions(scope)
 
+    def has(self, version: str) -> bool:
+        return self.store.version(version) is not None
+
     def show(self, version: str) -> VersionRow:
         row = self.store.version(version)
         if row is None:
@@ -169,7 +172,7 @@ def load_initial_adapter(bundle_dir: str | Path, manifest: Manifest) -> dict[str
         # (unless an exchanged tensor is frozen, which only the inference graph holds).
         initial = bundle_dir / manifest.initial_tensors
         found, _ = decode_tensors(initial.read_bytes(), str(initial))
-    if wanted <= set(found):
+    if manifest.initial_tensors and wanted <= set(found):
         path = bundle_dir / manifest.initial_tensors
     elif path.is_file():
         found, _ = decode_tensors(path.read_bytes(), str(path))

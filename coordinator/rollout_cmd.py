@@ -17,22 +17,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedclip.coordinator.fleet import read_fleet
 from fedclip.coordinator.fleet_view import rollout_record
 from fedclip.coordinator.json_out import JSON_OPTION, print_json, print_json_line
-from fedclip.coordinator.rollout import (
-    DB_NAME,
-    FINAL_STATES,
-    KEY_DIR,
-    ROLLED_BACK,
-    DictSource,
-    RegistrySource,
-    RolloutError,
-    RolloutManager,
-    RolloutParams,
-    RolloutStore,
-    Target,
-    read_fleet,
-)
+from fedclip.coordinator.rollout import KEY_DIR, RolloutManager
+from fedclip.coordinator.rollout_policy import RolloutParams, Target
+from fedclip.coordinator.rollout_sources import DictSource, RegistrySource
+from fedclip.coordinator.rollout_store import DB_NAME, FINAL_STATES, ROLLED_BACK, RolloutError, RolloutStore
 from fedclip.sdk.errors import ConfigError
 from fedclip.sdk.ids import check_id
 from fedclip.sdk.wire import Topics

@@ -1,7 +1,8 @@
 """The rollout record: rollouts, stages, acknowledgements, pins and events in `rollout.sqlite`.
 
-Its own SQLite file (WAL) next to the coordinator's store, so `fedclip-coord rollout ...` commands and
-a running `serve` can share it: both record acks, and whoever sees a stage due first decides it.
+Its own SQLite file next to the coordinator's store, on the same `Database` model (one thread per
+process, WAL, a busy wait across processes), so `fedclip-coord rollout ...` commands and a running
+`serve` can share it: both record acks, and whoever sees a stage due first decides it.
 Stage decisions are compare-and-set (`finish_stage` only closes a running stage), so two processes
 never both promote or both roll back the same stage.
 """
@@ -10,16 +11,16 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
-from fedclip.coordinator.store import connect, transaction
+from fedclip.coordinator.store.db import Database
 from fedclip.sdk.errors import FedclipError
 
+T = TypeVar("T")
 DB_NAME = "rollout.sqlite"
 CANARY, REST, PIN = "canary", "rest", "pin"
 
@@ -106,30 +107,29 @@ class StageRow:
 
 
 class RolloutStore:
-    """The rollout tables in their own SQLite file (WAL). Thread-safe through one lock."""
+    """The rollout tables in their own SQLite file. Thread-safe: calls run on its database thread."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            # NORMAL in WAL mode survives a process crash; an OS crash may lose the last acks, which
-            # agents send again on their next status anyway (acks are idempotent upserts).
-            self._conn = connect(self.path, _SCHEMA, synchronous="NORMAL", threads=True)
-        except sqlite3.Error as e:
-            raise RolloutError(f"{self.path}: cannot open the rollout database ({e})") from None
-        self._lock = threading.Lock()
+        # NORMAL in WAL mode survives a process crash; an OS crash may lose the last acks, which
+        # agents send again on their next status anyway (acks are idempotent upserts).
+        self.db = Database(
+            self.path,
+            _SCHEMA,
+            what=str(self.path),
+            synchronous="NORMAL",
+            error_type=RolloutError,
+        )
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self.db.close()
 
-    def _tx(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        with self._lock:
-            return transaction(self._conn, fn)
+    def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return self.db.write(fn)
 
     def _q(self, sql: str, args: tuple = ()) -> list[tuple]:
-        with self._lock:
-            return self._conn.execute(sql, args).fetchall()
+        return self.db.rows(sql, args)
 
     # rollouts
     def create(
@@ -164,7 +164,8 @@ class RolloutStore:
                     json.dumps(sorted(targets)),
                 ),
             )
-            rid = int(cur.lastrowid)
+            rid = cur.lastrowid
+            assert rid is not None  # set by the INSERT just made
             c.execute(
                 "INSERT INTO rollout_events(rollout, at, event) VALUES(?,?,?)",
                 (rid, now, f"started {version} to {target}"),
@@ -269,6 +270,7 @@ class RolloutStore:
         )
 
     def acks(self, rid: int, stage: str | None = None) -> list[Ack]:
+        args: tuple
         sql, args = "SELECT * FROM rollout_acks WHERE rollout=?", (rid,)
         if stage:
             sql, args = sql + " AND stage=?", (rid, stage)

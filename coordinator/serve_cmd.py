@@ -110,7 +110,8 @@ def serve(
     signs with the key in <state>/keys (made on first start) and drives open rollouts.
     """
     from fedclip.coordinator.config import CoordConfig
-    from fedclip.coordinator.server import Server, load_initial_adapter
+    from fedclip.coordinator.registry import load_initial_adapter
+    from fedclip.coordinator.server import Server
     from fedclip.sdk.manifest import Manifest
 
     setup_logging(verbose, quiet)
@@ -150,7 +151,7 @@ def serve(
     view = _LiveView() if sys.stderr.isatty() else None
     ops = None
     try:
-        server = Server(cfg, manifest, load_initial_adapter(cfg.bundle, manifest), progress=view)
+        server = Server.from_config(cfg, manifest, load_initial_adapter(cfg.bundle, manifest), view)
         ops = start_ops(cfg.state, cfg.ops_host, cfg.ops_port, cfg.ops_auth_file)
         server.run()
     finally:

@@ -130,11 +130,11 @@ def check_stats(
             raise WireError(f"{where}: statistic {name!r} has negative values")
         out[name] = arr.astype(np.float32)
     if reused:
-        labels = out[STAT_LABEL_HIST].shape[0] if STAT_LABEL_HIST in out else None
+        sent_labels = out[STAT_LABEL_HIST].shape[0] if STAT_LABEL_HIST in out else None
         for name, arr in reused.items():  # held for the same data, so only a changed label set differs
-            if labels is not None and arr.shape[0] != labels:
+            if sent_labels is not None and arr.shape[0] != sent_labels:
                 raise WireError(
-                    f"{where}: held statistic {name!r} has {arr.shape[0]} labels, the update {labels}"
+                    f"{where}: held statistic {name!r} has {arr.shape[0]} labels, the update {sent_labels}"
                 )
         out.update(reused)
     return out

@@ -40,6 +40,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def read_secret(path: str | Path, name: str) -> str:
+    """A secret kept in its own file (a broker password), stripped; `name` is the flag or field
+    that named the file, for the error."""
+    try:
+        return Path(path).read_text().strip()
+    except OSError as e:
+        raise ConfigError(f"{name}: cannot read {path} ({e.strerror or e})") from None
+
+
 def from_yaml(cls: type[T], path: str | Path, overrides: dict[str, Any] | None = None) -> T:
     """Load `cls` from a YAML file; `overrides` (e.g. CLI flags that were given) win."""
     data = load_yaml(path)

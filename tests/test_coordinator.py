@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from fedclip.coordinator.config import CoordConfig
-from fedclip.coordinator.registry import Registry
-from fedclip.coordinator.server import Server, load_initial_adapter
+from fedclip.coordinator.registry import Registry, load_initial_adapter
+from fedclip.coordinator.server import Server
 from fedclip.coordinator.store import Store
 from fedclip.sdk.adapters import encode_tensors
 from fedclip.sdk.manifest import Manifest
@@ -109,7 +109,7 @@ class Running:
 
     def __init__(self, cfg: CoordConfig):
         manifest = Manifest.load(cfg.bundle)
-        self.server = Server(cfg, manifest, load_initial_adapter(cfg.bundle, manifest))
+        self.server = Server.from_config(cfg, manifest, load_initial_adapter(cfg.bundle, manifest))
         self.result: list = []
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -505,18 +505,17 @@ def test_bundle_server_and_rollouts_are_set_up_next_to_the_rounds(lora_bundle, t
     manifest = Manifest.load(lora_bundle)
     state = tmp_path / "state"
     cfg = _cfg("mqtt://127.0.0.1:1", lora_bundle, state, http=http)  # never connected here
-    server = Server(cfg, manifest, load_initial_adapter(lora_bundle, manifest))
-    store = server._start_rollouts()
+    server = Server.from_config(cfg, manifest, load_initial_adapter(lora_bundle, manifest))
+    services = server.services.start()
     try:
         assert (state / "keys" / PUBLIC_KEY_NAME).is_file() and (state / "rollout.sqlite").is_file()
-        body = decode(server._status_payload("online"), fleet=FLEET).envelope.body
+        body = decode(server.status_payload("online"), fleet=FLEET).envelope.body
         if http:
-            assert body["bundle_url"] == server.bundles.url == server.rollouts.url_base
-            assert server.rollouts.url_root == lora_bundle
+            assert body["bundle_url"] == services.bundles.url == services.rollouts.url_base
+            assert services.rollouts.url_root == lora_bundle
         else:
-            assert server.bundles is None and server.rollouts.url_base is None and "bundle_url" not in body
+            assert services.bundles is None and services.rollouts.url_base is None
+            assert "bundle_url" not in body
     finally:
-        if server.bundles is not None:
-            server.bundles.stop()
-        store.close()
+        services.stop()
         server.store.close()

@@ -19,16 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fedclip.coordinator.rollout import (
-    COMPLETE,
-    ROLLED_BACK,
-    DictSource,
-    RolloutManager,
-    RolloutParams,
-    RolloutStore,
-    Target,
-    read_fleet,
-)
+from fedclip.coordinator.fleet import read_fleet
+from fedclip.coordinator.rollout import RolloutManager
+from fedclip.coordinator.rollout_policy import RolloutParams, Target
+from fedclip.coordinator.rollout_sources import DictSource
+from fedclip.coordinator.rollout_store import COMPLETE, ROLLED_BACK, RolloutStore
 from fedclip.device_agent.rollout_client import RolloutClient
 from fedclip.sdk.adapters import AdapterMeta, save_adapter
 from fedclip.sdk.data import Dataset, label_folder_name
@@ -227,7 +222,7 @@ def _fleet_view(manager, n: int):
     view = {}
     deadline = time.monotonic() + WAIT_S
     while len(view) < n and time.monotonic() < deadline:
-        view.update(read_fleet(manager.session, manager.topics, quiet=0.3, timeout=3))
+        view.update(read_fleet(manager.transport, manager.topics, quiet=0.3, timeout=3))
     return view
 
 
@@ -307,7 +302,7 @@ def test_canary_regression_rolls_back_automatically(fleet):
 def drain(manager, seconds: float = 0.5) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        msg = manager.session.get(timeout=0.05)
+        msg = manager.transport.get(timeout=0.05)
         if msg is not None:
             manager.handle(msg)
 
@@ -321,7 +316,7 @@ def test_offline_agent_catches_up_on_reconnect(fleet):
     view = {k: v for k, v in view.items()}
     deadline = time.monotonic() + WAIT_S
     while view["c"].online and time.monotonic() < deadline:
-        view.update(read_fleet(manager.session, manager.topics, quiet=0.3, timeout=3))
+        view.update(read_fleet(manager.transport, manager.topics, quiet=0.3, timeout=3))
     assert not view["c"].online
 
     rid = manager.start(RolloutParams("good", Target.parse("all"), canary="1", stage_timeout=5), view)
@@ -387,7 +382,7 @@ def test_tampered_unsigned_and_wrongly_signed_adapters_are_refused(fleet, world,
     acks = MqttSession(mosquitto.url, "ack-watch", clean_session=True).connect(timeout=30)
     acks.subscribe(topics.ack("a"))
     for payload in (bytes(flipped), wrong_key, unsigned, for_b, resigned_tensors):
-        manager.session.publish(topics.adapter("a"), payload, retain=True)
+        manager.transport.publish(topics.adapter("a"), payload, retain=True)
     time.sleep(1.0)
     assert a.version is None and a.changes == [] and ev.calls >= 0
     rejected = []
@@ -396,7 +391,7 @@ def test_tampered_unsigned_and_wrongly_signed_adapters_are_refused(fleet, world,
     assert rejected and all(b["status"] == "rejected" for b in rejected)
     assert any("signature" in b["reason"] for b in rejected)
 
-    manager.session.publish(topics.adapter("a"), good, retain=True)
+    manager.transport.publish(topics.adapter("a"), good, retain=True)
     wait_for(lambda: a.version == "good", "the genuine adapter")
     acks.close()
 

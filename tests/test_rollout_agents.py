@@ -15,7 +15,7 @@ import pytest
 from test_agent_fleet import FLEET, agent_factory, fmnist_dir  # noqa: F401  (fixtures)
 from test_rollout import world  # noqa: F401  (fixture: evaluator + good/bad adapters)
 
-from fedclip.coordinator.rollout import parse_status
+from fedclip.coordinator.fleet import parse_status
 from fedclip.device_agent.state import read_record
 from fedclip.sdk.adapters import save_adapter
 from fedclip.sdk.mqtt import MqttSession

@@ -4,19 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from fedclip.coordinator.rollout import (
-    Ack,
-    AgentInfo,
-    DictSource,
-    RolloutError,
-    RolloutManager,
-    RolloutParams,
-    RolloutStore,
-    Target,
-    decide,
-    parse_canary,
-    select_canary,
-)
+from fedclip.coordinator.fleet import AgentInfo
+from fedclip.coordinator.rollout import RolloutManager
+from fedclip.coordinator.rollout_policy import RolloutParams, Target, decide, parse_canary, select_canary
+from fedclip.coordinator.rollout_sources import DictSource
+from fedclip.coordinator.rollout_store import Ack, RolloutError, RolloutStore
 from fedclip.sdk.errors import ConfigError
 from fedclip.sdk.mqtt import Incoming
 from fedclip.sdk.signing import generate_key
@@ -138,7 +130,7 @@ def test_acks_are_validated_and_decisions_follow(tmp_path):
     fleet = {x: AgentInfo(x) for x in "abcd"}
     rid = m.start(RolloutParams("v1", Target.parse("all"), canary="1", stage_timeout=60), fleet)
     (canary,) = m.store.stages(rid)[0].agents
-    assert [t for t, _, retain in m.session.published if retain] == [f"fedclip/f/agents/{canary}/adapter"]
+    assert [t for t, _, retain in m.transport.published if retain] == [f"fedclip/f/agents/{canary}/adapter"]
     other = next(x for x in "abcd" if x != canary)
     metrics = {"new": {"accuracy": 0.8, "loss": 0.5, "num_samples": 10}, "current": {"accuracy": 0.7}}
     junk = [
@@ -174,7 +166,7 @@ def test_timeout_without_acks_rolls_back_and_says_why(tmp_path):
     m.tick(now=1e12)  # past the deadline, nobody answered
     row = m.store.get(rid)
     assert row.state == "rolled_back" and "only 0 of 2" in row.reason
-    commands = [t for t, _, _ in m.session.published if t.endswith("/command")]
+    commands = [t for t, _, _ in m.transport.published if t.endswith("/command")]
     assert sorted(commands) == sorted(f"fedclip/f/agents/{a}/command" for a in m.store.stages(rid)[0].agents)
     with pytest.raises(RolloutError, match="already rolled back"):
         m.rollback(rid)
@@ -190,7 +182,7 @@ def test_start_refuses_unknown_versions_and_empty_targets(tmp_path):
     m.store.pin("a", "v0")
     with pytest.raises(RolloutError, match="1 pinned"):
         m.start(RolloutParams("v1", Target.parse("all")), fleet)
-    assert m.session.published == [] and m.store.rollouts() == []
+    assert m.transport.published == [] and m.store.rollouts() == []
     with pytest.raises(ConfigError):
         RolloutParams("v1", Target.parse("all"), min_acks=2)
 
@@ -212,7 +204,7 @@ def test_personalized_versions_roll_out_per_agent(tmp_path):
     import numpy as np
 
     from fedclip.coordinator.registry import Registry, agent_version
-    from fedclip.coordinator.rollout import RegistrySource
+    from fedclip.coordinator.rollout_sources import RegistrySource
     from fedclip.coordinator.store import Store, VersionRow
     from fedclip.sdk.adapters import AdapterMeta, adapter_bytes
 
@@ -243,7 +235,7 @@ def test_personalized_versions_roll_out_per_agent(tmp_path):
         )
         from fedclip.sdk.wire import decode
 
-        sent = {t.split("/")[3]: decode(p, fleet="f").envelope.body for t, p, _ in m.session.published}
+        sent = {t.split("/")[3]: decode(p, fleet="f").envelope.body for t, p, _ in m.transport.published}
         assert sent["alice"]["version"] == "a-alice-r1" and sent["bob"]["version"] == "g-r1"
         assert sent["alice"]["rollout_version"] == "g-r1" and sent["alice"]["rollout"] == rid
     finally:
@@ -262,9 +254,9 @@ def test_two_processes_driving_one_rollout_decide_each_stage_once(tmp_path):
     (canary,) = m.store.stages(rid)[0].agents
     m.handle(_ack_msg(canary, {"rollout": rid, "status": "installed", "version": "v1"}))
     other.tick()  # the stage is due, but `other` cannot load v1: it leaves the promotion to `m`
-    assert m.store.get(rid).state == "canary" and other.session.published == []
+    assert m.store.get(rid).state == "canary" and other.transport.published == []
     m.tick()
-    sent = len(m.session.published)
+    sent = len(m.transport.published)
     assert m.store.get(rid).state == "promoted"
     # a decision taken from a stale view loses the compare-and-set and publishes nothing
     assert not other.store.finish_stage(rid, "canary", "failed", "late", None)
@@ -272,7 +264,7 @@ def test_two_processes_driving_one_rollout_decide_each_stage_once(tmp_path):
         other.handle(_ack_msg(x, {"rollout": rid, "status": "installed", "version": "v1"}))
     other.tick()  # the rest stage needs no adapter: `other` completes it
     m.tick()
-    assert m.store.get(rid).state == "complete" and len(m.session.published) == sent
+    assert m.store.get(rid).state == "complete" and len(m.transport.published) == sent
     events = [text for _, text in m.store.events(rid)]
     assert sum("canary passed" in t for t in events) == 1, events
     assert sum(t.startswith("rest: sent") for t in events) == 1, events

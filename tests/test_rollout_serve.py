@@ -17,7 +17,7 @@ import time
 import pytest
 from test_rollout import FLEET, WAIT_S, HarnessAgent, wait_for, world  # noqa: F401  (fixture)
 
-from fedclip.coordinator.rollout import COMPLETE, RolloutStore
+from fedclip.coordinator.rollout_store import COMPLETE, RolloutStore
 from fedclip.sdk.adapters import save_adapter
 from fedclip.sdk.fetch import fetch_bundle
 from fedclip.sdk.manifest import Manifest

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fedclip.coordinator.registry import Registry
-from fedclip.coordinator.store import Store
+from fedclip.coordinator.store import Store, StoreError
 from fedclip.coordinator.strategies.base import AggregateResult
 from fedclip.sdk.adapters import load_adapter
 from fedclip.sdk.errors import AdapterError, ConfigError
@@ -156,3 +156,49 @@ def test_a_state_dir_from_before_opens_and_upgrades_in_place(tmp_path):
         assert s.agent_stats("b").data_digest == "d"
     with Store(tmp_path) as s:  # upgraded once: opening again is a no-op
         assert len(s.updates(1)) == 2
+
+
+def test_blobs_are_named_by_content_and_read_by_tensor(tmp_path):
+    from fedclip.sdk.adapters import encode_tensors
+
+    with Store(tmp_path) as s:
+        tensors = {"x": np.arange(4, dtype=np.float32), "stats/mean": np.ones((2, 3), np.float32)}
+        data = encode_tensors(tensors, {})
+        sha = s.blobs.put(data)
+        assert s.blobs.put(data) == sha and s.blobs.has(sha) and s.blobs.size(sha) == len(data)
+        assert not s.blobs.has("0" * 64) and s.blobs.size("0" * 64) is None
+        assert list(s.blobs.read_tensors(sha, ["stats/mean", "absent"])) == ["stats/mean"]
+        lazy = s.blobs.tensors(sha, ("x",))
+        assert list(lazy) == ["x"] and len(lazy) == 1
+        np.testing.assert_array_equal(lazy["x"], tensors["x"])
+        with pytest.raises(KeyError):
+            lazy["stats/mean"]  # only the names it was given
+        with pytest.raises(StoreError, match="is missing"):
+            s.blobs.get("0" * 64)
+
+
+def test_a_closed_store_refuses_calls_instead_of_waiting_forever(tmp_path):
+    s = Store(tmp_path)
+    s.set_meta("k", "v")
+    s.close()
+    with pytest.raises(StoreError, match="closed"):
+        s.get_meta("k")
+
+
+def test_the_rollout_store_shares_the_one_thread_model(tmp_path):
+    """Calls from many threads run one at a time on the database's own thread, none lost."""
+    import threading
+
+    from fedclip.coordinator.rollout_store import RolloutStore
+
+    store = RolloutStore(tmp_path / "rollout.sqlite")
+    try:
+        threads = [threading.Thread(target=store.event, args=(None, f"e{i}")) for i in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        rows = store.db.rows("SELECT event FROM rollout_events ORDER BY id")
+        assert sorted(r[0] for r in rows) == sorted(f"e{i}" for i in range(20))
+    finally:
+        store.close()

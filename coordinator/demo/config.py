@@ -1,0 +1,91 @@
+"""The demo's settings (one frozen dataclass, checked on creation) and how it calls fedclip's
+commands: by this interpreter (`python -m ...`), so it works without the venv on PATH."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedclip.sdk.errors import ConfigError
+
+STRATEGY_ADAPTER = {"fedavg": "lora", "ce-lora": "tri-lora"}
+
+
+FLEET = "demo"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    agents: int = 4
+    rounds: int = 3
+    strategy: str = "ce-lora"
+    dataset: str = "auto"
+    per_agent: int = 240
+    dirichlet: float = 0.5
+    shift: str = "per-agent"
+    model: str = "fedclip-tiny"
+    pretrained: str | None = None
+    bundle: Path | None = None
+    rank: int = 4
+    alpha: float = 8.0
+    targets: str = "q,v"
+    towers: str = "vision,text"
+    local_epochs: int = 1
+    lr: float = 5e-3
+    broker: str | None = None
+    username: str | None = None
+    password: str | None = None
+    round_timeout: float = 120.0
+    timeout: float = 900.0
+    seed: int = 0
+    # ce-lora's data-distance weight and temperature; None = the coordinator's defaults
+    lam: float | None = None
+    tau: float | None = None
+    out: Path = Path("fedclip-demo")
+    run_name: str = "run"
+    fleet: str = FLEET
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGY_ADAPTER:
+            raise ConfigError(f"--strategy: {self.strategy!r} is not one of {', '.join(STRATEGY_ADAPTER)}")
+        if self.shift not in ("none", "per-agent"):
+            raise ConfigError(f"--shift: {self.shift!r} is not one of none, per-agent")
+        if self.dirichlet <= 0:
+            raise ConfigError(f"--dirichlet: must be > 0, got {self.dirichlet}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr: must be > 0, got {self.lr}")
+        if self.round_timeout <= 0 or self.timeout <= 0:
+            raise ConfigError("--round-timeout, --timeout: must be > 0")
+        if self.bundle is not None and not (Path(self.bundle) / "manifest.yaml").is_file():
+            raise ConfigError(f"--bundle: {self.bundle} is not a bundle folder (no manifest.yaml)")
+
+    @property
+    def adapter(self) -> str:
+        return STRATEGY_ADAPTER[self.strategy]
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out / "runs" / self.run_name
+
+
+def _cli(module: str, *args: object) -> list[str]:
+    """A fedclip command run by this interpreter, so the demo works without the venv on PATH."""
+    return [sys.executable, "-m", module, *(str(a) for a in args)]
+
+
+def coord_cli(*args: object) -> list[str]:
+    return _cli("fedclip.coordinator.cli", *args)
+
+
+def agent_cli(*args: object) -> list[str]:
+    return _cli("fedclip.device_agent.cli", *args)
+
+
+def flags(**options: object) -> list[str]:
+    """`--name value` pairs for a command line; None is left out, underscores become dashes."""
+    out: list[str] = []
+    for name, value in options.items():
+        if value is not None:
+            out += [f"--{name.replace('_', '-')}", str(value)]
+    return out

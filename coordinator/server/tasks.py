@@ -1,0 +1,110 @@
+"""Task building: the open round's in-memory state, and the task message each selected agent gets.
+
+A task is stored as a blob (the exact payload published) before anything is sent, so a restarted
+coordinator re-sends the same bytes; an extension re-issues the same task with a later deadline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedclip.coordinator.server.context import RoundContext
+from fedclip.sdk.wire import Envelope, MsgType, decode, encode
+
+
+@dataclass
+class RoundState:
+    """The round being collected (fields mirror its rows in the store)."""
+
+    round: int
+    deadline: float
+    extended: bool
+    selected: dict[str, str]  # agent -> base version of its task
+    task_blobs: dict[str, str]  # agent -> blob sha of its task message
+    received: set[str] = field(default_factory=set)
+
+    @property
+    def complete(self) -> bool:
+        return self.received >= set(self.selected)
+
+    @property
+    def missing(self) -> list[str]:
+        return sorted(set(self.selected) - self.received)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What one agent is asked to do in one round (the tensors it starts from travel beside it)."""
+
+    round_id: int
+    agent: str
+    base_version: str
+    stats: tuple[str, ...]  # statistic kinds the strategy wants ("histogram", "gaussian")
+    deadline: float
+    stats_digest: str = ""  # the agent may leave out the statistics it computed for this digest
+
+
+class Tasks:
+    """Builds, stores and re-issues task messages for one coordinator."""
+
+    def __init__(self, ctx: RoundContext):
+        self.cfg, self.manifest, self.store = ctx.cfg, ctx.manifest, ctx.store
+
+    def build(self, spec: TaskSpec, tensors: Mapping[str, np.ndarray]) -> str:
+        """Store the task message of `spec`; returns its blob sha."""
+        body = {
+            "bundle_id": self.manifest.bundle_id,
+            "deadline": spec.deadline,
+            "hyperparameters": self.cfg.hyperparameters(),
+            "stats": list(spec.stats),
+            "noise_std": self.cfg.noise_std,
+            "reset_optimizer": False,
+        }
+        if spec.stats_digest:
+            body["stats_digest"] = spec.stats_digest
+        env = Envelope(
+            MsgType.TASK,
+            self.cfg.fleet,
+            spec.agent,
+            round=spec.round_id,
+            base_version=spec.base_version,
+            body=body,
+        )
+        return self.store.blobs.put(encode(env, tensors))
+
+    def held_digest(self, agent: str, round_id: int, stats: tuple[str, ...]) -> str:
+        """The data digest of the statistics held for `agent`, so it need not send them again; ""
+        (send them) when the strategy needs none, none are held, or they are due for a refresh."""
+        if "gaussian" not in stats:
+            return ""
+        held = self.store.agent_stats(agent)
+        if held is None or not self.store.blobs.has(held.blob):
+            return ""
+        refresh = self.cfg.stats_refresh_rounds
+        if refresh and round_id - held.round >= refresh:
+            return ""
+        return held.data_digest
+
+    def payload(self, st: RoundState, agent: str) -> bytes:
+        return self.store.blobs.get(st.task_blobs[agent])
+
+    def reissue(self, st: RoundState, agents: list[str], deadline: float) -> dict[str, str]:
+        """The same tasks with a later `deadline`, so an agent that has not started still may;
+        agent -> new blob sha (stored, not yet recorded as the round's)."""
+        blobs = {}
+        for agent in agents:
+            old = decode(self.payload(st, agent), fleet=self.cfg.fleet, max_bytes=self.cfg.max_payload_bytes)
+            body = old.envelope.body
+            spec = TaskSpec(
+                st.round,
+                agent,
+                st.selected[agent],
+                tuple(body["stats"]),
+                deadline,
+                body.get("stats_digest", ""),
+            )
+            blobs[agent] = self.build(spec, old.tensors)
+        return blobs

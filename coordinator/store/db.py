@@ -1,0 +1,144 @@
+"""How every coordinator database is opened and written: one SQLite concurrency model.
+
+A `Database` owns one connection on one thread of its own; every call runs there, in order, and
+returns when it is done. A write runs in one `BEGIN IMMEDIATE` transaction and returns after it has
+committed, so "stored" means "on disk" at the file's `synchronous` level. WAL mode lets readers in
+other processes (`status`, the CLIs) read while one process writes; a 5 s busy wait covers two
+processes writing the same file (`serve` and `fedclip-coord rollout ...` on rollout.sqlite).
+The coordinator's store and the rollout store both sit on it.
+"""
+
+from __future__ import annotations
+
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fedclip.sdk.errors import FedclipError
+
+T = TypeVar("T")
+
+
+class StoreError(FedclipError):
+    """The state dir cannot be opened or is from an incompatible version."""
+
+
+def connect(
+    path: Path, schema: str, *, synchronous: str = "FULL", readonly: bool = False
+) -> sqlite3.Connection:
+    """Autocommit (transactions are explicit, see `transaction`), WAL, a 5 s busy wait for other
+    processes, and `schema` created when missing. Usable from any thread: `Database` serializes.
+    Raises sqlite3.Error."""
+    if readonly:
+        conn = sqlite3.connect(
+            f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+        )
+    else:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("PRAGMA busy_timeout=5000")
+    if not readonly:
+        conn.executescript(schema)
+    return conn
+
+
+def transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """Run `fn(conn)` in one write transaction (taken at once: no lock upgrade deadlock); rolled
+    back if it raises."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return result
+
+
+class Database:
+    """One SQLite file behind one thread. `write(fn)` commits `fn(conn)` as one transaction,
+    `read(fn)` runs it without one; both wait for the result. `on_open(conn)` runs first, on the
+    thread (schema checks, migrations); what it raises, and sqlite3 errors opening the file, come
+    out of the constructor (as `error_type`, naming `what`)."""
+
+    def __init__(
+        self,
+        path: Path,
+        schema: str,
+        *,
+        what: str,
+        synchronous: str = "FULL",
+        readonly: bool = False,
+        on_open: Callable[[sqlite3.Connection], None] | None = None,
+        error_type: type[FedclipError] = StoreError,
+    ):
+        self.path = Path(path)
+        self.readonly = readonly
+        self._jobs: queue.Queue[tuple[Callable[[sqlite3.Connection], Any], bool, Future] | None] = (
+            queue.Queue()
+        )
+        ready: Future = Future()
+        opener = (schema, synchronous, on_open, what, error_type)
+        self._thread = threading.Thread(
+            target=self._run, args=(ready, opener), name=f"sqlite-{self.path.name}", daemon=True
+        )
+        self._thread.start()
+        ready.result()
+
+    def _run(self, ready: Future, opener: tuple) -> None:
+        schema, synchronous, on_open, what, error_type = opener
+        try:
+            conn = connect(self.path, schema, synchronous=synchronous, readonly=self.readonly)
+            if on_open is not None:
+                on_open(conn)
+        except sqlite3.Error as e:
+            ready.set_exception(error_type(f"{what}: cannot open the database ({e})"))
+            return
+        except BaseException as e:
+            ready.set_exception(e)
+            return
+        ready.set_result(None)
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                conn.close()
+                return
+            fn, write, fut = job
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(transaction(conn, fn) if write and not self.readonly else fn(conn))
+            except BaseException as e:
+                fut.set_exception(e)
+
+    def _submit(self, fn: Callable[[sqlite3.Connection], T], write: bool) -> T:
+        if not self._thread.is_alive():
+            raise StoreError(f"{self.path}: the database is closed")
+        fut: Future = Future()
+        self._jobs.put((fn, write, fut))
+        return fut.result()
+
+    def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """`fn(conn)` in one committed transaction (run as is on a read-only database)."""
+        return self._submit(fn, True)
+
+    def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return self._submit(fn, False)
+
+    def rows(self, sql: str, args: tuple = ()) -> list[tuple]:
+        """The rows of one query."""
+        return self.read(lambda c: c.execute(sql, args).fetchall())
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join(timeout=10)
+
+
+def columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    return {r[1] for r in conn.execute(f"PRAGMA table_info({table})").fetchall()}

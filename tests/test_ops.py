@@ -47,9 +47,7 @@ def _expected(state) -> dict:
     with Store(state, readonly=True) as s:
         rounds = s.rounds()
         updates = [u for r in rounds for u in s.updates(r.round)]
-        task_bytes = sum(
-            s.blobs.path(blob).stat().st_size for r in rounds for _, blob in s.selections(r.round).values()
-        )
+        task_bytes = sum(s.blobs.size(blob) for r in rounds for _, blob in s.selections(r.round).values())
         return {
             "aggregated": sum(r.state == "aggregated" for r in rounds),
             "collecting": sum(r.state == "collecting" for r in rounds),

@@ -8,8 +8,9 @@ from typing import Any, Literal
 
 from fedclip.coordinator.strategies.base import StrategyOptions
 from fedclip.sdk.config import from_mapping, from_yaml
-from fedclip.sdk.errors import ConfigError
+from fedclip.sdk.errors import ConfigError, WireError
 from fedclip.sdk.ids import check_id
+from fedclip.sdk.messages import Hyperparameters
 
 
 def read_secret(path: Path, what: str) -> str:
@@ -40,9 +41,10 @@ class CoordConfig:
     seed: int = 0
     min_updates: int = 1  # quorum Q: updates needed to aggregate, and online agents needed to start
     round_timeout: float = 600.0  # seconds; the deadline is extended once by as much below quorum
-    local_epochs: int = 1
-    lr: float = 1e-3
-    batch_size: int = 32
+    # training defaults live once, in the task message's class
+    local_epochs: int = Hyperparameters.epochs
+    lr: float = Hyperparameters.lr
+    batch_size: int = Hyperparameters.batch_size
     max_steps: int = 0  # 0 = no limit
     noise_std: float = 0.0  # noise the agents add to their shared statistics
     lam: float = 0.5
@@ -78,6 +80,10 @@ class CoordConfig:
         for name in ("rounds", "min_updates", "local_epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        try:  # the bounds every agent applies to a task: refuse here, not when the first task is built
+            self.hyperparameters()
+        except WireError as e:
+            raise ConfigError(str(e).replace("hyperparameters: hyperparameters: body field ", "")) from None
         for name in ("round_timeout", "lr", "max_payload_mb", "publish_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
@@ -122,13 +128,8 @@ class CoordConfig:
     def max_payload_bytes(self) -> int:
         return int(self.max_payload_mb * 1024 * 1024)
 
-    def hyperparameters(self) -> dict[str, Any]:
-        return {
-            "epochs": self.local_epochs,
-            "lr": self.lr,
-            "batch_size": self.batch_size,
-            "max_steps": self.max_steps or None,
-        }
+    def hyperparameters(self) -> Hyperparameters:
+        return Hyperparameters(self.local_epochs, self.lr, self.batch_size, self.max_steps or None)
 
     def strategy_options(self) -> StrategyOptions:
         return StrategyOptions(

@@ -11,15 +11,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedclip.coordinator.trust import Trust
 from fedclip.sdk.errors import WireError
-from fedclip.sdk.ids import ID_PATTERN
+from fedclip.sdk.messages import AgentStatus
 from fedclip.sdk.transport import Transport
 from fedclip.sdk.wire import Message, MsgType, Topics, decode
 
 log = logging.getLogger(__name__)
 
 MAX_STATUS_BYTES = 1 << 20
-_INFO_KEYS = ("versions", "device", "groups", "notice")
 
 
 @dataclass(frozen=True)
@@ -38,56 +38,50 @@ class AgentInfo:
 
 def status_from_message(topic_agent: str, msg: Message) -> AgentInfo:
     """Validate a decoded status against the topic it came on; WireError says what is wrong."""
-    env = msg.envelope
-    if env.type is not MsgType.STATUS:
-        raise WireError(f"status of {topic_agent}: unexpected message type {env.type.value!r}")
-    if env.agent != topic_agent:
-        raise WireError(f"status on the topic of {topic_agent!r} claims to be from {env.agent!r}")
-    body = env.body
-    state = body.get("state")
-    if state not in ("online", "offline"):
-        raise WireError(f"status of {topic_agent}: field 'state' must be online or offline, got {state!r}")
-    last_round = body.get("last_round", -1)
-    raw_groups = body.get("groups", [])
-    groups = raw_groups if isinstance(raw_groups, list) else []
+    where = f"status of {topic_agent}"
+    if msg.envelope.agent != topic_agent:
+        raise WireError(f"status on the topic of {topic_agent!r} claims to be from {msg.envelope.agent!r}")
+    status = AgentStatus.parse(msg, where)
+    info: dict[str, Any] = {"versions": dict(status.versions), "device": dict(status.device)}
+    info["groups"] = list(status.groups)
+    if status.notice:
+        info["notice"] = status.notice
     return AgentInfo(
         id=topic_agent,
-        online=state == "online",
-        groups=tuple(g for g in groups if isinstance(g, str) and ID_PATTERN.match(g)),
-        bundle_id=str(body.get("bundle_id", "") or "")[:128],
-        adapter_version=str(body.get("adapter_version", "") or "")[:128],
-        last_round=last_round if isinstance(last_round, int) and not isinstance(last_round, bool) else -1,
-        info={k: body[k] for k in _INFO_KEYS if k in body},
+        online=status.state == "online",
+        groups=status.groups,
+        bundle_id=status.bundle_id,
+        adapter_version=status.adapter_version,
+        last_round=status.last_round,
+        info=info,
         seen_at=time.time(),
     )
 
 
-def decode_status(topics: Topics, topic_agent: str, payload: bytes) -> AgentInfo:
-    """Decode and validate the payload of `agents/<topic_agent>/status`; WireError if it is bad."""
-    msg = decode(
-        payload,
-        fleet=topics.fleet,
-        expect=MsgType.STATUS,
-        max_bytes=MAX_STATUS_BYTES,
-        where=f"status of {topic_agent}",
-    )
+def decode_status(topics: Topics, topic_agent: str, payload: bytes, trust: Trust | None = None) -> AgentInfo:
+    """Decode and validate the payload of `agents/<topic_agent>/status`; with `trust`, only a status
+    the agent signed counts. WireError if it is bad."""
+    where = f"status of {topic_agent}"
+    msg = decode(payload, fleet=topics.fleet, expect=MsgType.STATUS, max_bytes=MAX_STATUS_BYTES, where=where)
+    if trust is not None:
+        trust.check(topic_agent, msg, where)
     return status_from_message(topic_agent, msg)
 
 
-def parse_status(topics: Topics, topic: str, payload: bytes) -> AgentInfo | None:
+def parse_status(topics: Topics, topic: str, payload: bytes, trust: Trust | None = None) -> AgentInfo | None:
     """An agent's status from any topic: None for other topics, emptied topics and bad statuses."""
     try:
         agent, kind = topics.parse_agent(topic)
         if kind != "status" or not payload:
             return None
-        return decode_status(topics, agent, payload)
+        return decode_status(topics, agent, payload, trust)
     except WireError as e:
         log.debug("dropped: %s", e)
         return None
 
 
 def read_fleet(
-    session: Transport, topics: Topics, quiet: float = 0.5, timeout: float = 5.0
+    session: Transport, topics: Topics, quiet: float = 0.5, timeout: float = 5.0, trust: Trust | None = None
 ) -> dict[str, AgentInfo]:
     """Subscribe to every agent's retained status and collect them until `quiet` s pass without one.
 
@@ -100,7 +94,7 @@ def read_fleet(
         incoming = session.get(timeout=quiet)
         if incoming is None:
             break
-        info = parse_status(topics, incoming.topic, incoming.payload)
+        info = parse_status(topics, incoming.topic, incoming.payload, trust)
         if info is not None:
             fleet[info.id] = info
     return fleet

@@ -22,13 +22,10 @@ stage passed) is the pure policy of `rollout_policy`; where adapters come from, 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from fedclip.coordinator.bundle_server import publish_file
 from fedclip.coordinator.fleet import AgentInfo
@@ -41,7 +38,6 @@ from fedclip.coordinator.rollout_policy import (
 )
 from fedclip.coordinator.rollout_sources import AdapterSource
 from fedclip.coordinator.rollout_store import (
-    ACK_STATUSES,
     CANARY,
     COMPLETE,
     FINAL_STATES,
@@ -54,14 +50,17 @@ from fedclip.coordinator.rollout_store import (
     RolloutRow,
     RolloutStore,
 )
+from fedclip.coordinator.trust import Trust
+from fedclip.sdk import messages
 from fedclip.sdk.adapters import adapter_bytes
 from fedclip.sdk.errors import FedclipError, WireError
 from fedclip.sdk.hashing import sha256_bytes
 from fedclip.sdk.ids import check_id
+from fedclip.sdk.messages import AdapterPush, RolloutCommand, WireBody
 from fedclip.sdk.mqtt import Incoming
-from fedclip.sdk.signing import Ed25519PrivateKey, sign_envelope
+from fedclip.sdk.signing import Ed25519PrivateKey
 from fedclip.sdk.transport import Transport
-from fedclip.sdk.wire import DEFAULT_MAX_PAYLOAD, Envelope, MsgType, Topics, decode, encode
+from fedclip.sdk.wire import DEFAULT_MAX_PAYLOAD, MsgType, Topics, decode
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +88,10 @@ class RolloutManager:
         url_root: str | Path | None = None,
         url_base: str | None = None,
         on_event: Callable[[int, str], None] | None = None,
+        trust: Trust | None = None,
     ):
         self.transport = transport
+        self.trust = trust or Trust(None)  # whose acks count (a provisioned fleet: signed by the agent)
         self.topics = topics
         self.store = store
         self.key = key
@@ -109,9 +110,8 @@ class RolloutManager:
         self.transport.subscribe(self.topics.all_agents("ack"), qos=1)
 
     # ---- publishing --------------------------------------------------------------------------
-    def _publish(self, topic: str, env: Envelope, tensors: Mapping[str, np.ndarray] | None = None) -> None:
-        signed = sign_envelope(self.key, env, tensors)
-        payload = encode(signed, tensors)
+    def _publish(self, topic: str, agent: str, obj: WireBody) -> None:
+        payload = messages.encode(obj, self.topics.fleet, agent, key=self.key)
         if len(payload) > self.max_payload:
             raise RolloutError(
                 f"{topic}: signed message of {len(payload)} bytes exceeds the limit of {self.max_payload}"
@@ -120,16 +120,18 @@ class RolloutManager:
 
     def _send_adapter(self, rid: int, stage: str, version: str, agent: str) -> None:
         tensors, meta = self.adapters.load_for(version, agent)
-        body = {
-            "rollout": rid,
-            "stage": stage,
-            "version": meta.version,
-            "rollout_version": version,
-            "bundle_id": meta.bundle_id,
-            "parent_version": meta.parent_version,
-            "strategy": meta.strategy,
-            "kind": meta.kind,
-        }
+        push = AdapterPush(
+            version=meta.version,
+            bundle_id=meta.bundle_id,
+            rollout=rid,
+            stage=stage,
+            rollout_version=version,
+            parent_version=meta.parent_version,
+            strategy=meta.strategy,
+            kind=meta.kind,
+            round_id=meta.round,
+            adapter=tensors,
+        )
         blob = adapter_bytes(tensors, meta)
         if len(blob) > self.inline_limit:
             if self.url_root is None or self.url_base is None:
@@ -139,15 +141,12 @@ class RolloutManager:
                 )
             digest = sha256_bytes(blob)
             publish_file(self.url_root, f"adapters/{digest}.safetensors", blob)
-            body.update(url=f"{self.url_base}/adapters/{digest}.safetensors", sha256=digest, size=len(blob))
-        env = Envelope(
-            MsgType.ADAPTER, self.topics.fleet, agent, round=meta.round, base_version=meta.version, body=body
-        )
-        self._publish(self.topics.adapter(agent), env, None if "url" in body else tensors)
+            url = f"{self.url_base}/adapters/{digest}.safetensors"
+            push = replace(push, url=url, sha256=digest, size=len(blob), adapter={})
+        self._publish(self.topics.adapter(agent), agent, push)
 
-    def _send_command(self, agent: str, command: str, kind: str = "command", **body: Any) -> None:
-        env = Envelope(MsgType.COMMAND, self.topics.fleet, agent, body={"command": command, **body})
-        self._publish(self.topics.agent(agent, kind), env)
+    def _send_command(self, agent: str, command: RolloutCommand, kind: str = "command") -> None:
+        self._publish(self.topics.agent(agent, kind), agent, command)
 
     def _say(self, rid: int, text: str) -> None:
         self.store.event(rid, text)
@@ -201,7 +200,7 @@ class RolloutManager:
         pins = self.store.pins()  # a pinned agent stays on its pinned version, rollback or not
         sent = sorted({a for s in self.store.stages(rid) for a in s.agents} - set(pins))
         for agent in sent:
-            self._send_command(agent, "rollback", rollout=rid, version=row.version, reason=reason)
+            self._send_command(agent, RolloutCommand("rollback", rid, row.version, reason))
         for s in self.store.stages(rid):
             if s.state == "running":
                 self.store.finish_stage(rid, s.name, "failed", reason, s.mean_regression)
@@ -213,7 +212,7 @@ class RolloutManager:
         check_id(agent, "agent")
         check_id(version, "version")
         self._send_adapter(0, PIN, version, agent)
-        self._send_command(agent, "pin", kind="pin", version=version)
+        self._send_command(agent, RolloutCommand("pin", version=version), kind="pin")
         self.store.pin(agent, version)
         self.store.event(None, f"pinned {agent} to {version}")
 
@@ -221,7 +220,7 @@ class RolloutManager:
         check_id(agent, "agent")
         if not self.store.unpin(agent):
             raise RolloutError(f"agent {agent!r} is not pinned")
-        self._send_command(agent, "unpin", kind="pin")
+        self._send_command(agent, RolloutCommand("unpin"), kind="pin")
         self.store.event(None, f"unpinned {agent}")
 
     # ---- acks and decisions ------------------------------------------------------------------
@@ -243,32 +242,23 @@ class RolloutManager:
 
     def _on_ack(self, agent: str, payload: bytes, where: str) -> None:
         msg = decode(payload, fleet=self.topics.fleet, expect=MsgType.ACK, max_bytes=1 << 20, where=where)
-        body = msg.envelope.body
-        if msg.envelope.agent != agent:
-            raise WireError(f"{where}: ack claims to be from {msg.envelope.agent!r}")
-        rid = body.get("rollout")
-        if isinstance(rid, bool) or not isinstance(rid, int) or rid <= 0:
-            return  # not a rollout ack (e.g. a pin or a plain adapter install): nothing to record
-        status = body.get("status")
-        if status not in ACK_STATUSES:
-            raise WireError(f"{where}: ack status {status!r} is not one of {', '.join(ACK_STATUSES)}")
-        stage = self._stage_of(rid).get(agent)
+        self.trust.check(agent, msg, where)
+        ack = messages.Ack.parse(msg, where)
+        stage = self._stage_of(ack.rollout).get(agent)
         if stage is None:
-            raise WireError(f"{where}: agent {agent} is not part of rollout {rid}")
-        metrics = _metric_dict(body.get("metrics"))
-        new, cur = _metric_dict(metrics.get("new")), _metric_dict(metrics.get("current"))
-        ack = Ack(
+            raise WireError(f"{where}: agent {agent} is not part of rollout {ack.rollout}")
+        record = Ack(
             agent=agent,
-            status=status,
-            version=str(body.get("version", ""))[:128],
-            new_accuracy=_num(new.get("accuracy")),
-            current_accuracy=_num(cur.get("accuracy")),
-            new_loss=_num(new.get("loss")),
-            current_loss=_num(cur.get("loss")),
-            num_samples=int(_num(new.get("num_samples")) or 0),
-            reason=str(body.get("reason", ""))[:300],
+            status=ack.status,
+            version=ack.version,
+            new_accuracy=ack.new.accuracy,
+            current_accuracy=ack.current.accuracy,
+            new_loss=ack.new.loss,
+            current_loss=ack.current.loss,
+            num_samples=ack.new.num_samples,
+            reason=ack.reason,
         )
-        self.store.record_ack(rid, stage, ack)
+        self.store.record_ack(ack.rollout, stage, record)
 
     def _stage_of(self, rid: int) -> dict[str, str]:
         """agent -> stage of rollout `rid`, cached per stage count (1,000 acks must not parse 1,000 lists)."""
@@ -341,13 +331,3 @@ class RolloutManager:
                 self.handle(incoming)
                 incoming = self.transport.get(timeout=0)
             self.tick()
-
-
-def _metric_dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _num(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)

@@ -18,20 +18,11 @@ from fedclip.coordinator.strategies.aggregate import clip_delta, delta_norm
 from fedclip.sdk.adapters import check_tensors
 from fedclip.sdk.errors import WireError
 from fedclip.sdk.manifest import Manifest
-from fedclip.sdk.wire import (
-    STAT_LABEL_HIST,
-    STAT_MEAN,
-    STAT_VAR,
-    Message,
-    body_field,
-    digest_field,
-    tensors_digest,
-)
+from fedclip.sdk.messages import KNOWN_STATS, STATS_TENSORS, Update
+from fedclip.sdk.wire import STAT_LABEL_HIST, STAT_MEAN, Message, tensors_digest
 
-KNOWN_STATS = frozenset({STAT_LABEL_HIST, STAT_MEAN, STAT_VAR})
-# what each statistic kind a strategy asks for (`Strategy.stats`) means on the wire
-STATS_NEEDED = {"histogram": (STAT_LABEL_HIST,), "gaussian": (STAT_MEAN, STAT_VAR)}
-MAX_METRICS = 64
+# the statistics vocabulary lives once, with the messages
+STATS_NEEDED = STATS_TENSORS
 
 
 @dataclass(frozen=True)
@@ -66,21 +57,6 @@ class Accepted:
     stats_sent: bool = False  # the gaussian statistics travelled (not taken from the held ones)
 
 
-def check_metrics(msg: Message, where: str) -> dict[str, float]:
-    """`body.metrics`: at most 64 finite numbers with short string names."""
-    raw = msg.envelope.body.get("metrics", {})
-    if not isinstance(raw, dict) or len(raw) > MAX_METRICS:
-        raise WireError(f"{where}: body field 'metrics' must be an object of at most {MAX_METRICS} numbers")
-    out = {}
-    for k, v in raw.items():
-        if not isinstance(k, str) or len(k) > 64 or isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise WireError(f"{where}: metric {str(k)[:64]!r} is not a number")
-        if not np.isfinite(v):
-            raise WireError(f"{where}: metric {k!r} is not finite")
-        out[k] = float(v)
-    return out
-
-
 def check_stats(
     msg: Message,
     manifest: Manifest,
@@ -99,7 +75,7 @@ def check_stats(
     unknown = sorted(set(stats) - KNOWN_STATS)
     if unknown:
         raise WireError(f"{where}: unknown statistic {unknown[0]!r}")
-    reused = {}
+    reused: dict[str, np.ndarray] = {}
     if "gaussian" in needed and not (set(STATS_NEEDED["gaussian"]) & set(stats)):
         if data_digest and held is not None and held.data_digest == data_digest:
             reused = {n: np.asarray(held.stats[n], np.float32) for n in STATS_NEEDED["gaussian"]}
@@ -167,15 +143,13 @@ def validate_update(
         raise WireError(f"{where}: agent {agent!r} was not selected for round {round_id}")
     if env.base_version and env.base_version != selected[agent]:
         raise WireError(f"{where}: built on {env.base_version!r}, the task gave {selected[agent]!r}")
-    bundle_id = body_field(msg, "bundle_id", str, where)
-    if bundle_id != manifest.bundle_id:
-        raise WireError(f"{where}: for bundle {bundle_id[:12]}, this round runs {manifest.bundle_id[:12]}")
-    num_samples = body_field(msg, "num_samples", int, where)
-    if num_samples < 0:
-        raise WireError(f"{where}: num_samples must be >= 0, got {num_samples}")
-    metrics = check_metrics(msg, where)
+    update = Update.parse(msg, where)  # every body field typed and bounded
+    if update.bundle_id != manifest.bundle_id:
+        raise WireError(
+            f"{where}: for bundle {update.bundle_id[:12]}, this round runs {manifest.bundle_id[:12]}"
+        )
     tensors = check_tensors(msg.adapter_tensors, manifest.exchanged, where)
-    data_digest = digest_field(msg, "data_digest", where)
+    data_digest = update.data_digest
     sent = bool(set(STATS_NEEDED["gaussian"]) & set(msg.stats))
     held = held_stats(agent) if "gaussian" in needed_stats and not sent else None
     stats = check_stats(msg, manifest, needed_stats, strategy, where, data_digest=data_digest, held=held)
@@ -192,8 +166,8 @@ def validate_update(
         tensors_digest(msg.tensors),
         tensors,
         stats,
-        num_samples,
-        metrics,
+        update.num_samples,
+        dict(update.metrics),
         norm,
         clipped,
         data_digest,

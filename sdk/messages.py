@@ -473,13 +473,16 @@ class CoordinatorStatus(WireBody):
     """coordinator -> all (retained on `coordinator/status`, last will offline)."""
 
     TYPE: ClassVar[MsgType] = MsgType.STATUS
-    BODY_KEYS: ClassVar[frozenset[str]] = frozenset({"state", "bundle_id", "round", "strategy", "bundle_url"})
+    BODY_KEYS: ClassVar[frozenset[str]] = frozenset(
+        {"state", "bundle_id", "round", "strategy", "bundle_url", "finished"}
+    )
 
     state: str
     bundle_id: str
     round_id: int = 0
     strategy: str = ""
     bundle_url: str = ""
+    finished: bool = False  # the run is over (offline for good, not a crash)
 
     def envelope_round(self) -> int:
         return self.round_id
@@ -493,6 +496,8 @@ class CoordinatorStatus(WireBody):
         }
         if self.bundle_url:
             body["bundle_url"] = self.bundle_url
+        if self.finished:
+            body["finished"] = True
         return body
 
     @classmethod
@@ -508,6 +513,7 @@ class CoordinatorStatus(WireBody):
             round_id=_int(body, "round", 0, MAX_ROUND, where, 0),
             strategy=_str(body, "strategy", MAX_NAME, where, ""),
             bundle_url=url,
+            finished=_bool(body, "finished", where, False),
         )
 
 

@@ -192,10 +192,10 @@ def test_intake_accepts_once_and_records_every_rejection_with_its_reason(bundle,
     reasons = [r[3] for r in server.store.rejections()]
     expected = [
         "already accepted from this agent",
-        "claims to be from agent 'a'",
+        "envelope names agent 'a', the topic 'b'",
         "round 7 is not the current round (1)",
         "agent 'e' was not selected for round 1",
-        "num_samples must be >= 0",
+        "'num_samples' must be an integer in [0, 2147483647]",
         "update on the topic of b",
     ]
     assert len(reasons) == len(expected)

@@ -14,9 +14,9 @@ from fedclip.coordinator.metrics import weighted_means
 from fedclip.coordinator.server.context import RoundContext
 from fedclip.coordinator.server.tasks import RoundState
 from fedclip.coordinator.strategies.base import Update
-from fedclip.coordinator.validation import KNOWN_STATS
 from fedclip.sdk.adapters import check_tensors
 from fedclip.sdk.errors import AdapterError
+from fedclip.sdk.messages import KNOWN_STATS
 
 log = logging.getLogger("fedclip.coordinator")
 

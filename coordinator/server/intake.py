@@ -14,9 +14,10 @@ from typing import Literal
 
 from fedclip.coordinator.server.context import RoundContext
 from fedclip.coordinator.server.tasks import RoundState
-from fedclip.coordinator.validation import KNOWN_STATS, Accepted, HeldStats, NormBound, validate_update
+from fedclip.coordinator.validation import Accepted, HeldStats, NormBound, validate_update
 from fedclip.sdk.adapters import encode_tensors
 from fedclip.sdk.errors import AdapterError, WireError
+from fedclip.sdk.messages import KNOWN_STATS
 from fedclip.sdk.mqtt import Incoming
 from fedclip.sdk.wire import Message, MsgType, decode
 
@@ -38,7 +39,7 @@ class UpdateIntake:
 
     def __init__(self, ctx: RoundContext):
         self.cfg, self.manifest, self.strategy = ctx.cfg, ctx.manifest, ctx.strategy
-        self.store, self.registry = ctx.store, ctx.registry
+        self.store, self.registry, self.trust = ctx.store, ctx.registry, ctx.trust
 
     def on_update(self, agent: str, msg: Incoming, st: RoundState | None) -> Outcome:
         """Handle one update that came on `agent`'s topic; `st.received` grows when it is stored."""
@@ -53,6 +54,7 @@ class UpdateIntake:
                 where=where,
             )
             round_id = decoded.envelope.round
+            self.trust.check(agent, decoded, where)  # before anything else: only the agent speaks for it
             accepted = self._validate(agent, decoded, st, where)
         except (WireError, AdapterError) as e:
             self.reject(msg.topic, agent, round_id, str(e))

@@ -14,6 +14,7 @@ the rounds on the same thread and transport: the bundle's HTTP server and the op
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -30,13 +31,23 @@ from fedclip.coordinator.server.close import RoundCloser
 from fedclip.coordinator.server.context import RoundContext
 from fedclip.coordinator.server.intake import UpdateIntake
 from fedclip.coordinator.server.services import Services
-from fedclip.coordinator.server.setup import check_state_dir, open_parts, status_payload
+from fedclip.coordinator.server.setup import (
+    check_state_dir,
+    load_key,
+    load_trust,
+    open_parts,
+    status_payload,
+)
 from fedclip.coordinator.server.tasks import RoundState, Tasks, TaskSpec
 from fedclip.coordinator.store import Store
 from fedclip.coordinator.strategies.base import Strategy
+from fedclip.coordinator.trust import Trust
 from fedclip.sdk.errors import WireError
+from fedclip.sdk.guard import guard
 from fedclip.sdk.manifest import Manifest
+from fedclip.sdk.messages import CoordinatorStatus
 from fedclip.sdk.mqtt import Incoming
+from fedclip.sdk.signing import Ed25519PrivateKey
 from fedclip.sdk.transport import Transport
 from fedclip.sdk.wire import Topics
 
@@ -62,6 +73,8 @@ class Server:
         *,
         strategy: Strategy | None = None,
         progress: Progress | None = None,
+        key: Ed25519PrivateKey | None = None,
+        trust: Trust | None = None,
     ):
         self.cfg = cfg
         self.manifest = manifest
@@ -73,14 +86,16 @@ class Server:
         self.topics = Topics(cfg.fleet)
         self.fleet = Fleet()
         self.metrics = MetricsLog(Path(cfg.state) / METRICS_FILE)
-        ctx = RoundContext(cfg, manifest, store, registry, self.strategy, self.metrics)
+        self.key = key if key is not None else load_key(cfg)
+        self.trust = trust if trust is not None else Trust(None)
+        ctx = RoundContext(cfg, manifest, store, registry, self.strategy, self.metrics, self.key, self.trust)
         self.tasks = Tasks(ctx)
         self.intake = UpdateIntake(ctx)
         self.closer = RoundCloser(ctx)
         self.current: RoundState | None = None
         self.progress = progress  # optional callback for a live view
         # Rollouts and bundle serving: started by `run` (the HTTP thread must not outlive it).
-        self.services = Services(cfg, transport, self.topics, registry)
+        self.services = Services(cfg, transport, self.topics, registry, self.key, self.trust)
         self._waiting_logged = False
         transport.on_connect.append(lambda t: self._publish_status("online"))
 
@@ -95,9 +110,21 @@ class Server:
         """The store in `cfg.state` (with `initial` as version g-r0 on first start), its registry,
         and an MQTT session to `cfg.broker` whose last will says the coordinator went offline."""
         strategy = strategies.create(cfg.strategy, cfg.strategy_options())
-        session, store, registry = open_parts(cfg, manifest, initial, strategy)
+        key = load_key(cfg)
+        session, store, registry = open_parts(cfg, manifest, initial, strategy, key)
         try:
-            return cls(cfg, manifest, session, store, registry, strategy=strategy, progress=progress)
+            trust = load_trust(cfg)
+            return cls(
+                cfg,
+                manifest,
+                session,
+                store,
+                registry,
+                strategy=strategy,
+                progress=progress,
+                key=key,
+                trust=trust,
+            )
         except BaseException:
             store.close()
             raise
@@ -259,13 +286,18 @@ class Server:
         """Handle queued messages (waiting up to `timeout` for the first); ack each once it is stored."""
         msg = self.transport.get(timeout)
         while msg is not None:
-            # Bad input is handled (rejected) inside; anything raised here is our own failure (the
-            # store, the disk): no ack, the process ends, and the broker redelivers after a restart.
-            if not self.services.offer(msg):
-                self._handle(msg)
+            with guard(msg, self._reject_unhandled):
+                if not self.services.offer(msg):
+                    self._handle(msg)
             self.transport.ack(msg)
             msg = self.transport.get(0)
         self.services.tick()
+
+    def _reject_unhandled(self, msg: Incoming, reason: str) -> None:
+        agent, round_id = "", -1
+        with contextlib.suppress(WireError):
+            agent = self.topics.parse_agent(msg.topic)[0]
+        self.store.add_rejection(msg.topic, agent, round_id, reason)
 
     def _handle(self, msg: Incoming) -> None:
         try:
@@ -280,9 +312,10 @@ class Server:
 
     def _on_status(self, agent: str, msg: Incoming) -> None:
         try:
-            a = decode_status(self.topics, agent, msg.payload) if msg.payload else None
+            a = decode_status(self.topics, agent, msg.payload, self.trust) if msg.payload else None
         except WireError as e:
             log.warning("status dropped: %s", e)
+            self.store.add_rejection(msg.topic, agent, -1, str(e))
             return
         self.fleet.on_status(agent, a)
         if a is None:
@@ -301,22 +334,17 @@ class Server:
     def _publish(self, topic: str, payload: bytes, retain: bool) -> None:
         self.transport.publish(topic, payload, qos=1, retain=retain, timeout=self.cfg.publish_timeout)
 
-    def status_payload(self, state: str, **extra: object) -> bytes:
+    def status_payload(self, state: str, finished: bool = False) -> bytes:
         """This coordinator's status now (with the bundle URL while it is online and serving)."""
         last = self.store.last_round()
-        if self.services.bundle_url is not None and state == "online":
-            extra["bundle_url"] = self.services.bundle_url
-        return status_payload(
-            self.cfg.fleet,
-            self.manifest.bundle_id,
-            self.strategy.name,
-            last.round if last else 0,
-            state,
-            **extra,
+        url = self.services.bundle_url if state == "online" else None
+        status = CoordinatorStatus(
+            state, self.manifest.bundle_id, last.round if last else 0, self.strategy.name, url or "", finished
         )
+        return status_payload(self.cfg.fleet, status, self.key)
 
-    def _publish_status(self, state: str, **extra: object) -> None:
-        self._publish(self.topics.coordinator_status, self.status_payload(state, **extra), retain=True)
+    def _publish_status(self, state: str, finished: bool = False) -> None:
+        self._publish(self.topics.coordinator_status, self.status_payload(state, finished), retain=True)
 
     def _finish(self) -> None:
         """Clear every retained task, so no agent trains a stale one; say we are done."""

@@ -11,13 +11,14 @@ from pathlib import Path
 from fedclip.coordinator.bundle_server import BundleServer
 from fedclip.coordinator.config import CoordConfig
 from fedclip.coordinator.registry import Registry
-from fedclip.coordinator.rollout import KEY_DIR, RolloutManager
+from fedclip.coordinator.rollout import RolloutManager
 from fedclip.coordinator.rollout_sources import RegistrySource
 from fedclip.coordinator.rollout_store import DB_NAME as ROLLOUT_DB
 from fedclip.coordinator.rollout_store import RolloutStore
+from fedclip.coordinator.trust import Trust
 from fedclip.sdk.errors import FedclipError
 from fedclip.sdk.mqtt import Incoming
-from fedclip.sdk.signing import ensure_keypair
+from fedclip.sdk.signing import Ed25519PrivateKey
 from fedclip.sdk.transport import Transport
 from fedclip.sdk.wire import Topics
 
@@ -29,8 +30,18 @@ _TICK_S = 1.0  # how often open rollouts are advanced
 class Services:
     """Started by `start`, stopped by `stop`; in between `offer` each incoming message."""
 
-    def __init__(self, cfg: CoordConfig, transport: Transport, topics: Topics, registry: Registry):
+    def __init__(
+        self,
+        cfg: CoordConfig,
+        transport: Transport,
+        topics: Topics,
+        registry: Registry,
+        key: Ed25519PrivateKey,
+        trust: Trust | None = None,
+    ):
         self.cfg = cfg
+        self.key = key
+        self.trust = trust
         self.transport = transport
         self.topics = topics
         self.registry = registry
@@ -40,10 +51,8 @@ class Services:
         self._next_tick = 0.0
 
     def start(self) -> Services:
-        """The signing key, the bundle server and the rollout manager (subscribed: call before the
+        """The bundle server and the rollout manager (subscribed: call before the
         transport connects, so the subscription is part of its session)."""
-        key, public = ensure_keypair(Path(self.cfg.state) / KEY_DIR)
-        log.info("coordinator public key: %s (give it to agents as coordinator_key)", public)
         if self.cfg.http:
             self.bundles = BundleServer(self.cfg.bundle, self.cfg.http_host, self.cfg.http_port).start()
             log.info("bundle server: agents download this bundle from %s", self.bundles.url)
@@ -52,12 +61,13 @@ class Services:
             self.transport,
             self.topics,
             self.rollout_store,
-            key,
+            self.key,
             RegistrySource(self.registry),
             publish_timeout=self.cfg.publish_timeout,
             # adapters too large for MQTT go by URL, next to the bundle (only with the HTTP server)
             url_root=self.cfg.bundle if self.bundles else None,
             url_base=self.bundles.url if self.bundles else None,
+            trust=self.trust,
         )
         self.rollouts.subscribe()
         return self

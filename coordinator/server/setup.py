@@ -1,29 +1,56 @@
 """A coordinator's parts from its settings: the state dir claimed for one fleet, bundle and strategy,
-the initial adapter recorded once, and the MQTT session whose last will announces it offline."""
+the initial adapter recorded once, the MQTT session whose last will announces it offline, the
+signing key, and the trust that decides whose messages count."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 
 from fedclip.coordinator.config import CoordConfig
+from fedclip.coordinator.enrolment import Enrolment
 from fedclip.coordinator.registry import Registry
+from fedclip.coordinator.rollout import KEY_DIR
 from fedclip.coordinator.store import Store
 from fedclip.coordinator.strategies.base import Strategy
+from fedclip.coordinator.trust import Trust
+from fedclip.sdk import messages
 from fedclip.sdk.adapters import check_tensors
 from fedclip.sdk.errors import ConfigError
 from fedclip.sdk.manifest import Manifest
+from fedclip.sdk.messages import CoordinatorStatus
 from fedclip.sdk.mqtt import MqttSession, Will
-from fedclip.sdk.wire import Envelope, MsgType, Topics, encode
+from fedclip.sdk.signing import Ed25519PrivateKey, ensure_keypair
+from fedclip.sdk.wire import Topics
+
+log = logging.getLogger("fedclip.coordinator")
+
+COORDINATOR = "coordinator"  # the envelope's agent field of the coordinator's own status
 
 
-def status_payload(
-    fleet: str, bundle_id: str, strategy: str, round_id: int, state: str, **extra: object
-) -> bytes:
-    """The coordinator's retained status message (`state` online or offline)."""
-    body = {"state": state, "bundle_id": bundle_id, "round": round_id, "strategy": strategy, **extra}
-    return encode(Envelope(MsgType.STATUS, fleet, "coordinator", round=round_id, body=body))
+def status_payload(fleet: str, status: CoordinatorStatus, key: Ed25519PrivateKey | None = None) -> bytes:
+    """The coordinator's retained status message, signed with its key when given."""
+    return messages.encode(status, fleet, COORDINATOR, key=key)
+
+
+def load_key(cfg: CoordConfig) -> Ed25519PrivateKey:
+    """The coordinator's Ed25519 signing key (made on first start); agents verify it with the public
+    half (`coordinator_key`), and `provision init` shares the same one."""
+    key, public = ensure_keypair(Path(cfg.state) / KEY_DIR)
+    log.info("coordinator public key: %s (give it to agents as coordinator_key)", public)
+    return key
+
+
+def load_trust(cfg: CoordConfig) -> Trust:
+    """A provisioned fleet (enrolment registry in the state dir) counts only signed messages of its
+    enrolled devices; otherwise (closed test setups) only the envelope is checked."""
+    if not Enrolment.exists(cfg.state):
+        return Trust(None)
+    log.info("fleet is provisioned: only signed messages of enrolled, unrevoked devices count")
+    return Trust(Enrolment.load(cfg.state))
 
 
 def check_state_dir(store: Store, cfg: CoordConfig, bundle_id: str, strategy: str) -> None:
@@ -37,7 +64,11 @@ def check_state_dir(store: Store, cfg: CoordConfig, bundle_id: str, strategy: st
 
 
 def open_parts(
-    cfg: CoordConfig, manifest: Manifest, initial: Mapping[str, np.ndarray], strategy: Strategy
+    cfg: CoordConfig,
+    manifest: Manifest,
+    initial: Mapping[str, np.ndarray],
+    strategy: Strategy,
+    key: Ed25519PrivateKey | None = None,
 ) -> tuple[MqttSession, Store, Registry]:
     """(session, store, registry) for `Server`; the session is not connected yet."""
     store = Store(cfg.state)
@@ -46,9 +77,8 @@ def open_parts(
         registry = Registry(store, manifest.bundle_id, manifest.adapter.kind)
         registry.ensure_initial(check_tensors(initial, manifest.exchanged, "initial adapter"), strategy.name)
         last = store.last_round()
-        will = status_payload(
-            cfg.fleet, manifest.bundle_id, strategy.name, last.round if last else 0, "offline"
-        )
+        offline = CoordinatorStatus("offline", manifest.bundle_id, last.round if last else 0, strategy.name)
+        will = status_payload(cfg.fleet, offline, key)
         session = MqttSession(
             cfg.broker,
             cfg.mqtt_client_id,

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedclip.coordinator.server.context import RoundContext
-from fedclip.sdk.wire import Envelope, MsgType, decode, encode
+from fedclip.sdk import messages
+from fedclip.sdk.messages import Task
 
 
 @dataclass
@@ -51,29 +52,22 @@ class Tasks:
     """Builds, stores and re-issues task messages for one coordinator."""
 
     def __init__(self, ctx: RoundContext):
-        self.cfg, self.manifest, self.store = ctx.cfg, ctx.manifest, ctx.store
+        self.cfg, self.manifest, self.store, self.key = ctx.cfg, ctx.manifest, ctx.store, ctx.key
 
     def build(self, spec: TaskSpec, tensors: Mapping[str, np.ndarray]) -> str:
-        """Store the task message of `spec`; returns its blob sha."""
-        body = {
-            "bundle_id": self.manifest.bundle_id,
-            "deadline": spec.deadline,
-            "hyperparameters": self.cfg.hyperparameters(),
-            "stats": list(spec.stats),
-            "noise_std": self.cfg.noise_std,
-            "reset_optimizer": False,
-        }
-        if spec.stats_digest:
-            body["stats_digest"] = spec.stats_digest
-        env = Envelope(
-            MsgType.TASK,
-            self.cfg.fleet,
-            spec.agent,
-            round=spec.round_id,
+        """Store the (signed) task message of `spec`; returns its blob sha."""
+        task = Task(
+            round_id=spec.round_id,
+            bundle_id=self.manifest.bundle_id,
+            deadline=spec.deadline,
+            hyperparameters=self.cfg.hyperparameters(),
+            stats=spec.stats,
+            noise_std=self.cfg.noise_std,
+            stats_digest=spec.stats_digest,
             base_version=spec.base_version,
-            body=body,
+            adapter=tensors,
         )
-        return self.store.blobs.put(encode(env, tensors))
+        return self.store.blobs.put(messages.encode(task, self.cfg.fleet, spec.agent, key=self.key))
 
     def held_digest(self, agent: str, round_id: int, stats: tuple[str, ...]) -> str:
         """The data digest of the statistics held for `agent`, so it need not send them again; ""
@@ -96,15 +90,9 @@ class Tasks:
         agent -> new blob sha (stored, not yet recorded as the round's)."""
         blobs = {}
         for agent in agents:
-            old = decode(self.payload(st, agent), fleet=self.cfg.fleet, max_bytes=self.cfg.max_payload_bytes)
-            body = old.envelope.body
-            spec = TaskSpec(
-                st.round,
-                agent,
-                st.selected[agent],
-                tuple(body["stats"]),
-                deadline,
-                body.get("stats_digest", ""),
+            old = messages.decode(
+                Task, self.payload(st, agent), fleet=self.cfg.fleet, max_bytes=self.cfg.max_payload_bytes
             )
-            blobs[agent] = self.build(spec, old.tensors)
+            spec = TaskSpec(st.round, agent, st.selected[agent], old.stats, deadline, old.stats_digest)
+            blobs[agent] = self.build(spec, old.adapter)
         return blobs

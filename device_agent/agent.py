@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from fedclip.device_agent.config import AgentConfig
-from fedclip.device_agent.state import AgentState
+from fedclip.device_agent.state import AgentState, RoundProgress
 from fedclip.device_agent.task import RoundTask, WrongBundle, parse_adapter, parse_task
 from fedclip.sdk.adapters import AdapterMeta, check_adapter, load_adapter
 from fedclip.sdk.errors import DataError, FedclipError, MqttError, StateError
@@ -58,7 +58,7 @@ def _versions() -> dict[str, str]:
 
 class Agent:
     def __init__(self, cfg: AgentConfig):
-        from fedclip.device_agent.training import batch_source
+        from fedclip.device_agent.batches import batch_source
         from fedclip.sdk.data import Dataset
 
         self.cfg = cfg
@@ -159,7 +159,7 @@ class Agent:
 
     def _evaluate_adapter(self, exchanged: dict[str, np.ndarray] | None) -> dict[str, float]:
         """Held-out metrics of an adapter (None: the current one); the trainer is left as it was."""
-        from fedclip.device_agent.training import evaluate
+        from fedclip.device_agent.loops import evaluate
 
         saved = self.trainer.get_tensors("trainable")
         try:
@@ -366,7 +366,7 @@ class Agent:
             return
         prog = self.state.in_progress()
         try:
-            self._run_round(task, payload, resume=prog if prog and prog["round"] == rnd else None)
+            self._run_round(task, payload, resume=prog if prog and prog.round == rnd else None)
         except Exception:
             # Half a round leaves the trainer mid-way; the next round must start from the last good state.
             self.trainer = self._load_trainer()
@@ -426,19 +426,20 @@ class Agent:
         log.info("adapter %s installed for inference (%s)", version, path)
 
     # ---- rounds ----------------------------------------------------------------------------------
-    def _run_round(self, task: RoundTask, payload: bytes, resume: dict[str, Any] | None) -> None:
-        from fedclip.device_agent.training import evaluate
+    def _run_round(self, task: RoundTask, payload: bytes, resume: RoundProgress | None) -> None:
+        from fedclip.device_agent.loops import evaluate
 
         rnd = task.round
-        if resume and resume.get("checkpoint"):
+        ckpt = self.state.checkpoint_path(resume) if resume else None
+        if ckpt is not None:
             try:
-                self.trainer.load_checkpoint(self.state.root / resume["checkpoint"])
+                self.trainer.load_checkpoint(ckpt)
             except FedclipError as e:
                 log.warning("round %d: checkpoint unusable (%s); redoing the round", rnd, e)
-                resume = None
-        if resume and resume.get("checkpoint"):
+                ckpt = None
+        if resume is not None and ckpt is not None:
             prog = resume
-            log.info("round %d: resuming after epoch %d of %d", rnd, prog["epochs_done"], task.epochs)
+            log.info("round %d: resuming after epoch %d of %d", rnd, prog.epochs_done, task.epochs)
         else:
             prog = self.state.begin_round(rnd, payload)
             if task.adapter:
@@ -450,13 +451,12 @@ class Agent:
             log.info(
                 "round %d: started (%d epochs, lr %g, batch %d)", rnd, task.epochs, task.lr, task.batch_size
             )
-        if prog.get("metrics_before") is None:
+        if prog.metrics_before is None:
             before = evaluate(self.trainer, self.eval_source, batch_size=self.cfg.eval_batch_size)
             self.state.save_progress(rnd, metrics_before=_floats(before))
-            prog = self.state.in_progress()
-        if not self._train(task, prog):
+        if not self._train(task, self._progress(rnd)):
             return  # stopping: the epoch checkpoint in the state dir lets the next start resume
-        prog = self.state.in_progress()
+        prog = self._progress(rnd)
         after = evaluate(self.trainer, self.eval_source, batch_size=self.cfg.eval_batch_size)
         blob, summary = self._build_update(task, prog, _floats(after))
         self.state.store_update(rnd, blob, summary, save_trainer_checkpoint=self.trainer.save_checkpoint)
@@ -470,14 +470,20 @@ class Agent:
         )
         self._publish_update(rnd)
 
-    def _train(self, task: RoundTask, prog: dict[str, Any]) -> bool:
+    def _progress(self, rnd: int) -> RoundProgress:
+        prog = self.state.in_progress()
+        if prog is None or prog.round != rnd:
+            raise StateError(f"round {rnd} is not in progress")
+        return prog
+
+    def _train(self, task: RoundTask, prog: RoundProgress) -> bool:
         """Train the remaining epochs, checkpointing after each; False when stopped midway."""
-        from fedclip.device_agent.training import train_local
+        from fedclip.device_agent.loops import train_local
 
         rnd = task.round
         seed = zlib.crc32(f"{self.cfg.id}/{rnd}/shuffle".encode())
-        steps_done, seconds, last = prog["steps_done"], prog["train_seconds"], prog.get("train_metrics") or {}
-        for epoch in range(prog["epochs_done"], task.epochs):
+        steps_done, seconds, last = prog.steps_done, prog.train_seconds, prog.train_metrics
+        for epoch in range(prog.epochs_done, task.epochs):
             left = None if task.max_steps is None else task.max_steps - steps_done
             if left is not None and left <= 0:
                 break
@@ -519,17 +525,15 @@ class Agent:
         return True
 
     def _build_update(
-        self, task: RoundTask, prog: dict[str, Any], after: dict[str, float]
+        self, task: RoundTask, prog: RoundProgress, after: dict[str, float]
     ) -> tuple[bytes, dict]:
-        from fedclip.device_agent.training import data_digest, data_statistics, wire_statistics
+        from fedclip.device_agent.statistics import data_digest, data_statistics, wire_statistics
 
-        before = prog["metrics_before"] or {}
+        before = prog.metrics_before or {}
         metrics = {f"{k}_before": v for k, v in before.items() if k != "num_samples"}
         metrics.update({f"{k}_after": v for k, v in after.items() if k != "num_samples"})
-        metrics.update(
-            {f"train_{k}": v for k, v in (prog.get("train_metrics") or {}).items() if k.startswith("loss_")}
-        )
-        metrics["steps"] = float(prog["steps_done"])
+        metrics.update({f"train_{k}": v for k, v in prog.train_metrics.items() if k.startswith("loss_")})
+        metrics["steps"] = float(prog.steps_done)
         # The noise seed depends on agent and round only, so a redone round draws the same noise.
         seed = zlib.crc32(f"{self.cfg.id}/{task.round}".encode())
         # The per-label means and variances are most of an update's bytes and change only with the
@@ -554,7 +558,7 @@ class Agent:
             "bundle_id": self.manifest.bundle_id,
             "num_samples": readable,
             "metrics": metrics,
-            "train_seconds": round(float(prog["train_seconds"]), 3),
+            "train_seconds": round(float(prog.train_seconds), 3),
             "skipped_images": len(skipped),
         }
         if task.stats:
@@ -603,8 +607,8 @@ class Agent:
             prog = self.state.in_progress()
             if prog is None:
                 return
-            rnd = prog["round"]
-            if (self.state.root / "rounds" / str(rnd) / "update.bin").is_file():
+            rnd = prog.round
+            if self.state.has_update_blob(rnd):
                 # Killed between writing the blob and recording it: those bytes are the round's update.
                 blob = self.state.update_blob(rnd)
                 body = decode(

@@ -15,15 +15,12 @@ import pytest
 from fixtures_bundle import FASHION_MNIST_LABELS
 from PIL import Image
 
+from fedclip.device_agent.batches import batch_source
+from fedclip.device_agent.embed_cache import EmbeddingCache
+from fedclip.device_agent.loops import evaluate, train_local
 from fedclip.device_agent.predictor import Predictor
+from fedclip.device_agent.statistics import data_statistics
 from fedclip.device_agent.trainer import OrtTrainer
-from fedclip.device_agent.training import (
-    EmbeddingCache,
-    batch_source,
-    data_statistics,
-    evaluate,
-    train_local,
-)
 from fedclip.sdk.adapters import load_adapter
 from fedclip.sdk.data import Dataset, label_folder_name
 from fedclip.sdk.errors import DataError

@@ -67,7 +67,7 @@ class Evaluator:
         self.calls = 0
 
     def __call__(self, tensors):
-        from fedclip.device_agent.training import evaluate
+        from fedclip.device_agent.loops import evaluate
 
         with self.lock:
             self.calls += 1
@@ -90,7 +90,7 @@ def world(tmp_path_factory, tiny_bundle):
         for i in np.flatnonzero(labels == c)[:8]:
             Image.fromarray(images[i]).save(folder / f"{i}.png")
     ev = Evaluator(tiny_bundle, root)
-    from fedclip.device_agent.training import train_local
+    from fedclip.device_agent.loops import train_local
 
     ev.trainer.set_tensors(ev.base)
     train_local(ev.trainer, ev.held_out, epochs=15, batch_size=32, lr=1e-2, progress=False)

@@ -20,8 +20,8 @@ from test_coordinator_agents import _images
 
 from fedclip.coordinator.registry import Registry
 from fedclip.coordinator.store import Store
+from fedclip.device_agent.statistics import data_digest, wire_statistics
 from fedclip.device_agent.task import parse_task
-from fedclip.device_agent.training import data_digest, wire_statistics
 from fedclip.sdk.data import Dataset
 from fedclip.sdk.errors import WireError
 from fedclip.sdk.manifest import Manifest

@@ -28,6 +28,7 @@ class Transport(Protocol):
     """What fedclip needs from a broker connection (MqttSession has exactly this surface)."""
 
     on_connect: list[Callable[[Transport], None]]
+    connected: threading.Event  # set while the connection is up
 
     def connect(self, timeout: float = 30) -> Transport: ...
 

@@ -44,10 +44,10 @@ class BatchSource:
         self.dataset = dataset
         self.transform = ImageTransform(manifest.preprocess)
         self._rows = None
+        self.cache = cache  # image embeddings, for bundles that train from them
         if manifest.train_input == "image_embeds":
             if cache is None:
                 raise DataError("this bundle trains from image embeddings: an embedding cache is needed")
-            self._cache = cache
             self._rows = cache.rows_for(dataset, progress=progress)
         self._tokenizer = None
         if manifest.task.kind == "contrastive":
@@ -73,7 +73,7 @@ class BatchSource:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             samples = [self.dataset.samples[i] for i in idx]
-            embeds = self._cache.read(self._rows[idx])
+            embeds = self.cache.read(self._rows[idx])
             labels = np.array([s.label for s in samples], dtype=np.int64)
             yield self._inputs(embeds, labels, [s.caption for s in samples]), len(idx)
 

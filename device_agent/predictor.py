@@ -93,6 +93,12 @@ class Predictor:
             raise DataError(f"images must be float32 [B, 3, {s}, {s}], got {list(images.shape)}")
         return images
 
+    @property
+    def open_graphs(self) -> tuple[str, ...]:
+        """The ONNX sessions opened so far: they open lazily, on first use."""
+        opened = (("inference", self._inference), ("image_encoder", self._encoder))
+        return tuple(name for name, session in opened if session is not None)
+
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Class logits [B, L] (classify bundles)."""
         if self.manifest.task.kind != "classify" or "logits" not in self._outputs:

@@ -69,11 +69,11 @@ def test_kill_during_writes_never_leaves_a_torn_state_file(tmp_path):
     script = textwrap.dedent(f"""
         from fedclip.device_agent.state import AgentState
         s = AgentState({str(root)!r}, agent_id="dev-1", fleet="f1", bundle_id={BUNDLE!r})
+        s.begin_round(1, b"task")
         print("ready", flush=True)
         i = 0
-        while True:
-            s.record["filler"] = "x" * (1000 + i % 5000)
-            s._save()
+        while True:  # every call rewrites state.json; the record's size varies from call to call
+            s.save_progress(1, steps_done=i, train_metrics=dict.fromkeys(map(str, range(i % 300)), 0.0))
             i += 1
     """)
     for _ in range(3):

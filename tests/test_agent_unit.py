@@ -9,13 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from fixtures_data import synthetic_images
 
 from fedclip.device_agent.agent import Agent
 from fedclip.device_agent.config import AgentConfig
 from fedclip.device_agent.rounds import RoundRunner
 from fedclip.device_agent.state import DONE
-from fedclip.sdk.data import label_folder_name
 from fedclip.sdk.manifest import Manifest
 from fedclip.sdk.transport import MemoryBroker, MemoryTransport
 from fedclip.sdk.wire import Envelope, Message, MsgType, Topics, decode, encode
@@ -34,15 +33,8 @@ def step_bundle(bundle_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def image_dir(tmp_path_factory) -> Path:
-    """Four small random images per label (the agent keeps a quarter for evaluation)."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for name in LABELS:
-        folder = root / label_folder_name(name)
-        folder.mkdir()
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return root
+    """Four small images per label (the agent keeps a quarter for evaluation)."""
+    return synthetic_images(tmp_path_factory.mktemp("images"), LABELS, dict.fromkeys(LABELS, 4), seed=0)
 
 
 class Harness:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from waiting import eventually, next_message
 
 from fedclip.coordinator.config import CoordConfig
 from fedclip.coordinator.registry import Registry
@@ -32,13 +33,7 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def wait_for(pred, timeout=30.0, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    return eventually(pred, timeout, what)
 
 
 class ScriptedAgent:
@@ -59,15 +54,13 @@ class ScriptedAgent:
         return encode(Envelope(MsgType.STATUS, FLEET, self.id, body=body))
 
     def task(self, round_id: int | None = None, timeout: float = 30.0) -> Message:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            msg = self.session.get(0.2)
-            if msg is None or not msg.payload:  # an emptied retained task: nothing to do
-                continue
-            task = decode(msg.payload, fleet=FLEET, expect=MsgType.TASK)
-            if round_id is None or task.envelope.round == round_id:
-                return task
-        raise AssertionError(f"{self.id}: no task for round {round_id}")
+        def wanted(msg) -> bool:
+            if not msg.payload:  # an emptied retained task: nothing to do
+                return False
+            return round_id is None or decode(msg.payload, fleet=FLEET).envelope.round == round_id
+
+        msg = next_message(self.session, wanted, timeout, f"{self.id}'s task for round {round_id}")
+        return decode(msg.payload, fleet=FLEET, expect=MsgType.TASK)
 
     def update(
         self,

@@ -43,8 +43,8 @@ class BatchSource:
         self.manifest = manifest
         self.dataset = dataset
         self.transform = ImageTransform(manifest.preprocess)
-        self._rows = None
         self.cache = cache  # image embeddings, for bundles that train from them
+        self._rows: np.ndarray | None = None  # each sample's row in the cache (-1: unreadable)
         if manifest.train_input == "image_embeds":
             if cache is None:
                 raise DataError("this bundle trains from image embeddings: an embedding cache is needed")
@@ -61,24 +61,27 @@ class BatchSource:
     def num_batches(self, batch_size: int) -> int:
         return math.ceil(len(self.dataset) / batch_size)
 
-    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> Iterator[tuple[dict, int]]:
+    def batches(
+        self, batch_size: int, *, shuffle: bool = False, seed: int = 0
+    ) -> Iterator[tuple[dict[str, np.ndarray], int]]:
         """Yield (inputs, batch size) with `inputs` keyed by graph input name."""
         if batch_size < 1:
             raise DataError(f"batch size must be >= 1, got {batch_size}")
-        if self._rows is None:
+        rows, cache = self._rows, self.cache
+        if rows is None or cache is None:
             for b in self.dataset.batches(self.transform, batch_size, shuffle=shuffle, seed=seed):
                 yield self._inputs(b.images, b.labels, b.captions), len(b)
             return
-        order = [i for i in self.dataset.order(shuffle, seed) if self._rows[i] >= 0]
+        order = [i for i in self.dataset.order(shuffle, seed) if rows[i] >= 0]
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             samples = [self.dataset.samples[i] for i in idx]
-            embeds = self.cache.read(self._rows[idx])
+            embeds = cache.read(rows[idx])
             labels = np.array([s.label for s in samples], dtype=np.int64)
             yield self._inputs(embeds, labels, [s.caption for s in samples]), len(idx)
 
     def _inputs(self, x: np.ndarray, labels: np.ndarray, captions: Sequence[str]) -> dict[str, np.ndarray]:
-        inputs = {self.manifest.train_input: x}
+        inputs: dict[str, np.ndarray] = {self.manifest.train_input: x}
         if self._tokenizer is not None:
             inputs["text"] = self._tokenizer(list(captions))
         else:

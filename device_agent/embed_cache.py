@@ -101,10 +101,12 @@ class EmbeddingCache:
         with self._locked():
             self._load_index()  # another process may have added rows since
             hashes = [self._content_hash(s) for s in dataset.samples]
-            todo = [i for i, h in enumerate(hashes) if h is not None and h not in self.rows]
             # One image per content: duplicates are embedded once.
-            seen: set[str] = set()
-            todo = [i for i in todo if not (hashes[i] in seen or seen.add(hashes[i]))]
+            first: dict[str, int] = {}
+            for i, h in enumerate(hashes):
+                if h is not None and h not in self.rows:
+                    first.setdefault(h, i)
+            todo = sorted(first.values())
             if todo:
                 self._embed(dataset, todo, hashes, batch_size, progress)
             self._save_index()

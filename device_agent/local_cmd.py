@@ -9,6 +9,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import typer
@@ -211,7 +212,7 @@ def predict(
     predictor = Predictor(bundle, adapter=tensors, device=device, threads=threads, manifest=manifest)
     labels = manifest.task.labels
     k = min(top_k, len(labels))
-    results = []
+    results: list[dict[str, Any]] = []
     for path in images:
         # One image at a time: a bad file is reported and the rest still get their answer.
         try:

@@ -12,7 +12,13 @@ from typing import Any
 
 import numpy as np
 
-from fedclip.device_agent.ort_loader import NO_FOLDING, check_device, lean_session_options, onnxruntime
+from fedclip.device_agent.ort_loader import (
+    NO_FOLDING,
+    Session,
+    check_device,
+    lean_session_options,
+    onnxruntime,
+)
 from fedclip.device_agent.shared_weights import add_shared_initializers, shared_initializers
 from fedclip.sdk.adapters import check_tensors
 from fedclip.sdk.errors import BackendError, BundleError, DataError
@@ -50,11 +56,11 @@ class Predictor:
             self._tensors = check_tensors(adapter, self.manifest.trainable, "adapter", require_all=False)
         # Sessions open on first use: an embedding cache that only needs the image encoder (or
         # nothing, when every embedding is cached) never loads the full inference graph's weights.
-        self._inference: Any = None
-        self._encoder: Any = None
+        self._inference: Session | None = None
+        self._encoder: Session | None = None
 
     @property
-    def _session(self) -> Any:
+    def _session(self) -> Session:
         if self._inference is None:
             self._inference = self._open("inference", self._tensors)
         return self._inference
@@ -67,7 +73,7 @@ class Predictor:
     def _outputs(self) -> list[str]:
         return [o.name for o in self._session.get_outputs()]
 
-    def _open(self, key: str, tensors: Mapping[str, np.ndarray]) -> Any:
+    def _open(self, key: str, tensors: Mapping[str, np.ndarray]) -> Session:
         ort = onnxruntime()
         opts = lean_session_options(self.threads)
         file = self.manifest.graphs[key].file

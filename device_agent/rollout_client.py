@@ -22,7 +22,7 @@ import json
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -99,7 +99,13 @@ class RolloutClient:
     # ---- state ---------------------------------------------------------------------------------
     def _load(self) -> dict[str, Any]:
         path = self.root / STATE_NAME
-        empty = {"history": [], "pinned": None, "rolled_back": [], "acks": {}, "last_sent_at": 0.0}
+        empty: dict[str, Any] = {
+            "history": [],
+            "pinned": None,
+            "rolled_back": [],
+            "acks": {},
+            "last_sent_at": 0.0,
+        }
         if not path.is_file():
             return empty
         try:
@@ -375,7 +381,7 @@ class RolloutClient:
             log.warning("ack for rollout %s not acknowledged by the broker (%s)", body.get("rollout"), e)
 
 
-def _is_rollout_id(value: Any) -> bool:
+def _is_rollout_id(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 

@@ -302,7 +302,7 @@ class AgentState:
             raise StateError(f"{path}: cannot read the task of round {rnd} ({e.strerror or e})") from None
 
     def save_progress(
-        self, rnd: int, *, save_checkpoint: Callable[[Path], None] | None = None, **fields: Any
+        self, rnd: int, *, save_checkpoint: Callable[[Path], object] | None = None, **fields: Any
     ) -> None:
         """Record progress of the round in progress; the checkpoint (if any) is written before the record
         points at it, and the one it replaces is removed after, so the record never names a missing file."""
@@ -323,7 +323,7 @@ class AgentState:
         rnd: int,
         blob: bytes,
         summary: Mapping[str, Any],
-        save_trainer_checkpoint: Callable[[Path], None] | None = None,
+        save_trainer_checkpoint: Callable[[Path], object] | None = None,
     ) -> None:
         """The round's update is built: keep its exact bytes, then mark the round BUILT."""
         self._write(self.update_path(rnd).relative_to(self.root).as_posix(), blob)

@@ -46,16 +46,17 @@ def data_statistics(
     out: dict[str, np.ndarray] = {}
     if "gaussian" in kinds:
         predictor = model if isinstance(model, Predictor) else _predictor_of(model)
-        sums = sq = None
+        sums: np.ndarray | None = None
+        sq: np.ndarray | None = None
         for b in _progress_batches(dataset, predictor.transform, batch_size, progress):
             emb = predictor.embed_images(b.images).astype(np.float64)
-            if sums is None:
+            if sums is None or sq is None:
                 sums = np.zeros((n_labels, emb.shape[1]))
                 sq = np.zeros((n_labels, emb.shape[1]))
             np.add.at(sums, b.labels, emb)
             np.add.at(sq, b.labels, emb * emb)
             np.add.at(counts, b.labels, 1.0)
-        if sums is None:
+        if sums is None or sq is None:
             raise DataError(f"{dataset.source}: no readable images for statistics")
         denom = np.maximum(counts, 1.0)[:, None]
         mean = sums / denom

@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from fedclip.sdk.errors import BrokerError, ConfigError
 
@@ -62,7 +63,7 @@ class EmbeddedBroker:
         self._dir: tempfile.TemporaryDirectory | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._broker = None
+        self._broker: Any = None  # amqtt's Broker (amqtt has no type information)
         self._started = threading.Event()
         self._error: BaseException | None = None
 
@@ -265,9 +266,10 @@ class MosquittoBroker:
         binary: str | None = None,
         port: int | None = None,
     ):
-        self.binary = binary or find_mosquitto()
-        if self.binary is None:
+        found = binary or find_mosquitto()
+        if found is None:
             raise BrokerError("mosquitto is not installed (apt-get install mosquitto)")
+        self.binary: str = found
         if (username is None) != (password is None):
             raise ConfigError("mosquitto: username and password go together")
         self.username = username
@@ -315,7 +317,7 @@ class MosquittoBroker:
                     "-b",
                     str(pw),
                     self.username,
-                    self.password,
+                    str(self.password),  # given with the username (checked above)
                 ],
                 capture_output=True,
                 text=True,

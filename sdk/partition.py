@@ -350,5 +350,5 @@ def read_summary(out: str | Path) -> dict:
 
 def dominant_share(counts: Sequence[int], top: int = 2) -> float:
     """Fraction of an agent's samples in its `top` most frequent labels (1.0: fully skewed)."""
-    counts = np.sort(np.asarray(counts))[::-1]
-    return float(counts[:top].sum() / max(1, counts.sum()))
+    ordered = np.sort(np.asarray(counts))[::-1]
+    return float(ordered[:top].sum() / max(1, ordered.sum()))

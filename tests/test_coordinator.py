@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -151,16 +152,28 @@ def _global(state: Path, version: str) -> dict[str, np.ndarray]:
         return Registry(s, "").load(version)[0]
 
 
-def _retained(url: str, topic: str, wait: float = 1.0) -> list[tuple[str, bytes]]:
-    """Retained messages a fresh subscriber gets on `topic`."""
+def _retained(url: str, topic: str) -> list[tuple[str, bytes]]:
+    """Retained messages a fresh subscriber gets on `topic`. The broker handles one client's packets in
+    order, so all of them arrive before a probe the same client publishes after subscribing."""
     s = MqttSession(url, f"probe-{time.monotonic_ns()}", clean_session=True)
+    probe = f"probe/{uuid.uuid4().hex}"
     s.subscribe(topic, 1)
+    s.subscribe(probe, 1)
     s.connect()
-    out, end = [], time.monotonic() + wait
-    while time.monotonic() < end:
-        m = s.get(0.1)
-        if m is not None and m.retain:
+    s.publish(probe, b"probe")
+    out: list[tuple[str, bytes]] = []
+
+    def probe_back() -> bool:
+        m = s.get(0.2)
+        if m is None:
+            return False
+        if m.topic == probe:
+            return True
+        if m.retain:
             out.append((m.topic, m.payload))
+        return False
+
+    eventually(probe_back, 30, "the probe published after the retained messages", interval=0)
     s.close()
     return out
 

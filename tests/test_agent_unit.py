@@ -40,7 +40,7 @@ def image_dir(tmp_path_factory) -> Path:
 class Harness:
     """An Agent on a MemoryBroker, and the coordinator's side of the same broker."""
 
-    def __init__(self, bundle: Path, data: Path, state: Path) -> None:
+    def __init__(self, bundle: Path, data: Path, state: Path, **config) -> None:
         self.manifest = Manifest.load(bundle)
         self.broker = MemoryBroker()
         cfg = AgentConfig(
@@ -53,17 +53,21 @@ class Harness:
             backend="step",
             threads=1,
             holdout=0.25,
+            **config,
         )
         self.agent = Agent(cfg, self.broker.client(), RoundRunner.open(cfg, threading.Event()))
         self.coordinator: MemoryTransport = self.broker.client()
         self.coordinator.connect()
         assert self.agent.start()
 
-    def task(self, rnd: int, **body) -> bytes:
-        rng = np.random.default_rng(rnd)
-        tensors = {
+    def adapter(self, seed: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        return {
             s.name: (0.01 * rng.standard_normal(s.shape)).astype(s.dtype) for s in self.manifest.exchanged
         }
+
+    def task(self, rnd: int, **body) -> bytes:
+        tensors = self.adapter(rnd)
         body = {
             "bundle_id": self.manifest.bundle_id,
             "deadline": time.time() + 3600,
@@ -73,13 +77,15 @@ class Harness:
         env = Envelope(MsgType.TASK, FLEET, AGENT, round=rnd, base_version=f"start-{rnd}", body=body)
         return encode(env, tensors)
 
-    def send(self, blob: bytes) -> None:
-        """Publish a task and let the agent handle it (the memory broker delivers on publish)."""
-        self.coordinator.publish(TOPICS.task(AGENT), blob, qos=1, retain=True)
+    def send(self, blob: bytes, topic: str = TOPICS.task(AGENT)) -> None:
+        """Publish a message and let the agent handle it (the memory broker delivers on publish)."""
+        self.coordinator.publish(topic, blob, qos=1, retain=True)
         assert self.agent.poll(timeout=5), "the task never reached the agent"
 
     def updates(self) -> list[Message]:
-        topic = TOPICS.update(AGENT)
+        return self.sent(TOPICS.update(AGENT))
+
+    def sent(self, topic: str) -> list[Message]:
         return [decode(p, fleet=FLEET) for t, p, _ in self.broker.published if t == topic]
 
     def status(self) -> dict:
@@ -132,3 +138,17 @@ def test_a_task_with_out_of_range_hyperparameters_is_dropped(harness):
     # The agent still serves: the next good task trains.
     harness.send(harness.task(1))
     assert [u.envelope.round for u in harness.updates()] == [1]
+
+
+def test_an_allowed_unsigned_adapter_push_is_installed_and_acknowledged(step_bundle, image_dir, tmp_path):
+    h = Harness(step_bundle, image_dir, tmp_path / "state", accept_unsigned_adapters=True)
+    try:
+        body = {"bundle_id": h.manifest.bundle_id, "version": "pushed-1"}
+        env = Envelope(MsgType.ADAPTER, FLEET, AGENT, round=3, body=body)
+        h.send(encode(env, h.adapter(7)), topic=TOPICS.adapter(AGENT))
+        (ack,) = h.sent(TOPICS.ack(AGENT))
+        assert ack.envelope.body == {"adapter_version": "pushed-1", "installed": True}
+        assert h.agent.runner.state.current_adapter == "pushed-1"
+        assert h.status()["adapter_version"] == "pushed-1"
+    finally:
+        h.close()

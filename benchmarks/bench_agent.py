@@ -129,7 +129,7 @@ def work_baseline(spec: dict) -> dict:
 
         from fedclip.exporters import bundle  # noqa: F401
     else:
-        from fedclip.device_agent import local_cmd, trainer, training  # noqa: F401
+        from fedclip.device_agent import batches, local_cmd, loops, statistics, trainer  # noqa: F401
         from fedclip.device_agent.ort_loader import training_api
 
         training_api()

@@ -163,8 +163,8 @@ def work_torch_full(spec: dict) -> dict:
 
 def work_cache(spec: dict) -> dict:
     """One-time cost: embed every image of the folder with the bundle's frozen image encoder."""
+    from fedclip.device_agent.batches import batch_source
     from fedclip.device_agent.trainer import OrtTrainer
-    from fedclip.device_agent.training import batch_source
     from fedclip.sdk.data import Dataset
 
     trainer = OrtTrainer(spec["bundle"], device="cpu", threads=spec["threads"])
@@ -176,8 +176,9 @@ def work_cache(spec: dict) -> dict:
 
 def work_ort_cached(spec: dict) -> dict:
     """Epochs over the cached embeddings through the agent's pipeline (the cache is already warm)."""
+    from fedclip.device_agent.batches import batch_source
+    from fedclip.device_agent.loops import train_local
     from fedclip.device_agent.trainer import OrtTrainer
-    from fedclip.device_agent.training import batch_source, train_local
     from fedclip.sdk.data import Dataset
 
     rss0 = M.rss_mb()

@@ -80,7 +80,7 @@ def rollout_to_three(url: str, bundle: Path, work: Path, repeats: int) -> dict:
     from fedclip.coordinator.rollout_policy import RolloutParams, Target
     from fedclip.coordinator.rollout_sources import DictSource
     from fedclip.coordinator.rollout_store import RolloutStore
-    from fedclip.device_agent.training import train_local
+    from fedclip.device_agent.loops import train_local
     from fedclip.sdk.adapters import AdapterMeta
     from fedclip.sdk.mqtt import MqttSession
     from fedclip.sdk.signing import ensure_keypair

@@ -109,7 +109,7 @@ class AgentConfig:
     def _relative_to(self, base: Path, skip: set[str]) -> AgentConfig:
         """Paths in agent.yaml are relative to the file, so a config moves with its folder; flags are
         relative to the working directory."""
-        changes = {}
+        changes: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name not in skip and isinstance(value, Path) and not value.is_absolute():

@@ -85,7 +85,7 @@ def start(
         "progress": progress,
     }
     cfg = AgentConfig.load(config, overrides)
-    raise typer.Exit(Agent(cfg).run())
+    raise typer.Exit(Agent.from_config(cfg).run())
 
 
 def status(

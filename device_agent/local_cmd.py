@@ -9,6 +9,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import typer
@@ -106,7 +107,8 @@ def train(
     as_json: bool = _JSON,
 ) -> None:
     """Train the bundle's adapter on local data; optionally evaluate a held-out part and save the adapter."""
-    from fedclip.device_agent.training import batch_source, evaluate, train_local
+    from fedclip.device_agent.batches import batch_source
+    from fedclip.device_agent.loops import evaluate, train_local
     from fedclip.sdk.wire import tensors_digest
 
     trainer, parent, progress = _open_trainer(bundle, adapter, device, threads, quiet or as_json, backend)
@@ -169,7 +171,8 @@ def eval(  # noqa: A001 - the command is called `eval`
     as_json: bool = _JSON,
 ) -> None:
     """Evaluate loss and accuracy of an adapter on local labelled data."""
-    from fedclip.device_agent.training import batch_source, evaluate
+    from fedclip.device_agent.batches import batch_source
+    from fedclip.device_agent.loops import evaluate
 
     trainer, _, progress = _open_trainer(bundle, adapter, device, threads, quiet or as_json, backend)
     dataset, held_out = _open_data(data, trainer.manifest, holdout)
@@ -209,7 +212,7 @@ def predict(
     predictor = Predictor(bundle, adapter=tensors, device=device, threads=threads, manifest=manifest)
     labels = manifest.task.labels
     k = min(top_k, len(labels))
-    results = []
+    results: list[dict[str, Any]] = []
     for path in images:
         # One image at a time: a bad file is reported and the rest still get their answer.
         try:

@@ -16,8 +16,9 @@ import importlib.util
 import os
 import sys
 import types
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from fedclip.sdk.errors import BackendError
 
@@ -37,7 +38,7 @@ def installed_ort_builds() -> list[str]:
     """The onnxruntime builds installed where this interpreter looks (sorted `name==version`)."""
     from importlib.metadata import distributions
 
-    found = {}
+    found: dict[str, str] = {}
     for dist in distributions():
         name = (dist.metadata["Name"] or "").lower().replace("_", "-")
         if name in ORT_BUILDS:
@@ -80,7 +81,8 @@ def _import_without_torch(import_fn):
     stub.__package__ = "onnxruntime.training"
     before = {n for n in sys.modules if n.startswith("onnxruntime.training")}
     sys.modules["onnxruntime.training"] = stub
-    sys.modules["onnxruntime.training.ortmodule"] = None
+    # None in sys.modules makes that import fail at once (the import system's documented block)
+    sys.modules["onnxruntime.training.ortmodule"] = None  # type: ignore[assignment]  # see above
     try:
         return import_fn()
     finally:
@@ -91,6 +93,20 @@ def _import_without_torch(import_fn):
         parent = sys.modules.get("onnxruntime")
         if parent is not None and getattr(parent, "training", None) is stub:
             delattr(parent, "training")
+
+
+class NodeArg(Protocol):
+    name: str
+
+
+class Session(Protocol):
+    """What fedclip uses of an `onnxruntime.InferenceSession` (onnxruntime has no type information)."""
+
+    def run(self, output_names: Sequence[str] | None, input_feed: Mapping[str, Any]) -> list[Any]: ...
+
+    def get_inputs(self) -> list[NodeArg]: ...
+
+    def get_outputs(self) -> list[NodeArg]: ...
 
 
 def onnxruntime() -> Any:

@@ -13,7 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from fedclip.device_agent.ort_loader import NO_FOLDING, check_device, lean_session_options, onnxruntime
+from fedclip.device_agent.ort_loader import (
+    NO_FOLDING,
+    Session,
+    check_device,
+    lean_session_options,
+    onnxruntime,
+)
 from fedclip.device_agent.shared_weights import add_shared_initializers, shared_initializers
 from fedclip.sdk.adapters import check_tensors
 from fedclip.sdk.errors import BackendError, BundleError, DataError
@@ -51,13 +57,13 @@ class Predictor:
             self._tensors = check_tensors(adapter, self.manifest.trainable, "adapter", require_all=False)
         # Sessions open on first use: an embedding cache that only needs the image encoder (or
         # nothing, when every embedding is cached) never loads the full inference graph's weights.
-        self._inference: Any = None
-        self._encoder: Any = None
+        self._inference: Session | None = None
+        self._encoder: Session | None = None
         self._text: Any = None
         self._tokenizer: Any = None
 
     @property
-    def _session(self) -> Any:
+    def _session(self) -> Session:
         if self._inference is None:
             self._inference = self._open("inference", self._tensors)
         return self._inference
@@ -70,7 +76,7 @@ class Predictor:
     def _outputs(self) -> list[str]:
         return [o.name for o in self._session.get_outputs()]
 
-    def _open(self, key: str, tensors: Mapping[str, np.ndarray]) -> Any:
+    def _open(self, key: str, tensors: Mapping[str, np.ndarray]) -> Session:
         ort = onnxruntime()
         opts = lean_session_options(self.threads)
         file = self.manifest.graphs[key].file
@@ -143,6 +149,12 @@ class Predictor:
         if images.ndim != 4 or images.shape[1:] != (3, s, s):
             raise DataError(f"images must be float32 [B, 3, {s}, {s}], got {list(images.shape)}")
         return images
+
+    @property
+    def open_graphs(self) -> tuple[str, ...]:
+        """The ONNX sessions opened so far: they open lazily, on first use."""
+        opened = (("inference", self._inference), ("image_encoder", self._encoder))
+        return tuple(name for name, session in opened if session is not None)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Class logits [B, L] (classify bundles)."""

@@ -22,7 +22,7 @@ import json
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -31,7 +31,9 @@ from fedclip.sdk.errors import FedclipError, WireError
 from fedclip.sdk.fetch import fetch_bytes
 from fedclip.sdk.fsutil import atomic_write
 from fedclip.sdk.ids import ID_PATTERN
+from fedclip.sdk.mqtt import Incoming
 from fedclip.sdk.signing import Ed25519PublicKey, load_public_key, verify_message
+from fedclip.sdk.transport import Transport
 from fedclip.sdk.wire import DEFAULT_MAX_PAYLOAD, Envelope, Message, MsgType, Topics, decode, encode
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,7 @@ class RolloutClient:
 
     def __init__(
         self,
-        session: Any,
+        transport: Transport,
         topics: Topics,
         agent_id: str,
         state_dir: str | Path,
@@ -63,7 +65,7 @@ class RolloutClient:
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         publish_timeout: float = 30.0,
     ):
-        self.session = session
+        self.transport = transport
         self.topics = topics
         self.agent_id = agent_id
         self.root = Path(state_dir) / "rollout"
@@ -92,12 +94,18 @@ class RolloutClient:
 
     def subscribe(self) -> None:
         for topic in self.subscriptions():
-            self.session.subscribe(topic, qos=1)
+            self.transport.subscribe(topic, qos=1)
 
     # ---- state ---------------------------------------------------------------------------------
     def _load(self) -> dict[str, Any]:
         path = self.root / STATE_NAME
-        empty = {"history": [], "pinned": None, "rolled_back": [], "acks": {}, "last_sent_at": 0.0}
+        empty: dict[str, Any] = {
+            "history": [],
+            "pinned": None,
+            "rolled_back": [],
+            "acks": {},
+            "last_sent_at": 0.0,
+        }
         if not path.is_file():
             return empty
         try:
@@ -132,7 +140,7 @@ class RolloutClient:
         return adapter_from_bytes((self.root / rel).read_bytes(), str(self.root / rel))
 
     # ---- dispatch ------------------------------------------------------------------------------
-    def handle(self, incoming: Any) -> bool:
+    def handle(self, incoming: Incoming) -> bool:
         """Act on a rollout message; False when the topic is not one of ours. Never raises for bad input."""
         try:
             agent, kind = self.topics.parse_agent(incoming.topic)
@@ -366,14 +374,14 @@ class RolloutClient:
             body=dict(body),
         )
         try:
-            self.session.publish(
+            self.transport.publish(
                 self.topics.ack(self.agent_id), encode(env), qos=1, retain=False, timeout=self.publish_timeout
             )
         except FedclipError as e:  # the broker has it queued or the next retained copy re-sends it
             log.warning("ack for rollout %s not acknowledged by the broker (%s)", body.get("rollout"), e)
 
 
-def _is_rollout_id(value: Any) -> bool:
+def _is_rollout_id(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 

@@ -24,6 +24,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +32,11 @@ import numpy as np
 
 from fedclip.sdk.adapters import AdapterMeta, adapter_bytes
 from fedclip.sdk.errors import ConfigError, StateError
-from fedclip.sdk.fsutil import atomic_produce, atomic_write, fsync_dir, remove
+from fedclip.sdk.fsutil import atomic_produce, atomic_write, remove
 from fedclip.sdk.hashing import sha256_bytes
 from fedclip.sdk.ids import ID_PATTERN
 
 log = logging.getLogger(__name__)
-
-# Kept importable from here: older code and the step backend import them from this module.
-__all__ = ["AgentState", "StateError", "atomic_produce", "atomic_write", "fsync_dir", "read_record"]
 
 STATE_FORMAT = 1
 STATE_FILE = "state.json"
@@ -46,6 +44,36 @@ LOCK_FILE = "state.lock"
 
 BUILT = "built"  # update blob on disk, not yet acknowledged by the broker
 DONE = "done"  # update published (PUBACK received)
+
+
+@dataclass(frozen=True)
+class RoundProgress:
+    """The round in progress as state.json records it (`in_progress`): a read-only view; the state
+    dir changes it through `AgentState.save_progress`."""
+
+    round: int
+    epochs_done: int = 0
+    steps_done: int = 0
+    checkpoint: str | None = None  # relative to the state dir: the last epoch's checkpoint
+    metrics_before: dict[str, float] | None = None  # held-out metrics before training, once measured
+    train_seconds: float = 0.0
+    train_metrics: dict[str, float] = field(default_factory=dict)  # of the last epoch trained
+    task_sha256: str = ""
+    started_at: float = 0.0
+
+    @classmethod
+    def from_record(cls, entry: Mapping[str, Any]) -> RoundProgress:
+        return cls(
+            round=int(entry["round"]),
+            epochs_done=int(entry.get("epochs_done", 0)),
+            steps_done=int(entry.get("steps_done", 0)),
+            checkpoint=entry.get("checkpoint") or None,
+            metrics_before=dict(entry["metrics_before"]) if entry.get("metrics_before") is not None else None,
+            train_seconds=float(entry.get("train_seconds", 0.0)),
+            train_metrics=dict(entry.get("train_metrics") or {}),
+            task_sha256=str(entry.get("task_sha256", "")),
+            started_at=float(entry.get("started_at", 0.0)),
+        )
 
 
 def _empty_record(agent_id: str, fleet: str, bundle_id: str) -> dict[str, Any]:
@@ -180,8 +208,15 @@ class AgentState:
         rel = self.record.get("trainer_checkpoint")
         return self.root / rel if rel else None
 
+    def update_path(self, rnd: int) -> Path:
+        """Where round `rnd`'s update blob is kept (it may not exist yet)."""
+        return self.root / "rounds" / str(rnd) / "update.bin"
+
+    def has_update_blob(self, rnd: int) -> bool:
+        return self.update_path(rnd).is_file()
+
     def update_blob(self, rnd: int) -> bytes:
-        path = self.root / "rounds" / str(rnd) / "update.bin"
+        path = self.update_path(rnd)
         try:
             return path.read_bytes()
         except OSError as e:
@@ -231,10 +266,14 @@ class AgentState:
             self._save()
 
     # ---- rounds --------------------------------------------------------------------------------
-    def in_progress(self) -> dict[str, Any] | None:
-        return self.record["in_progress"]
+    def in_progress(self) -> RoundProgress | None:
+        entry = self.record["in_progress"]
+        return RoundProgress.from_record(entry) if entry else None
 
-    def begin_round(self, rnd: int, task_blob: bytes) -> dict[str, Any]:
+    def checkpoint_path(self, progress: RoundProgress) -> Path | None:
+        return self.root / progress.checkpoint if progress.checkpoint else None
+
+    def begin_round(self, rnd: int, task_blob: bytes) -> RoundProgress:
         """Start (or restart from scratch) round `rnd`: keep its task so a restart can resume it."""
         old = self.record["in_progress"]
         self._write(f"rounds/{rnd}/task.bin", task_blob)
@@ -253,7 +292,7 @@ class AgentState:
             self._drop_round_scratch(old["round"])
         elif old and old.get("checkpoint"):
             remove(self.root / old["checkpoint"])
-        return self.record["in_progress"]
+        return RoundProgress.from_record(self.record["in_progress"])
 
     def task_blob(self, rnd: int) -> bytes:
         path = self.root / "rounds" / str(rnd) / "task.bin"
@@ -263,7 +302,7 @@ class AgentState:
             raise StateError(f"{path}: cannot read the task of round {rnd} ({e.strerror or e})") from None
 
     def save_progress(
-        self, rnd: int, *, save_checkpoint: Callable[[Path], None] | None = None, **fields: Any
+        self, rnd: int, *, save_checkpoint: Callable[[Path], object] | None = None, **fields: Any
     ) -> None:
         """Record progress of the round in progress; the checkpoint (if any) is written before the record
         points at it, and the one it replaces is removed after, so the record never names a missing file."""
@@ -284,10 +323,10 @@ class AgentState:
         rnd: int,
         blob: bytes,
         summary: Mapping[str, Any],
-        save_trainer_checkpoint: Callable[[Path], None] | None = None,
+        save_trainer_checkpoint: Callable[[Path], object] | None = None,
     ) -> None:
         """The round's update is built: keep its exact bytes, then mark the round BUILT."""
-        self._write(f"rounds/{rnd}/update.bin", blob)
+        self._write(self.update_path(rnd).relative_to(self.root).as_posix(), blob)
         old_ckpt = self.record.get("trainer_checkpoint")
         if save_trainer_checkpoint is not None:
             self.record["trainer_checkpoint"] = self._produce(
@@ -299,7 +338,7 @@ class AgentState:
 
     def adopt_built_update(self, rnd: int, summary: Mapping[str, Any]) -> bool:
         """After a crash between writing update.bin and recording it: adopt the blob as the round's update."""
-        path = self.root / "rounds" / str(rnd) / "update.bin"
+        path = self.update_path(rnd)
         if not path.is_file() or self.round_status(rnd):
             return False
         self._mark_built(rnd, path.read_bytes(), summary)

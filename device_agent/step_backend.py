@@ -9,13 +9,19 @@ feeds each step's outputs into the next step. Same public interface as `OrtTrain
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from fedclip.device_agent.ort_loader import NO_FOLDING, check_device, lean_session_options, onnxruntime
+from fedclip.device_agent.ort_loader import (
+    NO_FOLDING,
+    Session,
+    check_device,
+    lean_session_options,
+    onnxruntime,
+)
 from fedclip.device_agent.shared_weights import add_shared_initializers, shared_initializers
 from fedclip.sdk.adapters import AdapterFiles, check_tensors, decode_tensors, encode_tensors
 from fedclip.sdk.errors import AdapterError, BackendError, BundleError, DataError
@@ -63,6 +69,9 @@ class StepTrainer(AdapterFiles):
         self._initial = self._read_initial()
         self._lr = DEFAULT_LR
         self._tensors = {n: a.copy() for n, a in self._initial.items()}
+        self._step: np.ndarray = np.zeros(1, dtype=np.int64)
+        self._exp_avg: dict[str, np.ndarray] = {}
+        self._exp_avg_sq: dict[str, np.ndarray] = {}
         self.reset_optimizer()
 
     # ---- loading ---------------------------------------------------------------------------------
@@ -82,7 +91,7 @@ class StepTrainer(AdapterFiles):
             )
         return data
 
-    def _session(self, file: str, provider: str):
+    def _session(self, file: str, provider: str) -> Session:
         ort = onnxruntime()
         opts = lean_session_options(self.threads)
         frozen = shared_initializers(self.bundle_dir, self.manifest, file)
@@ -96,7 +105,7 @@ class StepTrainer(AdapterFiles):
             ) from None
 
     def _read_initial(self) -> dict[str, np.ndarray]:
-        path = self.bundle_dir / self.manifest.initial_tensors
+        path = self.bundle_dir / str(self.manifest.initial_tensors)  # checked in __init__
         try:
             blob = path.read_bytes()
         except OSError as e:
@@ -213,15 +222,9 @@ class StepTrainer(AdapterFiles):
         if owner != self.manifest.bundle_id:
             raise BundleError(f"{path}: checkpoint belongs to bundle {owner[:12] or '?'}, not this bundle")
         try:
-            params = check_tensors(
-                {n: tensors.get(_PARAM + n) for n in self._names}, self.manifest.trainable, str(path)
-            )
-            exp_avg = check_tensors(
-                {n: tensors.get(_M + n) for n in self._names}, self.manifest.trainable, str(path)
-            )
-            exp_avg_sq = check_tensors(
-                {n: tensors.get(_V + n) for n in self._names}, self.manifest.trainable, str(path)
-            )
+            params = check_tensors(_present(tensors, _PARAM, self._names), self.manifest.trainable, str(path))
+            exp_avg = check_tensors(_present(tensors, _M, self._names), self.manifest.trainable, str(path))
+            exp_avg_sq = check_tensors(_present(tensors, _V, self._names), self.manifest.trainable, str(path))
             step = np.asarray(tensors[_STEP_KEY], dtype=np.int64).reshape(1)
             lr = float(meta.get("lr", self._lr))
         except (AdapterError, KeyError, ValueError, TypeError) as e:
@@ -300,3 +303,8 @@ def make_trainer(bundle_dir: str | Path, backend: str = "auto", **kw):
 
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _present(tensors: Mapping[str, np.ndarray], prefix: str, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The tensors of `names` stored under `prefix`; a missing one is reported by check_tensors."""
+    return {n: tensors[prefix + n] for n in names if prefix + n in tensors}

@@ -38,7 +38,7 @@ class RoundTask:
     reset_optimizer: bool
     adapter: dict[str, np.ndarray]  # validated exchanged tensors; empty: keep the current ones
     # data digest of the statistics the coordinator holds for this agent ("": none); when it equals
-    # the agent's current `training.data_digest`, the gaussian statistics need not travel again
+    # the agent's current `statistics.data_digest`, the gaussian statistics need not travel again
     stats_digest: str = ""
 
 

@@ -41,7 +41,7 @@ class OrtTrainer(AdapterFiles):
         check_device(device)
         self._api = training_api()
         self._lr: float | None = None
-        self._open(self.bundle_dir / self.manifest.checkpoint)
+        self._open(self._initial_checkpoint())
 
     # ---- sessions --------------------------------------------------------------------------------
     def _open(self, checkpoint: Path) -> None:
@@ -113,10 +113,15 @@ class OrtTrainer(AdapterFiles):
     def lr(self) -> float:
         return float(self._optimizer.get_learning_rate())
 
+    def _initial_checkpoint(self) -> Path:
+        if not self.manifest.checkpoint:
+            raise BundleError(f"{self.bundle_dir}: manifest names no ORT training checkpoint")
+        return self.bundle_dir / self.manifest.checkpoint
+
     def reset_optimizer(self) -> None:
         """Forget the optimizer's moments (a new round from a new global adapter), keep the tensors."""
         tensors = self.get_tensors("trainable")
-        self._open(self.bundle_dir / self.manifest.checkpoint)
+        self._open(self._initial_checkpoint())
         self.set_tensors(tensors)
 
     # ---- tensors ---------------------------------------------------------------------------------

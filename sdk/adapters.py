@@ -162,6 +162,12 @@ class AdapterFiles:
 
     manifest: Manifest
 
+    def get_tensors(self, which: Literal["trainable", "exchanged"] = "trainable") -> dict[str, np.ndarray]:
+        raise NotImplementedError  # the trainer class brings it
+
+    def set_tensors(self, tensors: Mapping[str, np.ndarray], where: str = "adapter") -> None:
+        raise NotImplementedError  # the trainer class brings it
+
     def _specs(self, which: Literal["trainable", "exchanged"]) -> tuple[TensorSpec, ...]:
         if which == "trainable":
             return self.manifest.trainable
@@ -176,7 +182,7 @@ class AdapterFiles:
             raise AdapterError(
                 f"{path}: adapter metadata names bundle {meta.bundle_id[:12]}, not this bundle"
             )
-        return save_adapter(path, self.get_tensors(which), meta)  # type: ignore[attr-defined]
+        return save_adapter(path, self.get_tensors(which), meta)
 
     def load_adapter(self, path: str | Path) -> AdapterMeta:
         tensors, meta = load_adapter(path)
@@ -185,7 +191,7 @@ class AdapterFiles:
                 f"{path}: adapter was made for bundle {meta.bundle_id[:12]}, "
                 f"this bundle is {self.manifest.bundle_id[:12]}"
             )
-        self.set_tensors(tensors, where=str(path))  # type: ignore[attr-defined]
+        self.set_tensors(tensors, where=str(path))
         return meta
 
 

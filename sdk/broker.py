@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from fedclip.sdk.broker_acl import FleetAcl, amqtt_plugins
 from fedclip.sdk.errors import BrokerError, ConfigError
@@ -89,7 +90,7 @@ class EmbeddedBroker:
         self._dir: tempfile.TemporaryDirectory | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._broker = None
+        self._broker: Any = None  # amqtt's Broker (amqtt has no type information)
         self._started = threading.Event()
         self._error: BaseException | None = None
         self._key = f"embedded-{id(self)}-{secrets.token_hex(4)}"
@@ -315,9 +316,10 @@ class MosquittoBroker:
         port: int | None = None,
         include_dir: str | Path | None = None,
     ):
-        self.binary = binary or find_mosquitto()
-        if self.binary is None:
+        found = binary or find_mosquitto()
+        if found is None:
             raise BrokerError("mosquitto is not installed (apt-get install mosquitto)")
+        self.binary: str = found
         if (username is None) != (password is None):
             raise ConfigError("mosquitto: username and password go together")
         self.username = username
@@ -374,7 +376,7 @@ class MosquittoBroker:
                     "-b",
                     str(pw),
                     self.username,
-                    self.password,
+                    str(self.password),  # given with the username (checked above)
                 ],
                 capture_output=True,
                 text=True,

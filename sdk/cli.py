@@ -58,8 +58,9 @@ def run(app: typer.Typer, prog: str) -> None:
         if type(e).__name__ == "Abort":
             print(f"{prog}: aborted", file=sys.stderr)
             sys.exit(130)
-        if callable(getattr(e, "show", None)) and hasattr(e, "exit_code"):
-            e.show()
+        show = getattr(e, "show", None)
+        if callable(show) and hasattr(e, "exit_code"):
+            show()
             sys.exit(2)
         raise
     sys.exit(0)

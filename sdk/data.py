@@ -121,7 +121,9 @@ class Dataset:
             np.random.default_rng(seed).shuffle(idx)
         return idx
 
-    def iter_images(self, transform: ImageTransform, indices: Sequence[int] | None = None) -> Iterator:
+    def iter_images(
+        self, transform: ImageTransform, indices: Sequence[int] | np.ndarray | None = None
+    ) -> Iterator:
         """Yield (sample, pixels) one at a time, skipping (and counting) unreadable images."""
         for i in range(len(self.samples)) if indices is None else indices:
             sample = self.samples[int(i)]

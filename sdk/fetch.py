@@ -23,7 +23,8 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import BinaryIO
+from types import TracebackType
+from typing import Protocol, TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
 import yaml
@@ -55,6 +56,8 @@ class _Source:
 
     def __init__(self, source: str, timeout: float):
         self.timeout = timeout
+        self.base: str | None
+        self.local: Path | None
         parts = urlsplit(source)
         if parts.scheme in ("http", "https"):
             self.base, self.local = source, None
@@ -80,7 +83,7 @@ class _Source:
             raise BundleError(f"{self.label}: {rel} is larger than {limit} bytes")
         return data
 
-    def open(self, rel: str, offset: int) -> tuple[BinaryIO, int | None, bool]:
+    def open(self, rel: str, offset: int) -> tuple[_Stream, int | None, bool]:
         if self.local is not None:
             path = self.local / rel
             try:
@@ -92,7 +95,7 @@ class _Source:
             size = os.fstat(f.fileno()).st_size
             f.seek(min(offset, size))
             return f, size, offset > 0
-        req = urllib.request.Request(_join(self.base, rel))
+        req = urllib.request.Request(_join(str(self.base), rel))  # base is set when local is not
         if offset > 0:
             req.add_header("Range", f"bytes={offset}-")
         try:
@@ -116,6 +119,25 @@ class _Source:
             return resp, int(total) if total.isdigit() else None, True
         # 200: the server ignored the range; the caller starts the file over.
         return resp, int(length) if length and length.isdigit() else None, False
+
+
+class _Stream(Protocol):
+    """What a download reads from: an HTTP response, a local file, or nothing left to read."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+    def read1(self, n: int = -1, /) -> bytes: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self: _S) -> _S: ...
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None, /
+    ) -> object: ...
+
+
+_S = TypeVar("_S", bound=_Stream)
 
 
 class _Empty:
@@ -284,8 +306,9 @@ def _fetch_files(
 
         if bar is not None:
             for rel in files:
-                if rel not in todo and sizes.get(rel) is not None:
-                    advance(sizes[rel])
+                size = sizes.get(rel)
+                if rel not in todo and size is not None:
+                    advance(size)
         for rel, digest in todo.items():
             target = into / rel
             target.parent.mkdir(parents=True, exist_ok=True)

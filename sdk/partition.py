@@ -75,7 +75,7 @@ class LabeledImages:
             raise DataError(f"{self.paths[i]}: cannot read image ({e})") from None
 
 
-def _read_idx(path: Path, ndim: int) -> np.ndarray:
+def read_idx(path: Path, ndim: int) -> np.ndarray:
     try:
         with gzip.open(path, "rb") as f:
             data = f.read()
@@ -96,8 +96,8 @@ def load_fashion_mnist(root: str | Path = FASHION_MNIST_DIR) -> LabeledImages:
     root = Path(root)
     images, labels = [], []
     for split in ("train", "t10k"):
-        images.append(_read_idx(root / f"{split}-images-idx3-ubyte.gz", 3))
-        labels.append(_read_idx(root / f"{split}-labels-idx1-ubyte.gz", 1))
+        images.append(read_idx(root / f"{split}-images-idx3-ubyte.gz", 3))
+        labels.append(read_idx(root / f"{split}-labels-idx1-ubyte.gz", 1))
     x, y = np.concatenate(images), np.concatenate(labels).astype(np.int64)
     if len(x) != len(y):
         raise DataError(f"{root}: image and label files disagree in length")
@@ -350,5 +350,5 @@ def read_summary(out: str | Path) -> dict:
 
 def dominant_share(counts: Sequence[int], top: int = 2) -> float:
     """Fraction of an agent's samples in its `top` most frequent labels (1.0: fully skewed)."""
-    counts = np.sort(np.asarray(counts))[::-1]
-    return float(counts[:top].sum() / max(1, counts.sum()))
+    ordered = np.sort(np.asarray(counts))[::-1]
+    return float(ordered[:top].sum() / max(1, ordered.sum()))

@@ -27,14 +27,14 @@ import numpy as np
 from fedclip.sdk.errors import BundleError, ConfigError
 
 try:
-    import regex
+    import regex  # type: ignore[import-untyped]  # the regex package ships no type information
 except ImportError:  # pragma: no cover - regex is a dependency; say so instead of a traceback
     regex = None
 
 try:
     import ftfy as _ftfy
 except ImportError:
-    _ftfy = None
+    _ftfy = None  # type: ignore[assignment]  # ftfy is optional: text is then cleaned without it
 
 VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"
 DEFAULT_CONTEXT_LENGTH = 77
@@ -259,10 +259,10 @@ def _load_merges(path: str) -> tuple[tuple[str, str], ...]:
         raise BundleError(f"{path}: tokenizer vocabulary not found") from None
     except (OSError, EOFError, UnicodeDecodeError) as e:
         raise BundleError(f"{path}: not a gzip BPE vocabulary ({e})") from None
-    merges = [tuple(line.split()) for line in lines[1 : _N_MERGES + 1]]
-    if len(merges) != _N_MERGES or any(len(m) != 2 for m in merges):
+    pairs = [line.split() for line in lines[1 : _N_MERGES + 1]]
+    if len(pairs) != _N_MERGES or any(len(m) != 2 for m in pairs):
         raise BundleError(f"{path}: not a CLIP BPE vocabulary (expected {_N_MERGES} merge pairs)")
-    return tuple(merges)  # type: ignore[return-value]
+    return tuple((a, b) for a, b in pairs)
 
 
 def default_vocab_path() -> Path:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from paho.mqtt.client import topic_matches_sub
 
@@ -27,7 +27,13 @@ __all__ = ["MemoryBroker", "MemoryTransport", "Transport"]
 class Transport(Protocol):
     """What fedclip needs from a broker connection (MqttSession has exactly this surface)."""
 
-    on_connect: list[Callable[[Transport], None]]
+    # Hooks run after every (re)connect with the transport itself; read-only here so that each
+    # implementation may type the argument as its own class (a list is invariant in its items).
+    @property
+    def on_connect(self) -> list[Callable[[Any], None]]: ...
+
+    @property
+    def connected(self) -> threading.Event: ...  # set while the connection is up
 
     def connect(self, timeout: float = 30) -> Transport: ...
 

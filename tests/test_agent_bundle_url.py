@@ -7,7 +7,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from test_agent_fleet import agent_factory, coordinator_factory, fmnist_dir  # noqa: F401
 
 from fedclip.coordinator.bundle_server import BundleServer
 from fedclip.sdk.manifest import Manifest
@@ -15,7 +14,7 @@ from fedclip.sdk.manifest import Manifest
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(600)]
 
 
-def test_agent_fetches_its_bundle_by_url(mosquitto, coordinator_factory, agent_factory, tiny_bundle):  # noqa: F811
+def test_agent_fetches_its_bundle_by_url(mosquitto, coordinator_factory, agent_factory, tiny_bundle):
     coord = coordinator_factory(mosquitto.url)
     with BundleServer(tiny_bundle) as server:
         agent = agent_factory(mosquitto.url, bundle=server.url)
@@ -27,7 +26,7 @@ def test_agent_fetches_its_bundle_by_url(mosquitto, coordinator_factory, agent_f
     assert Manifest.load(fetched, verify=True).bundle_id == bundle_id
 
 
-def test_corrupt_bundle_by_url_is_refused(mosquitto, agent_factory, tiny_bundle, tmp_path):  # noqa: F811
+def test_corrupt_bundle_by_url_is_refused(mosquitto, agent_factory, tiny_bundle, tmp_path):
     copy = tmp_path / "served"
     shutil.copytree(tiny_bundle, copy)
     victim = next(copy / rel for rel in Manifest.load(tiny_bundle).files)

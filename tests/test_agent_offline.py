@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import shutil
@@ -13,41 +12,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fixtures_bundle import FASHION_MNIST_LABELS
+from fixtures_data import fashion_mnist
 from PIL import Image
 
+from fedclip.device_agent.batches import batch_source
+from fedclip.device_agent.embed_cache import EmbeddingCache
+from fedclip.device_agent.loops import evaluate, train_local
 from fedclip.device_agent.predictor import Predictor
+from fedclip.device_agent.statistics import data_statistics
 from fedclip.device_agent.trainer import OrtTrainer
-from fedclip.device_agent.training import (
-    EmbeddingCache,
-    batch_source,
-    data_statistics,
-    evaluate,
-    train_local,
-)
 from fedclip.sdk.adapters import load_adapter
 from fedclip.sdk.data import Dataset, label_folder_name
 from fedclip.sdk.errors import DataError
 from fedclip.sdk.wire import STAT_LABEL_HIST, STAT_MEAN, STAT_VAR
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 PER_CLASS = 150
-
-
-def _fashion_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
-    if not (FMNIST / f"{split}-images-idx3-ubyte.gz").exists():
-        pytest.skip("Fashion-MNIST is not installed")
-    with gzip.open(FMNIST / f"{split}-images-idx3-ubyte.gz") as f:
-        x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-    with gzip.open(FMNIST / f"{split}-labels-idx1-ubyte.gz") as f:
-        y = np.frombuffer(f.read(), np.uint8, offset=8)
-    return x, y
 
 
 @pytest.fixture(scope="module")
 def fm_folder(tmp_path_factory) -> Path:
     """PER_CLASS Fashion-MNIST training images per class as PNGs in label folders, plus a corrupt one."""
     root = tmp_path_factory.mktemp("fmnist") / "images"
-    x, y = _fashion_mnist()
+    x, y = fashion_mnist("train")
     for c, label in enumerate(FASHION_MNIST_LABELS):
         folder = root / label_folder_name(label)
         folder.mkdir(parents=True)
@@ -126,7 +112,7 @@ def test_cli_train_eval_predict_on_fashion_mnist(tiny_bundle, fm_folder, tmp_pat
     assert full["num_samples"] == 10 * PER_CLASS
 
     # predict: top-k labels with scores; mostly right on images it never saw
-    x, y = _fashion_mnist("t10k")
+    x, y = fashion_mnist("t10k")
     paths = []
     for i in range(40):
         paths.append(tmp_path / f"test_{i}.png")
@@ -270,7 +256,7 @@ def test_data_statistics(tiny_bundle, fm_folder, tmp_path):
 
 def test_embedding_cache_for_text_tower_bundles(bundle_factory, tmp_path):
     bundle = bundle_factory(towers=("text",), labels=FASHION_MNIST_LABELS)
-    x, y = _fashion_mnist()
+    x, y = fashion_mnist("train")
     data = tmp_path / "data"
     for i in range(60):
         Image.fromarray(x[i]).save(_mk(data / label_folder_name(FASHION_MNIST_LABELS[y[i]])) / f"{i}.png")
@@ -289,13 +275,13 @@ def test_embedding_cache_for_text_tower_bundles(bundle_factory, tmp_path):
     np.testing.assert_allclose(inputs["image_embeds"], direct, atol=1e-5)
     np.testing.assert_array_equal(inputs["labels"], [s.label for s in ds.samples])
     # embedding needs the image encoder only: the inference graph (both towers) stays closed
-    assert predictor._encoder is not None and predictor._inference is None
+    assert predictor.open_graphs == ("image_encoder",)
 
     # a second run embeds nothing and opens no ONNX session at all; a changed file is embedded
     # again; the training uses the cache
     warm = batch_source(trainer, Dataset.open(data, labels=FASHION_MNIST_LABELS), cache_dir=cache_dir)
     assert (cache_files / "embeds.f32").stat().st_size == size
-    assert warm._cache.predictor._encoder is None and warm._cache.predictor._inference is None
+    assert warm.cache is not None and warm.cache.predictor.open_graphs == ()
     # rows a crash appended after the last saved index are dropped, not mistaken for new ones
     with open(cache_files / "embeds.f32", "ab") as f:
         f.write(np.full((3, trainer.manifest.base_model.embed_dim), 7.0, np.float32).tobytes())

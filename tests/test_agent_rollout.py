@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_agent_fleet import FLEET, agent_factory, coordinator_factory, fmnist_dir  # noqa: F401
+from fixtures_fleet import FLEET
 
 from fedclip.device_agent.state import current_adapter_path, read_record
 from fedclip.sdk.adapters import load_adapter
@@ -21,8 +21,8 @@ pytestmark = [pytest.mark.broker, pytest.mark.timeout(600)]
 
 def test_rollout_switches_status_and_rollback_restores_the_previous_adapter(
     mosquitto,
-    coordinator_factory,  # noqa: F811
-    agent_factory,  # noqa: F811
+    coordinator_factory,
+    agent_factory,
     tmp_path,
 ):
     key, pub = ensure_keypair(tmp_path / "keys")

@@ -16,14 +16,13 @@ from fedclip.device_agent.state import (
     BUILT,
     DONE,
     AgentState,
-    StateError,
-    atomic_write,
     current_adapter_path,
     read_record,
     summarize,
 )
 from fedclip.sdk.adapters import AdapterMeta, load_adapter
-from fedclip.sdk.errors import ConfigError
+from fedclip.sdk.errors import ConfigError, StateError
+from fedclip.sdk.fsutil import atomic_write
 
 BUNDLE = "b" * 64
 
@@ -70,11 +69,11 @@ def test_kill_during_writes_never_leaves_a_torn_state_file(tmp_path):
     script = textwrap.dedent(f"""
         from fedclip.device_agent.state import AgentState
         s = AgentState({str(root)!r}, agent_id="dev-1", fleet="f1", bundle_id={BUNDLE!r})
+        s.begin_round(1, b"task")
         print("ready", flush=True)
         i = 0
-        while True:
-            s.record["filler"] = "x" * (1000 + i % 5000)
-            s._save()
+        while True:  # every call rewrites state.json; the record's size varies from call to call
+            s.save_progress(1, steps_done=i, train_metrics=dict.fromkeys(map(str, range(i % 300)), 0.0))
             i += 1
     """)
     for _ in range(3):
@@ -93,11 +92,11 @@ def test_round_lifecycle_and_summary(tmp_path):
     s = _open(tmp_path)
     assert s.last_round == -1 and s.in_progress() is None
     s.begin_round(3, b"task-3")
-    assert s.in_progress()["round"] == 3 and s.task_blob(3) == b"task-3"
+    assert s.in_progress().round == 3 and s.task_blob(3) == b"task-3"
     s.save_progress(3, save_checkpoint=_fake_ckpt(b"e1"), epochs_done=1, steps_done=10)
     s.save_progress(3, save_checkpoint=_fake_ckpt(b"e2"), epochs_done=2, steps_done=20)
     prog = s.in_progress()
-    assert prog["checkpoint"] == "rounds/3/ckpt-2" and (tmp_path / prog["checkpoint"]).read_bytes() == b"e2"
+    assert prog.checkpoint == "rounds/3/ckpt-2" and s.checkpoint_path(prog).read_bytes() == b"e2"
     assert not (tmp_path / "rounds/3/ckpt-1").exists()  # the replaced checkpoint is gone
     s.store_update(
         3,
@@ -125,8 +124,8 @@ def test_state_survives_reopen_and_resume_points_at_checkpoint(tmp_path):
     s.close()  # as if killed here
     s = _open(tmp_path)
     prog = s.in_progress()
-    assert prog["round"] == 5 and prog["epochs_done"] == 1 and prog["metrics_before"] == {"loss": 2.0}
-    assert (tmp_path / prog["checkpoint"]).read_bytes() == b"e1"
+    assert prog.round == 5 and prog.epochs_done == 1 and prog.metrics_before == {"loss": 2.0}
+    assert s.checkpoint_path(prog).read_bytes() == b"e1"
     assert s.task_blob(5) == b"task-5"
     s.close()
 

@@ -211,7 +211,7 @@ def test_device_venv_cli_trains_evaluates_and_predicts(step_only: Path, image_fo
 @pytest.mark.broker
 @pytest.mark.timeout(600)
 def test_device_venv_agent_serves_a_round(mosquitto, step_only: Path, image_folder: Path, tmp_path: Path):
-    from test_agent_fleet import FLEET, Coordinator
+    from fixtures_fleet import FLEET, Coordinator
 
     from fedclip.sdk.adapters import check_adapter
     from fedclip.sdk.manifest import Manifest

@@ -9,9 +9,8 @@ import time
 
 import numpy as np
 import pytest
+from fixtures_fleet import FLEET
 from PIL import Image
-from test_agent_fleet import FLEET, agent_factory, fmnist_dir  # noqa: F401  (fixtures)
-from test_rollout import world  # noqa: F401  (fixture: evaluator + good/bad adapters)
 from test_rollout_agents import WAIT_S, rollout_cli
 
 from fedclip.device_agent.classifier import Classifier, installed_adapter

@@ -13,10 +13,12 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
+from waiting import eventually, next_message
 
 from fedclip.coordinator.config import CoordConfig
 from fedclip.coordinator.registry import Registry, load_initial_adapter
@@ -32,13 +34,7 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def wait_for(pred, timeout=30.0, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    return eventually(pred, timeout, what)
 
 
 class ScriptedAgent:
@@ -59,15 +55,13 @@ class ScriptedAgent:
         return encode(Envelope(MsgType.STATUS, FLEET, self.id, body=body))
 
     def task(self, round_id: int | None = None, timeout: float = 30.0) -> Message:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            msg = self.session.get(0.2)
-            if msg is None or not msg.payload:  # an emptied retained task: nothing to do
-                continue
-            task = decode(msg.payload, fleet=FLEET, expect=MsgType.TASK)
-            if round_id is None or task.envelope.round == round_id:
-                return task
-        raise AssertionError(f"{self.id}: no task for round {round_id}")
+        def wanted(msg) -> bool:
+            if not msg.payload:  # an emptied retained task: nothing to do
+                return False
+            return round_id is None or decode(msg.payload, fleet=FLEET).envelope.round == round_id
+
+        msg = next_message(self.session, wanted, timeout, f"{self.id}'s task for round {round_id}")
+        return decode(msg.payload, fleet=FLEET, expect=MsgType.TASK)
 
     def update(
         self,
@@ -158,16 +152,28 @@ def _global(state: Path, version: str) -> dict[str, np.ndarray]:
         return Registry(s, "").load(version)[0]
 
 
-def _retained(url: str, topic: str, wait: float = 1.0) -> list[tuple[str, bytes]]:
-    """Retained messages a fresh subscriber gets on `topic`."""
+def _retained(url: str, topic: str) -> list[tuple[str, bytes]]:
+    """Retained messages a fresh subscriber gets on `topic`. The broker handles one client's packets in
+    order, so all of them arrive before a probe the same client publishes after subscribing."""
     s = MqttSession(url, f"probe-{time.monotonic_ns()}", clean_session=True)
+    probe = f"probe/{uuid.uuid4().hex}"
     s.subscribe(topic, 1)
+    s.subscribe(probe, 1)
     s.connect()
-    out, end = [], time.monotonic() + wait
-    while time.monotonic() < end:
-        m = s.get(0.1)
-        if m is not None and m.retain:
+    s.publish(probe, b"probe")
+    out: list[tuple[str, bytes]] = []
+
+    def probe_back() -> bool:
+        m = s.get(0.2)
+        if m is None:
+            return False
+        if m.topic == probe:
+            return True
+        if m.retain:
             out.append((m.topic, m.payload))
+        return False
+
+    eventually(probe_back, 30, "the probe published after the retained messages", interval=0)
     s.close()
     return out
 

@@ -6,27 +6,14 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from fixtures_data import synthetic_images
 
 from fedclip.coordinator.store import Store
 from fedclip.sdk.manifest import Manifest
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
-
-
-def _images(root: Path, labels: tuple[str, ...], per_label: dict[str, int], seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    for i, label in enumerate(labels):
-        d = root / label
-        d.mkdir(parents=True, exist_ok=True)
-        for k in range(per_label.get(label, 0)):
-            px = np.clip(rng.normal(60 + 60 * i, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(px).save(d / f"{k}.png")
-    return root
 
 
 @pytest.mark.parametrize("strategy,adapter", [("ce-lora", "tri-lora"), ("fedavg", "lora")])
@@ -38,7 +25,7 @@ def test_two_rounds_with_real_agents(mosquitto, bundle_factory, tmp_path, strate
     procs = []
     try:
         for n, (aid, mix) in enumerate((("cam1", {"a": 8, "b": 4}), ("cam2", {"b": 4, "c": 8}))):
-            data = _images(tmp_path / "data" / aid, manifest.task.labels, mix, seed=n)
+            data = synthetic_images(tmp_path / "data" / aid, manifest.task.labels, mix, seed=n)
             log = open(tmp_path / f"{aid}.log", "wb")
             logs.append(log)
             procs.append(subprocess.Popen(

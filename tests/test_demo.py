@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from waiting import eventually
 
 from fedclip.coordinator.demo import (
     DemoConfig,
@@ -49,13 +50,25 @@ def _procs_mentioning(marker: str) -> list[psutil.Process]:
     return found
 
 
-def _wait_gone(marker: str, timeout_s: float = 15.0) -> list[psutil.Process]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        left = [p for p in _procs_mentioning(marker) if p.status() != psutil.STATUS_ZOMBIE]
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.2)
+def _alive(marker: str) -> list[psutil.Process]:
+    return [p for p in _procs_mentioning(marker) if p.status() != psutil.STATUS_ZOMBIE]
+
+
+def _wait_gone(marker: str, timeout_s: float = 15.0) -> None:
+    eventually(
+        lambda: not _alive(marker), timeout_s, lambda: f"these to exit: {_alive(marker)}", interval=0.2
+    )
+
+
+def _round_in_progress(out: Path) -> bool:
+    """Some agent under `out` has a round in progress (its state.json names one)."""
+    for path in out.rglob("state.json"):
+        try:
+            if json.loads(path.read_text()).get("in_progress"):
+                return True
+        except (OSError, ValueError):  # the agent may be creating it; state.json is replaced atomically
+            continue
+    return False
 
 
 # ---- process group -------------------------------------------------------------------------------
@@ -71,13 +84,11 @@ def test_process_group_stops_children_and_grandchildren(tmp_path):
         py = " ".join(_sleeper(marker)[:2]) + ' "import time; time.sleep(300)" ' + marker
         procs.spawn("shell", ["sh", "-c", f"{py} & {py}; wait", marker])
         procs.spawn("sleeper", _sleeper(marker))
-        deadline = time.monotonic() + 10
-        while len(_procs_mentioning(marker)) < 4 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert len(_procs_mentioning(marker)) == 4  # shell, its two children, the sleeper
+        # shell, its two children, the sleeper
+        eventually(lambda: len(_procs_mentioning(marker)) == 4, 10, "the four processes to start")
         for c in procs.children:
             assert os.getpgid(c.pid) == c.pid  # own process group
-    assert _wait_gone(marker) == []
+    _wait_gone(marker)
 
 
 def test_process_group_reports_a_dead_child_with_its_log(tmp_path):
@@ -116,13 +127,10 @@ def test_children_die_with_a_killed_parent(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert parent.stdout.readline().strip() == "ready"
-        deadline = time.monotonic() + 10
-        while not _procs_mentioning(marker) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _procs_mentioning(marker)
+        eventually(lambda: _procs_mentioning(marker), 10, "the child to start")
         parent.kill()
         parent.wait(10)
-        assert _wait_gone(marker) == []
+        _wait_gone(marker)
     finally:
         parent.kill()
         parent.wait(10)
@@ -250,7 +258,7 @@ def test_demo_end_to_end(tmp_path):
     # The last round's adapters reached every agent by signed rollout (agents hold the coordinator key).
     assert not [n for n in report["notes"] if "did not reach" in n], report["notes"]
     assert "agent-00" in r.stdout and "total" in r.stdout  # the tables
-    assert _wait_gone(str(out)) == []
+    _wait_gone(str(out))
     port = int(re.search(r"127\.0\.0\.1:(\d+)", r.stdout).group(1))
     assert port_is_free(port)
 
@@ -270,18 +278,15 @@ def test_demo_ctrl_c_stops_everything(tmp_path):
         demo = subprocess.Popen(_demo_argv(out, "--rounds", "50"), stdout=f, stderr=subprocess.STDOUT)
     try:
         # Wait until the fleet is up: both agents and the coordinator are running.
-        deadline = time.monotonic() + 400
-        while time.monotonic() < deadline and demo.poll() is None:
+        def fleet_up() -> bool:
+            assert demo.poll() is None, log.read_text()[-3000:]
             cmds = [" ".join(p.info["cmdline"] or []) for p in _procs_mentioning(str(out))]
-            if sum("fedclip.device_agent.cli start" in c for c in cmds) == 2 and any(
-                " serve " in c for c in cmds
-            ):
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"the fleet never came up: {log.read_text()[-3000:]}")
-        assert _procs_mentioning(str(out))
-        time.sleep(3)  # mid-round
+            agents = sum("fedclip.device_agent.cli start" in c for c in cmds)
+            return agents == 2 and any(" serve " in c for c in cmds)
+
+        eventually(fleet_up, 400, lambda: f"the fleet to come up: {log.read_text()[-3000:]}", interval=0.5)
+        # Mid-round: an agent has recorded a round in progress in its state dir.
+        eventually(lambda: _round_in_progress(out), 400, "an agent to start a round", interval=0.2)
         demo.send_signal(signal.SIGINT)
         rc = demo.wait(60)
     finally:
@@ -291,7 +296,7 @@ def test_demo_ctrl_c_stops_everything(tmp_path):
     text = log.read_text()
     assert rc in (0, 130), text[-3000:]
     assert "interrupted" in text
-    assert _wait_gone(str(out)) == []
+    _wait_gone(str(out))
     port = int(re.search(r"127\.0\.0\.1:(\d+)", text).group(1))
     assert wait_port_free(port, timeout_s=10)
 

@@ -8,10 +8,10 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 import uuid
 
 import pytest
+from waiting import eventually, next_message
 
 from fedclip.sdk.broker import free_port
 from fedclip.sdk.errors import ConfigError, ConnectRefused, FedclipError, MqttError, PublishTimeout
@@ -21,23 +21,19 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def collect(session: MqttSession, n: int, timeout: float = 15, topic: str | None = None) -> list[Incoming]:
-    """Up to `n` messages (of `topic`, if given) within `timeout` seconds."""
+    """The next `n` messages (of `topic`, if given); fails after `timeout` seconds with fewer."""
     out: list[Incoming] = []
-    deadline = time.monotonic() + timeout
-    while len(out) < n and time.monotonic() < deadline:
-        msg = session.get(timeout=min(0.5, max(0.01, deadline - time.monotonic())))
+
+    def enough() -> bool:
+        msg = session.get(timeout=0.2)
         if msg is not None and (topic is None or msg.topic == topic):
             out.append(msg)
+        return len(out) >= n
+
+    eventually(
+        enough, timeout, lambda: f"{n} messages on {topic or 'any topic'} (got {len(out)})", interval=0
+    )
     return out
-
-
-def wait_for(session: MqttSession, predicate, timeout: float = 15) -> Incoming | None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        msg = session.get(timeout=0.5)
-        if msg is not None and predicate(msg):
-            return msg
-    return None
 
 
 def subscribed(session: MqttSession, topic: str) -> None:
@@ -47,7 +43,7 @@ def subscribed(session: MqttSession, topic: str) -> None:
     probe = f"probe/{uuid.uuid4().hex}"
     session.subscribe(probe)
     session.publish(probe, b"probe")
-    assert wait_for(session, lambda m: m.topic == probe) is not None
+    next_message(session, lambda m: m.topic == probe, 15, "the subscription probe")
 
 
 # ---- basic pub/sub ---------------------------------------------------------------------------------
@@ -66,8 +62,8 @@ def test_retained_message_reaches_late_subscriber(mosquitto):
         pub.publish("t/status", b"online", retain=True)
     with MqttSession(mosquitto.url, "late", clean_session=True) as late:
         late.subscribe("t/status")
-        msg = wait_for(late, lambda m: m.topic == "t/status")
-        assert msg is not None and msg.payload == b"online" and msg.retain
+        msg = next_message(late, lambda m: m.topic == "t/status", timeout=15)
+        assert msg.payload == b"online" and msg.retain
 
 
 def test_on_connect_hook_runs_on_worker_and_can_publish(mosquitto):
@@ -82,7 +78,7 @@ def test_on_connect_hook_runs_on_worker_and_can_publish(mosquitto):
         s = MqttSession(mosquitto.url, "hooked")
         s.on_connect.append(hook)
         with s.connect():
-            assert wait_for(obs, lambda m: m.topic == "t/hook" and m.payload == b"hello") is not None
+            next_message(obs, lambda m: m.topic == "t/hook" and m.payload == b"hello", timeout=15)
         assert seen and all(not name.startswith("paho") for name in seen)
 
 
@@ -110,17 +106,16 @@ def test_last_will_on_sigkill_is_retained(mosquitto):
         )
         try:
             assert proc.stdout.readline().strip() == "ready"
-            assert wait_for(coord, lambda m: m.topic == topic and m.payload == b"online") is not None
+            next_message(coord, lambda m: m.topic == topic and m.payload == b"online", timeout=15)
             os.kill(proc.pid, signal.SIGKILL)
-            msg = wait_for(coord, lambda m: m.topic == topic and m.payload == b"offline", timeout=30)
-            assert msg is not None
+            msg = next_message(coord, lambda m: m.topic == topic and m.payload == b"offline", timeout=30)
         finally:
             proc.kill()
             proc.wait(10)
     with MqttSession(mosquitto.url, "late", clean_session=True) as late:
         late.subscribe(topic)
-        msg = wait_for(late, lambda m: m.topic == topic)
-        assert msg is not None and msg.payload == b"offline" and msg.retain
+        msg = next_message(late, lambda m: m.topic == topic, timeout=15)
+        assert msg.payload == b"offline" and msg.retain
 
 
 def test_clean_close_sends_no_will(mosquitto):
@@ -184,24 +179,27 @@ def test_broker_restart_mid_session_publish_completes(mosquitto):
         done = threading.Event()
         errors: list[BaseException] = []
 
+        calling = threading.Event()
+
         def publish_during_outage() -> None:
             try:
+                calling.set()
                 pub.publish(topic, b"sent-during-outage", timeout=60)
                 done.set()
             except BaseException as e:  # surfaced by the assertion below
                 errors.append(e)
 
+        eventually(lambda: not pub.connected.is_set(), 30, "the sender to see the broker go")
         t = threading.Thread(target=publish_during_outage)
         t.start()
-        time.sleep(0.5)  # let the publish be queued while the broker is down
-        assert not done.is_set()
+        eventually(calling.is_set, 30, "the publish to be made")
+        assert not done.is_set()  # the broker is down: the publish waits for it
         mosquitto.start()
         t.join(70)
         assert not errors, errors
         assert done.is_set()
         assert pub.connected.wait(30) and sub.connected.wait(30)
-        msg = wait_for(sub, lambda m: m.topic == topic and m.payload == b"sent-during-outage", timeout=30)
-        assert msg is not None
+        next_message(sub, lambda m: m.topic == topic and m.payload == b"sent-during-outage", timeout=30)
         assert len(connects) >= 2  # the on_connect hook ran again after the reconnect
 
 
@@ -239,7 +237,7 @@ def test_tls_with_ca_file(mosquitto_tls):
     ):
         subscribed(sub, "t/tls")
         pub.publish("t/tls", b"secret")
-        assert wait_for(sub, lambda m: m.payload == b"secret") is not None
+        next_message(sub, lambda m: m.payload == b"secret", timeout=15)
 
 
 def test_tls_with_client_certificate(mosquitto_tls):

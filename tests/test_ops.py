@@ -241,8 +241,8 @@ def test_rejection_kinds_are_bounded(reason, kind):
 
 def test_rollout_commands_json(mosquitto, tmp_path):
     """`rollout start/status/watch --json` with agents that really install and acknowledge."""
-    from test_rollout import FLEET as RFLEET
-    from test_rollout import HarnessAgent
+    from fixtures_rollout import FLEET as RFLEET
+    from fixtures_rollout import HarnessAgent
 
     from fedclip.sdk.adapters import AdapterMeta, save_adapter
     from fedclip.sdk.signing import PUBLIC_KEY_NAME, ensure_keypair

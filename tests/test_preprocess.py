@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import gzip
-from pathlib import Path
-
 import numpy as np
 import pytest
+from fixtures_data import fashion_mnist
 from PIL import Image
 
 from fedclip.sdk.errors import DataError
@@ -17,16 +15,11 @@ open_clip = pytest.importorskip("open_clip")
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 def _fashion_mnist(n: int) -> list[Image.Image]:
-    path = FMNIST / "t10k-images-idx3-ubyte.gz"
-    if not path.exists():
-        pytest.skip("Fashion-MNIST is not installed")
-    with gzip.open(path) as f:
-        x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-    return [Image.fromarray(img) for img in x[:n]]
+    images, _ = fashion_mnist("t10k")
+    return [Image.fromarray(img) for img in images[:n]]
 
 
 def _digits(n: int) -> list[Image.Image]:

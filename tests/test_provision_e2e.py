@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from fixtures_broker import need_mosquitto
-from test_agent_fleet import AgentProc, fmnist_dir  # noqa: F401
+from fixtures_fleet import AgentProc
 from test_coordinator import Running
 
 from fedclip.coordinator.config import CoordConfig
@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.broker, pytest.mark.timeout(600)]
 FLEET = "kit-fleet"
 
 
-def test_a_round_runs_on_a_provisioned_fleet_from_kits_as_they_are(tiny_bundle, fmnist_dir, tmp_path):  # noqa: F811
+def test_a_round_runs_on_a_provisioned_fleet_from_kits_as_they_are(tiny_bundle, fmnist_dir, tmp_path):
     need_mosquitto()
     port = free_port()
     state = tmp_path / "coord"

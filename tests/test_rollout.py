@@ -7,191 +7,30 @@ well above chance; the deliberately bad adapter keeps its A and replaces B with 
 
 from __future__ import annotations
 
-import gzip
+import itertools
 import os
+import re
 import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from fixtures_rollout import FLEET, HarnessAgent
+from waiting import eventually
 
 from fedclip.coordinator.fleet import read_fleet
 from fedclip.coordinator.rollout import RolloutManager
 from fedclip.coordinator.rollout_policy import RolloutParams, Target
-from fedclip.coordinator.rollout_sources import DictSource
 from fedclip.coordinator.rollout_store import COMPLETE, ROLLED_BACK, RolloutStore
-from fedclip.device_agent.rollout_client import RolloutClient
-from fedclip.sdk.adapters import AdapterMeta, save_adapter
-from fedclip.sdk.data import Dataset, label_folder_name
-from fedclip.sdk.manifest import Manifest
-from fedclip.sdk.mqtt import MqttSession, Will
+from fedclip.sdk.adapters import save_adapter
+from fedclip.sdk.mqtt import MqttSession
 from fedclip.sdk.signing import ensure_keypair, generate_key, sign_envelope
 from fedclip.sdk.wire import Envelope, MsgType, Topics, decode, encode
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(300)]
 
-FLEET = "fleet1"
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 WAIT_S = 120  # generous: the suite shares 2 cores
-
-
-# ---- data, adapters, evaluation (real ORT) -------------------------------------------------------
-def _idx(path: Path) -> np.ndarray:
-    raw = gzip.decompress(path.read_bytes())
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-class Evaluator:
-    """One ORT trainer shared by the harness agents (a lock keeps evaluations apart)."""
-
-    def __init__(self, bundle: Path, data: Path):
-        from fedclip.device_agent.trainer import OrtTrainer
-
-        self.trainer = OrtTrainer(bundle)
-        self.manifest: Manifest = self.trainer.manifest
-        self.base = self.trainer.get_tensors("exchanged")
-        ds = Dataset.open(data, labels=self.manifest.task.labels, kind="classify")
-        _, self.held_out = ds.split(0.5)
-        self.lock = threading.Lock()
-        self.calls = 0
-
-    def __call__(self, tensors):
-        from fedclip.device_agent.training import evaluate
-
-        with self.lock:
-            self.calls += 1
-            self.trainer.set_tensors(self.base if tensors is None else tensors)
-            return evaluate(self.trainer, self.held_out, batch_size=64)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_bundle):
-    """(evaluator, adapters): `good` trained on the held-out images, `bad` = good with random B."""
-    if not FMNIST.is_dir():
-        pytest.skip("Fashion-MNIST is not at /usr/share/datasets/fashion-mnist")
-    images = _idx(FMNIST / "t10k-images-idx3-ubyte.gz")
-    labels = _idx(FMNIST / "t10k-labels-idx1-ubyte.gz")
-    manifest = Manifest.load(tiny_bundle)
-    root = tmp_path_factory.mktemp("fmnist-rollout")
-    for c, name in enumerate(manifest.task.labels):
-        folder = root / label_folder_name(name)
-        folder.mkdir()
-        for i in np.flatnonzero(labels == c)[:8]:
-            Image.fromarray(images[i]).save(folder / f"{i}.png")
-    ev = Evaluator(tiny_bundle, root)
-    from fedclip.device_agent.training import train_local
-
-    ev.trainer.set_tensors(ev.base)
-    train_local(ev.trainer, ev.held_out, epochs=15, batch_size=32, lr=1e-2, progress=False)
-    good = ev.trainer.get_tensors("exchanged")
-    rng = np.random.default_rng(0)
-    bad = {
-        k: (rng.normal(0, 3.0, v.shape).astype(np.float32) if k.endswith("lora_B") else v)
-        for k, v in good.items()
-    }
-    bid = manifest.bundle_id
-
-    def meta(v: str) -> AdapterMeta:
-        return AdapterMeta(bid, v, "", 1, "fedavg", "lora")
-
-    source = DictSource(
-        {"good": (good, meta("good")), "good2": (dict(good), meta("good2")), "bad": (bad, meta("bad"))}
-    )
-    acc_base, acc_good = ev(None)["accuracy"], ev(good)["accuracy"]
-    assert acc_good > acc_base + 0.2, (acc_base, acc_good)  # the setup itself must make sense
-    return ev, source
-
-
-# ---- harness agents and coordinator --------------------------------------------------------------
-class HarnessAgent:
-    """A minimal real agent: persistent MQTT session, retained status with groups, RolloutClient."""
-
-    def __init__(
-        self,
-        url: str,
-        agent_id: str,
-        state: Path,
-        public_key: Path,
-        evaluate,
-        groups=("site1",),
-        baseline=None,
-    ):
-        self.url, self.id, self.state, self.public_key = url, agent_id, state, public_key
-        self.evaluate, self.groups, self.baseline = evaluate, tuple(groups), baseline
-        self.topics = Topics(FLEET)
-        self.session: MqttSession | None = None
-        self.client: RolloutClient | None = None
-        self.changes: list[str | None] = []
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _status(self, state: str) -> bytes:
-        version = self.client.current_version if self.client else None
-        body = {
-            "state": state,
-            "groups": list(self.groups),
-            "adapter_version": version or "",
-            "bundle_id": "",
-        }
-        return encode(Envelope(MsgType.STATUS, FLEET, self.id, body=body))
-
-    def start(self) -> HarnessAgent:
-        self._stop.clear()
-        self.session = MqttSession(
-            self.url,
-            self.id,
-            clean_session=False,
-            will=Will(self.topics.status(self.id), self._status("offline")),
-        )
-        self.client = RolloutClient(
-            self.session,
-            self.topics,
-            self.id,
-            self.state,
-            self.public_key,
-            self.evaluate,
-            on_change=lambda v, t: self.changes.append(v),
-            baseline_fn=(lambda: self.baseline) if self.baseline else None,
-        )
-        self.session.connect(timeout=30)
-        self.client.subscribe()
-        self.session.publish(self.topics.status(self.id), self._status("online"), retain=True)
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-        return self
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            incoming = self.session.get(timeout=0.1)
-            if incoming is not None:
-                assert self.client.handle(incoming)
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=10)
-        if self.session:
-            self.session.publish(self.topics.status(self.id), self._status("offline"), retain=True)
-            self.session.close()
-
-    @property
-    def version(self) -> str | None:
-        return self.client.current_version
-
-
-def wait_for(cond, what: str, timeout: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}")
+_SENTINEL_IDS = itertools.count(90_000)  # rollout ids no test starts
 
 
 @pytest.fixture
@@ -212,7 +51,7 @@ def fleet(mosquitto, tmp_path, world):
 
     yield manager, agents, add
     for a in agents.values():
-        if a._thread is not None and a._thread.is_alive():
+        if a.running:
             a.stop()
     session.close()
     store.close()
@@ -220,10 +59,70 @@ def fleet(mosquitto, tmp_path, world):
 
 def _fleet_view(manager, n: int):
     view = {}
-    deadline = time.monotonic() + WAIT_S
-    while len(view) < n and time.monotonic() < deadline:
+
+    def seen_all() -> bool:
         view.update(read_fleet(manager.transport, manager.topics, quiet=0.3, timeout=3))
+        return len(view) >= n
+
+    eventually(seen_all, WAIT_S, lambda: f"{n} agents in the fleet view, saw {sorted(view)}", interval=0)
     return view
+
+
+def pump(manager) -> None:
+    """Hand every message waiting in the manager's session to the manager."""
+    while (msg := manager.transport.get(timeout=0.1)) is not None:
+        manager.handle(msg)
+
+
+def ack_of(manager, agent_id: str, rid: int, seen: list[dict] | None = None) -> dict:
+    """The ack `agent_id` sends for rollout `rid`; every message before it goes to the manager, and
+    `agent_id`'s earlier acks are appended to `seen`."""
+    topic = manager.topics.ack(agent_id)
+
+    def arrived() -> dict | None:
+        msg = manager.transport.get(timeout=0.2)
+        if msg is None:
+            return None
+        manager.handle(msg)
+        if msg.topic != topic or not msg.payload:
+            return None
+        body = decode(msg.payload, fleet=FLEET).envelope.body
+        if body.get("rollout") == rid:
+            return body
+        if seen is not None:
+            seen.append(body)
+        return None
+
+    return eventually(arrived, WAIT_S, f"{agent_id}'s ack of rollout {rid}", interval=0)
+
+
+def send_sentinel(session: MqttSession, key, agent_id: str) -> int:
+    """Publish a signed rollback of a rollout that never existed to `agent_id`; its id (the agent acks
+    it, and keeps that ack in its rollout state)."""
+    rid = next(_SENTINEL_IDS)
+    body = {"command": "rollback", "rollout": rid, "reason": "test sentinel"}
+    env = sign_envelope(key, Envelope(MsgType.COMMAND, FLEET, agent_id, body=body))
+    session.publish(Topics(FLEET).agent(agent_id, "command"), encode(env), qos=1)
+    return rid
+
+
+def acks_before_sentinel(manager, agent_id: str) -> list[dict]:
+    """Send `agent_id` a signed rollback of a rollout that never existed and wait for its ack. The
+    agent handles its messages in order, so whatever was published to it before has been handled
+    by then: what it did NOT do (install, evaluate, ack) is known not to be merely late. Returns
+    the agent's acks that arrived before the sentinel's."""
+    rid = send_sentinel(manager.transport, manager.key, agent_id)
+    seen: list[dict] = []
+    ack_of(manager, agent_id, rid, seen)
+    return seen
+
+
+def signed_adapter(manager, source, agent_id: str, version: str, rid: int) -> bytes:
+    """A rollout adapter message as the coordinator signs it."""
+    tensors, meta = source.load_for(version, agent_id)
+    body = {"rollout": rid, "stage": "rest", "version": version, "bundle_id": meta.bundle_id}
+    env = Envelope(MsgType.ADAPTER, FLEET, agent_id, body=body)
+    return encode(sign_envelope(manager.key, env, tensors), tensors)
 
 
 # ---- tests ---------------------------------------------------------------------------------------
@@ -280,9 +179,10 @@ def test_canary_regression_rolls_back_automatically(fleet):
     assert canary.name == "canary" and canary.state == "failed" and canary.mean_regression > 1.0
     assert [s.name for s in manager.store.stages(rid)] == ["canary"]  # never promoted
     (victim,) = canary.agents
-    wait_for(lambda: agents[victim].version == "good", "the canary agent to roll back")
-    wait_for(
-        lambda: (drain(manager, 0.1), any(a.status == "rolled_back" for a in manager.store.acks(rid)))[1],
+    eventually(lambda: agents[victim].version == "good", WAIT_S, "the canary agent to roll back")
+    eventually(
+        lambda: (pump(manager), any(a.status == "rolled_back" for a in manager.store.acks(rid)))[1],
+        WAIT_S,
         "the rollback ack",
     )
     ack = manager.store.acks(rid)[0]
@@ -295,16 +195,8 @@ def test_canary_regression_rolls_back_automatically(fleet):
     agents[victim].stop()
     agents[victim].changes.clear()
     agents[victim].start()
-    time.sleep(1.0)
+    acks_before_sentinel(manager, victim)  # the retained adapter and rollback were handled before it
     assert agents[victim].version == "good" and agents[victim].changes == []
-
-
-def drain(manager, seconds: float = 0.5) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        msg = manager.transport.get(timeout=0.05)
-        if msg is not None:
-            manager.handle(msg)
 
 
 def test_offline_agent_catches_up_on_reconnect(fleet):
@@ -314,10 +206,12 @@ def test_offline_agent_catches_up_on_reconnect(fleet):
     view = _fleet_view(manager, 3)
     agents["c"].stop()
     view = {k: v for k, v in view.items()}
-    deadline = time.monotonic() + WAIT_S
-    while view["c"].online and time.monotonic() < deadline:
+
+    def c_offline() -> bool:
         view.update(read_fleet(manager.transport, manager.topics, quiet=0.3, timeout=3))
-    assert not view["c"].online
+        return not view["c"].online
+
+    eventually(c_offline, WAIT_S, "c's offline status", interval=0)
 
     rid = manager.start(RolloutParams("good", Target.parse("all"), canary="1", stage_timeout=5), view)
     assert "c" not in manager.store.stages(rid)[0].agents  # canaries are chosen among online agents
@@ -326,20 +220,23 @@ def test_offline_agent_catches_up_on_reconnect(fleet):
     assert agents["c"].version is None
 
     agents["c"].start()  # same state dir, same client id: the retained adapter is waiting
-    wait_for(lambda: agents["c"].version == "good", "the offline agent to catch up")
-    wait_for(
-        lambda: (drain(manager, 0.2), {a.agent for a in manager.store.acks(rid)} == {"a", "b", "c"})[1],
+    eventually(lambda: agents["c"].version == "good", WAIT_S, "the offline agent to catch up")
+    eventually(
+        lambda: (pump(manager), {a.agent for a in manager.store.acks(rid)} == {"a", "b", "c"})[1],
+        WAIT_S,
         "the late ack to be recorded",
     )
 
 
-def test_pinned_agent_stays_put(fleet):
+def test_pinned_agent_stays_put(fleet, world):
     manager, agents, add = fleet
+    _, source = world
     for name in ("a", "b", "c"):
         add(name)
     view = _fleet_view(manager, 3)
     manager.pin("c", "good")
-    wait_for(lambda: agents["c"].version == "good" and agents["c"].client.pinned == "good", "the pin")
+    c = agents["c"]
+    eventually(lambda: c.version == "good" and c.client.pinned == "good", WAIT_S, "the pin")
 
     rid = manager.start(RolloutParams("good2", Target.parse("all"), canary="0", stage_timeout=WAIT_S), view)
     assert manager.store.get(rid).skipped == ("c",)
@@ -347,12 +244,13 @@ def test_pinned_agent_stays_put(fleet):
     assert agents["a"].version == agents["b"].version == "good2"
     assert agents["c"].version == "good"
     # even a signed adapter that reaches a pinned agent is not installed
-    manager._send_adapter(rid, "rest", "good2", "c")
-    time.sleep(1.0)
-    assert agents["c"].version == "good" and agents["c"].client.state["acks"][str(rid)]["status"] == "pinned"
+    pushed = signed_adapter(manager, source, "c", "good2", rid)
+    manager.transport.publish(manager.topics.adapter("c"), pushed, qos=1, retain=True)
+    assert ack_of(manager, "c", rid)["status"] == "pinned"
+    assert agents["c"].version == "good"
 
     manager.unpin("c")
-    wait_for(lambda: agents["c"].client.pinned is None, "the unpin")
+    eventually(lambda: agents["c"].client.pinned is None, WAIT_S, "the unpin")
     rid2 = manager.start(
         RolloutParams("good2", Target.parse("agents:c"), canary="0", stage_timeout=WAIT_S), view
     )
@@ -360,7 +258,7 @@ def test_pinned_agent_stays_put(fleet):
     assert agents["c"].version == "good2"
 
 
-def test_tampered_unsigned_and_wrongly_signed_adapters_are_refused(fleet, world, mosquitto):
+def test_tampered_unsigned_and_wrongly_signed_adapters_are_refused(fleet, world, caplog):
     manager, agents, add = fleet
     ev, source = world
     a = add("a")
@@ -379,21 +277,33 @@ def test_tampered_unsigned_and_wrongly_signed_adapters_are_refused(fleet, world,
     evil_tensors = {k: v * 100 for k, v in tensors.items()}
     resigned_tensors = encode(decode(good, fleet=FLEET).envelope, evil_tensors)  # old signature, new tensors
 
-    acks = MqttSession(mosquitto.url, "ack-watch", clean_session=True).connect(timeout=30)
-    acks.subscribe(topics.ack("a"))
-    for payload in (bytes(flipped), wrong_key, unsigned, for_b, resigned_tensors):
+    calls = ev.calls
+    forged = {  # payload -> why the agent must refuse it
+        bytes(flipped): "corrupt|sha256|signature",
+        wrong_key: "signature does not verify",
+        unsigned: "unsigned message",
+        for_b: "signed for agent 'b'",
+        resigned_tensors: "signature does not verify",
+    }
+    for payload in forged:
         manager.transport.publish(topics.adapter("a"), payload, retain=True)
-    time.sleep(1.0)
-    assert a.version is None and a.changes == [] and ev.calls >= 0
-    rejected = []
-    while (m := acks.get(timeout=0.5)) is not None:
-        rejected.append(decode(m.payload, fleet=FLEET).envelope.body)
-    assert rejected and all(b["status"] == "rejected" for b in rejected)
-    assert any("signature" in b["reason"] for b in rejected)
-
+    acks = acks_before_sentinel(manager, "a")  # all five were handled before the sentinel
+    # None of the five was installed, or even evaluated; each was refused for its own reason.
+    assert a.version is None and a.changes == [] and ev.calls == calls
+    refusals = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "fedclip.device_agent.rollout_client" and r.getMessage().startswith("refused:")
+    ]
+    assert len(refusals) == len(forged), refusals
+    for refusal, why in zip(refusals, forged.values(), strict=True):
+        assert re.search(why, refusal), (why, refusal)
+    # The coordinator hears of the ones it can attribute: a rollout id in a decodable message for
+    # this agent. A corrupt payload has no trustworthy id; one signed for b is not a's to answer.
+    assert [b["status"] for b in acks] == ["rejected"] * 3
+    assert [b["rollout"] for b in acks] == [7] * 3
     manager.transport.publish(topics.adapter("a"), good, retain=True)
-    wait_for(lambda: a.version == "good", "the genuine adapter")
-    acks.close()
+    eventually(lambda: a.version == "good", WAIT_S, "the genuine adapter")
 
 
 @pytest.mark.slow
@@ -422,7 +332,7 @@ def test_rollout_cli_wait_status_pin(mosquitto, tmp_path, world):
         )
 
     try:
-        wait_for(lambda: all(a.session.connected.is_set() for a in agents), "agents to connect")
+        eventually(lambda: all(a.session.connected.is_set() for a in agents), WAIT_S, "agents to connect")
         t0 = time.monotonic()
         r = cli(
             "start",
@@ -449,16 +359,23 @@ def test_rollout_cli_wait_status_pin(mosquitto, tmp_path, world):
 
         r = cli("pin", "c", str(adapter_file), *common)
         assert r.returncode == 0, r.stderr
-        wait_for(lambda: agents[2].client.pinned == "good", "the pin over the CLI")
+        eventually(lambda: agents[2].client.pinned == "good", WAIT_S, "the pin over the CLI")
         r = cli("status", "--state", str(state))
         assert "c=good" in r.stdout
 
         r = cli("rollback", "1", *common)
         assert r.returncode == 0, r.stderr
-        wait_for(lambda: agents[0].version == "own-r3" and agents[1].version is None, "the manual rollback")
+        eventually(
+            lambda: agents[0].version == "own-r3" and agents[1].version is None, WAIT_S, "the manual rollback"
+        )
         assert agents[0].changes == ["good", "own-r3"]
-        time.sleep(0.5)
-        assert agents[2].version == "good"  # pinned: stays put
+        # Pinned: c stays put. A sentinel sent after the rollback shows c has handled whatever the
+        # rollback sent it by the time it answers.
+        key, _ = ensure_keypair(state / "keys")
+        with MqttSession(mosquitto.url, "sentinel", clean_session=True) as s:
+            rid = send_sentinel(s, key, "c")
+        eventually(lambda: str(rid) in agents[2].client.state["acks"], WAIT_S, "c's answer to the sentinel")
+        assert agents[2].version == "good"
 
         r = cli("start", "not-a-version!", "--to", "all", *common)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "VERSION" in r.stderr

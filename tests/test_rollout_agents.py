@@ -12,8 +12,8 @@ import sys
 import time
 
 import pytest
-from test_agent_fleet import FLEET, agent_factory, fmnist_dir  # noqa: F401  (fixtures)
-from test_rollout import world  # noqa: F401  (fixture: evaluator + good/bad adapters)
+from fixtures_fleet import FLEET
+from waiting import eventually
 
 from fedclip.coordinator.fleet import parse_status
 from fedclip.device_agent.state import read_record
@@ -32,16 +32,17 @@ def _statuses(url: str, ids: set[str], cond, what: str) -> dict:
     seen: dict = {}
     with MqttSession(url, f"watch-{time.monotonic_ns()}", clean_session=True) as s:
         s.subscribe(topics.all_agents("status"))
-        deadline = time.monotonic() + WAIT_S
-        while time.monotonic() < deadline:
+
+        def all_hold() -> bool:
             m = s.get(timeout=0.5)
             if m is not None:
                 info = parse_status(topics, m.topic, m.payload)
                 if info is not None:
                     seen[info.id] = info
-            if ids <= set(seen) and all(cond(seen[i]) for i in ids):
-                return seen
-    pytest.fail(f"timed out waiting for {what}: {seen}")
+            return ids <= set(seen) and all(cond(seen[i]) for i in ids)
+
+        eventually(all_hold, WAIT_S, lambda: f"{what}: {seen}", interval=0)
+    return seen
 
 
 def rollout_cli(*args: str) -> subprocess.CompletedProcess:
@@ -57,15 +58,15 @@ def rollout_cli(*args: str) -> subprocess.CompletedProcess:
 
 def wait_current(agents, version: str) -> None:
     """Every agent's state dir names `version` as the adapter inference uses."""
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        if all(read_record(a.state).get("current_adapter") == version for a in agents):
-            return
-        time.sleep(0.2)
-    pytest.fail(f"agents not on {version}: {[read_record(a.state).get('current_adapter') for a in agents]}")
+    eventually(
+        lambda: all(read_record(a.state).get("current_adapter") == version for a in agents),
+        WAIT_S,
+        lambda: f"agents on {version}: {[read_record(a.state).get('current_adapter') for a in agents]}",
+        interval=0.2,
+    )
 
 
-def test_real_agents_canary_promote_then_regression_rollback(mosquitto, tmp_path, world, agent_factory):  # noqa: F811
+def test_real_agents_canary_promote_then_regression_rollback(mosquitto, tmp_path, world, agent_factory):
     ev, source = world
     state = tmp_path / "coord"
     _, pub = ensure_keypair(state / "keys")

@@ -15,7 +15,8 @@ import sys
 import time
 
 import pytest
-from test_rollout import FLEET, WAIT_S, HarnessAgent, wait_for, world  # noqa: F401  (fixture)
+from fixtures_rollout import FLEET, HarnessAgent
+from waiting import eventually
 
 from fedclip.coordinator.rollout_store import COMPLETE, RolloutStore
 from fedclip.sdk.adapters import save_adapter
@@ -24,6 +25,8 @@ from fedclip.sdk.manifest import Manifest
 from fedclip.sdk.mqtt import MqttSession
 from fedclip.sdk.signing import PUBLIC_KEY_NAME
 from fedclip.sdk.wire import Topics, decode
+
+WAIT_S = 120  # generous: the suite shares 2 cores
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -42,17 +45,18 @@ def _coordinator_status(url: str, cond) -> dict:
     """The retained coordinator status body, once `cond(body)` holds."""
     with MqttSession(url, f"probe-{time.monotonic_ns()}", clean_session=True) as s:
         s.subscribe(Topics(FLEET).coordinator_status, 1)
-        deadline = time.monotonic() + WAIT_S
-        while time.monotonic() < deadline:
+
+        def matching() -> dict | None:
             m = s.get(timeout=0.5)
-            if m is not None and m.payload:
-                body = decode(m.payload, fleet=FLEET).envelope.body
-                if cond(body):
-                    return body
-    pytest.fail("timed out waiting for the coordinator's status")
+            if m is None or not m.payload:
+                return None
+            body = decode(m.payload, fleet=FLEET).envelope.body
+            return body if cond(body) else None
+
+        return eventually(matching, WAIT_S, "the coordinator's status", interval=0)
 
 
-def test_serve_serves_the_bundle_and_drives_rollouts(mosquitto, tmp_path, world, tiny_bundle):  # noqa: F811
+def test_serve_serves_the_bundle_and_drives_rollouts(mosquitto, tmp_path, world, tiny_bundle):
     ev, source = world
     state, log_path = tmp_path / "coord", tmp_path / "serve.log"
     common = ["--state", str(state), "--broker", mosquitto.url, "--fleet", FLEET]
@@ -80,7 +84,7 @@ def test_serve_serves_the_bundle_and_drives_rollouts(mosquitto, tmp_path, world,
         agents = [
             HarnessAgent(mosquitto.url, n, tmp_path / "agents" / n, pub, ev).start() for n in ("a", "b", "c")
         ]
-        wait_for(lambda: all(a.session.connected.is_set() for a in agents), "agents to connect")
+        eventually(lambda: all(a.session.connected.is_set() for a in agents), WAIT_S, "agents to connect")
 
         # 1. started from a file without --wait: the command ends at once and serve finishes it
         tensors, meta = source.load_for("good", "x")
@@ -89,7 +93,7 @@ def test_serve_serves_the_bundle_and_drives_rollouts(mosquitto, tmp_path, world,
         assert r.returncode == 0, r.stdout + r.stderr
         store = RolloutStore(state / "rollout.sqlite")
         try:
-            wait_for(lambda: store.get(1).state == COMPLETE, "serve to complete rollout 1")
+            eventually(lambda: store.get(1).state == COMPLETE, WAIT_S, "serve to complete rollout 1")
             assert all(a.version == "good" for a in agents)
             assert {a.agent for a in store.acks(1)} == {"a", "b", "c"}
 

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_coordinator_agents import _images
+from fixtures_data import synthetic_images
 
 from fedclip.coordinator.registry import Registry
 from fedclip.coordinator.store import Store
+from fedclip.device_agent.statistics import data_digest, wire_statistics
 from fedclip.device_agent.task import parse_task
-from fedclip.device_agent.training import data_digest, wire_statistics
 from fedclip.sdk.data import Dataset
 from fedclip.sdk.errors import WireError
 from fedclip.sdk.manifest import Manifest
@@ -60,7 +60,7 @@ def test_task_stats_digest_is_parsed_and_bounded(tiny_bundle):
 
 
 def test_data_digest_names_the_files_labels_kinds_and_noise(tmp_path):
-    root = _images(tmp_path / "d", LABELS, {"a": 3, "b": 2}, seed=0)
+    root = synthetic_images(tmp_path / "d", LABELS, {"a": 3, "b": 2}, seed=0)
 
     def digest(kinds=("histogram", "gaussian"), noise=0.0, skipped=()):
         ds = Dataset.open(root, labels=LABELS)
@@ -182,7 +182,7 @@ def test_stats_travel_once_and_again_when_the_data_changes(mosquitto, bundle_fac
     mixes = {"cam1": {"a": 8, "b": 4}, "cam2": {"b": 4, "c": 8}}
     try:
         for n, (aid, mix) in enumerate(mixes.items()):
-            _images(fleet.data(aid), LABELS, mix, seed=n)
+            synthetic_images(fleet.data(aid), LABELS, mix, seed=n)
             fleet.start(aid)
         fleet.serve(3)
         with Store(fleet.state, readonly=True) as s:
@@ -217,7 +217,7 @@ def test_stats_travel_once_and_again_when_the_data_changes(mosquitto, bundle_fac
 
         # cam1 gets new images (seen when it restarts): its next update carries statistics again
         fleet.stop("cam1")
-        _images(tmp_path / "more", LABELS, {"c": 5}, seed=7)
+        synthetic_images(tmp_path / "more", LABELS, {"c": 5}, seed=7)
         for src in sorted((tmp_path / "more" / "c").iterdir()):
             src.rename(fleet.data("cam1") / "c" / f"new-{src.name}")
         fleet.start("cam1")
@@ -244,7 +244,7 @@ def test_stats_refresh_rounds_asks_again_every_n_rounds(mosquitto, bundle_factor
     fleet = Fleet(mosquitto.url, bundle, tmp_path, "so2")
     try:
         for n, (aid, mix) in enumerate((("cam1", {"a": 6, "b": 3}), ("cam2", {"c": 6, "b": 3}))):
-            _images(fleet.data(aid), LABELS, mix, seed=n)
+            synthetic_images(fleet.data(aid), LABELS, mix, seed=n)
             fleet.start(aid)
         fleet.serve(4, "--stats-refresh-rounds", "2")
         with Store(fleet.state, readonly=True) as s:

@@ -1,0 +1,154 @@
+"""The agent's task handling in process, over the in-memory transport: real bundle, real ONNX Runtime,
+real state dir, no broker. The mosquitto tests (test_agent_fleet.py) cover the same paths end to end."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fixtures_data import synthetic_images
+
+from fedclip.device_agent.agent import Agent
+from fedclip.device_agent.config import AgentConfig
+from fedclip.device_agent.rounds import RoundRunner
+from fedclip.device_agent.state import DONE
+from fedclip.sdk.manifest import Manifest
+from fedclip.sdk.transport import MemoryBroker, MemoryTransport
+from fedclip.sdk.wire import Envelope, Message, MsgType, Topics, decode, encode
+
+FLEET = "unit"
+AGENT = "u1"
+LABELS = ("a", "b", "c")
+TOPICS = Topics(FLEET)
+
+
+@pytest.fixture(scope="module")
+def step_bundle(bundle_factory) -> Path:
+    # The step format trains with plain onnxruntime: the backend every device venv has.
+    return bundle_factory(labels=LABELS, formats=("step",))
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory) -> Path:
+    """Four small images per label (the agent keeps a quarter for evaluation)."""
+    return synthetic_images(tmp_path_factory.mktemp("images"), LABELS, dict.fromkeys(LABELS, 4), seed=0)
+
+
+class Harness:
+    """An Agent on a MemoryBroker, and the coordinator's side of the same broker."""
+
+    def __init__(self, bundle: Path, data: Path, state: Path, **config) -> None:
+        self.manifest = Manifest.load(bundle)
+        self.broker = MemoryBroker()
+        cfg = AgentConfig(
+            broker="mqtt://127.0.0.1:1",  # never dialled: the transport is injected
+            fleet=FLEET,
+            id=AGENT,
+            bundle=bundle,
+            data=data,
+            state=state,
+            backend="step",
+            threads=1,
+            holdout=0.25,
+            **config,
+        )
+        self.agent = Agent(cfg, self.broker.client(), RoundRunner.open(cfg, threading.Event()))
+        self.coordinator: MemoryTransport = self.broker.client()
+        self.coordinator.connect()
+        assert self.agent.start()
+
+    def adapter(self, seed: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        return {
+            s.name: (0.01 * rng.standard_normal(s.shape)).astype(s.dtype) for s in self.manifest.exchanged
+        }
+
+    def task(self, rnd: int, **body) -> bytes:
+        tensors = self.adapter(rnd)
+        body = {
+            "bundle_id": self.manifest.bundle_id,
+            "deadline": time.time() + 3600,
+            "hyperparameters": {"epochs": 1, "lr": 1e-3, "batch_size": 4},
+            "stats": ["histogram"],
+        } | body
+        env = Envelope(MsgType.TASK, FLEET, AGENT, round=rnd, base_version=f"start-{rnd}", body=body)
+        return encode(env, tensors)
+
+    def send(self, blob: bytes, topic: str = TOPICS.task(AGENT)) -> None:
+        """Publish a message and let the agent handle it (the memory broker delivers on publish)."""
+        self.coordinator.publish(topic, blob, qos=1, retain=True)
+        assert self.agent.poll(timeout=5), "the task never reached the agent"
+
+    def updates(self) -> list[Message]:
+        return self.sent(TOPICS.update(AGENT))
+
+    def sent(self, topic: str) -> list[Message]:
+        return [decode(p, fleet=FLEET) for t, p, _ in self.broker.published if t == topic]
+
+    def status(self) -> dict:
+        blob = self.broker.retained(TOPICS.status(AGENT))
+        assert blob is not None, "no retained status"
+        return decode(blob, fleet=FLEET, expect=MsgType.STATUS).envelope.body
+
+    def close(self) -> None:
+        self.agent.shutdown()
+        self.coordinator.close()
+
+
+@pytest.fixture
+def harness(step_bundle, image_dir, tmp_path):
+    h = Harness(step_bundle, image_dir, tmp_path / "state")
+    yield h
+    h.close()
+
+
+def test_a_valid_task_publishes_one_update(harness):
+    harness.send(harness.task(0))
+    (update,) = harness.updates()
+    env = update.envelope
+    assert env.type == MsgType.UPDATE and env.round == 0 and env.base_version == "start-0"
+    assert env.body["bundle_id"] == harness.manifest.bundle_id
+    assert env.body["num_samples"] == 9  # 12 images, a quarter held out
+    assert {s.name for s in harness.manifest.exchanged} <= set(update.adapter_tensors)
+    assert harness.agent.runner.state.round_status(0) == DONE
+    assert harness.status()["last_round"] == 0
+
+
+def test_a_duplicate_task_publishes_nothing_new(harness):
+    blob = harness.task(0)
+    harness.send(blob)
+    harness.send(blob)  # at-least-once delivery: the same task again
+    assert len(harness.updates()) == 1
+
+
+def test_a_task_for_another_bundle_is_refused_with_the_reason_in_the_status(harness):
+    harness.send(harness.task(0, bundle_id="f" * 64))
+    assert harness.updates() == []
+    assert harness.status()["notice"].startswith("refused: task is for bundle ffffffffffff")
+    assert harness.agent.runner.state.round_status(0) is None
+
+
+def test_a_task_with_out_of_range_hyperparameters_is_dropped(harness):
+    harness.send(harness.task(0, hyperparameters={"epochs": 10**12, "lr": 1e-3, "batch_size": 4}))
+    assert harness.updates() == []
+    assert harness.agent.runner.state.in_progress() is None
+    # The agent still serves: the next good task trains.
+    harness.send(harness.task(1))
+    assert [u.envelope.round for u in harness.updates()] == [1]
+
+
+def test_an_allowed_unsigned_adapter_push_is_installed_and_acknowledged(step_bundle, image_dir, tmp_path):
+    h = Harness(step_bundle, image_dir, tmp_path / "state", accept_unsigned_adapters=True)
+    try:
+        body = {"bundle_id": h.manifest.bundle_id, "version": "pushed-1"}
+        env = Envelope(MsgType.ADAPTER, FLEET, AGENT, round=3, body=body)
+        h.send(encode(env, h.adapter(7)), topic=TOPICS.adapter(AGENT))
+        (ack,) = h.sent(TOPICS.ack(AGENT))
+        assert ack.envelope.body == {"adapter_version": "pushed-1", "installed": True}
+        assert h.agent.runner.state.current_adapter == "pushed-1"
+        assert h.status()["adapter_version"] == "pushed-1"
+    finally:
+        h.close()

@@ -215,6 +215,7 @@ class Classifier:
             return self._switched.wait_for(lambda: self._served.version == version, timeout)
 
     def _watch(self, poll: float) -> None:
+        assert self._state_dir is not None  # only a classifier made from a state dir watches
         while not self._stop.wait(poll):
             if _state_stamp(self._state_dir) == self._stamp:
                 continue
@@ -304,12 +305,14 @@ class Classifier:
         )
         if labels is None and self.manifest.task.kind != "classify":
             raise DataError("this bundle is contrastive: pass labels= (the texts to classify against)")
-        text = None if own else self._text_features(served, self._prompts(labels, prompt))
+        text = None if own or labels is None else self._text_features(served, self._prompts(labels, prompt))
         chunks = []
         for start in range(0, len(pixels), self.batch_size):
             logits, embeds = served.predictor.image_outputs(pixels[start : start + self.batch_size])
             if text is not None or logits is None:
-                feats, scale = text or self._text_features(served, self._prompts(labels, prompt))
+                if text is None:  # own labels, but the graph gave no logits: classify via embeddings
+                    text = self._text_features(served, self._prompts(labels or (), prompt))
+                feats, scale = text
                 logits = scale * _normalize(embeds) @ feats.T
             chunks.append(np.asarray(logits, dtype=np.float32))
         labels = labels if labels is not None else self.manifest.task.labels

@@ -216,7 +216,8 @@ class InferenceServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        name = host.decode() if isinstance(host, (bytes, bytearray)) else host
+        return f"http://{name}:{port}"
 
 
 class UnixInferenceServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -232,12 +233,17 @@ class UnixInferenceServer(socketserver.ThreadingMixIn, socketserver.UnixStreamSe
         os.chmod(path, 0o660)  # the device's own users and group, nobody else
 
     @property
+    def socket_path(self) -> str:
+        addr = self.server_address
+        return addr.decode() if isinstance(addr, (bytes, bytearray)) else str(addr)
+
+    @property
     def url(self) -> str:
-        return f"unix:{self.server_address}"
+        return f"unix:{self.socket_path}"
 
     def server_close(self) -> None:
         super().server_close()
-        Path(self.server_address).unlink(missing_ok=True)
+        Path(self.socket_path).unlink(missing_ok=True)
 
 
 def _refuse_if_live(path: Path) -> None:

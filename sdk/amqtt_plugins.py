@@ -49,7 +49,7 @@ class FleetAuthPlugin(BaseAuthPlugin):
         user = getattr(session, "username", None)
         if acl is None or not acl.check_password(user, getattr(session, "password", None)):
             return False
-        if ID_PATTERN.match(user) and session.client_id != user:
+        if isinstance(user, str) and ID_PATTERN.match(user) and session.client_id != user:
             self.context.logger.warning(
                 "login %s refused: client id %r is not its own", user, session.client_id
             )

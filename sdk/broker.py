@@ -136,6 +136,7 @@ class EmbeddedBroker:
 
             LIVE[self._key] = self.acl
         else:
+            assert self.password is not None  # generated in __init__ when none is given
             pw_file.write_text(f"{self.username}:{_argon2(self.password)}\n")
         self._started.clear()
         self._error = None

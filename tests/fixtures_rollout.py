@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from fixtures_data import write_label_folders
 
-from fedclip.coordinator.rollout import DictSource
+from fedclip.coordinator.rollout_sources import DictSource
 from fedclip.device_agent.rollout_client import RolloutClient
 from fedclip.sdk.adapters import AdapterMeta
 from fedclip.sdk.data import Dataset

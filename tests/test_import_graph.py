@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("sdk", "device_agent", "exporters", "coordinator")
 
 # The coordinator reaches the exporters (torch) only through the `export` command, imported lazily.
-EXPORTER_DOORS = frozenset({"fedclip.coordinator.export_cmd"})
+# the two commands that need torch: `export` (bundles) and `adapters export` (merged open_clip weights)
+EXPORTER_DOORS = frozenset({"fedclip.coordinator.export_cmd", "fedclip.coordinator.adapters_cmd"})
 
 # (importer, imported) edges, or ("cycle", ...members) entries, known and being fixed -> why.
 KNOWN: dict[tuple[str, ...], str] = {

@@ -50,11 +50,6 @@ COORDINATOR_PASSWORD = "coordinator.password"
 DEVICE_KEY = "device_ed25519.pem"
 DEVICE_PUBLIC_KEY = "device_ed25519.pub.pem"
 KIT_PASSWORD = "broker.password"
-# Fields of a kit's agent.yaml the agent config does not read yet (the per-message signing work adds
-# them): written commented out, so today's agent loads the kit; drop a name here once it does.
-AGENT_FIELDS_PENDING = ("device_key",)
-
-
 @dataclass
 class FleetSettings:
     """`provision/fleet.json`: what every kit and broker config of the fleet is made from."""
@@ -238,8 +233,8 @@ class Provisioner:
             "username": agent_id,
             "password_file": KIT_PASSWORD,
             "coordinator_key": PUBLIC_KEY_NAME,
+            "device_key": DEVICE_KEY,  # signs the agent's status, updates and acks
         }
-        pending = {"device_key": DEVICE_KEY}
         if server_tls:
             cfg["ca_file"] = "ca.crt"
         if client_tls:
@@ -251,13 +246,7 @@ class Provisioner:
             "# Private: device_ed25519.pem, broker.password and client.key are this device's secrets.\n"
             "# Set data: to the device's dataset folder; start with `fedclip-agent start -c agent.yaml`.\n"
         )
-        later = "".join(
-            f"# {k}: {v}   # this device's signing key, read by agents that sign their messages\n"
-            if k in AGENT_FIELDS_PENDING
-            else f"{k}: {v}\n"
-            for k, v in pending.items()
-        )
-        return head + yaml.safe_dump(cfg, sort_keys=False) + later
+        return head + yaml.safe_dump(cfg, sort_keys=False)
 
     def revoke(self, agent_id: str, reason: str = "") -> tuple[Device, list[Path]]:
         """Refuse `agent_id` from now on; rewrite the broker files so its login is gone.
@@ -325,4 +314,4 @@ def _write_tar(kit: Path, target: Path) -> None:
     tmp.replace(target)
 
 
-__all__ = ["AGENT_FIELDS_PENDING", "FleetSettings", "Kit", "Provisioner"]
+__all__ = ["FleetSettings", "Kit", "Provisioner"]

@@ -126,6 +126,7 @@ class Agent:
             baseline_fn=self.runner.baseline_adapter,
             max_payload=self.cfg.max_payload_bytes,
             publish_timeout=self.cfg.publish_timeout,
+            device_key=self.cfg.signing_key(),
         )
 
     def _on_rollout_change(self, version: str | None, exchanged: Mapping[str, np.ndarray] | None) -> None:

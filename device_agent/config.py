@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from fedclip.device_agent.policy import TaskPolicy
 from fedclip.sdk.config import from_mapping, from_yaml
 from fedclip.sdk.errors import ConfigError
 from fedclip.sdk.ids import check_id
 from fedclip.sdk.mqtt import BrokerAddress
+from fedclip.sdk.signing import Ed25519PrivateKey, Ed25519PublicKey, load_private_key, load_public_key
 from fedclip.sdk.wire import DEFAULT_MAX_PAYLOAD
 
 BUNDLE_URL_SCHEMES = ("http://", "https://", "file://")
+
+
+@functools.lru_cache(maxsize=4)
+def _load_device_key(path: Path) -> Ed25519PrivateKey:
+    return load_private_key(path)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_public_key(path: Path) -> Ed25519PublicKey:
+    return load_public_key(path)
 
 
 @dataclass(frozen=True)
@@ -37,6 +50,11 @@ class AgentConfig:
     # Closed test setups only: without coordinator_key, install unsigned adapters pushed on
     # agents/<id>/adapter (validated against the bundle).
     accept_unsigned_adapters: bool = False
+    # This device's own Ed25519 private key (from its provisioning kit): it signs the agent's status,
+    # updates and acks, and a provisioned coordinator counts nothing unsigned.
+    device_key: Path | None = None
+    # The device's own limits on what a task may ask (device_agent.policy.TaskPolicy)
+    policy: TaskPolicy = TaskPolicy()
     keepalive: int = 30
     groups: tuple[str, ...] = ()  # reported in the status so the coordinator can select by group
     device: Literal["cpu", "cuda"] = "cpu"
@@ -73,6 +91,14 @@ class AgentConfig:
             raise ConfigError("connect_timeout, publish_timeout: must be > 0")
         if self.password is not None and self.password_file is not None:
             raise ConfigError("password, password_file: give one, not both")
+
+    def signing_key(self) -> Ed25519PrivateKey | None:
+        """The device key (read once per path), or None when the agent has none."""
+        return _load_device_key(self.device_key) if self.device_key is not None else None
+
+    def coordinator_public_key(self) -> Ed25519PublicKey | None:
+        """The coordinator's public key (read once per path), or None when none is configured."""
+        return _load_public_key(self.coordinator_key) if self.coordinator_key is not None else None
 
     @property
     def bundle_url(self) -> str | None:

@@ -13,14 +13,16 @@ import logging
 import time
 
 from fedclip.device_agent.config import AgentConfig
+from fedclip.device_agent.policy import check_task
 from fedclip.device_agent.rollout_client import RolloutClient
 from fedclip.device_agent.rounds import RoundRunner
 from fedclip.device_agent.state import BUILT, DONE
 from fedclip.device_agent.status import StatusReporter
 from fedclip.device_agent.task import WrongBundle, parse_adapter, parse_task
 from fedclip.device_agent.updates import UpdatePublisher
-from fedclip.sdk.errors import FedclipError, MqttError, StateError
+from fedclip.sdk.errors import FedclipError, MqttError, StateError, WireError
 from fedclip.sdk.mqtt import Incoming
+from fedclip.sdk.signing import verify_message
 from fedclip.sdk.transport import Transport
 from fedclip.sdk.wire import Envelope, Message, MsgType, Topics, decode, encode
 
@@ -78,6 +80,9 @@ class Inbox:
     def _on_task(self, payload: bytes, where: str) -> None:
         state = self.runner.state
         msg = self._decode(payload, MsgType.TASK, where)
+        coordinator = self.cfg.coordinator_public_key()
+        if coordinator is not None:  # with the coordinator's key, only tasks it signed are run
+            verify_message(coordinator, msg, where)
         rnd = msg.envelope.round
         status = state.round_status(rnd)
         if status == DONE:
@@ -92,6 +97,18 @@ class Inbox:
         task = parse_task(msg, self.runner.manifest, self.cfg.id, where)
         if task.deadline and time.time() > task.deadline:
             log.info("round %d: deadline passed before the round could start; ignored", rnd)
+            return
+        try:  # the device's own limits, whoever signed the task
+            check_task(
+                task,
+                self.cfg.policy,
+                last_round=state.last_round,
+                batches_per_epoch=self.runner.batches_per_epoch(task.hyperparameters.batch_size),
+                now=time.time(),
+                where=where,
+            )
+        except WireError as e:
+            self.status.refuse(str(e))
             return
         prog = state.in_progress()
         try:

@@ -20,21 +20,23 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeGuard
 
 import numpy as np
 
+from fedclip.sdk import messages
 from fedclip.sdk.adapters import AdapterMeta, adapter_bytes, adapter_from_bytes
 from fedclip.sdk.errors import FedclipError, WireError
 from fedclip.sdk.fetch import fetch_bytes
 from fedclip.sdk.fsutil import atomic_write
 from fedclip.sdk.ids import ID_PATTERN
 from fedclip.sdk.mqtt import Incoming
-from fedclip.sdk.signing import Ed25519PublicKey, load_public_key, verify_message
+from fedclip.sdk.signing import Ed25519PrivateKey, Ed25519PublicKey, load_public_key, verify_message
 from fedclip.sdk.transport import Transport
-from fedclip.sdk.wire import DEFAULT_MAX_PAYLOAD, Envelope, Message, MsgType, Topics, decode, encode
+from fedclip.sdk.wire import DEFAULT_MAX_PAYLOAD, Message, MsgType, Topics, decode
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ class RolloutClient:
         baseline_fn: Callable[[], tuple[str, Mapping[str, np.ndarray]] | None] | None = None,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         publish_timeout: float = 30.0,
+        device_key: Ed25519PrivateKey | None = None,
     ):
         self.transport = transport
         self.topics = topics
@@ -82,6 +85,7 @@ class RolloutClient:
         self.baseline_fn = baseline_fn
         self.max_payload = max_payload
         self.publish_timeout = publish_timeout
+        self.device_key = device_key  # signs this agent's acks (a provisioned fleet counts only signed ones)
         self.state = self._load()
 
     # ---- topics --------------------------------------------------------------------------------
@@ -366,19 +370,35 @@ class RolloutClient:
         self._publish_ack(self.state["acks"][key])
 
     def _publish_ack(self, body: Mapping[str, Any]) -> None:
-        env = Envelope(
-            MsgType.ACK,
-            self.topics.fleet,
-            self.agent_id,
-            base_version=str(body.get("version", "")),
-            body=dict(body),
+        metrics = body.get("metrics") or {}
+        ack = messages.Ack(
+            rollout=int(body["rollout"]),
+            status=str(body["status"]),
+            version=str(body.get("version", "")),
+            reason=str(body.get("reason", "")),
+            previous_version=str(body.get("previous_version", "")),
+            new=_ack_metrics(metrics.get("new")),
+            current=_ack_metrics(metrics.get("current")),
         )
+        payload = messages.encode(ack, self.topics.fleet, self.agent_id, key=self.device_key)
         try:
             self.transport.publish(
-                self.topics.ack(self.agent_id), encode(env), qos=1, retain=False, timeout=self.publish_timeout
+                self.topics.ack(self.agent_id), payload, qos=1, retain=False, timeout=self.publish_timeout
             )
         except FedclipError as e:  # the broker has it queued or the next retained copy re-sends it
             log.warning("ack for rollout %s not acknowledged by the broker (%s)", body.get("rollout"), e)
+
+
+def _ack_metrics(raw: Any) -> messages.AckMetrics:
+    """An evaluation (`evaluate_fn`'s {loss, accuracy, num_samples}) as an ack carries it."""
+    raw = raw if isinstance(raw, Mapping) else {}
+
+    def number(key: str) -> float | None:
+        value = raw.get(key)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return float(value) if ok else None
+
+    return messages.AckMetrics(number("accuracy"), number("loss"), int(number("num_samples") or 0))
 
 
 def _is_rollout_id(value: object) -> TypeGuard[int]:

@@ -23,13 +23,12 @@ from fedclip.device_agent.batches import BatchSource, Trainer, batch_source
 from fedclip.device_agent.config import AgentConfig
 from fedclip.device_agent.loops import evaluate, train_local
 from fedclip.device_agent.state import AgentState, RoundProgress
-from fedclip.device_agent.task import RoundTask
 from fedclip.device_agent.updates import build_update
 from fedclip.sdk.adapters import AdapterMeta, load_adapter
 from fedclip.sdk.data import Dataset
 from fedclip.sdk.errors import DataError, FedclipError, StateError
-from fedclip.sdk.ids import ID_PATTERN
 from fedclip.sdk.manifest import Manifest
+from fedclip.sdk.messages import Task
 
 log = logging.getLogger("fedclip.agent")
 
@@ -154,10 +153,14 @@ class RoundRunner:
         log.info("adapter %s installed for inference (%s)", version, path)
 
     # ---- rounds ----------------------------------------------------------------------------------
-    def run(self, task: RoundTask, payload: bytes, resume: RoundProgress | None) -> bool:
+    def batches_per_epoch(self, batch_size: int) -> int:
+        """Optimizer steps one epoch over the local training set takes (the task policy counts them)."""
+        return -(-len(self.train_set) // max(1, batch_size))
+
+    def run(self, task: Task, payload: bytes, resume: RoundProgress | None) -> bool:
         """Train round `task.round` (from `resume`'s epoch checkpoint when it has one) and keep its
         update in the state dir; False when stopped midway (the next start resumes)."""
-        rnd = task.round
+        rnd = task.round_id
         ckpt = self.state.checkpoint_path(resume) if resume is not None else None
         if ckpt is not None:
             try:
@@ -167,7 +170,9 @@ class RoundRunner:
                 ckpt = None
         if resume is not None and ckpt is not None:
             prog = resume
-            log.info("round %d: resuming after epoch %d of %d", rnd, prog.epochs_done, task.epochs)
+            log.info(
+                "round %d: resuming after epoch %d of %d", rnd, prog.epochs_done, task.hyperparameters.epochs
+            )
         else:
             prog = self._begin(task, payload)
         if prog.metrics_before is None:
@@ -186,6 +191,7 @@ class RoundRunner:
             fleet=self.cfg.fleet,
             agent_id=self.cfg.id,
             bundle_id=self.manifest.bundle_id,
+            key=self.cfg.signing_key(),
         )
         self.state.store_update(rnd, blob, summary, save_trainer_checkpoint=self.trainer.save_checkpoint)
         log.info(
@@ -197,20 +203,20 @@ class RoundRunner:
         )
         return True
 
-    def _begin(self, task: RoundTask, payload: bytes) -> RoundProgress:
-        prog = self.state.begin_round(task.round, payload)
+    def _begin(self, task: Task, payload: bytes) -> RoundProgress:
+        prog = self.state.begin_round(task.round_id, payload)
         if task.adapter:
             self.trainer.set_tensors(task.adapter)
         if task.reset_optimizer:
             self.trainer.reset_optimizer()
-        if task.adapter and ID_PATTERN.match(task.base_version or ""):
-            self.install(task.base_version, task.adapter, source="task", rnd=task.round)
+        # The task's starting adapter is for training only: what inference uses is installed by
+        # signed rollouts alone, so whoever can publish a task cannot change what the device answers.
         log.info(
             "round %d: started (%d epochs, lr %g, batch %d)",
-            task.round,
-            task.epochs,
-            task.lr,
-            task.batch_size,
+            task.round_id,
+            task.hyperparameters.epochs,
+            task.hyperparameters.lr,
+            task.hyperparameters.batch_size,
         )
         return prog
 
@@ -220,13 +226,17 @@ class RoundRunner:
             raise StateError(f"round {rnd} is not in progress")
         return prog
 
-    def _train(self, task: RoundTask, prog: RoundProgress) -> bool:
+    def _train(self, task: Task, prog: RoundProgress) -> bool:
         """Train the remaining epochs, checkpointing after each; False when stopped midway."""
-        rnd = task.round
+        rnd = task.round_id
         seed = zlib.crc32(f"{self.cfg.id}/{rnd}/shuffle".encode())
         steps_done, seconds, last = prog.steps_done, prog.train_seconds, prog.train_metrics
-        for epoch in range(prog.epochs_done, task.epochs):
-            left = None if task.max_steps is None else task.max_steps - steps_done
+        for epoch in range(prog.epochs_done, task.hyperparameters.epochs):
+            left = (
+                None
+                if task.hyperparameters.max_steps is None
+                else task.hyperparameters.max_steps - steps_done
+            )
             if left is not None and left <= 0:
                 break
             start = time.monotonic()
@@ -235,8 +245,8 @@ class RoundRunner:
                     self.trainer,
                     self.train_source,
                     epochs=1,
-                    batch_size=task.batch_size,
-                    lr=task.lr,
+                    batch_size=task.hyperparameters.batch_size,
+                    lr=task.hyperparameters.lr,
                     max_steps=left,
                     progress=self.cfg.progress,
                     should_stop=self.stop.is_set,
@@ -263,7 +273,13 @@ class RoundRunner:
                 train_seconds=seconds,
                 train_metrics=_floats(last),
             )
-            log.info("round %d: epoch %d/%d done (%d steps)", rnd, epoch + 1, task.epochs, steps_done)
+            log.info(
+                "round %d: epoch %d/%d done (%d steps)",
+                rnd,
+                epoch + 1,
+                task.hyperparameters.epochs,
+                steps_done,
+            )
         return True
 
 

@@ -13,9 +13,9 @@ import numpy as np
 from fedclip.device_agent.batches import Trainer
 from fedclip.device_agent.predictor import Predictor
 from fedclip.device_agent.progress import progress_bar
-from fedclip.device_agent.task import STAT_KINDS
 from fedclip.sdk.data import Batch, Dataset
 from fedclip.sdk.errors import DataError
+from fedclip.sdk.messages import STAT_KINDS
 from fedclip.sdk.preprocess import ImageTransform
 from fedclip.sdk.wire import STAT_LABEL_HIST, STAT_MEAN, STAT_VAR
 

@@ -13,9 +13,11 @@ from importlib import metadata
 
 from fedclip.device_agent.config import AgentConfig
 from fedclip.device_agent.state import AgentState
+from fedclip.sdk import messages
 from fedclip.sdk.errors import MqttError
+from fedclip.sdk.messages import MAX_TEXT, AgentStatus
 from fedclip.sdk.transport import Transport
-from fedclip.sdk.wire import Envelope, MsgType, Topics, encode
+from fedclip.sdk.wire import Topics
 
 log = logging.getLogger("fedclip.agent")
 
@@ -42,34 +44,26 @@ def software_versions() -> dict[str, str]:
 def status_blob(
     cfg: AgentConfig, bundle_id: str, state: AgentState, num_samples: int, word: str, notice: str = ""
 ) -> bytes:
-    """The encoded status envelope; `word` is `online` or `offline`."""
-    body = {
-        "state": word,
-        "bundle_id": bundle_id,
-        "adapter_version": state.current_adapter or "",
-        "last_round": state.last_round,
-        "versions": software_versions(),
-        "device": {
+    """The encoded status message (signed with the device key when the agent has one); `word` is
+    `online` or `offline`."""
+    status = AgentStatus(
+        state=word,
+        bundle_id=bundle_id,
+        adapter_version=state.current_adapter or "",
+        last_round=state.last_round,
+        versions=software_versions(),
+        device={
             "kind": cfg.device,
             "machine": platform.machine(),
             "system": platform.system(),
             "release": platform.release(),
             "threads": cfg.threads,
         },
-        "groups": list(cfg.groups),
-        "num_samples": num_samples,
-    }
-    if notice:
-        body["notice"] = notice
-    env = Envelope(
-        MsgType.STATUS,
-        cfg.fleet,
-        cfg.id,
-        round=state.last_round,
-        base_version=state.current_adapter or "",
-        body=body,
+        groups=tuple(cfg.groups),
+        num_samples=num_samples,
+        notice=notice[:MAX_TEXT],
     )
-    return encode(env)
+    return messages.encode(status, cfg.fleet, cfg.id, key=cfg.signing_key())
 
 
 class StatusReporter:

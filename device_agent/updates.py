@@ -16,11 +16,13 @@ from fedclip.device_agent.batches import Trainer
 from fedclip.device_agent.state import AgentState, RoundProgress
 from fedclip.device_agent.statistics import data_digest, data_statistics, wire_statistics
 from fedclip.device_agent.status import StatusReporter
-from fedclip.device_agent.task import RoundTask
+from fedclip.sdk import messages
 from fedclip.sdk.data import Dataset
 from fedclip.sdk.errors import MqttError
+from fedclip.sdk.messages import Task, Update
+from fedclip.sdk.signing import Ed25519PrivateKey
 from fedclip.sdk.transport import Transport
-from fedclip.sdk.wire import Envelope, MsgType, Topics, decode, encode
+from fedclip.sdk.wire import MsgType, Topics, decode
 
 log = logging.getLogger("fedclip.agent")
 
@@ -30,13 +32,14 @@ RETRY_PENDING_S = 15.0  # a pending update is offered again this often while it 
 def build_update(
     trainer: Trainer,
     train_set: Dataset,
-    task: RoundTask,
+    task: Task,
     progress: RoundProgress,
     after: dict[str, float],
     *,
     fleet: str,
     agent_id: str,
     bundle_id: str,
+    key: Ed25519PrivateKey | None = None,
 ) -> tuple[bytes, dict[str, Any]]:
     """(encoded update, summary kept in the state dir) for a trained round."""
     before = progress.metrics_before or {}
@@ -45,7 +48,7 @@ def build_update(
     metrics.update({f"train_{k}": v for k, v in progress.train_metrics.items() if k.startswith("loss_")})
     metrics["steps"] = float(progress.steps_done)
     # The noise seed depends on agent and round only, so a redone round draws the same noise.
-    seed = zlib.crc32(f"{agent_id}/{task.round}".encode())
+    seed = zlib.crc32(f"{agent_id}/{task.round_id}".encode())
     # The per-label means and variances are most of an update's bytes and change only with the
     # data: when the coordinator already holds them for exactly this data (the task's
     # `stats_digest`), only the label histogram (tiny) goes out, with the digest that vouches for
@@ -54,28 +57,26 @@ def build_update(
     kinds = task.stats
     if "gaussian" in kinds and task.stats_digest and task.stats_digest == digest:
         kinds = tuple(k for k in kinds if k != "gaussian")
-        log.info("round %d: coordinator holds this data's statistics; not sending them again", task.round)
+        log.info("round %d: coordinator holds this data's statistics; not sending them again", task.round_id)
     stats = data_statistics(trainer, train_set, kinds=kinds, noise_std=task.noise_std, seed=seed)
     if "gaussian" in kinds:  # decoding may have found more unreadable files: name what was used
         digest = data_digest(train_set, task.stats, task.noise_std)
-    tensors = dict(trainer.get_tensors("exchanged"))
-    tensors.update(wire_statistics(stats))
     skipped = train_set.skipped
     readable = sum(1 for smp in train_set.samples if smp.key not in skipped)
-    body: dict[str, Any] = {
-        "bundle_id": bundle_id,
-        "num_samples": readable,
-        "metrics": metrics,
-        "train_seconds": round(float(progress.train_seconds), 3),
-        "skipped_images": len(skipped),
-    }
-    if task.stats:
-        body["data_digest"] = digest
-    env = Envelope(
-        MsgType.UPDATE, fleet, agent_id, round=task.round, base_version=task.base_version, body=body
+    update = Update(
+        round_id=task.round_id,
+        bundle_id=bundle_id,
+        num_samples=readable,
+        base_version=task.base_version,
+        metrics=metrics,
+        train_seconds=round(float(progress.train_seconds), 3),
+        skipped_images=len(skipped),
+        data_digest=digest if task.stats else "",
+        adapter=dict(trainer.get_tensors("exchanged")),
+        stats=wire_statistics(stats),
     )
-    summary = {"metrics": metrics, "num_samples": readable, "train_seconds": body["train_seconds"]}
-    return encode(env, tensors), summary
+    summary = {"metrics": metrics, "num_samples": readable, "train_seconds": update.train_seconds}
+    return messages.encode(update, fleet, agent_id, key=key), summary
 
 
 class UpdatePublisher:

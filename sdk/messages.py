@@ -543,7 +543,11 @@ class AckMetrics:
         _known_fields(raw, frozenset({"accuracy", "loss", "num_samples"}), w)
         acc = _float(raw, "accuracy", 0.0, 1.0, w, None) if raw.get("accuracy") is not None else None
         loss = _float(raw, "loss", 0.0, 1e9, w, None) if raw.get("loss") is not None else None
-        return cls(acc, loss, _int(raw, "num_samples", 0, MAX_SAMPLES, w, 0))
+        # agents before the typed messages sent the count as a float (43.0): an integral one is taken
+        count = _float(raw, "num_samples", 0.0, MAX_SAMPLES, w, 0)
+        if count != int(count):
+            raise WireError(f"{w}: body field 'num_samples' must be a whole number, got {count!r}")
+        return cls(acc, loss, int(count))
 
 
 @dataclass(frozen=True)

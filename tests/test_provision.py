@@ -10,13 +10,11 @@ import tarfile
 from types import SimpleNamespace
 
 import pytest
-import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedclip.coordinator.enrolment import Enrolment
 from fedclip.coordinator.provision import (
-    AGENT_FIELDS_PENDING,
     COORDINATOR_PASSWORD,
     DEVICE_KEY,
     KIT_PASSWORD,
@@ -88,23 +86,19 @@ def test_a_kit_folder_holds_everything_a_device_needs_with_private_files_0600(pr
         assert _mode(d / name) == 0o600, name
     assert (d / PUBLIC_KEY_NAME).read_bytes() == (prov.coordinator_public_key).read_bytes()
 
-    # agent.yaml loads as the agent's own config as it is, every path resolved inside the kit; the
-    # fields the agent does not read yet are there, commented out
-    text = (d / "agent.yaml").read_text()
-    for name in AGENT_FIELDS_PENDING:
-        assert f"\n# {name}: " in text
-    pending = yaml.safe_load(text.replace("\n# device_key:", "\ndevice_key:"))
+    # agent.yaml loads as the agent's own config as it is, every path resolved inside the kit
     cfg = AgentConfig.load(d / "agent.yaml", {})
     assert (cfg.id, cfg.fleet, cfg.username, cfg.groups) == ("cam-01", FLEET, "cam-01", ("lobby", "floor2"))
     assert cfg.broker == "mqtts://broker.example:8883"
     assert cfg.secret() == (d / KIT_PASSWORD).read_text().strip()
-    for path in (cfg.ca_file, cfg.cert_file, cfg.key_file, cfg.coordinator_key, d / pending["device_key"]):
+    for path in (cfg.ca_file, cfg.cert_file, cfg.key_file, cfg.coordinator_key, cfg.device_key):
         assert path.is_file() and path.parent == d
 
     # the enrolled key is the kit's key; the login hash is the kit's password
     reg = Enrolment.load(prov.state)
     device_key = load_private_key(d / DEVICE_KEY)
     assert reg.public_key("cam-01") == device_key.public_key().public_bytes_raw()
+    assert cfg.signing_key().public_key().public_bytes_raw() == reg.public_key("cam-01")
     assert reg.groups("cam-01") == ("lobby", "floor2")
     assert reg.enrolled() == ["cam-01"]
     assert mosquitto_verify(cfg.secret(), reg.device("cam-01").mosquitto_hash)

@@ -21,7 +21,7 @@ from fedclip.coordinator.strategies.aggregate import (
     unflatten,
 )
 from fedclip.coordinator.strategies.base import AggregateResult, Strategy, Update
-from fedclip.coordinator.strategies.neighbours import personalized_topk
+from fedclip.coordinator.strategies.neighbours import mix, nearest
 from fedclip.sdk.wire import STAT_LABEL_HIST, STAT_MEAN, STAT_VAR
 
 
@@ -36,6 +36,19 @@ class _Deltas(Sequence):
 
     def __getitem__(self, i):  # type: ignore[override]
         return self.values[i] - flatten(self.updates[i].base, self.names)
+
+
+class _Column(Sequence):
+    """Statistic `name` of update i, read on access (lazy stats stay lazy)."""
+
+    def __init__(self, updates: Sequence[Update], name: str):
+        self.updates, self.name = updates, name
+
+    def __len__(self) -> int:
+        return len(self.updates)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.updates[i].stats[self.name]
 
 
 class CeLora(Strategy):
@@ -62,8 +75,9 @@ class CeLora(Strategy):
         if all_pairs:
             personal = personalized_average(inp, values, opts.lam, opts.tau)
         else:
-            personal = personalized_topk(inp, values, opts.lam, opts.tau, k, seed=opts.seed)
-        del inp
+            idx, w = nearest(inp, opts.lam, opts.tau, k, seed=opts.seed)
+            del inp  # the statistics go before the N x P output comes: peak memory is one of them
+            personal = mix(values, idx, w)
 
         weights = sample_weights([u.num_samples for u in updates])
         acc = WeightedMean()
@@ -73,10 +87,10 @@ class CeLora(Strategy):
         per_agent = {u.agent: unflatten(personal[i], like, names) for i, u in enumerate(updates)}
         return AggregateResult(acc.result(), per_agent, {"updates": float(n)})
 
-    def _stats(self, updates: Sequence[Update]) -> tuple[np.ndarray, list, list]:
+    def _stats(self, updates: Sequence[Update]) -> tuple[np.ndarray, Sequence, Sequence]:
         if self.options.lam == 0:  # parameter distance only: no statistics needed
             n = len(updates)
             return np.ones((n, 1)), [np.zeros((1, 1))] * n, [np.zeros((1, 1))] * n
         hist = np.stack([np.asarray(u.stats[STAT_LABEL_HIST], np.float64) for u in updates])
-        # Lists, not stacks: PairwiseInputs copies them once, into its own buffer.
-        return hist, [u.stats[STAT_MEAN] for u in updates], [u.stats[STAT_VAR] for u in updates]
+        # Read on access, not stacked: PairwiseInputs copies them once, into its own buffer.
+        return hist, _Column(updates, STAT_MEAN), _Column(updates, STAT_VAR)

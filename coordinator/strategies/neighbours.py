@@ -96,23 +96,16 @@ def exact_distance(inp: PairwiseInputs, rows: np.ndarray, cols: np.ndarray, lam:
     return d
 
 
-def _topk_weights(d: np.ndarray, k: int, tau: float) -> np.ndarray:
-    """Row softmax of -d / tau over each row's k smallest d (stable: ties to the lower column)."""
-    if k < d.shape[1]:
-        order = np.argsort(d, axis=1, kind="stable")[:, :k]
-        w = np.zeros_like(d)
-        dk = np.take_along_axis(d, order, axis=1)
-        e = np.exp(-(dk - dk[:, :1]) / tau)
-        np.put_along_axis(w, order, e / e.sum(axis=1, keepdims=True), axis=1)
-        return w
-    z = -d / tau
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+def _nearest_of(d: np.ndarray, cols: np.ndarray, k: int, tau: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k smallest d (stable: ties to the lower column) as (agent indices, softmax weights)."""
+    order = np.argsort(d, axis=1, kind="stable")[:, :k]
+    dk = np.take_along_axis(d, order, axis=1)
+    e = np.exp(-(dk - dk[:, :1]) / tau)  # dk[:, 0] is the row minimum: no overflow
+    return cols[order], e / e.sum(axis=1, keepdims=True)
 
 
-def personalized_topk(
+def nearest(
     inp: PairwiseInputs,
-    values: np.ndarray,  # [N, P] trained C of every agent
     lam: float,
     tau: float,
     k: int,
@@ -120,8 +113,8 @@ def personalized_topk(
     block_rows: int = 256,
     on_block: Callable[[int], None] | None = None,
     seed: int = 0,
-) -> np.ndarray:
-    """Personalized C's restricted to each agent's k nearest agents; float32 [N, P]."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every agent's k nearest agents by d ([N, k] indices) and their weights softmax(-d / tau)."""
     if tau <= 0:
         raise ValueError(f"tau must be > 0, got {tau}")
     if not 0.0 <= lam <= 1.0:
@@ -143,15 +136,30 @@ def personalized_topk(
         members = [np.nonzero(assign == c)[0] for c in range(nc)]
         groups = members
         cands = [np.unique(np.concatenate([members[c] for c in (g, *near[g])])) for g in range(nc)]
-    out = np.empty((n, values.shape[1]), dtype=np.float32)
+    idx = np.empty((n, k), np.int64)
+    weights = np.empty((n, k))
     for rows_all, cols in zip(groups, cands, strict=True):
         if len(cols) < k:  # a tiny neighbourhood: widen it to the whole fleet
             cols = np.arange(n)
-        vals_c = values[cols]
         for s in range(0, len(rows_all), block_rows):
             rows = rows_all[s : s + block_rows]
-            w = _topk_weights(exact_distance(inp, rows, cols, lam), k, tau)
-            out[rows] = w @ vals_c
+            idx[rows], weights[rows] = _nearest_of(exact_distance(inp, rows, cols, lam), cols, k, tau)
             if on_block is not None:
                 on_block(len(rows))
+    return idx, weights
+
+
+def mix(values: np.ndarray, idx: np.ndarray, weights: np.ndarray, block_rows: int = 64) -> np.ndarray:
+    """out_i = sum_j weights_ij values[idx_ij], float32 [N, P]; a B x k x P gather per row block."""
+    out = np.empty((len(idx), values.shape[1]), np.float32)
+    for s in range(0, len(idx), block_rows):
+        rows = slice(s, s + block_rows)
+        out[rows] = np.einsum("bk,bkp->bp", weights[rows], values[idx[rows]])
     return out
+
+
+def personalized_topk(
+    inp: PairwiseInputs, values: np.ndarray, lam: float, tau: float, k: int, **kw
+) -> np.ndarray:
+    """Personalized C's over each agent's k nearest agents (`nearest`, then `mix`)."""
+    return mix(values, *nearest(inp, lam, tau, k, **kw))

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from fedclip.sdk.config import from_mapping, from_yaml
 from fedclip.sdk.errors import ConfigError
 from fedclip.sdk.ids import check_id
-from fedclip.sdk.mqtt import BrokerAddress
+from fedclip.sdk.mqtt import parse_broker_urls
 from fedclip.sdk.wire import DEFAULT_MAX_PAYLOAD
 
 BUNDLE_URL_SCHEMES = ("http://", "https://", "file://")
@@ -18,7 +18,7 @@ BUNDLE_URL_SCHEMES = ("http://", "https://", "file://")
 
 @dataclass(frozen=True)
 class AgentConfig:
-    broker: str  # mqtt://host:port or mqtts://host:port
+    broker: str  # mqtt://host:port or mqtts://host:port; a cluster: URLs comma-separated (failover)
     fleet: str
     id: str  # agent id; also the fixed MQTT client id
     bundle: str | Path  # a bundle folder, or an http(s):// / file:// URL fetched into <state>/bundles
@@ -56,7 +56,7 @@ class AgentConfig:
             object.__setattr__(self, "bundle", Path(self.bundle))
         check_id(self.fleet, "fleet")
         check_id(self.id, "id")
-        BrokerAddress.parse(self.broker)
+        parse_broker_urls(self.broker)  # one URL, or the nodes of a cluster, comma-separated
         for g in self.groups:
             check_id(g, "groups")
         if self.keepalive < 5:

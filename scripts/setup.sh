@@ -8,9 +8,11 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 "$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), "fedclip coordinator needs Python 3.11 (onnxruntime-training has no newer wheel)"'
 
-# Debian packages: mosquitto for the tests' real broker, Fashion-MNIST for the demo's real data.
+# Debian packages: mosquitto for the tests' real broker, nats-server for the broker-cluster test,
+# Fashion-MNIST for the demo's real data.
 need=()
 [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null || need+=(mosquitto)
+[ -x /usr/sbin/nats-server ] || command -v nats-server >/dev/null || need+=(nats-server)
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need+=(dataset-fashion-mnist)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -13,7 +13,7 @@ Finding N_k(i) without all N^2 distances (docs/aggregation.md, "k nearest agents
 3. per cluster, the exact d between its members and every member of its `probe` nearest clusters
    (BLAS matmuls, as in the all-pairs kernel), then the k smallest per row.
 The sketch only chooses which exact distances to compute: every weight uses the exact d. With at
-most `probe` clusters (N <= about 4 k probe) every pair is a candidate and the result is the exact
+most `probe` clusters (N < 4 k (probe + 1)) every pair is a candidate and the result is the exact
 top-k. Beyond, a true neighbour outside the probed clusters is missed; the benchmark measures recall.
 """
 
@@ -30,7 +30,8 @@ from fedclip.coordinator.strategies.aggregate import (
 )
 
 SKETCH_DIM = 64  # per projected term; JL: squared distances within ~ +-25% (2 / sqrt(64))
-PROBE = 4  # clusters searched per cluster, its own included
+PROBE = 3  # clusters searched per cluster, its own included
+CLUSTER = 4  # agents per k-means cluster, in units of k
 KMEANS_ITERS = 8
 
 
@@ -113,6 +114,7 @@ def nearest(
     block_rows: int = 256,
     on_block: Callable[[int], None] | None = None,
     seed: int = 0,
+    cluster: int = CLUSTER,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every agent's k nearest agents by d ([N, k] indices) and their weights softmax(-d / tau)."""
     if tau <= 0:
@@ -123,7 +125,7 @@ def nearest(
         raise ValueError(f"k must be >= 1, got {k}")
     n = inp.n
     k = min(k, n)
-    n_clusters = max(1, n // (4 * k))
+    n_clusters = max(1, n // (cluster * k))
     if n_clusters <= probe:  # every pair is a candidate: exact
         groups = [np.arange(n)]
         cands = [np.arange(n)]

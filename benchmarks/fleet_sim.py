@@ -340,13 +340,22 @@ def plot(data: dict) -> Path | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bundle", type=Path, required=True, help="a tri-lora bundle (shapes of its manifest)")
+    ap.add_argument("--bundle", type=Path, help="a tri-lora bundle (shapes of its manifest)")
     ap.add_argument("--agents", default="1000", help="comma list of N")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--broker", default="", help="comma list of broker URLs (default: start mosquitto)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="per N, seconds")
     ap.add_argument("--no-report", action="store_true", help="print rows, write nothing")
+    ap.add_argument(
+        "--markdown-only", action="store_true", help="redo scale.md and scale.png from scale.json"
+    )
     args = ap.parse_args()
+    if args.markdown_only:
+        data = json.loads((RESULTS / "scale.json").read_text())
+        print(write_report(data), plot(data))
+        return
+    if args.bundle is None:
+        ap.error("--bundle is required")
     urls = [u for u in args.broker.split(",") if u] or None
     rows = []
     for n in (int(x) for x in args.agents.split(",")):

@@ -127,6 +127,7 @@ class Counters:
     bytes_out: int = 0
     bytes_in: int = 0
     disconnects: int = 0
+    refused_subs: int = 0
     first: dict[str, float] = field(default_factory=dict)  # event -> first time
     last: dict[str, float] = field(default_factory=dict)  # event -> last time
 
@@ -151,6 +152,7 @@ class SimFleet:
         self.pub_mids: dict[tuple[int, int], tuple[str, int]] = {}  # (agent, mid) -> (kind, round)
         self.answered: set[tuple[int, int]] = set()  # (agent, round) answered
         self.reject_errors: list[str] = []
+        self.resubscribe: list[tuple[float, int]] = []  # (when, agent index) after a refused SUBACK
 
     # paho external-loop socket callbacks
     def _sock_open(self, client, userdata, sock) -> None:
@@ -193,6 +195,7 @@ class SimFleet:
         cl.on_message = self._on_message
         cl.on_publish = self._on_publish
         cl.on_disconnect = self._on_disconnect
+        cl.on_subscribe = self._on_subscribe
         return cl
 
     def connect_all(self, progress=None) -> None:
@@ -218,6 +221,13 @@ class SimFleet:
         info = client.publish(self.topics.status(agent), payload, qos=1, retain=True)
         self.pub_mids[(i, info.mid)] = ("status", 0)
         self.c.bytes_out += len(payload)
+
+    def _on_subscribe(self, client, i, mid, reason_codes, properties) -> None:
+        # As MqttSession does: a refused subscription (NATS under a burst) is asked for again.
+        if any(rc.is_failure for rc in reason_codes):
+            self.c.mark("suback_refused")
+            self.c.refused_subs += 1
+            self.resubscribe.append((time.monotonic() + 3.0, i))
 
     def _on_disconnect(self, client, i, flags, reason_code, properties) -> None:
         self.c.disconnects += 1
@@ -263,6 +273,11 @@ class SimFleet:
                 cl.loop_write()
         if self.pending:
             self._answer()
+        if self.resubscribe and self.resubscribe[0][0] <= time.monotonic():
+            due = [i for t, i in self.resubscribe if t <= time.monotonic()]
+            self.resubscribe = [(t, i) for t, i in self.resubscribe if t > time.monotonic()]
+            for i in due:
+                self.clients[i].subscribe(self.topics.task(self.ids[i]), 1)
 
     def misc(self) -> None:
         for cl in self.clients:

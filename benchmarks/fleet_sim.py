@@ -70,18 +70,26 @@ def run(
     timeout: float = 3600.0,
     workdir: Path | None = None,
     strategy: str = "ce-lora",
+    nats: int = 0,
     say=print,
 ) -> dict:
-    """One simulated fleet of `n` agents through `rounds` rounds; returns the report row."""
+    """One simulated fleet of `n` agents through `rounds` rounds; returns the report row.
+
+    Brokers: `broker_urls` if given, else a NATS cluster of `nats` nodes (agents spread over them,
+    the coordinator on node 0) if `nats` > 0, else a mosquitto started here."""
     from fedclip.sdk.broker import MosquittoBroker
+    from fedclip.sdk.broker_cluster import NatsCluster
 
     raise_nofile(n + 4096)
     manifest = Manifest.load(bundle)
     fleet_id = "sim"
     tmp = tempfile.TemporaryDirectory(prefix="fleet-sim-")
     work = Path(workdir or tmp.name)
-    broker = None
-    if broker_urls is None:
+    broker = cluster = None
+    if broker_urls is None and nats:
+        cluster = NatsCluster(nats)
+        broker_urls = cluster.start()
+    elif broker_urls is None:
         broker = MosquittoBroker()
         conf = broker.dir / "mosquitto.conf"
         # No connection limit, and no log line per connect and disconnect (10,000 of each).
@@ -118,6 +126,8 @@ def run(
     pids = {"coordinator": coord.pid}
     if broker is not None and broker._proc is not None:
         pids["broker"] = broker._proc.pid
+    for i in range(nats if cluster is not None else 0):
+        pids["broker" if i == 0 else f"broker_n{i}"] = cluster.pid(i)
     mon = Monitor(pids)
     mon.start()
     sim_cpu0 = time.process_time()
@@ -166,19 +176,24 @@ def run(
         fleet.close()
         if broker is not None:
             broker.cleanup()
+        if cluster is not None:
+            cluster.cleanup()
     ev, c = watch.events, fleet.c
     row.update(_phases(t, ev, c, watch, mon, rounds, _intake_ends(state)))
     row.update(
         {
             "coordinator_peak_rss_mb": mon.peak_rss("coordinator"),
             "coordinator_cpu_s": mon.cpu_total("coordinator"),
-            "broker_peak_rss_mb": mon.peak_rss("broker") if "broker" in pids else None,
-            "broker_cpu_s": mon.cpu_total("broker") if "broker" in pids else None,
+            # a cluster: all nodes together (phases show node 0's, the coordinator's node)
+            "broker_peak_rss_mb": sum(mon.peak_rss(k) for k in pids if k.startswith("broker")) or None,
+            "broker_cpu_s": sum(mon.cpu_total(k) for k in pids if k.startswith("broker")) or None,
+            "broker": f"nats x{nats}" if cluster is not None else "given" if broker is None else "mosquitto",
             "sim_cpu_s": round(sim_cpu, 2),
             "sim_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "bytes_agents_sent": c.bytes_out,
             "bytes_agents_received": c.bytes_in,
             "disconnects": disconnects,
+            "subscriptions_refused": c.refused_subs,
             "coordinator_errors": watch.errors[:5],
             "load_avg_1min_end": round(os.getloadavg()[0], 2),
         }
@@ -255,6 +270,11 @@ def _update_bytes(state: Path, rounds: int) -> dict:
 
 
 # ---- report ---------------------------------------------------------------------------------------
+def _column(row: dict) -> str:
+    broker = row.get("broker", "mosquitto")
+    return f"N = {row['agents']:,}" + ("" if broker == "mosquitto" else f" ({broker})")
+
+
 def write_report(data: dict) -> Path:
     rows = data["rows"]
     lines = [
@@ -272,7 +292,8 @@ def write_report(data: dict) -> Path:
         for p in r.get("phases", []):
             if p["phase"] not in names:
                 names.append(p["phase"])
-    lines.append("| phase | " + " | ".join(f"N = {r['agents']:,}" for r in rows) + " |")
+    heads = " | ".join(_column(r) for r in rows)
+    lines.append(f"| phase | {heads} |")
     lines.append("|---|" + "---:|" * len(rows))
     for name in names:
         cells = []
@@ -292,10 +313,11 @@ def write_report(data: dict) -> Path:
         ("bytes_agents_received", "bytes agents received (payloads)"),
         ("update_bytes_mean", "mean update bytes per round"),
         ("disconnects", "disconnects"),
+        ("subscriptions_refused", "subscriptions refused by the broker (retried)"),
         ("load_avg_1min_end", "1-min load average at the end"),
         ("error", "error"),
     ]
-    lines.append("| | " + " | ".join(f"N = {r['agents']:,}" for r in rows) + " |")
+    lines.append(f"| | {heads} |")
     lines.append("|---|" + "---:|" * len(rows))
     for k, label in keys:
         if any(k in r for r in rows):
@@ -314,7 +336,7 @@ def plot(data: dict) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [r for r in data["rows"] if r.get("phases")]
+    rows = [r for r in data["rows"] if r.get("phases") and r.get("broker", "mosquitto") == "mosquitto"]
     if not rows:
         return None
     names = []
@@ -344,6 +366,7 @@ def main() -> None:
     ap.add_argument("--agents", default="1000", help="comma list of N")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--broker", default="", help="comma list of broker URLs (default: start mosquitto)")
+    ap.add_argument("--nats", type=int, default=0, help="start a NATS cluster of this many nodes instead")
     ap.add_argument("--timeout", type=float, default=3600.0, help="per N, seconds")
     ap.add_argument("--no-report", action="store_true", help="print rows, write nothing")
     ap.add_argument(
@@ -359,14 +382,15 @@ def main() -> None:
     urls = [u for u in args.broker.split(",") if u] or None
     rows = []
     for n in (int(x) for x in args.agents.split(",")):
-        row = run(args.bundle, n, broker_urls=urls, rounds=args.rounds, timeout=args.timeout)
+        row = run(args.bundle, n, broker_urls=urls, rounds=args.rounds, timeout=args.timeout, nats=args.nats)
         print(json.dumps(row), flush=True)
         rows.append(row)
     if args.no_report:
         return
     path = RESULTS / "scale.json"
     old = json.loads(path.read_text()) if path.exists() else {"rows": []}
-    keep = [r for r in old["rows"] if r["agents"] not in {x["agents"] for x in rows}]
+    new = {(x["agents"], x.get("broker", "mosquitto")) for x in rows}
+    keep = [r for r in old["rows"] if (r["agents"], r.get("broker", "mosquitto")) not in new]
     data = {
         "meta": {
             "machine": platform.machine(),
@@ -375,7 +399,7 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "bundle": Manifest.load(args.bundle).bundle_id[:12],
         },
-        "rows": sorted(keep + rows, key=lambda r: r["agents"]),
+        "rows": sorted(keep + rows, key=lambda r: (r.get("broker", "mosquitto") != "mosquitto", r["agents"])),
         "notes": old.get("notes", ""),
     }
     path.write_text(json.dumps(data, indent=2) + "\n")

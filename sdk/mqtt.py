@@ -5,6 +5,8 @@
 - Last will (retained `offline` status), automatic reconnect with exponential backoff, and
   re-subscription on every reconnect (a persistent session keeps them on the broker too; doing it
   again costs nothing and covers brokers that lost their state).
+- A subscription the broker refuses (SUBACK failure: a NATS cluster whose JetStream cannot create
+  the consumer in time under a burst of connects) is retried every few seconds while connected.
 - Failover: the URL may be a list (`mqtt://a:1883,mqtt://b:1883`, or a sequence): the nodes of one
   broker cluster. The first reachable one is used; on every lost connection or failed reconnect
   the next one is tried, round robin (docs/scale.md).
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 
 _DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 _MAX_RECONNECT_DELAY = 30
+_RESUBSCRIBE_S = 3.0  # a refused subscription is asked for again after this long
 _AUTH_REFUSALS = {"authorized", "password"}  # words of the CONNACK codes that mean "your credentials"
 
 
@@ -157,6 +160,7 @@ class MqttSession:
         self._incoming: queue.Queue[Incoming] = queue.Queue()
         self._subscriptions: dict[str, int] = {}
         self._subs_lock = threading.Lock()
+        self._sub_requests: dict[int, list[tuple[str, int]]] = {}  # SUBSCRIBE mid -> its topics
         self._connack = threading.Event()
         self._refusal: str | None = None
         self._closed = False
@@ -197,6 +201,7 @@ class MqttSession:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_connect_fail = self._on_connect_fail
+        client.on_subscribe = self._on_subscribe
         self._client = client
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -301,7 +306,21 @@ class MqttSession:
         """Subscribe now if connected, and again after every reconnect."""
         with self._subs_lock:
             self._subscriptions[topic] = qos
-        self._client.subscribe(topic, qos)  # while disconnected paho refuses; on_connect catches up
+        self._subscribe([(topic, qos)])  # while disconnected paho refuses; on_connect catches up
+
+    def _subscribe(self, subs: list[tuple[str, int]]) -> None:
+        rc, mid = self._client.subscribe(subs)
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            with self._subs_lock:
+                self._sub_requests[mid] = subs
+
+    def _retry_subscriptions(self, topics: list[str]) -> None:
+        if self._closed or not self.connected.is_set():
+            return  # the next on_connect subscribes to everything again
+        with self._subs_lock:
+            subs = [(t, self._subscriptions[t]) for t in topics if t in self._subscriptions]
+        if subs:
+            self._subscribe(subs)
 
     def publish(
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, timeout: float = 30
@@ -356,7 +375,7 @@ class MqttSession:
         with self._subs_lock:
             subs = list(self._subscriptions.items())
         if subs:
-            client.subscribe(subs)
+            self._subscribe(subs)
         self.connected.set()
         self._connack.set()
         self._hook_events.put(True)
@@ -366,6 +385,22 @@ class MqttSession:
             self.client_id,
             flags.session_present,
         )
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        with self._subs_lock:
+            subs = self._sub_requests.pop(mid, [])
+        failed = [t for (t, _), rc in zip(subs, reason_codes, strict=False) if rc.is_failure]
+        if failed and not self._closed:
+            log.warning(
+                "MQTT broker %s refused the subscription to %s (%s); asking again in %gs",
+                self.address,
+                ", ".join(failed[:3]) + (" ..." if len(failed) > 3 else ""),
+                reason_codes[0] if len(reason_codes) == 1 else "see SUBACK",
+                _RESUBSCRIBE_S,
+            )
+            timer = threading.Timer(_RESUBSCRIBE_S, self._retry_subscriptions, args=(failed,))
+            timer.daemon = True
+            timer.start()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()

@@ -185,8 +185,9 @@ def run(
             "coordinator_peak_rss_mb": mon.peak_rss("coordinator"),
             "coordinator_cpu_s": mon.cpu_total("coordinator"),
             # a cluster: all nodes together (phases show node 0's, the coordinator's node)
-            "broker_peak_rss_mb": sum(mon.peak_rss(k) for k in pids if k.startswith("broker")) or None,
-            "broker_cpu_s": sum(mon.cpu_total(k) for k in pids if k.startswith("broker")) or None,
+            "broker_peak_rss_mb": round(sum(mon.peak_rss(k) for k in pids if k.startswith("broker")), 1)
+            or None,
+            "broker_cpu_s": round(sum(mon.cpu_total(k) for k in pids if k.startswith("broker")), 2) or None,
             "broker": f"nats x{nats}" if cluster is not None else "given" if broker is None else "mosquitto",
             "sim_cpu_s": round(sim_cpu, 2),
             "sim_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -305,8 +306,8 @@ def write_report(data: dict) -> Path:
     keys = [
         ("coordinator_peak_rss_mb", "coordinator peak RSS MB"),
         ("coordinator_cpu_s", "coordinator CPU s (whole run)"),
-        ("broker_peak_rss_mb", "mosquitto peak RSS MB"),
-        ("broker_cpu_s", "mosquitto CPU s (whole run)"),
+        ("broker_peak_rss_mb", "broker peak RSS MB (NATS: all nodes)"),
+        ("broker_cpu_s", "broker CPU s, whole run (NATS: all nodes)"),
         ("sim_cpu_s", "simulator CPU s"),
         ("sim_peak_rss_mb", "simulator peak RSS MB"),
         ("bytes_agents_sent", "bytes agents sent (payloads)"),

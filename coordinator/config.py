@@ -50,6 +50,7 @@ class CoordConfig:
     lam: float = 0.5
     tau: float = 0.1
     trim_fraction: float = 0.1
+    neighbours: int = 32  # ce-lora: each agent's weights over its k nearest agents; 0 = all agents
     # Data statistics (ce-lora) travel once per agent and data; N > 0 asks for them again when the
     # held ones are N or more rounds old. 0: only when the agent's data digest changes.
     stats_refresh_rounds: int = 0
@@ -133,7 +134,13 @@ class CoordConfig:
 
     def strategy_options(self) -> StrategyOptions:
         return StrategyOptions(
-            self.clients_per_round, self.selection, self.seed, self.lam, self.tau, self.trim_fraction
+            self.clients_per_round,
+            self.selection,
+            self.seed,
+            self.lam,
+            self.tau,
+            self.trim_fraction,
+            self.neighbours,
         )
 
     @classmethod

@@ -82,6 +82,9 @@ def serve(
     lam: float | None = typer.Option(None, help="ce-lora: weight of the data distance (0..1)."),
     tau: float | None = typer.Option(None, help="ce-lora: softmax temperature over distances."),
     trim_fraction: float | None = typer.Option(None, help="trimmed-mean: share dropped at each end."),
+    neighbours: int | None = typer.Option(
+        None, help="ce-lora: weights over each agent's k nearest agents (default 32; 0 = all)."
+    ),
     stats_refresh_rounds: int | None = typer.Option(
         None,
         help="ce-lora: ask agents for their data statistics again once the held ones are this many "
@@ -137,6 +140,7 @@ def serve(
         lam=lam,
         tau=tau,
         trim_fraction=trim_fraction,
+        neighbours=neighbours,
         stats_refresh_rounds=stats_refresh_rounds,
         http=http,
         http_host=http_host,

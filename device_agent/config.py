@@ -12,7 +12,7 @@ from fedclip.device_agent.policy import TaskPolicy
 from fedclip.sdk.config import from_mapping, from_yaml
 from fedclip.sdk.errors import ConfigError
 from fedclip.sdk.ids import check_id
-from fedclip.sdk.mqtt import BrokerAddress
+from fedclip.sdk.mqtt import parse_broker_urls
 from fedclip.sdk.signing import Ed25519PrivateKey, Ed25519PublicKey, load_private_key, load_public_key
 from fedclip.sdk.wire import DEFAULT_MAX_PAYLOAD
 
@@ -31,7 +31,7 @@ def _load_public_key(path: Path) -> Ed25519PublicKey:
 
 @dataclass(frozen=True)
 class AgentConfig:
-    broker: str  # mqtt://host:port or mqtts://host:port
+    broker: str  # mqtt://host:port or mqtts://host:port; a cluster: URLs comma-separated (failover)
     fleet: str
     id: str  # agent id; also the fixed MQTT client id
     bundle: str | Path  # a bundle folder, or an http(s):// / file:// URL fetched into <state>/bundles
@@ -74,7 +74,7 @@ class AgentConfig:
             object.__setattr__(self, "bundle", Path(self.bundle))
         check_id(self.fleet, "fleet")
         check_id(self.id, "id")
-        BrokerAddress.parse(self.broker)
+        parse_broker_urls(self.broker)  # one URL, or the nodes of a cluster, comma-separated
         for g in self.groups:
             check_id(g, "groups")
         if self.keepalive < 5:

@@ -14,7 +14,9 @@ def start(
     config: Path | None = typer.Option(
         None, "--config", "-c", help="agent.yaml; flags given here override it."
     ),
-    broker: str | None = typer.Option(None, help="Broker URL: mqtt://host:1883 or mqtts://host:8883."),
+    broker: str | None = typer.Option(
+        None, help="Broker URL: mqtt://host:1883 or mqtts://host:8883; a cluster: its URLs, comma-separated."
+    ),
     fleet: str | None = typer.Option(None, help="Fleet name (topic root fedclip/<fleet>/)."),
     agent_id: str | None = typer.Option(None, "--id", help="Agent id; also the fixed MQTT client id."),
     bundle: str | None = typer.Option(

@@ -8,10 +8,11 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 "$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), "fedclip coordinator needs Python 3.11 (onnxruntime-training has no newer wheel)"'
 
-# Debian packages: mosquitto for the tests' real broker, Fashion-MNIST for the demo's real data,
-# chromium and its driver for the dashboard's browser test.
+# Debian packages: mosquitto for the tests' real broker, nats-server for the broker-cluster test,
+# Fashion-MNIST for the demo's real data, chromium and its driver for the dashboard's browser test.
 need=()
 [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null || need+=(mosquitto)
+[ -x /usr/sbin/nats-server ] || command -v nats-server >/dev/null || need+=(nats-server)
 command -v chromium >/dev/null || need+=(chromium)
 command -v chromedriver >/dev/null || need+=(chromium-driver)
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need+=(dataset-fashion-mnist)

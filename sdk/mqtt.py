@@ -5,6 +5,11 @@
 - Last will (retained `offline` status), automatic reconnect with exponential backoff, and
   re-subscription on every reconnect (a persistent session keeps them on the broker too; doing it
   again costs nothing and covers brokers that lost their state).
+- A subscription the broker refuses (SUBACK failure: a NATS cluster whose JetStream cannot create
+  the consumer in time under a burst of connects) is retried every few seconds while connected.
+- Failover: the URL may be a list (`mqtt://a:1883,mqtt://b:1883`, or a sequence): the nodes of one
+  broker cluster. The first reachable one is used; on every lost connection or failed reconnect
+  the next one is tried, round robin (docs/scale.md).
 - `publish` waits for the PUBACK with a deadline. Publishing while disconnected queues the message in
   paho, which sends it after the reconnect, so the wait completes then.
 - paho's callbacks only enqueue: incoming messages go to a `queue.Queue` read by `get`, connects go to
@@ -20,7 +25,7 @@ import queue
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
@@ -35,6 +40,7 @@ log = logging.getLogger(__name__)
 
 _DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 _MAX_RECONNECT_DELAY = 30
+_RESUBSCRIBE_S = 3.0  # a refused subscription is asked for again after this long
 _AUTH_REFUSALS = {"authorized", "password"}  # words of the CONNACK codes that mean "your credentials"
 
 
@@ -92,6 +98,17 @@ class BrokerAddress:
         return f"{self.scheme}://{self.host}:{self.port}"
 
 
+def parse_broker_urls(urls: str | Sequence[str]) -> list[BrokerAddress]:
+    """One URL, a comma-separated list, or a sequence of URLs: the nodes of one broker (cluster)."""
+    items = urls.split(",") if isinstance(urls, str) else list(urls)
+    out = [BrokerAddress.parse(u.strip()) for u in items if u.strip()]
+    if not out:
+        raise ConfigError("broker url: none given")
+    if len({a.tls for a in out}) > 1:
+        raise ConfigError("broker urls: mix mqtt:// and mqtts://; the nodes of one cluster share one scheme")
+    return out
+
+
 ConnectHook = Callable[["MqttSession"], None]
 
 
@@ -105,7 +122,7 @@ class MqttSession:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         client_id: str,
         *,
         username: str | None = None,
@@ -127,7 +144,9 @@ class MqttSession:
             raise ConfigError("mqtt client id: must not be empty (a fixed id keeps the session)")
         if (cert_file is None) != (key_file is None):
             raise ConfigError("mqtt tls: cert_file and key_file go together")
-        self.address = BrokerAddress.parse(url)
+        self.addresses = parse_broker_urls(url)
+        self._next_address = 0
+        self.address = self.addresses[0]  # the node in use (or being tried)
         self.client_id = client_id
         self.clean_session = clean_session
         self.keepalive = keepalive
@@ -141,6 +160,7 @@ class MqttSession:
         self._incoming: queue.Queue[Incoming] = queue.Queue()
         self._subscriptions: dict[str, int] = {}
         self._subs_lock = threading.Lock()
+        self._sub_requests: dict[int, list[tuple[str, int]]] = {}  # SUBSCRIBE mid -> its topics
         self._connack = threading.Event()
         self._refusal: str | None = None
         self._closed = False
@@ -181,17 +201,14 @@ class MqttSession:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_connect_fail = self._on_connect_fail
+        client.on_subscribe = self._on_subscribe
         self._client = client
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def connect(self, timeout: float = 30) -> MqttSession:
         """Connect and wait for the CONNACK. Retries with backoff while the broker is unreachable."""
         deadline = time.monotonic() + timeout
-        props = None
-        if self._v5:
-            props = Properties(PacketTypes.CONNECT)
-            # A v5 session lives only as long as its expiry interval: "never" unless clean.
-            props.SessionExpiryInterval = 0 if self.clean_session else 0xFFFFFFFF
+        props = self._connect_props() if self._v5 else None
         delay = 0.5
         while True:
             try:
@@ -214,14 +231,19 @@ class MqttSession:
                     raise MqttError(
                         f"{self.address}: broker unreachable for {timeout:g}s ({e.strerror or e})"
                     ) from None
+                failed = self.address
+                wrapped = self._rotate()  # the next node of a cluster at once; a pause per full turn
+                wait = min(delay, left) if wrapped else 0.0
                 log.warning(
-                    "MQTT broker %s unreachable (%s); retrying in %.1fs",
-                    self.address,
+                    "MQTT broker %s unreachable (%s); trying %s in %.1fs",
+                    failed,
                     e.strerror or e,
-                    min(delay, left),
+                    self.address,
+                    wait,
                 )
-                time.sleep(min(delay, left))
-                delay = min(delay * 2, _MAX_RECONNECT_DELAY)
+                time.sleep(wait)
+                if wrapped:
+                    delay = min(delay * 2, _MAX_RECONNECT_DELAY)
         self._hook_thread = threading.Thread(
             target=self._run_hooks, name=f"mqtt-hooks-{self.client_id}", daemon=True
         )
@@ -237,6 +259,32 @@ class MqttSession:
                 reason += " (check the username and password)"
             raise ConnectRefused(f"{self.address}: broker refused client {self.client_id!r}: {reason}")
         return self
+
+    def _connect_props(self) -> Properties:
+        props = Properties(PacketTypes.CONNECT)
+        # A v5 session lives only as long as its expiry interval: "never" unless clean.
+        props.SessionExpiryInterval = 0 if self.clean_session else 0xFFFFFFFF
+        return props
+
+    def _rotate(self) -> bool:
+        """Point the client at the next broker URL; True when that starts a new turn of the list."""
+        if len(self.addresses) == 1:
+            return True
+        self._next_address = (self._next_address + 1) % len(self.addresses)
+        self.address = self.addresses[self._next_address]
+        # connect_async only records where the next (re)connect goes; paho's network loop makes it.
+        # The callbacks that call this run after the socket closed, so nothing open is cut.
+        if self._v5:
+            self._client.connect_async(
+                self.address.host,
+                self.address.port,
+                self.keepalive,
+                clean_start=self.clean_session,
+                properties=self._connect_props(),
+            )
+        else:
+            self._client.connect_async(self.address.host, self.address.port, self.keepalive)
+        return self._next_address == 0
 
     def close(self) -> None:
         """Disconnect cleanly (the broker then drops the last will) and stop the threads."""
@@ -266,7 +314,21 @@ class MqttSession:
         """Subscribe now if connected, and again after every reconnect."""
         with self._subs_lock:
             self._subscriptions[topic] = qos
-        self._client.subscribe(topic, qos)  # while disconnected paho refuses; on_connect catches up
+        self._subscribe([(topic, qos)])  # while disconnected paho refuses; on_connect catches up
+
+    def _subscribe(self, subs: list[tuple[str, int]]) -> None:
+        rc, mid = self._client.subscribe(subs)
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+            with self._subs_lock:
+                self._sub_requests[mid] = subs
+
+    def _retry_subscriptions(self, topics: list[str]) -> None:
+        if self._closed or not self.connected.is_set():
+            return  # the next on_connect subscribes to everything again
+        with self._subs_lock:
+            subs = [(t, self._subscriptions[t]) for t in topics if t in self._subscriptions]
+        if subs:
+            self._subscribe(subs)
 
     def publish(
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, timeout: float = 30
@@ -321,7 +383,7 @@ class MqttSession:
         with self._subs_lock:
             subs = list(self._subscriptions.items())
         if subs:
-            client.subscribe(subs)
+            self._subscribe(subs)
         self.connected.set()
         self._connack.set()
         self._hook_events.put(True)
@@ -332,14 +394,37 @@ class MqttSession:
             flags.session_present,
         )
 
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        with self._subs_lock:
+            subs = self._sub_requests.pop(mid, [])
+        failed = [t for (t, _), rc in zip(subs, reason_codes, strict=False) if rc.is_failure]
+        if failed and not self._closed:
+            log.warning(
+                "MQTT broker %s refused the subscription to %s (%s); asking again in %gs",
+                self.address,
+                ", ".join(failed[:3]) + (" ..." if len(failed) > 3 else ""),
+                reason_codes[0] if len(reason_codes) == 1 else "see SUBACK",
+                _RESUBSCRIBE_S,
+            )
+            timer = threading.Timer(_RESUBSCRIBE_S, self._retry_subscriptions, args=(failed,))
+            timer.daemon = True
+            timer.start()
+
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
         if not self._closed and self._refusal is None:
-            log.warning("MQTT connection to %s lost (%s); reconnecting", self.address, reason_code)
+            lost = self.address
+            self._rotate()
+            log.warning(
+                "MQTT connection to %s lost (%s); reconnecting to %s", lost, reason_code, self.address
+            )
 
     def _on_connect_fail(self, client, userdata) -> None:
+        failed = self.address
+        self._rotate()
         log.warning(
-            "MQTT broker %s unreachable; retrying with backoff (up to %ss)",
+            "MQTT broker %s unreachable; trying %s (backoff up to %ss)",
+            failed,
             self.address,
             _MAX_RECONNECT_DELAY,
         )

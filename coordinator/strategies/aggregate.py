@@ -126,7 +126,8 @@ def unflatten(vector: np.ndarray, like: Tensors, names: Sequence[str]) -> dict[s
     out, pos = {}, 0
     for n in names:
         ref = np.asarray(like[n])
-        out[n] = vector[pos : pos + ref.size].reshape(ref.shape).astype(ref.dtype)
+        # A view of `vector` when the dtypes agree: N personalized adapters are one buffer, not two.
+        out[n] = vector[pos : pos + ref.size].reshape(ref.shape).astype(ref.dtype, copy=False)
         pos += ref.size
     return out
 
@@ -149,8 +150,10 @@ class PairwiseInputs:
     """Per-agent quantities the ce-lora distances need, precomputed once (O(N) memory).
 
     `mean` and `var` may be [N, L, D] arrays or sequences of N [L, D] arrays: they are copied row by
-    row into one float32 buffer, so no stacked float64 copy of all statistics ever exists.
-    With `copy_deltas=False` the deltas array is normalized in place (the caller gives it up).
+    row into one buffer, so no stacked float64 copy of all statistics ever exists; `deltas` likewise
+    (a lazy sequence of rows is fine).
+    `compact=True` holds the statistics and unit updates as float16 (half the memory; the wire sends
+    means and variances as float16 anyway): the k-nearest path uses it at fleet scale.
     """
 
     def __init__(
@@ -158,9 +161,9 @@ class PairwiseInputs:
         hist: np.ndarray,  # [N, L] label counts
         mean: Sequence[np.ndarray] | np.ndarray,  # N x [L, D]
         var: Sequence[np.ndarray] | np.ndarray,  # N x [L, D]
-        deltas: np.ndarray,  # [N, P] C updates (trained - start)
+        deltas: Sequence[np.ndarray] | np.ndarray,  # N x [P] C updates (trained - start)
         scale: float | None = None,
-        copy_deltas: bool = True,
+        compact: bool = False,
     ):
         hist = np.asarray(hist, dtype=np.float64)
         n, labels = hist.shape
@@ -169,43 +172,58 @@ class PairwiseInputs:
         p = np.divide(hist, totals, out=np.zeros_like(hist), where=totals > 0)
         self.n, self.labels, self.dim = n, labels, dim
         self.sqrt_p = np.sqrt(p)  # [N, L]
+        store = np.float16 if compact else np.float32
         # Each label's [mean, sqrt(var)] as one vector: W2^2 = ||mu_i - mu_j||^2 + ||s_i - s_j||^2.
         # Label-major [L, N, 2D], so each label's matrix is contiguous for the matmuls below.
         # float32: the matmuls dominate at 10,000 agents; the rounding (~1e-7 relative) is far below
         # anything that changes a softmax weight, and memory halves (N L 2D floats).
-        self.g = np.empty((labels, n, 2 * dim), dtype=np.float32)
+        self.g = np.empty((labels, n, 2 * dim), dtype=store)
+        self.g_sq = np.empty((n, labels))
         var_means = np.empty((n, labels))
+        row = np.empty((labels, 2 * dim), np.float32)
         for i in range(n):
             v = np.asarray(var[i])
-            self.g[:, i, :dim] = mean[i]
-            np.sqrt(v, out=self.g[:, i, dim:], casting="same_kind")
+            row[:, :dim] = mean[i]
+            np.sqrt(v, out=row[:, dim:], casting="same_kind")
+            self.g[:, i, :] = row
+            r = self.g[:, i, :].astype(np.float64)  # the norms of what is held, rounding included
+            self.g_sq[i] = np.einsum("lk,lk->l", r, r)
             var_means[i] = v.mean(axis=1, dtype=np.float64)
         self.scale = embedding_scale(hist, var_means) if scale is None else scale
-        self.g_sq = np.einsum("lnk,lnk->nl", self.g, self.g, dtype=np.float64)  # [N, L]
-        unit = np.array(deltas, dtype=np.float64, copy=copy_deltas or None)
-        norms = np.linalg.norm(unit, axis=1, keepdims=True)
-        np.divide(unit, norms, out=unit, where=norms > 0)
-        self.unit = unit.astype(np.float32)  # zero updates stay zero rows: cosine 0 with everyone
+        # Row by row: no float64 copy of all updates; zero updates stay zero rows (cosine 0).
+        self.unit = np.zeros((n, len(deltas[0])), dtype=store)
+        for i in range(n):
+            d = np.asarray(deltas[i], dtype=np.float64)
+            norm = np.linalg.norm(d)
+            if norm > 0:
+                self.unit[i] = d / norm
+
+    def label_block(self, lab: int, idx: slice | np.ndarray) -> np.ndarray:
+        """Label `lab`'s [mean, sqrt(var)] rows `idx` as float32 (a view when already float32)."""
+        return self.g[lab][idx].astype(np.float32, copy=False)
 
 
-def data_distance_block(inp: PairwiseInputs, rows: slice) -> np.ndarray:
-    """d_data for rows x all agents, in [0, 1]: (histogram term + embedding term) / 2."""
-    sp_r = inp.sqrt_p[rows]  # [B, L]
-    bc = sp_r @ inp.sqrt_p.T  # Bhattacharyya coefficient of the label histograms, [B, N]
+Index = slice | np.ndarray
+
+
+def data_distance_block(inp: PairwiseInputs, rows: Index, cols: Index = slice(None)) -> np.ndarray:
+    """d_data for rows x cols (default all agents), in [0, 1]: (histogram term + embedding term) / 2."""
+    sp_r, sp_c = inp.sqrt_p[rows], inp.sqrt_p[cols]  # [B, L], [C, L]
+    bc = sp_r @ sp_c.T  # Bhattacharyya coefficient of the label histograms, [B, C]
     hist_term = np.clip(1.0 - bc, 0.0, 1.0)  # squared Hellinger distance
     num = np.zeros_like(bc)
     a = np.empty_like(bc)
-    for lab in range(inp.labels):  # one matmul per label: the B x N x D difference never exists
-        gl = inp.g[lab]  # [N, 2D]
-        # In place from here on: at 10,000 agents each B x N temporary costs a pass over memory.
-        w2 = (gl[rows] @ gl.T).astype(np.float64)
+    sq_r, sq_c = inp.g_sq[rows], inp.g_sq[cols]
+    for lab in range(inp.labels):  # one matmul per label: the B x C x D difference never exists
+        # In place from here on: at 10,000 agents each B x C temporary costs a pass over memory.
+        w2 = (inp.label_block(lab, rows) @ inp.label_block(lab, cols).T).astype(np.float64)
         w2 *= -2.0
-        w2 += inp.g_sq[rows, lab][:, None]
-        w2 += inp.g_sq[None, :, lab]
+        w2 += sq_r[:, lab][:, None]
+        w2 += sq_c[None, :, lab]
         np.maximum(w2, 0.0, out=w2)  # ||x||^2 + ||y||^2 - 2xy can round below zero
         w2 *= -1.0 / (inp.dim * inp.scale)
         np.exp(w2, out=w2)  # exp(-W2^2 / (D s))
-        np.multiply.outer(sp_r[:, lab], inp.sqrt_p[:, lab], out=a)  # sqrt(p_i(l) p_j(l))
+        np.multiply.outer(sp_r[:, lab], sp_c[:, lab], out=a)  # sqrt(p_i(l) p_j(l))
         num += a
         a *= w2
         num -= a  # num += a * (1 - exp(-W2^2 / (D s)))
@@ -214,9 +232,11 @@ def data_distance_block(inp: PairwiseInputs, rows: slice) -> np.ndarray:
     return 0.5 * (hist_term + emb_term)
 
 
-def param_distance_block(inp: PairwiseInputs, rows: slice) -> np.ndarray:
+def param_distance_block(inp: PairwiseInputs, rows: Index, cols: Index = slice(None)) -> np.ndarray:
     """(1 - cosine similarity of the C updates) / 2, in [0, 1]; a zero update has cosine 0."""
-    cos = (inp.unit[rows] @ inp.unit.T).astype(np.float64)
+    u_r = inp.unit[rows].astype(np.float32, copy=False)
+    u_c = inp.unit[cols].astype(np.float32, copy=False)
+    cos = (u_r @ u_c.T).astype(np.float64)
     return np.clip((1.0 - cos) / 2.0, 0.0, 1.0)
 
 

@@ -26,6 +26,7 @@ class StrategyOptions:
     lam: float = 0.5  # ce-lora: weight of the data distance vs the parameter distance
     tau: float = 0.1  # ce-lora: softmax temperature over distances
     trim_fraction: float = 0.1  # trimmed-mean: fraction dropped at each end, per coordinate
+    neighbours: int = 32  # ce-lora: weights over each agent's k nearest agents; 0 = all agents
 
     def __post_init__(self) -> None:
         if self.clients_per_round < 0:
@@ -36,6 +37,8 @@ class StrategyOptions:
             raise ConfigError(f"lam: must be in [0, 1], got {self.lam}")
         if not self.tau > 0:
             raise ConfigError(f"tau: must be > 0, got {self.tau}")
+        if self.neighbours < 0:
+            raise ConfigError(f"neighbours: must be >= 0 (0 = all agents), got {self.neighbours}")
         if not 0.0 <= self.trim_fraction < 0.5:
             raise ConfigError(f"trim_fraction: must be in [0, 0.5), got {self.trim_fraction}")
 

@@ -1,0 +1,412 @@
+"""Fleet simulator: N simulated agents on N real MQTT connections against the real coordinator.
+
+One process, one thread, one `selectors` loop over N paho clients (paho's external-loop API:
+`loop_read` / `loop_write` driven by the socket callbacks), so 10,000 connections cost 10,000
+sockets, not 10,000 threads. Each simulated agent does what `fedclip-agent start` does on the wire,
+without ONNX Runtime:
+
+- connects with a fixed client id, a persistent session and a retained `offline` last will;
+- subscribes to its task topic and publishes a valid retained `online` status (bundle id, samples);
+- answers every task with a valid update: the task's starting tensors plus a prepared delta (one of
+  64 directions, so updates differ), the `stats/*` tensors the task asks for (label histogram as
+  float32, per-label mean and variance as float16, as the agent sends them) and a `data_digest`;
+  when the task's `stats_digest` is that digest, only the histogram travels (statistics sent once).
+
+`run()` starts a real mosquitto (or uses `--broker` URLs, spread over the agents), the real
+`fedclip-coord serve` as a subprocess (ce-lora, every agent selected, quorum = N, 2 rounds: the
+second round's tasks carry each agent's personalized adapter), drives the fleet until the
+coordinator has aggregated both rounds, and reports phase times, peak RSS and CPU of coordinator
+and broker, and bytes.
+
+    python benchmarks/fleet_sim.py --bundle /tmp/bundle --agents 1000,10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _sim_agents import Prepared, SimFleet, raise_nofile  # noqa: E402
+from _sim_watch import LogWatch, Monitor  # noqa: E402
+
+from fedclip.sdk.manifest import Manifest  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+__all__ = ["Prepared", "SimFleet", "run"]
+
+
+# ---- one run --------------------------------------------------------------------------------------
+def _wait(fleet: SimFleet, cond, deadline: float, what: str, proc: subprocess.Popen | None) -> None:
+    last_misc = time.monotonic()
+    while not cond():
+        if time.time() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        if proc is not None and proc.poll() is not None and not cond():
+            raise RuntimeError(f"coordinator exited (rc {proc.returncode}) while waiting for {what}")
+        fleet.step(0.05)
+        if time.monotonic() - last_misc > 30:
+            fleet.misc()
+            last_misc = time.monotonic()
+
+
+def run(
+    bundle: Path,
+    n: int,
+    *,
+    broker_urls: list[str] | None = None,
+    coordinator_url: str | None = None,
+    rounds: int = 2,
+    timeout: float = 3600.0,
+    workdir: Path | None = None,
+    strategy: str = "ce-lora",
+    nats: int = 0,
+    say=print,
+) -> dict:
+    """One simulated fleet of `n` agents through `rounds` rounds; returns the report row.
+
+    Brokers: `broker_urls` if given, else a NATS cluster of `nats` nodes (agents spread over them,
+    the coordinator on node 0) if `nats` > 0, else a mosquitto started here."""
+    from fedclip.sdk.broker import MosquittoBroker
+    from fedclip.sdk.broker_cluster import NatsCluster
+
+    raise_nofile(n + 4096)
+    manifest = Manifest.load(bundle)
+    fleet_id = "sim"
+    tmp = tempfile.TemporaryDirectory(prefix="fleet-sim-")
+    work = Path(workdir or tmp.name)
+    broker = cluster = None
+    if broker_urls is None and nats:
+        cluster = NatsCluster(nats)
+        broker_urls = cluster.start()
+    elif broker_urls is None:
+        broker = MosquittoBroker()
+        conf = broker.dir / "mosquitto.conf"
+        # No connection limit, and no log line per connect and disconnect (10,000 of each).
+        conf.write_text(conf.read_text() + "max_connections -1\nconnection_messages false\n")
+        broker.start()
+        broker_urls = [broker.url]
+    coord_url = coordinator_url or broker_urls[0]
+    state = work / "state"
+    cfg = {
+        "broker": coord_url,
+        "fleet": fleet_id,
+        "bundle": str(bundle),
+        "state": str(state),
+        "strategy": strategy,
+        "rounds": rounds,
+        "clients_per_round": 0,
+        "selection": "all",
+        "min_updates": n,
+        "round_timeout": timeout,
+        "http": False,
+        "publish_timeout": 120.0,
+    }
+    (work / "coord.yaml").write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in cfg.items()) + "\n")
+    prep = Prepared(manifest, fleet_id)
+    fleet = SimFleet(broker_urls, n, prep)
+    coord_bin = Path(sys.executable).parent / "fedclip-coord"
+    coord = subprocess.Popen(
+        [str(coord_bin), "serve", "--config", str(work / "coord.yaml")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    watch = LogWatch(coord.stderr, work / "coordinator.log")
+    watch.start()
+    pids = {"coordinator": coord.pid}
+    if broker is not None and broker._proc is not None:
+        pids["broker"] = broker._proc.pid
+    for i in range(nats if cluster is not None else 0):
+        pids["broker" if i == 0 else f"broker_n{i}"] = cluster.pid(i)
+    mon = Monitor(pids)
+    mon.start()
+    sim_cpu0 = time.process_time()
+    deadline = time.time() + timeout
+    row: dict = {"agents": n, "rounds": rounds, "strategy": strategy, "brokers": len(broker_urls)}
+    t: dict[str, float] = {}
+    try:
+        # The coordinator first: its start-up (imports, state dir) is not a phase of the round.
+        _wait(fleet, lambda: "connected" in watch.events, deadline, "the coordinator to connect", coord)
+        t["start"] = time.time()
+        say(f"[{n}] connecting {n} agents")
+        fleet.connect_all(
+            progress=lambda k: say(f"[{n}]   {k} connections opened") if k % 2000 == 0 else None
+        )
+        _wait(fleet, lambda: fleet.c.status_acked >= n, deadline, "online statuses acknowledged", coord)
+        t["status_done"] = time.time()
+        say(f"[{n}] all {n} online ({t['status_done'] - t['start']:.1f}s); waiting for round 1")
+        for r in range(1, rounds + 1):
+            _wait(fleet, lambda r=r: fleet.c.tasks.get(r, 0) >= n, deadline, f"round {r} tasks", coord)
+            say(f"[{n}] round {r}: {n} tasks received, updates going out")
+            _wait(fleet, lambda r=r: fleet.c.updates_acked.get(r, 0) >= n, deadline, f"round {r} sent", coord)
+            _wait(
+                fleet,
+                lambda r=r: f"aggregated_r{r}" in watch.events,
+                deadline,
+                f"round {r} aggregated",
+                coord,
+            )
+            say(f"[{n}] round {r}: aggregated in {watch.aggregate_seconds.get(r, 0):.2f}s")
+        coord.wait(timeout=max(10.0, deadline - time.time()))
+        t["end"] = time.time()
+    except (TimeoutError, RuntimeError) as e:
+        row["error"] = str(e)
+        say(f"[{n}] FAILED: {e}")
+    finally:
+        mon.sample()
+        mon.stop.set()
+        disconnects = fleet.c.disconnects  # before our own disconnects at the end
+        sim_cpu = time.process_time() - sim_cpu0
+        if coord.poll() is None:
+            coord.terminate()
+            try:
+                coord.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                coord.kill()
+        fleet.close()
+        if broker is not None:
+            broker.cleanup()
+        if cluster is not None:
+            cluster.cleanup()
+    ev, c = watch.events, fleet.c
+    row.update(_phases(t, ev, c, watch, mon, rounds, _intake_ends(state)))
+    row.update(
+        {
+            "coordinator_peak_rss_mb": mon.peak_rss("coordinator"),
+            "coordinator_cpu_s": mon.cpu_total("coordinator"),
+            # a cluster: all nodes together (phases show node 0's, the coordinator's node)
+            "broker_peak_rss_mb": round(sum(mon.peak_rss(k) for k in pids if k.startswith("broker")), 1)
+            or None,
+            "broker_cpu_s": round(sum(mon.cpu_total(k) for k in pids if k.startswith("broker")), 2) or None,
+            "broker": f"nats x{nats}" if cluster is not None else "given" if broker is None else "mosquitto",
+            "sim_cpu_s": round(sim_cpu, 2),
+            "sim_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "bytes_agents_sent": c.bytes_out,
+            "bytes_agents_received": c.bytes_in,
+            "disconnects": disconnects,
+            "subscriptions_refused": c.refused_subs,
+            "coordinator_errors": watch.errors[:5],
+            "load_avg_1min_end": round(os.getloadavg()[0], 2),
+        }
+    )
+    row["update_bytes_mean"] = _update_bytes(state, rounds)
+    tmp.cleanup()  # a caller's `workdir` (the state dir in it) stays for inspection
+    return row
+
+
+def _intake_ends(state: Path) -> dict[int, float]:
+    """When the coordinator stored each round's last update (`updates.received_at`)."""
+    import sqlite3
+
+    db = state / "coordinator.sqlite"
+    if not db.exists():
+        return {}
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return dict(con.execute("SELECT round, MAX(received_at) FROM updates GROUP BY round").fetchall())
+    except sqlite3.Error:
+        return {}
+    finally:
+        con.close()
+
+
+def _phases(t, ev, c, watch, mon, rounds, intake) -> dict:
+    """Phase durations (s) and the coordinator's CPU in each, from sim events and its log."""
+    out: dict = {"phases": []}
+
+    def phase(name: str, a: float | None, b: float | None) -> None:
+        if a is None or b is None:
+            return
+        out["phases"].append(
+            {
+                "phase": name,
+                "seconds": round(b - a, 2),
+                "coordinator_cpu_s": mon.cpu_between("coordinator", a, b),
+                "broker_cpu_s": mon.cpu_between("broker", a, b) if "broker" in mon.pids else None,
+            }
+        )
+
+    phase("connect + status", t.get("start"), t.get("status_done"))
+    prev_end = t.get("status_done")
+    for r in range(1, rounds + 1):
+        started = ev.get(f"started_r{r}")
+        label = "selection" if r == 1 else "close + selection"
+        phase(f"r{r} {label}", prev_end, started)
+        tasks_name = "tasks out" if r == 1 else "tasks out (personalized adapters)"
+        phase(f"r{r} {tasks_name}", started, c.last.get(f"task_r{r}"))
+        agg_end = ev.get(f"aggregated_r{r}")
+        intake_end = intake.get(r)
+        phase(f"r{r} updates in (validated, stored, acked)", c.first.get(f"update_sent_r{r}"), intake_end)
+        phase(f"r{r} aggregation + commit", intake_end, agg_end)
+        if r in watch.aggregate_seconds:
+            out[f"aggregate_seconds_r{r}"] = watch.aggregate_seconds[r]
+        prev_end = agg_end
+    return out
+
+
+def _update_bytes(state: Path, rounds: int) -> dict:
+    import sqlite3
+
+    db = state / "coordinator.sqlite"
+    if not db.exists():
+        return {}
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        rows = con.execute("SELECT round, AVG(wire_bytes) FROM updates GROUP BY round").fetchall()
+    except sqlite3.Error:
+        return {}
+    finally:
+        con.close()
+    return {str(r): round(b or 0, 1) for r, b in rows}
+
+
+# ---- report ---------------------------------------------------------------------------------------
+def _column(row: dict) -> str:
+    broker = row.get("broker", "mosquitto")
+    return f"N = {row['agents']:,}" + ("" if broker == "mosquitto" else f" ({broker})")
+
+
+def write_report(data: dict) -> Path:
+    rows = data["rows"]
+    lines = [
+        "# A round at fleet scale: simulated agents against the real coordinator and broker",
+        "",
+        "Produced by `python benchmarks/fleet_sim.py` (raw numbers in `scale.json`; plot `scale.png`).",
+        "",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in sorted(data["meta"].items())),
+        "",
+        "## Phase times (seconds; coordinator CPU seconds in brackets)",
+        "",
+    ]
+    names = []
+    for r in rows:
+        for p in r.get("phases", []):
+            if p["phase"] not in names:
+                names.append(p["phase"])
+    heads = " | ".join(_column(r) for r in rows)
+    lines.append(f"| phase | {heads} |")
+    lines.append("|---|" + "---:|" * len(rows))
+    for name in names:
+        cells = []
+        for r in rows:
+            p = next((p for p in r.get("phases", []) if p["phase"] == name), None)
+            cells.append(f"{p['seconds']} ({p['coordinator_cpu_s']})" if p else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## Processes and bytes", ""]
+    keys = [
+        ("coordinator_peak_rss_mb", "coordinator peak RSS MB"),
+        ("coordinator_cpu_s", "coordinator CPU s (whole run)"),
+        ("broker_peak_rss_mb", "broker peak RSS MB (NATS: all nodes)"),
+        ("broker_cpu_s", "broker CPU s, whole run (NATS: all nodes)"),
+        ("sim_cpu_s", "simulator CPU s"),
+        ("sim_peak_rss_mb", "simulator peak RSS MB"),
+        ("bytes_agents_sent", "bytes agents sent (payloads)"),
+        ("bytes_agents_received", "bytes agents received (payloads)"),
+        ("update_bytes_mean", "mean update bytes per round"),
+        ("disconnects", "disconnects"),
+        ("subscriptions_refused", "subscriptions refused by the broker (retried)"),
+        ("load_avg_1min_end", "1-min load average at the end"),
+        ("error", "error"),
+    ]
+    lines.append(f"| | {heads} |")
+    lines.append("|---|" + "---:|" * len(rows))
+    for k, label in keys:
+        if any(k in r for r in rows):
+            lines.append(f"| {label} | " + " | ".join(str(r.get(k, "-")) for r in rows) + " |")
+    lines += ["", data.get("notes", "")]
+    out = RESULTS / "scale.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def plot(data: dict) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [r for r in data["rows"] if r.get("phases") and r.get("broker", "mosquitto") == "mosquitto"]
+    if not rows:
+        return None
+    names = []
+    for r in rows:
+        names += [p["phase"] for p in r["phases"] if p["phase"] not in names]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ns = [r["agents"] for r in rows]
+    for name in names:
+        ys = [next((p["seconds"] for p in r["phases"] if p["phase"] == name), np.nan) for r in rows]
+        ax.plot(ns, ys, marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("agents per round (N)")
+    ax.set_ylabel("seconds")
+    ax.set_title("Round phases against fleet size (2 shared cores, mosquitto, ce-lora)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    out = RESULTS / "scale.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", type=Path, help="a tri-lora bundle (shapes of its manifest)")
+    ap.add_argument("--agents", default="1000", help="comma list of N")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--broker", default="", help="comma list of broker URLs (default: start mosquitto)")
+    ap.add_argument("--nats", type=int, default=0, help="start a NATS cluster of this many nodes instead")
+    ap.add_argument("--timeout", type=float, default=3600.0, help="per N, seconds")
+    ap.add_argument("--no-report", action="store_true", help="print rows, write nothing")
+    ap.add_argument(
+        "--markdown-only", action="store_true", help="redo scale.md and scale.png from scale.json"
+    )
+    args = ap.parse_args()
+    if args.markdown_only:
+        data = json.loads((RESULTS / "scale.json").read_text())
+        print(write_report(data), plot(data))
+        return
+    if args.bundle is None:
+        ap.error("--bundle is required")
+    urls = [u for u in args.broker.split(",") if u] or None
+    rows = []
+    for n in (int(x) for x in args.agents.split(",")):
+        row = run(args.bundle, n, broker_urls=urls, rounds=args.rounds, timeout=args.timeout, nats=args.nats)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    if args.no_report:
+        return
+    path = RESULTS / "scale.json"
+    old = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    new = {(x["agents"], x.get("broker", "mosquitto")) for x in rows}
+    keep = [r for r in old["rows"] if (r["agents"], r.get("broker", "mosquitto")) not in new]
+    data = {
+        "meta": {
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "bundle": Manifest.load(args.bundle).bundle_id[:12],
+        },
+        "rows": sorted(keep + rows, key=lambda r: (r.get("broker", "mosquitto") != "mosquitto", r["agents"])),
+        "notes": old.get("notes", ""),
+    }
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    print(write_report(data))
+    print(plot(data))
+
+
+if __name__ == "__main__":
+    main()

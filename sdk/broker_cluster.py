@@ -1,0 +1,143 @@
+"""A local NATS cluster with MQTT on every node: fedclip on a clustered broker, for tests and trials.
+
+`NatsCluster(nodes=3)` writes one config per node in a temp dir and runs `nats-server -c` for each:
+client, cluster-route, MQTT and monitoring listeners on free 127.0.0.1 ports, JetStream on (the MQTT
+gateway keeps sessions, retained messages and QoS 1 messages in JetStream streams, replicated over
+the cluster, so a client that loses its node reconnects to another and finds its session there).
+`.mqtt_urls` lists the nodes' MQTT URLs; `.kill(i)` ends node i with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from fedclip.sdk.broker import LOCALHOST, free_port, wait_for_port
+from fedclip.sdk.errors import BrokerError
+
+
+def find_nats_server() -> str | None:
+    return shutil.which("nats-server") or next(
+        (p for p in ("/usr/sbin/nats-server", "/usr/bin/nats-server") if Path(p).exists()), None
+    )
+
+
+class NatsCluster:
+    """`nodes` nats-server processes routed into one cluster, MQTT enabled on each."""
+
+    def __init__(self, nodes: int = 3, binary: str | None = None, name: str = "fedclip"):
+        self.binary = binary or find_nats_server()
+        if self.binary is None:
+            raise BrokerError("nats-server is not installed (apt-get install nats-server)")
+        self.n, self.name = nodes, name
+        self._tmp = tempfile.TemporaryDirectory(prefix="fedclip-nats-")
+        self.dir = Path(self._tmp.name)
+        self.ports = [{k: free_port() for k in ("client", "cluster", "mqtt", "http")} for _ in range(nodes)]
+        self.procs: list[subprocess.Popen | None] = [None] * nodes
+        for i in range(nodes):
+            self._write_config(i)
+
+    @property
+    def mqtt_urls(self) -> list[str]:
+        return [f"mqtt://{LOCALHOST}:{p['mqtt']}" for p in self.ports]
+
+    def log_file(self, i: int) -> Path:
+        return self.dir / f"n{i}.log"
+
+    def _write_config(self, i: int) -> None:
+        p = self.ports[i]
+        routes = ", ".join(
+            f'"nats-route://{LOCALHOST}:{q["cluster"]}"' for j, q in enumerate(self.ports) if j != i
+        )
+        (self.dir / f"n{i}").mkdir(exist_ok=True)
+        conf = f"""
+server_name: n{i}
+listen: "{LOCALHOST}:{p["client"]}"
+http: "{LOCALHOST}:{p["http"]}"
+log_file: "{self.log_file(i)}"
+max_payload: 8MB
+jetstream {{ store_dir: "{self.dir / f"n{i}"}", max_memory_store: 256MB, max_file_store: 2GB }}
+cluster {{ name: {self.name}, listen: "{LOCALHOST}:{p["cluster"]}", routes: [{routes}] }}
+mqtt {{ listen: "{LOCALHOST}:{p["mqtt"]}", stream_replicas: {min(3, self.n)}, ack_wait: "30s" }}
+"""
+        (self.dir / f"n{i}.conf").write_text(conf)
+
+    def start(self, timeout: float = 60) -> list[str]:
+        for i in range(self.n):
+            self.start_node(i)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:  # MQTT needs JetStream, which needs a meta leader
+            if self._jetstream_ready():
+                return self.mqtt_urls
+            time.sleep(0.2)
+        self.stop()
+        raise BrokerError(f"NATS cluster: JetStream not ready within {timeout:g}s (logs in {self.dir})")
+
+    def start_node(self, i: int, timeout: float = 15) -> None:
+        assert self.binary is not None  # checked when the cluster was made
+        with open(self.dir / f"n{i}.stderr", "ab") as err:
+            proc = subprocess.Popen(
+                [self.binary, "-c", str(self.dir / f"n{i}.conf")],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                start_new_session=True,
+            )
+        self.procs[i] = proc
+        alive = lambda: proc.poll() is None  # noqa: E731
+        if not wait_for_port(LOCALHOST, self.ports[i]["mqtt"], timeout, alive):
+            raise BrokerError(f"NATS node n{i}: MQTT port not open (see {self.log_file(i)})")
+
+    def _jetstream_ready(self) -> bool:
+        for i, p in enumerate(self.ports):
+            proc = self.procs[i]
+            if proc is None or proc.poll() is not None:
+                continue
+            try:
+                url = f"http://{LOCALHOST}:{p['http']}/jsz"
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    info = json.load(r)
+            except (OSError, ValueError):
+                return False
+            if not (info.get("meta_cluster") or {}).get("leader"):
+                return False
+        return True
+
+    def pid(self, i: int) -> int | None:
+        proc = self.procs[i]
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    def kill(self, i: int) -> None:
+        """SIGKILL node i: no goodbye to its clients or routes, as a crashed machine."""
+        proc = self.procs[i]
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            if proc is not None:
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+
+    def cleanup(self) -> None:
+        self.stop()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> NatsCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()

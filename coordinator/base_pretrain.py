@@ -84,8 +84,12 @@ def pretrain_base(
     lr: float = 1e-3,
     seed: int = 0,
     model: str = "fedclip-tiny",
+    eval_n: int | None = None,
 ) -> dict:
-    """Pretrain `model` on the public split; save `out` (.pt); return zero-shot accuracies and cost."""
+    """Pretrain `model` on the public split; save `out` (.pt); return zero-shot accuracies and cost.
+
+    Zero-shot accuracy is measured on the client pool's first `eval_n` images (all by default).
+    """
     import torch
     import torch.nn.functional as F
 
@@ -101,6 +105,8 @@ def pretrain_base(
     public, pool = split_fmnist(public_n)
     transform = ImageTransform(base.preprocess)
     x, y = _pixels(public, transform), torch.from_numpy(public.labels)
+    if eval_n is not None:
+        pool = LabeledImages(labels=pool.labels[:eval_n], classes=pool.classes, arrays=pool.arrays[:eval_n])
     pool_x, pool_y = _pixels(pool, transform), torch.from_numpy(pool.labels)
     graph = _graph(clip, public.classes, base.context_length)
     before = accuracy(graph, pool_x, pool_y)
@@ -143,13 +149,19 @@ def pretrain_base(
         "zero_shot_pool_accuracy_random_init": before,
         "zero_shot_pool_accuracy": after,
         "prompt": PROMPT,
+        "zero_shot_eval_images": len(pool_y),
     }
     out.with_suffix(".json").write_text(json.dumps(info, indent=1))
     return info
 
 
 def cached_base(
-    cache_dir: Path, public_n: int = 5000, steps: int = 300, seed: int = 0, model: str = "fedclip-tiny"
+    cache_dir: Path,
+    public_n: int = 5000,
+    steps: int = 300,
+    seed: int = 0,
+    model: str = "fedclip-tiny",
+    eval_n: int | None = None,
 ) -> dict:
     """The pretrained base under `cache_dir` (its info dict, `weights` = the .pt path); made if missing.
 
@@ -163,4 +175,33 @@ def cached_base(
         want = {"model": model, "public_images": public_n, "steps": steps, "seed": seed}
         if all(info.get(k) == v for k, v in want.items()):
             return {**info, "weights": str(out), "cached": True}
-    return {**pretrain_base(out, public_n, steps, seed=seed, model=model), "cached": False}
+    info = pretrain_base(out, public_n, steps, seed=seed, model=model, eval_n=eval_n)
+    return {**info, "cached": False}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m fedclip.coordinator.base_pretrain --cache DIR`: print the cached base's info as JSON.
+
+    For callers that keep torch out of their own process (the demo runs it as a child, like export).
+    """
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Pretrain (or reuse) the fedclip-tiny FMNIST base.")
+    ap.add_argument("--cache", type=Path, required=True)
+    ap.add_argument("--public-n", type=int, default=5000)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-n", type=int, default=None, help="zero-shot on this many pool images (all)")
+    args = ap.parse_args(argv)
+    if args.public_n < 1 or args.steps < 1:
+        print("error: --public-n and --steps must be >= 1", flush=True)
+        return 2
+    print(
+        json.dumps(cached_base(args.cache, args.public_n, args.steps, args.seed, eval_n=args.eval_n)),
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -94,6 +94,19 @@ def run_section(name: str, run: dict) -> list[str]:
         )
     lines.append("")
     lines += _targets(run, methods)
+    mixes = [
+        r[PERSONAL]["inference_mix"]
+        for r in run["results"].values()
+        if "inference_mix" in r.get(PERSONAL, {})
+    ]
+    if mixes:
+        lines += ["", "Mixing at inference: each agent runs (1 - h) C_i + h Cbar (final cores; exact "
+                  "adapter mixing, frozen basis); h = 0 is the row above, h = 1 the fleet's core alone.",
+                  "", "| h | own (%) | all-class (%) |", "|---:|---:|---:|"]  # fmt: skip
+        for h in mixes[0]:
+            lines.append(
+                f"| {h} | {_fmt([x[h]['own'] for x in mixes])} | {_fmt([x[h]['all'] for x in mixes])} |"
+            )
     cold = _cold(run)
     if any(k.startswith(PERSONAL) for k in cold):
         lines += [
@@ -133,9 +146,11 @@ def target_rows(run: dict) -> list[tuple[str, float, float, float]]:
             for base in ("local-lora", "local-core", "fedavg-lora"):
                 if base in own:
                     rows.append((f"own: {PERSONAL} - {base}", *_paired(own[PERSONAL], own[base]), 5.0))
-        ref = max((_m(alls[m]), m) for m in ("zero-shot", "fedavg-lora") if m in alls)[1]
-        rows.append((f"all-class: {PERSONAL} - {ref} (better of zero-shot, FedAvg-LoRA)",
-                     *_paired(alls[PERSONAL], alls[ref]), -2.0))  # fmt: skip
+        refs = [(_m(alls[m]), m) for m in ("zero-shot", "fedavg-lora") if m in alls]
+        if refs:
+            ref = max(refs)[1]
+            rows.append((f"all-class: {PERSONAL} - {ref} (better of zero-shot, FedAvg-LoRA)",
+                         *_paired(alls[PERSONAL], alls[ref]), -2.0))  # fmt: skip
         cold = _cold(run)
         if f"{PERSONAL}:on_join" in cold and "local-lora:after_local" in cold:
             gain = _paired(cold[f"{PERSONAL}:on_join"], cold["local-lora:after_local"])

@@ -188,9 +188,31 @@ def run_method(name: str, m: Method, fleet: Fleet, args, seed: int, models: dict
         mo, ma = np.mean([v[-1] for v in own.values()]), np.mean([v[-1] for v in alls.values()])
         print(f"    {name} r{r}: own {mo:.3f} all {ma:.3f} global {glob[-1]:.3f}", flush=True)
     out.update(own=own, all=alls, global_=glob)
+    if m.init == "frozen-seed":
+        out["inference_mix"] = _inference_mix(model, fleet, local, personal, glob_t)
     if fleet.newcomers:
         out["cold_start"] = _cold_join(model, m, fleet, args, lr, seed, local, personal, glob_t, stats)
     return out
+
+
+def _inference_mix(model: Model, fleet: Fleet, local: dict, personal: dict, glob_t: dict) -> dict:
+    """Own and all-class accuracy (means over agents) of (1 - h) C_i + h Cbar at inference, per h.
+
+    With the frozen shared basis the adapter is linear in C, so this is exactly mixing the personal
+    and the fleet adapter (no retraining).
+    """
+    res = {}
+    for h in (0.25, 0.5, 0.75, 1.0):
+        scores = []
+        for a in fleet.agents:
+            mixed = {n: (1 - h) * personal[a.name][n] + h * glob_t[n] for n in model.exchanged}
+            model.load({**local[a.name], **mixed})
+            scores.append(_score(model, a))
+        res[str(h)] = {
+            "own": float(np.mean([s[0] for s in scores])),
+            "all": float(np.mean([s[1] for s in scores])),
+        }
+    return res
 
 
 def _cold_local(model: Model, fleet: Fleet, args, lr: float, seed: int) -> dict:

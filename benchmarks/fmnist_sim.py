@@ -314,7 +314,8 @@ def main() -> None:
     ap.add_argument("--newcomers", type=int, default=0, help="cold-start agents (clustered regime)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--methods", nargs="+", default=["zero-shot", *METHODS])
-    ap.add_argument("--pretrained", default="/tmp/h13-fed/base/fmnist-tiny.pt")
+    ap.add_argument("--pretrained", default=None, help="base weights (default: the cached pretrained base)")
+    ap.add_argument("--base-cache", type=Path, default=Path("/tmp/fedclip-fmnist-base"))
     ap.add_argument("--out", type=Path, required=True, help="JSON file for the results")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -324,11 +325,11 @@ def main() -> None:
     from fedclip.exporters.models import build_base_model
     from fedclip.sdk.preprocess import ImageTransform
 
-    if not Path(args.pretrained).is_file():
-        from fmnist_base import pretrain_base
+    if args.pretrained is None:
+        from fmnist_base import cached_base
 
-        print("pretraining the base (cached for later runs)", flush=True)
-        pretrain_base(Path(args.pretrained))
+        print(f"base: pretrained fedclip-tiny, cached in {args.base_cache}", flush=True)
+        args.pretrained = cached_base(args.base_cache)["weights"]
     _, pool = split_fmnist(5000)
     CLASSES = pool.classes
     transform = ImageTransform(build_base_model("fedclip-tiny", args.pretrained).preprocess)

@@ -252,7 +252,11 @@ def write_report(out: Path, doc: dict) -> None:
         lines.append("")
     lines += _targets(table, methods)
     lines += _observations(table, _ce_uplink(doc))
-    (out / "fmnist_fl.md").write_text("\n".join(lines) + "\n")
+    md = out / "fmnist_fl.md"
+    # The regimes section (fmnist_regimes_report.py) comes from other runs: keep it.
+    marker = "<!-- regimes: written by fmnist_regimes_report.py -->"
+    kept = marker + md.read_text().split(marker, 1)[1] if md.is_file() and marker in md.read_text() else ""
+    md.write_text("\n".join(lines) + "\n" + ("\n" + kept if kept else ""))
     _plots(out, doc, sums, seeds, methods)
 
 

@@ -16,9 +16,16 @@ from fedclip.sdk.manifest import Manifest
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 
-@pytest.mark.parametrize("strategy,adapter", [("ce-lora", "tri-lora"), ("fedavg", "lora")])
-def test_two_rounds_with_real_agents(mosquitto, bundle_factory, tmp_path, strategy, adapter):
-    bundle = bundle_factory(adapter=adapter, labels=("a", "b", "c"))
+@pytest.mark.parametrize(
+    "strategy,adapter,init",
+    [
+        ("ce-lora", "tri-lora", "ce-lora"),
+        ("fedavg", "lora", "ce-lora"),
+        ("fleet-core", "tri-lora", "frozen-seed"),
+    ],
+)
+def test_two_rounds_with_real_agents(mosquitto, bundle_factory, tmp_path, strategy, adapter, init):
+    bundle = bundle_factory(adapter=adapter, labels=("a", "b", "c"), init=init)
     manifest = Manifest.load(bundle)
     state = tmp_path / "coord"
     logs = []
@@ -62,7 +69,7 @@ def test_two_rounds_with_real_agents(mosquitto, bundle_factory, tmp_path, strate
             assert [u.num_samples > 0 for u in ups] == [True, True]
         assert s.rejections() == []
         heads = {v.version for v in s.versions()}
-        if strategy == "ce-lora":
+        if strategy in ("ce-lora", "fleet-core"):
             assert {"a-cam1-r2", "a-cam2-r2"} <= heads
         assert "g-r2" in heads
         agents = {a["agent"]: a for a in s.agents()}

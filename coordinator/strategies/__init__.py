@@ -43,9 +43,10 @@ def create(name: str, options: StrategyOptions | None = None) -> Strategy:
 def _register_builtins() -> None:
     from fedclip.coordinator.strategies.ce_lora import CeLora
     from fedclip.coordinator.strategies.fedavg import FedAvg
+    from fedclip.coordinator.strategies.fleet_core import FleetCore
     from fedclip.coordinator.strategies.trimmed_mean import TrimmedMean
 
-    for cls in (FedAvg, TrimmedMean, CeLora):
+    for cls in (FedAvg, TrimmedMean, CeLora, FleetCore):
         register(cls.name, cls)
 
 

@@ -1,0 +1,245 @@
+"""Report of the FMNIST-FL regimes (`fmnist_sim.py` runs): tables, targets of issue 13, plots.
+
+    python benchmarks/fmnist_regimes_report.py RUN.json [RUN.json ...]
+
+Writes `results/fmnist_regimes.json` (the runs, as given), `results/fmnist_regimes.<run>.png` (per run:
+own vs all-class accuracy per method, and both per round) and the regimes section of
+`results/fmnist_fl.md` (everything after its REGIMES_MARKER line is replaced).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REGIMES_MARKER = "<!-- regimes: written by fmnist_regimes_report.py -->"
+ORDER = ("zero-shot", "local-lora", "local-core", "fedavg-lora", "full-ft-fedavg", "ce-lora", "fleet-core")
+PERSONAL = "fleet-core"
+
+
+def _seed_means(run: dict, method: str, key: str, at: int = -1) -> list[float]:
+    """Per seed: the mean over agents of the accuracy at round index `at`."""
+    out = []
+    for res in run["results"].values():
+        r = res.get(method)
+        if r is not None and r[key]:
+            out.append(float(np.mean([v[at] for v in r[key].values()])))
+    return out
+
+
+def _global(run: dict, method: str) -> list[float]:
+    return [float(res[method]["global_"][-1]) for res in run["results"].values() if method in res]
+
+
+def _fmt(vals: list[float]) -> str:
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return f"{100 * vals[0]:.1f}"
+    return f"{100 * np.mean(vals):.1f} ± {100 * np.std(vals):.1f}"
+
+
+def _m(vals: list[float]) -> float:
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def _cold(run: dict) -> dict[str, list[float]]:
+    """Mean over newcomers per seed: on joining, after one local round, local-only on its images."""
+    out: dict[str, list[float]] = {}
+    for res in run["results"].values():
+        for method, r in res.items():
+            if not isinstance(r, dict):
+                continue
+            for key, vals in _cold_entries(r.get("cold_start", {})).items():
+                out.setdefault(f"{method}:{key}", []).append(float(np.mean(vals)))
+    return out
+
+
+def _cold_entries(cold: dict) -> dict[str, list[float]]:
+    per: dict[str, list[float]] = {}
+    for entry in cold.values():
+        for key, (own, _all) in entry.items():
+            per.setdefault(key, []).append(own)
+    return per
+
+
+def run_section(name: str, run: dict) -> list[str]:
+    p = run["protocol"]
+    methods = [m for m in ORDER if any(m in r for r in run["results"].values())]
+    seeds = sorted(run["results"], key=int)
+    lines = [
+        f"### {name}",
+        "",
+        f"`{run['command']}`" if run.get("command") else "",
+        "",
+        f"{p['regime']}: {p['agents']} agents, {p['per_agent']} labelled images each"
+        f"{' (80% train)' if p['regime'] == 'today' else ''}, Dirichlet {p['beta']}, {p['rounds']} rounds x "
+        f"{p['local_epochs']} local epoch(s), lr {p['lr']} (cores x{p['core_lr_scale']}), rank {p['rank']}, "
+        f"lam {p['lam']}, tau {p['tau']}, fleet weight {p['fleet_weight']}; seeds {', '.join(seeds)} "
+        f"({len(seeds)}; mean ± sd over seeds of the mean over agents).",
+        "",
+        "| method | own (%) | all-class (%) | worst agent own (%) | global, balanced unshifted (%) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for m in methods:
+        worst = [min(v[-1] for v in res[m]["own"].values()) for res in run["results"].values() if m in res]
+        glob = _global(run, m) if m not in ("local-lora", "local-core", "ce-lora", "fleet-core") else []
+        lines.append(
+            f"| {m} | {_fmt(_seed_means(run, m, 'own'))} | {_fmt(_seed_means(run, m, 'all'))} | "
+            f"{_fmt(worst)} | {_fmt(glob)} |"
+        )
+    lines.append("")
+    lines += _targets(run, methods)
+    mixes = [
+        r[PERSONAL]["inference_mix"]
+        for r in run["results"].values()
+        if "inference_mix" in r.get(PERSONAL, {})
+    ]
+    if mixes:
+        lines += ["", "Mixing at inference: each agent runs (1 - h) C_i + h Cbar (final cores; exact "
+                  "adapter mixing, frozen basis); h = 0 is the row above, h = 1 the fleet's core alone.",
+                  "", "| h | own (%) | all-class (%) |", "|---:|---:|---:|"]  # fmt: skip
+        for h in mixes[0]:
+            lines.append(
+                f"| {h} | {_fmt([x[h]['own'] for x in mixes])} | {_fmt([x[h]['all'] for x in mixes])} |"
+            )
+    cold = _cold(run)
+    if any(k.startswith(PERSONAL) for k in cold):
+        lines += [
+            "",
+            "Cold start (newcomers with 16 labelled images join after the last round; own accuracy):",
+            "",
+            "| method | on joining (%) | after one local round (%) |",
+            "|---|---:|---:|",
+        ]
+        for m in methods:
+            join, after = cold.get(f"{m}:on_join", []), cold.get(f"{m}:after_one_round", [])
+            local = cold.get(f"{m}:after_local", [])
+            if local:
+                lines.append(
+                    f"| {m} (alone, {p['rounds'] * p['local_epochs']} epochs on its 16) | - | {_fmt(local)} |"
+                )
+            elif join:
+                lines.append(f"| {m} | {_fmt(join)} | {_fmt(after)} |")
+    lines += ["", f"![{name}](fmnist_regimes.{name}.png)", ""]
+    return lines
+
+
+def _paired(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean and sd over seeds of the per-seed difference a - b, in points."""
+    d = 100 * (np.asarray(a) - np.asarray(b))
+    return float(d.mean()), float(d.std())
+
+
+def target_rows(run: dict) -> list[tuple[str, float, float, float]]:
+    """(target, measured points, sd over seeds of the paired difference, required) of issue 13."""
+    methods = [m for m in ORDER if any(m in r for r in run["results"].values())]
+    own = {m: _seed_means(run, m, "own") for m in methods}
+    alls = {m: _seed_means(run, m, "all") for m in methods}
+    rows = []
+    if PERSONAL in methods:
+        if run["protocol"]["regime"] in ("scarce", "clustered"):
+            for base in ("local-lora", "local-core", "fedavg-lora"):
+                if base in own:
+                    rows.append((f"own: {PERSONAL} - {base}", *_paired(own[PERSONAL], own[base]), 5.0))
+        refs = [(_m(alls[m]), m) for m in ("zero-shot", "fedavg-lora") if m in alls]
+        if refs:
+            ref = max(refs)[1]
+            rows.append((f"all-class: {PERSONAL} - {ref} (better of zero-shot, FedAvg-LoRA)",
+                         *_paired(alls[PERSONAL], alls[ref]), -2.0))  # fmt: skip
+        cold = _cold(run)
+        if f"{PERSONAL}:on_join" in cold and "local-lora:after_local" in cold:
+            gain = _paired(cold[f"{PERSONAL}:on_join"], cold["local-lora:after_local"])
+            rows.append((f"cold start: {PERSONAL} on joining - local-only on its 16 images", *gain, 5.0))
+    if "fedavg-lora" in methods and "zero-shot" in methods and "full-ft-fedavg" in methods:
+        fl, zs, ft = (_global(run, m) for m in ("fedavg-lora", "zero-shot", "full-ft-fedavg"))
+        rows.append(("global (balanced, unshifted): FedAvg-LoRA - zero-shot", *_paired(fl, zs), 10.0))
+        rows.append(("global (balanced, unshifted): FedAvg-LoRA - full-FT FedAvg", *_paired(fl, ft), -2.0))
+    return rows
+
+
+def _targets(run: dict, methods: list[str]) -> list[str]:
+    rows = target_rows(run)
+    if not rows:
+        return []
+    out = ["Targets of issue 13 (means over agents and seeds):", ""]
+    for name, got, sd, need in rows:
+        met = "met" if got >= need else "missed"
+        out.append(f"- {name}: {got:+.1f} ± {sd:.1f} points (target >= {need:+.0f}): **{met}**")
+    return out
+
+
+def plot(name: str, run: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in ORDER if any(m in r for r in run["results"].values())]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, m in enumerate(methods):
+        own, alls = _seed_means(run, m, "own"), _seed_means(run, m, "all")
+        c = f"C{i}"
+        ax1.errorbar(100 * _m(alls), 100 * _m(own), xerr=100 * np.std(alls), yerr=100 * np.std(own), fmt="o",
+                     color=c, label=m, capsize=3)  # fmt: skip
+        rounds = len(next(iter(run["results"].values()))[m]["own"]["agent-00"])
+        per_round_own = [_m(_seed_means(run, m, "own", r)) for r in range(rounds)]
+        per_round_all = [_m(_seed_means(run, m, "all", r)) for r in range(rounds)]
+        # Zero-shot is one point and local-only two (before, after all epochs): drawn from 0 to R.
+        if rounds <= 2:
+            per_round_own, per_round_all = (
+                [per_round_own[0], per_round_own[-1]],
+                [per_round_all[0], per_round_all[-1]],
+            )
+        xs = range(rounds) if rounds > 2 else [0, run["protocol"]["rounds"]]
+        ax2.plot(xs, [100 * v for v in per_round_own], "-o", color=c, ms=3, label=f"{m} own")
+        ax2.plot(xs, [100 * v for v in per_round_all], "--", color=c, label=f"{m} all-class")
+    ax1.set_xlabel("all-class accuracy (%)")
+    ax1.set_ylabel("own accuracy (%)")
+    ax1.set_title(f"{name}: own vs all-class (mean over agents, ± sd over seeds)", fontsize=9)
+    ax1.legend(fontsize=7)
+    ax1.grid(alpha=0.3)
+    ax2.set_xlabel("round")
+    ax2.set_ylabel("accuracy (%)")
+    ax2.set_title("per round: own (solid), all-class (dashed)", fontsize=9)
+    ax2.legend(fontsize=6, ncol=2)
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", type=Path, help="fmnist_sim.py result files (name = file stem)")
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--preamble", type=Path, default=None, help="markdown put before the run sections")
+    args = ap.parse_args()
+    runs = {p.stem: json.loads(p.read_text()) for p in args.runs}
+    (args.out / "fmnist_regimes.json").write_text(json.dumps(runs, indent=1))
+    lines = [REGIMES_MARKER, ""]
+    if args.preamble:
+        lines += [args.preamble.read_text().rstrip(), ""]
+    lines += ["### Targets, every run", "",
+              "Measured: mean over seeds of the per-seed difference (of means over agents), ± its sd.", "",
+              "| run | target | measured (points) | required | met |", "|---|---|---:|---:|---|"]  # fmt: skip
+    for name, run in runs.items():
+        for t, got, sd, need in target_rows(run):
+            met = "yes" if got >= need else "**no**"
+            lines.append(f"| {name} | {t} | {got:+.1f} ± {sd:.1f} | >= {need:+.0f} | {met} |")
+    lines.append("")
+    for name, run in runs.items():
+        lines += run_section(name, run)
+        plot(name, run, args.out / f"fmnist_regimes.{name}.png")
+    md = args.out / "fmnist_fl.md"
+    head = md.read_text().split(REGIMES_MARKER)[0].rstrip() + "\n\n" if md.is_file() else ""
+    md.write_text(head + "\n".join(lines).rstrip() + "\n")
+    print(f"report: {md}")
+
+
+if __name__ == "__main__":
+    main()

@@ -90,7 +90,7 @@ def run(args) -> dict:
         t0 = time.monotonic()
         with (
             sigterm_as_interrupt(),
-            broker_for(cfg, run_dir / "secrets") as broker,
+            broker_for(cfg, run_dir / "secrets", run_dir / "coordinator", agents) as broker,
             ProcessGroup(log_dir=run_dir / "logs") as procs,
         ):
             fleet = run_federation(cfg, procs, broker, bundle, data_dir, agents, run_dir, console=None)

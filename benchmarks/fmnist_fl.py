@@ -101,7 +101,7 @@ def run_federated(
     cfg = replace(cfg, strategy=strategy)
     with (
         sigterm_as_interrupt(),
-        broker_for(cfg, work / "secrets") as broker,
+        broker_for(cfg, work / "secrets", work / "coordinator", agents) as broker,
         ProcessGroup(log_dir=work / "logs") as procs,
     ):
         with RssSampler(procs) as rss:

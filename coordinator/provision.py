@@ -50,6 +50,8 @@ COORDINATOR_PASSWORD = "coordinator.password"
 DEVICE_KEY = "device_ed25519.pem"
 DEVICE_PUBLIC_KEY = "device_ed25519.pub.pem"
 KIT_PASSWORD = "broker.password"
+
+
 @dataclass
 class FleetSettings:
     """`provision/fleet.json`: what every kit and broker config of the fleet is made from."""

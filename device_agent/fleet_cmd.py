@@ -35,6 +35,9 @@ def start(
     coordinator_key: Path | None = typer.Option(
         None, help="Coordinator's public key: only adapters signed with it are installed."
     ),
+    device_key: Path | None = typer.Option(
+        None, help="This device's Ed25519 private key (from its startup kit): signs status, updates, acks."
+    ),
     accept_unsigned_adapters: bool = typer.Option(
         False,
         "--accept-unsigned-adapters",
@@ -76,6 +79,7 @@ def start(
         "username": username,
         "password_file": password_file,
         "coordinator_key": coordinator_key,
+        "device_key": device_key,
         "accept_unsigned_adapters": accept_unsigned_adapters or None,  # absent: agent.yaml decides
         "ca_file": ca_file,
         "cert_file": cert_file,

@@ -16,8 +16,8 @@ from fedclip.coordinator.demo.config import DemoConfig, agent_cli, coord_cli, fl
 from fedclip.coordinator.demo.evaluation import accuracy_per_round, finish_eval, spawn_eval
 from fedclip.coordinator.demo.federation import (
     FleetRun,
-    agent_adapters,
     deliver_final,
+    round_adapters,
     round_costs,
     round_records,
     run_federation,
@@ -35,9 +35,9 @@ from fedclip.coordinator.demo.launch import (
 from fedclip.coordinator.demo.report import build_report, plot_accuracy, report_tables, write_markdown
 
 __all__ = [
-    "BrokerInfo", "DemoConfig", "FleetRun", "accuracy_per_round", "agent_adapters", "agent_cli", "auth_flags",
+    "BrokerInfo", "DemoConfig", "FleetRun", "accuracy_per_round", "agent_cli", "auth_flags",
     "broker_for", "build_report", "check_bundle", "coord_cli", "demo", "deliver_final", "export",
-    "finish_eval", "flags", "partition", "plot_accuracy", "read_partition", "report_tables",
+    "finish_eval", "flags", "partition", "plot_accuracy", "read_partition", "round_adapters", "report_tables",
     "resolve_dataset", "round_costs", "round_records", "run_demo", "run_federation", "spawn_eval",
     "write_markdown",
 ]  # fmt: skip

@@ -42,12 +42,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
         f"[bold]fedclip demo[/bold]: {cfg.agents} agents, {cfg.rounds} rounds of {cfg.strategy}; "
         f"run folder {work}"
     )
-    with (
-        sigterm_as_interrupt(),
-        broker_for(cfg, work / "secrets") as broker,
-        ProcessGroup(log_dir=work / "logs") as procs,
-    ):
-        say(f"broker: {broker.url}" + (" (embedded amqtt)" if broker.port else ""))
+    with sigterm_as_interrupt(), ProcessGroup(log_dir=work / "logs") as procs:
         dataset = resolve_dataset(cfg.dataset)
         with _status(console, f"partitioning {dataset} into {cfg.agents} non-IID agents"):
             data_dir = partition(cfg, procs, work / "data", dataset)
@@ -57,10 +52,13 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
         else:
             with _status(console, f"exporting {cfg.model} with {cfg.adapter} adapters (rank {cfg.rank})"):
                 bundle = export(cfg, procs, labels, work / "bundle")
-        run = run_federation(cfg, procs, broker, bundle, data_dir, agent_ids, work, console)
-        with _status(console, "rolling the last round's adapters out to the agents"):
-            run.final_missing = deliver_final(cfg, procs, broker, run)
-        procs.stop_all()  # the agents are done; evaluation reads the adapters they installed
+        with broker_for(cfg, work / "secrets", work / "coordinator", agent_ids) as broker:
+            kind = f" (embedded amqtt, {len(broker.kits)} provisioned devices)" if broker.port else ""
+            say(f"broker: {broker.url}{kind}")
+            run = run_federation(cfg, procs, broker, bundle, data_dir, agent_ids, work, console)
+            with _status(console, "rolling the last round's adapters out to the agents"):
+                run.final_missing = deliver_final(cfg, procs, broker, run)
+            procs.stop_all()  # the agents are done; evaluation reads the adapters they installed
         run.costs = round_costs(run.coordinator_state)
         acc = accuracy_per_round(procs, bundle, data_dir, run, cfg.rounds, console)
     report = build_report(cfg, dataset, labels, run, acc, time.monotonic() - t0)

@@ -14,10 +14,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from fedclip.coordinator.demo.config import DemoConfig, agent_cli, coord_cli, flags
-from fedclip.coordinator.demo.launch import BrokerInfo, auth_flags, write_secret
+from fedclip.coordinator.demo.launch import BrokerInfo, agent_auth_flags, auth_flags, write_secret
 from fedclip.coordinator.metrics import METRICS_FILE, MetricsLog
 from fedclip.coordinator.procs import ChildFailed, ProcessGroup
+from fedclip.coordinator.registry import Registry, agent_version, global_version
 from fedclip.coordinator.rollout import KEY_DIR
+from fedclip.coordinator.rollout_store import DB_NAME as ROLLOUT_DB
+from fedclip.coordinator.rollout_store import INSTALLED, PINNED, RolloutStore
 from fedclip.coordinator.store import Store
 from fedclip.sdk.config import read_secret
 from fedclip.sdk.signing import ensure_keypair
@@ -82,7 +85,7 @@ def run_federation(
             broker=broker.url, fleet=cfg.fleet, id=aid, bundle=bundle, data=data_dir / aid / "train",
             state=run.agent_states[aid], threads=1, coordinator_key=coordinator_key,
         )  # fmt: skip
-        procs.spawn(f"agent-{aid}", agent_cli("start", *options, *auth_flags(broker)))
+        procs.spawn(f"agent-{aid}", agent_cli("start", *options, *agent_auth_flags(broker, aid)))
     t0 = time.monotonic()
     deadline = t0 + cfg.timeout
     progress = Progress(
@@ -167,34 +170,35 @@ def _count(x: object) -> str:
     return "?" if x is None else str(x)
 
 
-# ---- final adapters ----------------------------------------------------------------------------
-def agent_adapters(state_dir: Path, rollout_round: int | None = None) -> dict[int, Path]:
-    """after_round -> adapter file, from the agent's state record.
-
-    The one place the demo reads an agent's state.json (to be replaced by the agent's ledger API).
-
-    An adapter that came with the task of round r is the model after round r - 1 (round 1's is the
-    exported one); one that came by rollout of round r's version is the model after round r. Signed
-    rollouts record no round; the demo's only rollout (`deliver_final`) is of round `rollout_round`,
-    under per-agent versions for personalized strategies, so the source alone places it.
-    """
+# ---- adapters after each round ------------------------------------------------------------------
+def round_adapters(coordinator_state: Path, agent: str, rounds: int, out: Path) -> dict[int, Path]:
+    """after_round -> adapter file `agent` had after that round, from the coordinator's registry: its
+    own version where the strategy personalized, else the round's global one (exported to `out`)."""
+    store = Store(coordinator_state, readonly=True)
     try:
-        record = json.loads((state_dir / "state.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    found: dict[int, tuple[float, Path]] = {}
-    for entry in record.get("adapters", {}).values():
-        path = state_dir / entry["file"]
-        round_id = int(entry.get("round", -1))
-        if round_id < 0 and entry.get("source") == "rollout":
-            round_id = -1 if rollout_round is None else rollout_round
-        if not path.is_file() or round_id < 0:
-            continue
-        after = round_id - 1 if entry.get("source") == "task" else round_id
-        at = float(entry.get("installed_at", 0.0))
-        if after not in found or at >= found[after][0]:  # the latest install of a round wins
-            found[after] = (at, path)
-    return {r: p for r, (_, p) in sorted(found.items())}
+        registry = Registry(store, store.get_meta("bundle_id") or "")
+        found: dict[int, Path] = {}
+        for round_id in range(1, rounds + 1):
+            version = agent_version(agent, round_id)
+            if not registry.has(version):
+                version = global_version(round_id)
+            if registry.has(version):
+                found[round_id] = registry.export(version, out / f"{agent}-r{round_id}.safetensors")
+        return found
+    finally:
+        store.close()
+
+
+def _installed(coordinator_state: Path, version: str) -> set[str]:
+    """Agents that acknowledged installing the latest rollout of `version`."""
+    store = RolloutStore(coordinator_state / ROLLOUT_DB)
+    try:
+        rows = [r for r in store.rollouts(limit=20) if r.version == version]
+        if not rows:
+            return set()
+        return {a.agent for a in store.acks(rows[0].id) if a.status in (INSTALLED, PINNED)}
+    finally:
+        store.close()
 
 
 def last_round(run: FleetRun) -> int | None:
@@ -221,12 +225,11 @@ def deliver_final(
     except ChildFailed as e:
         log.warning("final rollout failed: %s", e)
         return sorted(run.agent_states)
+    # The rollout's acks tell which agents installed it (`installed`, or `pinned` to it).
     deadline = time.monotonic() + wait_s
     missing = sorted(run.agent_states)
     while missing and time.monotonic() < deadline:
         procs.check(allow_exit=("coordinator",))
-        missing = [
-            a for a in missing if last["round"] not in agent_adapters(run.agent_states[a], last_round(run))
-        ]
+        missing = sorted(set(missing) - _installed(run.coordinator_state, last["global_version"]))
         time.sleep(0.5)
     return missing

@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedclip.coordinator.demo.config import DemoConfig, coord_cli, flags
@@ -22,26 +22,37 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class BrokerInfo:
     url: str  # without credentials: those go in flags and a 0600 file, never in `ps`
-    username: str | None
+    username: str | None  # the coordinator's login
     password_file: Path | None
     port: int | None  # the embedded broker's port, checked free again after the run
+    kits: dict[str, Path] = field(default_factory=dict)  # agent -> its startup kit (provisioned fleets)
 
 
 @contextlib.contextmanager
-def broker_for(cfg: DemoConfig, secrets_dir: Path) -> Iterator[BrokerInfo]:
+def broker_for(
+    cfg: DemoConfig, secrets_dir: Path, coordinator_state: Path, agents: list[str]
+) -> Iterator[BrokerInfo]:
+    """A given broker as it is, or the embedded one, provisioned: every agent gets a startup kit (its
+    own key and broker login), the broker enforces the fleet's logins and topic ACL, and the
+    coordinator counts only messages its enrolled agents signed (docs/security.md)."""
     pw_file = None
     if cfg.broker is not None:
         if cfg.password is not None:
             pw_file = write_secret(secrets_dir / "broker-password", cfg.password)
         yield BrokerInfo(cfg.broker, cfg.username, pw_file, None)
         return
-    from fedclip.sdk.broker import EmbeddedBroker
+    from fedclip.coordinator.provision import COORDINATOR_USER, Provisioner
 
-    broker = EmbeddedBroker()
+    prov = Provisioner.init(coordinator_state, cfg.fleet)
+    kits = {}
+    for aid in agents:
+        kits[aid] = prov.add(aid, out=secrets_dir / "kits" / aid, rewrite_brokers=False).path
+    broker = prov.embedded_broker()
     broker.start()
     try:
-        pw_file = write_secret(secrets_dir / "broker-password", broker.password)
-        yield BrokerInfo(broker.plain_url, broker.username, pw_file, broker.port)
+        yield BrokerInfo(
+            broker.plain_url, COORDINATOR_USER, prov.coordinator_password_file, broker.port, kits
+        )
     finally:
         broker.stop()
         if not wait_port_free(broker.port, timeout_s=10):
@@ -54,7 +65,18 @@ def write_secret(path: Path, value: str) -> Path:
 
 
 def auth_flags(b: BrokerInfo) -> list[str]:
+    """The coordinator's login (serve, rollout)."""
     return flags(username=b.username, password_file=b.password_file)
+
+
+def agent_auth_flags(b: BrokerInfo, agent: str) -> list[str]:
+    """An agent's own login and signing key from its kit; the shared login of a given broker else."""
+    kit = b.kits.get(agent)
+    if kit is None:
+        return auth_flags(b)
+    from fedclip.coordinator.provision import DEVICE_KEY, KIT_PASSWORD
+
+    return flags(username=agent, password_file=kit / KIT_PASSWORD, device_key=kit / DEVICE_KEY)
 
 
 # ---- data and bundle ---------------------------------------------------------------------------

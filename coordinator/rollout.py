@@ -89,8 +89,11 @@ class RolloutManager:
         url_base: str | None = None,
         on_event: Callable[[int, str], None] | None = None,
         trust: Trust | None = None,
+        on_reject: Callable[[str, str, str], None] | None = None,
     ):
         self.transport = transport
+        # (topic, agent, reason) of every ack refused; the server records them with its rejections
+        self.on_reject = on_reject or (lambda topic, agent, reason: None)
         self.trust = trust or Trust(None)  # whose acks count (a provisioned fleet: signed by the agent)
         self.topics = topics
         self.store = store
@@ -238,6 +241,7 @@ class RolloutManager:
             self._on_ack(agent, incoming.payload, f"ack on {incoming.topic}")
         except WireError as e:
             log.warning("dropped: %s", e)
+            self.on_reject(incoming.topic, agent, str(e))
         return True
 
     def _on_ack(self, agent: str, payload: bytes, where: str) -> None:

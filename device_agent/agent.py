@@ -30,6 +30,7 @@ from fedclip.device_agent.status import StatusReporter, status_blob
 from fedclip.device_agent.updates import UpdatePublisher
 from fedclip.sdk.adapters import check_adapter
 from fedclip.sdk.errors import FedclipError, MqttError, StateError
+from fedclip.sdk.guard import guard
 from fedclip.sdk.mqtt import Incoming, MqttSession, Will
 from fedclip.sdk.transport import Transport
 from fedclip.sdk.wire import Topics
@@ -178,7 +179,9 @@ class Agent:
         updates again when due; True when a message was handled."""
         incoming = self.transport.get(timeout=timeout)
         if incoming is not None:
-            self.inbox.handle(incoming)
+            # A message that breaks its handler is logged and dropped; the agent keeps serving.
+            with guard(incoming, lambda msg, reason: None):
+                self.inbox.handle(incoming)
         self.updates.retry_pending()
         return incoming is not None
 

@@ -95,7 +95,15 @@ class Server:
         self.current: RoundState | None = None
         self.progress = progress  # optional callback for a live view
         # Rollouts and bundle serving: started by `run` (the HTTP thread must not outlive it).
-        self.services = Services(cfg, transport, self.topics, registry, self.key, self.trust)
+        self.services = Services(
+            cfg,
+            transport,
+            self.topics,
+            registry,
+            self.key,
+            self.trust,
+            on_reject=lambda topic, agent, reason: store.add_rejection(topic, agent, -1, reason),
+        )
         self._waiting_logged = False
         transport.on_connect.append(lambda t: self._publish_status("online"))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fedclip.coordinator.bundle_server import BundleServer
@@ -38,8 +39,10 @@ class Services:
         registry: Registry,
         key: Ed25519PrivateKey,
         trust: Trust | None = None,
+        on_reject: Callable[[str, str, str], None] | None = None,
     ):
         self.cfg = cfg
+        self.on_reject = on_reject
         self.key = key
         self.trust = trust
         self.transport = transport
@@ -68,6 +71,7 @@ class Services:
             url_root=self.cfg.bundle if self.bundles else None,
             url_base=self.bundles.url if self.bundles else None,
             trust=self.trust,
+            on_reject=self.on_reject,
         )
         self.rollouts.subscribe()
         return self

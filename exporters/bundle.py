@@ -21,15 +21,22 @@ from pathlib import Path
 import torch
 
 from fedclip.exporters import onnx_export, step_bundle, tasks
+from fedclip.exporters.adapted import (
+    DUMMY_BATCH,
+    AdaptedModel,
+    build_adapted_model,
+    dummy_inputs,
+    task_graph,
+    tokenize,
+)
 from fedclip.exporters.config import ExportConfig
 from fedclip.exporters.lora import (
     adapter_tensors,
-    inject_adapters,
     load_adapter_into_torch,
     merge_adapters,
     unmerge_adapters,
 )
-from fedclip.exporters.models import BuiltModel, build_base_model, copy_vocab
+from fedclip.exporters.models import copy_vocab
 from fedclip.sdk.errors import ExportError, FedclipError
 from fedclip.sdk.manifest import (
     FORMAT_VERSION,
@@ -62,23 +69,6 @@ log = logging.getLogger(__name__)
 TRAINING, EVAL, OPTIMIZER = "training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"
 INFERENCE, IMAGE_ENCODER = "inference_model.onnx", "image_encoder.onnx"
 VOCAB = "tokenizer/bpe_simple_vocab_16e6.txt.gz"
-_DUMMY_BATCH = 2
-
-
-@dataclass
-class AdaptedModel:
-    base: BuiltModel
-    spec: AdapterSpec
-    names: list[str]  # adapter tensor names, sorted
-
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.base.model
-
-    @property
-    def trainable(self) -> list[str]:
-        params = dict(self.model.named_parameters())
-        return [n for n in self.names if params[n].requires_grad]
 
 
 def adapter_spec(cfg: ExportConfig) -> AdapterSpec:
@@ -97,15 +87,6 @@ def task_spec(cfg: ExportConfig) -> TaskSpec:
     if cfg.task == "contrastive":
         return TaskSpec(kind="contrastive", labels=tuple(cfg.labels), prompt=cfg.prompt)
     return TaskSpec(kind="classify", labels=tuple(cfg.labels), prompt=cfg.prompt)
-
-
-def build_adapted_model(
-    model: str, adapter: AdapterSpec, pretrained: str | None = None, train: tuple[str, ...] = ()
-) -> AdaptedModel:
-    """The PyTorch twin of a bundle: same base weights, same adapter names and initial values."""
-    base = build_base_model(model, pretrained, seed=adapter.seed)
-    names = inject_adapters(base.model, adapter, train)
-    return AdaptedModel(base=base, spec=adapter, names=names)
 
 
 @dataclass
@@ -137,21 +118,14 @@ def _twin(adapted: AdaptedModel, task: TaskSpec) -> TorchTwin:
     clip = adapted.model
     from_embeds = "vision" not in adapted.spec.towers
     text_adapted = "text" in adapted.spec.towers
+    graph, _ = task_graph(adapted, task, from_embeds)
     if task.kind == "classify":
         label_tokens = tokenize(task.prompts(), adapted.base.context_length)
-        graph = tasks.ClassifyGraph(clip, label_tokens, from_embeds, text_adapted)
         inference = tasks.ClassifyInference(clip, label_tokens, text_adapted)
     else:
-        graph = tasks.ContrastiveGraph(clip, from_embeds)
         inference = tasks.ContrastiveInference(clip)
     encoder = tasks.ImageEncoder(clip) if from_embeds else None
     return TorchTwin(adapted=adapted, graph=graph, inference=inference, image_encoder=encoder)
-
-
-def tokenize(texts: list[str], context_length: int) -> torch.Tensor:
-    import open_clip
-
-    return open_clip.tokenize(texts, context_length=context_length)
 
 
 def _tools() -> dict[str, str]:
@@ -203,30 +177,13 @@ def _steps(show: bool, total: int) -> Iterator:
         progress.update(task, completed=total, description="done")
 
 
-def _dummy_inputs(
-    adapted: AdaptedModel, task: TaskSpec, from_embeds: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    base = adapted.base
-    if from_embeds:
-        x = torch.randn(_DUMMY_BATCH, base.embed_dim, generator=g)
-    else:
-        size = base.preprocess.image_size
-        x = torch.randn(_DUMMY_BATCH, 3, size, size, generator=g)
-    if task.kind == "classify":
-        y = torch.zeros(_DUMMY_BATCH, dtype=torch.long)
-    else:
-        y = tokenize(["a photo."] * _DUMMY_BATCH, base.context_length)
-    return x, y
-
-
 def _write_graphs(
     adapted: AdaptedModel, task: TaskSpec, tmp: Path, step, formats: tuple[str, ...] = ("ort-training",)
 ) -> tuple[dict[str, GraphSpec], str, str | None]:
     """Writes the graphs; returns (graphs, train_input, initial tensors file or None)."""
     from_embeds = "vision" not in adapted.spec.towers
     train_input = "image_embeds" if from_embeds else "image"
-    x, y = _dummy_inputs(adapted, task, from_embeds)
+    x, y = dummy_inputs(adapted, task.kind, from_embeds)
     graphs: dict[str, GraphSpec] = {}
 
     twin = _twin(adapted, task)
@@ -245,7 +202,7 @@ def _write_graphs(
 
     step("exporting inference graph")
     size = adapted.base.preprocess.image_size
-    image = torch.randn(_DUMMY_BATCH, 3, size, size, generator=torch.Generator().manual_seed(1))
+    image = torch.randn(DUMMY_BATCH, 3, size, size, generator=torch.Generator().manual_seed(1))
     if task.kind == "classify":
         inf_in, inf_out, args = ("image",), ("logits", "image_embeds"), (image,)
     else:

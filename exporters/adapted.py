@@ -75,3 +75,28 @@ def dummy_inputs(
     else:
         y = tokenize(["a photo."] * DUMMY_BATCH, base.context_length)
     return x, y
+
+
+def step_cache_key(
+    adapted: AdaptedModel, task_module: torch.nn.Module, task_kind: str, from_embeds: bool
+) -> dict:
+    """What the traced step graphs of `task_module` depend on besides shapes: the architecture, the
+    adapter spec (its seed only sets values) and the task graph's code path (export cache key)."""
+    spec = adapted.spec
+    return {
+        "architecture": adapted.base.config,
+        "adapter": {
+            "kind": spec.kind,
+            "rank": spec.rank,
+            "alpha": spec.alpha,
+            "targets": list(spec.targets),
+            "towers": list(spec.towers),
+            "init": spec.init,
+        },
+        "trainable": adapted.trainable,
+        "task": task_kind,
+        "module": type(task_module).__name__,
+        "from_embeds": from_embeds,
+        "text_adapted": getattr(task_module, "text_adapted", None),
+        "text_len": getattr(task_module, "text_len", None),
+    }

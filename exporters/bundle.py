@@ -12,7 +12,6 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as pkg_version
@@ -26,10 +25,12 @@ from fedclip.exporters.adapted import (
     AdaptedModel,
     build_adapted_model,
     dummy_inputs,
+    step_cache_key,
     task_graph,
     tokenize,
 )
 from fedclip.exporters.config import ExportConfig
+from fedclip.exporters.export_cache import ExportCache
 from fedclip.exporters.lora import (
     adapter_tensors,
     load_adapter_into_torch,
@@ -37,6 +38,7 @@ from fedclip.exporters.lora import (
     unmerge_adapters,
 )
 from fedclip.exporters.models import copy_vocab
+from fedclip.exporters.phases import Phases, phase, progress_bar, recording
 from fedclip.sdk.errors import ExportError, FedclipError
 from fedclip.sdk.manifest import (
     FORMAT_VERSION,
@@ -153,32 +155,12 @@ def _check_out(out: Path) -> None:
         raise ExportError(f"--out: cannot write into {parent}")
 
 
-@contextlib.contextmanager
-def _steps(show: bool, total: int) -> Iterator:
-    if not show:
-        yield lambda desc: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        TextColumn("{task.description:<34}"), BarColumn(), TimeElapsedColumn(), console=Console(stderr=True)
-    ) as progress:
-        task = progress.add_task("export", total=total)
-        first = [True]
-
-        def step(desc: str) -> None:
-            if not first[0]:
-                progress.advance(task)
-            first[0] = False
-            progress.update(task, description=desc)
-
-        yield step
-        progress.update(task, completed=total, description="done")
-
-
 def _write_graphs(
-    adapted: AdaptedModel, task: TaskSpec, tmp: Path, step, formats: tuple[str, ...] = ("ort-training",)
+    adapted: AdaptedModel,
+    task: TaskSpec,
+    tmp: Path,
+    formats: tuple[str, ...] = ("ort-training",),
+    cache: ExportCache | None = None,
 ) -> tuple[dict[str, GraphSpec], str, str | None]:
     """Writes the graphs; returns (graphs, train_input, initial tensors file or None)."""
     from_embeds = "vision" not in adapted.spec.towers
@@ -192,39 +174,50 @@ def _write_graphs(
     else:
         io_in, io_out, eval_out = (train_input, "text"), ("loss",), ("loss",)
     if "ort-training" in formats:
-        step("exporting training graph")
-        proto = onnx_export.export_onnx(twin.graph, (x, y), io_in, io_out)
-        step("generating ORT training artifacts")
-        onnx_export.generate_training_artifacts(proto, adapted.trainable, tmp, keep_outputs=("loss",))
+        with phase("exporting training graph"):
+            proto = onnx_export.export_onnx(twin.graph, (x, y), io_in, io_out)
+        with phase("generating ORT training artifacts"):
+            onnx_export.generate_training_artifacts(proto, adapted.trainable, tmp, keep_outputs=("loss",))
         graphs["training"] = GraphSpec(file=TRAINING, inputs=io_in, outputs=("loss",))
         graphs["eval"] = GraphSpec(file=EVAL, inputs=io_in, outputs=eval_out)
         graphs["optimizer"] = GraphSpec(file=OPTIMIZER, inputs=(), outputs=())
 
-    step("exporting inference graph")
-    size = adapted.base.preprocess.image_size
-    image = torch.randn(DUMMY_BATCH, 3, size, size, generator=torch.Generator().manual_seed(1))
-    if task.kind == "classify":
-        inf_in, inf_out, args = ("image",), ("logits", "image_embeds"), (image,)
-    else:
-        inf_in, inf_out, args = ("image", "text"), ("image_embeds", "text_embeds"), (image, y)
-    proto = onnx_export.export_onnx(twin.inference, args, inf_in, inf_out)
-    onnx_export.make_overridable(proto, adapted.names)
-    onnx_export.save(proto, tmp / INFERENCE)
-    graphs["inference"] = GraphSpec(file=INFERENCE, inputs=inf_in, outputs=inf_out)
+    with phase("exporting inference graph"):
+        size = adapted.base.preprocess.image_size
+        image = torch.randn(DUMMY_BATCH, 3, size, size, generator=torch.Generator().manual_seed(1))
+        if task.kind == "classify":
+            inf_in, inf_out, args = ("image",), ("logits", "image_embeds"), (image,)
+        else:
+            inf_in, inf_out, args = ("image", "text"), ("image_embeds", "text_embeds"), (image, y)
+        proto = onnx_export.export_onnx(twin.inference, args, inf_in, inf_out)
+        onnx_export.make_overridable(proto, adapted.names)
+        onnx_export.save(proto, tmp / INFERENCE)
+        graphs["inference"] = GraphSpec(file=INFERENCE, inputs=inf_in, outputs=inf_out)
 
     if from_embeds:
-        step("exporting image encoder")
-        proto = onnx_export.export_onnx(twin.image_encoder, (image,), ("image",), ("image_embeds",))
-        onnx_export.save(proto, tmp / IMAGE_ENCODER)
-        graphs["image_encoder"] = GraphSpec(file=IMAGE_ENCODER, inputs=("image",), outputs=("image_embeds",))
+        with phase("exporting image encoder"):
+            proto = onnx_export.export_onnx(twin.image_encoder, (image,), ("image",), ("image_embeds",))
+            onnx_export.save(proto, tmp / IMAGE_ENCODER)
+            graphs["image_encoder"] = GraphSpec(
+                file=IMAGE_ENCODER, inputs=("image",), outputs=("image_embeds",)
+            )
 
     initial = None
     if "step" in formats:
-        step("exporting step graph")
-        # The step graphs and the inference graph (and image encoder) share one weights.bin.
-        graphs, initial = step_bundle.write_step_format(
-            twin.graph, adapted.trainable, (x, y), io_in, eval_out, tmp, graphs
-        )
+        with phase("exporting step graphs"):
+            # The step graphs and the inference graph (and image encoder) share one weights.bin.
+            key = step_cache_key(adapted, twin.graph, task.kind, from_embeds)
+            graphs, initial = step_bundle.write_step_format(
+                twin.graph,
+                adapted.trainable,
+                (x, y),
+                io_in,
+                eval_out,
+                tmp,
+                graphs,
+                cache=cache,
+                cache_key=key,
+            )
     return graphs, train_input, initial
 
 
@@ -241,8 +234,45 @@ def _tensor_specs(adapted: AdaptedModel) -> tuple[TensorSpec, ...]:
     return tuple(out)
 
 
-def export_bundle(cfg: ExportConfig, show_progress: bool = False) -> Manifest:
-    """Build the bundle described by `cfg` at `cfg.out`; returns the sealed manifest."""
+def _manifest(
+    adapted: AdaptedModel, cfg: ExportConfig, task: TaskSpec, graphs, train_input: str, initial, tmp: Path
+) -> Manifest:
+    tokenizer = None
+    if task.kind == "contrastive":
+        copy_vocab(tmp / Path(VOCAB).parent)
+        tokenizer = TokenizerSpec(file=VOCAB, context_length=adapted.base.context_length)
+    base = adapted.base
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        base_model=BaseModel(
+            name=base.name,
+            embed_dim=base.embed_dim,
+            pretrained=base.pretrained,
+            weights_sha256=base.weights_sha256,
+        ),
+        adapter=adapted.spec,
+        task=task,
+        preprocess=base.preprocess,
+        tensors=_tensor_specs(adapted),
+        graphs=graphs,
+        train_input=train_input,
+        checkpoint="checkpoint" if "ort-training" in cfg.formats else None,
+        tokenizer=tokenizer,
+        initial_tensors=initial,
+        tools=_tools(),
+    )
+
+
+def export_bundle(
+    cfg: ExportConfig,
+    show_progress: bool = False,
+    cache: ExportCache | None = None,
+    phases: Phases | None = None,
+) -> Manifest:
+    """Build the bundle described by `cfg` at `cfg.out`; returns the sealed manifest.
+
+    `cache`: traced step graphs come from / go to this export cache (None: trace every time).
+    `phases`: records each phase's time and peak memory (the export profile)."""
     spec = adapter_spec(cfg)
     task = task_spec(cfg)
     out = Path(cfg.out).expanduser().absolute()
@@ -252,38 +282,15 @@ def export_bundle(cfg: ExportConfig, show_progress: bool = False) -> Manifest:
     except OSError as e:
         raise ExportError(f"--out: cannot write into {out.parent} ({e.strerror})") from None
     formats = cfg.formats
-    n_steps = 3 + ("vision" not in spec.towers) + 2 * ("ort-training" in formats) + ("step" in formats)
+    n_phases = 3 + ("vision" not in spec.towers) + 2 * ("ort-training" in formats) + ("step" in formats)
+    phases = phases or Phases()
     try:
-        with _steps(show_progress, n_steps) as step, torch.no_grad():
-            step(f"building {cfg.model}")
-            adapted = build_adapted_model(cfg.model, spec, cfg.pretrained, tuple(cfg.train))
-            graphs, train_input, initial = _write_graphs(adapted, task, tmp, step, cfg.formats)
-            step("writing manifest")
-            tokenizer = None
-            if task.kind == "contrastive":
-                copy_vocab(tmp / Path(VOCAB).parent)
-                tokenizer = TokenizerSpec(file=VOCAB, context_length=adapted.base.context_length)
-            base = adapted.base
-            manifest = Manifest(
-                format_version=FORMAT_VERSION,
-                base_model=BaseModel(
-                    name=base.name,
-                    embed_dim=base.embed_dim,
-                    pretrained=base.pretrained,
-                    weights_sha256=base.weights_sha256,
-                ),
-                adapter=spec,
-                task=task,
-                preprocess=base.preprocess,
-                tensors=_tensor_specs(adapted),
-                graphs=graphs,
-                train_input=train_input,
-                checkpoint="checkpoint" if "ort-training" in cfg.formats else None,
-                tokenizer=tokenizer,
-                initial_tensors=initial,
-                tools=_tools(),
-            )
-            sealed = manifest.seal(tmp)
+        with progress_bar(show_progress, n_phases, phases), recording(phases), torch.no_grad():
+            with phase(f"building {cfg.model}"):
+                adapted = build_adapted_model(cfg.model, spec, cfg.pretrained, tuple(cfg.train))
+            graphs, train_input, initial = _write_graphs(adapted, task, tmp, cfg.formats, cache)
+            with phase("writing manifest"):
+                sealed = _manifest(adapted, cfg, task, graphs, train_input, initial, tmp).seal(tmp)
             if out.exists():
                 out.rmdir()  # checked empty above
             os.replace(tmp, out)

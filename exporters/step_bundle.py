@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedclip.exporters.adapted import build_adapted_model, dummy_inputs, task_graph
+from fedclip.exporters.adapted import build_adapted_model, dummy_inputs, step_cache_key, task_graph
+from fedclip.exporters.export_cache import ExportCache
 from fedclip.exporters.step_graph import AdamW, export_step_graphs
 from fedclip.exporters.step_weights import share_weights, write_weights_index
 from fedclip.sdk.adapters import encode_tensors
@@ -46,6 +47,8 @@ def write_step_format(
     graphs: dict[str, GraphSpec],
     *,
     adamw: AdamW = AdamW(),
+    cache: ExportCache | None = None,
+    cache_key: dict | None = None,
 ) -> tuple[dict[str, GraphSpec], str]:
     """Write the step format into `out_dir`; returns (`graphs` + step/step_eval, initial_tensors file).
 
@@ -66,6 +69,8 @@ def write_step_format(
         out_dir,
         adamw=adamw,
         weights_file=WEIGHTS_FILE,
+        cache=cache,
+        cache_key=cache_key,
     )
     initial = write_initial_tensors(task_module, trainable, out_dir)
     graphs = {**graphs, **step_graphs}
@@ -74,7 +79,13 @@ def write_step_format(
     return graphs, initial
 
 
-def add_step_format(bundle_dir: str | Path, *, model: str | None = None, adamw: AdamW = AdamW()) -> Manifest:
+def add_step_format(
+    bundle_dir: str | Path,
+    *,
+    model: str | None = None,
+    adamw: AdamW = AdamW(),
+    cache: ExportCache | None = None,
+) -> Manifest:
     """Add the step format to an exported bundle; returns the resealed manifest (a new bundle id).
 
     The model is rebuilt from the manifest (same name, weights and adapter seed give the same
@@ -108,6 +119,8 @@ def add_step_format(bundle_dir: str | Path, *, model: str | None = None, adamw: 
             work,
             dict(manifest.graphs),
             adamw=adamw,
+            cache=cache,
+            cache_key=step_cache_key(adapted, task_module, manifest.task.kind, from_embeds),
         )
         sealed = dataclasses.replace(manifest, graphs=graphs, initial_tensors=initial).seal(work)
         old = bundle_dir.with_name(f".{bundle_dir.name}.old")

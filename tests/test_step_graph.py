@@ -19,12 +19,12 @@ import torch
 from fedclip.exporters import tasks
 from fedclip.exporters.bundle import build_adapted_model, tokenize
 from fedclip.exporters.step_graph import (
-    OPSET,
     AdamW,
     export_step_eval_graph,
     export_step_graph,
     step_io,
 )
+from fedclip.exporters.step_trace import OPSET
 from fedclip.exporters.step_weights import share_weights
 from fedclip.sdk.errors import ExportError
 from fedclip.sdk.manifest import AdapterSpec

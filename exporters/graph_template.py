@@ -51,3 +51,56 @@ def fill_weights(template: bytes, frozen: Sequence[torch.Tensor]) -> onnx.ModelP
             )
         t.raw_data = arr.tobytes()
     return model
+
+
+def forward_part(model: onnx.ModelProto, inputs: Sequence[str], outputs: Sequence[str]) -> onnx.ModelProto:
+    """The subgraph of `model` computing `outputs` from the graph inputs `inputs` (and initializers).
+
+    The step graph computes the task graph's outputs on its way to the loss, so the eval graph is
+    cut out of it instead of traced a second time. Raises ValueError when an output needs another
+    graph input (the caller then traces the eval graph itself).
+    """
+    g = model.graph
+    producer = {out: node for node in g.node for out in node.output if out}
+    initializers = {t.name for t in g.initializer}
+    given = set(inputs)
+    keep: set[int] = set()
+    todo = list(outputs)
+    while todo:
+        name = todo.pop()
+        if not name or name in given or name in initializers:
+            continue
+        node = producer.get(name)
+        if node is None:
+            raise ValueError(f"{name!r} needs a graph input outside {list(inputs)[:3]}...")
+        if id(node) in keep:
+            continue
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            raise ValueError(f"node {node.name} has a subgraph")
+        keep.add(id(node))
+        todo.extend(node.input)
+    nodes = [n for n in g.node if id(n) in keep]
+    used = {name for n in nodes for name in n.input} | set(outputs)
+    produced = {name for n in nodes for name in n.output}
+    by_name = {vi.name: vi for vi in (*g.input, *g.output)}
+    missing = [n for n in (*inputs, *outputs) if n not in by_name]
+    if missing:
+        raise ValueError(f"{missing[0]!r} is not an input or output of the graph")
+    graph = helper.make_graph(
+        nodes,
+        g.name,
+        [by_name[n] for n in inputs],
+        [by_name[n] for n in outputs],
+        initializer=[t for t in g.initializer if t.name in used],
+        value_info=[vi for vi in g.value_info if vi.name in produced],
+    )
+    out = helper.make_model(graph, opset_imports=list(model.opset_import), producer_name=model.producer_name)
+    out.ir_version = model.ir_version
+    out.producer_version = model.producer_version
+    return out
+
+
+def drop_outputs(model: onnx.ModelProto, names: Sequence[str]) -> None:
+    """Remove graph outputs (their nodes stay: something else reads them, e.g. logits -> loss)."""
+    for vi in [o for o in model.graph.output if o.name in set(names)]:
+        model.graph.output.remove(vi)

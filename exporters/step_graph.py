@@ -15,6 +15,7 @@ nll_loss fakes its total weight, which would scale gradients by the batch size.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from fedclip.exporters.export_cache import ExportCache
-from fedclip.exporters.graph_template import fill_weights, strip_weights
+from fedclip.exporters.graph_template import drop_outputs, fill_weights, forward_part, strip_weights
 from fedclip.exporters.phases import phase
 from fedclip.exporters.step_trace import trace
 from fedclip.exporters.step_weights import share_weights
@@ -93,7 +94,15 @@ def _frozen_tensors(module: nn.Module, trainable: Sequence[str]) -> dict[str, to
     return out
 
 
-def _step_function(module: nn.Module, names: Sequence[str], frozen: Sequence[str], n_data: int, opt: AdamW):
+def _step_function(
+    module: nn.Module,
+    names: Sequence[str],
+    frozen: Sequence[str],
+    n_data: int,
+    opt: AdamW,
+    extras: bool = False,
+):
+    """`extras`: the task module's outputs after the loss (logits) become the last outputs too."""
     b1, b2 = opt.betas
     n = len(names)
     k = len(frozen)
@@ -106,7 +115,9 @@ def _step_function(module: nn.Module, names: Sequence[str], frozen: Sequence[str
         state = args[n_data + 2 :]
         params, exp_avg, exp_avg_sq = state[:n], state[n : 2 * n], state[2 * n :]
         weights.update(zip(names, params, strict=True))
-        loss = _loss_of(torch.func.functional_call(module, weights, data))
+        out = torch.func.functional_call(module, weights, data)
+        loss = _loss_of(out)
+        tail = tuple(out[1:]) if extras and isinstance(out, (tuple, list)) else ()
         grads = torch.autograd.grad(loss, params)
         t = (step + 1).to(torch.float32)
         bc1 = 1 - b1**t
@@ -126,7 +137,7 @@ def _step_function(module: nn.Module, names: Sequence[str], frozen: Sequence[str
             new_p.append(p2)
             new_m.append(m2)
             new_v.append(v2)
-        return (loss, step + 1, *new_p, *new_m, *new_v)
+        return (loss, step + 1, *new_p, *new_m, *new_v, *tail)
 
     return step_fn
 
@@ -194,10 +205,7 @@ def export_step_graph(
     """
     out_dir = Path(out_dir)
     data, values = _prepare(task_module, trainable, example_inputs)
-    step = torch.zeros(1, dtype=torch.int64)
-    lr = torch.full((1,), 1e-3)
-    zeros = [torch.zeros_like(v).detach() for v in values]
-    args = [*data, step, lr, *values, *zeros, *[z.clone() for z in zeros]]
+    args = _step_args(data, values)
     inputs, outputs = step_io(input_names, trainable)
     frozen = _frozen_tensors(task_module, trainable)
     fn = _step_function(task_module, list(trainable), list(frozen), len(data), adamw)
@@ -206,6 +214,13 @@ def export_step_graph(
         fn, list(frozen.values()), args, len(data), inputs, outputs, out_dir, file, weights_file, cached
     )
     return GraphSpec(file=file, inputs=inputs, outputs=outputs)
+
+
+def _step_args(data: list[torch.Tensor], values: list[torch.Tensor]) -> list[torch.Tensor]:
+    step = torch.zeros(1, dtype=torch.int64)
+    lr = torch.full((1,), 1e-3)
+    zeros = [torch.zeros_like(v).detach() for v in values]
+    return [*data, step, lr, *values, *zeros, *[z.clone() for z in zeros]]
 
 
 def export_step_eval_graph(
@@ -259,11 +274,17 @@ def _export_into(
     def build() -> bytes:
         return strip_weights(trace(fn, frozen, args, n_data, inputs, outputs, file))
 
+    _write(_template(cached, build), frozen, out_dir, file, weights_file)
+
+
+def _template(cached, build) -> bytes:
     if cached is None:
-        template = build()
-    else:
-        cache, key = cached
-        template = cache.get_or_build(key, build)
+        return build()
+    cache, key = cached
+    return cache.get_or_build(key, build)
+
+
+def _write(template: bytes, frozen, out_dir: Path, file: str, weights_file: str | None) -> None:
     with phase(f"{file}: writing weights"):
         model = fill_weights(template, frozen)
         if weights_file is None:
@@ -312,14 +333,37 @@ def export_step_graphs(
 ) -> dict[str, GraphSpec]:
     """Both graphs the step backend needs, as `manifest.graphs` entries `step` and `step_eval`.
 
+    One trace: the eval graph is the forward part of the step graph (`graph_template.forward_part`).
     With `cache` and `cache_key` (what identifies the task module's code path: architecture,
     adapter spec, task; see bundle.py) traced graphs come from / go to the export cache."""
-    common = dict(weights_file=weights_file, cache=cache, cache_key=cache_key)
+    out_dir = Path(out_dir)
+    data, values = _prepare(task_module, trainable, example_inputs)
+    frozen = _frozen_tensors(task_module, trainable)
+    weights = list(frozen.values())
+    step_args, eval_args = _step_args(data, values), [*data, *(v.detach() for v in values)]
+    inputs, outputs = step_io(input_names, trainable)
+    eval_inputs, eval_outputs = (*input_names, *trainable), tuple(eval_outputs)
+    extra = eval_outputs[1:]  # the step graph carries them while the eval graph is cut out of it
+    fn = _step_function(task_module, list(trainable), list(frozen), len(data), adamw, extras=True)
+    step_c = _cached(
+        cache, cache_key, "step", frozen, step_args, inputs, outputs, adamw=dataclasses.asdict(adamw)
+    )
+    eval_c = _cached(cache, cache_key, "step_eval", frozen, eval_args, eval_inputs, eval_outputs, cut=True)
+
+    @functools.cache
+    def both() -> tuple[bytes, bytes]:
+        model = trace(fn, weights, step_args, len(data), inputs, (*outputs, *extra), STEP_FILE)
+        with phase(f"{STEP_EVAL_FILE}: cut from the step graph"):
+            try:
+                eval_model = forward_part(model, eval_inputs, eval_outputs)
+            except ValueError as e:
+                raise ExportError(f"{STEP_EVAL_FILE}: cannot cut it from the step graph ({e})") from None
+            drop_outputs(model, extra)
+        return strip_weights(model), strip_weights(eval_model)
+
+    _write(_template(step_c, lambda: both()[0]), weights, out_dir, STEP_FILE, weights_file)
+    _write(_template(eval_c, lambda: both()[1]), weights, out_dir, STEP_EVAL_FILE, weights_file)
     return {
-        "step": export_step_graph(
-            task_module, trainable, example_inputs, input_names, out_dir, adamw=adamw, **common
-        ),
-        "step_eval": export_step_eval_graph(
-            task_module, trainable, example_inputs, input_names, eval_outputs, out_dir, **common
-        ),
+        "step": GraphSpec(file=STEP_FILE, inputs=inputs, outputs=outputs),
+        "step_eval": GraphSpec(file=STEP_EVAL_FILE, inputs=eval_inputs, outputs=eval_outputs),
     }

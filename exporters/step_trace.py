@@ -133,4 +133,13 @@ def _trace_unchecked(
     if got_in != list(input_names) or got_out != list(output_names):
         raise ExportError(f"{file}: exported graph io {got_in[:3]}... differs from the requested names")
     model.ir_version = IR_VERSION
+    _drop_debug_info(model)
     return model
+
+
+def _drop_debug_info(model: onnx.ModelProto) -> None:
+    """The exporter's per-node debug notes (stack traces, FX node text) are most of the file, and name
+    the checkout's path and a per-process counter, so the same export would give other bytes."""
+    g = model.graph
+    for item in (*g.node, *g.input, *g.output, *g.value_info, *g.initializer):
+        del item.metadata_props[:]

@@ -45,15 +45,9 @@ class _Traced(nn.Module):
         return self.gm(*frozen, *args)
 
 
-def trace(
-    fn,
-    frozen: list[torch.Tensor],
-    args: list[torch.Tensor],
-    n_data: int,
-    input_names,
-    output_names,
-    file: str,
-):
+def trace(fn, frozen, args, n_data: int, input_names, output_names, file: str) -> onnx.ModelProto:
+    """`fn(*frozen, *args)` as an ONNX graph named `file` in errors; dim 0 of the first `n_data` args
+    is the dynamic batch."""
     try:
         return _trace_unchecked(fn, frozen, args, n_data, input_names, output_names, file)
     except ExportError:

@@ -74,7 +74,7 @@ def export(
             f"note: no --pretrained given: {cfg.model} has random weights (seed {cfg.seed})", highlight=False
         )
     if cache is not None and (cache.hits or cache.misses):
-        Console(stderr=True).print(
+        Console(stderr=True, soft_wrap=True).print(
             f"export cache {cache.root}: {cache.hits} graph(s) reused, {cache.misses} traced", highlight=False
         )
     trainable = sum(1 for t in manifest.tensors if t.trainable)

@@ -25,6 +25,8 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as pkg_version
 from pathlib import Path
 
 from fedclip.sdk.fsutil import fsync_dir, remove
@@ -34,6 +36,16 @@ log = logging.getLogger(__name__)
 LAYOUT = "step-v1"
 GRAPH, ENTRY = "graph.onnx", "entry.json"
 ENV = "FEDCLIP_EXPORT_CACHE_DIR"
+TOOLS = (
+    "torch",
+    "onnx",
+    "onnxscript",
+    "onnx-ir",
+    "open_clip_torch",
+    "onnxruntime",
+    "onnxruntime-training",
+    "onnxruntime-training-cpu",
+)
 
 
 def default_cache_dir() -> Path:
@@ -53,32 +65,25 @@ def default_cache_dir() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def code_and_tools() -> dict[str, str]:
-    """What else a traced graph depends on: the exporter's own source and the tracing tools."""
-    import onnx
-    import onnxscript
-    import open_clip
-    import torch
-
+    """What else a traced graph depends on: the exporter's own source and the tracing tools' versions
+    (from the installed metadata: importing onnxscript just for its version costs seconds)."""
     here = Path(__file__).resolve().parent
     digest = hashlib.sha256()
     for path in sorted([*here.glob("*.py"), *here.glob("model_configs/*.json")]):
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    tools = {
-        "exporters": digest.hexdigest(),
-        "torch": torch.__version__,
-        "onnx": onnx.__version__,
-        "onnxscript": onnxscript.__version__,
-        "open_clip": open_clip.__version__,
-    }
-    with contextlib.suppress(ImportError):
-        import onnxruntime
-
-        tools["onnxruntime"] = onnxruntime.__version__
+    tools = {"exporters": digest.hexdigest()}
+    for dist in TOOLS:
+        with contextlib.suppress(PackageNotFoundError):
+            tools[dist] = pkg_version(dist)
     return tools
 
 
 def cache_key(doc: dict) -> str:
-    text = json.dumps({"layout": LAYOUT, "key": doc, "tools": code_and_tools()}, sort_keys=True, default=str)
+    text = json.dumps(
+        {"layout": LAYOUT, "key": doc, "tools": code_and_tools()},
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -113,13 +118,12 @@ class ExportCache:
         """The cached bytes for `doc`'s key, or `build()`'s, stored under that key first."""
         key = cache_key(doc)
         where = self.entry_dir(key)
-        try:
-            lock = _locked(where.with_name(f".{key}.lock"))
-            lock.__enter__()
-        except OSError as e:  # an unwritable cache folder must not fail the export
-            log.warning("export cache: cannot use %s (%s)", self.root, e.strerror or e)
-            return build()
-        try:
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(_locked(where.with_name(f".{key}.lock")))
+            except OSError as e:  # an unwritable cache folder must not fail the export
+                log.warning("export cache: cannot use %s (%s)", self.root, e.strerror or e)
+                return build()
             data = self._read(where)
             if data is not None:
                 self.hits += 1
@@ -128,8 +132,6 @@ class ExportCache:
             self._write(where, data, doc)
             self.misses += 1
             return data
-        finally:
-            lock.__exit__(None, None, None)
 
     def _read(self, where: Path) -> bytes | None:
         if not where.exists():
@@ -141,7 +143,11 @@ class ExportCache:
                 raise ValueError("sha256 mismatch")
             return data
         except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("export cache: entry %s is damaged (%s); rebuilding it", where.name[:12], e)
+            log.warning(
+                "export cache: entry %s is damaged (%s); rebuilding it",
+                where.name[:12],
+                e,
+            )
             self._discard(where)
             self.rebuilt += 1
             return None
@@ -158,7 +164,11 @@ class ExportCache:
         where.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{where.name}.", dir=where.parent))
         try:
-            entry = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "key": doc}
+            entry = {
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "size": len(data),
+                "key": doc,
+            }
             for name, content in (
                 (GRAPH, data),
                 (ENTRY, json.dumps(entry, sort_keys=True, default=str).encode()),
@@ -170,5 +180,9 @@ class ExportCache:
             os.replace(tmp, where)
             fsync_dir(where.parent)
         except OSError as e:  # a full or read-only cache must not fail the export
-            log.warning("export cache: cannot store an entry in %s (%s)", self.root, e.strerror or e)
+            log.warning(
+                "export cache: cannot store an entry in %s (%s)",
+                self.root,
+                e.strerror or e,
+            )
             remove(tmp)

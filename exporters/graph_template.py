@@ -24,11 +24,16 @@ def frozen_name(i: int) -> str:
     return f"frozen_{i}"
 
 
-def strip_weights(model: onnx.ModelProto) -> bytes:
-    """The serialized graph with the data of every `frozen_<i>` initializer removed."""
+def clear_weights(model: onnx.ModelProto) -> None:
+    """Remove the data of every `frozen_<i>` initializer, in place."""
     for t in model.graph.initializer:
         if FROZEN.match(t.name):
             t.ClearField("raw_data")
+
+
+def strip_weights(model: onnx.ModelProto) -> bytes:
+    """The serialized graph with the data of every `frozen_<i>` initializer removed."""
+    clear_weights(model)
     return model.SerializeToString()
 
 

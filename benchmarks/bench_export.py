@@ -16,6 +16,9 @@ wire (fedclip.sdk.wire.encode of the exchanged tensors) for lora, tri-lora and t
     python benchmarks/bench_export.py --steps 10 --warmup 5 --batch-size 8
 
 Writes benchmarks/results/export.json and export.md (or --out-name NAME.*).
+
+    python benchmarks/bench_export.py --profile [...]   # the export itself, phase by phase, and its
+                                                        # cache: runs benchmarks/bench_export_profile.py
 """
 
 from __future__ import annotations
@@ -808,6 +811,11 @@ def markdown(r: dict) -> str:
 
 
 def main() -> None:
+    if "--profile" in sys.argv[1:]:
+        import bench_export_profile
+
+        bench_export_profile.main([a for a in sys.argv[1:] if a != "--profile"])
+        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="ViT-B-32", help="open_clip name (random init) or fedclip-tiny")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")

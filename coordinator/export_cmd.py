@@ -32,6 +32,12 @@ def export(
     ),
     config: Path = typer.Option(None, "--config", help="export.yaml with the same fields; flags win."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON (docs/operations.md)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Trace the step graphs even if cached."),
+    cache_dir: Path = typer.Option(
+        None,
+        "--cache-dir",
+        help="Cache of traced step graphs [default: ~/.cache/fedclip/export, or $FEDCLIP_EXPORT_CACHE_DIR].",
+    ),
 ) -> None:
     """Export an open_clip model with LoRA adapters as an ONNX Runtime training bundle."""
     import logging
@@ -40,6 +46,7 @@ def export(
 
     from fedclip.exporters.bundle import export_bundle
     from fedclip.exporters.config import CLI_DEFAULT_FORMAT, load_export_config
+    from fedclip.exporters.export_cache import ExportCache, default_cache_dir
 
     # open_clip warns through the root logger about random weights; we say it once, ourselves.
     logging.getLogger().setLevel(logging.ERROR)
@@ -61,10 +68,15 @@ def export(
         "format": fmt,
     }
     cfg = load_export_config(config, flags, default_format=CLI_DEFAULT_FORMAT)
-    manifest = export_bundle(cfg, show_progress=True)
+    cache = None if no_cache else ExportCache(cache_dir or default_cache_dir())
+    manifest = export_bundle(cfg, show_progress=True, cache=cache)
     if not cfg.pretrained:
         Console(stderr=True).print(
             f"note: no --pretrained given: {cfg.model} has random weights (seed {cfg.seed})", highlight=False
+        )
+    if cache is not None and (cache.hits or cache.misses):
+        Console(stderr=True, soft_wrap=True).print(
+            f"export cache {cache.root}: {cache.hits} graph(s) reused, {cache.misses} traced", highlight=False
         )
     trainable = sum(1 for t in manifest.tensors if t.trainable)
     if as_json:  # the summary for scripts; fields in docs/operations.md

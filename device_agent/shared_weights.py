@@ -19,11 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from fedclip.sdk.bundle_layout import INDEX_FILE, INDEX_FORMAT
 from fedclip.sdk.errors import BundleError
 from fedclip.sdk.manifest import Manifest
 
-INDEX_FILE = "weights_index.json"  # written by fedclip.exporters.step_weights.write_weights_index
-INDEX_FORMAT = 1
 _DTYPES = {"float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool"}
 
 # (real path, size, mtime) -> the process's one read-only map of that weights file

@@ -12,7 +12,6 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as pkg_version
@@ -21,15 +20,25 @@ from pathlib import Path
 import torch
 
 from fedclip.exporters import onnx_export, step_bundle, tasks, text_encoder
+from fedclip.exporters.adapted import (
+    DUMMY_BATCH,
+    AdaptedModel,
+    build_adapted_model,
+    dummy_inputs,
+    step_cache_key,
+    task_graph,
+    tokenize,
+)
 from fedclip.exporters.config import ExportConfig
+from fedclip.exporters.export_cache import ExportCache
 from fedclip.exporters.lora import (
     adapter_tensors,
-    inject_adapters,
     load_adapter_into_torch,
     merge_adapters,
     unmerge_adapters,
 )
-from fedclip.exporters.models import BuiltModel, build_base_model, copy_vocab
+from fedclip.exporters.models import copy_vocab
+from fedclip.exporters.phases import Phases, phase, progress_bar, recording
 from fedclip.sdk.errors import ExportError, FedclipError
 from fedclip.sdk.manifest import (
     FORMAT_VERSION,
@@ -62,23 +71,6 @@ log = logging.getLogger(__name__)
 TRAINING, EVAL, OPTIMIZER = "training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"
 INFERENCE, IMAGE_ENCODER = "inference_model.onnx", "image_encoder.onnx"
 VOCAB = "tokenizer/bpe_simple_vocab_16e6.txt.gz"
-_DUMMY_BATCH = 2
-
-
-@dataclass
-class AdaptedModel:
-    base: BuiltModel
-    spec: AdapterSpec
-    names: list[str]  # adapter tensor names, sorted
-
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.base.model
-
-    @property
-    def trainable(self) -> list[str]:
-        params = dict(self.model.named_parameters())
-        return [n for n in self.names if params[n].requires_grad]
 
 
 def adapter_spec(cfg: ExportConfig) -> AdapterSpec:
@@ -97,15 +89,6 @@ def task_spec(cfg: ExportConfig) -> TaskSpec:
     if cfg.task == "contrastive":
         return TaskSpec(kind="contrastive", labels=tuple(cfg.labels), prompt=cfg.prompt)
     return TaskSpec(kind="classify", labels=tuple(cfg.labels), prompt=cfg.prompt)
-
-
-def build_adapted_model(
-    model: str, adapter: AdapterSpec, pretrained: str | None = None, train: tuple[str, ...] = ()
-) -> AdaptedModel:
-    """The PyTorch twin of a bundle: same base weights, same adapter names and initial values."""
-    base = build_base_model(model, pretrained, seed=adapter.seed)
-    names = inject_adapters(base.model, adapter, train)
-    return AdaptedModel(base=base, spec=adapter, names=names)
 
 
 @dataclass
@@ -137,21 +120,14 @@ def _twin(adapted: AdaptedModel, task: TaskSpec) -> TorchTwin:
     clip = adapted.model
     from_embeds = "vision" not in adapted.spec.towers
     text_adapted = "text" in adapted.spec.towers
+    graph, _ = task_graph(adapted, task, from_embeds)
     if task.kind == "classify":
         label_tokens = tokenize(task.prompts(), adapted.base.context_length)
-        graph = tasks.ClassifyGraph(clip, label_tokens, from_embeds, text_adapted)
         inference = tasks.ClassifyInference(clip, label_tokens, text_adapted)
     else:
-        graph = tasks.ContrastiveGraph(clip, from_embeds)
         inference = tasks.ContrastiveInference(clip)
     encoder = tasks.ImageEncoder(clip) if from_embeds else None
     return TorchTwin(adapted=adapted, graph=graph, inference=inference, image_encoder=encoder)
-
-
-def tokenize(texts: list[str], context_length: int) -> torch.Tensor:
-    import open_clip
-
-    return open_clip.tokenize(texts, context_length=context_length)
 
 
 def _tools() -> dict[str, str]:
@@ -179,54 +155,17 @@ def _check_out(out: Path) -> None:
         raise ExportError(f"--out: cannot write into {parent}")
 
 
-@contextlib.contextmanager
-def _steps(show: bool, total: int) -> Iterator:
-    if not show:
-        yield lambda desc: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        TextColumn("{task.description:<34}"), BarColumn(), TimeElapsedColumn(), console=Console(stderr=True)
-    ) as progress:
-        task = progress.add_task("export", total=total)
-        first = [True]
-
-        def step(desc: str) -> None:
-            if not first[0]:
-                progress.advance(task)
-            first[0] = False
-            progress.update(task, description=desc)
-
-        yield step
-        progress.update(task, completed=total, description="done")
-
-
-def _dummy_inputs(
-    adapted: AdaptedModel, task: TaskSpec, from_embeds: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    base = adapted.base
-    if from_embeds:
-        x = torch.randn(_DUMMY_BATCH, base.embed_dim, generator=g)
-    else:
-        size = base.preprocess.image_size
-        x = torch.randn(_DUMMY_BATCH, 3, size, size, generator=g)
-    if task.kind == "classify":
-        y = torch.zeros(_DUMMY_BATCH, dtype=torch.long)
-    else:
-        y = tokenize(["a photo."] * _DUMMY_BATCH, base.context_length)
-    return x, y
-
-
 def _write_graphs(
-    adapted: AdaptedModel, task: TaskSpec, tmp: Path, step, formats: tuple[str, ...] = ("ort-training",)
+    adapted: AdaptedModel,
+    task: TaskSpec,
+    tmp: Path,
+    formats: tuple[str, ...] = ("ort-training",),
+    cache: ExportCache | None = None,
 ) -> tuple[dict[str, GraphSpec], str, str | None]:
     """Writes the graphs; returns (graphs, train_input, initial tensors file or None)."""
     from_embeds = "vision" not in adapted.spec.towers
     train_input = "image_embeds" if from_embeds else "image"
-    x, y = _dummy_inputs(adapted, task, from_embeds)
+    x, y = dummy_inputs(adapted, task.kind, from_embeds)
     graphs: dict[str, GraphSpec] = {}
 
     twin = _twin(adapted, task)
@@ -235,42 +174,54 @@ def _write_graphs(
     else:
         io_in, io_out, eval_out = (train_input, "text"), ("loss",), ("loss",)
     if "ort-training" in formats:
-        step("exporting training graph")
-        proto = onnx_export.export_onnx(twin.graph, (x, y), io_in, io_out)
-        step("generating ORT training artifacts")
-        onnx_export.generate_training_artifacts(proto, adapted.trainable, tmp, keep_outputs=("loss",))
+        with phase("exporting training graph"):
+            proto = onnx_export.export_onnx(twin.graph, (x, y), io_in, io_out)
+        with phase("generating ORT training artifacts"):
+            onnx_export.generate_training_artifacts(proto, adapted.trainable, tmp, keep_outputs=("loss",))
         graphs["training"] = GraphSpec(file=TRAINING, inputs=io_in, outputs=("loss",))
         graphs["eval"] = GraphSpec(file=EVAL, inputs=io_in, outputs=eval_out)
         graphs["optimizer"] = GraphSpec(file=OPTIMIZER, inputs=(), outputs=())
 
-    step("exporting inference graph")
-    size = adapted.base.preprocess.image_size
-    image = torch.randn(_DUMMY_BATCH, 3, size, size, generator=torch.Generator().manual_seed(1))
-    if task.kind == "classify":
-        inf_in, inf_out, args = ("image",), ("logits", "image_embeds"), (image,)
-    else:
-        inf_in, inf_out, args = ("image", "text"), ("image_embeds", "text_embeds"), (image, y)
-    proto = onnx_export.export_onnx(twin.inference, args, inf_in, inf_out)
-    onnx_export.make_overridable(proto, adapted.names)
-    onnx_export.save(proto, tmp / INFERENCE)
-    graphs["inference"] = GraphSpec(file=INFERENCE, inputs=inf_in, outputs=inf_out)
-    # Open vocabulary on the device: any labels or prompts, through the adapted text tower.
-    ctx = adapted.base.context_length
-    graphs["text_encoder"] = text_encoder.write_text_encoder(adapted.model, adapted.names, ctx, tmp)
+    with phase("exporting inference graph"):
+        size = adapted.base.preprocess.image_size
+        image = torch.randn(DUMMY_BATCH, 3, size, size, generator=torch.Generator().manual_seed(1))
+        if task.kind == "classify":
+            inf_in, inf_out, args = ("image",), ("logits", "image_embeds"), (image,)
+        else:
+            inf_in, inf_out, args = ("image", "text"), ("image_embeds", "text_embeds"), (image, y)
+        proto = onnx_export.export_onnx(twin.inference, args, inf_in, inf_out)
+        onnx_export.make_overridable(proto, adapted.names)
+        onnx_export.save(proto, tmp / INFERENCE)
+        graphs["inference"] = GraphSpec(file=INFERENCE, inputs=inf_in, outputs=inf_out)
+    with phase("exporting the text encoder"):
+        # Open vocabulary on the device: any labels or prompts, through the adapted text tower.
+        ctx = adapted.base.context_length
+        graphs["text_encoder"] = text_encoder.write_text_encoder(adapted.model, adapted.names, ctx, tmp)
 
     if from_embeds:
-        step("exporting image encoder")
-        proto = onnx_export.export_onnx(twin.image_encoder, (image,), ("image",), ("image_embeds",))
-        onnx_export.save(proto, tmp / IMAGE_ENCODER)
-        graphs["image_encoder"] = GraphSpec(file=IMAGE_ENCODER, inputs=("image",), outputs=("image_embeds",))
+        with phase("exporting image encoder"):
+            proto = onnx_export.export_onnx(twin.image_encoder, (image,), ("image",), ("image_embeds",))
+            onnx_export.save(proto, tmp / IMAGE_ENCODER)
+            graphs["image_encoder"] = GraphSpec(
+                file=IMAGE_ENCODER, inputs=("image",), outputs=("image_embeds",)
+            )
 
     initial = None
     if "step" in formats:
-        step("exporting step graph")
-        # The step graphs and the inference graph (and image encoder) share one weights.bin.
-        graphs, initial = step_bundle.write_step_format(
-            twin.graph, adapted.trainable, (x, y), io_in, eval_out, tmp, graphs
-        )
+        with phase("exporting step graphs"):
+            # The step graphs and the inference graph (and image encoder) share one weights.bin.
+            key = step_cache_key(adapted, twin.graph, task.kind, from_embeds)
+            graphs, initial = step_bundle.write_step_format(
+                twin.graph,
+                adapted.trainable,
+                (x, y),
+                io_in,
+                eval_out,
+                tmp,
+                graphs,
+                cache=cache,
+                cache_key=key,
+            )
     return graphs, train_input, initial
 
 
@@ -287,8 +238,44 @@ def _tensor_specs(adapted: AdaptedModel) -> tuple[TensorSpec, ...]:
     return tuple(out)
 
 
-def export_bundle(cfg: ExportConfig, show_progress: bool = False) -> Manifest:
-    """Build the bundle described by `cfg` at `cfg.out`; returns the sealed manifest."""
+def _manifest(
+    adapted: AdaptedModel, cfg: ExportConfig, task: TaskSpec, graphs, train_input: str, initial, tmp: Path
+) -> Manifest:
+    # Every bundle has the text encoder graph, so every bundle needs the tokenizer.
+    copy_vocab(tmp / Path(VOCAB).parent)
+    tokenizer = TokenizerSpec(file=VOCAB, context_length=adapted.base.context_length)
+    base = adapted.base
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        base_model=BaseModel(
+            name=base.name,
+            embed_dim=base.embed_dim,
+            pretrained=base.pretrained,
+            weights_sha256=base.weights_sha256,
+        ),
+        adapter=adapted.spec,
+        task=task,
+        preprocess=base.preprocess,
+        tensors=_tensor_specs(adapted),
+        graphs=graphs,
+        train_input=train_input,
+        checkpoint="checkpoint" if "ort-training" in cfg.formats else None,
+        tokenizer=tokenizer,
+        initial_tensors=initial,
+        tools=_tools(),
+    )
+
+
+def export_bundle(
+    cfg: ExportConfig,
+    show_progress: bool = False,
+    cache: ExportCache | None = None,
+    phases: Phases | None = None,
+) -> Manifest:
+    """Build the bundle described by `cfg` at `cfg.out`; returns the sealed manifest.
+
+    `cache`: traced step graphs come from / go to this export cache (None: trace every time).
+    `phases`: records each phase's time and peak memory (the export profile)."""
     spec = adapter_spec(cfg)
     task = task_spec(cfg)
     out = Path(cfg.out).expanduser().absolute()
@@ -298,37 +285,15 @@ def export_bundle(cfg: ExportConfig, show_progress: bool = False) -> Manifest:
     except OSError as e:
         raise ExportError(f"--out: cannot write into {out.parent} ({e.strerror})") from None
     formats = cfg.formats
-    n_steps = 3 + ("vision" not in spec.towers) + 2 * ("ort-training" in formats) + ("step" in formats)
+    n_phases = 4 + ("vision" not in spec.towers) + 2 * ("ort-training" in formats) + ("step" in formats)
+    phases = phases or Phases()
     try:
-        with _steps(show_progress, n_steps) as step, torch.no_grad():
-            step(f"building {cfg.model}")
-            adapted = build_adapted_model(cfg.model, spec, cfg.pretrained, tuple(cfg.train))
-            graphs, train_input, initial = _write_graphs(adapted, task, tmp, step, cfg.formats)
-            step("writing manifest")
-            # Every bundle has the text encoder graph, so every bundle needs the tokenizer.
-            copy_vocab(tmp / Path(VOCAB).parent)
-            tokenizer = TokenizerSpec(file=VOCAB, context_length=adapted.base.context_length)
-            base = adapted.base
-            manifest = Manifest(
-                format_version=FORMAT_VERSION,
-                base_model=BaseModel(
-                    name=base.name,
-                    embed_dim=base.embed_dim,
-                    pretrained=base.pretrained,
-                    weights_sha256=base.weights_sha256,
-                ),
-                adapter=spec,
-                task=task,
-                preprocess=base.preprocess,
-                tensors=_tensor_specs(adapted),
-                graphs=graphs,
-                train_input=train_input,
-                checkpoint="checkpoint" if "ort-training" in cfg.formats else None,
-                tokenizer=tokenizer,
-                initial_tensors=initial,
-                tools=_tools(),
-            )
-            sealed = manifest.seal(tmp)
+        with progress_bar(show_progress, n_phases, phases), recording(phases), torch.no_grad():
+            with phase(f"building {cfg.model}"):
+                adapted = build_adapted_model(cfg.model, spec, cfg.pretrained, tuple(cfg.train))
+            graphs, train_input, initial = _write_graphs(adapted, task, tmp, cfg.formats, cache)
+            with phase("writing manifest"):
+                sealed = _manifest(adapted, cfg, task, graphs, train_input, initial, tmp).seal(tmp)
             if out.exists():
                 out.rmdir()  # checked empty above
             os.replace(tmp, out)

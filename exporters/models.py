@@ -37,6 +37,7 @@ class BuiltModel:
     preprocess: Preprocess
     pretrained: str | None
     weights_sha256: str | None
+    config: dict  # open_clip's model config: the architecture (part of the export cache key)
 
 
 def _register(name: str, cfg_path: Path) -> None:
@@ -163,6 +164,7 @@ def build_base_model(model: str, pretrained: str | None = None, seed: int = 0) -
         preprocess=preprocess,
         pretrained=str(pretrained) if pretrained else None,
         weights_sha256=weights_sha,
+        config=cfg,
     )
 
 

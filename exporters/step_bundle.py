@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fedclip.exporters.adapted import build_adapted_model, dummy_inputs, step_cache_key, task_graph
+from fedclip.exporters.export_cache import ExportCache
 from fedclip.exporters.step_graph import AdamW, export_step_graphs
 from fedclip.exporters.step_weights import share_weights, write_weights_index
 from fedclip.sdk.adapters import encode_tensors
@@ -45,6 +47,8 @@ def write_step_format(
     graphs: dict[str, GraphSpec],
     *,
     adamw: AdamW = AdamW(),
+    cache: ExportCache | None = None,
+    cache_key: dict | None = None,
 ) -> tuple[dict[str, GraphSpec], str]:
     """Write the step format into `out_dir`; returns (`graphs` + step/step_eval, initial_tensors file).
 
@@ -65,6 +69,8 @@ def write_step_format(
         out_dir,
         adamw=adamw,
         weights_file=WEIGHTS_FILE,
+        cache=cache,
+        cache_key=cache_key,
     )
     initial = write_initial_tensors(task_module, trainable, out_dir)
     graphs = {**graphs, **step_graphs}
@@ -73,41 +79,19 @@ def write_step_format(
     return graphs, initial
 
 
-def _task_module(adapted, manifest: Manifest):
-    from fedclip.exporters import tasks
-    from fedclip.exporters.bundle import tokenize
-
-    from_embeds = manifest.train_input == "image_embeds"
-    text_adapted = "text" in manifest.adapter.towers
-    if manifest.task.kind == "classify":
-        tokens = tokenize(manifest.task.prompts(), adapted.base.context_length)
-        return tasks.ClassifyGraph(adapted.model, tokens, from_embeds, text_adapted), ("loss", "logits")
-    return tasks.ContrastiveGraph(adapted.model, from_embeds), ("loss",)
-
-
-def _example_inputs(adapted, manifest: Manifest) -> tuple[torch.Tensor, torch.Tensor]:
-    from fedclip.exporters.bundle import tokenize
-
-    g = torch.Generator().manual_seed(0)
-    if manifest.train_input == "image_embeds":
-        x = torch.randn(2, adapted.base.embed_dim, generator=g)
-    else:
-        size = manifest.preprocess.image_size
-        x = torch.randn(2, 3, size, size, generator=g)
-    if manifest.task.kind == "classify":
-        return x, torch.zeros(2, dtype=torch.long)
-    return x, tokenize(["a photo."] * 2, adapted.base.context_length)
-
-
-def add_step_format(bundle_dir: str | Path, *, model: str | None = None, adamw: AdamW = AdamW()) -> Manifest:
+def add_step_format(
+    bundle_dir: str | Path,
+    *,
+    model: str | None = None,
+    adamw: AdamW = AdamW(),
+    cache: ExportCache | None = None,
+) -> Manifest:
     """Add the step format to an exported bundle; returns the resealed manifest (a new bundle id).
 
     The model is rebuilt from the manifest (same name, weights and adapter seed give the same
     tensors); pass `model` when the bundle was exported from a JSON config file. The bundle is
     rewritten in a copy that replaces it at the end, so a failure leaves it as it was.
     """
-    from fedclip.exporters.bundle import build_adapted_model
-
     bundle_dir = Path(bundle_dir)
     manifest = Manifest.load(bundle_dir)
     if "step" in manifest.graphs:
@@ -118,7 +102,8 @@ def add_step_format(bundle_dir: str | Path, *, model: str | None = None, adamw: 
     )
     if adapted.trainable != [t.name for t in manifest.trainable]:
         raise ExportError(f"{bundle_dir}: the rebuilt model's trainable tensors differ from the manifest's")
-    task_module, eval_outputs = _task_module(adapted, manifest)
+    from_embeds = manifest.train_input == "image_embeds"
+    task_module, eval_outputs = task_graph(adapted, manifest.task, from_embeds)
     work = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}.step-", dir=bundle_dir.parent))
     try:
         shutil.copytree(bundle_dir, work, dirs_exist_ok=True)
@@ -128,12 +113,14 @@ def add_step_format(bundle_dir: str | Path, *, model: str | None = None, adamw: 
         graphs, initial = write_step_format(
             task_module,
             adapted.trainable,
-            _example_inputs(adapted, manifest),
+            dummy_inputs(adapted, manifest.task.kind, from_embeds),
             io_in,
             eval_outputs,
             work,
             dict(manifest.graphs),
             adamw=adamw,
+            cache=cache,
+            cache_key=step_cache_key(adapted, task_module, manifest.task.kind, from_embeds),
         )
         sealed = dataclasses.replace(manifest, graphs=graphs, initial_tensors=initial).seal(work)
         old = bundle_dir.with_name(f".{bundle_dir.name}.old")

@@ -14,10 +14,9 @@ nll_loss fakes its total weight, which would scale gradients by the batch size.
 
 from __future__ import annotations
 
-import contextlib
-import io
+import dataclasses
+import functools
 import tempfile
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +26,20 @@ import onnx
 import torch
 from torch import nn
 
+from fedclip.exporters.export_cache import ExportCache
+from fedclip.exporters.graph_template import (
+    clear_weights,
+    drop_outputs,
+    fill_weights,
+    forward_part,
+    strip_weights,
+)
+from fedclip.exporters.phases import phase
+from fedclip.exporters.step_trace import trace
 from fedclip.exporters.step_weights import share_weights
 from fedclip.sdk.errors import ExportError
 from fedclip.sdk.manifest import GraphSpec
 
-OPSET = 18
-# IR 8 is the oldest IR that carries opset 18; older ONNX Runtime builds (JetPack's) refuse IR 10.
-IR_VERSION = 8
 STEP_FILE = "step_model.onnx"
 STEP_EVAL_FILE = "step_eval_model.onnx"
 
@@ -94,7 +100,15 @@ def _frozen_tensors(module: nn.Module, trainable: Sequence[str]) -> dict[str, to
     return out
 
 
-def _step_function(module: nn.Module, names: Sequence[str], frozen: Sequence[str], n_data: int, opt: AdamW):
+def _step_function(
+    module: nn.Module,
+    names: Sequence[str],
+    frozen: Sequence[str],
+    n_data: int,
+    opt: AdamW,
+    extras: bool = False,
+):
+    """`extras`: the task module's outputs after the loss (logits) become the last outputs too."""
     b1, b2 = opt.betas
     n = len(names)
     k = len(frozen)
@@ -107,7 +121,9 @@ def _step_function(module: nn.Module, names: Sequence[str], frozen: Sequence[str
         state = args[n_data + 2 :]
         params, exp_avg, exp_avg_sq = state[:n], state[n : 2 * n], state[2 * n :]
         weights.update(zip(names, params, strict=True))
-        loss = _loss_of(torch.func.functional_call(module, weights, data))
+        out = torch.func.functional_call(module, weights, data)
+        loss = _loss_of(out)
+        tail = tuple(out[1:]) if extras and isinstance(out, (tuple, list)) else ()
         grads = torch.autograd.grad(loss, params)
         t = (step + 1).to(torch.float32)
         bc1 = 1 - b1**t
@@ -127,7 +143,7 @@ def _step_function(module: nn.Module, names: Sequence[str], frozen: Sequence[str
             new_p.append(p2)
             new_m.append(m2)
             new_v.append(v2)
-        return (loss, step + 1, *new_p, *new_m, *new_v)
+        return (loss, step + 1, *new_p, *new_m, *new_v, *tail)
 
     return step_fn
 
@@ -145,25 +161,6 @@ def _eval_function(module: nn.Module, names: Sequence[str], frozen: Sequence[str
     return eval_fn
 
 
-class _Traced(nn.Module):
-    """The make_fx graph as an ordinary module: frozen weights as buffers, the rest positional inputs.
-
-    The frozen weights were graph inputs while tracing: closed-over tensors would be constant-folded
-    by make_fx, which stores e.g. every transposed linear weight as a second copy.
-    """
-
-    def __init__(self, gm: torch.fx.GraphModule, frozen: Sequence[torch.Tensor]) -> None:
-        super().__init__()
-        self.gm = gm
-        self.n_frozen = len(frozen)
-        for i, t in enumerate(frozen):
-            self.register_buffer(f"frozen_{i}", t)
-
-    def forward(self, *args):
-        frozen = [getattr(self, f"frozen_{i}") for i in range(self.n_frozen)]
-        return self.gm(*frozen, *args)
-
-
 def _free_batch_size(module: nn.Module, data: Sequence[torch.Tensor]) -> int:
     """A trace batch size equal to no other dimension.
 
@@ -177,89 +174,6 @@ def _free_batch_size(module: nn.Module, data: Sequence[torch.Tensor]) -> int:
 def _with_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
     reps = -(-batch // t.shape[0])
     return t.repeat(reps, *([1] * (t.dim() - 1)))[:batch].clone()
-
-
-def _trace_and_export(
-    fn,
-    frozen: list[torch.Tensor],
-    args: list[torch.Tensor],
-    n_data: int,
-    input_names,
-    output_names,
-    path: Path,
-) -> None:
-    try:
-        _trace_and_export_unchecked(fn, frozen, args, n_data, input_names, output_names, path)
-    except ExportError:
-        raise
-    except Exception as e:  # torch's tracers and exporters raise many classes
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise ExportError(f"{path.name}: cannot export the training step: {type(e).__name__}: {first}") from e
-
-
-def _optimize(onnx_program) -> None:
-    """onnxscript's graph optimizer, but leaving large frozen weights in their torch layout.
-
-    It always folds a Transpose of a large initializer with one consumer, which stores every
-    linear weight as W^T; the inference graph holds W, so the shared weights file would get both.
-    """
-    try:
-        from onnxscript.optimizer import _constant_folding as folding
-    except ImportError:
-        folding = None
-    saved = getattr(folding, "_DEFAULT_ALWAYS_FOLD_OPS", None)
-    if saved is not None:
-        folding._DEFAULT_ALWAYS_FOLD_OPS = frozenset()
-    try:
-        onnx_program.optimize()
-    finally:
-        if saved is not None:
-            folding._DEFAULT_ALWAYS_FOLD_OPS = saved
-
-
-def _trace_and_export_unchecked(
-    fn,
-    frozen: list[torch.Tensor],
-    args: list[torch.Tensor],
-    n_data: int,
-    input_names,
-    output_names,
-    path: Path,
-) -> None:
-    from torch._decomp import get_decompositions
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    decomp = get_decompositions([torch.ops.aten.nll_loss_forward, torch.ops.aten.nll_loss_backward])
-    # torch.onnx prints its progress to stdout, which would tear the export's progress bar.
-    with torch.enable_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        gm = make_fx(fn, tracing_mode="symbolic", decomposition_table=decomp, _allow_non_fake_inputs=True)(
-            *frozen, *args
-        )
-        batch = torch.export.Dim("batch", min=1, max=1 << 16)
-        dyn = tuple({0: batch} if i < n_data else None for i in range(len(args)))
-        plain = tuple(a.detach() for a in args)
-        program = torch.export.export(_Traced(gm, frozen), plain, dynamic_shapes=(dyn,), strict=False)
-        onnx_program = torch.onnx.export(
-            program,
-            (),
-            input_names=list(input_names),
-            output_names=list(output_names),
-            dynamo=True,
-            opset_version=OPSET,
-            optimize=False,
-            verbose=False,
-        )
-        _optimize(onnx_program)
-    model = onnx_program.model_proto
-    got_in = [i.name for i in model.graph.input]
-    got_out = [o.name for o in model.graph.output]
-    if got_in != list(input_names) or got_out != list(output_names):
-        raise ExportError(f"{path.name}: exported graph io {got_in[:3]}... differs from the requested names")
-    model.ir_version = IR_VERSION
-    onnx.save_model(
-        model, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=1024
-    )
 
 
 def _prepare(module: nn.Module, trainable: Sequence[str], example_inputs: Sequence[torch.Tensor]):
@@ -287,6 +201,8 @@ def export_step_graph(
     adamw: AdamW = AdamW(),
     weights_file: str | None = None,
     file: str = STEP_FILE,
+    cache: ExportCache | None = None,
+    cache_key: dict | None = None,
 ) -> GraphSpec:
     """Write the training-step graph of `task_module` (forward returns the loss first) to `out_dir/file`.
 
@@ -295,15 +211,22 @@ def export_step_graph(
     """
     out_dir = Path(out_dir)
     data, values = _prepare(task_module, trainable, example_inputs)
-    step = torch.zeros(1, dtype=torch.int64)
-    lr = torch.full((1,), 1e-3)
-    zeros = [torch.zeros_like(v).detach() for v in values]
-    args = [*data, step, lr, *values, *zeros, *[z.clone() for z in zeros]]
+    args = _step_args(data, values)
     inputs, outputs = step_io(input_names, trainable)
     frozen = _frozen_tensors(task_module, trainable)
     fn = _step_function(task_module, list(trainable), list(frozen), len(data), adamw)
-    _export_into(fn, list(frozen.values()), args, len(data), inputs, outputs, out_dir, file, weights_file)
+    cached = _cached(cache, cache_key, "step", frozen, args, inputs, outputs, adamw=dataclasses.asdict(adamw))
+    _export_into(
+        fn, list(frozen.values()), args, len(data), inputs, outputs, out_dir, file, weights_file, cached
+    )
     return GraphSpec(file=file, inputs=inputs, outputs=outputs)
+
+
+def _step_args(data: list[torch.Tensor], values: list[torch.Tensor]) -> list[torch.Tensor]:
+    step = torch.zeros(1, dtype=torch.int64)
+    lr = torch.full((1,), 1e-3)
+    zeros = [torch.zeros_like(v).detach() for v in values]
+    return [*data, step, lr, *values, *zeros, *[z.clone() for z in zeros]]
 
 
 def export_step_eval_graph(
@@ -316,6 +239,8 @@ def export_step_eval_graph(
     *,
     weights_file: str | None = None,
     file: str = STEP_EVAL_FILE,
+    cache: ExportCache | None = None,
+    cache_key: dict | None = None,
 ) -> GraphSpec:
     """The task graph's outputs with the trainable tensors as inputs (no initializers to override)."""
     out_dir = Path(out_dir)
@@ -330,30 +255,73 @@ def export_step_eval_graph(
         raise ExportError(
             f"step eval graph: the task module returns {n_out} outputs, {len(output_names)} named"
         )
+    args = [*data, *values]
+    cached = _cached(cache, cache_key, "step_eval", frozen, args, inputs, output_names)
     _export_into(
         fn,
         list(frozen.values()),
-        [*data, *values],
+        args,
         len(data),
         inputs,
         tuple(output_names),
         out_dir,
         file,
         weights_file,
+        cached,
     )
     return GraphSpec(file=file, inputs=inputs, outputs=tuple(output_names))
 
 
 def _export_into(
-    fn, frozen, args, n_data, inputs, outputs, out_dir: Path, file: str, weights_file: str | None
+    fn, frozen, args, n_data, inputs, outputs, out_dir: Path, file: str, weights_file: str | None, cached
 ) -> None:
-    if weights_file is None:
-        _trace_and_export(fn, frozen, args, n_data, inputs, outputs, out_dir / file)
-        return
-    # Export next to the bundle, then move the weights into the shared file and the graph in place.
-    with tempfile.TemporaryDirectory(prefix=".step-", dir=out_dir) as tmp:
-        _trace_and_export(fn, frozen, args, n_data, inputs, outputs, Path(tmp) / file)
-        share_weights(Path(tmp) / file, out_dir / file, out_dir / weights_file)
+    """Trace (or take from the cache), fill in this model's weights, write; `cached`: (cache, key) or None."""
+
+    def build() -> bytes:
+        return strip_weights(trace(fn, frozen, args, n_data, inputs, outputs, file))
+
+    _write(_template(cached, build), frozen, out_dir, file, weights_file)
+
+
+def _template(cached, build) -> bytes:
+    if cached is None:
+        return build()
+    cache, key = cached
+    return cache.get_or_build(key, build)
+
+
+def _write(template: bytes, frozen, out_dir: Path, file: str, weights_file: str | None) -> None:
+    with phase(f"{file}: writing weights"):
+        model = fill_weights(template, frozen)
+        if weights_file is None:
+            _save(model, out_dir / file)
+            return
+        # Written next to the bundle, then the weights move into the shared file and the graph in place.
+        with tempfile.TemporaryDirectory(prefix=".step-", dir=out_dir) as tmp:
+            _save(model, Path(tmp) / file)
+            share_weights(Path(tmp) / file, out_dir / file, out_dir / weights_file)
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=1024
+    )
+
+
+def _cached(cache, key: dict | None, graph: str, frozen: dict, args, inputs, outputs, **extra):
+    """(cache, full key) when the caller gave both; the key adds all this graph's shapes and names."""
+    if cache is None or key is None:
+        return None
+    doc = {
+        **key,
+        "graph": graph,
+        "frozen": [(n, list(t.shape), str(t.dtype)) for n, t in frozen.items()],
+        "args": [(list(a.shape), str(a.dtype), a.requires_grad) for a in args],
+        "inputs": list(inputs),
+        "outputs": list(outputs),
+        **extra,
+    }
+    return cache, doc
 
 
 def export_step_graphs(
@@ -366,14 +334,43 @@ def export_step_graphs(
     *,
     adamw: AdamW = AdamW(),
     weights_file: str | None = None,
+    cache: ExportCache | None = None,
+    cache_key: dict | None = None,
 ) -> dict[str, GraphSpec]:
-    """Both graphs the step backend needs, as `manifest.graphs` entries `step` and `step_eval`."""
-    common = dict(weights_file=weights_file)
+    """Both graphs the step backend needs, as `manifest.graphs` entries `step` and `step_eval`.
+
+    One trace: the eval graph is the forward part of the step graph (`graph_template.forward_part`).
+    With `cache` and `cache_key` (what identifies the task module's code path: architecture,
+    adapter spec, task; see bundle.py) traced graphs come from / go to the export cache."""
+    out_dir = Path(out_dir)
+    data, values = _prepare(task_module, trainable, example_inputs)
+    frozen = _frozen_tensors(task_module, trainable)
+    weights = list(frozen.values())
+    step_args, eval_args = _step_args(data, values), [*data, *(v.detach() for v in values)]
+    inputs, outputs = step_io(input_names, trainable)
+    eval_inputs, eval_outputs = (*input_names, *trainable), tuple(eval_outputs)
+    extra = eval_outputs[1:]  # the step graph carries them while the eval graph is cut out of it
+    fn = _step_function(task_module, list(trainable), list(frozen), len(data), adamw, extras=True)
+    step_c = _cached(
+        cache, cache_key, "step", frozen, step_args, inputs, outputs, adamw=dataclasses.asdict(adamw)
+    )
+    eval_c = _cached(cache, cache_key, "step_eval", frozen, eval_args, eval_inputs, eval_outputs, cut=True)
+
+    @functools.cache
+    def both() -> tuple[bytes, bytes]:
+        model = trace(fn, weights, step_args, len(data), inputs, (*outputs, *extra), STEP_FILE)
+        clear_weights(model)  # first, so the cut copies no weight data (ViT-B-32: 0.6 GB)
+        with phase(f"{STEP_EVAL_FILE}: cut from the step graph"):
+            try:
+                eval_model = forward_part(model, eval_inputs, eval_outputs)
+            except ValueError as e:
+                raise ExportError(f"{STEP_EVAL_FILE}: cannot cut it from the step graph ({e})") from None
+            drop_outputs(model, extra)
+        return strip_weights(model), strip_weights(eval_model)
+
+    _write(_template(step_c, lambda: both()[0]), weights, out_dir, STEP_FILE, weights_file)
+    _write(_template(eval_c, lambda: both()[1]), weights, out_dir, STEP_EVAL_FILE, weights_file)
     return {
-        "step": export_step_graph(
-            task_module, trainable, example_inputs, input_names, out_dir, adamw=adamw, **common
-        ),
-        "step_eval": export_step_eval_graph(
-            task_module, trainable, example_inputs, input_names, eval_outputs, out_dir, **common
-        ),
+        "step": GraphSpec(file=STEP_FILE, inputs=inputs, outputs=outputs),
+        "step_eval": GraphSpec(file=STEP_EVAL_FILE, inputs=eval_inputs, outputs=eval_outputs),
     }

@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto
 
-from fedclip.device_agent.shared_weights import INDEX_FILE, INDEX_FORMAT
+from fedclip.sdk.bundle_layout import INDEX_FILE, INDEX_FORMAT
 
 ALIGN = 64  # keeps float tensors aligned for ORT's loader, which may memory-map them
 MIN_BYTES = 1024

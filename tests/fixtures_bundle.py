@@ -19,13 +19,34 @@ FASHION_MNIST_LABELS = (
     "Ankle boot",
 )
 
-__all__ = ["FASHION_MNIST_LABELS", "bundle_factory", "tiny_bundle"]
+__all__ = ["FASHION_MNIST_LABELS", "bundle_factory", "export_cache", "tiny_bundle"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def export_cache(tmp_path_factory):
+    """The session's export cache: the first step export of a shape traces, later ones fill weights in.
+
+    Also the default of every `fedclip-coord export` the tests start (demo runs included), so no test
+    writes to the user's ~/.cache and a shape is traced once per test run."""
+    import os
+
+    from fedclip.exporters.export_cache import ENV, ExportCache
+
+    root = tmp_path_factory.mktemp("export-cache")
+    saved = os.environ.get(ENV)
+    os.environ[ENV] = str(root)
+    yield ExportCache(root)
+    if saved is None:
+        os.environ.pop(ENV, None)
+    else:
+        os.environ[ENV] = saved
 
 
 @pytest.fixture(scope="session")
-def bundle_factory(tmp_path_factory):
+def bundle_factory(tmp_path_factory, export_cache):
     """`make(adapter=..., task=..., towers=..., formats=..., ...) -> Path`: a fedclip-tiny bundle, cached
-    per arguments; `formats` is ("ort-training",) (default), ("step",) or both."""
+    per arguments; `formats` is ("ort-training",) (default), ("step",) or both. Step graphs go through
+    the session's export cache."""
     root = tmp_path_factory.mktemp("bundles")
     cache: dict[tuple, Path] = {}
 
@@ -61,7 +82,8 @@ def bundle_factory(tmp_path_factory):
                     task=task,
                     labels=tuple(labels) if task == "classify" else (),
                     format=fmt,
-                )
+                ),
+                cache=export_cache,
             )
             cache[key] = out
         return cache[key]

@@ -144,3 +144,17 @@ def test_config_file_with_flags_winning_and_labels_file(tmp_path):
     assert m.adapter.rank == 4 and m.adapter.alpha == 4.0  # flag beat the file, the file beat defaults
     assert m.adapter.targets == ("q", "k")
     assert m.task.labels == ("cat", "dog", "bird")
+
+
+@pytest.mark.slow
+def test_cli_reuses_traced_graphs_from_the_cache_dir(bundle_factory, export_cache, tmp_path):
+    seen = bundle_factory(formats=("step",))  # labels a,b,c: the shape of BASE, traced into the cache
+    before = sorted(p.relative_to(export_cache.root) for p in export_cache.root.rglob("*"))
+    out = tmp_path / "bundle"
+    res = _subprocess_cli(
+        *BASE, "--seed", "3", "--format", "step", "--cache-dir", str(export_cache.root), "--out", str(out)
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "2 graph(s) reused, 0 traced" in " ".join(res.stderr.split())
+    assert sorted(p.relative_to(export_cache.root) for p in export_cache.root.rglob("*")) == before
+    assert (out / "weights.bin").read_bytes() != (seen / "weights.bin").read_bytes()  # seed 3's weights

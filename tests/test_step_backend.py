@@ -35,14 +35,14 @@ def _batches(manifest, n_batches: int = 3, size: int = 4, seed: int = 0) -> list
 
 
 @pytest.fixture(scope="module")
-def step_bundle(bundle_factory, tmp_path_factory) -> Path:
+def step_bundle(bundle_factory, export_cache, tmp_path_factory) -> Path:
     """The default tiny classify bundle (ORT artifacts) plus the step format."""
     from fedclip.exporters.step_bundle import add_step_format
 
     src = bundle_factory()
     dst = tmp_path_factory.mktemp("step") / "bundle"
     shutil.copytree(src, dst)
-    add_step_format(dst)
+    add_step_format(dst, cache=export_cache)
     return dst
 
 

@@ -19,12 +19,12 @@ import torch
 from fedclip.exporters import tasks
 from fedclip.exporters.bundle import build_adapted_model, tokenize
 from fedclip.exporters.step_graph import (
-    OPSET,
     AdamW,
     export_step_eval_graph,
     export_step_graph,
     step_io,
 )
+from fedclip.exporters.step_trace import OPSET
 from fedclip.exporters.step_weights import share_weights
 from fedclip.sdk.errors import ExportError
 from fedclip.sdk.manifest import AdapterSpec
@@ -323,6 +323,56 @@ def test_eval_graph_and_shared_weights(case: Case, tmp_path: Path):
     with torch.no_grad():
         ref_loss, _ = case.module(x, y)
     assert abs(float(loss) - float(ref_loss)) < 1e-4
+
+
+@pytest.mark.parametrize("case", CASES[:1], indirect=True)
+def test_step_graphs_cut_the_eval_graph_from_one_trace_and_cache_it(case: Case, tmp_path: Path):
+    """export_step_graphs traces once: step_eval is the step graph's forward part, and both graphs
+    come from the export cache the second time, byte for byte."""
+    import onnx
+
+    from fedclip.exporters.export_cache import ExportCache
+    from fedclip.exporters.step_graph import export_step_graphs
+
+    cache, key = ExportCache(tmp_path / "cache"), {"case": "micro lora classify"}
+    out = {}
+    for name in ("first", "second"):
+        out[name] = tmp_path / name
+        out[name].mkdir()
+        specs = export_step_graphs(
+            case.module,
+            case.names,
+            case.batches[0],
+            case.input_names,
+            case.eval_outputs,
+            out[name],
+            adamw=OPT,
+            cache=cache,
+            cache_key=key,
+        )
+    assert (cache.misses, cache.hits) == (2, 2)
+    step_out = step_io(case.input_names, case.names)[1]
+    assert specs["step"].outputs == step_out  # the logits the cut needed are no output of the step graph
+    model = onnx.load(str(out["first"] / specs["step"].file), load_external_data=False)
+    assert [o.name for o in model.graph.output] == list(step_out)
+    first, second = (sorted(d.iterdir()) for d in (out["first"], out["second"]))
+    assert [p.name for p in first] == [p.name for p in second]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(first, second, strict=True))
+
+    x, y = case.batches[1]
+    feeds = {"image": x.numpy(), "labels": y.numpy(), **case.initial()}
+    loss, logits = _session(out["first"] / specs["step_eval"].file).run(None, feeds)
+    with torch.no_grad():
+        ref_loss, ref_logits = case.module(x, y)
+    np.testing.assert_allclose(logits, ref_logits.numpy(), rtol=1e-4, atol=1e-4)
+    assert abs(float(loss) - float(ref_loss)) < 1e-4
+    # The step graph still trains: its first loss is the task module's.
+    zeros = {n: np.zeros_like(a) for n, a in case.initial().items()}
+    feeds = case.feeds(case.batches[1], 0, 1e-2, case.initial(), zeros, zeros)
+    assert (
+        abs(float(_session(out["first"] / specs["step"].file).run(["loss"], feeds)[0]) - float(ref_loss))
+        < 1e-4
+    )
 
 
 def test_unknown_trainable_name_is_an_export_error(tmp_path: Path):

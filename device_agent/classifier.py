@@ -33,6 +33,7 @@ import numpy as np
 from fedclip.device_agent.predictor import Predictor
 from fedclip.sdk.adapters import load_adapter
 from fedclip.sdk.errors import DataError, FedclipError, StateError
+from fedclip.sdk.ledger import STATE_FILE, Ledger
 from fedclip.sdk.manifest import Manifest
 from fedclip.sdk.preprocess import load_image
 
@@ -44,22 +45,16 @@ _TEXT_CACHE = 64  # label sets kept per classifier (a few per adapter version is
 def installed_adapter(state_dir: str | Path) -> tuple[str, str | None, Path | None]:
     """(bundle id, adapter version or None, its file or None): what the agent serves inference with.
 
-    Read-only, and the only place the Classifier learns it from: today the agent's `state.json`
-    (`current_adapter`, kept there by rounds, `--adapter` installs and rollouts alike).
+    Read-only, and the only place the Classifier learns it from: the agent's ledger (`sdk.ledger`),
+    whose in-use entry only signed rollouts (and `--adapter` installs) change.
     """
-    from fedclip.device_agent.state import read_record
-
-    record = read_record(state_dir)
-    version = record.get("current_adapter")
-    entry = record.get("adapters", {}).get(version) if version else None
-    path = Path(state_dir) / entry["file"] if entry else None
-    return str(record.get("bundle_id") or ""), (version if entry else None), path
+    ledger = Ledger.read(state_dir)
+    entry = ledger.entry(ledger.current)
+    return ledger.bundle_id, (entry.version if entry else None), (entry.file if entry else None)
 
 
 def _state_stamp(state_dir: Path) -> tuple[int, int] | None:
     """Changes whenever the agent replaces its state file (atomic replace: a new inode)."""
-    from fedclip.device_agent.state import STATE_FILE
-
     try:
         st = (state_dir / STATE_FILE).stat()
     except OSError:

@@ -27,6 +27,7 @@ from fedclip.device_agent.updates import build_update
 from fedclip.sdk.adapters import AdapterMeta, load_adapter
 from fedclip.sdk.data import Dataset
 from fedclip.sdk.errors import DataError, FedclipError, StateError
+from fedclip.sdk.ids import ID_PATTERN
 from fedclip.sdk.manifest import Manifest
 from fedclip.sdk.messages import Task
 
@@ -136,8 +137,11 @@ class RoundRunner:
         rnd: int,
         parent: str = "",
         strategy: str = "",
+        use: bool = True,
+        rollout: int = 0,
     ) -> None:
-        """Keep an adapter for inference: the exchanged tensors on top of this device's own ones."""
+        """Keep an adapter (the exchanged tensors on top of this device's own ones) in the ledger and,
+        with `use`, for inference."""
         tensors = dict(self.trainer.get_tensors("trainable"))
         tensors.update(exchanged)
         meta = AdapterMeta(
@@ -149,8 +153,10 @@ class RoundRunner:
             kind=self.manifest.adapter.kind,
             agent=self.cfg.id,
         )
-        path = self.state.install_adapter(version, tensors, meta, source=source, rnd=rnd)
-        log.info("adapter %s installed for inference (%s)", version, path)
+        path = self.state.install_adapter(
+            version, tensors, meta, source=source, rnd=rnd, use=use, rollout=rollout
+        )
+        log.info("adapter %s kept%s (%s)", version, " and used for inference" if use else "", path)
 
     # ---- rounds ----------------------------------------------------------------------------------
     def batches_per_epoch(self, batch_size: int) -> int:
@@ -209,8 +215,10 @@ class RoundRunner:
             self.trainer.set_tensors(task.adapter)
         if task.reset_optimizer:
             self.trainer.reset_optimizer()
-        # The task's starting adapter is for training only: what inference uses is installed by
-        # signed rollouts alone, so whoever can publish a task cannot change what the device answers.
+        # The task's starting adapter goes into the ledger for the record, never to inference: what
+        # a device answers changes by signed rollouts alone, whoever can publish a task.
+        if task.adapter and ID_PATTERN.match(task.base_version or ""):
+            self.install(task.base_version, task.adapter, source="task", rnd=task.round_id, use=False)
         log.info(
             "round %d: started (%d epochs, lr %g, batch %d)",
             task.round_id,

@@ -36,10 +36,12 @@ from fedclip.sdk.fsutil import atomic_produce, atomic_write, remove
 from fedclip.sdk.hashing import sha256_bytes
 from fedclip.sdk.ids import ID_PATTERN
 
+# the ledger's file and format are the sdk's (`sdk.ledger`): its readers and this writer agree
+from fedclip.sdk.ledger import STATE_FILE, STATE_FORMAT
+
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = 1
-STATE_FILE = "state.json"
+
 LOCK_FILE = "state.lock"
 
 BUILT = "built"  # update blob on disk, not yet acknowledged by the broker
@@ -235,8 +237,11 @@ class AgentState:
         *,
         source: str,
         rnd: int = -1,
+        use: bool = True,
+        rollout: int = 0,
     ) -> Path:
-        """Keep an adapter for inference and make it current. Idempotent for a version already there."""
+        """Keep an adapter in the ledger (`sdk.ledger`) and, with `use`, make it the one inference uses.
+        Idempotent for a version already there."""
         if not ID_PATTERN.match(version or ""):
             raise StateError(f"adapter version {version!r} is not a valid id")
         rel = f"adapters/{version}.safetensors"
@@ -246,9 +251,11 @@ class AgentState:
             "file": rel,
             "source": source,
             "round": rnd,
+            "rollout": rollout,
             "installed_at": time.time(),
         }
-        self.record["current_adapter"] = version
+        if use:
+            self.record["current_adapter"] = version
         self._save()
         return self.root / rel
 

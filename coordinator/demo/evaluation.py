@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 
 from fedclip.coordinator.demo.config import agent_cli, flags
-from fedclip.coordinator.demo.federation import FleetRun, round_adapters
+from fedclip.coordinator.demo.federation import FleetRun, last_round, round_adapters
 from fedclip.coordinator.procs import Child, ChildFailed, ProcessGroup, procs_wait
 
 
@@ -50,10 +50,9 @@ def accuracy_per_round(
     """accuracy[agent][r] on the agent's test split: r = 0 before any round, r = k after round k."""
     acc: dict[str, list[float | None]] = {}
     jobs = []
-    out = run.coordinator_state.parent / "adapters"
-    for aid in run.agent_states:
+    for aid, state in run.agent_states.items():
         acc[aid] = [None] * (rounds + 1)
-        adapters: dict[int, Path | None] = {**round_adapters(run.coordinator_state, aid, rounds, out)}
+        adapters: dict[int, Path | None] = {**round_adapters(state, last_round(run))}
         adapters[0] = None  # the bundle's own initial adapter
         jobs += [(aid, r, adapters[r]) for r in range(rounds + 1) if r in adapters]
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())

@@ -17,12 +17,13 @@ from fedclip.coordinator.demo.config import DemoConfig, agent_cli, coord_cli, fl
 from fedclip.coordinator.demo.launch import BrokerInfo, agent_auth_flags, auth_flags, write_secret
 from fedclip.coordinator.metrics import METRICS_FILE, MetricsLog
 from fedclip.coordinator.procs import ChildFailed, ProcessGroup
-from fedclip.coordinator.registry import Registry, agent_version, global_version
 from fedclip.coordinator.rollout import KEY_DIR
 from fedclip.coordinator.rollout_store import DB_NAME as ROLLOUT_DB
 from fedclip.coordinator.rollout_store import INSTALLED, PINNED, RolloutStore
 from fedclip.coordinator.store import Store
 from fedclip.sdk.config import read_secret
+from fedclip.sdk.errors import StateError
+from fedclip.sdk.ledger import Ledger
 from fedclip.sdk.signing import ensure_keypair
 
 log = logging.getLogger(__name__)
@@ -171,22 +172,14 @@ def _count(x: object) -> str:
 
 
 # ---- adapters after each round ------------------------------------------------------------------
-def round_adapters(coordinator_state: Path, agent: str, rounds: int, out: Path) -> dict[int, Path]:
-    """after_round -> adapter file `agent` had after that round, from the coordinator's registry: its
-    own version where the strategy personalized, else the round's global one (exported to `out`)."""
-    store = Store(coordinator_state, readonly=True)
+def round_adapters(agent_state: Path, rollout_round: int | None) -> dict[int, Path]:
+    """after_round -> the adapter file an agent had after that round, from its ledger (`sdk.ledger`):
+    for tri-lora the file holds the agent's own A and B beside the fleet's core, which the
+    coordinator's registry does not have."""
     try:
-        registry = Registry(store, store.get_meta("bundle_id") or "")
-        found: dict[int, Path] = {}
-        for round_id in range(1, rounds + 1):
-            version = agent_version(agent, round_id)
-            if not registry.has(version):
-                version = global_version(round_id)
-            if registry.has(version):
-                found[round_id] = registry.export(version, out / f"{agent}-r{round_id}.safetensors")
-        return found
-    finally:
-        store.close()
+        return Ledger.read(agent_state).after_rounds(rollout_round)
+    except StateError:
+        return {}
 
 
 def _installed(coordinator_state: Path, version: str) -> set[str]:

@@ -1,0 +1,91 @@
+"""The agent's adapter ledger, read-only: every adapter a device kept, where it came from, and which
+one its inference uses now. One home for the format, so the agent that writes it (`AgentState`), the
+application that follows it (`Classifier`), `fedclip-agent status` and the demo all read it alike.
+
+The ledger is the `adapters` map and `current_adapter` of `<state>/state.json` (replaced atomically
+by the agent, so a reader sees the old or the new ledger, never half of one). Sources:
+- `task`: the full trainable set a round started from (the fleet's model after the round before),
+  kept for the record and never used for inference: only signed rollouts change what a device answers;
+- `rollout`: installed for inference by a signed rollout (`rollout` names it);
+- `adapter`: installed by an unsigned push (closed test setups only).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedclip.sdk.errors import StateError
+
+STATE_FILE = "state.json"
+STATE_FORMAT = 1
+SOURCES = ("task", "rollout", "adapter")
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    version: str
+    file: Path  # absolute
+    source: str  # one of SOURCES
+    round_id: int  # the round it belongs to (-1: none)
+    rollout: int = 0  # the rollout that installed it (0: none)
+    installed_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Ledger:
+    bundle_id: str
+    current: str | None  # the version inference uses (None: the bundle's own adapter)
+    entries: tuple[LedgerEntry, ...]  # oldest first
+
+    @classmethod
+    def read(cls, state_dir: str | Path) -> Ledger:
+        """The ledger of an agent state dir; StateError with one line when there is none."""
+        root = Path(state_dir)
+        path = root / STATE_FILE
+        try:
+            record = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise StateError(f"{root}: not an agent state dir (no {STATE_FILE})") from None
+        except OSError as e:
+            raise StateError(f"{path}: cannot read ({e.strerror or e})") from None
+        except ValueError:
+            raise StateError(f"{path}: not valid JSON (was it edited by hand?)") from None
+        if not isinstance(record, dict) or record.get("format") != STATE_FORMAT:
+            raise StateError(f"{path}: state format is not supported (expected {STATE_FORMAT})")
+        entries = [
+            LedgerEntry(
+                version=version,
+                file=root / e["file"],
+                source=str(e.get("source", "")),
+                round_id=int(e.get("round", -1)),
+                rollout=int(e.get("rollout", 0) or 0),
+                installed_at=float(e.get("installed_at", 0.0)),
+            )
+            for version, e in record.get("adapters", {}).items()
+        ]
+        entries.sort(key=lambda e: e.installed_at)
+        return cls(str(record.get("bundle_id") or ""), record.get("current_adapter"), tuple(entries))
+
+    def entry(self, version: str | None) -> LedgerEntry | None:
+        return next((e for e in self.entries if e.version == version), None) if version else None
+
+    def in_use(self) -> LedgerEntry | None:
+        """The entry inference uses now, if its file is there."""
+        e = self.entry(self.current)
+        return e if e is not None and e.file.is_file() else None
+
+    def after_rounds(self, rollout_round: int | None = None) -> dict[int, Path]:
+        """round r -> the adapter file this device had after round r: a task's starting adapter of
+        round r + 1 is the fleet's model after round r; a rollout of `rollout_round`'s version is the
+        model after that round. The latest entry of a round wins."""
+        found: dict[int, Path] = {}
+        for e in self.entries:  # oldest first: later entries overwrite
+            if not e.file.is_file():
+                continue
+            if e.source == "task" and e.round_id >= 1:
+                found[e.round_id - 1] = e.file
+            elif e.source == "rollout" and rollout_round is not None:
+                found[rollout_round] = e.file
+        return dict(sorted(found.items()))

@@ -1,0 +1,43 @@
+"""The adapter ledger: the agent writes it through AgentState, everyone else reads it through
+sdk.ledger; a task's starting adapter is kept for the record but never used for inference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedclip.device_agent.state import AgentState
+from fedclip.sdk.adapters import AdapterMeta
+from fedclip.sdk.errors import StateError
+from fedclip.sdk.ledger import Ledger
+
+T = {"x.lora_C": np.ones((2, 2), np.float32)}
+
+
+def meta(version: str, rnd: int) -> AdapterMeta:
+    return AdapterMeta(bundle_id="b", version=version, round=rnd, kind="tri-lora")
+
+
+def test_tasks_are_recorded_rollouts_are_used(tmp_path):
+    state = AgentState(tmp_path, agent_id="a", fleet="f", bundle_id="b")
+    state.install_adapter("g-r0", T, meta("g-r0", 0), source="task", rnd=1, use=False)
+    state.install_adapter("g-r1", T, meta("g-r1", 1), source="task", rnd=2, use=False)
+    ledger = Ledger.read(tmp_path)
+    assert ledger.current is None and ledger.in_use() is None  # no task ever reaches inference
+    assert [e.version for e in ledger.entries] == ["g-r0", "g-r1"]
+    state.install_adapter("g-r2", T, meta("g-r2", 2), source="rollout", rnd=-1, rollout=7)
+    ledger = Ledger.read(tmp_path)
+    used = ledger.in_use()
+    assert used is not None and (used.version, used.source, used.rollout) == ("g-r2", "rollout", 7)
+    after = ledger.after_rounds(rollout_round=2)
+    assert sorted(after) == [0, 1, 2] and after[2] == used.file
+    assert ledger.bundle_id == "b"
+    state.close()
+
+
+def test_no_ledger_is_one_line(tmp_path):
+    with pytest.raises(StateError, match="not an agent state dir"):
+        Ledger.read(tmp_path)
+    (tmp_path / "state.json").write_text("{oops")
+    with pytest.raises(StateError, match="not valid JSON"):
+        Ledger.read(tmp_path)

@@ -24,6 +24,7 @@ from fedclip.coordinator.rollout import KEY_DIR, RolloutManager
 from fedclip.coordinator.rollout_policy import RolloutParams, Target
 from fedclip.coordinator.rollout_sources import DictSource, RegistrySource
 from fedclip.coordinator.rollout_store import DB_NAME, FINAL_STATES, ROLLED_BACK, RolloutError, RolloutStore
+from fedclip.coordinator.trust import Trust
 from fedclip.sdk.errors import ConfigError
 from fedclip.sdk.ids import check_id
 from fedclip.sdk.wire import Topics
@@ -130,6 +131,7 @@ def _manager(
         url_root=url_root,
         url_base=url_base,
         on_event=on_event or (lambda rid, text: console.print(f"rollout {rid}: {text}")),
+        trust=Trust.for_state(state),  # a provisioned fleet: only acks its agents signed count
     )
 
 
@@ -209,7 +211,13 @@ def start(
         manager.subscribe()
         snapshot = _session(*broker_args, persistent=False)
         try:
-            agents = read_fleet(snapshot, manager.topics, quiet=fleet_wait, timeout=max(5.0, fleet_wait * 5))
+            agents = read_fleet(
+                snapshot,
+                manager.topics,
+                quiet=fleet_wait,
+                timeout=max(5.0, fleet_wait * 5),
+                trust=manager.trust,
+            )
         finally:
             snapshot.close()
         rid = manager.start(params, agents)

@@ -16,6 +16,7 @@ An unprovisioned fleet (closed test setups) has no registry, and `Trust(None)` c
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -40,6 +41,14 @@ class Trust:
         self.senders = senders
         self._newest_status: dict[str, float] = {}
         self._lock = threading.Lock()
+
+    @classmethod
+    def for_state(cls, state_dir: str | Path) -> Trust:
+        """The trust of a coordinator state dir: its enrolment registry when the fleet is provisioned
+        (`fedclip-coord provision init`), else none (closed test setups)."""
+        from fedclip.coordinator.enrolment import Enrolment
+
+        return cls(Enrolment.load(state_dir) if Enrolment.exists(state_dir) else None)
 
     @property
     def required(self) -> bool:

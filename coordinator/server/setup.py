@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 
 from fedclip.coordinator.config import CoordConfig
-from fedclip.coordinator.enrolment import Enrolment
 from fedclip.coordinator.registry import Registry
 from fedclip.coordinator.rollout import KEY_DIR
 from fedclip.coordinator.store import Store
@@ -47,10 +46,10 @@ def load_key(cfg: CoordConfig) -> Ed25519PrivateKey:
 def load_trust(cfg: CoordConfig) -> Trust:
     """A provisioned fleet (enrolment registry in the state dir) counts only signed messages of its
     enrolled devices; otherwise (closed test setups) only the envelope is checked."""
-    if not Enrolment.exists(cfg.state):
-        return Trust(None)
-    log.info("fleet is provisioned: only signed messages of enrolled, unrevoked devices count")
-    return Trust(Enrolment.load(cfg.state))
+    trust = Trust.for_state(cfg.state)
+    if trust.required:
+        log.info("fleet is provisioned: only signed messages of enrolled, unrevoked devices count")
+    return trust
 
 
 def check_state_dir(store: Store, cfg: CoordConfig, bundle_id: str, strategy: str) -> None:

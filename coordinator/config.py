@@ -55,6 +55,9 @@ class CoordConfig:
     # held ones are N or more rounds old. 0: only when the agent's data digest changes.
     stats_refresh_rounds: int = 0
     max_update_norm: float = 0.0  # L2 bound on (update - start) over all tensors; 0 = no bound
+    # Robust aggregation, on by default: from 3 updates on, an update's sample count is capped at this
+    # factor times the round's median and its delta clipped to this factor times the median norm; 0: off
+    robust_factor: float = 10.0
     norm_action: Literal["clip", "reject"] = "reject"
     max_payload_mb: float = 64.0
     client_id: str = ""  # default: fedclip-coord-<fleet>
@@ -96,6 +99,7 @@ class CoordConfig:
             "max_steps",
             "noise_std",
             "max_update_norm",
+            "robust_factor",
             "clients_per_round",
             "stats_refresh_rounds",
         ):

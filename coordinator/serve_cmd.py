@@ -91,6 +91,9 @@ def serve(
         "rounds old (default 0: only when an agent's data changes).",
     ),
     max_update_norm: float | None = typer.Option(None, help="L2 bound on an update (0: none)."),
+    robust_factor: float | None = typer.Option(
+        None, help="Cap samples and clip deltas at this factor x the round's median, from 3 updates (0: off)."
+    ),
     norm_action: str | None = typer.Option(None, help="What to do above the bound: clip or reject."),
     http: bool | None = typer.Option(
         None, "--http/--no-http", help="Serve the bundle over HTTP for agents (default: on)."
@@ -134,6 +137,7 @@ def serve(
         lr=lr,
         seed=seed,
         max_update_norm=max_update_norm,
+        robust_factor=robust_factor,
         norm_action=norm_action,
         selection=selection,
         batch_size=batch_size,

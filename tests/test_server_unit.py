@@ -224,3 +224,15 @@ def test_a_late_update_for_a_closed_round_is_recorded_as_late(bundle, open_round
     outcome = server.intake.on_update("a", Incoming(TOPICS.update("a"), _update(bundle, "a"), False), None)
     assert outcome == "late"
     assert server.store.rejections()[-1][3] == "late: round failed"
+
+
+def test_robust_caps_bound_a_liar_from_three_updates_on():
+    from fedclip.coordinator.server.close import robust_caps
+
+    assert robust_caps([300, 280, 10**9], [1.0, 1.2, 500.0], 10.0) == (3000, 12.0)
+    assert robust_caps([300, 10**9], [1.0, 500.0], 10.0) == (
+        None,
+        None,
+    )  # two: no median one liar cannot move
+    assert robust_caps([300, 280, 10**9], [1.0, 1.2, 500.0], 0.0) == (None, None)  # off
+    assert robust_caps([5, 5, 5], [0.0, 0.0, 0.0], 10.0) == (50, None)  # no movement: nothing to clip

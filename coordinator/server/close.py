@@ -9,16 +9,33 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
+
+import numpy as np
 
 from fedclip.coordinator.metrics import weighted_means
 from fedclip.coordinator.server.context import RoundContext
 from fedclip.coordinator.server.tasks import RoundState
+from fedclip.coordinator.strategies.aggregate import clip_delta
 from fedclip.coordinator.strategies.base import Update
 from fedclip.sdk.adapters import check_tensors
 from fedclip.sdk.errors import AdapterError
 from fedclip.sdk.messages import KNOWN_STATS
 
 log = logging.getLogger("fedclip.coordinator")
+
+
+def robust_caps(samples: list[int], norms: list[float], factor: float) -> tuple[int | None, float | None]:
+    """(sample cap, norm cap) of one round: `factor` times the round's median, from 3 updates on (fewer
+    have no median that one liar cannot move); (None, None) when `factor` is 0.
+
+    One update claiming 10^9 samples would otherwise own the average, and one giant delta would drag it
+    anywhere, even when every update is signed by an enrolled device (a compromised or broken one)."""
+    if factor <= 0 or len(samples) < 3:
+        return None, None
+    sample_cap = max(1, int(factor * float(np.median(samples))))
+    norm_cap = factor * float(np.median(norms)) if len(norms) >= 3 and np.median(norms) > 0 else None
+    return sample_cap, norm_cap
 
 
 class RoundCloser:
@@ -28,21 +45,26 @@ class RoundCloser:
         self.manifest, self.strategy, self.metrics = ctx.manifest, ctx.strategy, ctx.metrics
         self.store, self.registry = ctx.store, ctx.registry
         self.exchanged = tuple(sorted(t.name for t in ctx.manifest.exchanged))
+        self.robust_factor = ctx.cfg.robust_factor
 
     def _updates(self, st: RoundState) -> list[Update]:
-        """The round's stored updates, their tensors read from disk on access."""
+        """The round's stored updates, their tensors read from disk on access, made robust (below)."""
+        rows = self.store.updates(st.round)
+        sample_cap, norm_cap = robust_caps(
+            [r.num_samples for r in rows], [r.norm for r in rows if r.norm is not None], self.robust_factor
+        )
         out = []
-        for r in self.store.updates(st.round):
-            out.append(
-                Update(
-                    r.agent,
-                    r.num_samples,
-                    self.store.blobs.tensors(r.blob, self.exchanged),
-                    self.registry.tensors(st.selected[r.agent]),
-                    self.store.blobs.read_tensors(r.blob, KNOWN_STATS),
-                    r.metrics,
+        for r in rows:
+            base = self.registry.tensors(st.selected[r.agent])
+            tensors: Mapping[str, np.ndarray] = self.store.blobs.tensors(r.blob, self.exchanged)
+            if norm_cap is not None and r.norm is not None and r.norm > norm_cap:
+                log.info(
+                    "round %d: update of %s clipped to %.3g (norm %.3g)", st.round, r.agent, norm_cap, r.norm
                 )
-            )
+                tensors = clip_delta(dict(tensors), base, norm_cap)
+            samples = r.num_samples if sample_cap is None else min(r.num_samples, sample_cap)
+            stats = self.store.blobs.read_tensors(r.blob, KNOWN_STATS)
+            out.append(Update(r.agent, samples, tensors, base, stats, r.metrics))
         return out
 
     def aggregate(self, st: RoundState) -> str | None:

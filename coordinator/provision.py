@@ -32,6 +32,8 @@ import yaml
 from fedclip.coordinator.enrolment import Device, Enrolment
 from fedclip.coordinator.pki import CertificateAuthority, make_ca
 from fedclip.coordinator.rollout import KEY_DIR
+from fedclip.coordinator.store import DB_NAME as STORE_DB
+from fedclip.coordinator.store import Store
 from fedclip.sdk.broker_acl import COORDINATOR_USER, Login, mosquitto_hash, new_password
 from fedclip.sdk.errors import ConfigError
 from fedclip.sdk.fsutil import atomic_write, remove
@@ -210,6 +212,11 @@ class Provisioner:
         raw = key.public_key().public_bytes_raw()
         login = _login(agent_id, password, agent=agent_id)
         self.registry.enrol(Device(agent_id, raw, tuple(groups), login.mosquitto, serial, time.time()))
+        if old is not None and (self.state / STORE_DB).is_file():
+            # A new key: the data statistics held under the old one are not trusted to describe this
+            # device any more; the next task asks for them again.
+            with Store(self.state) as store:
+                store.forget_stats(agent_id)
         if rewrite_brokers:
             self.write_brokers()  # the new login works, and a re-issued kit's old one stops
         return Kit(agent_id, target, files)

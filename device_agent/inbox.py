@@ -82,7 +82,13 @@ class Inbox:
         msg = self._decode(payload, MsgType.TASK, where)
         coordinator = self.cfg.coordinator_public_key()
         if coordinator is not None:  # with the coordinator's key, only tasks it signed are run
-            verify_message(coordinator, msg, where)
+            try:
+                verify_message(coordinator, msg, where)
+            except WireError as e:
+                # A forged task, or a coordinator whose key was rotated (or revoked): either way it is
+                # not run, and the status tells the operator, who installs the new public key if so.
+                self.status.refuse(f"{e} (a rotated coordinator key needs its new public key here)")
+                return
         rnd = msg.envelope.round
         status = state.round_status(rnd)
         if status == DONE:

@@ -19,6 +19,7 @@ from fedclip.device_agent.state import current_adapter_path, read_record
 from fedclip.sdk.adapters import check_adapter, load_adapter
 from fedclip.sdk.broker import MosquittoBroker
 from fedclip.sdk.errors import WireError
+from fedclip.sdk.ledger import Ledger
 from fedclip.sdk.wire import (
     STAT_LABEL_HIST,
     STAT_MEAN,
@@ -121,9 +122,13 @@ def test_agent_serves_rounds_and_survives_hostile_input(
     assert agent.terminate() == 0
     coord.wait_status(agent, lambda b: b["state"] == "offline", "offline status")
 
-    # The adapter of round 2's task is the current one; the unsigned push left no trace.
-    path = current_adapter_path(agent.state)
-    tensors, meta = load_adapter(path)
+    # Round 2's task adapter is in the ledger for the record but never used for inference (only signed
+    # rollouts change what a device answers); the unsigned push left no trace.
+    ledger = Ledger.read(agent.state)
+    assert ledger.in_use() is None and current_adapter_path(agent.state) is None
+    kept = [e for e in ledger.entries if e.source == "task"]
+    assert [e.version for e in kept][-1] == "start-2" and (kept[-1].round_id, kept[-1].rollout) == (2, 0)
+    tensors, meta = load_adapter(kept[-1].file)
     assert meta.version == "start-2"
     assert not (agent.state / "adapters" / "pers-1.safetensors").exists()
     assert not [a for a in coord.acks if a.envelope.body.get("adapter_version") == "pers-1"]
@@ -137,7 +142,7 @@ def test_agent_serves_rounds_and_survives_hostile_input(
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
     assert (info["agent_id"], info["rounds_done"], info["last_round"]) == (agent.id, 2, 2)
-    assert info["adapter_version"] == "start-2" and "accuracy_after" in info["last_metrics"]
+    assert not info["adapter_version"] and "accuracy_after" in info["last_metrics"]
 
 
 def _adapter_push(coord, agent_id: str, version: str, seed: int = 42) -> bytes:
@@ -352,6 +357,6 @@ def test_tls_broker_ce_lora_round(mosquitto_tls, coordinator_factory, agent_fact
     coord.send_task(agent.id, 1, stats=["histogram", "gaussian"], noise_std=0.01)
     _check_update(coord.wait_update(agent, 1), coord, agent.id, 1, noisy=True)
     assert agent.terminate() == 0
-    # The adapter kept for inference holds this device's own A and B next to the received C.
-    kept, _ = load_adapter(current_adapter_path(agent.state))
+    # The adapter kept in the ledger holds this device's own A and B next to the received C.
+    kept, _ = load_adapter(Ledger.read(agent.state).entries[-1].file)
     assert {s.name for s in coord.manifest.trainable} == set(kept)

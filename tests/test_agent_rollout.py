@@ -13,6 +13,7 @@ from fixtures_fleet import FLEET
 
 from fedclip.device_agent.state import current_adapter_path, read_record
 from fedclip.sdk.adapters import load_adapter
+from fedclip.sdk.ledger import Ledger
 from fedclip.sdk.signing import ensure_keypair, sign_envelope
 from fedclip.sdk.wire import Envelope, MsgType, encode
 
@@ -53,17 +54,22 @@ def test_rollout_switches_status_and_rollback_restores_the_previous_adapter(
     on(None, "status after rolling back the first rollout")
     assert current_adapter_path(agent.state) is None  # inference is on the bundle's own adapter again
 
-    # A round installs the task's starting adapter; a rollout replaces it; the rollback brings it back.
-    coord.send_task(agent.id, 1)
-    coord.wait_update(agent, 1)
-    on("start-1", "status after round 1")
+    # A round never changes what inference uses (its task's adapter goes to the ledger only); a
+    # rollout does, and its rollback brings back the one before it.
     push(2, "r2", coord.starting_adapter(22))
     on("r2", "status naming rollout 2's adapter")
-    rollback(2, "r2")
-    on("start-1", "status after rolling back rollout 2")
+    coord.send_task(agent.id, 1)
+    coord.wait_update(agent, 1)
+    on("r2", "status after round 1: still rollout 2's adapter")
+    push(3, "r3", coord.starting_adapter(33))
+    on("r3", "status naming rollout 3's adapter")
+    rollback(3, "r3")
+    on("r2", "status after rolling back rollout 3")
     tensors, meta = load_adapter(current_adapter_path(agent.state))
-    assert meta.version == "start-1"
-    for name, value in coord.starting_adapter(1).items():
+    assert meta.version == "r2"
+    for name, value in coord.starting_adapter(22).items():
         np.testing.assert_array_equal(tensors[name], value)
-    assert "rolled back: r2 -> start-1" in agent.text()
+    assert "rolled back: r3 -> r2" in agent.text()
+    task_entries = [e for e in Ledger.read(agent.state).entries if e.source == "task"]
+    assert [(e.version, e.round_id) for e in task_entries] == [("start-1", 1)]
     assert agent.terminate() == 0

@@ -152,3 +152,42 @@ def test_an_allowed_unsigned_adapter_push_is_installed_and_acknowledged(step_bun
         assert h.status()["adapter_version"] == "pushed-1"
     finally:
         h.close()
+
+
+def test_with_a_coordinator_key_only_signed_tasks_within_policy_run_and_updates_are_signed(
+    step_bundle, image_dir, tmp_path
+):
+    """The device's trust: a task signed by another key (forged, or a rotated coordinator key) is
+    refused with a notice; a signed task past the device's policy too; a signed task within it runs,
+    and the update it publishes verifies under the device's own key."""
+    from fedclip.device_agent.policy import TaskPolicy
+    from fedclip.sdk import messages
+    from fedclip.sdk.signing import generate_key, save_private_key, save_public_key, verify_message
+
+    coordinator, other, device = generate_key(), generate_key(), generate_key()
+    pub = save_public_key(coordinator, tmp_path / "coordinator.pub.pem")
+    dev = save_private_key(device, tmp_path / "device.pem")
+    h = Harness(
+        step_bundle, image_dir, tmp_path / "state", coordinator_key=pub, device_key=dev,
+        policy=TaskPolicy(max_epochs=2),
+    )  # fmt: skip
+    try:
+
+        def task(rnd: int, key, epochs: int = 1) -> bytes:
+            t = messages.Task(
+                rnd, h.manifest.bundle_id, time.time() + 3600, messages.Hyperparameters(epochs, 1e-3, 4),
+                base_version=f"start-{rnd}", adapter=h.adapter(rnd),
+            )  # fmt: skip
+            return messages.encode(t, FLEET, AGENT, key=key)
+
+        h.send(task(1, other))
+        assert "signature does not verify" in h.status()["notice"] and "rotated" in h.status()["notice"]
+        h.send(task(1, coordinator, epochs=50))
+        assert "50 epochs exceed this device's limit of 2" in h.status()["notice"]
+        assert h.updates() == []
+        h.send(task(1, coordinator))
+        (update,) = h.updates()
+        verify_message(device.public_key(), update, "update", signer="the device key")
+        assert h.status()["adapter_version"] == ""  # the task's adapter never reaches inference
+    finally:
+        h.close()

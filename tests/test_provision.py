@@ -229,3 +229,19 @@ def test_cli_provisions_and_errors_are_one_line(tmp_path, _coord):
     assert r.returncode == 0 and "revoked" in r.stdout
     r = _coord("list", "--state", state)
     assert r.returncode == 0 and "cam-x" in r.stdout and "lost" in r.stdout
+
+
+def test_a_new_key_drops_the_statistics_held_under_the_old_one(prov, tmp_path):
+    from fedclip.coordinator.store import Store
+
+    prov.add("cam-06", out=tmp_path / "k6")
+    prov.add("cam-07", out=tmp_path / "k7")
+    with Store(prov.state) as store:  # the coordinator holds statistics for both
+        for agent in ("cam-06", "cam-07"):
+            store.db.write(
+                lambda c, a=agent: c.execute("INSERT INTO agent_stats VALUES(?, 1, 'digest', 'blob')", (a,))
+            )
+    prov.add("cam-06", out=tmp_path / "k6b", force=True)  # re-issued: a new key
+    with Store(prov.state, readonly=True) as store:
+        assert store.agent_stats("cam-06") is None  # asked for again with the next task
+        assert store.agent_stats("cam-07") is not None

@@ -255,6 +255,11 @@ class Store:
         row = self._one("SELECT agent, round, data_digest, blob FROM agent_stats WHERE agent=?", (agent,))
         return StatsRow(*row) if row else None
 
+    def forget_stats(self, agent: str) -> None:
+        """Drop the statistics held for `agent` (its key changed: the next round asks for them again)."""
+        if self._has_agent_stats:
+            self.db.write(lambda c: c.execute("DELETE FROM agent_stats WHERE agent=?", (agent,)))
+
     def add_rejection(self, topic: str, agent: str, round_id: int, reason: str) -> None:
         self.db.write(
             lambda c: c.execute(

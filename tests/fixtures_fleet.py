@@ -18,6 +18,7 @@ from waiting import WAIT_S, eventually
 from fedclip.device_agent.state import read_record
 from fedclip.sdk.manifest import Manifest
 from fedclip.sdk.mqtt import MqttSession
+from fedclip.sdk.signing import sign_envelope
 from fedclip.sdk.wire import Envelope, Message, MsgType, Topics, decode, encode
 
 __all__ = ["FLEET", "AgentProc", "Coordinator", "agent_factory", "coordinator_factory"]
@@ -106,8 +107,10 @@ class Coordinator:
         bundle_id: str | None = None,
         tensors: dict | None = None,
         fleet: str = FLEET,
+        key=None,
         **body,
     ) -> bytes:
+        """A task message; signed with `key` (the coordinator's private key) when given."""
         body = {
             "bundle_id": bundle_id or self.manifest.bundle_id,
             "deadline": time.time() + 3600,
@@ -116,7 +119,10 @@ class Coordinator:
             "noise_std": 0.0,
         } | body
         env = Envelope(MsgType.TASK, fleet, agent, round=rnd, base_version=f"start-{rnd}", body=body)
-        return encode(env, self.starting_adapter(rnd) if tensors is None else tensors)
+        tensors = self.starting_adapter(rnd) if tensors is None else tensors
+        if key is not None:
+            env = sign_envelope(key, env, tensors)
+        return encode(env, tensors)
 
     def send_task(self, agent: str, rnd: int, **kw) -> bytes:
         blob = self.task_blob(agent, rnd, **kw)

@@ -58,7 +58,7 @@ def test_rollout_switches_status_and_rollback_restores_the_previous_adapter(
     # rollout does, and its rollback brings back the one before it.
     push(2, "r2", coord.starting_adapter(22))
     on("r2", "status naming rollout 2's adapter")
-    coord.send_task(agent.id, 1)
+    coord.send_task(agent.id, 1, key=key)  # an agent with the coordinator's key runs signed tasks only
     coord.wait_update(agent, 1)
     on("r2", "status after round 1: still rollout 2's adapter")
     push(3, "r3", coord.starting_adapter(33))

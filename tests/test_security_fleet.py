@@ -18,7 +18,7 @@ import pytest
 from fixtures_fleet import AgentProc
 from hostile import hostile_payloads
 from test_coordinator import Running
-from waiting import eventually
+from waiting import eventually, next_message
 
 from fedclip.coordinator.config import CoordConfig
 from fedclip.coordinator.provision import Provisioner
@@ -88,7 +88,12 @@ def test_signatures_alone_hold_a_fleet_on_a_broker_without_acl(mosquitto, tiny_b
             selection="all",
             round_timeout=600.0,
         )
+        hostile.subscribe(topics.coordinator_status)
         running = Running(cfg)
+        # the coordinator's retained status: it is connected and subscribed, so nothing sent is missed
+        next_message(
+            hostile, lambda msg: msg.topic == topics.coordinator_status, 120, "the coordinator online"
+        )
         sent_to_coordinator = 0
         for topic, payload in forged_messages(manifest, attacker):
             hostile.publish(topic, payload, qos=1)

@@ -22,7 +22,7 @@ class TaskPolicy:
     max_steps: int = 10_000  # optimizer steps per round (epochs x batches, or the task's max_steps)
     max_seconds: float = 3600.0  # a deadline further than this from now is refused
     min_lr: float = 1e-7
-    max_lr: float = 0.1
+    max_lr: float = 1.0  # fleet-core trains its small cores at ~0.15
     # a task's round may be at most this far past the last round this agent ran (0: no limit)
     max_round_jump: int = 1000
 

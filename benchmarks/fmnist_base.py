@@ -1,9 +1,9 @@
-"""The FMNIST benchmark's base model and data (the code lives in `fedclip.coordinator.base_pretrain`).
+"""The FMNIST benchmark's base model and data (the code lives in `fedclip.exporters.base_pretrain`).
 
 Kept as the benchmarks' import point; see that module for how the base is made and why.
 """
 
-from fedclip.coordinator.base_pretrain import (  # noqa: F401
+from fedclip.exporters.base_pretrain import (  # noqa: F401
     FMNIST_TRAIN,
     PROMPT,
     _graph,

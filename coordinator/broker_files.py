@@ -16,7 +16,7 @@ a rewrite). `EmbeddedBroker(acl=...)` enforces the same rules from the registry 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import yaml
 
@@ -24,8 +24,16 @@ from fedclip.sdk.broker_acl import amqtt_plugins
 from fedclip.sdk.errors import ConfigError
 from fedclip.sdk.fsutil import atomic_write
 
-if TYPE_CHECKING:
-    from fedclip.coordinator.provision import Provisioner
+
+class Provisioner(Protocol):
+    """What the broker files are made from (`coordinator.provision.Provisioner` is one; a Protocol
+    here so the two modules do not import each other)."""
+
+    @property
+    def dir(self) -> Path: ...
+
+    registry: Any
+
 
 KINDS = ("mosquitto", "amqtt")
 MOSQUITTO_CONF = "conf.d/fedclip.conf"

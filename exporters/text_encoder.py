@@ -43,7 +43,7 @@ def write_text_encoder(
     clip: nn.Module, adapter_names: list[str], context_length: int, out_dir: Path
 ) -> GraphSpec:
     """Export the text encoder of `clip` (adapters injected) into `out_dir`; its GraphSpec."""
-    from fedclip.exporters.bundle import tokenize
+    from fedclip.exporters.adapted import tokenize
 
     module = TextEncoder(clip)
     text = tokenize(["a photo."] * _DUMMY_BATCH, context_length)

@@ -469,7 +469,7 @@ class MosquittoBroker:
         if not self.running:
             raise BrokerError("mosquitto is not running")
         offset = self.log_file.stat().st_size if self.log_file.exists() else 0
-        self._proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        self._proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]  # started above: not None
         deadline = time.monotonic() + timeout
         while "Reloading config" not in self._log_since(offset):
             if time.monotonic() > deadline or not self.running:

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 
 def _base(cache, steps):
-    argv = [sys.executable, "-m", "fedclip.coordinator.base_pretrain", "--cache", str(cache),
+    argv = [sys.executable, "-m", "fedclip.exporters.base_pretrain", "--cache", str(cache),
             "--public-n", "64", "--steps", str(steps), "--eval-n", "64"]  # fmt: skip
     out = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -34,7 +34,7 @@ def test_cached_base_is_reused_and_keyed_by_settings(tmp_path):
 
 def test_bad_settings_exit_2(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "fedclip.coordinator.base_pretrain", "--cache", str(tmp_path), "--steps", "0"],
+        [sys.executable, "-m", "fedclip.exporters.base_pretrain", "--cache", str(tmp_path), "--steps", "0"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 2 and "must be >= 1" in out.stdout

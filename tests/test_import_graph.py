@@ -29,14 +29,7 @@ PACKAGES = ("sdk", "device_agent", "exporters", "coordinator")
 EXPORTER_DOORS = frozenset({"fedclip.coordinator.export_cmd", "fedclip.coordinator.adapters_cmd"})
 
 # (importer, imported) edges, or ("cycle", ...members) entries, known and being fixed -> why.
-KNOWN: dict[tuple[str, ...], str] = {
-    ("fedclip.exporters.step_weights", "fedclip.device_agent.shared_weights"): (
-        "the weights index name and format move from device_agent.shared_weights to sdk (issue 11)"
-    ),
-    ("cycle", "fedclip.exporters.bundle", "fedclip.exporters.step_bundle"): (
-        "bundle.py and step_bundle.py import each other inside functions (issue 11)"
-    ),
-}
+KNOWN: dict[tuple[str, ...], str] = {}  # none today: issue 11 removed the last two
 
 
 def _modules() -> dict[str, Path]:

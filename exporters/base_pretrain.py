@@ -58,7 +58,7 @@ def _pixels(images: LabeledImages, transform: ImageTransform) -> torch.Tensor:
 
 
 def _graph(clip: torch.nn.Module, classes: tuple[str, ...], context_length: int) -> ClassifyGraph:
-    from fedclip.exporters.bundle import tokenize
+    from fedclip.exporters.adapted import tokenize
     from fedclip.exporters.tasks import ClassifyGraph
 
     tokens = tokenize([PROMPT.format(c) for c in classes], context_length)
@@ -180,7 +180,7 @@ def cached_base(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m fedclip.coordinator.base_pretrain --cache DIR`: print the cached base's info as JSON.
+    """`python -m fedclip.exporters.base_pretrain --cache DIR`: print the cached base's info as JSON.
 
     For callers that keep torch out of their own process (the demo runs it as a child, like export).
     """

@@ -49,7 +49,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         # StreamRequestHandler applies `self.timeout` to the socket: reads and writes both.
-        self.timeout = self.server.conn_timeout  # type: ignore[attr-defined]
+        self.timeout = self.server.conn_timeout  # type: ignore[attr-defined,misc]  # per connection, from our server
         super().setup()
 
     def log_message(self, fmt: str, *args) -> None:  # route to logging, not stderr

@@ -275,7 +275,7 @@ class FleetView:
         for a in self.store.agents():
             info = a["info"]
             groups = info.get("groups", [])
-            m_round, metrics = last.get(a["agent"], (None, {}))
+            m_round, agent_metrics = last.get(a["agent"], (None, {}))
             out.append(
                 {
                     "agent": a["agent"],
@@ -288,7 +288,7 @@ class FleetView:
                     "device": info.get("device"),
                     "seen_at": a["seen_at"],
                     "metrics_round": m_round,
-                    "metrics": finite(metrics),
+                    "metrics": finite(agent_metrics),
                 }
             )
         return out

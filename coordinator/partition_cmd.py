@@ -59,7 +59,7 @@ def partition(
             dataset,
             agents,
             dirichlet,
-            shift=shift,
+            shift="per-agent" if shift == "per-agent" else "none",  # checked above
             seed=seed,
             test_fraction=test_fraction,
             max_per_agent=max_per_agent,

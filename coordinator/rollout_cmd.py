@@ -206,8 +206,15 @@ def start(
     version, source = _source(state, version)
     params = RolloutParams(version, Target.parse(to), canary, max_regression, min_acks, stage_timeout)
     broker_args = (broker, fleet, username, password_file, ca_file)
-    limits = dict(url_root=url_root, url_base=url_base, inline_limit_kb=inline_limit_kb)
-    with _connected(state, *broker_args, source, console, **limits) as manager:
+    with _connected(
+        state,
+        *broker_args,
+        source,
+        console,
+        url_root=url_root,
+        url_base=url_base,
+        inline_limit_kb=inline_limit_kb,
+    ) as manager:
         manager.subscribe()
         snapshot = _session(*broker_args, persistent=False)
         try:
@@ -227,7 +234,9 @@ def start(
                 f"`fedclip-coord serve` or `fedclip-coord rollout watch {rid}` drives it on from here."
             )
             if as_json:
-                print_json(rollout_record(manager.store, manager.store.get(rid)))
+                row = manager.store.get(rid)
+                assert row is not None  # `start` just created it
+                print_json(rollout_record(manager.store, row))
             return
         row = _watch(manager, rid, wait_timeout, console)
         if as_json:

@@ -18,7 +18,7 @@ class _LiveView:
 
     def __init__(self) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 
         console = Console(stderr=True)
         self.progress = Progress(
@@ -29,7 +29,7 @@ class _LiveView:
             console=console,
             disable=not console.is_terminal,
         )
-        self.task = None
+        self.task: TaskID | None = None
         self.round = None
         self.progress.start()
 

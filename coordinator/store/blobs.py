@@ -81,6 +81,6 @@ class BlobTensors(Mapping):
     def __len__(self) -> int:
         return len(self.names)
 
-    def items(self):  # type: ignore[override]  # a list, one open per update instead of one per tensor
+    def items(self):  # a list, one open per update instead of one per tensor
         with safe_open(str(self.path), framework="np") as f:
             return [(n, f.get_tensor(n)) for n in self.names]

@@ -34,7 +34,7 @@ class _Deltas(Sequence):
     def __len__(self) -> int:
         return len(self.updates)
 
-    def __getitem__(self, i):  # type: ignore[override]
+    def __getitem__(self, i):
         return self.values[i] - flatten(self.updates[i].base, self.names)
 
 
@@ -47,7 +47,7 @@ class _Column(Sequence):
     def __len__(self) -> int:
         return len(self.updates)
 
-    def __getitem__(self, i):  # type: ignore[override]
+    def __getitem__(self, i):
         return self.updates[i].stats[self.name]
 
 

@@ -1,11 +1,12 @@
 """A provisioned fleet under attack on a broker WITHOUT any ACL: the signatures alone must hold.
 
-A real mosquitto (anonymous, no ACL), a real coordinator, two real agents started from their
-startup kits. A hostile client with a plain broker connection tries what issue 12 lists: an update
-on another agent's topic, invented agents, a forged ack, a task past the device's policy, a forged
-adapter; then 10,000 generated hostile messages at the coordinator's and the agents' topics. The
-rounds must still finish with exactly the two real agents' updates, every hostile message to the
-coordinator is recorded as rejected, and both agent processes are still serving at the end.
+A real mosquitto (anonymous, no ACL), a real coordinator, real agents started from their startup
+kits. A hostile client with a plain broker connection tries what issue 12 lists: an update on another
+agent's topic, invented agents, a forged ack, a task past the device's policy, a forged adapter; then
+10,000 generated hostile messages at the coordinator's and two live agents' topics, while the
+coordinator waits for its quorum of three (so it serves the whole attack). Then the third agent
+starts and two rounds must finish with exactly the three real agents' updates; every hostile message
+to the coordinator is recorded as rejected, and the attacked agents served the rounds.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from fedclip.sdk.wire import Topics
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker, pytest.mark.timeout(900)]
 FLEET = "sec-fleet"
-AGENTS = ("dev-1", "dev-2")
+AGENTS = ("dev-1", "dev-2", "dev-3")  # dev-3 starts after the attack: the rounds wait for it
 N_FUZZ = 10_000
 BATCH = 400  # mosquitto queues 1,000 messages per client: let the coordinator keep up
 
@@ -66,17 +67,15 @@ def test_signatures_alone_hold_a_fleet_on_a_broker_without_acl(mosquitto, tiny_b
     topics = Topics(FLEET)
     agents: list[AgentProc] = []
     hostile = MqttSession(mosquitto.url, "attacker", clean_session=True).connect(timeout=30)
+
+    def start(kit):
+        (kit / "data").symlink_to(fmnist_dir)
+        args = ["-c", str(kit / "agent.yaml"), "--threads", "1"]
+        agents.append(AgentProc(tmp_path / "logs", args, kit.name, kit / "state"))
+
     try:
-        for kit in kits:
-            (kit / "data").symlink_to(fmnist_dir)
-            agents.append(
-                AgentProc(
-                    tmp_path / "logs",
-                    ["-c", str(kit / "agent.yaml"), "--threads", "1"],
-                    kit.name,
-                    kit / "state",
-                )
-            )
+        for kit in kits[:2]:  # under attack while the coordinator waits for its quorum of three
+            start(kit)
         cfg = CoordConfig(
             broker=mosquitto.url,
             fleet=FLEET,
@@ -84,7 +83,7 @@ def test_signatures_alone_hold_a_fleet_on_a_broker_without_acl(mosquitto, tiny_b
             state=state,
             strategy="fedavg",
             rounds=2,
-            min_updates=2,
+            min_updates=3,
             selection="all",
             round_timeout=600.0,
         )
@@ -121,6 +120,7 @@ def test_signatures_alone_hold_a_fleet_on_a_broker_without_acl(mosquitto, tiny_b
                     lambda want=want: f"{len(store.rejections())} of {want} hostile messages recorded",
                 )
             rejected = len(store.rejections())
+        start(kits[2])  # the quorum: both rounds run now, after the attack, with the attacked agents
         assert running.join(timeout=600) == 0, "\n".join(a.tail() for a in agents)
         for agent in agents:
             assert agent.proc.poll() is None, f"{agent.id} died under the fuzz:\n{agent.tail()}"
@@ -133,7 +133,7 @@ def test_signatures_alone_hold_a_fleet_on_a_broker_without_acl(mosquitto, tiny_b
     assert rejected >= sent_to_coordinator >= 0.7 * N_FUZZ
     with Store(state, readonly=True) as s:
         assert [(r.round, r.state) for r in s.rounds()] == [(1, "aggregated"), (2, "aggregated")]
-        for round_id in (1, 2):  # exactly the real agents, each with its real sample count
+        for round_id in (1, 2):  # exactly the three real agents, each with its real sample count
             updates = s.updates(round_id)
             assert sorted(u.agent for u in updates) == list(AGENTS)
             assert all(0 < u.num_samples < 10**6 for u in updates)

@@ -211,18 +211,14 @@ def deliver_final(
     last = run.rounds[-1]
     options = flags(
         to="all", canary=0, fleet_wait=2, state=run.coordinator_state, broker=broker.url, fleet=cfg.fleet,
+        stage_timeout=wait_s, wait_timeout=wait_s + 30,
     )  # fmt: skip
     try:
-        procs.run("rollout", coord_cli("rollout", "start", last["global_version"], *options,
-                                       *auth_flags(broker)), timeout_s=120)  # fmt: skip
+        # --wait: `serve` has finished, so the rollout command itself records the agents' acks
+        procs.run("rollout", coord_cli("rollout", "start", last["global_version"], "--wait", *options,
+                                       *auth_flags(broker)), timeout_s=wait_s + 120)  # fmt: skip
     except ChildFailed as e:
         log.warning("final rollout failed: %s", e)
-        return sorted(run.agent_states)
     # The rollout's acks tell which agents installed it (`installed`, or `pinned` to it).
-    deadline = time.monotonic() + wait_s
-    missing = sorted(run.agent_states)
-    while missing and time.monotonic() < deadline:
-        procs.check(allow_exit=("coordinator",))
-        missing = sorted(set(missing) - _installed(run.coordinator_state, last["global_version"]))
-        time.sleep(0.5)
+    missing = sorted(set(run.agent_states) - _installed(run.coordinator_state, last["global_version"]))
     return missing

@@ -48,8 +48,6 @@ def export(
     from fedclip.exporters.config import CLI_DEFAULT_FORMAT, load_export_config
     from fedclip.exporters.export_cache import ExportCache, default_cache_dir
 
-    # open_clip warns through the root logger about random weights; we say it once, ourselves.
-    logging.getLogger().setLevel(logging.ERROR)
     flags = {
         "model": model,
         "pretrained": pretrained,
@@ -69,7 +67,15 @@ def export(
     }
     cfg = load_export_config(config, flags, default_format=CLI_DEFAULT_FORMAT)
     cache = None if no_cache else ExportCache(cache_dir or default_cache_dir())
-    manifest = export_bundle(cfg, show_progress=True, cache=cache)
+    # open_clip warns through the root logger about random weights; we say it once, ourselves. Only
+    # for the export: a process (or a test session) that runs the command keeps its own logging.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        manifest = export_bundle(cfg, show_progress=True, cache=cache)
+    finally:
+        root.setLevel(level)
     if not cfg.pretrained:
         Console(stderr=True).print(
             f"note: no --pretrained given: {cfg.model} has random weights (seed {cfg.seed})", highlight=False

@@ -8,6 +8,7 @@ well above chance; the deliberately bad adapter keeps its A and replaces B with 
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import re
 import subprocess
@@ -259,6 +260,8 @@ def test_pinned_agent_stays_put(fleet, world):
 
 
 def test_tampered_unsigned_and_wrongly_signed_adapters_are_refused(fleet, world, caplog):
+    # an in-process command run earlier in the session (the demo) may have quieted fedclip's loggers
+    caplog.set_level(logging.INFO, logger="fedclip")
     manager, agents, add = fleet
     ev, source = world
     a = add("a")

@@ -37,7 +37,7 @@ from fedclip.sdk.hashing import sha256_bytes
 from fedclip.sdk.ids import ID_PATTERN
 
 # the ledger's file and format are the sdk's (`sdk.ledger`): its readers and this writer agree
-from fedclip.sdk.ledger import STATE_FILE, STATE_FORMAT
+from fedclip.sdk.ledger import STATE_FILE, STATE_FORMAT, read_record
 
 log = logging.getLogger(__name__)
 
@@ -90,25 +90,6 @@ def _empty_record(agent_id: str, fleet: str, bundle_id: str) -> dict[str, Any]:
         "in_progress": None,
         "trainer_checkpoint": None,
     }
-
-
-def read_record(root: str | Path) -> dict[str, Any]:
-    """The state record of a state dir, read-only (for `fedclip-agent status` and `predict`)."""
-    path = Path(root) / STATE_FILE
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise StateError(f"{root}: not an agent state dir (no {STATE_FILE})") from None
-    except OSError as e:
-        raise StateError(f"{path}: cannot read ({e.strerror or e})") from None
-    except ValueError:
-        raise StateError(f"{path}: not valid JSON (was it edited by hand?)") from None
-    if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
-        raise StateError(
-            f"{path}: state format {data.get('format') if isinstance(data, dict) else None!r} "
-            f"is not supported (expected {STATE_FORMAT})"
-        )
-    return data
 
 
 def current_adapter_path(root: str | Path) -> Path | None:

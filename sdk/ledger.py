@@ -15,12 +15,32 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fedclip.sdk.errors import StateError
 
 STATE_FILE = "state.json"
 STATE_FORMAT = 1
 SOURCES = ("task", "rollout", "adapter")
+
+
+def read_record(root: str | Path) -> dict[str, Any]:
+    """The whole state record of an agent state dir, read-only; StateError with one line if none."""
+    path = Path(root) / STATE_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StateError(f"{root}: not an agent state dir (no {STATE_FILE})") from None
+    except OSError as e:
+        raise StateError(f"{path}: cannot read ({e.strerror or e})") from None
+    except ValueError:
+        raise StateError(f"{path}: not valid JSON (was it edited by hand?)") from None
+    if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
+        raise StateError(
+            f"{path}: state format {data.get('format') if isinstance(data, dict) else None!r} "
+            f"is not supported (expected {STATE_FORMAT})"
+        )
+    return data
 
 
 @dataclass(frozen=True)
@@ -43,17 +63,7 @@ class Ledger:
     def read(cls, state_dir: str | Path) -> Ledger:
         """The ledger of an agent state dir; StateError with one line when there is none."""
         root = Path(state_dir)
-        path = root / STATE_FILE
-        try:
-            record = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise StateError(f"{root}: not an agent state dir (no {STATE_FILE})") from None
-        except OSError as e:
-            raise StateError(f"{path}: cannot read ({e.strerror or e})") from None
-        except ValueError:
-            raise StateError(f"{path}: not valid JSON (was it edited by hand?)") from None
-        if not isinstance(record, dict) or record.get("format") != STATE_FORMAT:
-            raise StateError(f"{path}: state format is not supported (expected {STATE_FORMAT})")
+        record = read_record(root)
         entries = [
             LedgerEntry(
                 version=version,

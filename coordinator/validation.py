@@ -21,9 +21,6 @@ from fedclip.sdk.manifest import Manifest
 from fedclip.sdk.messages import KNOWN_STATS, STATS_TENSORS, Update
 from fedclip.sdk.wire import STAT_LABEL_HIST, STAT_MEAN, Message, tensors_digest
 
-# the statistics vocabulary lives once, with the messages
-STATS_NEEDED = STATS_TENSORS
-
 
 @dataclass(frozen=True)
 class NormBound:
@@ -76,16 +73,16 @@ def check_stats(
     if unknown:
         raise WireError(f"{where}: unknown statistic {unknown[0]!r}")
     reused: dict[str, np.ndarray] = {}
-    if "gaussian" in needed and not (set(STATS_NEEDED["gaussian"]) & set(stats)):
+    if "gaussian" in needed and not (set(STATS_TENSORS["gaussian"]) & set(stats)):
         if data_digest and held is not None and held.data_digest == data_digest:
-            reused = {n: np.asarray(held.stats[n], np.float32) for n in STATS_NEEDED["gaussian"]}
+            reused = {n: np.asarray(held.stats[n], np.float32) for n in STATS_TENSORS["gaussian"]}
         else:
             raise WireError(
                 f"{where}: statistic {STAT_MEAN!r} is missing ({strategy} needs gaussian) and the "
                 f"coordinator holds none for data digest {data_digest[:12] or '(none)'}"
             )
     for kind in needed:
-        for name in STATS_NEEDED[kind]:
+        for name in STATS_TENSORS[kind]:
             if name not in stats and name not in reused:
                 raise WireError(f"{where}: statistic {name!r} is missing ({strategy} needs {kind})")
     labels = len(manifest.task.labels)
@@ -150,7 +147,7 @@ def validate_update(
         )
     tensors = check_tensors(msg.adapter_tensors, manifest.exchanged, where)
     data_digest = update.data_digest
-    sent = bool(set(STATS_NEEDED["gaussian"]) & set(msg.stats))
+    sent = bool(set(STATS_TENSORS["gaussian"]) & set(msg.stats))
     held = held_stats(agent) if "gaussian" in needed_stats and not sent else None
     stats = check_stats(msg, manifest, needed_stats, strategy, where, data_digest=data_digest, held=held)
     base = start_tensors(selected[agent])

@@ -300,23 +300,3 @@ def _parse_envelope(h: dict[str, Any], where: str) -> Envelope:
     if not 0 <= sent_at <= 1e11:  # float(2**1000) is finite too; a timestamp is compared, so bound it
         raise WireError(f"{where}: field 'sent_at' is not a plausible unix time")
     return Envelope(mtype, h["fleet"], h["agent"], rnd, base, body, float(sent_at))
-
-
-def digest_field(msg: Message, key: str, where: str = "message") -> str:
-    """An optional data-digest body field (`stats_digest`, `data_digest`): "" when absent."""
-    value = msg.envelope.body.get(key, "")
-    if not isinstance(value, str) or len(value) > MAX_DIGEST_CHARS:
-        raise WireError(f"{where}: body field {key!r} must be a string of at most {MAX_DIGEST_CHARS} chars")
-    return value
-
-
-def body_field(msg: Message, key: str, kind: type | tuple[type, ...], where: str = "message") -> Any:
-    """A required body field of the given type, or WireError naming it."""
-    value = msg.envelope.body.get(key)
-    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise WireError(f"{where}: body field {key!r} has the wrong type")
-    if not isinstance(value, kind):
-        raise WireError(f"{where}: body field {key!r} is missing or has the wrong type")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise WireError(f"{where}: body field {key!r} is not finite")
-    return value

@@ -19,7 +19,6 @@ from fedclip.sdk.wire import (
     Message,
     MsgType,
     Topics,
-    body_field,
     decode,
     encode,
     tensors_digest,
@@ -254,24 +253,6 @@ def test_topics():
             t.parse_agent(bad)
     with pytest.raises(WireError):
         Topics("bad/fleet")
-
-
-def test_body_field():
-    msg = decode(encode(update_env()), fleet=FLEET)
-    assert body_field(msg, "num_samples", int) == 120
-    with pytest.raises(WireError, match="'missing' is missing"):
-        body_field(msg, "missing", int)
-    with pytest.raises(WireError, match="wrong type"):
-        body_field(msg, "bundle_id", int)
-    msg = decode(json_payload(body={"n": True}), fleet=FLEET)
-    with pytest.raises(WireError, match="wrong type"):
-        body_field(msg, "n", int)
-    msg = decode(
-        b'{"schema": 1, "type": "status", "fleet": "fleet-1", "agent": "a", "body": {"x": Infinity}}',
-        fleet=FLEET,
-    )
-    with pytest.raises(WireError, match="not finite"):
-        body_field(msg, "x", float)
 
 
 def test_encode_refuses_non_finite_body_with_a_wire_error():

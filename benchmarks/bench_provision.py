@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import loadavg, machine, md_table, ratio, utc_now, write_json  # noqa: E402
 
 from fedclip.coordinator.provision import KIT_PASSWORD, Provisioner  # noqa: E402
-from fedclip.sdk.broker import MosquittoBroker, free_port  # noqa: E402
+from fedclip.sdk.broker_mosquitto import MosquittoBroker  # noqa: E402
+from fedclip.sdk.broker_ports import free_port  # noqa: E402
 from fedclip.sdk.mqtt import MqttSession  # noqa: E402
 
 

@@ -229,7 +229,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rollout"))
     args = parser.parse_args()
-    from fedclip.sdk.broker import MosquittoBroker
+    from fedclip.sdk.broker_mosquitto import MosquittoBroker
 
     with tempfile.TemporaryDirectory(prefix="bench-rollout-") as tmp:
         work = Path(tmp)

@@ -77,8 +77,8 @@ def run(
 
     Brokers: `broker_urls` if given, else a NATS cluster of `nats` nodes (agents spread over them,
     the coordinator on node 0) if `nats` > 0, else a mosquitto started here."""
-    from fedclip.sdk.broker import MosquittoBroker
     from fedclip.sdk.broker_cluster import NatsCluster
+    from fedclip.sdk.broker_mosquitto import MosquittoBroker
 
     raise_nofile(n + 4096)
     manifest = Manifest.load(bundle)

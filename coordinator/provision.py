@@ -267,7 +267,7 @@ class Provisioner:
     def embedded_broker(self, port: int | None = None):
         """The embedded amqtt broker with the fleet's logins and ACL; its `url` carries the
         coordinator's login. After a revoke: `broker.reload(self.registry.broker_acl())`."""
-        from fedclip.sdk.broker import EmbeddedBroker
+        from fedclip.sdk.broker_embedded import EmbeddedBroker
 
         password = self.coordinator_password_file.read_text().strip()
         return EmbeddedBroker(port, COORDINATOR_USER, password, acl=self.registry.broker_acl())

@@ -18,7 +18,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from fedclip.sdk.broker import LOCALHOST, free_port, wait_for_port
+from fedclip.sdk.broker_ports import LOCALHOST, free_port, wait_for_port
 from fedclip.sdk.errors import BrokerError
 
 

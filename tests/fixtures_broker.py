@@ -10,7 +10,8 @@ import os
 
 import pytest
 
-from fedclip.sdk.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto
+from fedclip.sdk.broker_embedded import EmbeddedBroker
+from fedclip.sdk.broker_mosquitto import MosquittoBroker, find_mosquitto
 
 __all__ = ["embedded_broker", "mosquitto", "mosquitto_auth", "mosquitto_tls", "need_mosquitto"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 from test_coordinator import FLEET, ScriptedAgent, wait_for
 
-from fedclip.sdk.broker import free_port
+from fedclip.sdk.broker_ports import free_port
 from fedclip.sdk.wire import Envelope, MsgType, encode
 
 WAIT_S = 120.0  # generous: the suite shares 2 cores

@@ -17,7 +17,7 @@ from waiting import WAIT_S, eventually
 
 from fedclip.device_agent.state import current_adapter_path, read_record
 from fedclip.sdk.adapters import check_adapter, load_adapter
-from fedclip.sdk.broker import MosquittoBroker
+from fedclip.sdk.broker_mosquitto import MosquittoBroker
 from fedclip.sdk.errors import WireError
 from fedclip.sdk.ledger import Ledger
 from fedclip.sdk.wire import (

@@ -7,7 +7,9 @@ import socket
 import pytest
 from fixtures_broker import need_mosquitto
 
-from fedclip.sdk.broker import EmbeddedBroker, MosquittoBroker, free_port
+from fedclip.sdk.broker_embedded import EmbeddedBroker
+from fedclip.sdk.broker_mosquitto import MosquittoBroker
+from fedclip.sdk.broker_ports import free_port
 from fedclip.sdk.errors import BrokerError, ConfigError, ConnectRefused
 from fedclip.sdk.mqtt import MqttSession
 

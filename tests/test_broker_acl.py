@@ -20,8 +20,10 @@ import pytest
 from fixtures_broker import need_mosquitto
 
 from fedclip.coordinator.provision import KIT_PASSWORD, Provisioner
-from fedclip.sdk.broker import EmbeddedBroker, MosquittoBroker, free_port, wait_for_port
 from fedclip.sdk.broker_acl import COORDINATOR_USER, covers, mosquitto_verify
+from fedclip.sdk.broker_embedded import EmbeddedBroker
+from fedclip.sdk.broker_mosquitto import MosquittoBroker
+from fedclip.sdk.broker_ports import free_port, wait_for_port
 from fedclip.sdk.errors import ConnectRefused, MqttError
 from fedclip.sdk.mqtt import MqttSession
 from fedclip.sdk.wire import Topics

@@ -24,7 +24,7 @@ from fedclip.coordinator.fleet_view import REJECTION_KINDS, rejection_kind
 from fedclip.coordinator.ops_server import OpsServer, read_credentials
 from fedclip.coordinator.registry import Registry
 from fedclip.coordinator.store import Store
-from fedclip.sdk.broker import free_port, wait_for_port
+from fedclip.sdk.broker_ports import free_port, wait_for_port
 from fedclip.sdk.manifest import Manifest
 from fedclip.sdk.wire import Topics
 

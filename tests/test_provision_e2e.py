@@ -12,8 +12,9 @@ from test_coordinator import Running
 from fedclip.coordinator.config import CoordConfig
 from fedclip.coordinator.provision import Provisioner
 from fedclip.coordinator.store import Store
-from fedclip.sdk.broker import MosquittoBroker, free_port
 from fedclip.sdk.broker_acl import COORDINATOR_USER
+from fedclip.sdk.broker_mosquitto import MosquittoBroker
+from fedclip.sdk.broker_ports import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker, pytest.mark.timeout(600)]
 FLEET = "kit-fleet"

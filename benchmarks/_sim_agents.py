@@ -20,7 +20,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fedclip.sdk.manifest import Manifest
-from fedclip.sdk.mqtt import BrokerAddress
+from fedclip.sdk.mqtt_address import BrokerAddress
 from fedclip.sdk.wire import (
     STAT_LABEL_HIST,
     STAT_MEAN,

@@ -38,7 +38,7 @@ from fedclip.sdk.broker_acl import COORDINATOR_USER, Login, mosquitto_hash, new_
 from fedclip.sdk.errors import ConfigError
 from fedclip.sdk.fsutil import atomic_write, remove
 from fedclip.sdk.ids import check_id
-from fedclip.sdk.mqtt import BrokerAddress
+from fedclip.sdk.mqtt_address import BrokerAddress
 from fedclip.sdk.signing import (
     PUBLIC_KEY_NAME,
     ensure_keypair,

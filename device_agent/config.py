@@ -12,7 +12,7 @@ from fedclip.device_agent.policy import TaskPolicy
 from fedclip.sdk.config import from_mapping, from_yaml
 from fedclip.sdk.errors import ConfigError
 from fedclip.sdk.ids import check_id
-from fedclip.sdk.mqtt import parse_broker_urls
+from fedclip.sdk.mqtt_address import parse_broker_urls
 from fedclip.sdk.signing import Ed25519PrivateKey, Ed25519PublicKey, load_private_key, load_public_key
 from fedclip.sdk.wire import DEFAULT_MAX_PAYLOAD
 

@@ -16,6 +16,9 @@
   a worker thread that runs the `on_connect` hooks. The network thread never blocks on work.
 
 MQTT 3.1.1 by default so it runs on every broker, the embedded amqtt one included.
+
+The parts with a job of their own live next door: broker URLs in `mqtt_address`, the configured paho
+client in `mqtt_client`, the subscription bookkeeping in `mqtt_subscriptions`.
 """
 
 from __future__ import annotations
@@ -27,20 +30,19 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from fedclip.sdk.errors import ConfigError, ConnectRefused, MqttError, PublishTimeout
+from fedclip.sdk.mqtt_address import parse_broker_urls
+from fedclip.sdk.mqtt_client import MAX_RECONNECT_DELAY, new_paho_client
+from fedclip.sdk.mqtt_subscriptions import Subscriptions
 
 log = logging.getLogger(__name__)
 
-_DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
-_MAX_RECONNECT_DELAY = 30
-_RESUBSCRIBE_S = 3.0  # a refused subscription is asked for again after this long
 _AUTH_REFUSALS = {"authorized", "password"}  # words of the CONNACK codes that mean "your credentials"
 
 
@@ -60,53 +62,6 @@ class Incoming:
     # For `MqttSession.ack` when the session was made with manual_ack=True.
     mid: int = 0
     qos: int = 0
-
-
-@dataclass(frozen=True)
-class BrokerAddress:
-    scheme: str
-    host: str
-    port: int
-    username: str | None = None
-    password: str | None = None
-
-    @property
-    def tls(self) -> bool:
-        return self.scheme == "mqtts"
-
-    @classmethod
-    def parse(cls, url: str) -> BrokerAddress:
-        """`mqtt://host:port` or `mqtts://host:port` (credentials in the URL are accepted)."""
-        try:
-            parts = urlsplit(url)
-            port = parts.port
-        except ValueError as e:
-            raise ConfigError(f"broker url {url!r}: {e}") from None
-        if parts.scheme not in _DEFAULT_PORTS:
-            raise ConfigError(f"broker url {url!r}: scheme must be mqtt:// or mqtts://")
-        if not parts.hostname:
-            raise ConfigError(f"broker url {url!r}: no host")
-        return cls(
-            scheme=parts.scheme,
-            host=parts.hostname,
-            port=port or _DEFAULT_PORTS[parts.scheme],
-            username=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password else None,
-        )
-
-    def __str__(self) -> str:  # never prints credentials
-        return f"{self.scheme}://{self.host}:{self.port}"
-
-
-def parse_broker_urls(urls: str | Sequence[str]) -> list[BrokerAddress]:
-    """One URL, a comma-separated list, or a sequence of URLs: the nodes of one broker (cluster)."""
-    items = urls.split(",") if isinstance(urls, str) else list(urls)
-    out = [BrokerAddress.parse(u.strip()) for u in items if u.strip()]
-    if not out:
-        raise ConfigError("broker url: none given")
-    if len({a.tls for a in out}) > 1:
-        raise ConfigError("broker urls: mix mqtt:// and mqtts://; the nodes of one cluster share one scheme")
-    return out
 
 
 ConnectHook = Callable[["MqttSession"], None]
@@ -158,51 +113,35 @@ class MqttSession:
         self.on_connect: list[ConnectHook] = []
 
         self._incoming: queue.Queue[Incoming] = queue.Queue()
-        self._subscriptions: dict[str, int] = {}
-        self._subs_lock = threading.Lock()
-        self._sub_requests: dict[int, list[tuple[str, int]]] = {}  # SUBSCRIBE mid -> its topics
         self._connack = threading.Event()
         self._refusal: str | None = None
         self._closed = False
         self._hook_events: queue.Queue[object] = queue.Queue()
         self._hook_thread: threading.Thread | None = None
 
-        if self._v5:
-            client = paho.Client(
-                CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5, manual_ack=manual_ack
-            )
-        else:
-            client = paho.Client(
-                CallbackAPIVersion.VERSION2,
-                client_id=client_id,
-                clean_session=clean_session,
-                protocol=paho.MQTTv311,
-                manual_ack=manual_ack,
-            )
-        client.max_queued_messages_set(max_queue)
-        client.reconnect_delay_set(min_delay=1, max_delay=_MAX_RECONNECT_DELAY)
-        user = username if username is not None else self.address.username
-        pwd = password if password is not None else self.address.password
-        if user is not None:
-            client.username_pw_set(user, pwd)
-        if self.address.tls:
-            try:
-                client.tls_set(
-                    ca_certs=ca_file, certfile=cert_file, keyfile=key_file, cert_reqs=ssl.CERT_REQUIRED
-                )
-            except (OSError, ValueError) as e:
-                raise ConfigError(f"mqtt tls: cannot load CA/cert files ({e})") from None
-            client.tls_insecure_set(insecure)
-        elif ca_file or cert_file:
-            raise ConfigError(f"mqtt tls: CA/cert files given but {self.address} is not mqtts://")
+        client = new_paho_client(
+            self.address,
+            client_id,
+            v5=self._v5,
+            clean_session=clean_session,
+            manual_ack=manual_ack,
+            max_queue=max_queue,
+            username=username,
+            password=password,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+            insecure=insecure,
+        )
         if will is not None:
             client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_connect_fail = self._on_connect_fail
-        client.on_subscribe = self._on_subscribe
         self._client = client
+        self._subs = Subscriptions(client, where=lambda: self.address, connected=self.connected)
+        client.on_subscribe = self._subs.on_subscribe
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def connect(self, timeout: float = 30) -> MqttSession:
@@ -243,7 +182,7 @@ class MqttSession:
                 )
                 time.sleep(wait)
                 if wrapped:
-                    delay = min(delay * 2, _MAX_RECONNECT_DELAY)
+                    delay = min(delay * 2, MAX_RECONNECT_DELAY)
         self._hook_thread = threading.Thread(
             target=self._run_hooks, name=f"mqtt-hooks-{self.client_id}", daemon=True
         )
@@ -291,6 +230,7 @@ class MqttSession:
         if self._closed:
             return
         self._closed = True
+        self._subs.closed = True
         self._shutdown_loop()
 
     def _shutdown_loop(self) -> None:
@@ -312,23 +252,7 @@ class MqttSession:
     # ---- messaging -------------------------------------------------------------------------------
     def subscribe(self, topic: str, qos: int = 1) -> None:
         """Subscribe now if connected, and again after every reconnect."""
-        with self._subs_lock:
-            self._subscriptions[topic] = qos
-        self._subscribe([(topic, qos)])  # while disconnected paho refuses; on_connect catches up
-
-    def _subscribe(self, subs: list[tuple[str, int]]) -> None:
-        rc, mid = self._client.subscribe(subs)
-        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
-            with self._subs_lock:
-                self._sub_requests[mid] = subs
-
-    def _retry_subscriptions(self, topics: list[str]) -> None:
-        if self._closed or not self.connected.is_set():
-            return  # the next on_connect subscribes to everything again
-        with self._subs_lock:
-            subs = [(t, self._subscriptions[t]) for t in topics if t in self._subscriptions]
-        if subs:
-            self._subscribe(subs)
+        self._subs.add(topic, qos)
 
     def publish(
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, timeout: float = 30
@@ -380,10 +304,7 @@ class MqttSession:
                 log.error("MQTT broker %s refused client %r: %s", self.address, self.client_id, reason_code)
             return
         self._refusal = None
-        with self._subs_lock:
-            subs = list(self._subscriptions.items())
-        if subs:
-            self._subscribe(subs)
+        self._subs.resubscribe_all()
         self.connected.set()
         self._connack.set()
         self._hook_events.put(True)
@@ -393,22 +314,6 @@ class MqttSession:
             self.client_id,
             flags.session_present,
         )
-
-    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
-        with self._subs_lock:
-            subs = self._sub_requests.pop(mid, [])
-        failed = [t for (t, _), rc in zip(subs, reason_codes, strict=False) if rc.is_failure]
-        if failed and not self._closed:
-            log.warning(
-                "MQTT broker %s refused the subscription to %s (%s); asking again in %gs",
-                self.address,
-                ", ".join(failed[:3]) + (" ..." if len(failed) > 3 else ""),
-                reason_codes[0] if len(reason_codes) == 1 else "see SUBACK",
-                _RESUBSCRIBE_S,
-            )
-            timer = threading.Timer(_RESUBSCRIBE_S, self._retry_subscriptions, args=(failed,))
-            timer.daemon = True
-            timer.start()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
@@ -426,7 +331,7 @@ class MqttSession:
             "MQTT broker %s unreachable; trying %s (backoff up to %ss)",
             failed,
             self.address,
-            _MAX_RECONNECT_DELAY,
+            MAX_RECONNECT_DELAY,
         )
 
     def _on_message(self, client, userdata, msg) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -13,6 +14,8 @@ import uuid
 import pytest
 from waiting import eventually, next_message
 
+from fedclip.sdk.broker_acl import COORDINATOR_USER, FleetAcl, Login, mosquitto_hash, new_password
+from fedclip.sdk.broker_embedded import EmbeddedBroker
 from fedclip.sdk.broker_ports import free_port
 from fedclip.sdk.errors import (
     BrokerError,
@@ -23,6 +26,7 @@ from fedclip.sdk.errors import (
     PublishTimeout,
 )
 from fedclip.sdk.mqtt import Incoming, MqttSession, Will
+from fedclip.sdk.wire import Topics
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -310,3 +314,31 @@ def test_transport_errors_are_one_family_in_sdk_errors():
     # Callers catch FedclipError for "a clear one-line error"; MqttError for anything the session raises.
     assert issubclass(MqttError, FedclipError) and issubclass(BrokerError, FedclipError)
     assert issubclass(ConnectRefused, MqttError) and issubclass(PublishTimeout, MqttError)
+
+
+def test_a_refused_subscription_is_asked_for_again_until_the_broker_grants_it(caplog):
+    """A SUBACK failure (a NATS cluster sends one when JetStream cannot make the consumer in time) is
+    retried while connected, with no reconnect. Here the embedded broker's fleet ACL refuses the topic,
+    then a new ACL grants it: the retained message arrives only if the session asked again."""
+    fleet, pw, coord_pw = "retry-fleet", new_password(), new_password()
+    topics = Topics(fleet)
+
+    def acl(reads_as: str) -> FleetAcl:
+        # A device login's topic rules follow its device id: reading as devZ, devA's task is not its own.
+        device = Login("devA", mosquitto_hash(pw), agent=reads_as)
+        return FleetAcl(fleet, (device, Login(COORDINATOR_USER, mosquitto_hash(coord_pw))))
+
+    caplog.set_level(logging.WARNING, logger="fedclip.sdk.mqtt_subscriptions")
+    refused = lambda: [r for r in caplog.records if "refused the subscription" in r.getMessage()]  # noqa: E731
+    with EmbeddedBroker(username=COORDINATOR_USER, password=coord_pw, acl=acl("devZ")) as broker:
+        with (
+            MqttSession(broker.url, "coord", clean_session=True) as coord,
+            MqttSession(broker.plain_url, "devA", username="devA", password=pw, clean_session=True) as dev,
+        ):
+            coord.publish(topics.task("devA"), b"task", retain=True)
+            dev.subscribe(topics.task("devA"))
+            eventually(refused, 30, "the broker's refusal of the subscription")
+            assert dev.get(timeout=0) is None
+            broker.reload(acl("devA"))
+            msg = next_message(dev, lambda m: m.topic == topics.task("devA"), 30, "the retained task")
+            assert msg.payload == b"task" and dev.connected.is_set()

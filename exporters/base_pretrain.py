@@ -44,6 +44,7 @@ def split_fmnist(public_n: int) -> tuple[LabeledImages, LabeledImages]:
     data = load_fashion_mnist()
     if len(data) != FMNIST_TRAIN + 10_000:
         raise RuntimeError(f"unexpected Fashion-MNIST size {len(data)}")
+    assert data.arrays is not None  # load_fashion_mnist keeps the images in memory
     public = LabeledImages(labels=data.labels[:public_n], classes=data.classes, arrays=data.arrays[:public_n])
     pool = LabeledImages(
         labels=data.labels[FMNIST_TRAIN:], classes=data.classes, arrays=data.arrays[FMNIST_TRAIN:]
@@ -106,6 +107,7 @@ def pretrain_base(
     transform = ImageTransform(base.preprocess)
     x, y = _pixels(public, transform), torch.from_numpy(public.labels)
     if eval_n is not None:
+        assert pool.arrays is not None  # split_fmnist's images are in memory
         pool = LabeledImages(labels=pool.labels[:eval_n], classes=pool.classes, arrays=pool.arrays[:eval_n])
     pool_x, pool_y = _pixels(pool, transform), torch.from_numpy(pool.labels)
     graph = _graph(clip, public.classes, base.context_length)

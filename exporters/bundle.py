@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as pkg_version
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -71,6 +72,7 @@ log = logging.getLogger(__name__)
 TRAINING, EVAL, OPTIMIZER = "training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"
 INFERENCE, IMAGE_ENCODER = "inference_model.onnx", "image_encoder.onnx"
 VOCAB = "tokenizer/bpe_simple_vocab_16e6.txt.gz"
+TrainInput = Literal["image", "image_embeds"]  # what the training graph takes (Manifest.train_input)
 
 
 def adapter_spec(cfg: ExportConfig) -> AdapterSpec:
@@ -121,6 +123,7 @@ def _twin(adapted: AdaptedModel, task: TaskSpec) -> TorchTwin:
     from_embeds = "vision" not in adapted.spec.towers
     text_adapted = "text" in adapted.spec.towers
     graph, _ = task_graph(adapted, task, from_embeds)
+    inference: torch.nn.Module
     if task.kind == "classify":
         label_tokens = tokenize(task.prompts(), adapted.base.context_length)
         inference = tasks.ClassifyInference(clip, label_tokens, text_adapted)
@@ -161,18 +164,20 @@ def _write_graphs(
     tmp: Path,
     formats: tuple[str, ...] = ("ort-training",),
     cache: ExportCache | None = None,
-) -> tuple[dict[str, GraphSpec], str, str | None]:
+) -> tuple[dict[str, GraphSpec], TrainInput, str | None]:
     """Writes the graphs; returns (graphs, train_input, initial tensors file or None)."""
     from_embeds = "vision" not in adapted.spec.towers
-    train_input = "image_embeds" if from_embeds else "image"
+    train_input: TrainInput = "image_embeds" if from_embeds else "image"
     x, y = dummy_inputs(adapted, task.kind, from_embeds)
     graphs: dict[str, GraphSpec] = {}
 
     twin = _twin(adapted, task)
+    io_out: tuple[str, ...]  # the training graph's outputs; the eval graph's are the same
     if task.kind == "classify":
-        io_in, io_out, eval_out = (train_input, "labels"), ("loss", "logits"), ("loss", "logits")
+        io_in, io_out = (train_input, "labels"), ("loss", "logits")
     else:
-        io_in, io_out, eval_out = (train_input, "text"), ("loss",), ("loss",)
+        io_in, io_out = (train_input, "text"), ("loss",)
+    eval_out = io_out
     if "ort-training" in formats:
         with phase("exporting training graph"):
             proto = onnx_export.export_onnx(twin.graph, (x, y), io_in, io_out)
@@ -185,6 +190,8 @@ def _write_graphs(
     with phase("exporting inference graph"):
         size = adapted.base.preprocess.image_size
         image = torch.randn(DUMMY_BATCH, 3, size, size, generator=torch.Generator().manual_seed(1))
+        inf_in: tuple[str, ...]
+        args: tuple[torch.Tensor, ...]
         if task.kind == "classify":
             inf_in, inf_out, args = ("image",), ("logits", "image_embeds"), (image,)
         else:
@@ -198,7 +205,7 @@ def _write_graphs(
         ctx = adapted.base.context_length
         graphs["text_encoder"] = text_encoder.write_text_encoder(adapted.model, adapted.names, ctx, tmp)
 
-    if from_embeds:
+    if twin.image_encoder is not None:  # text-tower-only bundles (from_embeds)
         with phase("exporting image encoder"):
             proto = onnx_export.export_onnx(twin.image_encoder, (image,), ("image",), ("image_embeds",))
             onnx_export.save(proto, tmp / IMAGE_ENCODER)
@@ -239,7 +246,13 @@ def _tensor_specs(adapted: AdaptedModel) -> tuple[TensorSpec, ...]:
 
 
 def _manifest(
-    adapted: AdaptedModel, cfg: ExportConfig, task: TaskSpec, graphs, train_input: str, initial, tmp: Path
+    adapted: AdaptedModel,
+    cfg: ExportConfig,
+    task: TaskSpec,
+    graphs: dict[str, GraphSpec],
+    train_input: TrainInput,
+    initial: str | None,
+    tmp: Path,
 ) -> Manifest:
     # Every bundle has the text encoder graph, so every bundle needs the tokenizer.
     copy_vocab(tmp / Path(VOCAB).parent)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import cast
 
 import numpy as np
 import torch
@@ -139,8 +140,8 @@ class SplitAttention(nn.Module):
 
 def _blocks(model: nn.Module, tower: str) -> list[tuple[str, nn.Module]]:
     prefix = _TOWER_PREFIX[tower]
-    module = model.get_submodule(prefix)
-    return [(f"{prefix}.{i}", blk) for i, blk in enumerate(module)]
+    blocks = cast(nn.ModuleList, model.get_submodule(prefix))  # open_clip's transformer.resblocks
+    return [(f"{prefix}.{i}", blk) for i, blk in enumerate(blocks)]
 
 
 def trainable_factors(spec: AdapterSpec, train: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -180,6 +181,7 @@ def _init_factors(mod: LoRALinear, spec: AdapterSpec, gen: torch.Generator) -> N
     if spec.kind == "tri-lora" and spec.init == "frozen-seed":
         bound_b = 1.0 / math.sqrt(spec.rank)
         mod.lora_B.copy_(torch.rand(mod.lora_B.shape, generator=gen) * 2 * bound_b - bound_b)
+        assert mod.lora_C is not None  # a tri-lora spec makes tri-lora modules, which carry C
         mod.lora_C.zero_()
     else:
         mod.lora_B.zero_()

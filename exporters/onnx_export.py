@@ -40,7 +40,7 @@ def export_onnx(
         torch.onnx.export(
             module,
             args,
-            buf,
+            buf,  # type: ignore[arg-type]  # the TorchScript exporter writes to file objects too
             dynamo=False,
             export_params=True,
             opset_version=OPSET,

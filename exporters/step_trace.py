@@ -95,7 +95,8 @@ def _trace_unchecked(
     from torch._decomp import get_decompositions
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    decomp = get_decompositions([torch.ops.aten.nll_loss_forward, torch.ops.aten.nll_loss_backward])
+    # Typed `dict`: torch types its keys OperatorBase, make_fx asks for OpOverload (the same objects).
+    decomp: dict = get_decompositions([torch.ops.aten.nll_loss_forward, torch.ops.aten.nll_loss_backward])
     # torch.onnx prints its progress to stdout, which would tear the export's progress bar.
     with torch.enable_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
@@ -121,7 +122,7 @@ def _trace_unchecked(
             )
         with phase(f"{file}: onnxscript optimizer"):
             _optimize(onnx_program)
-    model = onnx_program.model_proto
+    model = onnx_program.model_proto  # type: ignore[union-attr]  # dynamo=True always returns a program
     got_in = [i.name for i in model.graph.input]
     got_out = [o.name for o in model.graph.output]
     if got_in != list(input_names) or got_out != list(output_names):

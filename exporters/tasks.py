@@ -1,11 +1,13 @@
 """Torch modules whose ONNX exports are the bundle graphs (names fixed by docs/internals.md).
 
-Each module re-registers the CLIP submodules it uses under their CLIP attribute names, so every
-parameter keeps its CLIP name (`visual.transformer.resblocks.0.attn.q_proj.lora_A`, ...) in the ONNX
-initializers and in adapter files.
+Each module is a `ClipParts`: it re-registers the CLIP submodules it uses under their CLIP attribute
+names, so every parameter keeps its CLIP name (`visual.transformer.resblocks.0.attn.q_proj.lora_A`,
+...) in the ONNX initializers and in adapter files.
 """
 
 from __future__ import annotations
+
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +25,34 @@ def trim_label_tokens(tokens: torch.Tensor) -> torch.Tensor:
     return tokens[:, :end].clone()
 
 
-class _ClipParts(nn.Module):
-    """The CLIP pieces a graph needs, under CLIP's own attribute names."""
+class OpenClip(Protocol):
+    """The attributes of open_clip's `CLIP` the graphs take over. Models travel as `nn.Module`, whose
+    `__getattr__` types every attribute `Tensor | Module`; this says what each one is."""
 
-    def __init__(self, clip: nn.Module, vision: bool, text: bool) -> None:
+    visual: nn.Module
+    transformer: nn.Module
+    token_embedding: nn.Module
+    positional_embedding: nn.Parameter
+    ln_final: nn.Module
+    text_projection: nn.Parameter | nn.Linear
+    attn_mask: torch.Tensor
+    logit_scale: nn.Parameter
+
+
+class ClipParts(nn.Module, OpenClip):
+    """The CLIP pieces a graph needs, under CLIP's own attribute names; every graph module is one.
+
+    It declares itself an `OpenClip` for the attribute types: a piece exists only when its tower was
+    asked for (`vision`, `text`), and is then what open_clip's is.
+    """
+
+    attn_mask: torch.Tensor  # a buffer (register_buffer), so assigned where mypy does not look
+    # The label prompts' length for traced graphs (a Python int, so slices are constants), or None.
+    text_len: int | None = None
+
+    def __init__(self, model: nn.Module, vision: bool, text: bool) -> None:
         super().__init__()
+        clip = cast(OpenClip, model)  # open_clip's CLIP, or a model of the same layout
         if vision:
             self.visual = clip.visual
         if text:
@@ -52,9 +77,10 @@ class _ClipParts(nn.Module):
         the module's `text_len` (a Python int, constant slices); graphs without one (contrastive
         text inputs at the full context) are unchanged.
         """
-        n = getattr(self, "text_len", None)
+        n = self.text_len
         if n is None and not torch.jit.is_tracing() and text.shape[1] < self.positional_embedding.shape[0]:
             n = text.shape[1]
+        pos: torch.Tensor  # the whole Parameter, or a slice of it
         if n is None:
             pos, attn_mask = self.positional_embedding, self.attn_mask
         else:
@@ -77,45 +103,34 @@ def _norm(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=-1)
 
 
-class ClassifyGraph(nn.Module):
-    """`(image | image_embeds, labels) -> (loss, logits)`; logits over the labels' prompts.
+class _Classifier(ClipParts):
+    """What classify's training and inference graphs share: logits over the labels' prompts.
 
     Without a text adapter the class text embeddings are constants computed here, at export;
     with one, the prompts run through the text tower trimmed to their longest end-of-text token
     (`trim_label_tokens`), which gives the full-context result exactly at a fraction of the cost.
     """
 
+    label_tokens: torch.Tensor  # with a text adapter
+    class_text_embeds: torch.Tensor  # without one
+
     def __init__(
         self, clip: nn.Module, label_tokens: torch.Tensor, from_embeds: bool, text_adapted: bool
     ) -> None:
-        super().__init__()
+        super().__init__(clip, vision=not from_embeds, text=text_adapted)
         self.from_embeds = from_embeds
         self.text_adapted = text_adapted
-        self._init_parts(clip, vision=not from_embeds, text=text_adapted)
         label_tokens = trim_label_tokens(label_tokens)
         # A Python int (None at the full context): traced graphs slice by constants.
         n = int(label_tokens.shape[1])
-        self.text_len = n if n < clip.positional_embedding.shape[0] else None
+        self.text_len = n if n < cast(OpenClip, clip).positional_embedding.shape[0] else None
         if text_adapted:
             self.register_buffer("label_tokens", label_tokens)
         else:
             with torch.no_grad():
-                full = _ClipParts(clip, vision=False, text=True)
+                full = ClipParts(clip, vision=False, text=True)
                 embeds = _norm(full.encode_text(label_tokens))
             self.register_buffer("class_text_embeds", embeds.detach().clone())
-
-    def _init_parts(self, clip: nn.Module, vision: bool, text: bool) -> None:
-        # Flatten the parts onto self so parameter names have no extra prefix.
-        parts = _ClipParts(clip, vision, text)
-        for name, child in parts.named_children():
-            self.add_module(name, child)
-        for name, p in parts.named_parameters(recurse=False):
-            self.register_parameter(name, p)
-        for name, b in parts.named_buffers(recurse=False):
-            self.register_buffer(name, b, persistent=False)
-
-    encode_image = _ClipParts.encode_image
-    encode_text = _ClipParts.encode_text
 
     def text_features(self) -> torch.Tensor:
         if self.text_adapted:
@@ -126,32 +141,32 @@ class ClassifyGraph(nn.Module):
         img = x if self.from_embeds else self.encode_image(x)
         return self.logit_scale.exp() * _norm(img) @ self.text_features().t()
 
+
+class ClassifyGraph(_Classifier):
+    """`(image | image_embeds, labels) -> (loss, logits)`."""
+
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.logits(x)
         return F.cross_entropy(logits, labels), logits
 
 
-class ClassifyInference(ClassifyGraph):
+class ClassifyInference(_Classifier):
     """`image -> (logits, image_embeds)`."""
 
     def __init__(self, clip: nn.Module, label_tokens: torch.Tensor, text_adapted: bool) -> None:
         super().__init__(clip, label_tokens, from_embeds=False, text_adapted=text_adapted)
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         img = self.encode_image(image)
         return self.logit_scale.exp() * _norm(img) @ self.text_features().t(), img
 
 
-class ContrastiveGraph(nn.Module):
+class ContrastiveGraph(ClipParts):
     """`(image | image_embeds, text) -> loss`: CLIP's symmetric InfoNCE over the batch."""
 
     def __init__(self, clip: nn.Module, from_embeds: bool) -> None:
-        super().__init__()
+        super().__init__(clip, vision=not from_embeds, text=True)
         self.from_embeds = from_embeds
-        ClassifyGraph._init_parts(self, clip, vision=not from_embeds, text=True)
-
-    encode_image = _ClipParts.encode_image
-    encode_text = _ClipParts.encode_text
 
     def logits(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         img = x if self.from_embeds else self.encode_image(x)
@@ -163,15 +178,11 @@ class ContrastiveGraph(nn.Module):
         return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
 
-class ContrastiveInference(nn.Module):
+class ContrastiveInference(ClipParts):
     """`(image, text) -> (image_embeds, text_embeds)`, both unnormalized."""
 
     def __init__(self, clip: nn.Module) -> None:
-        super().__init__()
-        ClassifyGraph._init_parts(self, clip, vision=True, text=True)
-
-    encode_image = _ClipParts.encode_image
-    encode_text = _ClipParts.encode_text
+        super().__init__(clip, vision=True, text=True)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode_image(image), self.encode_text(text)
@@ -180,9 +191,11 @@ class ContrastiveInference(nn.Module):
 class ImageEncoder(nn.Module):
     """`image -> image_embeds` of the frozen vision tower (text-tower-only bundles)."""
 
+    visual: nn.Module
+
     def __init__(self, clip: nn.Module) -> None:
         super().__init__()
-        self.visual = clip.visual
+        self.visual = cast(OpenClip, clip).visual
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.visual(image)

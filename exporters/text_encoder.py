@@ -17,21 +17,18 @@ import torch
 from torch import nn
 
 from fedclip.exporters import onnx_export
-from fedclip.exporters.tasks import ClassifyGraph, _ClipParts
+from fedclip.exporters.tasks import ClipParts
 from fedclip.sdk.manifest import GraphSpec
 
 TEXT_ENCODER = "text_encoder.onnx"
 _DUMMY_BATCH = 2
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(ClipParts):
     """`text [B, context] int64 -> (text_embeds [B, D] unnormalized, logit_scale [B])`."""
 
     def __init__(self, clip: nn.Module) -> None:
-        super().__init__()
-        ClassifyGraph._init_parts(self, clip, vision=False, text=True)
-
-    encode_text = _ClipParts.encode_text
+        super().__init__(clip, vision=False, text=True)
 
     def forward(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embeds = self.encode_text(text)

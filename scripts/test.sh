@@ -10,5 +10,5 @@ bash scripts/device_venv.sh .venv-device
 PYTHON=python3.10 bash scripts/device_venv.sh .venv-device-310
 PYTHON=python3.12 bash scripts/device_venv.sh .venv-device-312
 bash scripts/check_aarch64.sh
-bash scripts/typecheck.sh  # mypy (pinned in the dev extra) over sdk/ and device_agent/
+bash scripts/typecheck.sh  # mypy (pinned in the dev extra) over sdk, device_agent, coordinator, exporters
 exec .venv/bin/python -m pytest -q "$@"

@@ -45,7 +45,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     @property
     def root(self) -> Path:
-        return self.server.root  # type: ignore[attr-defined]
+        return self.server.root  # type: ignore[attr-defined]  # our _Server, given root by start()
 
     def setup(self) -> None:
         # StreamRequestHandler applies `self.timeout` to the socket: reads and writes both.
@@ -222,7 +222,7 @@ class BundleServer:
             raise ConfigError(
                 f"bundle server: cannot listen on {self.host}:{self.port} ({e.strerror or e})"
             ) from None
-        self._server.root = self.root  # type: ignore[attr-defined]
+        self._server.root = self.root  # type: ignore[attr-defined]  # read by _Handler.root
         self._server.conn_timeout = self.timeout
         self._server.set_limit(self.max_connections)
         self._thread = threading.Thread(target=self._server.serve_forever, name="bundle-server", daemon=True)

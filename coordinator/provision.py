@@ -172,7 +172,7 @@ class Provisioner:
             check_id(g, "--group")
         if (out is None) == (tar is None):
             raise ConfigError("provision add: give --out DIR or --tar FILE")
-        target = Path(out if out is not None else tar)  # type: ignore[arg-type]
+        target = Path(out if out is not None else tar)  # type: ignore[arg-type]  # one of them is given (checked above)
         if target.exists() and not force:
             raise ConfigError(f"provision add: {target} exists (--force replaces it)")
         old = self.registry.device(agent_id)

@@ -56,7 +56,7 @@ class CeLora(Strategy):
     personalized = True
 
     @property
-    def stats(self) -> tuple[str, ...]:  # type: ignore[override]
+    def stats(self) -> tuple[str, ...]:  # type: ignore[override]  # a property over the base class attribute
         return ("histogram", "gaussian") if self.options.lam > 0 else ()
 
     def aggregate(self, round_id: int, updates: Sequence[Update]) -> AggregateResult:

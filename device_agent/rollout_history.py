@@ -3,7 +3,7 @@
 back to the adapter that was in use before it, and keeping the ledger's rollout entries bounded.
 
 A rollback never deletes the history: the rolled-back entry keeps its rollout id and gets
-`rolled_back_at` (its file goes), and inference returns to `Ledger.previous`, the newest usable
+`rolled_back_at`, and inference returns to `Ledger.previous`, the newest usable
 adapter installed before it (a rollout's, or the agent's own from before any rollout); with none,
 to the bundle's own adapter.
 """
@@ -36,7 +36,7 @@ def roll_back(state: AgentState, rollout: int, pinned: str | None) -> tuple[str,
     if current is not None and current.rollout == rollout and current.version != pinned:
         before = ledger.previous(current.version)
         target = before.version if before is not None else None
-        state.set_current_adapter(target)  # first the switch, then the files of the rolled-back go
+        state.set_current_adapter(target)
         switched = (current.version, target)
     # a pinned device stays on its version whatever happens to the rollout that brought it
     state.retire_adapters(e.version for e in ledger.of_rollout(rollout) if e.version != pinned)
@@ -44,8 +44,8 @@ def roll_back(state: AgentState, rollout: int, pinned: str | None) -> tuple[str,
 
 
 def _prune(state: AgentState) -> None:
-    """Drop rollout entries beyond the newest KEEP_VERSIONS usable ones and KEEP_VERSIONS rolled-back
-    records (the one in use always stays)."""
+    """Drop rollout entries, and their files, beyond the newest KEEP_VERSIONS usable ones and
+    KEEP_VERSIONS rolled-back ones (the one in use always stays)."""
     ledger = state.ledger()
     older = [e for e in reversed(ledger.entries) if e.source == "rollout" and e.version != ledger.current]
     live = [e.version for e in older if not e.rolled_back_at]

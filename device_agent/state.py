@@ -241,8 +241,9 @@ class AgentState:
         return Ledger.from_record(self.root, self.record)
 
     def retire_adapters(self, versions: Iterable[str], *, forget: bool = False) -> None:
-        """Their files go. Rolled back (default): the entries stay as the record, with `rolled_back_at`;
-        `forget`: the entries go too. The adapter inference uses is never touched."""
+        """Rolled back (default): the entries get `rolled_back_at` and stay, files included, so an
+        inference process that read the ledger a moment before still finds the file. `forget`: the
+        entries and their files go. The adapter inference uses is never touched."""
         current, now = self.record["current_adapter"], time.time()
         adapters = self.record["adapters"]
         gone = [(v, adapters[v]) for v in versions if v in adapters and v != current]
@@ -251,8 +252,8 @@ class AgentState:
                 del adapters[version]
             else:
                 entry["rolled_back_at"] = now
-        self._save()  # the record first, then the files: it never names a missing file as usable
-        for _, entry in gone:
+        self._save()  # the record first, then the files: it never names a file that is gone
+        for _, entry in gone if forget else ():
             remove(self.root / entry["file"])
 
     def set_adapter_rollout(self, version: str, rollout: int) -> None:

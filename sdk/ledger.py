@@ -10,7 +10,7 @@ by the agent, so a reader sees the old or the new ledger, never half of one). So
 - `adapter`: installed by an unsigned push (closed test setups only).
 
 The ledger is also the rollout history: a rolled-back rollout's entry keeps its `rollout` id and gets
-`rolled_back_at` (its file is removed), and a rollback returns inference to `Ledger.previous(...)`,
+`rolled_back_at` (never used again), and a rollback returns inference to `Ledger.previous(...)`,
 the adapter that was in use before. Entries are ordered by `installed_at`.
 """
 

@@ -70,6 +70,11 @@ def test_rollout_switches_status_and_rollback_restores_the_previous_adapter(
     for name, value in coord.starting_adapter(22).items():
         np.testing.assert_array_equal(tensors[name], value)
     assert "rolled back: r3 -> r2" in agent.text()
-    task_entries = [e for e in Ledger.read(agent.state).entries if e.source == "task"]
+    ledger = Ledger.read(agent.state)
+    task_entries = [e for e in ledger.entries if e.source == "task"]
     assert [(e.version, e.round_id) for e in task_entries] == [("start-1", 1)]
+    # the ledger is the rollout history: every install under its rollout id, rollbacks marked on it
+    rollouts = [(e.version, e.rollout, e.rolled_back_at > 0) for e in ledger.entries if e.source == "rollout"]
+    assert rollouts == [("r1", 1, True), ("r2", 2, False), ("r3", 3, True)]
+    assert not (agent.state / "rollout").exists()  # no second history beside the ledger
     assert agent.terminate() == 0

@@ -50,11 +50,11 @@ def test_previous_skips_tasks_rolled_back_and_missing_adapters(tmp_path):
     state.install_adapter("t2", T, meta("t2", 2), source="task", rnd=2, use=False)  # never served
     state.install_adapter("r2", T, meta("r2", 2), source="rollout", rollout=2)
     state.install_adapter("r3", T, meta("r3", 3), source="rollout", rollout=3)
-    state.retire_adapters(["r2"])  # rolled back: the entry stays, its file goes
+    state.retire_adapters(["r2"])  # rolled back: the entry stays, and its file, never used again
     ledger = Ledger.read(tmp_path)
     assert ledger == state.ledger()  # the writer's view and the reader's agree
     (r2,) = ledger.of_rollout(2)
-    assert r2.rolled_back_at > 0 and not r2.file.exists() and not r2.usable
+    assert r2.rolled_back_at > 0 and r2.file.exists() and not r2.usable
     assert [e.version for e in ledger.entries] == ["own", "r1", "t2", "r2", "r3"]
     assert ledger.previous("r3").version == "r1"
     assert ledger.previous("r1").version == "own"

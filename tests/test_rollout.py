@@ -192,12 +192,12 @@ def test_canary_regression_rolls_back_automatically(fleet):
     assert agents[victim].changes == ["good", "bad", "good"]
     for name in set(agents) - {victim}:
         assert agents[name].changes == ["good"]
-    # the ledger records the rollback under the rollout's id, the rolled-back adapter's file is gone,
-    # and a restarted agent does not take the retained copy again
+    # the ledger records the rollback under the rollout's id, the rolled-back adapter is never used
+    # again, and a restarted agent does not take the retained copy again
     ledger = Ledger.read(agents[victim].state)
     (bad,) = ledger.of_rollout(rid)
     assert bad.version == "bad" and bad.source == "rollout" and bad.rolled_back_at > 0
-    assert not bad.file.exists() and ledger.in_use().rollout == first
+    assert not bad.usable and ledger.in_use().rollout == first
     agents[victim].stop()
     agents[victim].changes.clear()
     agents[victim].start()

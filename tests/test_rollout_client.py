@@ -202,7 +202,7 @@ def test_installs_and_rollbacks_are_recorded_with_their_rollout_id(rig):
     ledger = rig.ledger()
     v2 = ledger.entry("v2")
     assert ledger.current == "v1" and ledger.in_use().rollout == 11
-    assert v2 is not None and v2.rollout == 12 and v2.rolled_back_at > 0 and not v2.file.exists()
+    assert v2 is not None and v2.rollout == 12 and v2.rolled_back_at > 0 and not v2.usable
     (ack,) = rig.acks()
     assert (ack.rollout, ack.status, ack.version, ack.previous_version) == (12, "rolled_back", "v1", "v2")
 

@@ -122,6 +122,7 @@ class Agent:
             bundle_id=manifest.bundle_id,
             check_fn=lambda tensors, where: check_adapter(tensors, manifest, where),
             complete_fn=self.runner.full_adapter,
+            refuse=self.status.refuse,  # in the log and the retained status, as a refused task
             max_payload=self.cfg.max_payload_bytes,
             publish_timeout=self.cfg.publish_timeout,
             device_key=self.cfg.signing_key(),

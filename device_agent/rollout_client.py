@@ -13,8 +13,9 @@ message. For an adapter it:
    switches inference, and
 4. acknowledges with both metrics on `agents/<id>/ack` (`rollout_acks`).
 
-Commands are read with `messages.RolloutCommand.parse`. Bad input is refused with one line in the
-log ("refused: ...") and dropped; the coordinator gets a `rejected` ack when the rollout can be told.
+Commands are read with `messages.RolloutCommand.parse`. Bad input is refused with one line ("refused:
+...", in the log and, in the agent, its retained status) and dropped; the coordinator also gets a
+`rejected` ack when the push names its rollout readably.
 Every step is idempotent: a retained message seen again after a reconnect re-sends the kept ack and
 changes nothing. Rolled-back rollouts are remembered (`rollout_memory`), so their retained adapter is
 never installed again. Everything lives in the agent's state dir (`AgentState`).
@@ -54,7 +55,8 @@ class RolloutClient:
     `evaluate_fn(tensors or None) -> {loss, accuracy, num_samples}` evaluates an adapter (None: the
     bundle's own); `check_fn(tensors, where)` refuses tensors that do not fit the bundle;
     `complete_fn(tensors)` turns the pushed (exchanged) tensors into the adapter kept in the ledger
-    (the agent adds its own local tensors; default: kept as pushed)."""
+    (the agent adds its own local tensors; default: kept as pushed); `refuse(why)` records a refused
+    message (the agent's puts it in its retained status, as for tasks; default: one log line)."""
 
     def __init__(
         self,
@@ -68,6 +70,7 @@ class RolloutClient:
         bundle_id: str | None = None,
         check_fn: Callable[[Tensors, str], Tensors] | None = None,
         complete_fn: Callable[[Tensors], Tensors] | None = None,
+        refuse: Callable[[str], None] | None = None,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         publish_timeout: float = 30.0,
         device_key: Ed25519PrivateKey | None = None,
@@ -83,6 +86,7 @@ class RolloutClient:
         self.bundle_id = bundle_id
         self.check_fn = check_fn
         self.complete_fn = complete_fn
+        self.refuse = refuse or _log_refusal
         self.max_payload = max_payload
         self.memory = RolloutMemory(state)
         rollout_legacy.migrate(state, self.memory)
@@ -140,7 +144,7 @@ class RolloutClient:
             else:
                 self._on_command(incoming.payload, where, kind)
         except FedclipError as e:
-            log.warning("refused: %s", e)
+            self.refuse(str(e))
         return True
 
     def _verified(self, payload: bytes, expect: MsgType, where: str) -> Message:
@@ -237,6 +241,10 @@ class RolloutClient:
             reason=command.reason[:200],
             previous_version=command.version,
         )
+
+
+def _log_refusal(why: str) -> None:
+    log.warning("refused: %s", why)
 
 
 def _unverified_push(msg: Message, where: str) -> AdapterPush | None:

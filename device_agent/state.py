@@ -132,7 +132,8 @@ class AgentState:
                 self.record.update(
                     bundle_id=bundle_id, current_adapter=None, in_progress=None, trainer_checkpoint=None
                 )
-                self._save()
+                # out of the ledger too, so no rollback returns to an adapter of another bundle
+                self.retire_adapters(list(self.record["adapters"]), forget=True)
         else:
             self.record = _empty_record(agent_id, fleet, bundle_id)
             self._save()

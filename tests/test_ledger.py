@@ -67,3 +67,15 @@ def test_previous_skips_tasks_rolled_back_and_missing_adapters(tmp_path):
     state.retire_adapters(["r3"], forget=True)  # the adapter in use is never retired
     assert Ledger.read(tmp_path).in_use().version == "r3"
     state.close()
+
+
+def test_a_new_bundle_leaves_no_adapter_of_the_old_one_to_roll_back_to(tmp_path):
+    state = AgentState(tmp_path, agent_id="a", fleet="f", bundle_id="b")
+    state.install_adapter("r1", T, meta("r1", 1), source="rollout", rollout=1)
+    state.install_adapter("r2", T, meta("r2", 2), source="rollout", rollout=2)
+    state.close()
+    state = AgentState(tmp_path, agent_id="a", fleet="f", bundle_id="c")
+    ledger = Ledger.read(tmp_path)
+    assert ledger.bundle_id == "c" and ledger.current is None and ledger.entries == ()
+    assert not list((tmp_path / "adapters").iterdir())
+    state.close()

@@ -118,13 +118,13 @@ class Ledger:
     def after_rounds(self, rollout_round: int | None = None) -> dict[int, Path]:
         """round r -> the adapter file this device had after round r: a task's starting adapter of
         round r + 1 is the fleet's model after round r; a rollout of `rollout_round`'s version is the
-        model after that round. The latest entry of a round wins."""
+        model after that round (unless it was rolled back). The latest entry of a round wins."""
         found: dict[int, Path] = {}
         for e in self.entries:  # oldest first: later entries overwrite
             if not e.file.is_file():
                 continue
             if e.source == "task" and e.round_id >= 1:
                 found[e.round_id - 1] = e.file
-            elif e.source == "rollout" and rollout_round is not None:
+            elif e.source == "rollout" and rollout_round is not None and not e.rolled_back_at:
                 found[rollout_round] = e.file
         return dict(sorted(found.items()))

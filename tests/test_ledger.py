@@ -57,8 +57,17 @@ def test_previous_skips_tasks_rolled_back_and_missing_adapters(tmp_path):
     assert r2.rolled_back_at > 0 and r2.file.exists() and not r2.usable
     assert [e.version for e in ledger.entries] == ["own", "r1", "t2", "r2", "r3"]
     assert ledger.previous("r3").version == "r1"
+    r3 = ledger.entry("r3").file
     assert ledger.previous("r1").version == "own"
     assert ledger.previous("own") is None and ledger.previous("nope") is None
+    # a rollout rolled back after r3 is not "the model after the round" either
+    state.install_adapter("r4", T, meta("r4", 4), source="rollout", rollout=4)
+    state.set_current_adapter("r3")
+    state.retire_adapters(["r4"])
+    assert Ledger.read(tmp_path).after_rounds(rollout_round=9) == {
+        1: tmp_path / "adapters/t2.safetensors",
+        9: r3,
+    }
     state.retire_adapters(["r1"], forget=True)
     assert (
         Ledger.read(tmp_path).previous("r3").version == "own"

@@ -73,7 +73,7 @@ def _data(bundle: Path, work: Path) -> Path:
 
 
 def rollout_to_three(url: str, bundle: Path, work: Path, repeats: int) -> dict:
-    from test_rollout import FLEET, Evaluator, HarnessAgent
+    from fixtures_rollout import FLEET, Evaluator, HarnessAgent
 
     from fedclip.coordinator.fleet import read_fleet
     from fedclip.coordinator.rollout import RolloutManager

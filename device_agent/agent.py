@@ -16,11 +16,8 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
-
-import numpy as np
 
 from fedclip.device_agent.config import AgentConfig
 from fedclip.device_agent.inbox import Inbox
@@ -112,37 +109,24 @@ class Agent:
             raise
 
     def _rollout_client(self, coordinator_key: Path) -> RolloutClient:
-        """Signed rollouts (`device_agent.rollout_client`) own the adapter topic when a key is configured."""
+        """Signed rollouts (`device_agent.rollout_client`) own the adapter topic when a key is configured;
+        they record what they install and roll back in the state dir's adapter ledger."""
         manifest = self.runner.manifest
         return RolloutClient(
             self.transport,
             self.topics,
             self.cfg.id,
-            self.cfg.state,
+            self.runner.state,
             coordinator_key,
             self.runner.evaluate_adapter,
             bundle_id=manifest.bundle_id,
             check_fn=lambda tensors, where: check_adapter(tensors, manifest, where),
-            on_change=self._on_rollout_change,
-            baseline_fn=self.runner.baseline_adapter,
+            complete_fn=self.runner.full_adapter,
+            refuse=self.status.refuse,  # in the log and the retained status, as a refused task
             max_payload=self.cfg.max_payload_bytes,
             publish_timeout=self.cfg.publish_timeout,
             device_key=self.cfg.signing_key(),
         )
-
-    def _on_rollout_change(self, version: str | None, exchanged: Mapping[str, np.ndarray] | None) -> None:
-        state = self.runner.state
-        try:
-            if version is not None and exchanged is not None:
-                self.runner.install(version, dict(exchanged), source="rollout", rnd=-1)
-            elif state.current_source() == "rollout":
-                # The first rollout was rolled back and there was no adapter before it: inference goes
-                # back to the bundle's own; an adapter installed since by a round stays.
-                state.set_current_adapter(None)
-                log.info("rollout rolled back; inference is on the bundle's own adapter again")
-        except FedclipError as e:
-            log.error("rollout adapter %s not recorded in the state dir: %s", version, e)
-        self.status.publish()  # retained, so the coordinator sees the switch without a reconnect
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def run(self) -> int:

@@ -50,8 +50,12 @@ class Inbox:
         self.rollout = rollout
 
     def handle(self, incoming: Incoming) -> None:
-        if self.rollout is not None and self.rollout.handle(incoming):
-            return
+        if self.rollout is not None:
+            before = self.runner.state.current_adapter
+            if self.rollout.handle(incoming):
+                if self.runner.state.current_adapter != before:
+                    self.status.publish()  # retained: the coordinator sees the switch at once
+                return
         if not incoming.payload:
             log.debug("%s: retained message cleared; nothing to do", incoming.topic)
             return

@@ -24,7 +24,7 @@ from fedclip.device_agent.config import AgentConfig
 from fedclip.device_agent.loops import evaluate, train_local
 from fedclip.device_agent.state import AgentState, RoundProgress
 from fedclip.device_agent.updates import build_update
-from fedclip.sdk.adapters import AdapterMeta, load_adapter
+from fedclip.sdk.adapters import AdapterMeta
 from fedclip.sdk.data import Dataset
 from fedclip.sdk.errors import DataError, FedclipError, StateError
 from fedclip.sdk.ids import ID_PATTERN
@@ -117,16 +117,11 @@ class RoundRunner:
         finally:
             self.trainer.set_tensors(saved)
 
-    def baseline_adapter(self) -> tuple[str, dict[str, np.ndarray]] | None:
-        """The adapter inference used before the first rollout, so rolling that rollout back returns
-        to it; None when inference ran on the bundle's own adapter."""
-        path = self.state.current_adapter_path()
-        version = self.state.current_adapter
-        if path is None or version is None or not path.is_file():
-            return None
-        tensors, _ = load_adapter(path)
-        names = {spec.name for spec in self.manifest.exchanged}
-        return version, {k: v for k, v in tensors.items() if k in names}
+    def full_adapter(self, exchanged: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The adapter a device keeps for exchanged tensors: they replace their part of its own."""
+        tensors = dict(self.trainer.get_tensors("trainable"))
+        tensors.update(exchanged)
+        return tensors
 
     def install(
         self,
@@ -142,8 +137,7 @@ class RoundRunner:
     ) -> None:
         """Keep an adapter (the exchanged tensors on top of this device's own ones) in the ledger and,
         with `use`, for inference."""
-        tensors = dict(self.trainer.get_tensors("trainable"))
-        tensors.update(exchanged)
+        tensors = self.full_adapter(exchanged)
         meta = AdapterMeta(
             bundle_id=self.manifest.bundle_id,
             version=version,

@@ -3,7 +3,8 @@
 Layout (every file is written atomically: temp file + fsync + os.replace + fsync of the folder, so a
 `kill -9` at any moment leaves either the old or the new version, never half of one):
 
-    state.json                 identity, adapter versions, rounds and their status, round in progress
+    state.json                 identity, the adapter ledger (`sdk.ledger`), rounds and their status,
+                               round in progress, what the rollout client remembers (`rollout`)
     state.lock                 flock held by the running agent (released by the kernel on kill -9)
     adapters/<version>.safetensors   adapters installed for inference (full trainable set)
     trainer/ckpt-<round>       ORT checkpoint (weights + optimizer) at the end of the last round
@@ -23,7 +24,7 @@ import fcntl
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from fedclip.sdk.hashing import sha256_bytes
 from fedclip.sdk.ids import ID_PATTERN
 
 # the ledger's file and format are the sdk's (`sdk.ledger`): its readers and this writer agree
-from fedclip.sdk.ledger import STATE_FILE, STATE_FORMAT, read_record
+from fedclip.sdk.ledger import STATE_FILE, STATE_FORMAT, Ledger, read_record
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +94,9 @@ def _empty_record(agent_id: str, fleet: str, bundle_id: str) -> dict[str, Any]:
 
 
 def current_adapter_path(root: str | Path) -> Path | None:
-    """The adapter file the agent installed last (for `fedclip-agent predict --state DIR`)."""
-    record = read_record(root)
-    version = record.get("current_adapter")
-    entry = record.get("adapters", {}).get(version) if version else None
-    if not entry:
-        return None
-    path = Path(root) / entry["file"]
-    return path if path.is_file() else None
+    """The adapter file inference uses (for `fedclip-agent predict --state DIR`)."""
+    used = Ledger.read(root).in_use()
+    return used.file if used is not None else None
 
 
 class AgentState:
@@ -136,7 +132,8 @@ class AgentState:
                 self.record.update(
                     bundle_id=bundle_id, current_adapter=None, in_progress=None, trainer_checkpoint=None
                 )
-                self._save()
+                # out of the ledger too, so no rollback returns to an adapter of another bundle
+                self.retire_adapters(list(self.record["adapters"]), forget=True)
         else:
             self.record = _empty_record(agent_id, fleet, bundle_id)
             self._save()
@@ -182,10 +179,8 @@ class AgentState:
         return entry["status"] if entry else None
 
     def current_adapter_path(self) -> Path | None:
-        version = self.record["current_adapter"]
-        if not version:
-            return None
-        return self.root / self.record["adapters"][version]["file"]
+        used = self.ledger().in_use()
+        return used.file if used is not None else None
 
     def trainer_checkpoint(self) -> Path | None:
         rel = self.record.get("trainer_checkpoint")
@@ -228,22 +223,55 @@ class AgentState:
         rel = f"adapters/{version}.safetensors"
         if version not in self.record["adapters"] or not (self.root / rel).is_file():
             self._write(rel, adapter_bytes(tensors, meta))
+        # strictly increasing, so the ledger's order (and a rollback's target) never rests on a tie
+        latest = max((e.get("installed_at", 0.0) for e in self.record["adapters"].values()), default=0.0)
         self.record["adapters"][version] = {
             "file": rel,
             "source": source,
             "round": rnd,
             "rollout": rollout,
-            "installed_at": time.time(),
+            "installed_at": max(time.time(), latest + 1e-6),
         }
         if use:
             self.record["current_adapter"] = version
         self._save()
         return self.root / rel
 
-    def current_source(self) -> str | None:
-        """Who installed the current adapter: `task`, `adapter`, `rollout` (None: no adapter)."""
-        version = self.record["current_adapter"]
-        return self.record["adapters"][version].get("source") if version else None
+    def ledger(self) -> Ledger:
+        """The ledger as this writer holds it (what `Ledger.read` of the state dir returns)."""
+        return Ledger.from_record(self.root, self.record)
+
+    def retire_adapters(self, versions: Iterable[str], *, forget: bool = False) -> None:
+        """Rolled back (default): the entries get `rolled_back_at` and stay, files included, so an
+        inference process that read the ledger a moment before still finds the file. `forget`: the
+        entries and their files go. The adapter inference uses is never touched."""
+        current, now = self.record["current_adapter"], time.time()
+        adapters = self.record["adapters"]
+        gone = [(v, adapters[v]) for v in versions if v in adapters and v != current]
+        for version, entry in gone:
+            if forget:
+                del adapters[version]
+            else:
+                entry["rolled_back_at"] = now
+        self._save()  # the record first, then the files: it never names a file that is gone
+        for _, entry in gone if forget else ():
+            remove(self.root / entry["file"])
+
+    def set_adapter_rollout(self, version: str, rollout: int) -> None:
+        """Name the rollout that installed `version` (for state dirs that recorded it as 0)."""
+        entry = self.record["adapters"].get(version)
+        if entry is not None and entry.get("rollout") != rollout:
+            entry["rollout"] = rollout
+            self._save()
+
+    def rollout_memory(self) -> dict[str, Any]:
+        """A copy of the `rollout` section (`device_agent.rollout_memory`: pins, rolled-back rollouts,
+        kept acks)."""
+        return json.loads(json.dumps(self.record.get("rollout") or {}))
+
+    def save_rollout_memory(self, memory: Mapping[str, Any]) -> None:
+        self.record["rollout"] = dict(memory)
+        self._save()
 
     def set_current_adapter(self, version: str | None) -> None:
         """Switch inference to an adapter already kept here, or to the bundle's own (None)."""

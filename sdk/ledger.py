@@ -8,6 +8,10 @@ by the agent, so a reader sees the old or the new ledger, never half of one). So
   kept for the record and never used for inference: only signed rollouts change what a device answers;
 - `rollout`: installed for inference by a signed rollout (`rollout` names it);
 - `adapter`: installed by an unsigned push (closed test setups only).
+
+The ledger is also the rollout history: a rolled-back rollout's entry keeps its `rollout` id and gets
+`rolled_back_at` (never used again), and a rollback returns inference to `Ledger.previous(...)`,
+the adapter that was in use before. Entries are ordered by `installed_at`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from fedclip.sdk.errors import StateError
 STATE_FILE = "state.json"
 STATE_FORMAT = 1
 SOURCES = ("task", "rollout", "adapter")
+SERVING = ("rollout", "adapter")  # the sources that may reach inference (a task's adapter never does)
 
 
 def read_record(root: str | Path) -> dict[str, Any]:
@@ -51,6 +56,12 @@ class LedgerEntry:
     round_id: int  # the round it belongs to (-1: none)
     rollout: int = 0  # the rollout that installed it (0: none)
     installed_at: float = 0.0
+    rolled_back_at: float = 0.0  # when its rollout was rolled back on this device (0: never)
+
+    @property
+    def usable(self) -> bool:
+        """Inference may go back to it: kept for inference, never rolled back, its file there."""
+        return self.source in SERVING and not self.rolled_back_at and self.file.is_file()
 
 
 @dataclass(frozen=True)
@@ -63,7 +74,11 @@ class Ledger:
     def read(cls, state_dir: str | Path) -> Ledger:
         """The ledger of an agent state dir; StateError with one line when there is none."""
         root = Path(state_dir)
-        record = read_record(root)
+        return cls.from_record(root, read_record(root))
+
+    @classmethod
+    def from_record(cls, root: Path, record: dict[str, Any]) -> Ledger:
+        """The ledger of a state record already read (the writer, `AgentState`, holds one)."""
         entries = [
             LedgerEntry(
                 version=version,
@@ -72,6 +87,7 @@ class Ledger:
                 round_id=int(e.get("round", -1)),
                 rollout=int(e.get("rollout", 0) or 0),
                 installed_at=float(e.get("installed_at", 0.0)),
+                rolled_back_at=float(e.get("rolled_back_at", 0.0)),
             )
             for version, e in record.get("adapters", {}).items()
         ]
@@ -86,16 +102,29 @@ class Ledger:
         e = self.entry(self.current)
         return e if e is not None and e.file.is_file() else None
 
+    def of_rollout(self, rollout: int) -> tuple[LedgerEntry, ...]:
+        """The entries rollout `rollout` installed (normally one; none for 0)."""
+        return tuple(e for e in self.entries if rollout and e.rollout == rollout)
+
+    def previous(self, version: str | None) -> LedgerEntry | None:
+        """What inference used before `version`: the newest usable entry installed before it (None:
+        the bundle's own adapter). Rollbacks go there; rolled-back entries are skipped."""
+        this = self.entry(version)
+        if this is None:
+            return None
+        before = [e for e in self.entries if e.installed_at < this.installed_at and e.usable]
+        return before[-1] if before else None
+
     def after_rounds(self, rollout_round: int | None = None) -> dict[int, Path]:
         """round r -> the adapter file this device had after round r: a task's starting adapter of
         round r + 1 is the fleet's model after round r; a rollout of `rollout_round`'s version is the
-        model after that round. The latest entry of a round wins."""
+        model after that round (unless it was rolled back). The latest entry of a round wins."""
         found: dict[int, Path] = {}
         for e in self.entries:  # oldest first: later entries overwrite
             if not e.file.is_file():
                 continue
             if e.source == "task" and e.round_id >= 1:
                 found[e.round_id - 1] = e.file
-            elif e.source == "rollout" and rollout_round is not None:
+            elif e.source == "rollout" and rollout_round is not None and not e.rolled_back_at:
                 found[rollout_round] = e.file
         return dict(sorted(found.items()))

@@ -1,5 +1,6 @@
 """Rollout fixtures: `world` (a real ORT evaluator on Fashion-MNIST and the `good` / `bad` adapters it
-judges) and `HarnessAgent`, a minimal real agent (MqttSession + RolloutClient) run on a thread."""
+judges) and `HarnessAgent`, a minimal real agent (MqttSession + AgentState + RolloutClient) run on a
+thread."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from fixtures_data import write_label_folders
 
 from fedclip.coordinator.rollout_sources import DictSource
 from fedclip.device_agent.rollout_client import RolloutClient
+from fedclip.device_agent.state import AgentState
 from fedclip.sdk.adapters import AdapterMeta
 from fedclip.sdk.data import Dataset
 from fedclip.sdk.manifest import Manifest
@@ -78,7 +80,9 @@ def world(tmp_path_factory, tiny_bundle):
 
 # ---- harness agents and coordinator --------------------------------------------------------------
 class HarnessAgent:
-    """A minimal real agent: persistent MQTT session, retained status with groups, RolloutClient."""
+    """A minimal real agent: persistent MQTT session, retained status with groups, its own state dir
+    (the adapter ledger) and a RolloutClient. `baseline` (version, tensors): an adapter of its own in
+    use before any rollout. `changes`: every version inference switched to, in order."""
 
     def __init__(
         self,
@@ -94,6 +98,7 @@ class HarnessAgent:
         self.evaluate, self.groups, self.baseline = evaluate, tuple(groups), baseline
         self.topics = Topics(FLEET)
         self.session: MqttSession | None = None
+        self.agent_state: AgentState | None = None
         self.client: RolloutClient | None = None
         self.changes: list[str | None] = []
         self._stop = threading.Event()
@@ -111,6 +116,11 @@ class HarnessAgent:
 
     def start(self) -> HarnessAgent:
         self._stop.clear()
+        self.agent_state = AgentState(self.state, agent_id=self.id, fleet=FLEET, bundle_id="harness")
+        if self.baseline and self.agent_state.current_adapter is None:
+            version, tensors = self.baseline
+            meta = AdapterMeta("harness", version)
+            self.agent_state.install_adapter(version, tensors, meta, source="adapter")
         self.session = MqttSession(
             self.url,
             self.id,
@@ -118,14 +128,7 @@ class HarnessAgent:
             will=Will(self.topics.status(self.id), self._status("offline")),
         )
         self.client = RolloutClient(
-            self.session,
-            self.topics,
-            self.id,
-            self.state,
-            self.public_key,
-            self.evaluate,
-            on_change=lambda v, t: self.changes.append(v),
-            baseline_fn=(lambda: self.baseline) if self.baseline else None,
+            self.session, self.topics, self.id, self.agent_state, self.public_key, self.evaluate
         )
         self.session.connect(timeout=30)
         self.client.subscribe()
@@ -138,7 +141,10 @@ class HarnessAgent:
         while not self._stop.is_set():
             incoming = self.session.get(timeout=0.1)
             if incoming is not None:
+                before = self.client.current_version
                 assert self.client.handle(incoming)
+                if self.client.current_version != before:
+                    self.changes.append(self.client.current_version)
 
     def stop(self) -> None:
         self._stop.set()
@@ -147,6 +153,8 @@ class HarnessAgent:
         if self.session:
             self.session.publish(self.topics.status(self.id), self._status("offline"), retain=True)
             self.session.close()
+        if self.agent_state:
+            self.agent_state.close()
 
     @property
     def running(self) -> bool:

@@ -50,6 +50,17 @@ def test_rollout_switches_status_and_rollback_restores_the_previous_adapter(
     # A first rollout onto an agent that never had an adapter, then its rollback.
     push(1, "r1", coord.starting_adapter(11))
     on("r1", "status naming rollout 1's adapter")
+    # A hostile body, signed all the same, is refused in one line that the retained status carries.
+    hostile = {"rollout": 9, "stage": "rest", "version": "../../evil", "bundle_id": bundle_id}
+    env = Envelope(MsgType.ADAPTER, FLEET, agent.id, body=hostile)
+    tensors = coord.starting_adapter(99)
+    coord.publish(coord.topics.adapter(agent.id), encode(sign_envelope(key, env, tensors), tensors), True)
+    coord.wait_status(
+        agent,
+        lambda b: "refused" in b.get("notice", "") and "version" in b["notice"] and "\n" not in b["notice"],
+        "the refusal",
+    )
+    assert read_record(agent.state)["current_adapter"] == "r1"
     rollback(1, "r1")
     on(None, "status after rolling back the first rollout")
     assert current_adapter_path(agent.state) is None  # inference is on the bundle's own adapter again
@@ -70,6 +81,11 @@ def test_rollout_switches_status_and_rollback_restores_the_previous_adapter(
     for name, value in coord.starting_adapter(22).items():
         np.testing.assert_array_equal(tensors[name], value)
     assert "rolled back: r3 -> r2" in agent.text()
-    task_entries = [e for e in Ledger.read(agent.state).entries if e.source == "task"]
+    ledger = Ledger.read(agent.state)
+    task_entries = [e for e in ledger.entries if e.source == "task"]
     assert [(e.version, e.round_id) for e in task_entries] == [("start-1", 1)]
+    # the ledger is the rollout history: every install under its rollout id, rollbacks marked on it
+    rollouts = [(e.version, e.rollout, e.rolled_back_at > 0) for e in ledger.entries if e.source == "rollout"]
+    assert rollouts == [("r1", 1, True), ("r2", 2, False), ("r3", 3, True)]
+    assert not (agent.state / "rollout").exists()  # no second history beside the ledger
     assert agent.terminate() == 0

@@ -41,3 +41,50 @@ def test_no_ledger_is_one_line(tmp_path):
     (tmp_path / "state.json").write_text("{oops")
     with pytest.raises(StateError, match="not valid JSON"):
         Ledger.read(tmp_path)
+
+
+def test_previous_skips_tasks_rolled_back_and_missing_adapters(tmp_path):
+    state = AgentState(tmp_path, agent_id="a", fleet="f", bundle_id="b")
+    state.install_adapter("own", T, meta("own", 0), source="adapter")
+    state.install_adapter("r1", T, meta("r1", 1), source="rollout", rollout=1)
+    state.install_adapter("t2", T, meta("t2", 2), source="task", rnd=2, use=False)  # never served
+    state.install_adapter("r2", T, meta("r2", 2), source="rollout", rollout=2)
+    state.install_adapter("r3", T, meta("r3", 3), source="rollout", rollout=3)
+    state.retire_adapters(["r2"])  # rolled back: the entry stays, and its file, never used again
+    ledger = Ledger.read(tmp_path)
+    assert ledger == state.ledger()  # the writer's view and the reader's agree
+    (r2,) = ledger.of_rollout(2)
+    assert r2.rolled_back_at > 0 and r2.file.exists() and not r2.usable
+    assert [e.version for e in ledger.entries] == ["own", "r1", "t2", "r2", "r3"]
+    assert ledger.previous("r3").version == "r1"
+    r3 = ledger.entry("r3").file
+    assert ledger.previous("r1").version == "own"
+    assert ledger.previous("own") is None and ledger.previous("nope") is None
+    # a rollout rolled back after r3 is not "the model after the round" either
+    state.install_adapter("r4", T, meta("r4", 4), source="rollout", rollout=4)
+    state.set_current_adapter("r3")
+    state.retire_adapters(["r4"])
+    assert Ledger.read(tmp_path).after_rounds(rollout_round=9) == {
+        1: tmp_path / "adapters/t2.safetensors",
+        9: r3,
+    }
+    state.retire_adapters(["r1"], forget=True)
+    assert (
+        Ledger.read(tmp_path).previous("r3").version == "own"
+        and not (tmp_path / "adapters/r1.safetensors").exists()
+    )
+    state.retire_adapters(["r3"], forget=True)  # the adapter in use is never retired
+    assert Ledger.read(tmp_path).in_use().version == "r3"
+    state.close()
+
+
+def test_a_new_bundle_leaves_no_adapter_of_the_old_one_to_roll_back_to(tmp_path):
+    state = AgentState(tmp_path, agent_id="a", fleet="f", bundle_id="b")
+    state.install_adapter("r1", T, meta("r1", 1), source="rollout", rollout=1)
+    state.install_adapter("r2", T, meta("r2", 2), source="rollout", rollout=2)
+    state.close()
+    state = AgentState(tmp_path, agent_id="a", fleet="f", bundle_id="c")
+    ledger = Ledger.read(tmp_path)
+    assert ledger.bundle_id == "c" and ledger.current is None and ledger.entries == ()
+    assert not list((tmp_path / "adapters").iterdir())
+    state.close()

@@ -24,6 +24,7 @@ from fedclip.coordinator.rollout import RolloutManager
 from fedclip.coordinator.rollout_policy import RolloutParams, Target
 from fedclip.coordinator.rollout_store import COMPLETE, ROLLED_BACK, RolloutStore
 from fedclip.sdk.adapters import save_adapter
+from fedclip.sdk.ledger import Ledger
 from fedclip.sdk.mqtt import MqttSession
 from fedclip.sdk.signing import ensure_keypair, generate_key, sign_envelope
 from fedclip.sdk.wire import Envelope, MsgType, Topics, decode, encode
@@ -191,8 +192,12 @@ def test_canary_regression_rolls_back_automatically(fleet):
     assert agents[victim].changes == ["good", "bad", "good"]
     for name in set(agents) - {victim}:
         assert agents[name].changes == ["good"]
-    # the rolled-back adapter's file is gone and a restarted agent does not take the retained copy again
-    assert not list((agents[victim].state / "rollout" / "adapters").glob("bad.*"))
+    # the ledger records the rollback under the rollout's id, the rolled-back adapter is never used
+    # again, and a restarted agent does not take the retained copy again
+    ledger = Ledger.read(agents[victim].state)
+    (bad,) = ledger.of_rollout(rid)
+    assert bad.version == "bad" and bad.source == "rollout" and bad.rolled_back_at > 0
+    assert not bad.usable and ledger.in_use().rollout == first
     agents[victim].stop()
     agents[victim].changes.clear()
     agents[victim].start()
@@ -377,7 +382,7 @@ def test_rollout_cli_wait_status_pin(mosquitto, tmp_path, world):
         key, _ = ensure_keypair(state / "keys")
         with MqttSession(mosquitto.url, "sentinel", clean_session=True) as s:
             rid = send_sentinel(s, key, "c")
-        eventually(lambda: str(rid) in agents[2].client.state["acks"], WAIT_S, "c's answer to the sentinel")
+        eventually(lambda: str(rid) in agents[2].client.memory.acks, WAIT_S, "c's answer to the sentinel")
         assert agents[2].version == "good"
 
         r = cli("start", "not-a-version!", "--to", "all", *common)

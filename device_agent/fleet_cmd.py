@@ -99,9 +99,9 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Show what an agent's state dir records: identity, adapter, rounds, last metrics."""
-    from fedclip.device_agent.state import read_record, summarize
+    from fedclip.device_agent.state_summary import summarize
 
-    info = summarize(read_record(state))
+    info = summarize(state)
     if as_json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return
@@ -116,6 +116,10 @@ def status(
         "fleet",
         "bundle_id",
         "adapter_version",
+        "adapter_source",
+        "adapter_round",
+        "adapter_rollout",
+        "pinned",
         "last_round",
         "rounds_done",
         "in_progress",

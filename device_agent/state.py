@@ -386,22 +386,3 @@ class AgentState:
                 remove(p)
         if not any(folder.iterdir()):
             remove(folder)
-
-
-def summarize(record: Mapping[str, Any]) -> dict[str, Any]:
-    """What `fedclip-agent status` shows."""
-    rounds = record.get("rounds", {})
-    done = sorted((int(r) for r, e in rounds.items() if e.get("status") == DONE))
-    last = max((int(r) for r in rounds), default=-1)
-    prog = record.get("in_progress")
-    return {
-        "agent_id": record.get("agent_id"),
-        "fleet": record.get("fleet"),
-        "bundle_id": record.get("bundle_id"),
-        "adapter_version": record.get("current_adapter"),
-        "last_round": last,
-        "rounds_done": len(done),
-        "pending_updates": sorted(int(r) for r, e in rounds.items() if e.get("status") == BUILT),
-        "in_progress": prog["round"] if prog else None,
-        "last_metrics": rounds[str(last)].get("metrics", {}) if last >= 0 else {},
-    }

@@ -18,8 +18,8 @@ from fedclip.device_agent.state import (
     AgentState,
     current_adapter_path,
     read_record,
-    summarize,
 )
+from fedclip.device_agent.state_summary import summarize
 from fedclip.sdk.adapters import AdapterMeta, load_adapter
 from fedclip.sdk.errors import ConfigError, StateError
 from fedclip.sdk.fsutil import atomic_write
@@ -112,7 +112,7 @@ def test_round_lifecycle_and_summary(tmp_path):
     assert s.round_status(3) == DONE and s.pending_updates() == []
     s.close()
 
-    info = summarize(read_record(tmp_path))
+    info = summarize(tmp_path)
     assert info["last_round"] == 3 and info["rounds_done"] == 1
     assert info["last_metrics"] == {"accuracy_after": 0.5}
 
@@ -249,3 +249,17 @@ def test_status_command_table_and_json(tmp_path):
     assert info["agent_id"] == "dev-1" and info["rounds_done"] == 1 and info["last_round"] == 1
     out = CliRunner().invoke(app, ["status", "--state", str(tmp_path)])
     assert out.exit_code == 0 and "dev-1" in out.output and "accuracy_after" in out.output
+
+
+def test_status_names_where_the_adapter_in_use_came_from(tmp_path):
+    s = _open(tmp_path)
+    tensors = {"x.lora_C": np.eye(2, dtype=np.float32)}
+    assert summarize(tmp_path)["adapter_source"] is None  # the bundle's own adapter serves
+    s.install_adapter("r3", tensors, AdapterMeta(bundle_id=BUNDLE, version="r3"), source="rollout", rollout=7)
+    t4 = AdapterMeta(bundle_id=BUNDLE, version="t4")
+    s.install_adapter("t4", tensors, t4, source="task", rnd=4, use=False)
+    s.save_rollout_memory({"pinned": "r3"})
+    s.close()
+    info = summarize(tmp_path)
+    assert (info["adapter_version"], info["adapter_source"], info["adapter_rollout"]) == ("r3", "rollout", 7)
+    assert info["adapter_round"] is None and info["pinned"] == "r3"

@@ -37,6 +37,23 @@ class UpdateRow:
 
 
 @dataclass(frozen=True)
+class NewUpdate:
+    """An accepted update to store (`Store.add_updates`). `stats` = (data digest, blob) of statistics
+    that travelled with it: they become the agent's held statistics in the same transaction."""
+
+    round: int
+    agent: str
+    sha256: str
+    blob: str
+    num_samples: int
+    metrics: dict[str, float]
+    norm: float | None
+    clipped: bool
+    wire_bytes: int | None = None
+    stats: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
 class StatsRow:
     """The data statistics the coordinator holds for one agent: accepted in `round`, computed from
     the data the agent named `data_digest` ("" from an agent that names none: never reused)."""

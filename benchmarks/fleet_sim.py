@@ -265,6 +265,7 @@ def write_report(data: dict) -> Path:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Processes and bytes", ""]
     keys = [
+        ("signed", "provisioned fleet: updates and statuses signed, verified"),
         ("coordinator_peak_rss_mb", "coordinator peak RSS MB"),
         ("coordinator_cpu_s", "coordinator CPU s (whole run)"),
         ("broker_peak_rss_mb", "broker peak RSS MB (NATS: all nodes)"),
@@ -283,11 +284,60 @@ def write_report(data: dict) -> Path:
     lines.append("|---|" + "---:|" * len(rows))
     for k, label in keys:
         if any(k in r for r in rows):
-            lines.append(f"| {label} | " + " | ".join(str(r.get(k, "-")) for r in rows) + " |")
+            cells = [str(r.get(k, False if k == "signed" else "-")) for r in rows]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", data.get("notes", "")]
+    if data.get("intake"):
+        lines += intake_section(data["intake"])
     out = RESULTS / "scale.md"
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+def intake_section(intake: dict) -> list[str]:
+    """The `bench_intake.py` results as markdown: bursts (end to end) and the storage layer."""
+    meta = intake.get("meta", {})
+    lines = [
+        "",
+        "## Intake: a burst of signed updates, one at a time vs group commit",
+        "",
+        f"Produced by `python benchmarks/bench_intake.py` ({meta.get('date', '?')}, bundle "
+        f"{meta.get('bundle', '?')}, {meta.get('cpus', '?')} cpus shared with other jobs). N signed "
+        "ce-lora updates (tiny tri-lora bundle, with statistics) published at once by provisioned "
+        "agents; the clock runs from the burst to the N-th update stored (validated incl. signature, "
+        "blob and row durable; its batch's PUBACKs follow the commit). CPU seconds per 1,000 updates "
+        "are read from /proc over the same interval.",
+        "",
+        "| intake_batch | updates | seconds | updates/s | coordinator CPU s / 1,000 | mosquitto CPU s / 1,000"
+        " | publisher CPU s / 1,000 | 1-min load (start, end) | rejected |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for b in intake.get("bursts", []):
+        if "error" in b:
+            lines.append(f"| {b['intake_batch']} | {b['updates']} | error: {b['error']} | | | | | | |")
+            continue
+        lines.append(
+            f"| {b['intake_batch']} | {b['updates']} | {b['seconds']} | {b['updates_per_s']} | "
+            f"{b.get('coordinator_cpu_s_per_1000', '-')} | {b.get('broker_cpu_s_per_1000', '-')} | "
+            f"{b.get('publisher_cpu_s_per_1000', '-')} | {b['load_avg_1min']} | {b.get('rejected', '-')} |"
+        )
+    st = intake.get("store")
+    if st:
+        lines += [
+            "",
+            f"Storage layer alone, this disk (ext4), batches of {st['batch']} blobs of "
+            f"{st['blob_bytes']} bytes, ms per update (best of 3):",
+            "",
+            "| | one at a time | batch |",
+            "|---|---:|---:|",
+            f"| blob durable (temp file, fsync, rename, folder fsync) | {st['put_ms_per_update']} | "
+            f"{st['put_many_ms_per_update']} |",
+            f"| row committed (SQLite WAL, synchronous=FULL) | {st['row_each_ms_per_update']} | "
+            f"{st['rows_batch_ms_per_update']} |",
+        ]
+    if intake.get("notes"):
+        lines += ["", intake["notes"]]
+    return lines
 
 
 def plot(data: dict) -> Path | None:
@@ -376,6 +426,7 @@ def main() -> None:
         },
         "rows": sorted(keep + rows, key=lambda r: (r.get("broker", "mosquitto") != "mosquitto", r["agents"])),
         "notes": old.get("notes", ""),
+        "intake": old.get("intake"),  # bench_intake.py's section
     }
     path.write_text(json.dumps(data, indent=2) + "\n")
     print(write_report(data))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -122,6 +123,7 @@ class UpdateIntake:
         if not batch and not rejections:
             return
         self._batch, self._rejections = [], []
+        started = time.monotonic()
         agents = [s.agent for s in batch]
         _crash_point("update-received", agents)
         blobs = self.store.blobs.put_many([s.blob for s in batch])
@@ -143,8 +145,9 @@ class UpdateIntake:
                 conflicts.append((s.msg.topic, s.agent, s.st.round, reason))
         if conflicts:  # rare (a second, different update): recorded before the batch is acknowledged
             self.store.add_rejections(conflicts)
-        if len(batch) > 1:
-            log.debug("stored a batch of %d updates (%d rejections)", len(batch), len(rejections))
+        if len(batch) > 1:  # how big the batches get under load, and what one costs
+            ms = (time.monotonic() - started) * 1000
+            log.info("group commit: %d updates and %d rejections in %.0f ms", len(batch), len(rejections), ms)
 
     def _row(self, s: Staged, blob: str) -> NewUpdate:
         a, st = s.accepted, s.st

@@ -37,19 +37,10 @@ class UpdateRow:
 
 
 @dataclass(frozen=True)
-class NewUpdate:
+class NewUpdate(UpdateRow):
     """An accepted update to store (`Store.add_updates`). `stats` = (data digest, blob) of statistics
     that travelled with it: they become the agent's held statistics in the same transaction."""
 
-    round: int
-    agent: str
-    sha256: str
-    blob: str
-    num_samples: int
-    metrics: dict[str, float]
-    norm: float | None
-    clipped: bool
-    wire_bytes: int | None = None
     stats: tuple[str, str] | None = None
 
 

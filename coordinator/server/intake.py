@@ -32,8 +32,9 @@ from fedclip.sdk.wire import Message, MsgType, decode
 log = logging.getLogger("fedclip.coordinator")
 
 # Fault injection for the kill -9 tests: "<point>:<agent>" makes the process SIGKILL itself at that
-# point of the flush of the batch holding the agent's update: "update-received" (nothing written yet),
-# "blobs-written" (blobs durable, rows not committed), "update-stored" (committed, not acknowledged).
+# point of the flush of the batch holding the agent's update, "<point>:batch>=<n>" in the first batch
+# of at least n updates. Points: "update-received" (nothing written yet), "blobs-written" (blobs
+# durable, rows not committed), "update-stored" (committed, not acknowledged).
 CRASH_ENV = "FEDCLIP_COORD_CRASH_AT"
 
 Outcome = Literal["stored", "duplicate", "conflict", "late", "rejected"]
@@ -41,9 +42,17 @@ Outcome = Literal["stored", "duplicate", "conflict", "late", "rejected"]
 
 def _crash_point(point: str, agents: list[str]) -> None:
     want = os.environ.get(CRASH_ENV, "")
-    if want.startswith(f"{point}:") and want.split(":", 1)[1] in agents:
+    if not want.startswith(f"{point}:"):
+        return
+    target = want.split(":", 1)[1]
+    if target.startswith("batch>="):
+        hit = len(agents) >= int(target.removeprefix("batch>="))
+    else:
+        hit = target in agents
+    if hit:
         # One unbuffered line first, so a test can tell which batch the kill hit.
-        os.write(2, f"crash point {point} in a batch of {len(agents)} updates\n".encode())
+        line = f"crash point {point} in a batch of {len(agents)} updates: {' '.join(agents)}\n"
+        os.write(2, line.encode())
         os.kill(os.getpid(), signal.SIGKILL)
 
 

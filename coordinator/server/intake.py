@@ -77,11 +77,6 @@ class UpdateIntake:
         self._batch: list[Staged] = []  # accepted, waiting for `flush`
         self._rejections: list[tuple[str, str, int, str]] = []  # (topic, agent, round, reason)
 
-    @property
-    def pending(self) -> int:
-        """Updates and rejections staged and not yet flushed."""
-        return len(self._batch) + len(self._rejections)
-
     def on_update(self, agent: str, msg: Incoming, st: RoundState | None) -> Outcome:
         """Handle one update that came on `agent`'s topic, durably (a batch of one)."""
         staged = self.stage(agent, msg, st)

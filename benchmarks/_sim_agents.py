@@ -2,8 +2,10 @@
 
 `Prepared` builds, from a bundle's manifest, the status and update messages a real agent sends
 (valid for `coordinator.validation`: exchanged tensors of the manifest's shapes, `stats/*` tensors
-as the agent sends them, a `data_digest`). `SimFleet` runs N paho clients in one thread with paho's
-external-loop API (`loop_read` / `loop_write` driven by the socket callbacks on a `selectors` loop).
+as the agent sends them, a `data_digest`), signed with the agent's kit key in a provisioned fleet
+(`_sim_kits`). `SimFleet` runs N paho clients in one thread with paho's external-loop API
+(`loop_read` / `loop_write` driven by the socket callbacks on a `selectors` loop), each logged in
+with its kit's password when it has one.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from fedclip.sdk.manifest import Manifest
 from fedclip.sdk.mqtt_address import BrokerAddress
+from fedclip.sdk.signing import Ed25519PrivateKey, sign_envelope
 from fedclip.sdk.wire import (
     STAT_LABEL_HIST,
     STAT_MEAN,
@@ -30,10 +33,15 @@ from fedclip.sdk.wire import (
     Topics,
     decode,
     encode,
+    tensors_digest,
 )
 
 GROUPS = 64  # distinct update directions / data statistics in the simulated fleet
 KEEPALIVE = 3600  # s: no PINGREQ traffic from 10,000 clients during a run
+
+
+def agent_ids(n: int, prefix: str = "sim") -> list[str]:
+    return [f"{prefix}{i:05d}" for i in range(n)]
 
 
 def raise_nofile(want: int) -> int:
@@ -46,11 +54,14 @@ def raise_nofile(want: int) -> int:
 
 # ---- prepared payloads ----------------------------------------------------------------------------
 class Prepared:
-    """What every simulated agent sends, built once from the bundle's manifest."""
+    """What every simulated agent sends, built once from the bundle's manifest; signed with the
+    agent's key from `keys` (its startup kit's) when it has one."""
 
-    def __init__(self, manifest: Manifest, fleet: str, seed: int = 0):
+    def __init__(
+        self, manifest: Manifest, fleet: str, seed: int = 0, keys: dict[str, Ed25519PrivateKey] | None = None
+    ):
         rng = np.random.default_rng(seed)
-        self.manifest, self.fleet = manifest, fleet
+        self.manifest, self.fleet, self.keys = manifest, fleet, keys or {}
         self.labels = max(1, len(manifest.task.labels))
         self.dim = manifest.base_model.embed_dim
         ex = manifest.exchanged
@@ -69,6 +80,13 @@ class Prepared:
             for _ in range(GROUPS)
         ]
 
+    def _encode(self, env: Envelope, tensors: dict[str, np.ndarray] | None = None) -> bytes:
+        key = self.keys.get(env.agent)
+        if key is None:
+            return encode(env, tensors)
+        digest = tensors_digest(tensors) if tensors else ""
+        return encode(sign_envelope(key, env, digest=digest), tensors, digest=digest)
+
     @staticmethod
     def digest(agent: str) -> str:
         return hashlib.sha256(f"fleet-sim/{agent}".encode()).hexdigest()
@@ -85,7 +103,7 @@ class Prepared:
             "num_samples": 100,
         }
         env = Envelope(MsgType.STATUS, self.fleet, agent, round=last_round, base_version=adapter, body=body)
-        return encode(env)
+        return self._encode(env)
 
     def update(self, agent: str, index: int, task_payload: bytes) -> tuple[int, bytes] | None:
         """(round, update blob) answering a task; None for an emptied (closed) task."""
@@ -114,7 +132,7 @@ class Prepared:
         out = Envelope(
             MsgType.UPDATE, self.fleet, agent, round=env.round, base_version=env.base_version, body=out_body
         )
-        return env.round, encode(out, tensors)
+        return env.round, self._encode(out, tensors)
 
 
 # ---- the fleet: N paho clients on one selector ----------------------------------------------------
@@ -138,14 +156,28 @@ class Counters:
 
 
 class SimFleet:
-    """N simulated agents sharing one selector loop (call `step()` from one thread)."""
+    """N simulated agents sharing one selector loop (call `step()` from one thread).
 
-    def __init__(self, urls: list[str], n: int, prepared: Prepared, prefix: str = "sim"):
+    `passwords`: each agent's broker login (username = agent id), from its kit. `hold`: updates are
+    prepared as tasks arrive but published only by `release()` (an intake benchmark's burst)."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        n: int,
+        prepared: Prepared,
+        prefix: str = "sim",
+        passwords: dict[str, str] | None = None,
+        hold: bool = False,
+    ):
         self.prep = prepared
+        self.passwords = passwords or {}
+        self.hold = hold
+        self.held: list[tuple[int, int, bytes]] = []  # (agent index, round, update) until `release`
         self.topics = Topics(prepared.fleet)
         self.sel = selectors.DefaultSelector()
         self.c = Counters()
-        self.ids = [f"{prefix}{i:05d}" for i in range(n)]
+        self.ids = agent_ids(n, prefix)
         self.addrs = [BrokerAddress.parse(u) for u in urls]
         self.clients: list[paho.Client] = []
         self.pending: list[tuple[int, bytes]] = []  # (agent index, task payload) to answer
@@ -186,6 +218,8 @@ class SimFleet:
             userdata=i,
         )
         cl.max_inflight_messages_set(20)
+        if agent in self.passwords:
+            cl.username_pw_set(agent, self.passwords[agent])
         cl.will_set(self.topics.status(agent), self.prep.status(agent, "offline"), qos=1, retain=True)
         cl.on_socket_open = self._sock_open
         cl.on_socket_close = self._sock_close
@@ -259,10 +293,25 @@ class SimFleet:
             if (i, rnd) in self.answered:  # a redelivered task: the agent republishes the same update
                 continue
             self.answered.add((i, rnd))
-            info = self.clients[i].publish(self.topics.update(self.ids[i]), blob, qos=1)
-            self.pub_mids[(i, info.mid)] = ("update", rnd)
-            self.c.bytes_out += len(blob)
-            self.c.mark(f"update_sent_r{rnd}")
+            if self.hold:
+                self.held.append((i, rnd, blob))
+            else:
+                self.send_update(i, rnd, blob)
+
+    def send_update(self, i: int, rnd: int, blob: bytes) -> None:
+        info = self.clients[i].publish(self.topics.update(self.ids[i]), blob, qos=1)
+        self.pub_mids[(i, info.mid)] = ("update", rnd)
+        self.c.bytes_out += len(blob)
+        self.c.mark(f"update_sent_r{rnd}")
+
+    def release(self, keep: int = 0) -> int:
+        """Publish the held updates now but the last `keep` (paho queues them; `step()` writes them
+        out); later tasks are answered at once. Returns how many went out."""
+        cut = len(self.held) - keep
+        out, self.held, self.hold = self.held[:cut], self.held[cut:], False
+        for i, rnd, blob in out:
+            self.send_update(i, rnd, blob)
+        return len(out)
 
     def step(self, timeout: float) -> None:
         for key, events in self.sel.select(timeout):

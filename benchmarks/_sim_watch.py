@@ -82,7 +82,7 @@ class LogWatch(threading.Thread):
         self.errors: list[str] = []
 
     def run(self) -> None:
-        with open(self.log_path, "w") as out:
+        with open(self.log_path, "a") as out:
             for raw in self.stream:
                 line = raw.decode(errors="replace")
                 out.write(line)

@@ -5,6 +5,10 @@ One process, one thread, one `selectors` loop over N paho clients (paho's extern
 sockets, not 10,000 threads. Each simulated agent does what `fedclip-agent start` does on the wire,
 without ONNX Runtime:
 
+- has a startup kit made by `Provisioner` (its own Ed25519 key and broker login, enrolled in the
+  coordinator's registry), signs every status and update with its key and logs in with its password,
+  so the coordinator runs provisioned: only signed messages of enrolled agents count (`--unsigned`:
+  an unprovisioned fleet, as before; kits are made once into `--kits DIR` and reused);
 - connects with a fixed client id, a persistent session and a retained `offline` last will;
 - subscribes to its task topic and publishes a valid retained `online` status (bundle id, samples);
 - answers every task with a valid update: the task's starting tensors plus a prepared delta (one of
@@ -12,13 +16,14 @@ without ONNX Runtime:
   float32, per-label mean and variance as float16, as the agent sends them) and a `data_digest`;
   when the task's `stats_digest` is that digest, only the histogram travels (statistics sent once).
 
-`run()` starts a real mosquitto (or uses `--broker` URLs, spread over the agents), the real
+`run()` starts a real mosquitto on the fleet's generated config (logins and topic ACL; or uses
+`--broker` URLs, spread over the agents, or a local NATS cluster with `--nats`), the real
 `fedclip-coord serve` as a subprocess (ce-lora, every agent selected, quorum = N, 2 rounds: the
 second round's tasks carry each agent's personalized adapter), drives the fleet until the
 coordinator has aggregated both rounds, and reports phase times, peak RSS and CPU of coordinator
 and broker, and bytes.
 
-    python benchmarks/fleet_sim.py --bundle /tmp/bundle --agents 1000,10000
+    python benchmarks/fleet_sim.py --bundle /tmp/bundle --agents 1000,10000 --kits /tmp/sim-kits
 """
 
 from __future__ import annotations
@@ -28,17 +33,15 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _sim_agents import Prepared, SimFleet, raise_nofile  # noqa: E402
-from _sim_watch import LogWatch, Monitor  # noqa: E402
+import _sim_setup  # noqa: E402
+from _sim_agents import Prepared, SimFleet  # noqa: E402
 
 from fedclip.sdk.manifest import Manifest  # noqa: E402
 
@@ -47,19 +50,6 @@ __all__ = ["Prepared", "SimFleet", "run"]
 
 
 # ---- one run --------------------------------------------------------------------------------------
-def _wait(fleet: SimFleet, cond, deadline: float, what: str, proc: subprocess.Popen | None) -> None:
-    last_misc = time.monotonic()
-    while not cond():
-        if time.time() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        if proc is not None and proc.poll() is not None and not cond():
-            raise RuntimeError(f"coordinator exited (rc {proc.returncode}) while waiting for {what}")
-        fleet.step(0.05)
-        if time.monotonic() - last_misc > 30:
-            fleet.misc()
-            last_misc = time.monotonic()
-
-
 def run(
     bundle: Path,
     n: int,
@@ -71,115 +61,81 @@ def run(
     workdir: Path | None = None,
     strategy: str = "ce-lora",
     nats: int = 0,
+    provisioned: bool = True,
+    kits: Path | None = None,
+    intake_batch: int | None = None,
     say=print,
 ) -> dict:
     """One simulated fleet of `n` agents through `rounds` rounds; returns the report row.
 
-    Brokers: `broker_urls` if given, else a NATS cluster of `nats` nodes (agents spread over them,
-    the coordinator on node 0) if `nats` > 0, else a mosquitto started here."""
-    from fedclip.sdk.broker_cluster import NatsCluster
-    from fedclip.sdk.broker_mosquitto import MosquittoBroker
-
-    raise_nofile(n + 4096)
-    manifest = Manifest.load(bundle)
-    fleet_id = "sim"
-    tmp = tempfile.TemporaryDirectory(prefix="fleet-sim-")
-    work = Path(workdir or tmp.name)
-    broker = cluster = None
-    if broker_urls is None and nats:
-        cluster = NatsCluster(nats)
-        broker_urls = cluster.start()
-    elif broker_urls is None:
-        broker = MosquittoBroker()
-        conf = broker.dir / "mosquitto.conf"
-        # No connection limit, and no log line per connect and disconnect (10,000 of each).
-        conf.write_text(conf.read_text() + "max_connections -1\nconnection_messages false\n")
-        broker.start()
-        broker_urls = [broker.url]
-    coord_url = coordinator_url or broker_urls[0]
-    state = work / "state"
-    cfg = {
-        "broker": coord_url,
-        "fleet": fleet_id,
-        "bundle": str(bundle),
-        "state": str(state),
+    Brokers: `broker_urls` if given, else a NATS cluster of `nats` nodes (agents spread over the
+    nodes, the coordinator on node 0) if `nats` > 0, else a mosquitto started here. Provisioned (the
+    default): the agents sign with their kits' keys (made in `kits`, a cache folder, when given) and
+    the coordinator counts only signed messages of enrolled agents."""
+    settings = {
         "strategy": strategy,
         "rounds": rounds,
         "clients_per_round": 0,
         "selection": "all",
         "min_updates": n,
         "round_timeout": timeout,
-        "http": False,
-        "publish_timeout": 120.0,
     }
-    (work / "coord.yaml").write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in cfg.items()) + "\n")
-    prep = Prepared(manifest, fleet_id)
-    fleet = SimFleet(broker_urls, n, prep)
-    coord_bin = Path(sys.executable).parent / "fedclip-coord"
-    coord = subprocess.Popen(
-        [str(coord_bin), "serve", "--config", str(work / "coord.yaml")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+    if intake_batch is not None:
+        settings["intake_batch"] = intake_batch
+    sim = _sim_setup.start(
+        bundle,
+        n,
+        settings,
+        broker_urls=broker_urls,
+        coordinator_url=coordinator_url,
+        nats=nats,
+        provisioned=provisioned,
+        kits=kits,
+        workdir=workdir,
+        say=say,
     )
-    watch = LogWatch(coord.stderr, work / "coordinator.log")
-    watch.start()
-    pids = {"coordinator": coord.pid}
-    if broker is not None and broker._proc is not None:
-        pids["broker"] = broker._proc.pid
-    for i in range(nats if cluster is not None else 0):
-        pids["broker" if i == 0 else f"broker_n{i}"] = cluster.pid(i)
-    mon = Monitor(pids)
-    mon.start()
+    fleet, watch, mon = sim.fleet, sim.watch, sim.mon
     sim_cpu0 = time.process_time()
     deadline = time.time() + timeout
-    row: dict = {"agents": n, "rounds": rounds, "strategy": strategy, "brokers": len(broker_urls)}
+    row: dict = {
+        "agents": n,
+        "rounds": rounds,
+        "strategy": strategy,
+        "brokers": len(sim.broker_urls),
+        "signed": provisioned,
+    }
     t: dict[str, float] = {}
+
+    def wait(cond, what: str) -> None:
+        _sim_setup.wait(sim, cond, deadline, what)
+
     try:
         # The coordinator first: its start-up (imports, state dir) is not a phase of the round.
-        _wait(fleet, lambda: "connected" in watch.events, deadline, "the coordinator to connect", coord)
+        wait(lambda: "connected" in watch.events, "the coordinator to connect")
         t["start"] = time.time()
         say(f"[{n}] connecting {n} agents")
         fleet.connect_all(
             progress=lambda k: say(f"[{n}]   {k} connections opened") if k % 2000 == 0 else None
         )
-        _wait(fleet, lambda: fleet.c.status_acked >= n, deadline, "online statuses acknowledged", coord)
+        wait(lambda: fleet.c.status_acked >= n, "online statuses acknowledged")
         t["status_done"] = time.time()
         say(f"[{n}] all {n} online ({t['status_done'] - t['start']:.1f}s); waiting for round 1")
         for r in range(1, rounds + 1):
-            _wait(fleet, lambda r=r: fleet.c.tasks.get(r, 0) >= n, deadline, f"round {r} tasks", coord)
+            wait(lambda r=r: fleet.c.tasks.get(r, 0) >= n, f"round {r} tasks")
             say(f"[{n}] round {r}: {n} tasks received, updates going out")
-            _wait(fleet, lambda r=r: fleet.c.updates_acked.get(r, 0) >= n, deadline, f"round {r} sent", coord)
-            _wait(
-                fleet,
-                lambda r=r: f"aggregated_r{r}" in watch.events,
-                deadline,
-                f"round {r} aggregated",
-                coord,
-            )
+            wait(lambda r=r: fleet.c.updates_acked.get(r, 0) >= n, f"round {r} sent")
+            wait(lambda r=r: f"aggregated_r{r}" in watch.events, f"round {r} aggregated")
             say(f"[{n}] round {r}: aggregated in {watch.aggregate_seconds.get(r, 0):.2f}s")
-        coord.wait(timeout=max(10.0, deadline - time.time()))
+        sim.coord.wait(timeout=max(10.0, deadline - time.time()))
         t["end"] = time.time()
     except (TimeoutError, RuntimeError) as e:
         row["error"] = str(e)
         say(f"[{n}] FAILED: {e}")
     finally:
-        mon.sample()
-        mon.stop.set()
-        disconnects = fleet.c.disconnects  # before our own disconnects at the end
         sim_cpu = time.process_time() - sim_cpu0
-        if coord.poll() is None:
-            coord.terminate()
-            try:
-                coord.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                coord.kill()
-        fleet.close()
-        if broker is not None:
-            broker.cleanup()
-        if cluster is not None:
-            cluster.cleanup()
-    ev, c = watch.events, fleet.c
-    row.update(_phases(t, ev, c, watch, mon, rounds, _intake_ends(state)))
+        disconnects = _sim_setup.stop(sim)
+    pids, c, state = sim.pids, fleet.c, sim.state
+    row.update(_phases(t, watch.events, c, watch, mon, rounds, _intake_ends(state)))
     row.update(
         {
             "coordinator_peak_rss_mb": mon.peak_rss("coordinator"),
@@ -188,7 +144,11 @@ def run(
             "broker_peak_rss_mb": round(sum(mon.peak_rss(k) for k in pids if k.startswith("broker")), 1)
             or None,
             "broker_cpu_s": round(sum(mon.cpu_total(k) for k in pids if k.startswith("broker")), 2) or None,
-            "broker": f"nats x{nats}" if cluster is not None else "given" if broker is None else "mosquitto",
+            "broker": f"nats x{nats}"
+            if sim.cluster is not None
+            else "given"
+            if sim.broker is None
+            else "mosquitto",
             "sim_cpu_s": round(sim_cpu, 2),
             "sim_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "bytes_agents_sent": c.bytes_out,
@@ -200,7 +160,8 @@ def run(
         }
     )
     row["update_bytes_mean"] = _update_bytes(state, rounds)
-    tmp.cleanup()  # a caller's `workdir` (the state dir in it) stays for inspection
+    if sim.tmp is not None and workdir is None:
+        sim.tmp.cleanup()  # a caller's `workdir` (the state dir in it) stays for inspection
     return row
 
 
@@ -304,6 +265,7 @@ def write_report(data: dict) -> Path:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Processes and bytes", ""]
     keys = [
+        ("signed", "provisioned fleet: updates and statuses signed, verified"),
         ("coordinator_peak_rss_mb", "coordinator peak RSS MB"),
         ("coordinator_cpu_s", "coordinator CPU s (whole run)"),
         ("broker_peak_rss_mb", "broker peak RSS MB (NATS: all nodes)"),
@@ -322,11 +284,60 @@ def write_report(data: dict) -> Path:
     lines.append("|---|" + "---:|" * len(rows))
     for k, label in keys:
         if any(k in r for r in rows):
-            lines.append(f"| {label} | " + " | ".join(str(r.get(k, "-")) for r in rows) + " |")
+            cells = [str(r.get(k, False if k == "signed" else "-")) for r in rows]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", data.get("notes", "")]
+    if data.get("intake"):
+        lines += intake_section(data["intake"])
     out = RESULTS / "scale.md"
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+def intake_section(intake: dict) -> list[str]:
+    """The `bench_intake.py` results as markdown: bursts (end to end) and the storage layer."""
+    meta = intake.get("meta", {})
+    lines = [
+        "",
+        "## Intake: a burst of signed updates, one at a time vs group commit",
+        "",
+        f"Produced by `python benchmarks/bench_intake.py` ({meta.get('date', '?')}, bundle "
+        f"{meta.get('bundle', '?')}, {meta.get('cpus', '?')} cpus shared with other jobs). N signed "
+        "ce-lora updates (tiny tri-lora bundle, with statistics) published at once by provisioned "
+        "agents; the clock runs from the burst to the N-th update stored (validated incl. signature, "
+        "blob and row durable; its batch's PUBACKs follow the commit). CPU seconds per 1,000 updates "
+        "are read from /proc over the same interval.",
+        "",
+        "| intake_batch | updates | seconds | updates/s | coordinator CPU s / 1,000 | mosquitto CPU s / 1,000"
+        " | publisher CPU s / 1,000 | 1-min load (start, end) | rejected |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for b in intake.get("bursts", []):
+        if "error" in b:
+            lines.append(f"| {b['intake_batch']} | {b['updates']} | error: {b['error']} | | | | | | |")
+            continue
+        lines.append(
+            f"| {b['intake_batch']} | {b['updates']} | {b['seconds']} | {b['updates_per_s']} | "
+            f"{b.get('coordinator_cpu_s_per_1000', '-')} | {b.get('broker_cpu_s_per_1000', '-')} | "
+            f"{b.get('publisher_cpu_s_per_1000', '-')} | {b['load_avg_1min']} | {b.get('rejected', '-')} |"
+        )
+    st = intake.get("store")
+    if st:
+        lines += [
+            "",
+            f"Storage layer alone, this disk (ext4), batches of {st['batch']} blobs of "
+            f"{st['blob_bytes']} bytes, ms per update (best of 3):",
+            "",
+            "| | one at a time | batch |",
+            "|---|---:|---:|",
+            f"| blob durable (temp file, fsync, rename, folder fsync) | {st['put_ms_per_update']} | "
+            f"{st['put_many_ms_per_update']} |",
+            f"| row committed (SQLite WAL, synchronous=FULL) | {st['row_each_ms_per_update']} | "
+            f"{st['rows_batch_ms_per_update']} |",
+        ]
+    if intake.get("notes"):
+        lines += ["", intake["notes"]]
+    return lines
 
 
 def plot(data: dict) -> Path | None:
@@ -369,6 +380,10 @@ def main() -> None:
     ap.add_argument("--broker", default="", help="comma list of broker URLs (default: start mosquitto)")
     ap.add_argument("--nats", type=int, default=0, help="start a NATS cluster of this many nodes instead")
     ap.add_argument("--timeout", type=float, default=3600.0, help="per N, seconds")
+    ap.add_argument(
+        "--kits", type=Path, help="folder where the agents' startup kits are made once and reused"
+    )
+    ap.add_argument("--unsigned", action="store_true", help="an unprovisioned fleet (nothing signed)")
     ap.add_argument("--no-report", action="store_true", help="print rows, write nothing")
     ap.add_argument(
         "--markdown-only", action="store_true", help="redo scale.md and scale.png from scale.json"
@@ -383,7 +398,16 @@ def main() -> None:
     urls = [u for u in args.broker.split(",") if u] or None
     rows = []
     for n in (int(x) for x in args.agents.split(",")):
-        row = run(args.bundle, n, broker_urls=urls, rounds=args.rounds, timeout=args.timeout, nats=args.nats)
+        row = run(
+            args.bundle,
+            n,
+            broker_urls=urls,
+            rounds=args.rounds,
+            timeout=args.timeout,
+            nats=args.nats,
+            provisioned=not args.unsigned,
+            kits=args.kits,
+        )
         print(json.dumps(row), flush=True)
         rows.append(row)
     if args.no_report:
@@ -402,6 +426,7 @@ def main() -> None:
         },
         "rows": sorted(keep + rows, key=lambda r: (r.get("broker", "mosquitto") != "mosquitto", r["agents"])),
         "notes": old.get("notes", ""),
+        "intake": old.get("intake"),  # bench_intake.py's section
     }
     path.write_text(json.dumps(data, indent=2) + "\n")
     print(write_report(data))

@@ -69,6 +69,10 @@ class CoordConfig:
     key_file: str | None = None
     insecure: bool = False
     publish_timeout: float = 30.0
+    # Group commit of updates: a batch is flushed (one fsync wave, one transaction) and acknowledged
+    # at this many messages, or when its first has waited `intake_wait` s, or when none are queued.
+    intake_batch: int = 256
+    intake_wait: float = 0.2
     http: bool = True  # serve the bundle (and large adapters) over HTTP next to MQTT
     http_host: str = "127.0.0.1"  # a fleet usually reaches it through a VPN or a reverse proxy
     http_port: int = 0  # 0: a free port (logged, and in the coordinator's retained status)
@@ -81,14 +85,14 @@ class CoordConfig:
         check_id(self.fleet, "fleet")
         if self.client_id:
             check_id(self.client_id, "client_id")
-        for name in ("rounds", "min_updates", "local_epochs", "batch_size"):
+        for name in ("rounds", "min_updates", "local_epochs", "batch_size", "intake_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         try:  # the bounds every agent applies to a task: refuse here, not when the first task is built
             self.hyperparameters()
         except WireError as e:
             raise ConfigError(str(e).replace("hyperparameters: hyperparameters: body field ", "")) from None
-        for name in ("round_timeout", "lr", "max_payload_mb", "publish_timeout"):
+        for name in ("round_timeout", "lr", "max_payload_mb", "publish_timeout", "intake_wait"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
         for name in ("http_port", "ops_port"):

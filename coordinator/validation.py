@@ -160,7 +160,7 @@ def validate_update(
         clipped = True
     return Accepted(
         agent,
-        tensors_digest(msg.tensors),
+        msg.digest or tensors_digest(msg.tensors),  # `decode` computed it already
         tensors,
         stats,
         update.num_samples,

@@ -1,4 +1,8 @@
-"""The fleet simulator at small N: real mosquitto, the real `fedclip-coord serve`, 20 connections."""
+"""The fleet simulator at small N: real mosquitto, the real `fedclip-coord serve`, 20 connections.
+
+The fleet is provisioned, as the simulator runs by default: every agent has a startup kit, logs in
+with its own broker password (mosquitto on the generated config) and signs its statuses and updates;
+the coordinator counts only signed messages of enrolled agents."""
 
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ def test_simulated_fleet_completes_two_rounds(bundle_factory, tmp_path):
     row = _fleet_sim().run(bundle, N, rounds=2, timeout=240, workdir=tmp_path, say=lambda *a: None)
     assert "error" not in row, row["error"]
     assert not row["coordinator_errors"], row["coordinator_errors"]
+    assert row["signed"]
+    assert "fleet is provisioned: only signed messages" in (tmp_path / "coordinator.log").read_text()
     phases = [p["phase"] for p in row["phases"]]
     assert phases[0] == "connect + status" and "r2 tasks out (personalized adapters)" in phases
     con = sqlite3.connect(tmp_path / "state" / "coordinator.sqlite")
@@ -37,7 +43,7 @@ def test_simulated_fleet_completes_two_rounds(bundle_factory, tmp_path):
     finally:
         con.close()
     assert per_round == {1: N, 2: N}
-    assert rejected == 0
+    assert rejected == 0  # every status and update signed by an enrolled agent
     assert personal == N  # every agent got its personalized adapter, the start of its round-2 task
     # statistics travel once: round 2's updates carry the histogram and the digest only
     assert row["update_bytes_mean"]["2"] < row["update_bytes_mean"]["1"]

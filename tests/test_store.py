@@ -202,3 +202,52 @@ def test_the_rollout_store_shares_the_one_thread_model(tmp_path):
         assert sorted(r[0] for r in rows) == sorted(f"e{i}" for i in range(20))
     finally:
         store.close()
+
+
+def test_a_batch_of_updates_commits_together_and_dedupes_within_itself(tmp_path):
+    """Group commit: one transaction for a batch; a second copy in the same batch is a duplicate,
+    a different second update a conflict; the batch's rejections land in the same transaction."""
+    from fedclip.coordinator.store import NewUpdate
+
+    with Store(tmp_path) as s:
+        s.start_round(1, "fedavg", 1.0, [(a, "g-r0", "t") for a in "abc"])
+        blobs = s.blobs.put_many([b"a", b"b", b"a", b"c"])
+        assert blobs[0] == blobs[2] and len(set(blobs)) == 3  # same bytes, same blob, written once
+        rows = [
+            NewUpdate(1, "a", "h-a", blobs[0], 1, {}, 0.1, False, stats=("d", blobs[0])),
+            NewUpdate(1, "b", "h-b", blobs[1], 2, {}, 0.2, False, wire_bytes=9),
+            NewUpdate(1, "a", "h-a", blobs[2], 1, {}, 0.1, False),  # a redelivery in the batch
+            NewUpdate(1, "b", "h-x", blobs[3], 2, {}, 0.2, False),  # a different one: conflict
+        ]
+        reject = [("agents/c/update", "c", 1, "bad")]
+        assert s.add_updates(rows, reject) == ["stored", "stored", "duplicate", "conflict"]
+        assert [(u.agent, u.sha256, u.wire_bytes) for u in s.updates(1)] == [
+            ("a", "h-a", None),
+            ("b", "h-b", 9),
+        ]
+        assert s.agent_stats("a").blob == blobs[0]
+        assert s.rejections() == [("agents/c/update", "c", 1, "bad")]
+        assert s.add_updates([rows[1]]) == ["duplicate"]  # later batches see it too
+        assert [s.blobs.get(b) for b in blobs] == [b"a", b"b", b"a", b"c"]
+    leftovers = [p for p in (tmp_path / "blobs").rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []
+
+
+def test_a_failed_batch_of_blobs_leaves_no_partial_file(tmp_path):
+    """A batch whose second file cannot be created (a folder squats on its temp name) raises and
+    leaves neither a blob nor a temp file of the first; the store is usable afterwards."""
+    import os
+
+    from fedclip.sdk.hashing import sha256_bytes
+
+    with Store(tmp_path) as s:
+        data = [b"first", b"second"]
+        second = sha256_bytes(data[1])
+        squatter = tmp_path / "blobs" / second[:2] / f".{second}.{os.getpid()}.tmp"
+        squatter.mkdir(parents=True)
+        with pytest.raises(IsADirectoryError):
+            s.blobs.put_many(data)
+        assert [p for p in (tmp_path / "blobs").rglob("*") if p.is_file()] == []
+        squatter.rmdir()
+        assert s.blobs.put_many(data) == [sha256_bytes(d) for d in data]
+        assert [s.blobs.get(sha256_bytes(d)) for d in data] == data

@@ -1,8 +1,13 @@
-"""Update intake: decode, validate, store an agent's update for the open round, or reject it.
+"""Update intake: decode, validate and store agents' updates for the open round, or reject them.
 
-Every outcome is decided here and recorded before the caller acknowledges the message: an accepted
-update's blob and row are committed first (the (round, agent) key turns a redelivery into a no-op),
-a rejected one is logged and written to the `rejections` table with its one-line reason.
+Updates are taken in batches (group commit): `stage` decides each one's fate at once (decoded, signature
+and every check of `validation`, or a one-line rejection) and keeps it; `flush` makes the whole batch
+durable together: every accepted update's blob on disk (`Blobs.put_many`: all written, then all
+fsynced together), then every row and rejection in one transaction (one commit). Only after `flush`
+returns may the caller acknowledge the batch's messages (`group_commit`), so a message is never
+acknowledged before what it caused is on disk, and a coordinator killed at any point gets every
+unacknowledged update again from the broker; the (round, agent) key turns that redelivery, or a second
+copy in the same batch, into a no-op. `on_update` is a batch of one.
 """
 
 from __future__ import annotations
@@ -10,10 +15,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
+from dataclasses import dataclass
 from typing import Literal
 
 from fedclip.coordinator.server.context import RoundContext
 from fedclip.coordinator.server.tasks import RoundState
+from fedclip.coordinator.store import NewUpdate
 from fedclip.coordinator.validation import Accepted, HeldStats, NormBound, validate_update
 from fedclip.sdk.adapters import encode_tensors
 from fedclip.sdk.errors import AdapterError, WireError
@@ -23,15 +31,41 @@ from fedclip.sdk.wire import Message, MsgType, decode
 
 log = logging.getLogger("fedclip.coordinator")
 
-# Fault injection for the kill -9 tests: "<point>:<agent>" makes the process SIGKILL itself there.
+# Fault injection for the kill -9 tests: "<point>:<agent>" makes the process SIGKILL itself at that
+# point of the flush of the batch holding the agent's update, "<point>:batch>=<n>" in the first batch
+# of at least n updates. Points: "update-received" (nothing written yet), "blobs-written" (blobs
+# durable, rows not committed), "update-stored" (committed, not acknowledged).
 CRASH_ENV = "FEDCLIP_COORD_CRASH_AT"
 
 Outcome = Literal["stored", "duplicate", "conflict", "late", "rejected"]
 
 
-def _crash_point(point: str, agent: str) -> None:
-    if os.environ.get(CRASH_ENV) == f"{point}:{agent}":
+def _crash_point(point: str, agents: list[str]) -> None:
+    want = os.environ.get(CRASH_ENV, "")
+    if not want.startswith(f"{point}:"):
+        return
+    target = want.split(":", 1)[1]
+    if target.startswith("batch>="):
+        hit = len(agents) >= int(target.removeprefix("batch>="))
+    else:
+        hit = target in agents
+    if hit:
+        # One unbuffered line first, so a test can tell which batch the kill hit.
+        line = f"crash point {point} in a batch of {len(agents)} updates: {' '.join(agents)}\n"
+        os.write(2, line.encode())
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class Staged:
+    """One update message taken by `stage`; `outcome` is final once its batch is flushed."""
+
+    agent: str
+    msg: Incoming
+    outcome: Outcome | None = None
+    accepted: Accepted | None = None
+    st: RoundState | None = None
+    blob: bytes = b""  # what is stored: the tensors and the statistics, as one safetensors file
 
 
 class UpdateIntake:
@@ -40,9 +74,19 @@ class UpdateIntake:
     def __init__(self, ctx: RoundContext):
         self.cfg, self.manifest, self.strategy = ctx.cfg, ctx.manifest, ctx.strategy
         self.store, self.registry, self.trust = ctx.store, ctx.registry, ctx.trust
+        self._batch: list[Staged] = []  # accepted, waiting for `flush`
+        self._rejections: list[tuple[str, str, int, str]] = []  # (topic, agent, round, reason)
 
     def on_update(self, agent: str, msg: Incoming, st: RoundState | None) -> Outcome:
-        """Handle one update that came on `agent`'s topic; `st.received` grows when it is stored."""
+        """Handle one update that came on `agent`'s topic, durably (a batch of one)."""
+        staged = self.stage(agent, msg, st)
+        self.flush()
+        assert staged.outcome is not None  # flush decided it
+        return staged.outcome
+
+    def stage(self, agent: str, msg: Incoming, st: RoundState | None) -> Staged:
+        """Decode and check one update; keep it (or its rejection) for the next `flush`."""
+        staged = Staged(agent, msg)
         where = f"update on the topic of {agent}"
         round_id = -1
         try:
@@ -58,60 +102,84 @@ class UpdateIntake:
             accepted = self._validate(agent, decoded, st, where)
         except (WireError, AdapterError) as e:
             self.reject(msg.topic, agent, round_id, str(e))
-            return "rejected"
+            staged.outcome = "rejected"
+            return staged
         except (ValueError, TypeError, KeyError, OverflowError) as e:  # a shape no check foresaw
             self.reject(msg.topic, agent, round_id, f"{where}: malformed update ({type(e).__name__}: {e})")
-            return "rejected"
+            staged.outcome = "rejected"
+            return staged
         if accepted is None:
-            return "late"
+            staged.outcome = "late"
+            return staged
         assert st is not None  # _validate matched the update to the open round
-        return self._store(st, agent, accepted, msg, where)
-
-    def _store(self, st: RoundState, agent: str, accepted: Accepted, msg: Incoming, where: str) -> Outcome:
-        _crash_point("update-received", agent)
+        staged.accepted, staged.st = accepted, st
         # The stored update holds its statistics whether they travelled or were the held ones, so
         # aggregation reads every round's updates the same way; `wire_bytes` keeps what travelled.
-        blob = self.store.blobs.put(
-            encode_tensors({**accepted.tensors, **accepted.stats}, {"agent": agent, "round": str(st.round)})
+        staged.blob = encode_tensors(
+            {**accepted.tensors, **accepted.stats}, {"agent": agent, "round": str(st.round)}
         )
+        self._batch.append(staged)
+        return staged
+
+    def flush(self) -> None:
+        """Make every staged update and rejection durable: blobs, then rows in one transaction."""
+        batch, rejections = self._batch, self._rejections
+        if not batch and not rejections:
+            return
+        self._batch, self._rejections = [], []
+        started = time.monotonic()
+        agents = [s.agent for s in batch]
+        _crash_point("update-received", agents)
+        blobs = self.store.blobs.put_many([s.blob for s in batch])
+        _crash_point("blobs-written", agents)
+        rows = [self._row(s, blob) for s, blob in zip(batch, blobs, strict=True)]
+        outcomes = self.store.add_updates(rows, rejections)
+        _crash_point("update-stored", agents)  # committed, not yet acknowledged
+        conflicts = []
+        for s, outcome in zip(batch, outcomes, strict=True):
+            s.outcome = outcome
+            self._log(s)
+            if s.outcome == "conflict":
+                assert s.st is not None
+                reason = (
+                    f"update on the topic of {s.agent}: a different update for round {s.st.round} was "
+                    "already accepted from this agent"
+                )
+                log.warning("rejected: %s", reason)
+                conflicts.append((s.msg.topic, s.agent, s.st.round, reason))
+        if conflicts:  # rare (a second, different update): recorded before the batch is acknowledged
+            self.store.add_rejections(conflicts)
+        if len(batch) > 1:  # how big the batches get under load, and what one costs
+            ms = (time.monotonic() - started) * 1000
+            log.info("group commit: %d updates and %d rejections in %.0f ms", len(batch), len(rejections), ms)
+
+    def _row(self, s: Staged, blob: str) -> NewUpdate:
+        a, st = s.accepted, s.st
+        assert a is not None and st is not None  # only accepted updates are batched
         # Statistics that travelled become the agent's held ones: the update's blob has them.
-        held = (accepted.data_digest, blob) if accepted.stats_sent else None
-        outcome = self.store.add_update(
-            st.round,
-            agent,
-            accepted.sha,
-            blob,
-            accepted.num_samples,
-            accepted.metrics,
-            accepted.norm,
-            accepted.clipped,
-            wire_bytes=len(msg.payload),
-            stats=held,
-        )
-        _crash_point("update-stored", agent)  # committed, not yet acknowledged
-        if outcome == "stored":
-            st.received.add(agent)
+        held = (a.data_digest, blob) if a.stats_sent else None
+        return NewUpdate(
+            st.round, s.agent, a.sha, blob, a.num_samples, a.metrics, a.norm, a.clipped,
+            wire_bytes=len(s.msg.payload), stats=held,
+        )  # fmt: skip
+
+    def _log(self, s: Staged) -> None:
+        a, st = s.accepted, s.st
+        assert a is not None and st is not None
+        if s.outcome == "stored":
+            st.received.add(s.agent)
             log.info(
                 "round %d: update from %s accepted (%d samples, norm %.3g%s) [%d/%d]",
                 st.round,
-                agent,
-                accepted.num_samples,
-                accepted.norm,
-                ", clipped" if accepted.clipped else "",
+                s.agent,
+                a.num_samples,
+                a.norm,
+                ", clipped" if a.clipped else "",
                 len(st.received),
                 len(st.selected),
             )
-            return "stored"
-        if outcome == "duplicate":
-            log.info("round %d: duplicate update from %s ignored (redelivery)", st.round, agent)
-            return "duplicate"
-        self.reject(
-            msg.topic,
-            agent,
-            st.round,
-            f"{where}: a different update for round {st.round} was already accepted from this agent",
-        )
-        return "conflict"
+        elif s.outcome == "duplicate":
+            log.info("round %d: duplicate update from %s ignored (redelivery)", st.round, s.agent)
 
     def _validate(self, agent: str, msg: Message, st: RoundState | None, where: str) -> Accepted | None:
         """The checks of `validation`, after matching the round; None for a late update (recorded)."""
@@ -122,9 +190,8 @@ class UpdateIntake:
             row = self.store.get_round(env.round) if env.round >= 0 else None
             if row is not None and row.state != "collecting":
                 log.info("round %d: late update from %s dropped (round is %s)", env.round, agent, row.state)
-                self.store.add_rejection(
-                    f"agents/{agent}/update", agent, env.round, f"late: round {row.state}"
-                )
+                late = (f"agents/{agent}/update", agent, env.round, f"late: round {row.state}")
+                self._rejections.append(late)
                 return None
             current = st.round if st else "none"
             raise WireError(f"{where}: round {env.round} is not the current round ({current})")
@@ -154,5 +221,6 @@ class UpdateIntake:
         return HeldStats(held.data_digest, stats)
 
     def reject(self, topic: str, agent: str, round_id: int, reason: str) -> None:
+        """Log `reason` and record it with the next flush (before the message is acknowledged)."""
         log.warning("rejected: %s", reason)
-        self.store.add_rejection(topic, agent, round_id, reason)
+        self._rejections.append((topic, agent, round_id, reason))

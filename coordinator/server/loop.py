@@ -29,6 +29,7 @@ from fedclip.coordinator.metrics import METRICS_FILE, MetricsLog
 from fedclip.coordinator.registry import Registry
 from fedclip.coordinator.server.close import RoundCloser
 from fedclip.coordinator.server.context import RoundContext
+from fedclip.coordinator.server.group_commit import GroupCommit
 from fedclip.coordinator.server.intake import UpdateIntake
 from fedclip.coordinator.server.services import Services
 from fedclip.coordinator.server.setup import (
@@ -91,6 +92,9 @@ class Server:
         ctx = RoundContext(cfg, manifest, store, registry, self.strategy, self.metrics, self.key, self.trust)
         self.tasks = Tasks(ctx)
         self.intake = UpdateIntake(ctx)
+        self.batches = GroupCommit(
+            transport, self.intake, self._dispatch, max_messages=cfg.intake_batch, max_wait=cfg.intake_wait
+        )
         self.closer = RoundCloser(ctx)
         self.current: RoundState | None = None
         self.progress = progress  # optional callback for a live view
@@ -291,15 +295,15 @@ class Server:
 
     # ---- messages ----------------------------------------------------------------------------
     def pump(self, timeout: float) -> None:
-        """Handle queued messages (waiting up to `timeout` for the first); ack each once it is stored."""
-        msg = self.transport.get(timeout)
-        while msg is not None:
-            with guard(msg, self._reject_unhandled):
-                if not self.services.offer(msg):
-                    self._handle(msg)
-            self.transport.ack(msg)
-            msg = self.transport.get(0)
+        """Handle queued messages (waiting up to `timeout` for the first); ack each once it is stored
+        (in batches: `group_commit`)."""
+        self.batches.pump(timeout)
         self.services.tick()
+
+    def _dispatch(self, msg: Incoming) -> None:
+        with guard(msg, self._reject_unhandled):
+            if not self.services.offer(msg):
+                self._handle(msg)
 
     def _reject_unhandled(self, msg: Incoming, reason: str) -> None:
         agent, round_id = "", -1
@@ -316,7 +320,7 @@ class Server:
         if kind == "status":
             self._on_status(agent, msg)
         elif kind == "update":
-            self.intake.on_update(agent, msg, self.current)
+            self.intake.stage(agent, msg, self.current)
 
     def _on_status(self, agent: str, msg: Incoming) -> None:
         try:

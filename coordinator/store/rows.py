@@ -37,6 +37,14 @@ class UpdateRow:
 
 
 @dataclass(frozen=True)
+class NewUpdate(UpdateRow):
+    """An accepted update to store (`Store.add_updates`). `stats` = (data digest, blob) of statistics
+    that travelled with it: they become the agent's held statistics in the same transaction."""
+
+    stats: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
 class StatsRow:
     """The data statistics the coordinator holds for one agent: accepted in `round`, computed from
     the data the agent named `data_digest` ("" from an agent that names none: never reused)."""

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fedclip.coordinator.store.blobs import Blobs
 from fedclip.coordinator.store.db import Database, StoreError, columns, transaction
 from fedclip.coordinator.store.rows import (
+    NewUpdate,
     RoundRow,
     StatsRow,
     UpdateRow,
@@ -29,6 +30,7 @@ from fedclip.coordinator.store.rows import (
 from fedclip.sdk.errors import ConfigError
 
 DB_NAME = "coordinator.sqlite"
+UpdateOutcome = Literal["stored", "duplicate", "conflict"]
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -211,31 +213,46 @@ class Store:
         clipped: bool,
         wire_bytes: int | None = None,
         stats: tuple[str, str] | None = None,
-    ) -> str:
-        """Store one update; "stored", "duplicate" (same tensors again: QoS 1 redelivery) or "conflict".
+    ) -> UpdateOutcome:
+        """Store one update: `add_updates` of one."""
+        row = NewUpdate(round_id, agent, sha, blob, num_samples, metrics, norm, clipped, wire_bytes, stats)
+        return self.add_updates([row])[0]
 
-        `stats` = (data digest, blob) of statistics that travelled with it: they become the agent's
-        held statistics in the same transaction, so no crash leaves the update without them (or the
-        other way round)."""
-        values = (
-            round_id, agent, sha, blob, num_samples, json.dumps(metrics, sort_keys=True), norm,
-            int(clipped), time.time(), wire_bytes,
-        )  # fmt: skip
+    def add_updates(
+        self, updates: Sequence[NewUpdate], rejections: Sequence[tuple[str, str, int, str]] = ()
+    ) -> list[UpdateOutcome]:
+        """Store a batch of updates and (topic, agent, round, reason) rejections in one transaction
+        (one commit, one fsync: group commit). Each update's outcome, in order: "stored",
+        "duplicate" (same tensors again: a QoS 1 redelivery, also within the batch) or "conflict".
 
-        def fn(c: sqlite3.Connection) -> str:
-            row = c.execute(
-                "SELECT sha256 FROM updates WHERE round=? AND agent=?", (round_id, agent)
-            ).fetchone()
-            if row is not None:
-                return "duplicate" if row[0] == sha else "conflict"
-            c.execute(
-                "INSERT INTO updates(round, agent, sha256, blob, num_samples, metrics, norm, clipped, "
-                "received_at, wire_bytes) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                values,
-            )
-            if stats is not None:
-                c.execute("INSERT OR REPLACE INTO agent_stats VALUES(?, ?, ?, ?)", (agent, round_id, *stats))
-            return "stored"
+        An update's `stats` become the agent's held statistics in the same transaction, so no crash
+        leaves the update without them (or the other way round)."""
+        now = time.time()
+
+        def fn(c: sqlite3.Connection) -> list[UpdateOutcome]:
+            out: list[UpdateOutcome] = []
+            for u in updates:  # one by one: a later copy in the batch sees the earlier one's row
+                row = c.execute(
+                    "SELECT sha256 FROM updates WHERE round=? AND agent=?", (u.round, u.agent)
+                ).fetchone()
+                if row is not None:
+                    out.append("duplicate" if row[0] == u.sha256 else "conflict")
+                    continue
+                c.execute(
+                    "INSERT INTO updates(round, agent, sha256, blob, num_samples, metrics, norm, clipped, "
+                    "received_at, wire_bytes) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        u.round, u.agent, u.sha256, u.blob, u.num_samples,
+                        json.dumps(u.metrics, sort_keys=True), u.norm, int(u.clipped), now, u.wire_bytes,
+                    ),
+                )  # fmt: skip
+                if u.stats is not None:
+                    c.execute(
+                        "INSERT OR REPLACE INTO agent_stats VALUES(?, ?, ?, ?)", (u.agent, u.round, *u.stats)
+                    )
+                out.append("stored")
+            _insert_rejections(c, rejections, now)
+            return out
 
         return self.db.write(fn)
 
@@ -261,12 +278,11 @@ class Store:
             self.db.write(lambda c: c.execute("DELETE FROM agent_stats WHERE agent=?", (agent,)))
 
     def add_rejection(self, topic: str, agent: str, round_id: int, reason: str) -> None:
-        self.db.write(
-            lambda c: c.execute(
-                "INSERT INTO rejections(at, topic, agent, round, reason) VALUES(?, ?, ?, ?, ?)",
-                (time.time(), topic, agent, round_id, reason),
-            )
-        )
+        self.add_rejections([(topic, agent, round_id, reason)])
+
+    def add_rejections(self, rows: Sequence[tuple[str, str, int, str]]) -> None:
+        """(topic, agent, round, reason) rows, in one transaction."""
+        self.db.write(lambda c: _insert_rejections(c, rows, time.time()))
 
     def rejections(self) -> list[tuple[str, str, int, str]]:
         return self.db.rows("SELECT topic, agent, round, reason FROM rejections ORDER BY id")
@@ -321,6 +337,13 @@ class Store:
         if round_id is not None:
             sql, args = sql + " WHERE round=?", (round_id,)
         return self.db.rows(sql + " ORDER BY round, agent, name", args)
+
+
+def _insert_rejections(c: sqlite3.Connection, rows: Sequence[tuple[str, str, int, str]], at: float) -> None:
+    c.executemany(
+        "INSERT INTO rejections(at, topic, agent, round, reason) VALUES(?, ?, ?, ?, ?)",
+        [(at, *r) for r in rows],
+    )
 
 
 def _add_missing_columns(conn: sqlite3.Connection) -> None:

@@ -1,0 +1,111 @@
+"""Group commit in the round loop: a batch of updates is stored together and acknowledged after.
+
+The real `Server` with a real store and registry on the in-memory broker (manual acks, as the MQTT
+session); the same over a real mosquitto with a real kill -9 is in test_intake_crash.py.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+from fedclip.coordinator.config import CoordConfig
+from fedclip.coordinator.registry import Registry, load_initial_adapter
+from fedclip.coordinator.server import Server
+from fedclip.coordinator.server.tasks import RoundState
+from fedclip.coordinator.store import Store
+from fedclip.sdk.adapters import encode_tensors
+from fedclip.sdk.manifest import Manifest
+from fedclip.sdk.transport import MemoryBroker
+from fedclip.sdk.wire import Envelope, MsgType, Topics, encode
+
+FLEET = "g1"
+TOPICS = Topics(FLEET)
+AGENTS = [f"a{i:02d}" for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def bundle(bundle_factory):
+    path = bundle_factory(adapter="lora", labels=("a", "b", "c"))
+    manifest = Manifest.load(path)
+    return path, manifest, load_initial_adapter(path, manifest)
+
+
+def _open_round(bundle, tmp_path, **kw):
+    """A server whose round 1 is open for AGENTS, and an agent-side client of its broker."""
+    path, manifest, initial = bundle
+    cfg = CoordConfig(
+        broker="mqtt://in-memory", fleet=FLEET, bundle=path, state=tmp_path / "state", strategy="fedavg",
+        rounds=1, min_updates=len(AGENTS), selection="all", http=False, **kw,
+    )  # fmt: skip
+    store = Store(cfg.state)
+    registry = Registry(store, manifest.bundle_id, manifest.adapter.kind)
+    registry.ensure_initial(initial, "fedavg")
+    broker = MemoryBroker()
+    server = Server(cfg, manifest, broker.client(manual_ack=True), store, registry)
+    store.start_round(1, "fedavg", time.time() + 60, [(a, "g-r0", "t") for a in AGENTS])
+    server.current = RoundState(1, time.time() + 60, False, {a: "g-r0" for a in AGENTS}, {})
+    server.transport.subscribe(TOPICS.all_agents("update"))
+    server.transport.connect()
+    sender = broker.client()
+    sender.connect()
+    return server, sender
+
+
+def _update(bundle, agent: str, delta: float) -> bytes:
+    _, manifest, initial = bundle
+    body = {"bundle_id": manifest.bundle_id, "num_samples": 5, "metrics": {"loss": 1.0}}
+    env = Envelope(MsgType.UPDATE, FLEET, agent, round=1, base_version="g-r0", body=body)
+    return encode(env, {k: v + np.float32(delta) for k, v in initial.items()})
+
+
+def test_queued_updates_are_stored_in_batches_and_acknowledged_after(bundle, tmp_path):
+    server, sender = _open_round(bundle, tmp_path, intake_batch=5)
+    payloads = {a: _update(bundle, a, 0.01 * i) for i, a in enumerate(AGENTS)}
+    for a in AGENTS:
+        sender.publish(TOPICS.update(a), payloads[a])
+    sender.publish(TOPICS.update(AGENTS[0]), payloads[AGENTS[0]])  # a redelivery in the last batch
+    sender.publish(TOPICS.update("zz"), payloads[AGENTS[1]])  # refused: recorded with its batch
+    assert server.transport.unacked == len(AGENTS) + 2
+    server.pump(5.0)
+    assert server.transport.unacked == 0
+    try:
+        ups = server.store.updates(1)
+        assert [u.agent for u in ups] == AGENTS and server.current.received == set(AGENTS)
+        # one transaction per batch of at most 5 messages: 12 updates, 3 commit times
+        times = [r[0] for r in server.store.db.rows("SELECT received_at FROM updates ORDER BY agent")]
+        assert len(set(times)) == 3 and [times.count(t) for t in sorted(set(times))] == [5, 5, 2]
+        assert [r[1] for r in server.store.rejections()] == ["zz"]
+        initial = bundle[2]
+        for i, u in enumerate(ups):  # each blob holds the tensors that agent sent
+            stored = server.store.blobs.read_tensors(u.blob, initial)
+            for k, v in initial.items():
+                np.testing.assert_array_equal(stored[k], v + np.float32(0.01 * i))
+    finally:
+        server.store.close()
+
+
+def test_a_batch_that_cannot_be_stored_is_not_acknowledged(bundle, tmp_path):
+    """The disk refuses one blob of the batch: the loop stops with the error and acknowledges none
+    of the batch's messages, so the broker delivers them all again after a restart."""
+    from fedclip.sdk.hashing import sha256_bytes
+
+    server, sender = _open_round(bundle, tmp_path, intake_batch=64)
+    try:
+        for a in AGENTS[:4]:
+            sender.publish(TOPICS.update(a), _update(bundle, a, 0.1))
+        # A folder squats on the temp name of the third update's blob: creating it fails.
+        blob = encode_tensors(
+            {k: v + np.float32(0.1) for k, v in bundle[2].items()}, {"agent": AGENTS[2], "round": "1"}
+        )
+        sha = sha256_bytes(blob)
+        (tmp_path / "state" / "blobs" / sha[:2] / f".{sha}.{os.getpid()}.tmp").mkdir(parents=True)
+        with pytest.raises(IsADirectoryError):
+            server.pump(5.0)
+        assert server.transport.unacked == 4
+        assert server.store.updates(1) == [] and server.store.rejections() == []
+    finally:
+        server.store.close()

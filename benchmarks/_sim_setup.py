@@ -67,8 +67,8 @@ def start(
     Provisioned (the default): kits for the N agents (from the `kits` cache folder when given), the
     coordinator's state dir provisioned, and (with the mosquitto started here) the fleet's logins
     and ACL enforced by the broker. `env`: extra environment of the coordinator process."""
-    from fedclip.sdk.broker_mosquitto import MosquittoBroker
     from fedclip.sdk.broker_cluster import NatsCluster
+    from fedclip.sdk.broker_mosquitto import MosquittoBroker
 
     raise_nofile(n + 4096)
     manifest = Manifest.load(bundle)

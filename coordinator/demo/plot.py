@@ -23,7 +23,8 @@ def plot_accuracy(report: dict, path: Path) -> None:
         for ax, name in zip(axes[0][:2], SETS, strict=True):
             _bars(ax, report, name)
     _rounds(axes[0][-1], report)
-    fig.suptitle(f"fedclip demo: {report['config']['strategy']} on {report['dataset']}")
+    n = len(report["agents"])
+    fig.suptitle(f"fedclip demo: {n} agents on {report['dataset']}, fedclip = {report['config']['strategy']}")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

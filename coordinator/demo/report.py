@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 
+from rich import box
 from rich.table import Table
 
 from fedclip.coordinator.demo.base import Base
@@ -143,8 +144,8 @@ def _fmt_acc(x: float | None) -> str:
 
 
 def column_names(report: dict) -> dict[str, str]:
-    """How the columns are called in tables and plots: the federated one by its strategy."""
-    return {"zero_shot": "zero-shot", "local_only": "local-only", "federated": report["config"]["strategy"]}
+    """How the columns are called in tables and plots (titles name the federated one's strategy)."""
+    return {"zero_shot": "zero-shot", "local_only": "local-only", "federated": "fedclip"}
 
 
 def _columns(report: dict) -> list[tuple[str, str, str]]:
@@ -177,15 +178,17 @@ def gain_line(report: dict) -> str:
         fed, local = mean[name]["federated"], mean[name]["local_only"]
         if fed is not None and local is not None:
             parts.append(f"{SET_TITLES[name]} {100 * (fed - local):+.1f}")
-    return (
-        f"mean {report['config']['strategy']} minus local-only, points: {', '.join(parts)}" if parts else ""
-    )
+    return f"fedclip minus local-only (mean, points): {', '.join(parts)}" if parts else ""
 
 
 def report_tables(report: dict) -> tuple[Table, Table]:
     agents = Table(
-        title="accuracy per agent: own test split, and all-class set (every label, the agent's camera)",
+        title=f"accuracy per agent (fedclip = {report['config']['strategy']}): own test split, and "
+        "all-class set (every label, under the agent's camera)",
         caption=gain_line(report) or None,
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,  # seven columns fit in 80: the report also goes to logs and CI output
     )
     columns = _columns(report)
     agents.add_column("agent")
@@ -219,8 +222,8 @@ def write_markdown(report: dict, path: Path) -> None:
         f"# fedclip demo: {report['config']['strategy']}, {len(report['agents'])} agents, "
         f"{report['dataset']}",
         "",
-        "Accuracy on each agent's own test split (own) and on its all-class set (every label in equal "
-        "numbers, under the agent's camera).",
+        f"Accuracy on each agent's own test split (own) and on its all-class set (every label in equal "
+        f"numbers, under the agent's camera); fedclip = {report['config']['strategy']}.",
         "",
         "| agent | " + " | ".join(h for _, _, h in columns) + " |",
         "|---|" + "---:|" * len(columns),

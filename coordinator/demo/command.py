@@ -157,7 +157,9 @@ def demo(
     ),
     base_steps: int = typer.Option(300, "--base-steps", min=1, help="Pretraining steps of the base."),
     base_cache: Path | None = typer.Option(
-        None, "--base-cache", help="Folder of the cached base [default: ~/.cache/fedclip/base]."
+        None,
+        "--base-cache",
+        help="Folder of the cached base (default: $FEDCLIP_BASE_CACHE_DIR or ~/.cache/fedclip/base).",
     ),
     all_class_per_label: int = typer.Option(
         20, "--all-class-per-label", min=1, help="Images of every label in each agent's all-class test set."
@@ -185,8 +187,10 @@ def demo(
 ) -> None:
     """Run the main job end to end on this machine: broker, export, partition, coordinator, N agents.
 
-    Shows progress, then a table of per-agent accuracy before/after and bytes and time per round, and
-    writes OUT/report.json, OUT/report.md and OUT/accuracy.png. Every process and port it starts is
+    Starts fedclip-tiny from its pretrained base (made on the first run, then cached). Shows progress,
+    then every agent's accuracy on its own test split and on an all-class set (every label, under its
+    camera) for zero-shot, local-only training and fedclip, and bytes and time per round; writes
+    OUT/report.json, OUT/report.md and OUT/accuracy.png. Every process and port it starts is
     released on exit, on Ctrl-C and on SIGTERM; a second run needs no cleanup.
     """
     setup_logging(verbose=verbose, quiet=not verbose)

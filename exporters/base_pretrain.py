@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedclip.exporters.export_cache import default_cache_dir
 from fedclip.sdk.fsutil import atomic_write
 from fedclip.sdk.partition import LabeledImages, load_fashion_mnist
 from fedclip.sdk.preprocess import ImageTransform
@@ -189,6 +190,13 @@ def cached_base(
     return {**info, "cached": False}
 
 
+def default_base_cache() -> Path:
+    """$FEDCLIP_BASE_CACHE_DIR, else `base` beside the export cache (~/.cache/fedclip/base): one
+    folder holds what a demo re-run reuses."""
+    env = os.environ.get("FEDCLIP_BASE_CACHE_DIR")
+    return Path(env) if env else default_cache_dir().parent / "base"
+
+
 def _print_step(total: int, every: int = 5) -> Callable[[int, float], None]:
     """Progress on stderr, a line every `every` steps: `step K/N loss X` (the demo shows it as a bar)."""
 
@@ -200,14 +208,14 @@ def _print_step(total: int, every: int = 5) -> Callable[[int, float], None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m fedclip.exporters.base_pretrain --cache DIR`: print the cached base's info as JSON.
+    """`python -m fedclip.exporters.base_pretrain [--cache DIR]`: print the cached base's info as JSON.
 
     For callers that keep torch out of their own process (the demo runs it as a child, like export).
     """
     import argparse
 
     ap = argparse.ArgumentParser(description="Pretrain (or reuse) the fedclip-tiny FMNIST base.")
-    ap.add_argument("--cache", type=Path, required=True)
+    ap.add_argument("--cache", type=Path, default=None, help="cache folder (default: default_base_cache())")
     ap.add_argument("--public-n", type=int, default=5000)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
@@ -217,7 +225,12 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --public-n and --steps must be >= 1", flush=True)
         return 2
     info = cached_base(
-        args.cache, args.public_n, args.steps, args.seed, eval_n=args.eval_n, on_step=_print_step(args.steps)
+        args.cache if args.cache is not None else default_base_cache(),
+        args.public_n,
+        args.steps,
+        args.seed,
+        eval_n=args.eval_n,
+        on_step=_print_step(args.steps),
     )
     print(json.dumps(info), flush=True)
     return 0

@@ -23,7 +23,6 @@ from fedclip.coordinator.demo.config import (
     DemoConfig,
     agent_cli,
     coord_cli,
-    default_base_cache,
     flags,
 )
 from fedclip.coordinator.demo.evaluation import (
@@ -59,7 +58,7 @@ __all__ = [
     "COLUMNS", "DEFAULT_STRATEGY", "SETS", "STRATEGY_BUNDLE", "Base", "BrokerInfo", "Comparison",
     "DemoConfig", "FleetRun", "Job", "accuracy_per_round", "agent_cli", "auth_flags", "broker_for",
     "build_report", "check_bundle", "choose_base", "client_dataset", "compare", "coord_cli",
-    "default_base_cache", "demo", "deliver_final", "export", "finish_eval", "flags", "partition",
+    "demo", "deliver_final", "export", "finish_eval", "flags", "partition",
     "plot_accuracy", "read_partition", "report_tables", "resolve_dataset", "round_adapters",
     "round_costs", "round_records", "run_demo", "run_federation", "run_jobs", "spawn_eval",
     "write_all_class", "write_markdown",

@@ -25,7 +25,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from fedclip.coordinator.demo.config import DemoConfig, base_cli, default_base_cache
+from fedclip.coordinator.demo.config import DemoConfig, base_cli, flags
 from fedclip.coordinator.demo.evaluation import json_result
 from fedclip.coordinator.demo.launch import fashion_mnist_installed
 from fedclip.coordinator.procs import ProcessGroup
@@ -76,14 +76,13 @@ def client_dataset(base: Base, dataset: str) -> str:
 
 def pretrained_base(cfg: DemoConfig, procs: ProcessGroup, console: Console | None) -> dict:
     """The cached base's info (`weights`: the .pt file, `cached`: whether it was reused)."""
-    cache = Path(cfg.base_cache) if cfg.base_cache is not None else default_base_cache()
-    argv = base_cli("--cache", cache, "--steps", cfg.base_steps, "--eval-n", ZERO_SHOT_EVAL_N)
+    argv = base_cli(*flags(cache=cfg.base_cache, steps=cfg.base_steps, eval_n=ZERO_SHOT_EVAL_N))
     child = procs.spawn("base", argv, capture=True)
     deadline = time.monotonic() + cfg.timeout
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())  # fmt: skip
     with Progress(*columns, console=console, disable=console is None, transient=True) as progress:
-        bar = progress.add_task(f"base model: looking in {cache}", total=None)
+        bar = progress.add_task("base model: looking in its cache", total=None)
         while child.proc.poll() is None and time.monotonic() < deadline:
             step = _last_step(child.log_path)
             if step is not None:
@@ -91,7 +90,7 @@ def pretrained_base(cfg: DemoConfig, procs: ProcessGroup, console: Console | Non
                     bar,
                     completed=step[0],
                     total=step[1],
-                    description=f"pretraining {BASE_MODEL} (first run only; cached in {cache})",
+                    description=f"pretraining {BASE_MODEL} (first run only, then cached)",
                 )
             time.sleep(0.2)
     info = json_result(child, timeout_s=max(1.0, deadline - time.monotonic()))

@@ -3,7 +3,6 @@ commands: by this interpreter (`python -m ...`), so it works without the venv on
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +44,7 @@ class DemoConfig:
     # Start fedclip-tiny from the cached Fashion-MNIST base (`exporters.base_pretrain`) or random weights.
     base: str = "pretrained"
     base_steps: int = 300
-    base_cache: Path | None = None  # None: default_base_cache()
+    base_cache: Path | None = None  # None: base_pretrain's default (~/.cache/fedclip/base)
     all_class_per_label: int = 20  # images of every label in each agent's all-class set
     rank: int = 4
     alpha: float = 8.0
@@ -96,18 +95,6 @@ class DemoConfig:
     @property
     def run_dir(self) -> Path:
         return self.out / "runs" / self.run_name
-
-
-def default_base_cache() -> Path:
-    """$FEDCLIP_BASE_CACHE_DIR, else `base` next to the agents' cache ($FEDCLIP_CACHE_DIR), else
-    ~/.cache/fedclip/base: beside the export cache, so one folder holds what a demo re-run reuses."""
-    env = os.environ.get("FEDCLIP_BASE_CACHE_DIR")
-    if env:
-        return Path(env)
-    shared = os.environ.get("FEDCLIP_CACHE_DIR")
-    if shared:
-        return Path(shared).parent / "base"
-    return Path.home() / ".cache" / "fedclip" / "base"
 
 
 def _cli(module: str, *args: object) -> list[str]:

@@ -348,7 +348,9 @@ def test_demo_ctrl_c_stops_everything(tmp_path):
     out = tmp_path / "demo"
     log = tmp_path / "demo.out"
     with open(log, "w") as f:
-        demo = subprocess.Popen(_demo_argv(out, "--rounds", "50"), stdout=f, stderr=subprocess.STDOUT)
+        # Random weights: this test is about stopping, not about the base (test_demo_end_to_end makes one).
+        argv = _demo_argv(out, "--rounds", "50", "--base", "random")
+        demo = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT)
     try:
         # Wait until the fleet is up: both agents and the coordinator are running.
         def fleet_up() -> bool:

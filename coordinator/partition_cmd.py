@@ -8,7 +8,9 @@ import typer
 
 
 def partition(
-    dataset: str = typer.Option(..., "--dataset", help="fashion-mnist | digits | imagefolder:PATH"),
+    dataset: str = typer.Option(
+        ..., "--dataset", help="fashion-mnist | fashion-mnist-test | digits | imagefolder:PATH"
+    ),
     agents: int = typer.Option(..., "--agents", min=1, help="Number of agents (one folder each)."),
     dirichlet: float = typer.Option(
         ...,

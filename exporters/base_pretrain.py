@@ -21,12 +21,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedclip.exporters.export_cache import default_cache_dir
+from fedclip.sdk.fsutil import atomic_write
 from fedclip.sdk.partition import LabeledImages, load_fashion_mnist
 from fedclip.sdk.preprocess import ImageTransform
 
@@ -86,10 +90,12 @@ def pretrain_base(
     seed: int = 0,
     model: str = "fedclip-tiny",
     eval_n: int | None = None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> dict:
     """Pretrain `model` on the public split; save `out` (.pt); return zero-shot accuracies and cost.
 
     Zero-shot accuracy is measured on the client pool's first `eval_n` images (all by default).
+    `on_step(step, loss)` is called after every step (progress for the caller to show).
     """
     import torch
     import torch.nn.functional as F
@@ -131,10 +137,14 @@ def pretrain_base(
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(len(losses), losses[-1])
     seconds = time.perf_counter() - t0
     after = accuracy(graph, pool_x, pool_y)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")  # renamed into place: a cached file is always a finished one
+    # Renamed into place (a cached file is always a finished one); per process, so two demos that
+    # pretrain at once into one cache do not write the same file.
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
     torch.save({k: v.detach().clone() for k, v in clip.state_dict().items()}, tmp)
     os.replace(tmp, out)
     info = {
@@ -153,7 +163,7 @@ def pretrain_base(
         "prompt": PROMPT,
         "zero_shot_eval_images": len(pool_y),
     }
-    out.with_suffix(".json").write_text(json.dumps(info, indent=1))
+    atomic_write(out.with_suffix(".json"), json.dumps(info, indent=1).encode(), mode=0o644)
     return info
 
 
@@ -164,6 +174,7 @@ def cached_base(
     seed: int = 0,
     model: str = "fedclip-tiny",
     eval_n: int | None = None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> dict:
     """The pretrained base under `cache_dir` (its info dict, `weights` = the .pt path); made if missing.
 
@@ -177,19 +188,36 @@ def cached_base(
         want = {"model": model, "public_images": public_n, "steps": steps, "seed": seed}
         if all(info.get(k) == v for k, v in want.items()):
             return {**info, "weights": str(out), "cached": True}
-    info = pretrain_base(out, public_n, steps, seed=seed, model=model, eval_n=eval_n)
+    info = pretrain_base(out, public_n, steps, seed=seed, model=model, eval_n=eval_n, on_step=on_step)
     return {**info, "cached": False}
 
 
+def default_base_cache() -> Path:
+    """$FEDCLIP_BASE_CACHE_DIR, else `base` beside the export cache (~/.cache/fedclip/base): one
+    folder holds what a demo re-run reuses."""
+    env = os.environ.get("FEDCLIP_BASE_CACHE_DIR")
+    return Path(env) if env else default_cache_dir().parent / "base"
+
+
+def _print_step(total: int, every: int = 5) -> Callable[[int, float], None]:
+    """Progress on stderr, a line every `every` steps: `step K/N loss X` (the demo shows it as a bar)."""
+
+    def show(step: int, loss: float) -> None:
+        if step == 1 or step % every == 0 or step == total:
+            print(f"step {step}/{total} loss {loss:.3f}", file=sys.stderr, flush=True)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m fedclip.exporters.base_pretrain --cache DIR`: print the cached base's info as JSON.
+    """`python -m fedclip.exporters.base_pretrain [--cache DIR]`: print the cached base's info as JSON.
 
     For callers that keep torch out of their own process (the demo runs it as a child, like export).
     """
     import argparse
 
     ap = argparse.ArgumentParser(description="Pretrain (or reuse) the fedclip-tiny FMNIST base.")
-    ap.add_argument("--cache", type=Path, required=True)
+    ap.add_argument("--cache", type=Path, default=None, help="cache folder (default: default_base_cache())")
     ap.add_argument("--public-n", type=int, default=5000)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
@@ -198,10 +226,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.public_n < 1 or args.steps < 1:
         print("error: --public-n and --steps must be >= 1", flush=True)
         return 2
-    print(
-        json.dumps(cached_base(args.cache, args.public_n, args.steps, args.seed, eval_n=args.eval_n)),
-        flush=True,
+    info = cached_base(
+        args.cache if args.cache is not None else default_base_cache(),
+        args.public_n,
+        args.steps,
+        args.seed,
+        eval_n=args.eval_n,
+        on_step=_print_step(args.steps),
     )
+    print(json.dumps(info), flush=True)
     return 0
 
 

@@ -91,11 +91,14 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     return body.reshape(shape)
 
 
-def load_fashion_mnist(root: str | Path = FASHION_MNIST_DIR) -> LabeledImages:
-    """Both official splits pooled (70,000 28x28 grayscale images); partitioning re-splits per agent."""
+def load_fashion_mnist(
+    root: str | Path = FASHION_MNIST_DIR, splits: tuple[str, ...] = ("train", "t10k")
+) -> LabeledImages:
+    """Both official splits pooled (70,000 28x28 grayscale images); partitioning re-splits per agent.
+    `splits=("t10k",)`: the test set alone, for agents of a model pretrained on the train set."""
     root = Path(root)
     images, labels = [], []
-    for split in ("train", "t10k"):
+    for split in splits:
         images.append(read_idx(root / f"{split}-images-idx3-ubyte.gz", 3))
         labels.append(read_idx(root / f"{split}-labels-idx1-ubyte.gz", 1))
     x, y = np.concatenate(images), np.concatenate(labels).astype(np.int64)
@@ -135,14 +138,18 @@ def load_imagefolder(root: str | Path) -> LabeledImages:
 
 
 def load_source(spec: str) -> LabeledImages:
-    """`fashion-mnist`, `digits` or `imagefolder:PATH`."""
+    """`fashion-mnist`, `fashion-mnist-test` (the official test set only), `digits` or `imagefolder:PATH`."""
     if spec == "fashion-mnist":
         return load_fashion_mnist()
+    if spec == "fashion-mnist-test":
+        return load_fashion_mnist(splits=("t10k",))
     if spec == "digits":
         return load_digits()
     if spec.startswith("imagefolder:") and len(spec) > len("imagefolder:"):
         return load_imagefolder(spec[len("imagefolder:") :])
-    raise ConfigError(f"dataset: {spec!r} is not one of fashion-mnist, digits, imagefolder:PATH")
+    raise ConfigError(
+        f"dataset: {spec!r} is not one of fashion-mnist, fashion-mnist-test, digits, imagefolder:PATH"
+    )
 
 
 # ---- label skew ------------------------------------------------------------------------------------

@@ -23,6 +23,11 @@ import pytest
 from waiting import eventually
 
 from fedclip.coordinator.demo import (
+    COLUMNS,
+    DEFAULT_STRATEGY,
+    SETS,
+    STRATEGY_BUNDLE,
+    Comparison,
     DemoConfig,
     FleetRun,
     build_report,
@@ -157,11 +162,24 @@ def test_port_helpers():
         ("dirichlet", 0.0, "--dirichlet"),
         ("lr", -1.0, "--lr"),
         ("bundle", Path("/nonexistent/bundle"), "--bundle"),
+        ("base", "warm", "--base"),
+        ("base_steps", 0, "--base-steps"),
     ],
 )
 def test_demo_config_rejects_bad_values(field, value, match):
     with pytest.raises(ConfigError, match=match):
         DemoConfig(**{field: value})
+
+
+def test_every_coordinator_strategy_has_its_bundle():
+    """--strategy takes every strategy `serve` knows, and exports the adapters it needs."""
+    from fedclip.coordinator import strategies
+
+    assert sorted(STRATEGY_BUNDLE) == strategies.names()
+    assert DEFAULT_STRATEGY in STRATEGY_BUNDLE
+    core = DemoConfig(strategy="fleet-core")  # mixes cores over shared frozen A and B
+    assert (core.adapter, core.init) == ("tri-lora", "frozen-seed")
+    assert (DemoConfig(strategy="fedavg").adapter, DemoConfig(strategy="fedavg").init) == ("lora", None)
 
 
 def test_auto_dataset_prefers_fashion_mnist():
@@ -200,14 +218,41 @@ def test_report_files(tmp_path):
         seconds=5.5,
     )
     acc = {"a": [0.1, 0.3, 0.5], "b": [0.2, 0.2, 0.4]}
-    report = build_report(cfg, "digits", ["0", "1"], run, acc, 9.0)
+    table = {
+        "own": {
+            "a": {"zero_shot": 0.1, "local_only": 0.45, "federated": 0.5},
+            "b": {"zero_shot": 0.2, "local_only": 0.3, "federated": 0.4},
+        },
+        "all_class": {
+            "a": {"zero_shot": 0.3, "local_only": 0.2, "federated": 0.35},
+            "b": {"zero_shot": 0.3, "local_only": None, "federated": 0.25},  # None: an eval that is missing
+        },
+    }
+    comparison = Comparison(acc, table, {"a": 0.4, "b": 0.5})
+    report = build_report(cfg, "digits", ["0", "1"], run, acc, 9.0, comparison=comparison)
     assert report["mean_accuracy_before"] == pytest.approx(0.15)
     assert report["mean_accuracy_after"] == pytest.approx(0.45)
     assert report["bytes_total"] == 6000
+    assert report["agents"]["a"]["own"] == table["own"]["a"]
+    assert report["mean"]["own"]["local_only"] == pytest.approx(0.375)
+    assert report["mean"]["all_class"]["local_only"] == pytest.approx(0.2)  # of the agents that have one
+    assert report["local_only"]["epochs"] == 2 and report["local_only"]["train_seconds"] == {
+        "a": 0.4,
+        "b": 0.5,
+    }
     write_markdown(report, tmp_path / "report.md")
-    assert "| a | 10.0% | 50.0% |" in (tmp_path / "report.md").read_text()
+    md = (tmp_path / "report.md").read_text()
+    assert "| a | 10.0% | 45.0% | 50.0% | 30.0% | 20.0% | 35.0% |" in md
+    assert "| b | 20.0% | 30.0% | 40.0% | 30.0% | - | 25.0% |" in md
+    assert "own +7.5, all-class +10.0" in md  # fedclip minus local-only, mean points
     plot_accuracy(report, tmp_path / "accuracy.png")
     assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A report without the comparison (what benchmarks build) still renders: before/after only.
+    plain = build_report(cfg, "digits", ["0", "1"], run, acc, 9.0)
+    write_markdown(plain, tmp_path / "plain.md")
+    assert "| a | 10.0% | 50.0% |" in (tmp_path / "plain.md").read_text()
+    plot_accuracy(plain, tmp_path / "plain.png")
+    assert (tmp_path / "plain.png").stat().st_size > 0
 
 
 def test_bad_flag_is_one_line_error_and_starts_nothing(tmp_path):
@@ -239,11 +284,29 @@ def _demo_argv(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "fedclip.coordinator.cli", "demo", *TINY, "--out", str(out), *extra]
 
 
+def _check_comparison(report: dict) -> None:
+    """Every agent has zero-shot, local-only and federated accuracy on its own split and all-class set."""
+    for aid, a in report["agents"].items():
+        for name in SETS:
+            assert set(a[name]) == set(COLUMNS), (aid, name, a[name])
+            for column, acc in a[name].items():
+                assert isinstance(acc, float) and 0.0 <= acc <= 1.0, (aid, name, column, acc)
+        assert a["own"]["zero_shot"] == a["accuracy_before"] and a["own"]["federated"] == a["accuracy_after"]
+    for name in SETS:
+        for column in COLUMNS:
+            assert 0.0 <= report["mean"][name][column] <= 1.0
+    assert set(report["local_only"]["train_seconds"]) == set(report["agents"])
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_demo_end_to_end(tmp_path):
+    from fedclip.coordinator.demo.launch import fashion_mnist_installed
+
     out = tmp_path / "demo"
-    r = subprocess.run(_demo_argv(out), capture_output=True, text=True, timeout=800, cwd=tmp_path)
+    # A few pretraining steps into a fresh cache: the first run makes the base, the second reuses it.
+    base = ["--base-steps", "3", "--base-cache", str(tmp_path / "base")]
+    r = subprocess.run(_demo_argv(out, *base), capture_output=True, text=True, timeout=800, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -254,19 +317,29 @@ def test_demo_end_to_end(tmp_path):
         assert len(a["accuracy_per_round"]) == 3
         for acc in a["accuracy_per_round"]:
             assert isinstance(acc, float) and 0.0 <= acc <= 1.0
+    _check_comparison(report)
+    if fashion_mnist_installed():
+        # The pretrained base, and agents cut from the test set only (none holds a pretraining image).
+        assert report["base"]["kind"] == "pretrained" and report["base"]["cached"] is False
+        assert report["config"]["pretrained"] == report["base"]["weights"]
+        assert report["dataset"] == "fashion-mnist-test"
     assert report["bytes_total"] > 0
     # The last round's adapters reached every agent by signed rollout (agents hold the coordinator key).
     assert not [n for n in report["notes"] if "did not reach" in n], report["notes"]
-    assert "agent-00" in r.stdout and "total" in r.stdout  # the tables
+    assert "agent-00" in r.stdout and "total" in r.stdout and "local-only" in r.stdout  # the tables
     _wait_gone(str(out))
     port = int(re.search(r"127\.0\.0\.1:(\d+)", r.stdout).group(1))
     assert port_is_free(port)
 
-    # A second run into the same folder needs no cleanup.
-    r2 = subprocess.run(_demo_argv(out, "--rounds", "1"), capture_output=True, text=True, timeout=800)
+    # A second run into the same folder needs no cleanup, and reuses the base.
+    r2 = subprocess.run(_demo_argv(out, "--rounds", "1", *base), capture_output=True, text=True, timeout=800)
     assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
     assert len(list((out / "runs").iterdir())) == 2
-    assert len(json.loads((out / "report.json").read_text())["rounds"]) == 1
+    report2 = json.loads((out / "report.json").read_text())
+    assert len(report2["rounds"]) == 1
+    _check_comparison(report2)
+    if fashion_mnist_installed():
+        assert report2["base"]["cached"] is True and report2["base"]["weights"] == report["base"]["weights"]
 
 
 @pytest.mark.slow
@@ -275,7 +348,9 @@ def test_demo_ctrl_c_stops_everything(tmp_path):
     out = tmp_path / "demo"
     log = tmp_path / "demo.out"
     with open(log, "w") as f:
-        demo = subprocess.Popen(_demo_argv(out, "--rounds", "50"), stdout=f, stderr=subprocess.STDOUT)
+        # Random weights: this test is about stopping, not about the base (test_demo_end_to_end makes one).
+        argv = _demo_argv(out, "--rounds", "50", "--base", "random")
+        demo = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT)
     try:
         # Wait until the fleet is up: both agents and the coordinator are running.
         def fleet_up() -> bool:
@@ -311,3 +386,8 @@ def test_given_bundle_must_fit_strategy_and_labels(bundle_factory):
         check_bundle(DemoConfig(strategy="ce-lora", bundle=lora), lora, ["a", "b", "c"])
     with pytest.raises(ConfigError, match="labels"):
         check_bundle(cfg, lora, ["x", "y", "z"])
+    # fleet-core mixes cores over A and B every agent shares: a ce-lora-init tri-lora bundle will not do.
+    tri = bundle_factory(adapter="tri-lora", labels=("a", "b", "c"))
+    assert check_bundle(DemoConfig(strategy="ce-lora", bundle=tri), tri, ["a", "b", "c"]) == tri
+    with pytest.raises(ConfigError, match="--init frozen-seed"):
+        check_bundle(DemoConfig(strategy="fleet-core", bundle=tri), tri, ["a", "b", "c"])

@@ -8,13 +8,15 @@ import json
 import secrets
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
-from fedclip.coordinator.demo.config import DemoConfig
-from fedclip.coordinator.demo.evaluation import accuracy_per_round
+from fedclip.coordinator.demo.base import choose_base, client_dataset
+from fedclip.coordinator.demo.comparison import compare
+from fedclip.coordinator.demo.config import BASES, DEFAULT_STRATEGY, STRATEGY_BUNDLE, DemoConfig
 from fedclip.coordinator.demo.federation import deliver_final, round_costs, run_federation
 from fedclip.coordinator.demo.launch import (
     broker_for,
@@ -23,8 +25,10 @@ from fedclip.coordinator.demo.launch import (
     partition,
     read_partition,
     resolve_dataset,
+    write_all_class,
 )
-from fedclip.coordinator.demo.report import build_report, plot_accuracy, report_tables, write_markdown
+from fedclip.coordinator.demo.plot import plot_accuracy
+from fedclip.coordinator.demo.report import build_report, report_tables, write_markdown
 from fedclip.coordinator.procs import ChildFailed, ProcessGroup, sigterm_as_interrupt
 from fedclip.sdk.cli import setup_logging
 from fedclip.sdk.config import read_secret
@@ -42,17 +46,35 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
         f"[bold]fedclip demo[/bold]: {cfg.agents} agents, {cfg.rounds} rounds of {cfg.strategy}; "
         f"run folder {work}"
     )
+    phases: dict[str, float] = {}
+    notes: list[str] = []
     with sigterm_as_interrupt(), ProcessGroup(log_dir=work / "logs") as procs:
-        dataset = resolve_dataset(cfg.dataset)
-        with _status(console, f"partitioning {dataset} into {cfg.agents} non-IID agents"):
+        with _timed(phases, "base"):
+            base = choose_base(cfg, procs, console)
+        if base.kind == "pretrained":
+            cfg = replace(cfg, pretrained=base.weights)
+        dataset = client_dataset(base, resolve_dataset(cfg.dataset))
+        with (
+            _timed(phases, "data"),
+            _status(console, f"partitioning {dataset} into {cfg.agents} non-IID agents"),
+        ):
             data_dir = partition(cfg, procs, work / "data", dataset)
+            no_all_class = write_all_class(cfg, data_dir, dataset)
+        notes += [n for n in (base.note, no_all_class) if n]
         labels, agent_ids = read_partition(data_dir)
-        if cfg.bundle is not None:
-            bundle = check_bundle(cfg, Path(cfg.bundle), labels)
-        else:
-            with _status(console, f"exporting {cfg.model} with {cfg.adapter} adapters (rank {cfg.rank})"):
-                bundle = export(cfg, procs, labels, work / "bundle")
-        with broker_for(cfg, work / "secrets", work / "coordinator", agent_ids) as broker:
+        with _timed(phases, "export"):
+            if cfg.bundle is not None:
+                bundle = check_bundle(cfg, Path(cfg.bundle), labels)
+            else:
+                init = f", init {cfg.init}" if cfg.init else ""
+                with _status(
+                    console, f"exporting {cfg.model} with {cfg.adapter} adapters (rank {cfg.rank}{init})"
+                ):
+                    bundle = export(cfg, procs, labels, work / "bundle")
+        with (
+            _timed(phases, "federation"),
+            broker_for(cfg, work / "secrets", work / "coordinator", agent_ids) as broker,
+        ):
             kind = f" (embedded amqtt, {len(broker.kits)} provisioned devices)" if broker.port else ""
             say(f"broker: {broker.url}{kind}")
             run = run_federation(cfg, procs, broker, bundle, data_dir, agent_ids, work, console)
@@ -60,8 +82,12 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
                 run.final_missing = deliver_final(cfg, procs, broker, run)
             procs.stop_all()  # the agents are done; evaluation reads the adapters they installed
         run.costs = round_costs(run.coordinator_state)
-        acc = accuracy_per_round(procs, bundle, data_dir, run, cfg.rounds, console)
-    report = build_report(cfg, dataset, labels, run, acc, time.monotonic() - t0)
+        with _timed(phases, "evaluation"):
+            comparison = compare(cfg, procs, bundle, data_dir, run, work, console)
+    report = build_report(
+        cfg, dataset, labels, run, comparison.own_per_round, time.monotonic() - t0,
+        comparison=comparison, base=base, phases=phases, notes=notes,
+    )  # fmt: skip
     cfg.out.mkdir(parents=True, exist_ok=True)
     (work / "report.json").write_text(json.dumps(report, indent=1))
     (cfg.out / "report.json").write_text(json.dumps(report, indent=1))
@@ -71,6 +97,15 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
         for table in report_tables(report):
             console.print(table)
     return report
+
+
+@contextlib.contextmanager
+def _timed(phases: dict[str, float], name: str) -> Iterator[None]:
+    t0 = time.monotonic()
+    try:
+        yield
+    finally:
+        phases[name] = time.monotonic() - t0
 
 
 @contextlib.contextmanager
@@ -89,7 +124,10 @@ def demo(
     ),
     rounds: int = typer.Option(3, "--rounds", min=1, help="Federated rounds to run."),
     strategy: str = typer.Option(
-        "ce-lora", "--strategy", help="ce-lora (tri-LoRA, personalized) or fedavg (LoRA, plain averaging)."
+        DEFAULT_STRATEGY,
+        "--strategy",
+        help=f"The coordinator's aggregation: {', '.join(STRATEGY_BUNDLE)} (docs/aggregation.md); the "
+        "bundle is exported with the adapters it needs.",
     ),
     dataset: str = typer.Option(
         "auto",
@@ -110,6 +148,21 @@ def demo(
     ),
     bundle: Path | None = typer.Option(
         None, "--bundle", help="Use this exported bundle instead of exporting one."
+    ),
+    base: str = typer.Option(
+        "pretrained",
+        "--base",
+        help=f"{' or '.join(BASES)}: start fedclip-tiny from its Fashion-MNIST pretraining (made on the "
+        "first run, then cached) or from random weights.",
+    ),
+    base_steps: int = typer.Option(300, "--base-steps", min=1, help="Pretraining steps of the base."),
+    base_cache: Path | None = typer.Option(
+        None,
+        "--base-cache",
+        help="Folder of the cached base (default: $FEDCLIP_BASE_CACHE_DIR or ~/.cache/fedclip/base).",
+    ),
+    all_class_per_label: int = typer.Option(
+        20, "--all-class-per-label", min=1, help="Images of every label in each agent's all-class test set."
     ),
     rank: int = typer.Option(4, "--rank", min=1, help="LoRA rank."),
     alpha: float = typer.Option(8.0, "--alpha", help="LoRA alpha."),
@@ -134,8 +187,10 @@ def demo(
 ) -> None:
     """Run the main job end to end on this machine: broker, export, partition, coordinator, N agents.
 
-    Shows progress, then a table of per-agent accuracy before/after and bytes and time per round, and
-    writes OUT/report.json, OUT/report.md and OUT/accuracy.png. Every process and port it starts is
+    Starts fedclip-tiny from its pretrained base (made on the first run, then cached). Shows progress,
+    then every agent's accuracy on its own test split and on an all-class set (every label, under its
+    camera) for zero-shot, local-only training and fedclip, and bytes and time per round; writes
+    OUT/report.json, OUT/report.md and OUT/accuracy.png. Every process and port it starts is
     released on exit, on Ctrl-C and on SIGTERM; a second run needs no cleanup.
     """
     setup_logging(verbose=verbose, quiet=not verbose)
@@ -153,6 +208,10 @@ def demo(
         model=model,
         pretrained=pretrained,
         bundle=bundle,
+        base=base,
+        base_steps=base_steps,
+        base_cache=base_cache,
+        all_class_per_label=all_class_per_label,
         rank=rank,
         alpha=alpha,
         targets=targets,

@@ -9,8 +9,22 @@ from pathlib import Path
 
 from fedclip.sdk.errors import ConfigError
 
-STRATEGY_ADAPTER = {"fedavg": "lora", "ce-lora": "tri-lora"}
+# The strategy the demo runs unless --strategy says otherwise (the one that wins issue 13's regimes).
+DEFAULT_STRATEGY = "ce-lora"
 
+# strategy -> (adapter kind, tri-lora init) the bundle needs; None = the exporter's default init.
+# fleet-core mixes cores over A and B that every agent shares frozen, so its bundle is `frozen-seed`.
+# tests/test_demo.py checks this names every strategy the coordinator registers.
+STRATEGY_BUNDLE: dict[str, tuple[str, str | None]] = {
+    "fedavg": ("lora", None),
+    "trimmed-mean": ("lora", None),
+    "ce-lora": ("tri-lora", None),
+    "fleet-core": ("tri-lora", "frozen-seed"),
+}
+BASES = ("pretrained", "random")
+# The agent's default share of its data kept out of training (`AgentConfig.holdout`): local-only
+# training keeps out the same images, so it trains on exactly what the agent trained on.
+AGENT_HOLDOUT = 0.2
 
 FLEET = "demo"
 
@@ -19,7 +33,7 @@ FLEET = "demo"
 class DemoConfig:
     agents: int = 4
     rounds: int = 3
-    strategy: str = "ce-lora"
+    strategy: str = DEFAULT_STRATEGY
     dataset: str = "auto"
     per_agent: int = 240
     dirichlet: float = 0.5
@@ -27,6 +41,11 @@ class DemoConfig:
     model: str = "fedclip-tiny"
     pretrained: str | None = None
     bundle: Path | None = None
+    # Start fedclip-tiny from the cached Fashion-MNIST base (`exporters.base_pretrain`) or random weights.
+    base: str = "pretrained"
+    base_steps: int = 300
+    base_cache: Path | None = None  # None: base_pretrain's default (~/.cache/fedclip/base)
+    all_class_per_label: int = 20  # images of every label in each agent's all-class set
     rank: int = 4
     alpha: float = 8.0
     targets: str = "q,v"
@@ -47,8 +66,12 @@ class DemoConfig:
     fleet: str = FLEET
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGY_ADAPTER:
-            raise ConfigError(f"--strategy: {self.strategy!r} is not one of {', '.join(STRATEGY_ADAPTER)}")
+        if self.strategy not in STRATEGY_BUNDLE:
+            raise ConfigError(f"--strategy: {self.strategy!r} is not one of {', '.join(STRATEGY_BUNDLE)}")
+        if self.base not in BASES:
+            raise ConfigError(f"--base: {self.base!r} is not one of {', '.join(BASES)}")
+        if self.base_steps < 1 or self.all_class_per_label < 1:
+            raise ConfigError("--base-steps, --all-class-per-label: must be >= 1")
         if self.shift not in ("none", "per-agent"):
             raise ConfigError(f"--shift: {self.shift!r} is not one of none, per-agent")
         if self.dirichlet <= 0:
@@ -62,7 +85,12 @@ class DemoConfig:
 
     @property
     def adapter(self) -> str:
-        return STRATEGY_ADAPTER[self.strategy]
+        return STRATEGY_BUNDLE[self.strategy][0]
+
+    @property
+    def init(self) -> str | None:
+        """The tri-lora init the strategy's bundle needs (None: the exporter's default)."""
+        return STRATEGY_BUNDLE[self.strategy][1]
 
     @property
     def run_dir(self) -> Path:
@@ -80,6 +108,11 @@ def coord_cli(*args: object) -> list[str]:
 
 def agent_cli(*args: object) -> list[str]:
     return _cli("fedclip.device_agent.cli", *args)
+
+
+def base_cli(*args: object) -> list[str]:
+    """The pretrained base, made or reused in a child: torch stays out of the demo's process."""
+    return _cli("fedclip.exporters.base_pretrain", *args)
 
 
 def flags(**options: object) -> list[str]:

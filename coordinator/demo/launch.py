@@ -80,13 +80,17 @@ def agent_auth_flags(b: BrokerInfo, agent: str) -> list[str]:
 
 
 # ---- data and bundle ---------------------------------------------------------------------------
-def resolve_dataset(name: str) -> str:
-    """The partition command's --dataset for `name`; `auto` picks what this machine has."""
+def fashion_mnist_installed() -> bool:
     from fedclip.sdk.partition import FASHION_MNIST_DIR
 
+    return all((FASHION_MNIST_DIR / f"{s}-labels-idx1-ubyte.gz").is_file() for s in ("train", "t10k"))
+
+
+def resolve_dataset(name: str) -> str:
+    """The partition command's --dataset for `name`; `auto` picks what this machine has."""
     if name != "auto":
         return name
-    if all((FASHION_MNIST_DIR / f"{s}-labels-idx1-ubyte.gz").is_file() for s in ("train", "t10k")):
+    if fashion_mnist_installed():
         return "fashion-mnist"
     try:
         import sklearn.datasets  # noqa: F401
@@ -127,13 +131,26 @@ def partition(cfg: DemoConfig, procs: ProcessGroup, out: Path, dataset: str) -> 
     return out
 
 
+def write_all_class(cfg: DemoConfig, data_dir: Path, dataset: str) -> str | None:
+    """Each agent's all-class set (`<agent>/all/`, `fedclip.sdk.all_class`); None, or why there is none
+    (a data set too small to spare `all_class_per_label` unused images of every label)."""
+    from fedclip.sdk.all_class import write_all_class_sets
+
+    try:
+        write_all_class_sets(data_dir, dataset, per_label=cfg.all_class_per_label, seed=cfg.seed)
+    except DataError as e:
+        return f"no all-class sets: {e}"
+    return None
+
+
 def export(cfg: DemoConfig, procs: ProcessGroup, labels: list[str], out: Path) -> Path:
     # A labels file, not a comma list: class names may hold commas.
     labels_file = out.parent / f"{out.name}-labels.txt"
     labels_file.write_text("\n".join(labels) + "\n")
     options = flags(
-        model=cfg.model, pretrained=cfg.pretrained, adapter=cfg.adapter, rank=cfg.rank, alpha=cfg.alpha,
-        targets=cfg.targets, towers=cfg.towers, task="classify", labels=labels_file, seed=cfg.seed, out=out,
+        model=cfg.model, pretrained=cfg.pretrained, adapter=cfg.adapter, init=cfg.init, rank=cfg.rank,
+        alpha=cfg.alpha, targets=cfg.targets, towers=cfg.towers, task="classify", labels=labels_file,
+        seed=cfg.seed, out=out,
     )  # fmt: skip
     procs.run("export", coord_cli("export", *options), timeout_s=600)
     return out
@@ -147,6 +164,11 @@ def check_bundle(cfg: DemoConfig, bundle: Path, labels: list[str]) -> Path:
     if manifest.adapter.kind != cfg.adapter:
         raise ConfigError(
             f"--bundle: has {manifest.adapter.kind} adapters; --strategy {cfg.strategy} needs {cfg.adapter}"
+        )
+    if cfg.init is not None and manifest.adapter.init != cfg.init:
+        raise ConfigError(
+            f"--bundle: its tri-lora init is {manifest.adapter.init}; --strategy {cfg.strategy} needs "
+            f"a bundle exported with --init {cfg.init}"
         )
     if manifest.task.kind != "classify" or list(manifest.task.labels) != list(labels):
         raise ConfigError(

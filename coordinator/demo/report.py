@@ -1,14 +1,25 @@
-"""The demo's report: one dict (report.json), a Markdown table, rich tables and an accuracy plot."""
+"""The demo's report: one dict (report.json), a Markdown file and rich tables (the plot: `plot`).
+
+Per agent: accuracy on its own test split and on its all-class set, for zero-shot, local-only and
+the federated adapter (`comparison`); per round: seconds and bytes.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 
+from rich import box
 from rich.table import Table
 
+from fedclip.coordinator.demo.base import Base
+from fedclip.coordinator.demo.comparison import COLUMNS, SETS, Comparison
 from fedclip.coordinator.demo.config import DemoConfig
 from fedclip.coordinator.demo.federation import FleetRun
+from fedclip.sdk.messages.rounds import Hyperparameters
+
+SET_TITLES = {"own": "own", "all_class": "all-class"}
 
 
 # ---- report ------------------------------------------------------------------------------------
@@ -27,7 +38,13 @@ def build_report(
     run: FleetRun,
     acc: dict[str, list[float | None]],
     wall_s: float,
+    comparison: Comparison | None = None,
+    base: Base | None = None,
+    phases: dict[str, float] | None = None,
+    notes: list[str] | None = None,
 ) -> dict:
+    """The report as one JSON-ready dict. With `comparison`, every agent also has `own` and
+    `all_class` ({zero_shot, local_only, federated} accuracies) and `mean` has their means."""
     rounds = []
     for rec in run.rounds:
         rec = {**rec, **run.costs.get(rec["round"], {})}
@@ -43,33 +60,65 @@ def build_report(
                 "agent_metrics": rec.get("metrics", {}),
             }
         )
-    agents = {
+    agents: dict[str, dict] = {
         aid: {"accuracy_before": s[0], "accuracy_after": s[-1], "accuracy_per_round": s}
         for aid, s in acc.items()
     }
-    before = [s[0] for s in acc.values() if s[0] is not None]
-    after = [s[-1] for s in acc.values() if s[-1] is not None]
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "password"}
-    return {
+    report: dict = {
         "config": config,
         "dataset": dataset,
         "labels": labels,
+        "base": _base(base),
         "agents": agents,
         "rounds": rounds,
-        "mean_accuracy_before": sum(before) / len(before) if before else None,
-        "mean_accuracy_after": sum(after) / len(after) if after else None,
+        "mean_accuracy_before": _mean(s[0] for s in acc.values()),
+        "mean_accuracy_after": _mean(s[-1] for s in acc.values()),
+    }
+    if comparison is not None:
+        for aid, a in agents.items():
+            for name in SETS:
+                a[name] = dict(comparison.table[name][aid])
+        report["mean"] = {
+            name: {c: _mean(row[c] for row in comparison.table[name].values()) for c in COLUMNS}
+            for name in SETS
+        }
+        report["local_only"] = {
+            "epochs": cfg.rounds * cfg.local_epochs,
+            "batch_size": Hyperparameters.batch_size,
+            "lr": cfg.lr,
+            "train_seconds": comparison.local_train_seconds,
+        }
+    report |= {
         "bytes_total": sum(r["bytes"] or 0 for r in rounds),
         "federation_seconds": run.seconds,
+        "phase_seconds": phases or {},
         "total_seconds": wall_s,
         "run_dir": str(cfg.run_dir),
-        "notes": _notes(cfg, run),
+        "notes": _notes(cfg, run, base) + list(notes or []),
     }
+    return report
 
 
-def _notes(cfg: DemoConfig, run: FleetRun) -> list[str]:
+def _mean(values: Iterable[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
+def _base(base: Base | None) -> dict | None:
+    if base is None:
+        return None
+    keep = ("steps", "public_images", "seed", "cached", "seconds", "zero_shot_pool_accuracy",
+            "zero_shot_eval_images")  # fmt: skip
+    return {"kind": base.kind, "weights": base.weights, **{k: base.info[k] for k in keep if k in base.info}}
+
+
+def _notes(cfg: DemoConfig, run: FleetRun, base: Base | None) -> list[str]:
     notes = []
-    if cfg.pretrained is None and cfg.bundle is None:
+    if base is None and cfg.pretrained is None and cfg.bundle is None:
         notes.append(f"{cfg.model} has random weights (no --pretrained): accuracies start near chance")
+    elif base is not None and base.note:
+        notes.append(base.note)
     if run.final_missing:
         notes.append(
             "the last round's adapter did not reach "
@@ -79,6 +128,7 @@ def _notes(cfg: DemoConfig, run: FleetRun) -> list[str]:
     return notes
 
 
+# ---- formatting ----------------------------------------------------------------------------------
 def _fmt_bytes(n: float | None) -> str:
     if n is None:
         return "-"
@@ -93,21 +143,61 @@ def _fmt_acc(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def column_names(report: dict) -> dict[str, str]:
+    """How the columns are called in tables and plots (titles name the federated one's strategy)."""
+    return {"zero_shot": "zero-shot", "local_only": "local-only", "federated": "fedclip"}
+
+
+def _columns(report: dict) -> list[tuple[str, str, str]]:
+    """(set, column, header) of the accuracy table; a report without a comparison: own before/after."""
+    if "mean" not in report:
+        return [("own", "zero_shot", "before"), ("own", "federated", "after")]
+    names = column_names(report)
+    return [(s, c, f"{SET_TITLES[s]}: {names[c]}") for s in SETS for c in COLUMNS]
+
+
+def _cell(agent: dict, name: str, column: str) -> float | None:
+    if name in agent:
+        return agent[name][column]
+    return agent["accuracy_before" if column == "zero_shot" else "accuracy_after"]
+
+
+def _mean_row(report: dict) -> dict:
+    if "mean" in report:
+        return report["mean"]
+    return {"own": {"zero_shot": report["mean_accuracy_before"], "federated": report["mean_accuracy_after"]}}
+
+
+def gain_line(report: dict) -> str:
+    """The mean gain of the federated adapter over training alone, on both sets ("" without one)."""
+    mean = report.get("mean")
+    if not mean:
+        return ""
+    parts = []
+    for name in SETS:
+        fed, local = mean[name]["federated"], mean[name]["local_only"]
+        if fed is not None and local is not None:
+            parts.append(f"{SET_TITLES[name]} {100 * (fed - local):+.1f}")
+    return f"fedclip minus local-only (mean, points): {', '.join(parts)}" if parts else ""
+
+
 def report_tables(report: dict) -> tuple[Table, Table]:
-    agents = Table(title="accuracy on each agent's own test split")
-    for col in ("agent", "before", "after", "change"):
-        agents.add_column(col, justify="left" if col == "agent" else "right")
-    for aid, a in report["agents"].items():
-        b, f = a["accuracy_before"], a["accuracy_after"]
-        delta = "-" if b is None or f is None else f"{100 * (f - b):+.1f}"
-        agents.add_row(aid, _fmt_acc(b), _fmt_acc(f), delta)
-    agents.add_row(
-        "mean",
-        _fmt_acc(report["mean_accuracy_before"]),
-        _fmt_acc(report["mean_accuracy_after"]),
-        "",
-        style="bold",
+    agents = Table(
+        title=f"accuracy per agent (fedclip = {report['config']['strategy']}): own test split, and "
+        "all-class set (every label, under the agent's camera)",
+        caption=gain_line(report) or None,
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,  # seven columns fit in 80: the report also goes to logs and CI output
     )
+    columns = _columns(report)
+    agents.add_column("agent")
+    for _, _, header in columns:
+        agents.add_column(header.replace(": ", "\n"), justify="right")
+    for aid, a in report["agents"].items():
+        agents.add_row(aid, *(_fmt_acc(_cell(a, n, c)) for n, c, _ in columns))
+    mean = _mean_row(report)
+    agents.add_row("mean", *(_fmt_acc(mean[n][c]) for n, c, _ in columns), style="bold")
     rounds = Table(title="rounds")
     for col in ("round", "seconds", "uplink", "downlink", "updates"):
         rounds.add_column(col, justify="right")
@@ -127,53 +217,29 @@ def report_tables(report: dict) -> tuple[Table, Table]:
 
 
 def write_markdown(report: dict, path: Path) -> None:
+    columns = _columns(report)
     lines = [
         f"# fedclip demo: {report['config']['strategy']}, {len(report['agents'])} agents, "
         f"{report['dataset']}",
         "",
-        "| agent | before | after |",
-        "|---|---:|---:|",
+        f"Accuracy on each agent's own test split (own) and on its all-class set (every label in equal "
+        f"numbers, under the agent's camera); fedclip = {report['config']['strategy']}.",
+        "",
+        "| agent | " + " | ".join(h for _, _, h in columns) + " |",
+        "|---|" + "---:|" * len(columns),
     ]
     for aid, a in report["agents"].items():
-        lines.append(f"| {aid} | {_fmt_acc(a['accuracy_before'])} | {_fmt_acc(a['accuracy_after'])} |")
-    lines.append(
-        f"| **mean** | {_fmt_acc(report['mean_accuracy_before'])} | "
-        f"{_fmt_acc(report['mean_accuracy_after'])} |"
-    )
+        lines.append(f"| {aid} | " + " | ".join(_fmt_acc(_cell(a, n, c)) for n, c, _ in columns) + " |")
+    mean = _mean_row(report)
+    lines.append("| **mean** | " + " | ".join(_fmt_acc(mean[n][c]) for n, c, _ in columns) + " |")
+    if gain_line(report):
+        lines += ["", gain_line(report) + "."]
     lines += ["", "| round | seconds | uplink | downlink |", "|---:|---:|---:|---:|"]
     for r in report["rounds"]:
         secs = "-" if r["seconds"] is None else f"{r['seconds']:.1f}"
         lines.append(
             f"| {r['round']} | {secs} | {_fmt_bytes(r['uplink_bytes'])} | {_fmt_bytes(r['downlink_bytes'])} |"
         )
-    lines += ["", f"Total wall time {report['total_seconds']:.0f} s; run folder `{report['run_dir']}`.", ""]
+    lines += ["", f"Total wall time {report['total_seconds']:.0f} s; run folder `{report['run_dir']}`."]
+    lines += [f"Note: {n}." for n in report["notes"]] + [""]
     path.write_text("\n".join(lines))
-
-
-def plot_accuracy(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on a device or in CI
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    series = [a["accuracy_per_round"] for a in report["agents"].values()]
-    for aid, ys in zip(report["agents"], series, strict=True):
-        ax.plot(
-            range(len(ys)), [float("nan") if y is None else y for y in ys], marker="o", label=aid, alpha=0.6
-        )
-    if series:
-        mean = [sum(v for v in col if v is not None) / max(1, sum(v is not None for v in col))
-                for col in zip(*series, strict=True)]  # fmt: skip
-        ax.plot(range(len(mean)), mean, "k-", lw=2.5, marker="s", label="mean")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("round (0 = before federation)")
-    ax.set_ylabel("accuracy on own test split")
-    ax.set_title(f"fedclip demo: {report['config']['strategy']} on {report['dataset']}")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", ncol=2)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

@@ -1,0 +1,126 @@
+"""What the fleet gave each agent, beside what it would have had alone.
+
+For every agent, three adapters on two test sets:
+- adapters: zero-shot (the bundle's initial adapter), local-only (the agent's own torch-free
+  training, `fedclip-agent train`, on the same images with the same epochs, batch size, learning
+  rate and held-out share, from the same initial adapter, without the fleet), and federated (the
+  adapter the agent ended the run with);
+- sets: its own held-out test split (its label mix and camera), and its all-class set (every label
+  in equal numbers under its camera, `fedclip.sdk.all_class`): what it faces when a label it has
+  not trained on shows up.
+All of it runs after the federation, as one queue of child processes two at a time
+(`evaluation.run_jobs`), together with the per-round evaluations of the own split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from fedclip.coordinator.demo.config import AGENT_HOLDOUT, DemoConfig, agent_cli, flags
+from fedclip.coordinator.demo.evaluation import (
+    Job,
+    accuracy_of,
+    eval_argv,
+    eval_cache,
+    fill_skipped_rounds,
+    round_eval_jobs,
+    run_jobs,
+)
+from fedclip.coordinator.demo.federation import FleetRun, last_round, round_adapters
+from fedclip.coordinator.procs import ProcessGroup
+from fedclip.sdk.all_class import ALL_SPLIT
+from fedclip.sdk.messages.rounds import Hyperparameters
+
+COLUMNS = ("zero_shot", "local_only", "federated")
+SETS = ("own", "all_class")
+
+
+@dataclass
+class Comparison:
+    """Accuracies per agent: `own_per_round[agent][r]`, and `table[set][agent][column]` for the
+    sets of SETS and the columns of COLUMNS (None where a set is missing)."""
+
+    own_per_round: dict[str, list[float | None]]
+    table: dict[str, dict[str, dict[str, float | None]]]
+    local_train_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def local_train_argv(cfg: DemoConfig, bundle: Path, data: Path, out: Path, cache: Path) -> list[str]:
+    """Local-only training: what the agent does in the rounds (rounds x local epochs over the same
+    images, the coordinator's batch size), with no one to share with."""
+    options = flags(
+        bundle=bundle, data=data, epochs=cfg.rounds * cfg.local_epochs, batch_size=Hyperparameters.batch_size,
+        lr=cfg.lr, holdout=AGENT_HOLDOUT, seed=cfg.seed, out=out, threads=1, cache_dir=cache,
+    )  # fmt: skip
+    return agent_cli("train", *options, "--quiet", "--json")
+
+
+def final_adapter(run: FleetRun, agent: str, rounds: int) -> Path | None:
+    """The adapter the agent ended the run with (None: it never installed one)."""
+    adapters = {
+        r: p for r, p in round_adapters(run.agent_states[agent], last_round(run)).items() if r <= rounds
+    }
+    return adapters[max(adapters)] if adapters else None
+
+
+def compare(
+    cfg: DemoConfig,
+    procs: ProcessGroup,
+    bundle: Path,
+    data_dir: Path,
+    run: FleetRun,
+    work: Path,
+    console: Console | None,
+) -> Comparison:
+    """Evaluate every agent as the module docstring says; the all-class set is used where the agent's
+    data folder has one (`<agent>/all/`)."""
+    own_per_round, round_jobs = round_eval_jobs(bundle, data_dir, run, cfg.rounds)
+    table = {s: {a: dict.fromkeys(COLUMNS) for a in run.agent_states} for s in SETS}
+    result = Comparison(own_per_round, table)
+    train_jobs, eval_jobs = [], []
+    for aid in run.agent_states:
+        local = work / "local" / f"{aid}.safetensors"
+        local.parent.mkdir(parents=True, exist_ok=True)
+        cache = eval_cache(run, aid)
+        argv = local_train_argv(cfg, bundle, data_dir / aid / "train", local, cache)
+        train_jobs.append(Job(aid, f"local-{aid}-train", argv, _seconds(result.local_train_seconds, aid)))
+        sets = {"own": data_dir / aid / "test"}
+        if (data_dir / aid / ALL_SPLIT).is_dir():
+            sets["all_class"] = data_dir / aid / ALL_SPLIT
+            final = final_adapter(run, aid, cfg.rounds)
+            for column, adapter in (("zero_shot", None), ("federated", final)):
+                argv = eval_argv(bundle, sets["all_class"], adapter, cache)
+                eval_jobs.append(
+                    Job(aid, f"eval-{aid}-all-{column}", argv, _put(table["all_class"][aid], column))
+                )
+        for name, data in sets.items():
+            argv = eval_argv(bundle, data, local, cache)
+            eval_jobs.append(Job(aid, f"eval-{aid}-{name}-local", argv, _put(table[name][aid], "local_only")))
+    # Trainings first, so their evaluations are not left for the end; each evaluation of a local
+    # adapter is listed after its training, and run_jobs never runs two jobs of one agent at once.
+    run_jobs(procs, train_jobs + round_jobs + eval_jobs, console, "local-only training and evaluations")
+    fill_skipped_rounds(own_per_round)
+    for aid, series in own_per_round.items():
+        table["own"][aid]["zero_shot"] = series[0]
+        table["own"][aid]["federated"] = series[-1]
+    return result
+
+
+def _put(row: dict[str, float | None], column: str) -> Callable[[dict], None]:
+    def done(res: dict) -> None:
+        row[column] = accuracy_of(res)
+
+    return done
+
+
+def _seconds(out: dict[str, float], agent: str) -> Callable[[dict], None]:
+    def done(res: dict) -> None:
+        secs = res.get("train_seconds")
+        if isinstance(secs, (int, float)):
+            out[agent] = float(secs)
+
+    return done

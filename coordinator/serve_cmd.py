@@ -36,7 +36,7 @@ class _LiveView:
     def __call__(self, event: str, server) -> None:
         st = server.current
         if event == "waiting":
-            online = len(server.fleet.compatible_online(server.manifest.bundle_id))
+            online = server.fleet.eligible_count(server.manifest.bundle_id)
             note = f"waiting for agents ({online} online)"
             self._show("idle", 0, 1, note)
         elif st is not None:

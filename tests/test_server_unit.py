@@ -244,6 +244,7 @@ def test_fair_selection_gives_the_agent_left_out_in_round_1_a_turn_in_round_2(bu
     broker = MemoryBroker()
     bid = bundle[1].bundle_id
     agents = {name: Agent(broker, name, bid) for name in ("a", "b", "c")}
+    # seed 3: `random` would draw a and b in both rounds, so only the fair rule passes this test
     server = _server(bundle, tmp_path, broker, rounds=2, clients_per_round=2, selection="fair", seed=3)
     running = Running(server)
     answered: set[tuple[str, int]] = set()

@@ -321,8 +321,8 @@ class Server:
         if kind == "status":
             self._on_status(agent, msg)
         elif kind == "update":
-            if self.intake.on_update(agent, msg, self.current) != "rejected":
-                self.fleet.heard(agent)  # alive, even when late or a second copy
+            self.fleet.heard(agent)  # alive (on a provisioned fleet only the device may publish here)
+            self.intake.on_update(agent, msg, self.current)
 
     def _on_status(self, agent: str, msg: Incoming) -> None:
         try:

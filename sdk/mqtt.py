@@ -6,7 +6,8 @@
   re-subscription on every reconnect (a persistent session keeps them on the broker too; doing it
   again costs nothing and covers brokers that lost their state).
 - A subscription the broker refuses (SUBACK failure: a NATS cluster whose JetStream cannot create
-  the consumer in time under a burst of connects) is retried every few seconds while connected.
+  the consumer in time under a burst of connects) is retried while connected, backing off with
+  jitter: each refused try may still create a consumer on NATS, so fast retries feed the overload.
 - Failover: the URL may be a list (`mqtt://a:1883,mqtt://b:1883`, or a sequence): the nodes of one
   broker cluster. The first reachable one is used; on every lost connection or failed reconnect
   the next one is tried, round robin (docs/scale.md).
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import ssl
 import threading
 import time
@@ -40,7 +42,8 @@ log = logging.getLogger(__name__)
 
 _DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 _MAX_RECONNECT_DELAY = 30
-_RESUBSCRIBE_S = 3.0  # a refused subscription is asked for again after this long
+_RESUBSCRIBE_S = 3.0  # a refused subscription is asked for again after this long, doubling per refusal
+_RESUBSCRIBE_MAX_S = 60.0
 _AUTH_REFUSALS = {"authorized", "password"}  # words of the CONNACK codes that mean "your credentials"
 
 
@@ -161,6 +164,7 @@ class MqttSession:
         self._subscriptions: dict[str, int] = {}
         self._subs_lock = threading.Lock()
         self._sub_requests: dict[int, list[tuple[str, int]]] = {}  # SUBSCRIBE mid -> its topics
+        self._refused = 0  # refused SUBACKs in a row (the retry's backoff)
         self._connack = threading.Event()
         self._refusal: str | None = None
         self._closed = False
@@ -398,15 +402,19 @@ class MqttSession:
         with self._subs_lock:
             subs = self._sub_requests.pop(mid, [])
         failed = [t for (t, _), rc in zip(subs, reason_codes, strict=False) if rc.is_failure]
+        self._refused = self._refused + 1 if failed else 0
+        delay = min(_RESUBSCRIBE_MAX_S, _RESUBSCRIBE_S * 2 ** min(self._refused - 1, 8)) * random.uniform(
+            0.5, 1.5
+        )
         if failed and not self._closed:
             log.warning(
-                "MQTT broker %s refused the subscription to %s (%s); asking again in %gs",
+                "MQTT broker %s refused the subscription to %s (%s); asking again in %.1fs",
                 self.address,
                 ", ".join(failed[:3]) + (" ..." if len(failed) > 3 else ""),
                 reason_codes[0] if len(reason_codes) == 1 else "see SUBACK",
-                _RESUBSCRIBE_S,
+                delay,
             )
-            timer = threading.Timer(_RESUBSCRIBE_S, self._retry_subscriptions, args=(failed,))
+            timer = threading.Timer(delay, self._retry_subscriptions, args=(failed,))
             timer.daemon = True
             timer.start()
 

@@ -201,12 +201,16 @@ class SimFleet:
         cl.on_subscribe = self._on_subscribe
         return cl
 
-    def connect_all(self, progress=None) -> None:
+    def connect_all(self, progress=None, rate: float = 0.0) -> None:
+        """Open every agent's connection: all at once, or `rate` per second (a fleet starting up)."""
+        t0 = time.monotonic()
         for i in range(len(self.ids)):
             cl = self._client(i)
             a = self.addrs[i % len(self.addrs)]
             cl.connect(a.host, a.port, KEEPALIVE)
             self.clients.append(cl)
+            while rate and time.monotonic() < t0 + (i + 1) / rate:
+                self.step(0.01)
             if i % 200 == 199:  # let the broker's CONNACKs in while we open more
                 self.step(0)
                 if progress:

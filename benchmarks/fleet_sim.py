@@ -71,6 +71,7 @@ def run(
     workdir: Path | None = None,
     strategy: str = "ce-lora",
     nats: int = 0,
+    connect_rate: float = 0.0,
     say=print,
 ) -> dict:
     """One simulated fleet of `n` agents through `rounds` rounds; returns the report row.
@@ -140,7 +141,8 @@ def run(
         t["start"] = time.time()
         say(f"[{n}] connecting {n} agents")
         fleet.connect_all(
-            progress=lambda k: say(f"[{n}]   {k} connections opened") if k % 2000 == 0 else None
+            rate=connect_rate,
+            progress=lambda k: say(f"[{n}]   {k} connections opened") if k % 2000 == 0 else None,
         )
         _wait(fleet, lambda: fleet.c.status_acked >= n, deadline, "online statuses acknowledged", coord)
         t["status_done"] = time.time()
@@ -368,6 +370,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--broker", default="", help="comma list of broker URLs (default: start mosquitto)")
     ap.add_argument("--nats", type=int, default=0, help="start a NATS cluster of this many nodes instead")
+    ap.add_argument(
+        "--connect-rate", type=float, default=0.0, help="agents connecting per second (0: at once)"
+    )
     ap.add_argument("--timeout", type=float, default=3600.0, help="per N, seconds")
     ap.add_argument("--no-report", action="store_true", help="print rows, write nothing")
     ap.add_argument(
@@ -383,7 +388,15 @@ def main() -> None:
     urls = [u for u in args.broker.split(",") if u] or None
     rows = []
     for n in (int(x) for x in args.agents.split(",")):
-        row = run(args.bundle, n, broker_urls=urls, rounds=args.rounds, timeout=args.timeout, nats=args.nats)
+        row = run(
+            args.bundle,
+            n,
+            broker_urls=urls,
+            rounds=args.rounds,
+            timeout=args.timeout,
+            nats=args.nats,
+            connect_rate=args.connect_rate,
+        )
         print(json.dumps(row), flush=True)
         rows.append(row)
     if args.no_report:

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -76,15 +77,20 @@ def run(bundle: Path, n: int, name: str, rate: float, timeout: float) -> dict:
     with NatsCluster(3, mqtt=mqtt) as cluster:
         pids = [cluster.pid(i) for i in range(3)]
         cpu0 = sum(_cpu_s(p) for p in pids)
+        # The coordinator first, as in a deployment: the first MQTT client of an account makes
+        # NATS create the MQTT streams, and a client whose connect waits on that may be dropped.
+        acks, connected = [0], threading.Event()
+        pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="coordinator", clean_session=False)
+        pub.on_publish = lambda *a: acks.__setitem__(0, acks[0] + 1)
+        pub.on_connect = lambda *a: connected.set()
+        pub.connect(LOCALHOST, cluster.ports[0]["mqtt"], 60)
+        pub.loop_start()
+        if not connected.wait(timeout):
+            raise RuntimeError("the coordinator's client did not connect to node 0")
         fleet = _Fleet(cluster.mqtt_urls, n, prep)
         fleet.connect_all(rate=rate)
         row["subscribed_s"] = _until(fleet, lambda: len(fleet.granted) >= n, timeout)
         row.update(granted=len(fleet.granted), refused=fleet.c.refused_subs, statuses=fleet.c.status_acked)
-        acks = [0]
-        pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="coordinator", clean_session=False)
-        pub.on_publish = lambda *a: acks.__setitem__(0, acks[0] + 1)
-        pub.connect(LOCALHOST, cluster.ports[0]["mqtt"], 60)
-        pub.loop_start()
         for agent in fleet.ids:
             pub.publish(fleet.topics.task(agent), b"x" * 900, qos=1, retain=True)
         row["tasks_s"] = _until(fleet, lambda: len(fleet.got) >= n and acks[0] >= n, timeout)

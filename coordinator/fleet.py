@@ -168,8 +168,9 @@ class Fleet:
     def tasked(self, round_id: int, agents: Iterable[str]) -> None:
         """These agents, in the order they were chosen, were given a task in `round_id`."""
         for turn, agent in enumerate(agents):
-            track = self._track.get(agent)
-            if track is not None and round_id >= track.last_selected:
+            # setdefault: a resumed round is recorded before its agents' statuses come in
+            track = self._track.setdefault(agent, _Track())
+            if round_id >= track.last_selected:
                 track.last_selected, track.turn = round_id, turn
 
     def round_closed(self, missing: Iterable[str]) -> None:

@@ -108,6 +108,9 @@ def test_participation_takes_the_status_last_round_and_the_group_by_prefix():
     fleet.on_status("b", _info("b", groups=("jetson",)), now=0)
     fleet.tasked(4, ["a", "b"])
     assert fleet.participation(["a", "b"]) == ([9, 4], [0, 1], ["site-3", ""])
+    fleet.tasked(5, ["c"])  # a resumed round, recorded before c's status arrives
+    fleet.on_status("c", _info("c", groups=("site-1",)), now=1)
+    assert fleet.participation(["c"]) == ([5], [0], ["site-1"])
 
 
 # ---- properties ---------------------------------------------------------------------------------

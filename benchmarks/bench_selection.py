@@ -18,9 +18,14 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _measure as M  # noqa: E402
 
 from fedclip.coordinator import strategies
 from fedclip.coordinator.fleet import AgentInfo, Fleet, decode_status
@@ -46,14 +51,8 @@ def _infos(n: int, now: float) -> list[AgentInfo]:
     ]
 
 
-def _best(fn, repeat: int) -> float:
-    """Median seconds of `fn()` over `repeat` runs."""
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def _median_s(fn, repeat: int) -> float:
+    return M.time_steps(fn, warmup=1, steps=repeat)["step_s_median"]
 
 
 def per_status(n: int, samples: int, store_samples: int) -> dict:
@@ -98,8 +97,8 @@ def per_round(n: int, rounds: int) -> dict:
     strategy = strategies.create("fedavg", StrategyOptions(K, "random", 0))
     out: dict = {
         # per loop iteration: the old scan against the index's count
-        "scan_us": round(_best(lambda: fleet.compatible_online(BUNDLE), 5) * 1e6, 1),
-        "count_us": round(_best(lambda: fleet.eligible_count(BUNDLE, now), 1001) * 1e6, 3),
+        "scan_us": round(_median_s(lambda: fleet.compatible_online(BUNDLE), 5) * 1e6, 1),
+        "count_us": round(_median_s(lambda: fleet.eligible_count(BUNDLE, now), 1001) * 1e6, 3),
     }
     out["count_vs_scan"] = round(out["scan_us"] / max(out["count_us"], 1e-3))
 
@@ -124,7 +123,7 @@ def per_round(n: int, rounds: int) -> dict:
             t = time.perf_counter()
             got = fn(r)
             times.append(time.perf_counter() - t)
-            assert len(got) == K
+            assert len(got) == min(K, n)
         out[f"select_{name}_ms"] = round(statistics.median(times) * 1e3, 1)
     return out
 

@@ -20,6 +20,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -27,7 +28,6 @@ from paho.mqtt.enums import CallbackAPIVersion
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _sim_agents import Prepared, SimFleet  # noqa: E402
 
-from fedclip.sdk.broker import LOCALHOST  # noqa: E402
 from fedclip.sdk.broker_cluster import MQTT_DEFAULTS, NatsCluster  # noqa: E402
 from fedclip.sdk.manifest import Manifest  # noqa: E402
 
@@ -83,7 +83,8 @@ def run(bundle: Path, n: int, name: str, rate: float, timeout: float) -> dict:
         pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="coordinator", clean_session=False)
         pub.on_publish = lambda *a: acks.__setitem__(0, acks[0] + 1)
         pub.on_connect = lambda *a: connected.set()
-        pub.connect(LOCALHOST, cluster.ports[0]["mqtt"], 60)
+        node0 = urlsplit(cluster.mqtt_urls[0])
+        pub.connect(node0.hostname or "", node0.port or 1883, 60)
         pub.loop_start()
         if not connected.wait(timeout):
             raise RuntimeError("the coordinator's client did not connect to node 0")
@@ -95,7 +96,9 @@ def run(bundle: Path, n: int, name: str, rate: float, timeout: float) -> dict:
             pub.publish(fleet.topics.task(agent), b"x" * 900, qos=1, retain=True)
         row["tasks_s"] = _until(fleet, lambda: len(fleet.got) >= n and acks[0] >= n, timeout)
         row.update(tasks_delivered=len(fleet.got), tasks_acked=acks[0])
-        with urllib.request.urlopen(f"http://{LOCALHOST}:{cluster.ports[0]['http']}/jsz", timeout=10) as r:
+        with urllib.request.urlopen(
+            f"http://{node0.hostname}:{cluster.ports[0]['http']}/jsz", timeout=10
+        ) as r:
             row["consumers"] = json.load(r).get("consumers")
         row["broker_cpu_s"] = round(sum(_cpu_s(p) for p in pids) - cpu0, 1)
         pub.loop_stop()

@@ -31,9 +31,9 @@ def find_nats_server() -> str | None:
 # Every QoS 1 subscription of every MQTT session is a durable JetStream consumer, by default on
 # file with as many replicas as the streams (R3: a Raft group of its own per subscription). At 1,000
 # agents that is 1,000+ Raft groups created in the connect burst: their creation timed out (SUBACK
-# refused) and the cluster stayed saturated (290 CPU s for 1,000 sessions, tasks not delivered after
-# minutes). In memory the consumers keep their 3 replicas (a node may die) without the file stores
-# and fsyncs: 1,000 agents subscribed in 20 s and got their tasks in 9 s, 22 CPU s
+# refused) and the cluster stayed saturated (80 of 1,000 subscribed after 4 minutes, 414 CPU s).
+# In memory the consumers keep their 3 replicas (a node may die) without the file stores and
+# fsyncs: 1,000 agents subscribed in 25 s and all got their tasks, 36 CPU s
 # (benchmarks/results/nats_cluster.md). A whole-cluster restart loses the consumers' positions; the
 # sessions and retained messages (streams, on file) survive it.
 MQTT_DEFAULTS: dict[str, str | int | bool] = {"ack_wait": "30s", "consumer_memory_storage": True}

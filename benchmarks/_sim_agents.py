@@ -11,7 +11,9 @@ with its kit's password when it has one.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import platform
+import random
 import resource
 import selectors
 import time
@@ -184,7 +186,8 @@ class SimFleet:
         self.pub_mids: dict[tuple[int, int], tuple[str, int]] = {}  # (agent, mid) -> (kind, round)
         self.answered: set[tuple[int, int]] = set()  # (agent, round) answered
         self.reject_errors: list[str] = []
-        self.resubscribe: list[tuple[float, int]] = []  # (when, agent index) after a refused SUBACK
+        self.resubscribe: list[tuple[float, int]] = []  # heap of (when, agent index) after a refused SUBACK
+        self.sub_tries: dict[int, int] = {}  # agent index -> refused SUBACKs so far
 
     # paho external-loop socket callbacks
     def _sock_open(self, client, userdata, sock) -> None:
@@ -232,12 +235,16 @@ class SimFleet:
         cl.on_subscribe = self._on_subscribe
         return cl
 
-    def connect_all(self, progress=None) -> None:
+    def connect_all(self, progress=None, rate: float = 0.0) -> None:
+        """Open every agent's connection: all at once, or `rate` per second (a fleet starting up)."""
+        t0 = time.monotonic()
         for i in range(len(self.ids)):
             cl = self._client(i)
             a = self.addrs[i % len(self.addrs)]
             cl.connect(a.host, a.port, KEEPALIVE)
             self.clients.append(cl)
+            while rate and time.monotonic() < t0 + (i + 1) / rate:
+                self.step(0.01)
             if i % 200 == 199:  # let the broker's CONNACKs in while we open more
                 self.step(0)
                 if progress:
@@ -257,11 +264,14 @@ class SimFleet:
         self.c.bytes_out += len(payload)
 
     def _on_subscribe(self, client, i, mid, reason_codes, properties) -> None:
-        # As MqttSession does: a refused subscription (NATS under a burst) is asked for again.
+        # As MqttSession does: a refused subscription (NATS under a burst) is asked for again,
+        # backing off with jitter (a refused try may still leave a consumer behind on NATS).
         if any(rc.is_failure for rc in reason_codes):
             self.c.mark("suback_refused")
             self.c.refused_subs += 1
-            self.resubscribe.append((time.monotonic() + 3.0, i))
+            tries = self.sub_tries[i] = self.sub_tries.get(i, 0) + 1
+            delay = min(60.0, 3.0 * 2 ** min(tries - 1, 8)) * random.uniform(0.5, 1.5)
+            heapq.heappush(self.resubscribe, (time.monotonic() + delay, i))
 
     def _on_disconnect(self, client, i, flags, reason_code, properties) -> None:
         self.c.disconnects += 1
@@ -322,11 +332,9 @@ class SimFleet:
                 cl.loop_write()
         if self.pending:
             self._answer()
-        if self.resubscribe and self.resubscribe[0][0] <= time.monotonic():
-            due = [i for t, i in self.resubscribe if t <= time.monotonic()]
-            self.resubscribe = [(t, i) for t, i in self.resubscribe if t > time.monotonic()]
-            for i in due:
-                self.clients[i].subscribe(self.topics.task(self.ids[i]), 1)
+        while self.resubscribe and self.resubscribe[0][0] <= time.monotonic():
+            i = heapq.heappop(self.resubscribe)[1]
+            self.clients[i].subscribe(self.topics.task(self.ids[i]), 1)
 
     def misc(self) -> None:
         for cl in self.clients:

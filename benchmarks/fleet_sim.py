@@ -64,6 +64,7 @@ def run(
     provisioned: bool = True,
     kits: Path | None = None,
     intake_batch: int | None = None,
+    connect_rate: float = 0.0,
     say=print,
 ) -> dict:
     """One simulated fleet of `n` agents through `rounds` rounds; returns the report row.
@@ -115,7 +116,8 @@ def run(
         t["start"] = time.time()
         say(f"[{n}] connecting {n} agents")
         fleet.connect_all(
-            progress=lambda k: say(f"[{n}]   {k} connections opened") if k % 2000 == 0 else None
+            rate=connect_rate,
+            progress=lambda k: say(f"[{n}]   {k} connections opened") if k % 2000 == 0 else None,
         )
         wait(lambda: fleet.c.status_acked >= n, "online statuses acknowledged")
         t["status_done"] = time.time()
@@ -379,6 +381,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--broker", default="", help="comma list of broker URLs (default: start mosquitto)")
     ap.add_argument("--nats", type=int, default=0, help="start a NATS cluster of this many nodes instead")
+    ap.add_argument(
+        "--connect-rate", type=float, default=0.0, help="agents connecting per second (0: at once)"
+    )
     ap.add_argument("--timeout", type=float, default=3600.0, help="per N, seconds")
     ap.add_argument(
         "--kits", type=Path, help="folder where the agents' startup kits are made once and reused"
@@ -407,6 +412,7 @@ def main() -> None:
             nats=args.nats,
             provisioned=not args.unsigned,
             kits=args.kits,
+            connect_rate=args.connect_rate,
         )
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -37,8 +37,13 @@ class CoordConfig:
     strategy: str = "fedavg"
     rounds: int = 1  # aggregated rounds to run; failed rounds do not count
     clients_per_round: int = 0  # K; 0 = every compatible online agent
-    selection: Literal["random", "all"] = "random"
+    selection: Literal["random", "all", "fair"] = "random"  # fair: least recently selected first
     seed: int = 0
+    # Selection at scale (see coordinator.selection and docs/scale.md); the defaults change nothing.
+    group_by: str = ""  # share K among agents' groups: first group label with this prefix ("" = off)
+    group_quota: Literal["proportional", "equal"] = "proportional"
+    max_status_age: float = 0.0  # s; an agent not heard from for longer is not selected (0 = off)
+    max_missed: int = 0  # an agent that left this many tasks in a row unanswered waits (0 = off)
     min_updates: int = 1  # quorum Q: updates needed to aggregate, and online agents needed to start
     round_timeout: float = 600.0  # seconds; the deadline is extended once by as much below quorum
     # training defaults live once, in the task message's class
@@ -106,6 +111,8 @@ class CoordConfig:
             "robust_factor",
             "clients_per_round",
             "stats_refresh_rounds",
+            "max_status_age",
+            "max_missed",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
@@ -143,7 +150,9 @@ class CoordConfig:
     def strategy_options(self) -> StrategyOptions:
         return StrategyOptions(
             self.clients_per_round,
-            self.selection,
+            # "fair" is the coordinator's own selector (coordinator.selection); the strategy's
+            # `select` only ever runs for random and all
+            "random" if self.selection == "fair" else self.selection,
             self.seed,
             self.lam,
             self.tau,

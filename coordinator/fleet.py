@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,21 +102,135 @@ def read_fleet(
     return fleet
 
 
+@dataclass
+class _Track:
+    """What the round loop learns about one agent beyond its status (mutable, one per agent)."""
+
+    heard_at: float = 0.0  # last status or update from it
+    last_selected: int = -1  # last round it was given a task in (this coordinator run)
+    turn: int = 0  # its place in that round's selection order (fair selection queues by it)
+    missed: int = 0  # tasks in a row it did not answer before its round closed
+    group: str = ""  # its selection group (see `Fleet.group_by`)
+
+
 class Fleet:
-    """The agents the round loop knows, kept up to date from their retained statuses."""
+    """The agents the round loop knows, kept up to date from their retained statuses, and indexed
+    so that nothing in the loop costs per agent per iteration.
 
-    def __init__(self) -> None:
+    Per bundle, the *live* agents (online, not suspended for missed tasks) sit in insertion order of
+    when they were last heard from: a status or an update moves an agent to the end, so the ones
+    past `max_status_age` are always at the front and leave in amortized O(1). Counting the eligible
+    agents of a bundle is therefore O(1); listing them (once per round) is O(live agents).
+
+    - `max_status_age` (s, 0 = off): an agent not heard from for longer is not eligible until it is.
+    - `max_missed` (0 = off): an agent that left this many tasks in a row unanswered is not eligible
+      until it is heard from again (a straggler still training, or a device whose node lost its will).
+    - `group_by`: an agent's selection group is its first group label starting with this prefix
+      ("" when it has none); "" = no groups.
+    """
+
+    def __init__(self, max_status_age: float = 0.0, max_missed: int = 0, group_by: str = "") -> None:
         self.agents: dict[str, AgentInfo] = {}
+        self.max_status_age, self.max_missed, self.group_by = max_status_age, max_missed, group_by
+        self._track: dict[str, _Track] = {}
+        self._live: dict[str, OrderedDict[str, None]] = {}  # bundle -> live agents, oldest heard first
+        self._online = 0
 
-    def on_status(self, topic_agent: str, info: AgentInfo | None) -> None:
+    # ---- what comes in -------------------------------------------------------------------------
+    def on_status(self, topic_agent: str, info: AgentInfo | None, now: float | None = None) -> None:
         """Apply one status; None (an emptied retained topic) forgets the agent."""
+        old = self.agents.get(topic_agent)
+        if old is not None:
+            self._online -= old.online
+            self._unlist(topic_agent, old.bundle_id)
         if info is None:
             self.agents.pop(topic_agent, None)
-        else:
-            self.agents[topic_agent] = info
+            self._track.pop(topic_agent, None)
+            return
+        self.agents[topic_agent] = info
+        self._online += info.online
+        track = self._track.setdefault(topic_agent, _Track())
+        track.group = self._group_of(info.groups)
+        self.heard(topic_agent, info.seen_at if now is None else now)
+
+    def heard(self, agent: str, now: float | None = None) -> None:
+        """`agent` spoke (a status or an update): fresh again, and no longer counted as missing."""
+        track = self._track.get(agent)
+        info = self.agents.get(agent)
+        if track is None or info is None:
+            return
+        track.heard_at = time.time() if now is None else now
+        track.missed = 0
+        self._unlist(agent, info.bundle_id)
+        if info.online:
+            self._live.setdefault(info.bundle_id, OrderedDict())[agent] = None
+
+    def tasked(self, round_id: int, agents: Iterable[str]) -> None:
+        """These agents, in the order they were chosen, were given a task in `round_id`."""
+        for turn, agent in enumerate(agents):
+            # setdefault: a resumed round is recorded before its agents' statuses come in
+            track = self._track.setdefault(agent, _Track())
+            if round_id >= track.last_selected:
+                track.last_selected, track.turn = round_id, turn
+
+    def round_closed(self, missing: Iterable[str]) -> None:
+        """A round closed without an update from `missing`; past `max_missed` they are suspended."""
+        for agent in missing:
+            track, info = self._track.get(agent), self.agents.get(agent)
+            if track is None or info is None:
+                continue
+            track.missed += 1
+            if self.max_missed and track.missed >= self.max_missed:
+                self._unlist(agent, info.bundle_id)
+
+    # ---- what the loop asks ----------------------------------------------------------------------
+    def eligible_count(self, bundle_id: str, now: float | None = None) -> int:
+        """How many agents could be selected on `bundle_id` now; amortized O(1)."""
+        return len(self._fresh(bundle_id, now))
+
+    def eligible(self, bundle_id: str, now: float | None = None) -> list[str]:
+        """The agents that could be selected on `bundle_id` now (online, fresh, not suspended), sorted."""
+        return sorted(self._fresh(bundle_id, now))
+
+    def participation(self, agents: Iterable[str]) -> tuple[list[int], list[int], list[str]]:
+        """Per agent: the last round it took part in (our last task for it, or the last round its
+        status reports when later; -1: never), its place in that round's order, its selection group."""
+        last, turn, groups = [], [], []
+        for agent in agents:
+            track, info = self._track[agent], self.agents[agent]
+            ours = track.last_selected >= info.last_round
+            last.append(track.last_selected if ours else info.last_round)
+            turn.append(track.turn if ours else 0)
+            groups.append(track.group)
+        return last, turn, groups
 
     def compatible_online(self, bundle_id: str) -> list[str]:
+        """Every online agent on `bundle_id`, whatever the eligibility rules (O(N): not for the loop)."""
         return sorted(a.id for a in self.agents.values() if a.online and a.bundle_id == bundle_id)
 
     def online_count(self) -> int:
-        return sum(a.online for a in self.agents.values())
+        return self._online
+
+    # ---- the index ---------------------------------------------------------------------------------
+    def _fresh(self, bundle_id: str, now: float | None) -> OrderedDict[str, None]:
+        live = self._live.get(bundle_id)
+        if live is None:
+            return OrderedDict()
+        if self.max_status_age > 0:
+            oldest = (time.time() if now is None else now) - self.max_status_age
+            while live:
+                agent = next(iter(live))
+                if self._track[agent].heard_at >= oldest:
+                    break
+                del live[agent]  # back when it is heard from again
+        return live
+
+    def _unlist(self, agent: str, bundle_id: str) -> None:
+        live = self._live.get(bundle_id)
+        if live is not None:
+            live.pop(agent, None)
+
+    def _group_of(self, groups: tuple[str, ...]) -> str:
+        if not self.group_by:
+            return ""
+        return next((g for g in groups if g.startswith(self.group_by)), "")

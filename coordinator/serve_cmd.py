@@ -36,7 +36,7 @@ class _LiveView:
     def __call__(self, event: str, server) -> None:
         st = server.current
         if event == "waiting":
-            online = len(server.fleet.compatible_online(server.manifest.bundle_id))
+            online = server.fleet.eligible_count(server.manifest.bundle_id)
             note = f"waiting for agents ({online} online)"
             self._show("idle", 0, 1, note)
         elif st is not None:
@@ -77,7 +77,19 @@ def serve(
     local_epochs: int | None = typer.Option(None, help="Local epochs per round."),
     lr: float | None = typer.Option(None, help="Local learning rate."),
     seed: int | None = typer.Option(None, help="Seed for agent selection."),
-    selection: str | None = typer.Option(None, help="How K agents are picked: random (seeded) or all."),
+    selection: str | None = typer.Option(
+        None, help="How K agents are picked: random (seeded), fair (least recently selected first) or all."
+    ),
+    group_by: str | None = typer.Option(
+        None, help="Share K among agent groups: an agent's group is its first group label with this prefix."
+    ),
+    group_quota: str | None = typer.Option(None, help="With --group-by: proportional (default) or equal."),
+    max_status_age: float | None = typer.Option(
+        None, help="Select only agents heard from within this many seconds (default 0: no limit)."
+    ),
+    max_missed: int | None = typer.Option(
+        None, help="Rest an agent that left this many tasks in a row unanswered until it speaks (0: never)."
+    ),
     batch_size: int | None = typer.Option(None, help="Local batch size."),
     lam: float | None = typer.Option(None, help="ce-lora: weight of the data distance (0..1)."),
     tau: float | None = typer.Option(None, help="ce-lora: softmax temperature over distances."),
@@ -140,6 +152,10 @@ def serve(
         robust_factor=robust_factor,
         norm_action=norm_action,
         selection=selection,
+        group_by=group_by,
+        group_quota=group_quota,
+        max_status_age=max_status_age,
+        max_missed=max_missed,
         batch_size=batch_size,
         lam=lam,
         tau=tau,

@@ -28,10 +28,28 @@ def find_nats_server() -> str | None:
     )
 
 
+# Every QoS 1 subscription of every MQTT session is a durable JetStream consumer, by default on
+# file with as many replicas as the streams (R3: a Raft group of its own per subscription). At 1,000
+# agents that is 1,000+ Raft groups created in the connect burst: their creation timed out (SUBACK
+# refused) and the cluster stayed saturated (80 of 1,000 subscribed after 4 minutes, 414 CPU s).
+# In memory the consumers keep their 3 replicas (a node may die) without the file stores and
+# fsyncs: 1,000 agents subscribed in 25 s and all got their tasks, 36 CPU s
+# (benchmarks/results/nats_cluster.md). A whole-cluster restart loses the consumers' positions; the
+# sessions and retained messages (streams, on file) survive it.
+MQTT_DEFAULTS: dict[str, str | int | bool] = {"ack_wait": "30s", "consumer_memory_storage": True}
+
+
 class NatsCluster:
     """`nodes` nats-server processes routed into one cluster, MQTT enabled on each."""
 
-    def __init__(self, nodes: int = 3, binary: str | None = None, name: str = "fedclip"):
+    def __init__(
+        self,
+        nodes: int = 3,
+        binary: str | None = None,
+        name: str = "fedclip",
+        mqtt: dict[str, str | int | bool] | None = None,
+    ):
+        self.mqtt = {**MQTT_DEFAULTS, **(mqtt or {})}
         self.binary = binary or find_nats_server()
         if self.binary is None:
             raise BrokerError("nats-server is not installed (apt-get install nats-server)")
@@ -56,6 +74,7 @@ class NatsCluster:
             f'"nats-route://{LOCALHOST}:{q["cluster"]}"' for j, q in enumerate(self.ports) if j != i
         )
         (self.dir / f"n{i}").mkdir(exist_ok=True)
+        mqtt = ", ".join(f"{k}: {json.dumps(v)}" for k, v in self.mqtt.items())
         conf = f"""
 server_name: n{i}
 listen: "{LOCALHOST}:{p["client"]}"
@@ -64,7 +83,7 @@ log_file: "{self.log_file(i)}"
 max_payload: 8MB
 jetstream {{ store_dir: "{self.dir / f"n{i}"}", max_memory_store: 256MB, max_file_store: 2GB }}
 cluster {{ name: {self.name}, listen: "{LOCALHOST}:{p["cluster"]}", routes: [{routes}] }}
-mqtt {{ listen: "{LOCALHOST}:{p["mqtt"]}", stream_replicas: {min(3, self.n)}, ack_wait: "30s" }}
+mqtt {{ listen: "{LOCALHOST}:{p["mqtt"]}", stream_replicas: {min(3, self.n)}, {mqtt} }}
 """
         (self.dir / f"n{i}.conf").write_text(conf)
 

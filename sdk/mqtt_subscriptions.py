@@ -3,12 +3,15 @@
 Two moments need that: every (re)connect, since a broker that lost its state (or a cluster node the
 session failed over to) knows nothing of them; and a refused SUBACK, which a NATS cluster sends when
 JetStream cannot create the consumer in time under a burst of connects, so the refused topics are
-asked for again every few seconds while connected.
+asked for again while connected, after a delay that doubles with each refusal in a row (3 s up to
+60 s, jittered +-50%): an immediate or fixed-rate retry feeds the very overload that refused it, since
+NATS still creates the refused consumer later.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +23,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 log = logging.getLogger(__name__)
 
-RESUBSCRIBE_S = 3.0  # a refused subscription is asked for again after this long
+RESUBSCRIBE_S = 3.0  # a refused subscription is asked for again after this long, doubling per refusal
+RESUBSCRIBE_MAX_S = 60.0
 
 
 class Subscriptions:
@@ -40,6 +44,7 @@ class Subscriptions:
         # the answer while the subscribing thread is still between `subscribe()` and the record.
         self._early: dict[int, list[ReasonCode]] = {}
         self.closed = False  # set by the session's close(): no more retries
+        self._refused = 0  # refused SUBACKs in a row (the retry's backoff)
 
     def add(self, topic: str, qos: int) -> None:
         """Remember `topic` and subscribe now (while disconnected paho refuses; the next connect
@@ -92,14 +97,17 @@ class Subscriptions:
 
     def _check(self, subs: list[tuple[str, int]], reason_codes: list[ReasonCode]) -> None:
         failed = [t for (t, _), rc in zip(subs, reason_codes, strict=False) if rc.is_failure]
+        self._refused = self._refused + 1 if failed else 0
+        backoff = RESUBSCRIBE_S * 2 ** min(self._refused - 1, 8)
+        delay = min(RESUBSCRIBE_MAX_S, backoff) * random.uniform(0.5, 1.5)
         if failed and not self.closed:
             log.warning(
-                "MQTT broker %s refused the subscription to %s (%s); asking again in %gs",
+                "MQTT broker %s refused the subscription to %s (%s); asking again in %.1fs",
                 self._where(),
                 ", ".join(failed[:3]) + (" ..." if len(failed) > 3 else ""),
                 reason_codes[0] if len(reason_codes) == 1 else "see SUBACK",
-                RESUBSCRIBE_S,
+                delay,
             )
-            timer = threading.Timer(RESUBSCRIBE_S, self._retry, args=(failed,))
+            timer = threading.Timer(delay, self._retry, args=(failed,))
             timer.daemon = True
             timer.start()

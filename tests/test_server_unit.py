@@ -236,3 +236,55 @@ def test_robust_caps_bound_a_liar_from_three_updates_on():
     )  # two: no median one liar cannot move
     assert robust_caps([300, 280, 10**9], [1.0, 1.2, 500.0], 0.0) == (None, None)  # off
     assert robust_caps([5, 5, 5], [0.0, 0.0, 0.0], 10.0) == (50, None)  # no movement: nothing to clip
+
+
+def test_fair_selection_gives_the_agent_left_out_in_round_1_a_turn_in_round_2(bundle, tmp_path):
+    """K = 2 of 3 with `selection: fair`: whoever sat out round 1 is in round 2 (least recently
+    selected first), and the round loop's fleet index records each agent's turn."""
+    broker = MemoryBroker()
+    bid = bundle[1].bundle_id
+    agents = {name: Agent(broker, name, bid) for name in ("a", "b", "c")}
+    # seed 3: `random` would draw a and b in both rounds, so only the fair rule passes this test
+    server = _server(bundle, tmp_path, broker, rounds=2, clients_per_round=2, selection="fair", seed=3)
+    running = Running(server)
+    answered: set[tuple[str, int]] = set()
+    deadline = time.monotonic() + WAIT_S
+    while running.thread.is_alive() and time.monotonic() < deadline:
+        for agent in agents.values():  # answer every task that arrives, whoever gets one
+            msg = agent.client.get(0.05)
+            if msg is not None and msg.payload:
+                task = decode(msg.payload, fleet=FLEET, expect=MsgType.TASK)
+                if (agent.id, task.envelope.round) not in answered:
+                    answered.add((agent.id, task.envelope.round))
+                    agent.answer(task, 0.1)
+    assert running.join() == 0
+    with Store(tmp_path / "state", readonly=True) as store:
+        r1, r2 = set(store.selections(1)), set(store.selections(2))
+    assert len(r1) == len(r2) == 2
+    assert ({"a", "b", "c"} - r1) <= r2  # the one left out goes first
+    assert server.fleet.participation(["a", "b", "c"])[0] == [2 if x in r2 else 1 for x in "abc"]
+
+
+def test_max_missed_rests_an_agent_that_left_its_task_unanswered(bundle, tmp_path):
+    """`max_missed: 1`: c is silent in round 1 (closed at its deadline with a and b), so round 2
+    goes to a and b only; c would be back once it published a status or an update."""
+    broker = MemoryBroker()
+    bid = bundle[1].bundle_id
+    agents = {name: Agent(broker, name, bid) for name in ("a", "b", "c")}
+    server = _server(bundle, tmp_path, broker, rounds=2, round_timeout=3.0, max_missed=1)
+    running = Running(server)
+    answered: set[tuple[str, int]] = set()
+    deadline = time.monotonic() + WAIT_S
+    while running.thread.is_alive() and time.monotonic() < deadline:
+        for name in ("a", "b"):  # c receives its task and never answers
+            msg = agents[name].client.get(0.05)
+            if msg is not None and msg.payload:
+                task = decode(msg.payload, fleet=FLEET, expect=MsgType.TASK)
+                if (name, task.envelope.round) not in answered:
+                    answered.add((name, task.envelope.round))
+                    agents[name].answer(task, 0.1)
+    assert running.join() == 0
+    with Store(tmp_path / "state", readonly=True) as store:
+        assert sorted(store.selections(1)) == ["a", "b", "c"]
+        assert sorted(store.selections(2)) == ["a", "b"]
+    assert server.fleet.eligible(bid) == ["a", "b"]

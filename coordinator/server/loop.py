@@ -27,6 +27,7 @@ from fedclip.coordinator.config import CoordConfig
 from fedclip.coordinator.fleet import Fleet, decode_status
 from fedclip.coordinator.metrics import METRICS_FILE, MetricsLog
 from fedclip.coordinator.registry import Registry
+from fedclip.coordinator.selection import Selector
 from fedclip.coordinator.server.close import RoundCloser
 from fedclip.coordinator.server.context import RoundContext
 from fedclip.coordinator.server.group_commit import GroupCommit
@@ -85,7 +86,8 @@ class Server:
         self.strategy = strategy or strategies.create(cfg.strategy, cfg.strategy_options())
         check_state_dir(store, cfg, manifest.bundle_id, self.strategy.name)
         self.topics = Topics(cfg.fleet)
-        self.fleet = Fleet()
+        self.fleet = Fleet(cfg.max_status_age, cfg.max_missed, cfg.group_by)
+        self.selector = Selector(cfg, self.strategy, self.fleet)
         self.metrics = MetricsLog(Path(cfg.state) / METRICS_FILE)
         self.key = key if key is not None else load_key(cfg)
         self.trust = trust if trust is not None else Trust(None)
@@ -170,16 +172,16 @@ class Server:
 
     # ---- starting and resuming ---------------------------------------------------------------
     def _wait_for_agents(self) -> list[str]:
-        """Serve messages until enough compatible agents are online; returns them."""
+        """Serve messages until enough agents are eligible (see `Fleet`); returns them."""
         while True:
-            candidates = self.fleet.compatible_online(self.manifest.bundle_id)
-            if len(candidates) >= self.cfg.min_updates:
+            n = self.fleet.eligible_count(self.manifest.bundle_id)  # O(1): this runs per iteration
+            if n >= self.cfg.min_updates:
                 self._waiting_logged = False
-                return candidates
+                return self.fleet.eligible(self.manifest.bundle_id)
             if not self._waiting_logged:
                 log.info(
                     "waiting for agents: %d of %d needed are online on bundle %s",
-                    len(candidates),
+                    n,
                     self.cfg.min_updates,
                     self.manifest.bundle_id[:12],
                 )
@@ -189,7 +191,8 @@ class Server:
 
     def _start_round(self, round_id: int) -> None:
         candidates = self._wait_for_agents()
-        selected = self.strategy.select(round_id, candidates)
+        selected = self.selector.select(round_id, candidates)
+        self.fleet.tasked(round_id, selected)
         plans = self.strategy.configure_round(round_id, selected, self.registry)
         deadline = time.time() + self.cfg.round_timeout
         st = RoundState(round_id, deadline, False, {}, {})
@@ -224,6 +227,7 @@ class Server:
             {a: b for a, (_, b) in sel.items()},
         )
         st.received = {u.agent for u in self.store.updates(round_id)}
+        self.fleet.tasked(round_id, st.selected)
         self.current = st
         log.info(
             "round %d: resumed after a restart (%d of %d updates already stored)",
@@ -287,6 +291,7 @@ class Server:
     def _close(self, st: RoundState, aggregate: bool) -> None:
         if aggregate:
             self.closer.aggregate(st)
+        self.fleet.round_closed(st.missing)
         # The round's tasks are stale now; an agent that connects later must not train on them.
         for agent in sorted(st.selected):
             self._publish(self.topics.task(agent), b"", retain=True)
@@ -320,6 +325,7 @@ class Server:
         if kind == "status":
             self._on_status(agent, msg)
         elif kind == "update":
+            self.fleet.heard(agent)  # alive (on a provisioned fleet only the device may publish here)
             self.intake.stage(agent, msg, self.current)
 
     def _on_status(self, agent: str, msg: Incoming) -> None:

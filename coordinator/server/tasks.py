@@ -29,7 +29,8 @@ class RoundState:
 
     @property
     def complete(self) -> bool:
-        return self.received >= set(self.selected)
+        # O(1), it is asked on every loop iteration: intake only ever adds selected agents
+        return len(self.received) >= len(self.selected)
 
     @property
     def missing(self) -> list[str]:

@@ -13,8 +13,13 @@ writes it) while a thread predicts without pause: time to build the new adapter'
 from the state write to the first request served by it, and failed or mixed requests (must be 0).
 
     python benchmarks/bench_inference.py                       # fedclip-tiny, 1 thread
-    python benchmarks/bench_inference.py --model ViT-B-32 --calls 10 --images 64
+    python benchmarks/bench_inference.py --model ViT-B-32 --calls 16 --images 64 --swaps 6 \
+        --out-name inference-vit-b-32
     python benchmarks/bench_inference.py --bundle DIR          # reuse an exported bundle
+
+Every training format carries the same inference and text encoder graphs, so the export defaults to
+`--format ort-training`, the quickest to build (ViT-B-32: 26 s against 404 s for a step export that
+misses the export cache, benchmarks/results/export_profile_vit_b_32.md).
 
 Writes benchmarks/results/inference.json and inference.md (or --out-name NAME.*).
 """
@@ -45,7 +50,9 @@ def work_export(spec: dict) -> dict:
 
     t0 = time.perf_counter()
     export_bundle(
-        ExportConfig(model=spec["model"], out=spec["out"], task="classify", labels=LABELS, format="step"),
+        ExportConfig(
+            model=spec["model"], out=spec["out"], task="classify", labels=LABELS, format=spec["format"]
+        ),
         show_progress=False,
     )
     return {"export_s": time.perf_counter() - t0}
@@ -88,7 +95,7 @@ def work_prepare(spec: dict) -> dict:
     ckpt = write_open_clip(
         m, {k: v for k, v in tensors["bench-a"].items() if k in exchanged}, out / "merged.pt"
     )
-    return {"source": source, "checkpoint": [str(p) for p in ckpt]}
+    return {"source": source, "checkpoint": [str(p) for p in ckpt], "formats": list(m.formats)}
 
 
 def _load_images(work: Path):
@@ -329,6 +336,12 @@ def main() -> None:
     ap.add_argument("--spec")
     ap.add_argument("--model", default="fedclip-tiny")
     ap.add_argument("--bundle", type=Path)
+    ap.add_argument(
+        "--format",
+        default="ort-training",
+        choices=("step", "ort-training", "both"),
+        help="Training format of the exported bundle (the inference graphs are the same in each).",
+    )
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--calls", type=int, default=40, help="Timed calls per batch size.")
     ap.add_argument("--swaps", type=int, default=10)
@@ -346,7 +359,9 @@ def main() -> None:
     if bundle is None:
         bundle = tmp / "bundle"
         print(f"exporting {args.model} ...", file=sys.stderr)
-        export_s = _child("export", {"model": args.model, "out": str(bundle)}, args).result["export_s"]
+        export_s = _child(
+            "export", {"model": args.model, "out": str(bundle), "format": args.format}, args
+        ).result["export_s"]
     spec = {
         "bundle": str(bundle),
         "work": str(tmp / "work"),
@@ -371,6 +386,8 @@ def main() -> None:
         "threads": args.threads,
         "images": args.images,
         "image_source": prep["source"],
+        "bundle_formats": prep["formats"],
+        "calls": args.calls,
         "export_s": export_s,
         "results": results,
     }
@@ -398,7 +415,11 @@ def report(doc: dict) -> str:
         "(resize, crop, normalize) and scores the 10 Fashion-MNIST labels with the same random "
         "adapter (LoRA on q,v of both towers); PyTorch runs the merged checkpoint of that adapter "
         "(`fedclip-coord adapters export --format open_clip`) with label embeddings computed once. "
-        "Latency is per call (a call = one batch).",
+        f"Latency is per call (a call = one batch), {doc['calls']} timed calls per batch size after 2 "
+        "warm-up calls" + (" (so p99 is the slowest call)." if doc["calls"] < 100 else "."),
+        f"Bundle: training format {', '.join(doc.get('bundle_formats', ['step']))} (every format carries "
+        "the same inference and text encoder graphs)"
+        + (f"; its export took {doc['export_s']:.0f} s." if doc.get("export_s") else "."),
         "",
     ]
     rows = []

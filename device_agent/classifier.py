@@ -112,7 +112,7 @@ class Classifier:
         adapter: str | Path | None = None,
         labels: Sequence[str] | None = None,
         prompt: str | None = None,
-        device: str = "cpu",
+        device: str = "auto",
         threads: int | None = None,
         batch_size: int = 32,
     ) -> None:
@@ -141,6 +141,7 @@ class Classifier:
                 raise DataError(f"{adapter}: adapter was made for bundle {meta.bundle_id[:12]}, not this one")
             version = meta.version or None
         self._served = self._build(version, tensors)
+        self.device = self._served.predictor.device  # auto resolved: cpu or cuda, for every later build
         if self.labels is not None:
             self._text_features(self._served, self._prompts(self.labels, None))  # fail early, warm cache
 
@@ -188,6 +189,11 @@ class Classifier:
         return _Served(version=version, predictor=predictor.load())
 
     # ---- following the agent -------------------------------------------------------------------
+    @property
+    def providers(self) -> list[str]:
+        """The ONNX Runtime execution providers requests run on now, e.g. CUDA then CPU."""
+        return self._served.predictor.providers
+
     @property
     def adapter_version(self) -> str | None:
         """The adapter version requests are served with now (None: the bundle's own)."""

@@ -1,6 +1,6 @@
 """The Classifier over local HTTP (JSON in, JSON out), for applications not written in Python.
 
-    GET  /health   {"status": "ok", "adapter_version", "bundle_id", "labels", "device"}
+    GET  /health   {"status": "ok", "adapter_version", "bundle_id", "labels", "device", "providers"}
     GET  /metrics  Prometheus text format (`metrics_inference`): requests, latency, adapter, swaps
     POST /predict  {"images": [IMAGE, ...], "labels"?: [...], "prompt"?: "a photo of a {}.", "top_k"?: 3}
                 -> {"adapter_version", "labels", "predictions": [{"top": [{"label", "score"}], "logits"}]}
@@ -179,6 +179,7 @@ class InferenceHandler(BaseHTTPRequestHandler):
             "bundle_id": clf.manifest.bundle_id,
             "labels": list(clf.labels or clf.manifest.task.labels),
             "device": clf.device,
+            "providers": clf.providers,
         }
 
     def _predict(self) -> dict:

@@ -134,6 +134,8 @@ def test_http_contract_and_bad_input(tiny_bundle, adapter_file, tmp_path):
         status, health = server.request("GET", "/health")
         assert status == 200 and health["status"] == "ok" and health["adapter_version"] == "v7"
         assert health["bundle_id"] == Manifest.load(tiny_bundle).bundle_id
+        # --device auto (the default) on a CPU-only onnxruntime: the CPU, and only it
+        assert health["device"] == "cpu" and health["providers"] == ["CPUExecutionProvider"]
 
         images = [{"b64": _b64(pngs[0])}, _b64(pngs[1]), {"path": str(tmp_path / "img.png")}]
         status, out = server.request("POST", "/predict", {"images": images, "top_k": 2})

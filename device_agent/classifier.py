@@ -190,6 +190,11 @@ class Classifier:
 
     # ---- following the agent -------------------------------------------------------------------
     @property
+    def state_dir(self) -> Path | None:
+        """The agent state dir this classifier follows (None: a fixed adapter)."""
+        return self._state_dir
+
+    @property
     def providers(self) -> list[str]:
         """The ONNX Runtime execution providers requests run on now, e.g. CUDA then CPU."""
         return self._served.predictor.providers

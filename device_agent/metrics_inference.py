@@ -3,7 +3,8 @@
 `GET /metrics` answers in the Prometheus text format. The request side (requests by route and
 status, latency, images, errors) is counted by the HTTP handler as each answer goes out; the adapter
 side (version in use, swaps, adapters that failed to load) is read from the `Classifier` at scrape
-time, so a swap made by its watcher thread needs no hook. Each server has its own registry: two
+time, so a swap made by its watcher thread needs no hook. A server that follows an agent's state dir
+also shows the agent's rounds (`metrics_agent`). Each server has its own registry: two
 servers in one process (tests, an application embedding one) never share or collide on counters.
 
 Uses the official `prometheus_client` (pure Python, stdlib only, ~100 ms to import; in every
@@ -25,6 +26,8 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from fedclip.device_agent.metrics_agent import AgentStateCollector
 
 if TYPE_CHECKING:
     from fedclip.device_agent.classifier import Classifier
@@ -113,6 +116,8 @@ class InferenceMetrics:
         for kind in ("client", "server"):
             self.errors.labels(kind)  # present at 0 from the start, so rate() sees the first error
         self.registry.register(_AdapterCollector(classifier))
+        if classifier.state_dir is not None:
+            self.registry.register(AgentStateCollector(classifier.state_dir))
         # RSS, CPU seconds, open fds of this process (Linux /proc; absent elsewhere)
         ProcessCollector(namespace="fedclip_inference", registry=self.registry)
 

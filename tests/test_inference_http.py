@@ -243,9 +243,25 @@ def test_follows_the_agent_state_dir(tiny_bundle, adapter_file, tmp_path):
     (state_dir / "bundles" / m.bundle_id).symlink_to(tiny_bundle)  # where an agent downloads it
     tensors, meta = load_adapter(adapter_file)
     st.install_adapter("v7", tensors, meta, source="rollout")
+    # the agent's record of a published round and of one under way, written by its own state API
+    summary = {"metrics": {"accuracy_after": 0.75, "steps": 8.0}, "num_samples": 40, "train_seconds": 2.0}
+    st.begin_round(3, b"task 3")
+    st.store_update(3, b"update 3", summary)
+    st.mark_published(3)
+    st.begin_round(4, b"task 4")
     server = Served(tmp_path, "--state", str(state_dir), "--port", "0")
     try:
         assert server.request("GET", "/health")[1]["adapter_version"] == "v7"
+        met = server.metrics()  # the agent's side, read from its state dir at the scrape
+        assert met[("fedclip_agent_state_readable", ())] == 1
+        assert met[("fedclip_agent_rounds", (("status", "done"),))] == 1
+        assert met[("fedclip_agent_rounds", (("status", "built"),))] == 0
+        assert met[("fedclip_agent_last_round", ())] == 3
+        assert met[("fedclip_agent_round_in_progress", ())] == 4
+        assert met[("fedclip_agent_last_round_train_seconds", ())] == 2.0
+        assert met[("fedclip_agent_last_round_step_seconds", ())] == 0.25
+        assert met[("fedclip_agent_last_round_metric", (("name", "accuracy_after"),))] == 0.75
+        assert met[("fedclip_agent_adapter_installed", (("version", "v7"),))] == 1
         st.set_current_adapter(None)  # what a rollback to the bundle's own adapter writes
         deadline = time.monotonic() + WAIT_S
         while server.request("GET", "/health")[1]["adapter_version"] is not None:
@@ -270,6 +286,8 @@ def test_follows_the_agent_state_dir(tiny_bundle, adapter_file, tmp_path):
             time.sleep(0.1)
         met = server.metrics()
         assert met[("fedclip_inference_adapter_swaps_total", ())] == 1 and met[in_use] == 1
+        # the agent installed v8, inference still serves the bundle's own: both visible
+        assert met[("fedclip_agent_adapter_installed", (("version", "v8"),))] == 1
         assert server.request("GET", "/health")[1]["adapter_version"] is None
     finally:
         assert server.stop() == 0, server.log.read_text()

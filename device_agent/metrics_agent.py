@@ -65,40 +65,32 @@ class AgentStateCollector:
 
         numbered = {int(r): e for r, e in rounds.items()}  # keys are round numbers (AgentState)
         last = max(numbered, default=-1)
-        g = GaugeMetricFamily("fedclip_agent_last_round", "The latest round this agent trained (-1: none)")
-        g.add_metric([], last)
-        yield g
         prog = record.get("in_progress") or {}
-        g = GaugeMetricFamily("fedclip_agent_round_in_progress", "The round being trained now (-1: none)")
-        g.add_metric([], prog.get("round", -1) if isinstance(prog.get("round"), int) else -1)
-        yield g
-        g = GaugeMetricFamily(
+        yield _gauge("fedclip_agent_last_round", "The latest round this agent trained (-1: none)", last)
+        in_progress: int = prog["round"] if isinstance(prog.get("round"), int) else -1
+        yield _gauge("fedclip_agent_round_in_progress", "The round being trained now (-1: none)", in_progress)
+        installed = GaugeMetricFamily(
             "fedclip_agent_adapter_installed",
             "1 for the adapter the agent has installed for inference (version empty: the bundle's own)",
             labels=["version"],
         )
-        g.add_metric([str(record.get("current_adapter") or "")], 1)
-        yield g
+        installed.add_metric([str(record.get("current_adapter") or "")], 1)
+        yield installed
         if last < 0:
             return
         entry = numbered[last]
-        seconds = _number(entry.get("train_seconds"))
         metrics = entry.get("metrics") or {}
-        steps = _number(metrics.get("steps"))
+        seconds, steps = _number(entry.get("train_seconds")), _number(metrics.get("steps"))
+        built_at = _number(entry.get("built_at"))
         if seconds is not None:
-            g = GaugeMetricFamily(
-                "fedclip_agent_last_round_train_seconds", "Training time of the latest round"
-            )
-            g.add_metric([], seconds)
-            yield g
-            if steps:
-                g = GaugeMetricFamily(
-                    "fedclip_agent_last_round_step_seconds",
-                    "Mean optimizer step time of the latest round (training seconds / steps)",
-                )
-                g.add_metric([], seconds / steps)
-                yield g
-        g = GaugeMetricFamily(
+            yield _gauge("fedclip_agent_last_round_train_seconds", "Latest round's training time", seconds)
+        if seconds is not None and steps:
+            doc = "Mean optimizer step time of the latest round (training seconds / steps)"
+            yield _gauge("fedclip_agent_last_round_step_seconds", doc, seconds / steps)
+        if built_at is not None:
+            doc = "Unix time the latest update was built"
+            yield _gauge("fedclip_agent_last_round_built_timestamp_seconds", doc, built_at)
+        by_name = GaugeMetricFamily(
             "fedclip_agent_last_round_metric",
             "Metrics of the latest round's update (accuracy_before, accuracy_after, loss, steps, ...)",
             labels=["name"],
@@ -106,12 +98,11 @@ class AgentStateCollector:
         for name, value in sorted(metrics.items()):
             v = _number(value)
             if v is not None:
-                g.add_metric([str(name)], v)
-        yield g
-        built_at = _number(entry.get("built_at"))
-        if built_at is not None:
-            g = GaugeMetricFamily(
-                "fedclip_agent_last_round_built_timestamp_seconds", "Unix time the latest update was built"
-            )
-            g.add_metric([], built_at)
-            yield g
+                by_name.add_metric([str(name)], v)
+        yield by_name
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc)
+    family.add_metric([], value)
+    return family

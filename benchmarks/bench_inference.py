@@ -109,7 +109,10 @@ def _load_images(work: Path):
     return out
 
 
-def _timed(fn, images: list, batch: int, calls: int, warmup: int = 2) -> dict:
+def _timed(fn, images: list, batch: int, calls: int, warmup: int = 2, cpu=time.process_time) -> dict:
+    """Wall-clock latency per call, and the CPU seconds the serving process spent (`cpu()`: this
+    process's, or the server's for HTTP). On a shared machine the wall clock follows the load; CPU
+    time per image hardly does, so its ratios are the comparison that holds."""
     import statistics
 
     chunks = [images[(i * batch) % len(images) :][:batch] for i in range(calls + warmup)]
@@ -117,10 +120,12 @@ def _timed(fn, images: list, batch: int, calls: int, warmup: int = 2) -> dict:
     for c in chunks[:warmup]:
         fn(c)
     lat = []
+    cpu0 = cpu()
     for c in chunks[warmup:]:
         t0 = time.perf_counter()
         fn(c)
         lat.append(time.perf_counter() - t0)
+    cpu_s = cpu() - cpu0
     lat.sort()
     return {
         "batch": batch,
@@ -128,7 +133,22 @@ def _timed(fn, images: list, batch: int, calls: int, warmup: int = 2) -> dict:
         "images_per_s": batch * len(lat) / sum(lat),
         "p50_ms": 1000 * statistics.median(lat),
         "p99_ms": 1000 * lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))],
+        "cpu_s": cpu_s,
+        "cpu_ms_per_image": 1000 * cpu_s / (batch * len(lat)),
     }
+
+
+def _proc_cpu(pid: int):
+    """CPU seconds (user + system) of process `pid` so far, from /proc (10 ms ticks)."""
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def read() -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    return read
 
 
 def work_api(spec: dict) -> dict:
@@ -230,7 +250,7 @@ def work_http(spec: dict) -> dict:
                 raise RuntimeError(body[:300])
             return body
 
-        runs = [_timed(predict, pngs, b, spec["calls"]) for b in BATCHES]
+        runs = [_timed(predict, pngs, b, spec["calls"], cpu=_proc_cpu(server.pid)) for b in BATCHES]
         status = Path(f"/proc/{server.pid}/status").read_text()
         hwm = next(int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("VmHWM:")) / 1024
         conn.close()
@@ -424,6 +444,7 @@ def report(doc: dict) -> str:
     ]
     rows = []
     base = {x["batch"]: x for x in r["torch"]["runs"]}
+    has_cpu = all("cpu_ms_per_image" in x for side in ("api", "http", "torch") for x in r[side]["runs"])
     for side, label, rss in (
         ("api", "Classifier.predict (Python API)", r["api"]["peak_rss_mb"]),
         ("http", "serve-inference POST /predict", r["http"]["server_peak_rss_mb"]),
@@ -431,29 +452,31 @@ def report(doc: dict) -> str:
     ):
         for x in r[side]["runs"]:
             speed = M.ratio(x["images_per_s"], base[x["batch"]]["images_per_s"])
-            rows.append(
-                [
-                    label,
-                    x["batch"],
-                    x["images_per_s"],
-                    x["p50_ms"],
-                    x["p99_ms"],
-                    f"{speed:.2f}x",
-                    f"{rss:,.0f}",
-                ]
-            )
+            row = [label, x["batch"], x["images_per_s"], x["p50_ms"], x["p99_ms"], f"{speed:.2f}x"]
+            if has_cpu:
+                cost = M.ratio(base[x["batch"]]["cpu_ms_per_image"], x["cpu_ms_per_image"])
+                row += [x["cpu_ms_per_image"], f"{cost:.2f}x"]
+            rows.append([*row, f"{rss:,.0f}"])
+    header = ["side", "batch", "images/s", "p50 (ms)", "p99 (ms)", "images/s vs PyTorch"]
+    if has_cpu:
+        header += ["CPU ms per image", "images per CPU-second vs PyTorch"]
     lines += [
         "## Throughput and latency",
         "",
-        M.md_table(
-            ["side", "batch", "images/s", "p50 (ms)", "p99 (ms)", "images/s vs PyTorch", "peak RSS (MiB)"],
-            rows,
-        ),
+        M.md_table([*header, "peak RSS (MiB)"], rows),
         "",
         "Peak RSS: the API and PyTorch processes' own ru_maxrss; for HTTP the server process's "
         "VmHWM (the client is a separate process).",
-        "",
     ]
+    if has_cpu:
+        lines += [
+            "CPU ms per image: the CPU time (user + system, all threads) of the process that serves "
+            "(the API's and PyTorch's own, the HTTP server's from /proc: decoding, JSON and inference), "
+            "over the timed calls. Wall-clock numbers follow the machine's load, which changes between "
+            "sides measured minutes apart; CPU time hardly does, so the CPU ratio is the comparison "
+            "that holds on a shared machine."
+        ]
+    lines += [""]
     s = r["swap"]
     lines += [
         "## Adapter swap under load",

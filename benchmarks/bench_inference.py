@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -374,46 +375,57 @@ def main() -> None:
 
     started, load0 = M.utc_now(), M.loadavg()
     tmp = Path(tempfile.mkdtemp(prefix="bench-inference-"))
-    bundle = args.bundle
-    export_s = None
-    if bundle is None:
-        bundle = tmp / "bundle"
-        print(f"exporting {args.model} ...", file=sys.stderr)
-        export_s = _child(
-            "export", {"model": args.model, "out": str(bundle), "format": args.format}, args
-        ).result["export_s"]
-    spec = {
-        "bundle": str(bundle),
-        "work": str(tmp / "work"),
-        "images": args.images,
-        "calls": args.calls,
-        "threads": args.threads,
-        "swaps": args.swaps,
-    }
-    prep = _child("prepare", spec, args).result
-    results: dict[str, Any] = {}
-    for side in ("api", "http", "torch", "swap"):
-        print(f"running {side} ...", file=sys.stderr)
-        run = _child(side, spec, args)
-        results[side] = dict(run.result, peak_rss_mb=run.peak_rss_mb, wall_s=run.wall_s)
-    doc = {
-        "started": started,
-        "finished": M.utc_now(),
-        "loadavg_start": load0,
-        "loadavg_end": M.loadavg(),
-        "machine": M.machine(),
-        "model": args.model,
-        "threads": args.threads,
-        "images": args.images,
-        "image_source": prep["source"],
-        "bundle_formats": prep["formats"],
-        "calls": args.calls,
-        "export_s": export_s,
-        "results": results,
-    }
+    try:  # the work dir holds a merged checkpoint (ViT-B-32: ~600 MB), and an exported bundle
+        bundle = args.bundle
+        export_s = None
+        if bundle is None:
+            bundle = tmp / "bundle"
+            print(f"exporting {args.model} ...", file=sys.stderr)
+            export_s = _child(
+                "export", {"model": args.model, "out": str(bundle), "format": args.format}, args
+            ).result["export_s"]
+        spec = {
+            "bundle": str(bundle),
+            "work": str(tmp / "work"),
+            "images": args.images,
+            "calls": args.calls,
+            "threads": args.threads,
+            "swaps": args.swaps,
+        }
+        prep = _child("prepare", spec, args).result
+        results: dict[str, Any] = {}
+        for side in ("api", "http", "torch", "swap"):
+            print(f"running {side} ...", file=sys.stderr)
+            run = _child(side, spec, args)
+            results[side] = dict(run.result, peak_rss_mb=run.peak_rss_mb, wall_s=run.wall_s)
+        doc = {
+            "started": started,
+            "finished": M.utc_now(),
+            "loadavg_start": load0,
+            "loadavg_end": M.loadavg(),
+            "machine": M.machine(),
+            "model": args.model,
+            "threads": args.threads,
+            "images": args.images,
+            "image_source": prep["source"],
+            "bundle_formats": prep["formats"],
+            "calls": args.calls,
+            "export_s": export_s,
+            "results": results,
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     M.write_json(M.RESULTS / f"{args.out_name}.json", doc)
     (M.RESULTS / f"{args.out_name}.md").write_text(report(doc))
     print(report(doc))
+
+
+def _calls_note(calls: int | None) -> str:
+    if calls is None:  # reports written before the count was recorded
+        return "."
+    return f", {calls} timed calls per batch size after 2 warm-up calls" + (
+        " (so p99 is the slowest call)." if calls < 100 else "."
+    )
 
 
 def report(doc: dict) -> str:
@@ -435,8 +447,7 @@ def report(doc: dict) -> str:
         "(resize, crop, normalize) and scores the 10 Fashion-MNIST labels with the same random "
         "adapter (LoRA on q,v of both towers); PyTorch runs the merged checkpoint of that adapter "
         "(`fedclip-coord adapters export --format open_clip`) with label embeddings computed once. "
-        f"Latency is per call (a call = one batch), {doc['calls']} timed calls per batch size after 2 "
-        "warm-up calls" + (" (so p99 is the slowest call)." if doc["calls"] < 100 else "."),
+        "Latency is per call (a call = one batch)" + _calls_note(doc.get("calls")),
         f"Bundle: training format {', '.join(doc.get('bundle_formats', ['step']))} (every format carries "
         "the same inference and text encoder graphs)"
         + (f"; its export took {doc['export_s']:.0f} s." if doc.get("export_s") else "."),

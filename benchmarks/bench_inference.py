@@ -13,8 +13,13 @@ writes it) while a thread predicts without pause: time to build the new adapter'
 from the state write to the first request served by it, and failed or mixed requests (must be 0).
 
     python benchmarks/bench_inference.py                       # fedclip-tiny, 1 thread
-    python benchmarks/bench_inference.py --model ViT-B-32 --calls 10 --images 64
+    python benchmarks/bench_inference.py --model ViT-B-32 --calls 16 --images 64 --swaps 6 \
+        --out-name inference-vit-b-32
     python benchmarks/bench_inference.py --bundle DIR          # reuse an exported bundle
+
+Every training format carries the same inference and text encoder graphs, so the export defaults to
+`--format ort-training`, the quickest to build (ViT-B-32: 26 s against 404 s for a step export that
+misses the export cache, benchmarks/results/export_profile_vit_b_32.md).
 
 Writes benchmarks/results/inference.json and inference.md (or --out-name NAME.*).
 """
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -45,7 +51,9 @@ def work_export(spec: dict) -> dict:
 
     t0 = time.perf_counter()
     export_bundle(
-        ExportConfig(model=spec["model"], out=spec["out"], task="classify", labels=LABELS, format="step"),
+        ExportConfig(
+            model=spec["model"], out=spec["out"], task="classify", labels=LABELS, format=spec["format"]
+        ),
         show_progress=False,
     )
     return {"export_s": time.perf_counter() - t0}
@@ -88,7 +96,7 @@ def work_prepare(spec: dict) -> dict:
     ckpt = write_open_clip(
         m, {k: v for k, v in tensors["bench-a"].items() if k in exchanged}, out / "merged.pt"
     )
-    return {"source": source, "checkpoint": [str(p) for p in ckpt]}
+    return {"source": source, "checkpoint": [str(p) for p in ckpt], "formats": list(m.formats)}
 
 
 def _load_images(work: Path):
@@ -102,7 +110,10 @@ def _load_images(work: Path):
     return out
 
 
-def _timed(fn, images: list, batch: int, calls: int, warmup: int = 2) -> dict:
+def _timed(fn, images: list, batch: int, calls: int, warmup: int = 2, cpu=time.process_time) -> dict:
+    """Wall-clock latency per call, and the CPU seconds the serving process spent (`cpu()`: this
+    process's, or the server's for HTTP). On a shared machine the wall clock follows the load; CPU
+    time per image hardly does, so its ratios are the comparison that holds."""
     import statistics
 
     chunks = [images[(i * batch) % len(images) :][:batch] for i in range(calls + warmup)]
@@ -110,10 +121,12 @@ def _timed(fn, images: list, batch: int, calls: int, warmup: int = 2) -> dict:
     for c in chunks[:warmup]:
         fn(c)
     lat = []
+    cpu0 = cpu()
     for c in chunks[warmup:]:
         t0 = time.perf_counter()
         fn(c)
         lat.append(time.perf_counter() - t0)
+    cpu_s = cpu() - cpu0
     lat.sort()
     return {
         "batch": batch,
@@ -121,7 +134,22 @@ def _timed(fn, images: list, batch: int, calls: int, warmup: int = 2) -> dict:
         "images_per_s": batch * len(lat) / sum(lat),
         "p50_ms": 1000 * statistics.median(lat),
         "p99_ms": 1000 * lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))],
+        "cpu_s": cpu_s,
+        "cpu_ms_per_image": 1000 * cpu_s / (batch * len(lat)),
     }
+
+
+def _proc_cpu(pid: int):
+    """CPU seconds (user + system) of process `pid` so far, from /proc (10 ms ticks)."""
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def read() -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    return read
 
 
 def work_api(spec: dict) -> dict:
@@ -223,7 +251,7 @@ def work_http(spec: dict) -> dict:
                 raise RuntimeError(body[:300])
             return body
 
-        runs = [_timed(predict, pngs, b, spec["calls"]) for b in BATCHES]
+        runs = [_timed(predict, pngs, b, spec["calls"], cpu=_proc_cpu(server.pid)) for b in BATCHES]
         status = Path(f"/proc/{server.pid}/status").read_text()
         hwm = next(int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("VmHWM:")) / 1024
         conn.close()
@@ -329,6 +357,12 @@ def main() -> None:
     ap.add_argument("--spec")
     ap.add_argument("--model", default="fedclip-tiny")
     ap.add_argument("--bundle", type=Path)
+    ap.add_argument(
+        "--format",
+        default="ort-training",
+        choices=("step", "ort-training", "both"),
+        help="Training format of the exported bundle (the inference graphs are the same in each).",
+    )
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--calls", type=int, default=40, help="Timed calls per batch size.")
     ap.add_argument("--swaps", type=int, default=10)
@@ -341,42 +375,57 @@ def main() -> None:
 
     started, load0 = M.utc_now(), M.loadavg()
     tmp = Path(tempfile.mkdtemp(prefix="bench-inference-"))
-    bundle = args.bundle
-    export_s = None
-    if bundle is None:
-        bundle = tmp / "bundle"
-        print(f"exporting {args.model} ...", file=sys.stderr)
-        export_s = _child("export", {"model": args.model, "out": str(bundle)}, args).result["export_s"]
-    spec = {
-        "bundle": str(bundle),
-        "work": str(tmp / "work"),
-        "images": args.images,
-        "calls": args.calls,
-        "threads": args.threads,
-        "swaps": args.swaps,
-    }
-    prep = _child("prepare", spec, args).result
-    results: dict[str, Any] = {}
-    for side in ("api", "http", "torch", "swap"):
-        print(f"running {side} ...", file=sys.stderr)
-        run = _child(side, spec, args)
-        results[side] = dict(run.result, peak_rss_mb=run.peak_rss_mb, wall_s=run.wall_s)
-    doc = {
-        "started": started,
-        "finished": M.utc_now(),
-        "loadavg_start": load0,
-        "loadavg_end": M.loadavg(),
-        "machine": M.machine(),
-        "model": args.model,
-        "threads": args.threads,
-        "images": args.images,
-        "image_source": prep["source"],
-        "export_s": export_s,
-        "results": results,
-    }
+    try:  # the work dir holds a merged checkpoint (ViT-B-32: ~600 MB), and an exported bundle
+        bundle = args.bundle
+        export_s = None
+        if bundle is None:
+            bundle = tmp / "bundle"
+            print(f"exporting {args.model} ...", file=sys.stderr)
+            export_s = _child(
+                "export", {"model": args.model, "out": str(bundle), "format": args.format}, args
+            ).result["export_s"]
+        spec = {
+            "bundle": str(bundle),
+            "work": str(tmp / "work"),
+            "images": args.images,
+            "calls": args.calls,
+            "threads": args.threads,
+            "swaps": args.swaps,
+        }
+        prep = _child("prepare", spec, args).result
+        results: dict[str, Any] = {}
+        for side in ("api", "http", "torch", "swap"):
+            print(f"running {side} ...", file=sys.stderr)
+            run = _child(side, spec, args)
+            results[side] = dict(run.result, peak_rss_mb=run.peak_rss_mb, wall_s=run.wall_s)
+        doc = {
+            "started": started,
+            "finished": M.utc_now(),
+            "loadavg_start": load0,
+            "loadavg_end": M.loadavg(),
+            "machine": M.machine(),
+            "model": args.model,
+            "threads": args.threads,
+            "images": args.images,
+            "image_source": prep["source"],
+            "bundle_formats": prep["formats"],
+            "calls": args.calls,
+            "export_s": export_s,
+            "results": results,
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     M.write_json(M.RESULTS / f"{args.out_name}.json", doc)
     (M.RESULTS / f"{args.out_name}.md").write_text(report(doc))
     print(report(doc))
+
+
+def _calls_note(calls: int | None) -> str:
+    if calls is None:  # reports written before the count was recorded
+        return "."
+    return f", {calls} timed calls per batch size after 2 warm-up calls" + (
+        " (so p99 is the slowest call)." if calls < 100 else "."
+    )
 
 
 def report(doc: dict) -> str:
@@ -398,11 +447,15 @@ def report(doc: dict) -> str:
         "(resize, crop, normalize) and scores the 10 Fashion-MNIST labels with the same random "
         "adapter (LoRA on q,v of both towers); PyTorch runs the merged checkpoint of that adapter "
         "(`fedclip-coord adapters export --format open_clip`) with label embeddings computed once. "
-        "Latency is per call (a call = one batch).",
+        "Latency is per call (a call = one batch)" + _calls_note(doc.get("calls")),
+        f"Bundle: training format {', '.join(doc.get('bundle_formats', ['step']))} (every format carries "
+        "the same inference and text encoder graphs)"
+        + (f"; its export took {doc['export_s']:.0f} s." if doc.get("export_s") else "."),
         "",
     ]
     rows = []
     base = {x["batch"]: x for x in r["torch"]["runs"]}
+    has_cpu = all("cpu_ms_per_image" in x for side in ("api", "http", "torch") for x in r[side]["runs"])
     for side, label, rss in (
         ("api", "Classifier.predict (Python API)", r["api"]["peak_rss_mb"]),
         ("http", "serve-inference POST /predict", r["http"]["server_peak_rss_mb"]),
@@ -410,29 +463,31 @@ def report(doc: dict) -> str:
     ):
         for x in r[side]["runs"]:
             speed = M.ratio(x["images_per_s"], base[x["batch"]]["images_per_s"])
-            rows.append(
-                [
-                    label,
-                    x["batch"],
-                    x["images_per_s"],
-                    x["p50_ms"],
-                    x["p99_ms"],
-                    f"{speed:.2f}x",
-                    f"{rss:,.0f}",
-                ]
-            )
+            row = [label, x["batch"], x["images_per_s"], x["p50_ms"], x["p99_ms"], f"{speed:.2f}x"]
+            if has_cpu:
+                cost = M.ratio(base[x["batch"]]["cpu_ms_per_image"], x["cpu_ms_per_image"])
+                row += [x["cpu_ms_per_image"], f"{cost:.2f}x"]
+            rows.append([*row, f"{rss:,.0f}"])
+    header = ["side", "batch", "images/s", "p50 (ms)", "p99 (ms)", "images/s vs PyTorch"]
+    if has_cpu:
+        header += ["CPU ms per image", "images per CPU-second vs PyTorch"]
     lines += [
         "## Throughput and latency",
         "",
-        M.md_table(
-            ["side", "batch", "images/s", "p50 (ms)", "p99 (ms)", "images/s vs PyTorch", "peak RSS (MiB)"],
-            rows,
-        ),
+        M.md_table([*header, "peak RSS (MiB)"], rows),
         "",
         "Peak RSS: the API and PyTorch processes' own ru_maxrss; for HTTP the server process's "
         "VmHWM (the client is a separate process).",
-        "",
     ]
+    if has_cpu:
+        lines += [
+            "CPU ms per image: the CPU time (user + system, all threads) of the process that serves "
+            "(the API's and PyTorch's own, the HTTP server's from /proc: decoding, JSON and inference), "
+            "over the timed calls. Wall-clock numbers follow the machine's load, which changes between "
+            "sides measured minutes apart; CPU time hardly does, so the CPU ratio is the comparison "
+            "that holds on a shared machine."
+        ]
+    lines += [""]
     s = r["swap"]
     lines += [
         "## Adapter swap under load",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -84,6 +85,16 @@ class Predictions:
 
 
 @dataclass(frozen=True)
+class SwapStats:
+    """How the classifier followed the agent: for monitoring (`serve-inference`'s /metrics)."""
+
+    version: str | None  # serving now (None: the bundle's own)
+    swaps: int  # switches to another adapter since the start
+    load_failures: int  # changes the watcher could not load (the current adapter kept serving)
+    last_swap: float | None  # Unix time of the last switch
+
+
+@dataclass(frozen=True)
 class _Served:
     """What one adapter version serves with: built completely before it becomes current."""
 
@@ -101,7 +112,7 @@ class Classifier:
         adapter: str | Path | None = None,
         labels: Sequence[str] | None = None,
         prompt: str | None = None,
-        device: str = "cpu",
+        device: str = "auto",
         threads: int | None = None,
         batch_size: int = 32,
     ) -> None:
@@ -120,6 +131,8 @@ class Classifier:
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._stamp: tuple[int, int] | None = None
+        self._swaps, self._load_failures = 0, 0
+        self._last_swap: float | None = None
         self._switched = threading.Condition(self._lock)
         version, tensors = None, None
         if adapter is not None:
@@ -128,6 +141,7 @@ class Classifier:
                 raise DataError(f"{adapter}: adapter was made for bundle {meta.bundle_id[:12]}, not this one")
             version = meta.version or None
         self._served = self._build(version, tensors)
+        self.device = self._served.predictor.device  # auto resolved: cpu or cuda, for every later build
         if self.labels is not None:
             self._text_features(self._served, self._prompts(self.labels, None))  # fail early, warm cache
 
@@ -157,6 +171,7 @@ class Classifier:
             raise StateError(f"{bundle}: not the bundle of the agent's state dir ({bundle_id[:12]})")
         clf._state_dir = state_dir
         clf.refresh()
+        clf._swaps, clf._last_swap = 0, None  # loading the installed adapter at the start is no swap
         clf._watcher = threading.Thread(
             target=clf._watch, args=(poll,), name="fedclip-classifier", daemon=True
         )
@@ -174,6 +189,16 @@ class Classifier:
         return _Served(version=version, predictor=predictor.load())
 
     # ---- following the agent -------------------------------------------------------------------
+    @property
+    def state_dir(self) -> Path | None:
+        """The agent state dir this classifier follows (None: a fixed adapter)."""
+        return self._state_dir
+
+    @property
+    def providers(self) -> list[str]:
+        """The ONNX Runtime execution providers requests run on now, e.g. CUDA then CPU."""
+        return self._served.predictor.providers
+
     @property
     def adapter_version(self) -> str | None:
         """The adapter version requests are served with now (None: the bundle's own)."""
@@ -200,6 +225,7 @@ class Classifier:
         served = self._build(version, tensors)  # complete before it is visible
         with self._lock:
             old, self._served = self._served, served
+            self._swaps, self._last_swap = self._swaps + 1, time.time()
             self._switched.notify_all()
         log.info("inference switched from adapter %s to %s", old.version, version)
         return True
@@ -217,9 +243,19 @@ class Classifier:
             try:
                 self.refresh()
             except FedclipError as e:  # a bad adapter file: keep serving the current one
+                self._count_failure()
                 log.error("keeping adapter %s: %s", self._served.version, e)
             except OSError as e:
+                self._count_failure()
                 log.error("keeping adapter %s: cannot read the state dir (%s)", self._served.version, e)
+
+    def _count_failure(self) -> None:
+        with self._lock:
+            self._load_failures += 1
+
+    def swap_stats(self) -> SwapStats:
+        with self._lock:
+            return SwapStats(self._served.version, self._swaps, self._load_failures, self._last_swap)
 
     def close(self) -> None:
         self._stop.set()
@@ -345,4 +381,4 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(n, 1e-12)
 
 
-__all__ = ["Classifier", "Predictions", "installed_adapter"]
+__all__ = ["Classifier", "Predictions", "SwapStats", "installed_adapter"]

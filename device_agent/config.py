@@ -57,7 +57,8 @@ class AgentConfig:
     policy: TaskPolicy = TaskPolicy()
     keepalive: int = 30
     groups: tuple[str, ...] = ()  # reported in the status so the coordinator can select by group
-    device: Literal["cpu", "cuda"] = "cpu"
+    # auto: CUDA where the installed onnxruntime has it, else the CPU (ort_loader.choose_providers)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     # Training backend: step (the bundle's portable step graph, any onnxruntime), ort-training (ONNX
     # Runtime's training API), auto (ort-training when installed and the bundle has its artifacts).
     backend: Literal["auto", "step", "ort-training"] = "auto"

@@ -49,7 +49,9 @@ def start(
     group: list[str] | None = typer.Option(
         None, "--group", help="Group reported to the coordinator (repeat)."
     ),
-    device: str | None = typer.Option(None, help="ONNX Runtime device: cpu or cuda."),
+    device: str | None = typer.Option(
+        None, help="ONNX Runtime device: auto (CUDA if installed) | cpu | cuda [default: auto]."
+    ),
     threads: int | None = typer.Option(None, help="ONNX Runtime threads (0: its default)."),
     backend: str | None = typer.Option(
         None, "--backend", help="Training backend: auto | step | ort-training [default: auto]."

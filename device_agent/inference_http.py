@@ -1,6 +1,7 @@
 """The Classifier over local HTTP (JSON in, JSON out), for applications not written in Python.
 
-    GET  /health   {"status": "ok", "adapter_version", "bundle_id", "labels", "device"}
+    GET  /health   {"status": "ok", "adapter_version", "bundle_id", "labels", "device", "providers"}
+    GET  /metrics  Prometheus text format (`metrics_inference`): requests, latency, adapter, swaps
     POST /predict  {"images": [IMAGE, ...], "labels"?: [...], "prompt"?: "a photo of a {}.", "top_k"?: 3}
                 -> {"adapter_version", "labels", "predictions": [{"top": [{"label", "score"}], "logits"}]}
     POST /embed    {"images"?: [IMAGE, ...], "texts"?: [...]}
@@ -26,6 +27,7 @@ import logging
 import os
 import socket
 import socketserver
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from fedclip.device_agent.classifier import Classifier
+from fedclip.device_agent.metrics_inference import CONTENT_TYPE, InferenceMetrics
 from fedclip.sdk.errors import DataError, FedclipError
 from fedclip.sdk.preprocess import load_image
 
@@ -102,9 +105,12 @@ class InferenceHandler(BaseHTTPRequestHandler):
 
     # ---- plumbing ------------------------------------------------------------------------------
     def _send(self, status: int, doc: dict) -> None:
-        body = json.dumps(doc).encode()
+        self._send_bytes(status, json.dumps(doc).encode(), "application/json")
+
+    def _send_bytes(self, status: int, body: bytes, content_type: str) -> None:
+        self._status = status
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         if status >= 400:
             self.send_header("Connection", "close")
@@ -129,6 +135,8 @@ class InferenceHandler(BaseHTTPRequestHandler):
         return doc
 
     def _handle(self, fn) -> None:
+        # One handler serves every request of a keep-alive connection: per-request fields reset here.
+        t0, self._status, self._images = time.perf_counter(), 0, 0
         try:
             self._send(200, fn())
         except HttpError as e:
@@ -138,21 +146,30 @@ class InferenceHandler(BaseHTTPRequestHandler):
         except Exception as e:  # a bug must cost one request, never the server
             log.exception("inference request failed")
             self._send(500, {"error": f"internal error ({type(e).__name__})"})
+        finally:  # also when the client hung up mid-answer: the status was chosen, it counts
+            if self._status:
+                self.server.metrics.observe(self.path, self._status, time.perf_counter() - t0, self._images)
 
     # ---- routes --------------------------------------------------------------------------------
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        if self.path.split("?", 1)[0] != "/health":
-            return self._handle(self._not_found)
-        self._handle(self._health)
+        route = self.path.split("?", 1)[0]
+        if route == "/metrics":
+            return self._metrics()
+        self._handle(self._health if route == "/health" else self._not_found)
 
     def do_POST(self) -> None:  # noqa: N802
         route = {"/predict": self._predict, "/embed": self._embed}.get(self.path.split("?", 1)[0])
         self._handle(route or self._not_found)
 
     def _not_found(self) -> dict:
-        raise HttpError(
-            404, f"no such endpoint {self.command} {self.path[:100]} (GET /health, POST /predict, /embed)"
-        )
+        known = "GET /health, /metrics, POST /predict, /embed"
+        raise HttpError(404, f"no such endpoint {self.command} {self.path[:100]} ({known})")
+
+    def _metrics(self) -> None:
+        """Prometheus text format; this scrape is counted in the next one."""
+        t0 = time.perf_counter()
+        self._send_bytes(200, self.server.metrics.render(), CONTENT_TYPE)
+        self.server.metrics.observe(self.path, 200, time.perf_counter() - t0)
 
     def _health(self) -> dict:
         clf: Classifier = self.server.classifier
@@ -162,6 +179,7 @@ class InferenceHandler(BaseHTTPRequestHandler):
             "bundle_id": clf.manifest.bundle_id,
             "labels": list(clf.labels or clf.manifest.task.labels),
             "device": clf.device,
+            "providers": clf.providers,
         }
 
     def _predict(self) -> dict:
@@ -175,6 +193,7 @@ class InferenceHandler(BaseHTTPRequestHandler):
         labels = _strings(body, "labels")
         images = _images(body)
         out = self.server.classifier.predict(images, labels=labels, prompt=prompt)
+        self._images = len(images)
         k = min(top_k, len(out.labels))
         preds = [
             {"top": [{"label": lab, "score": score} for lab, score in top], "logits": _floats(row)}
@@ -191,6 +210,7 @@ class InferenceHandler(BaseHTTPRequestHandler):
         out: dict[str, Any] = {"adapter_version": clf.adapter_version}
         if body.get("images") is not None:
             out["image_embeds"] = [_floats(r) for r in clf.embed_images(_images(body))]
+            self._images = len(out["image_embeds"])
         if texts is not None:
             out["text_embeds"] = [_floats(r) for r in clf.embed_texts(texts)]
         return out
@@ -211,6 +231,7 @@ class InferenceServer(ThreadingHTTPServer):
 
     def __init__(self, addr: tuple[str, int], classifier: Classifier, max_body: int = DEFAULT_MAX_BODY):
         self.classifier, self.max_body = classifier, max_body
+        self.metrics = InferenceMetrics(classifier)
         super().__init__(addr, _TcpHandler)
 
     @property
@@ -225,6 +246,7 @@ class UnixInferenceServer(socketserver.ThreadingMixIn, socketserver.UnixStreamSe
 
     def __init__(self, path: str | Path, classifier: Classifier, max_body: int = DEFAULT_MAX_BODY):
         self.classifier, self.max_body = classifier, max_body
+        self.metrics = InferenceMetrics(classifier)
         path = Path(path)
         if path.exists() and path.is_socket():
             _refuse_if_live(path)

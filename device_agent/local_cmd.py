@@ -21,7 +21,9 @@ from fedclip.sdk.errors import DataError
 log = logging.getLogger(__name__)
 
 _BUNDLE = typer.Option(..., "--bundle", help="Bundle folder made by `fedclip-coord export`.")
-_DEVICE = typer.Option("cpu", "--device", help="cpu, or cuda (needs a CUDA build of onnxruntime).")
+_DEVICE = typer.Option(
+    "auto", "--device", help="auto (CUDA where the onnxruntime build has it, else CPU) | cpu | cuda."
+)
 _BACKEND = typer.Option(
     "auto",
     "--backend",

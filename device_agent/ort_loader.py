@@ -22,8 +22,10 @@ from typing import Any, Protocol
 
 from fedclip.sdk.errors import BackendError
 
-DEVICES = ("cpu", "cuda")
-_PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+# auto: CUDA where this onnxruntime build has the CUDA provider, else the CPU (choose_providers).
+DEVICES = ("auto", "cpu", "cuda")
+CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+_PROVIDER = {"cpu": CPU, "cuda": CUDA}
 
 _ort: Any = None
 _api: Any = None
@@ -108,6 +110,8 @@ class Session(Protocol):
 
     def get_outputs(self) -> list[NodeArg]: ...
 
+    def get_providers(self) -> list[str]: ...
+
 
 def onnxruntime() -> Any:
     """The `onnxruntime` module, imported without torch."""
@@ -146,19 +150,32 @@ def training_api() -> TrainingApi:
     return _api
 
 
-def check_device(device: str) -> str:
-    """Return the ORT execution provider for `device`, or a BackendError saying why it cannot run."""
+def choose_providers(device: str, available: Sequence[str]) -> list[str]:
+    """The execution providers, in ORT's order of preference, for `device` on a build that has
+    `available` (`onnxruntime.get_available_providers()`). Pure: tested with made-up lists.
+
+    `cuda` (and `auto` when the build has CUDA): CUDA first, then the CPU for nodes without a CUDA
+    kernel (rather than failing the session). `auto` without CUDA, and `cpu`: the CPU only. `cuda`
+    on a build without it is a BackendError saying what to install.
+    """
     if device not in DEVICES:
         raise BackendError(f"device {device!r} is not supported (choose from {', '.join(DEVICES)})")
+    if device == "auto":
+        device = "cuda" if CUDA in available else "cpu"
     provider = _PROVIDER[device]
-    available = onnxruntime().get_available_providers()
     if provider not in available:
         raise BackendError(
             f"--device {device} needs {provider}, but this onnxruntime has only {', '.join(available)} "
             "(install a CUDA build in a fresh venv: pip install 'fedclip[agent-cuda]', or "
             "'fedclip[agent-ort-training-cuda]' for the ORT training API)"
         )
-    return provider
+    return [provider] if provider == CPU else [provider, CPU]
+
+
+def device_providers(device: str) -> tuple[str, list[str]]:
+    """(`cpu` or `cuda`, the providers) for `device` on the installed onnxruntime (`auto` resolved)."""
+    providers = choose_providers(device, onnxruntime().get_available_providers())
+    return ("cuda" if providers[0] == CUDA else "cpu"), providers
 
 
 def session_options(threads: int | None = None) -> Any:

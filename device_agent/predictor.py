@@ -16,7 +16,7 @@ import numpy as np
 from fedclip.device_agent.ort_loader import (
     NO_FOLDING,
     Session,
-    check_device,
+    device_providers,
     lean_session_options,
     onnxruntime,
 )
@@ -35,7 +35,7 @@ class Predictor:
         bundle_dir: str | Path,
         *,
         adapter: Mapping[str, np.ndarray] | None = None,
-        device: str = "cpu",
+        device: str = "auto",
         threads: int | None = None,
         verify: bool = True,
         manifest: Manifest | None = None,
@@ -44,11 +44,10 @@ class Predictor:
         self.manifest = manifest if manifest is not None else Manifest.load(self.bundle_dir, verify=verify)
         if "inference" not in self.manifest.graphs:
             raise BundleError(f"{self.bundle_dir}: manifest has no 'inference' graph")
-        self.device = device
+        # auto: CUDA where the onnxruntime build has it (a CPU fallback for nodes without a CUDA
+        # kernel), else the CPU; self.device says which was chosen.
+        self.device, self._providers = device_providers(device)
         self.threads = threads
-        provider = check_device(device)
-        # On CUDA, nodes without a CUDA kernel fall back to the CPU rather than failing the session.
-        self._providers = [provider] if device == "cpu" else [provider, "CPUExecutionProvider"]
         self.transform = ImageTransform(self.manifest.preprocess)
         # ORT reads the initializer buffers at run time: the arrays must outlive the session.
         self._keep: list[Any] = []
@@ -149,6 +148,12 @@ class Predictor:
         if images.ndim != 4 or images.shape[1:] != (3, s, s):
             raise DataError(f"images must be float32 [B, 3, {s}, {s}], got {list(images.shape)}")
         return images
+
+    @property
+    def providers(self) -> list[str]:
+        """The execution providers the inference session runs with. ORT drops one it cannot start
+        (CUDA listed by the build, its libraries missing) and runs on the rest: this says what is used."""
+        return list(self._session.get_providers())
 
     @property
     def open_graphs(self) -> tuple[str, ...]:

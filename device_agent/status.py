@@ -12,9 +12,10 @@ import platform
 from importlib import metadata
 
 from fedclip.device_agent.config import AgentConfig
+from fedclip.device_agent.ort_loader import device_providers
 from fedclip.device_agent.state import AgentState
 from fedclip.sdk import messages
-from fedclip.sdk.errors import MqttError
+from fedclip.sdk.errors import BackendError, MqttError
 from fedclip.sdk.messages import MAX_TEXT, AgentStatus
 from fedclip.sdk.transport import Transport
 from fedclip.sdk.wire import Topics
@@ -53,7 +54,7 @@ def status_blob(
         last_round=state.last_round,
         versions=software_versions(),
         device={
-            "kind": cfg.device,
+            "kind": _device_kind(cfg.device),
             "machine": platform.machine(),
             "system": platform.system(),
             "release": platform.release(),
@@ -64,6 +65,15 @@ def status_blob(
         notice=notice[:MAX_TEXT],
     )
     return messages.encode(status, cfg.fleet, cfg.id, key=cfg.signing_key())
+
+
+def _device_kind(device: str) -> str:
+    """`cpu` or `cuda`, what `auto` resolves to here; the configured word if it cannot run (the
+    trainer reports why)."""
+    try:
+        return device_providers(device)[0]
+    except BackendError:
+        return device
 
 
 class StatusReporter:

@@ -18,7 +18,7 @@ import numpy as np
 from fedclip.device_agent.ort_loader import (
     NO_FOLDING,
     Session,
-    check_device,
+    device_providers,
     lean_session_options,
     onnxruntime,
 )
@@ -44,7 +44,7 @@ class StepTrainer(AdapterFiles):
     """One bundle's training session over the `step` and `step_eval` graphs."""
 
     def __init__(
-        self, bundle_dir: str | Path, *, device: str = "cpu", threads: int | None = None, verify: bool = True
+        self, bundle_dir: str | Path, *, device: str = "auto", threads: int | None = None, verify: bool = True
     ) -> None:
         self.bundle_dir = Path(bundle_dir)
         self.manifest = Manifest.load(self.bundle_dir, verify=verify)
@@ -57,14 +57,13 @@ class StepTrainer(AdapterFiles):
                 )
         if not self.manifest.initial_tensors:
             raise BundleError(f"{self.bundle_dir}: manifest names no initial_tensors file for the step graph")
-        self.device = device
+        self.device, providers = device_providers(device)  # auto: CUDA where installed, else CPU
         self.threads = threads
-        provider = check_device(device)
         self._keep: list = []  # arrays and OrtValues the sessions' initializers point into
         self._names = tuple(t.name for t in self.manifest.trainable)
         self._data_names = self._check_step_io()
-        self._step_sess = self._session(graphs["step"].file, provider)
-        self._eval_sess = self._session(graphs["step_eval"].file, provider)
+        self._step_sess = self._session(graphs["step"].file, providers)
+        self._eval_sess = self._session(graphs["step_eval"].file, providers)
         self._eval_outputs = tuple(graphs["step_eval"].outputs)
         self._initial = self._read_initial()
         self._lr = DEFAULT_LR
@@ -91,14 +90,14 @@ class StepTrainer(AdapterFiles):
             )
         return data
 
-    def _session(self, file: str, provider: str) -> Session:
+    def _session(self, file: str, providers: list[str]) -> Session:
         ort = onnxruntime()
         opts = lean_session_options(self.threads)
         frozen = shared_initializers(self.bundle_dir, self.manifest, file)
         add_shared_initializers(opts, ort, frozen, self._keep)
         path = self.bundle_dir / file
         try:
-            return ort.InferenceSession(str(path), opts, providers=[provider], disabled_optimizers=NO_FOLDING)
+            return ort.InferenceSession(str(path), opts, providers=providers, disabled_optimizers=NO_FOLDING)
         except Exception as e:  # ORT raises its own Fail/InvalidGraph classes
             raise BackendError(
                 f"{path}: ONNX Runtime cannot load the step graph ({_first_line(e)})"

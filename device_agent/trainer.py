@@ -12,7 +12,7 @@ from typing import Literal
 
 import numpy as np
 
-from fedclip.device_agent.ort_loader import check_device, session_options, training_api
+from fedclip.device_agent.ort_loader import device_providers, session_options, training_api
 from fedclip.sdk.adapters import AdapterFiles, check_tensors
 from fedclip.sdk.errors import BackendError, BundleError, DataError
 from fedclip.sdk.fsutil import atomic_produce
@@ -27,7 +27,7 @@ class OrtTrainer(AdapterFiles):
     """One bundle's training session: train/eval steps, adapter tensors in and out, checkpoints."""
 
     def __init__(
-        self, bundle_dir: str | Path, *, device: str = "cpu", threads: int | None = None, verify: bool = True
+        self, bundle_dir: str | Path, *, device: str = "auto", threads: int | None = None, verify: bool = True
     ) -> None:
         self.bundle_dir = Path(bundle_dir)
         self.manifest = Manifest.load(self.bundle_dir, verify=verify)
@@ -36,9 +36,8 @@ class OrtTrainer(AdapterFiles):
                 raise BundleError(
                     f"{self.bundle_dir}: manifest has no {key!r} graph; this bundle cannot train"
                 )
-        self.device = device
+        self.device = device_providers(device)[0]  # auto: cuda where installed, else cpu
         self.threads = threads
-        check_device(device)
         self._api = training_api()
         self._lr: float | None = None
         self._open(self._initial_checkpoint())

@@ -9,13 +9,13 @@ cd "$(dirname "$0")/.."
 
 PIP=${PIP:-.venv/bin/python -m pip}
 PYV=${PYTHON_VERSION:-3.10}
-PACKAGES=(onnxruntime numpy pillow pyyaml paho-mqtt safetensors typer rich regex cryptography)
+PACKAGES=(onnxruntime numpy pillow pyyaml paho-mqtt safetensors typer rich regex cryptography prometheus-client)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
-  # paho-mqtt, typer and rich are pure Python: their py3-none-any wheel counts as a binary wheel.
+  # paho-mqtt, typer, rich and prometheus-client are pure Python: their py3-none-any wheel counts as a binary wheel.
   if ! $PIP download -q --only-binary=:all: --no-deps --python-version "$PYV" \
     --platform manylinux2014_aarch64 --platform manylinux_2_28_aarch64 -d "$tmp" "$pkg" >"$tmp/log" 2>&1; then
     missing+=("$pkg")

@@ -1,5 +1,7 @@
 """`fedclip-agent serve-inference` as a real process: the JSON contract over TCP and a Unix socket, and
-bad input (corrupt image, huge body, wrong JSON, ...) answered with a 4xx and one line, never a crash."""
+bad input (corrupt image, huge body, wrong JSON, ...) answered with a 4xx and one line, never a crash.
+Its `/metrics` is scraped and parsed with prometheus_client's text parser: the counters follow the
+requests made, the adapter in use, its swaps and an adapter that fails to load."""
 
 from __future__ import annotations
 
@@ -68,6 +70,24 @@ class Served:
         finally:
             conn.close()
 
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """GET /metrics, parsed: {(sample name, sorted labels): value}."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        conn = self.connection()
+        try:
+            conn.request("GET", "/metrics")
+            resp = conn.getresponse()
+            text = resp.read().decode()
+            assert resp.status == 200 and resp.getheader("Content-Type").startswith("text/plain"), text
+        finally:
+            conn.close()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
         try:
@@ -114,6 +134,8 @@ def test_http_contract_and_bad_input(tiny_bundle, adapter_file, tmp_path):
         status, health = server.request("GET", "/health")
         assert status == 200 and health["status"] == "ok" and health["adapter_version"] == "v7"
         assert health["bundle_id"] == Manifest.load(tiny_bundle).bundle_id
+        # --device auto (the default) on a CPU-only onnxruntime: the CPU, and only it
+        assert health["device"] == "cpu" and health["providers"] == ["CPUExecutionProvider"]
 
         images = [{"b64": _b64(pngs[0])}, _b64(pngs[1]), {"path": str(tmp_path / "img.png")}]
         status, out = server.request("POST", "/predict", {"images": images, "top_k": 2})
@@ -161,6 +183,35 @@ def test_http_contract_and_bad_input(tiny_bundle, adapter_file, tmp_path):
         conn.close()
         status, health = server.request("GET", "/health")  # still serving after all of it
         assert status == 200
+
+        m = server.metrics()
+        req = "fedclip_inference_requests_total"
+        answered: dict[tuple[str, str], int] = {("/health", "200"): 2, ("/predict", "200"): 2}
+        answered[("/embed", "200")] = 1
+        for _, path, _, code, _ in bad:
+            route = path if path in ("/health", "/predict", "/embed") else "other"
+            answered[(route, str(code))] = answered.get((route, str(code)), 0) + 1
+        answered[("/predict", "411")] = 1
+        got = {(dict(lab)["route"], dict(lab)["status"]): v for (name, lab), v in m.items() if name == req}
+        assert got == answered
+        assert m[("fedclip_inference_errors_total", (("kind", "client"),))] == len(bad) + 1
+        assert m[("fedclip_inference_errors_total", (("kind", "server"),))] == 0
+        # images of successful requests only: 3 + 1 classified, 2 embedded
+        assert m[("fedclip_inference_images_total", (("route", "/predict"),))] == 4
+        assert m[("fedclip_inference_images_total", (("route", "/embed"),))] == 2
+        hist = "fedclip_inference_request_duration_seconds"
+        n_predict = sum(v for (route, _), v in answered.items() if route == "/predict")
+        assert m[(f"{hist}_count", (("route", "/predict"),))] == n_predict
+        assert m[(f"{hist}_bucket", (("le", "+Inf"), ("route", "/predict")))] == n_predict
+        assert m[(f"{hist}_sum", (("route", "/predict"),))] > 0
+        bundle_id = Manifest.load(tiny_bundle).bundle_id
+        assert m[("fedclip_inference_adapter", (("bundle_id", bundle_id), ("version", "v7")))] == 1
+        assert m[("fedclip_inference_adapter_swaps_total", ())] == 0
+        assert m[("fedclip_inference_process_resident_memory_bytes", ())] > 0
+        # a scrape is counted too (in the next one), and the counters only move forward
+        m2 = server.metrics()
+        assert m2[(req, (("route", "/metrics"), ("status", "200")))] == 1
+        assert m2[(req, (("route", "/predict"), ("status", "200")))] == 2
     finally:
         assert server.stop() == 0, server.log.read_text()
 
@@ -192,9 +243,25 @@ def test_follows_the_agent_state_dir(tiny_bundle, adapter_file, tmp_path):
     (state_dir / "bundles" / m.bundle_id).symlink_to(tiny_bundle)  # where an agent downloads it
     tensors, meta = load_adapter(adapter_file)
     st.install_adapter("v7", tensors, meta, source="rollout")
+    # the agent's record of a published round and of one under way, written by its own state API
+    summary = {"metrics": {"accuracy_after": 0.75, "steps": 8.0}, "num_samples": 40, "train_seconds": 2.0}
+    st.begin_round(3, b"task 3")
+    st.store_update(3, b"update 3", summary)
+    st.mark_published(3)
+    st.begin_round(4, b"task 4")
     server = Served(tmp_path, "--state", str(state_dir), "--port", "0")
     try:
         assert server.request("GET", "/health")[1]["adapter_version"] == "v7"
+        met = server.metrics()  # the agent's side, read from its state dir at the scrape
+        assert met[("fedclip_agent_state_readable", ())] == 1
+        assert met[("fedclip_agent_rounds", (("status", "done"),))] == 1
+        assert met[("fedclip_agent_rounds", (("status", "built"),))] == 0
+        assert met[("fedclip_agent_last_round", ())] == 3
+        assert met[("fedclip_agent_round_in_progress", ())] == 4
+        assert met[("fedclip_agent_last_round_train_seconds", ())] == 2.0
+        assert met[("fedclip_agent_last_round_step_seconds", ())] == 0.25
+        assert met[("fedclip_agent_last_round_metric", (("name", "accuracy_after"),))] == 0.75
+        assert met[("fedclip_agent_adapter_installed", (("version", "v7"),))] == 1
         st.set_current_adapter(None)  # what a rollback to the bundle's own adapter writes
         deadline = time.monotonic() + WAIT_S
         while server.request("GET", "/health")[1]["adapter_version"] is not None:
@@ -202,6 +269,26 @@ def test_follows_the_agent_state_dir(tiny_bundle, adapter_file, tmp_path):
             time.sleep(0.1)
         status, out = server.request("POST", "/predict", {"images": [_b64(_png(2))]})
         assert status == 200 and out["adapter_version"] is None
+        met = server.metrics()
+        in_use = ("fedclip_inference_adapter", (("bundle_id", m.bundle_id), ("version", "")))
+        assert met[in_use] == 1  # the bundle's own adapter
+        assert met[("fedclip_inference_adapter_swaps_total", ())] == 1
+        assert met[("fedclip_inference_adapter_last_swap_timestamp_seconds", ())] > 0
+        assert met[("fedclip_inference_adapter_load_failures_total", ())] == 0
+
+        # an installed adapter that cannot be loaded: counted, and the current one keeps serving
+        st.install_adapter("v8", tensors, meta, source="rollout", use=False)
+        (state_dir / "adapters" / "v8.safetensors").write_bytes(b"not an adapter")
+        st.set_current_adapter("v8")
+        deadline = time.monotonic() + WAIT_S
+        while server.metrics()[("fedclip_inference_adapter_load_failures_total", ())] < 1:
+            assert time.monotonic() < deadline, server.log.read_text()
+            time.sleep(0.1)
+        met = server.metrics()
+        assert met[("fedclip_inference_adapter_swaps_total", ())] == 1 and met[in_use] == 1
+        # the agent installed v8, inference still serves the bundle's own: both visible
+        assert met[("fedclip_agent_adapter_installed", (("version", "v8"),))] == 1
+        assert server.request("GET", "/health")[1]["adapter_version"] is None
     finally:
         assert server.stop() == 0, server.log.read_text()
         st.close()

@@ -11,38 +11,18 @@ import contextlib
 import io
 import logging
 import warnings
-from collections.abc import Sequence
 
 import onnx
 import torch
-from torch import nn
 
-from fedclip.exporters.graph_template import FROZEN, frozen_name
+from fedclip.exporters.graph_template import FROZEN
 from fedclip.exporters.phases import phase
+from fedclip.exporters.step_fx import OPSET as OPSET  # the step graphs' opset (tests read it here)
+from fedclip.exporters.step_fx import as_program, fake_inputs, functional, onnx_tables
 from fedclip.sdk.errors import ExportError
 
-OPSET = 18
 # IR 8 is the oldest IR that carries opset 18; older ONNX Runtime builds (JetPack's) refuse IR 10.
 IR_VERSION = 8
-
-
-class _Traced(nn.Module):
-    """The make_fx graph as an ordinary module: frozen weights as buffers, the rest positional inputs.
-
-    The frozen weights were graph inputs while tracing: closed-over tensors would be constant-folded
-    by make_fx, which stores e.g. every transposed linear weight as a second copy.
-    """
-
-    def __init__(self, gm: torch.fx.GraphModule, frozen: Sequence[torch.Tensor]) -> None:
-        super().__init__()
-        self.gm = gm
-        self.n_frozen = len(frozen)
-        for i, t in enumerate(frozen):
-            self.register_buffer(frozen_name(i), t)
-
-    def forward(self, *args):
-        frozen = [getattr(self, frozen_name(i)) for i in range(self.n_frozen)]
-        return self.gm(*frozen, *args)
 
 
 def trace(fn, frozen, args, n_data: int, input_names, output_names, file: str) -> onnx.ModelProto:
@@ -92,33 +72,24 @@ def _trace_unchecked(
     output_names,
     file: str,
 ) -> onnx.ModelProto:
-    from torch._decomp import get_decompositions
     from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.onnx._internal.exporter import _core, _ir_passes
 
-    decomp = get_decompositions([torch.ops.aten.nll_loss_forward, torch.ops.aten.nll_loss_backward])
+    registry, decomp = onnx_tables()
     # torch.onnx prints its progress to stdout, which would tear the export's progress bar.
     with torch.enable_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         with phase(f"{file}: tracing (make_fx)"):
-            gm = make_fx(
-                fn, tracing_mode="symbolic", decomposition_table=decomp, _allow_non_fake_inputs=True
-            )(*frozen, *args)
-        with phase(f"{file}: torch.export"):
-            batch = torch.export.Dim("batch", min=1, max=1 << 16)
-            dyn = tuple({0: batch} if i < n_data else None for i in range(len(args)))
-            plain = tuple(a.detach() for a in args)
-            program = torch.export.export(_Traced(gm, frozen), plain, dynamic_shapes=(dyn,), strict=False)
+            fake, batch = fake_inputs(frozen, args, n_data)
+            gm = make_fx(fn, tracing_mode="fake", decomposition_table=decomp)(*fake)
+            gm = functional(gm, fake)
         with phase(f"{file}: ONNX translation"):
-            onnx_program = torch.onnx.export(
-                program,
-                (),
-                input_names=list(input_names),
-                output_names=list(output_names),
-                dynamo=True,
-                opset_version=OPSET,
-                optimize=False,
-                verbose=False,
-            )
+            program = as_program(gm, frozen)
+            onnx_program = _core._exported_program_to_onnx_program(program, registry=registry)
+            model_ir = onnx_program.model
+            _ir_passes.rename_axis(model_ir, dict.fromkeys(batch, "batch"))
+            _ir_passes.rename_inputs(model_ir, list(input_names))
+            _ir_passes.rename_outputs(model_ir, list(output_names))
         with phase(f"{file}: onnxscript optimizer"):
             _optimize(onnx_program)
     model = onnx_program.model_proto

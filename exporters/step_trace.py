@@ -121,7 +121,8 @@ def _trace_unchecked(
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch.onnx._internal.exporter import _core, _ir_passes
 
-    registry, decomp = onnx_tables()
+    with phase(f"{file}: torchlib op tables"):  # once per process
+        registry, decomp = onnx_tables()
     # torch.onnx prints its progress to stdout, which would tear the export's progress bar.
     with torch.enable_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")

@@ -1,5 +1,5 @@
-"""A traced function -> one ONNX graph: make_fx, torch.export (dynamic batch), the dynamo ONNX exporter
-and onnxscript's optimizer, each a phase of the export profile.
+"""A traced function -> one ONNX graph: make_fx on fake tensors (`step_fx`), the dynamo ONNX
+exporter's translation and onnxscript's optimizer, each a phase of the export profile.
 
 The frozen weights are the function's leading inputs while tracing and buffers `frozen_<i>` after,
 so the graph's weights are the initializers `graph_template` strips and fills.

@@ -38,15 +38,29 @@ def export(
         "--cache-dir",
         help="Cache of traced step graphs [default: ~/.cache/fedclip/export, or $FEDCLIP_EXPORT_CACHE_DIR].",
     ),
+    cache_max_size: str = typer.Option(
+        None,
+        "--cache-max-size",
+        help="Evict least-recently-used cached graphs beyond this size, e.g. 500M "
+        "[default: 2G, or $FEDCLIP_EXPORT_CACHE_MAX].",
+    ),
+    cache_prune: bool = typer.Option(
+        False, "--cache-prune", help="Only prune the cache to --cache-max-size and exit (no export)."
+    ),
 ) -> None:
     """Export an open_clip model with LoRA adapters as an ONNX Runtime training bundle."""
     import logging
 
     from rich.console import Console
 
+    from fedclip.exporters.export_cache import ExportCache, default_cache_dir, parse_size
+
+    max_bytes = parse_size(cache_max_size) if cache_max_size is not None else None
+    if cache_prune:  # before torch is imported: pruning needs none of it
+        _prune(ExportCache(cache_dir or default_cache_dir(), max_bytes=max_bytes))
+        return
     from fedclip.exporters.bundle import export_bundle
     from fedclip.exporters.config import CLI_DEFAULT_FORMAT, load_export_config
-    from fedclip.exporters.export_cache import ExportCache, default_cache_dir
 
     flags = {
         "model": model,
@@ -66,7 +80,7 @@ def export(
         "format": fmt,
     }
     cfg = load_export_config(config, flags, default_format=CLI_DEFAULT_FORMAT)
-    cache = None if no_cache else ExportCache(cache_dir or default_cache_dir())
+    cache = None if no_cache else ExportCache(cache_dir or default_cache_dir(), max_bytes=max_bytes)
     # open_clip warns through the root logger about random weights; we say it once, ourselves. Only
     # for the export: a process (or a test session) that runs the command keeps its own logging.
     root = logging.getLogger()
@@ -82,7 +96,9 @@ def export(
         )
     if cache is not None and (cache.hits or cache.misses):
         Console(stderr=True, soft_wrap=True).print(
-            f"export cache {cache.root}: {cache.hits} graph(s) reused, {cache.misses} traced", highlight=False
+            f"export cache {cache.root}: {cache.hits} graph(s) reused, {cache.misses} traced"
+            + (f", {cache.evicted} evicted (over {_size(cache.max_bytes)})" if cache.evicted else ""),
+            highlight=False,
         )
     trainable = sum(1 for t in manifest.tensors if t.trainable)
     if as_json:  # the summary for scripts; fields in docs/operations.md
@@ -102,4 +118,18 @@ def export(
     print(
         f"bundle {manifest.bundle_id} written to {cfg.out} ({trainable} trainable adapter tensors, "
         f"formats: {', '.join(manifest.formats)})"
+    )
+
+
+def _size(n: int | None) -> str:
+    return f"{(n or 0) / (1 << 20):,.1f} MiB"
+
+
+def _prune(cache) -> None:
+    """`--cache-prune`: evict down to the cap, say what stays."""
+    evicted = cache.prune()
+    kept = cache.entries()
+    print(
+        f"export cache {cache.root}: {evicted} graph(s) evicted, {len(kept)} kept "
+        f"({_size(sum(size for _, size, _ in kept))} of {_size(cache.max_bytes)})"
     )

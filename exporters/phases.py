@@ -1,9 +1,10 @@
 """Export phases: what the progress bar shows and what the export profile measures.
 
 An export runs under `recording(Phases(...))`; any exporter module marks a phase with
-`with phase("tracing step graph"):`. Each phase records its wall time and the process's peak RSS
-(VmHWM; the peak is reset at each phase start where Linux allows it, so it is that phase's own
-peak), and tells the progress callback its name. Outside `recording` a phase costs nothing.
+`with phase("tracing step graph"):`. Each phase records its wall time, the process's CPU time
+(what a busy shared machine distorts least) and its peak RSS (VmHWM; the peak is reset at each
+phase start where Linux allows it, so it is that phase's own peak), and tells the progress
+callback its name. Outside `recording` a phase costs nothing.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def _reset_peak() -> bool:
 class PhaseRecord:
     name: str
     seconds: float
+    cpu_seconds: float  # the process's CPU time in the phase, all threads
     peak_rss_mb: float | None  # this phase's peak (whole process RSS) if the peak could be reset
     depth: int  # 0: a top-level phase; 1: inside another phase
 
@@ -57,7 +59,7 @@ class Phases:
         if self.on_phase is not None:
             self.on_phase(name, len(self._stack))
         resettable = _reset_peak()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         self._stack.append(0)
         try:
             yield
@@ -65,11 +67,14 @@ class Phases:
             inner = self._stack.pop()
             hwm = _vm_kb("VmHWM") if resettable else None
             seconds = time.perf_counter() - start
+            cpu_seconds = time.process_time() - cpu
             peak = max(hwm or 0, inner)
             if self._stack:
                 self._stack[-1] = max(self._stack[-1], peak)
             mb = round(peak / 1024, 1) if resettable and peak else None
-            self.records.append(PhaseRecord(name, round(seconds, 3), mb, len(self._stack)))
+            self.records.append(
+                PhaseRecord(name, round(seconds, 3), round(cpu_seconds, 3), mb, len(self._stack))
+            )
 
     def summary(self) -> list[dict]:
         return [r.__dict__.copy() for r in self.records]

@@ -7,9 +7,10 @@ ai.onnx (opset 18), so any ONNX Runtime build (no training API) can train a bund
 
 Why this route: torch.export cannot trace `torch.func.grad` nor `autograd.grad` inside `forward`,
 but `make_fx` traces the whole step (functional_call + autograd.grad + AdamW in tensor ops) into an
-FX graph of aten ops, which torch.export (for the dynamic batch axis) and the dynamo ONNX exporter
-take like any module. `nll_loss_forward/backward` are decomposed while tracing because onnxscript's
-nll_loss fakes its total weight, which would scale gradients by the batch size.
+FX graph of aten ops, which the dynamo ONNX exporter's translation takes once it is wrapped as an
+ExportedProgram (`step_fx`: one fake-mode trace, symbolic batch only, no torch.export).
+`nll_loss_forward/backward` are decomposed while tracing because onnxscript's nll_loss fakes its
+total weight, which would scale gradients by the batch size.
 """
 
 from __future__ import annotations

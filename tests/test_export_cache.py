@@ -1,17 +1,21 @@
 """The export cache of traced step graphs: a cached export writes the bytes a fresh one writes, a
-damaged entry is found by its sha256 and rebuilt, and concurrent exports share one entry."""
+damaged entry is found by its sha256 and rebuilt, concurrent exports share one entry, and the cache
+keeps to its size cap by evicting the least recently used entries nobody holds."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from fedclip.exporters.export_cache import GRAPH, ExportCache, cache_key
+from fedclip.exporters.export_cache import GRAPH, ExportCache, cache_key, parse_size
+from fedclip.sdk.errors import ExportError
 
 # Same label count and prompt length as bundle_factory's default ("a", "b", "c"), other texts.
 OTHER = {"seed": 7, "labels": ("x", "y", "z")}
@@ -177,3 +181,96 @@ def test_two_processes_at_once_build_one_entry(tmp_path):
     check = ExportCache(root)
     assert check.get_or_build({"graph": "step", "race": 1}, lambda: b"") == bytes(range(256)) * 4096
     assert check.hits == 1
+
+
+# ---- the size cap: least-recently-used entries go, held ones stay -------------------------------
+def _age(cache: ExportCache, doc: dict, seconds_ago: float) -> None:
+    """Set an entry's last use (what a hit renews) into the past: a clock-free LRU order."""
+    entry = cache.entry_dir(cache_key(doc)) / "entry.json"
+    t = time.time() - seconds_ago
+    os.utime(entry, (t, t))
+
+
+def _present(cache: ExportCache, *docs: dict) -> list[bool]:
+    return [cache.entry_dir(cache_key(d)).is_dir() for d in docs]
+
+
+def test_least_recently_used_entries_are_evicted_beyond_the_cap(tmp_path):
+    a, b, c = ({"graph": "step", "n": i} for i in range(3))
+    unlimited = ExportCache(tmp_path, max_bytes=1 << 40)
+    for doc in (a, b):
+        unlimited.get_or_build(doc, _payload)
+    _age(unlimited, a, 200)
+    _age(unlimited, b, 100)  # a is older, but the hit below makes it the newest
+    entry_size = unlimited.entries()[0][1]
+    cache = ExportCache(tmp_path, max_bytes=2 * entry_size + entry_size // 2)
+    assert cache.get_or_build(a, lambda: b"never built") == _payload()
+    assert cache.evicted == 0
+    cache.get_or_build(c, _payload)  # three entries > the cap: b, the least recently used, goes
+    assert cache.evicted == 1
+    assert _present(cache, a, b, c) == [True, False, True]
+    assert sum(size for _, size, _ in cache.entries()) <= cache.max_bytes
+    leftovers = [p.name for p in tmp_path.rglob("*") if "trash" in p.name or p.name.startswith(".tmp")]
+    assert not leftovers
+    again = ExportCache(tmp_path, max_bytes=cache.max_bytes)
+    again.get_or_build(b, _payload)  # an evicted entry is simply built again
+    assert (again.hits, again.misses, again.evicted) == (0, 1, 1)
+
+
+def test_the_entry_just_written_stays_even_over_the_cap(tmp_path):
+    cache = ExportCache(tmp_path, max_bytes=0)
+    docs = [{"graph": "step", "n": i} for i in range(2)]
+    for doc in docs:
+        cache.get_or_build(doc, _payload)
+    assert _present(cache, *docs) == [False, True]
+    assert cache.evicted == 1
+
+
+_HOLDER = r"""
+import sys
+from pathlib import Path
+from fedclip.exporters.export_cache import _locked
+with _locked(Path(sys.argv[1])):
+    print("locked", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_an_entry_another_process_holds_is_not_evicted(tmp_path):
+    held, free, new = ({"graph": "step", "n": i} for i in range(3))
+    cache = ExportCache(tmp_path, max_bytes=1 << 40)
+    for doc in (held, free):
+        cache.get_or_build(doc, _payload)
+    _age(cache, held, 200)  # the least recently used: first to go, were it not held
+    _age(cache, free, 100)
+    lock = cache.entry_dir(cache_key(held)).with_name(f".{cache_key(held)}.lock")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(lock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        cache.max_bytes = 0
+        cache.get_or_build(new, _payload)
+        assert _present(cache, held, free, new) == [True, False, True]
+    finally:
+        holder.communicate("go\n", timeout=60)
+    assert holder.returncode == 0
+    assert cache.prune() == 2  # released: now it goes too (no entry is being written to keep)
+    assert _present(cache, held, new) == [False, False]
+
+
+@pytest.mark.parametrize(
+    "text, size",
+    [("0", 0), ("1500", 1500), ("2G", 2 << 30), ("500M", 500 << 20), ("1.5k", 1536), ("3 GiB", 3 << 30)],
+)
+def test_sizes_read_as_binary_units(text, size):
+    assert parse_size(text) == size
+
+
+def test_the_cap_comes_from_the_environment(tmp_path, monkeypatch):
+    assert ExportCache(tmp_path).max_bytes == 2 << 30
+    monkeypatch.setenv("FEDCLIP_EXPORT_CACHE_MAX", "64M")
+    assert ExportCache(tmp_path).max_bytes == 64 << 20
+    monkeypatch.setenv("FEDCLIP_EXPORT_CACHE_MAX", "lots")
+    with pytest.raises(ExportError, match="FEDCLIP_EXPORT_CACHE_MAX"):
+        ExportCache(tmp_path)

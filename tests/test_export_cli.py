@@ -158,3 +158,26 @@ def test_cli_reuses_traced_graphs_from_the_cache_dir(bundle_factory, export_cach
     assert "2 graph(s) reused, 0 traced" in " ".join(res.stderr.split())
     assert sorted(p.relative_to(export_cache.root) for p in export_cache.root.rglob("*")) == before
     assert (out / "weights.bin").read_bytes() != (seen / "weights.bin").read_bytes()  # seed 3's weights
+
+
+def test_cache_prune_evicts_down_to_the_cap(cli, tmp_path):
+    from fedclip.exporters.export_cache import ExportCache
+
+    root = tmp_path / "cache"
+    cache = ExportCache(root, max_bytes=1 << 40)
+    for i in range(3):
+        cache.get_or_build({"graph": "step", "n": i}, lambda: bytes(100_000))
+    res = cli("--cache-prune", "--cache-dir", str(root), "--cache-max-size", "250K")
+    assert res.returncode == 0, res.stderr
+    assert f"export cache {root}: 1 graph(s) evicted, 2 kept" in res.stdout
+    assert len(ExportCache(root).entries()) == 2
+    res = cli("--cache-prune", "--cache-dir", str(root), "--cache-max-size", "0")
+    assert res.returncode == 0 and "2 graph(s) evicted, 0 kept" in res.stdout
+    assert not ExportCache(root).entries()
+
+
+def test_bad_cache_size_is_one_line_exit_2(cli, tmp_path):
+    res = cli("--cache-prune", "--cache-dir", str(tmp_path), "--cache-max-size", "lots")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().startswith("fedclip-coord: error: --cache-max-size: 'lots' is not a size")
+    assert len(res.stderr.strip().splitlines()) == 1

@@ -40,6 +40,7 @@ from fedclip.coordinator.strategies.fleet_mix import newcomer_weights  # noqa: E
 from fedclip.sdk.wire import STAT_LABEL_HIST, STAT_MEAN, STAT_VAR  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+MIXING = ("fleet-core", "fleet-lora")  # strategies whose newcomers get a statistics-weighted mix
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ METHODS = {
     "ce-lora": Method("tri-lora", strategy="ce-lora"),
     "local-core": Method("tri-lora", "frozen-seed", lr_scale=4.0),
     "fleet-core": Method("tri-lora", "frozen-seed", "fleet-core", lr_scale=4.0),
+    # The whole LoRA adapter (A and B) mixed by data similarity (the fleet-lora strategy).
+    "fleet-lora": Method("lora", strategy="fleet-lora"),
 }
 
 
@@ -188,10 +191,10 @@ def run_method(name: str, m: Method, fleet: Fleet, args, seed: int, models: dict
         mo, ma = np.mean([v[-1] for v in own.values()]), np.mean([v[-1] for v in alls.values()])
         print(f"    {name} r{r}: own {mo:.3f} all {ma:.3f} global {glob[-1]:.3f}", flush=True)
     out.update(own=own, all=alls, global_=glob)
-    if m.init == "frozen-seed":
+    if m.strategy in MIXING:
         out["inference_mix"] = _inference_mix(model, fleet, local, personal, glob_t)
     if fleet.newcomers:
-        out["cold_start"] = _cold_join(model, m, fleet, args, lr, seed, local, personal, glob_t, stats)
+        out["cold_start"] = _cold_join(model, strat, fleet, args, lr, seed, local, personal, glob_t, stats)
     return out
 
 
@@ -224,16 +227,16 @@ def _cold_local(model: Model, fleet: Fleet, args, lr: float, seed: int) -> dict:
     return res
 
 
-def _cold_join(model, m, fleet, args, lr, seed, local, personal, glob_t, stats) -> dict:
+def _cold_join(model, strat, fleet, args, lr, seed, local, personal, glob_t, stats) -> dict:
     """What a newcomer gets on joining and after one local round, per method."""
     res = {}
     names = [a.name for a in fleet.agents]
     for j, a in enumerate(fleet.newcomers):
-        if m.strategy == "fleet-core":
+        if strat.name in MIXING:
             st = [stats[n] for n in names] + [stats[a.name]]
             w = newcomer_weights(np.stack([s[STAT_LABEL_HIST] for s in st]),
                                  [s[STAT_MEAN] for s in st], [s[STAT_VAR] for s in st], args.tau)  # fmt: skip
-            g = dict(m.options).get("fleet_weight", 0.5)
+            g = strat.fleet_weight
             join = {n: (1 - g) * sum(w[k] * personal[names[k]][n] for k in range(len(names))) + g * glob_t[n]
                     for n in model.exchanged}  # fmt: skip
         else:
@@ -309,7 +312,8 @@ def main() -> None:
     ap.add_argument("--fullft-lr", type=float, default=1e-4)
     ap.add_argument("--lam", type=float, default=0.5)
     ap.add_argument("--tau", type=float, default=0.1)
-    ap.add_argument("--fleet-weight", type=float, default=0.5)
+    ap.add_argument("--fleet-weight", type=float, default=0.5, help="fleet-core's g")
+    ap.add_argument("--lora-fleet-weight", type=float, default=None, help="fleet-lora's g (default: its own)")
     ap.add_argument("--core-lr-scale", type=float, default=4.0, help="lr multiplier of the C-only methods")
     ap.add_argument("--newcomers", type=int, default=0, help="cold-start agents (clustered regime)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -349,9 +353,13 @@ def main() -> None:
                 res = run_fullft(fleet, args, seed)
             else:
                 m = METHODS[name]
-                if m.init == "frozen-seed":
-                    opts = (("fleet_weight", args.fleet_weight),) if m.strategy else ()
-                    m = Method(m.kind, m.init, m.strategy, args.core_lr_scale, opts)
+                opts: tuple = ()
+                if m.strategy == "fleet-core":
+                    opts = (("fleet_weight", args.fleet_weight),)
+                elif m.strategy == "fleet-lora" and args.lora_fleet_weight is not None:
+                    opts = (("fleet_weight", args.lora_fleet_weight),)
+                scale = args.core_lr_scale if m.init == "frozen-seed" else m.lr_scale
+                m = Method(m.kind, m.init, m.strategy, scale, opts)
                 res = run_method(name, m, fleet, args, seed, models)
             res["seconds"] = time.monotonic() - t
             results[seed][name] = res

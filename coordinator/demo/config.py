@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fedclip.sdk.errors import ConfigError
 
-STRATEGY_ADAPTER = {"fedavg": "lora", "ce-lora": "tri-lora"}
+STRATEGY_ADAPTER = {"fedavg": "lora", "ce-lora": "tri-lora", "fleet-lora": "lora"}
 
 
 FLEET = "demo"

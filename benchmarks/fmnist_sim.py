@@ -108,9 +108,12 @@ class Model:
                 opt.step()
 
     @torch.no_grad()
-    def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
         self.graph.eval()
-        return float((self.graph.logits(x).argmax(-1) == y).float().mean()) if len(y) else float("nan")
+        return self.graph.logits(x)
+
+    def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        return float((self.logits(x).argmax(-1) == y).float().mean()) if len(y) else float("nan")
 
     @torch.no_grad()
     def stats(self, a: AgentData) -> dict:
@@ -199,23 +202,38 @@ def run_method(name: str, m: Method, fleet: Fleet, args, seed: int, models: dict
 
 
 def _inference_mix(model: Model, fleet: Fleet, local: dict, personal: dict, glob_t: dict) -> dict:
-    """Own and all-class accuracy (means over agents) of (1 - h) C_i + h Cbar at inference, per h.
+    """Own and all-class accuracy (means over agents) of the personal adapter mixed with the fleet's.
 
-    With the frozen shared basis the adapter is linear in C, so this is exactly mixing the personal
-    and the fleet adapter (no retraining).
+    Tri-LoRA over the frozen shared basis: the weights (1 - h) C_i + h Cbar (the adapter is linear
+    in C, so this mixes the two weight updates exactly). Plain LoRA (A and B are not linear in the
+    update): the logits, (1 - h) logits_personal + h logits_fleet, two forward passes.
     """
     res = {}
+    linear = model.spec.kind == "tri-lora"
     for h in (0.25, 0.5, 0.75, 1.0):
         scores = []
         for a in fleet.agents:
-            mixed = {n: (1 - h) * personal[a.name][n] + h * glob_t[n] for n in model.exchanged}
-            model.load({**local[a.name], **mixed})
-            scores.append(_score(model, a))
+            if linear:
+                mixed = {n: (1 - h) * personal[a.name][n] + h * glob_t[n] for n in model.exchanged}
+                model.load({**local[a.name], **mixed})
+                scores.append(_score(model, a))
+                continue
+            own, alls = [], []
+            for adapter in ({**local[a.name], **personal[a.name]}, {**local[a.name], **glob_t}):
+                model.load(adapter)
+                own.append(model.logits(a.own_x))
+                alls.append(model.logits(a.all_x))
+            mix_own, mix_all = (1 - h) * own[0] + h * own[1], (1 - h) * alls[0] + h * alls[1]
+            scores.append((_hits(mix_own, a.own_y), _hits(mix_all, a.all_y)))
         res[str(h)] = {
             "own": float(np.mean([s[0] for s in scores])),
             "all": float(np.mean([s[1] for s in scores])),
         }
     return res
+
+
+def _hits(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return float((logits.argmax(-1) == y).float().mean()) if len(y) else float("nan")
 
 
 def _cold_local(model: Model, fleet: Fleet, args, lr: float, seed: int) -> dict:

@@ -9,14 +9,13 @@ the other and not toward the third.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 from fixtures_data import synthetic_images
+from fixtures_fleet import AgentProc
 
 from fedclip.coordinator.store import Store
 from fedclip.coordinator.strategies import StrategyOptions, Update
@@ -40,18 +39,14 @@ def test_fleet_lora_round_with_real_agents(mosquitto, bundle_factory, tmp_path):
     manifest = Manifest.load(bundle)
     names = tuple(sorted(t.name for t in manifest.exchanged))
     state = tmp_path / "coord"
-    logs, procs = [], []
+    agents = []
     try:
         for n, (aid, mix) in enumerate(MIXES.items()):
             data = synthetic_images(tmp_path / "data" / aid, manifest.task.labels, mix, seed=n)
-            log = open(tmp_path / f"{aid}.log", "wb")
-            logs.append(log)
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "fedclip.device_agent.cli", "start", "--broker", mosquitto.url,
-                 "--fleet", "e2e", "--id", aid, "--bundle", str(bundle), "--data", str(data),
-                 "--state", str(tmp_path / "agents" / aid), "--threads", "1"],
-                stdout=log, stderr=subprocess.STDOUT,
-            ))  # fmt: skip
+            agents.append(AgentProc(tmp_path / "logs", [
+                "--broker", mosquitto.url, "--fleet", "e2e", "--id", aid, "--bundle", str(bundle),
+                "--data", str(data), "--state", str(tmp_path / "agents" / aid), "--threads", "1",
+            ], aid, tmp_path / "agents" / aid))  # fmt: skip
         coord = subprocess.run(
             [sys.executable, "-m", "fedclip.coordinator.cli", "serve", "--broker", mosquitto.url,
              "--fleet", "e2e", "--bundle", str(bundle), "--state", str(state), "--strategy", "fleet-lora",
@@ -59,19 +54,10 @@ def test_fleet_lora_round_with_real_agents(mosquitto, bundle_factory, tmp_path):
              "--round-timeout", "300", "--local-epochs", "2", "--lr", "0.02"],
             capture_output=True, text=True, timeout=360,
         )  # fmt: skip
-        agent_logs = "\n".join((tmp_path / f"{a}.log").read_text()[-1500:] for a in MIXES)
-        assert coord.returncode == 0, coord.stderr[-3000:] + agent_logs
+        assert coord.returncode == 0, coord.stderr[-3000:] + "\n".join(a.tail(10) for a in agents)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.kill(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        for log in logs:
-            log.close()
+        for agent in agents:
+            agent.kill()
 
     with Store(state, readonly=True) as s:
         assert [r.state for r in s.rounds()] == ["aggregated"], s.rejections()

@@ -76,6 +76,11 @@ def _cold_entries(cold: dict) -> dict[str, list[float]]:
     return per
 
 
+def _lora_g(p: dict) -> str:
+    g = p.get("lora_fleet_weight")
+    return "0 (its default)" if g is None else str(g)
+
+
 def run_section(name: str, run: dict) -> list[str]:
     p = run["protocol"]
     methods = [m for m in ORDER if any(m in r for r in run["results"].values())]
@@ -88,7 +93,8 @@ def run_section(name: str, run: dict) -> list[str]:
         f"{p['regime']}: {p['agents']} agents, {p['per_agent']} labelled images each"
         f"{' (80% train)' if p['regime'] == 'today' else ''}, Dirichlet {p['beta']}, {p['rounds']} rounds x "
         f"{p['local_epochs']} local epoch(s), lr {p['lr']} (cores x{p['core_lr_scale']}), rank {p['rank']}, "
-        f"lam {p['lam']}, tau {p['tau']}, fleet weight {p['fleet_weight']}; seeds {', '.join(seeds)} "
+        f"lam {p['lam']}, tau {p['tau']}, fleet weight g: fleet-core {p['fleet_weight']}, fleet-lora "
+        f"{_lora_g(p)}; seeds {', '.join(seeds)} "
         f"({len(seeds)}; mean ± sd over seeds of the mean over agents).",
         "",
         "| method | own (%) | all-class (%) | worst agent own (%) | global, balanced unshifted (%) |",

@@ -12,7 +12,9 @@ the same `aggregate()` the server calls). `fmnist_fl.py` confirms a method throu
 Methods (`METHODS`): zero-shot; local-only LoRA; FedAvg-LoRA (A and B averaged); CE-LoRA (tri-LoRA,
 A and B personal, C mixed); fleet-core (tri-LoRA with frozen shared A, B from the bundle seed: the
 update B C A is linear in C, so mixing cores mixes weight updates exactly; cores mixed by data
-similarity and blended with the fleet mean); local-only C (the same adapter, alone). Each agent is
+similarity and blended with the fleet mean); fleet-lora (plain LoRA, A and B of every module mixed
+by data similarity: each camera group averages its whole adapters); local-only C (the same adapter
+as fleet-core, alone). Each agent is
 scored every round on its own held-out split and on the balanced all-class set under its shift;
 methods with a global adapter also on the balanced unshifted set.
 """

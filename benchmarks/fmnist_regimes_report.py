@@ -273,6 +273,8 @@ def _real_plot(name: str, run: dict, methods: list[str], path: Path) -> None:
         curves = [np.mean(list(zip(*res[m]["accuracy_per_round"].values(), strict=True)), axis=1)
                   for res in run["results"].values() if m in res]  # fmt: skip
         curve = np.mean(curves, axis=0)
+        if len(curve) <= 2:  # zero-shot: one value, local-only: before and after; drawn from 0 to R
+            curve = np.array([curve[0], curve[-1]])
         xs = range(len(curve)) if len(curve) > 2 else [0, run["protocol"]["rounds"]]
         ax2.plot(xs, 100 * curve, "-o", color=f"C{i}", ms=3, label=m)
     ax1.set(xlabel="all-class accuracy (%)", ylabel="own accuracy (%)")

@@ -100,7 +100,7 @@ def main() -> None:
     }
     t_start = time.monotonic()
     for seed in args.seeds:
-        sw = args.work / f"{args.regime}-{args.per_agent}-seed-{seed}"
+        sw = args.work / f"{args.regime}-{args.agents}x{args.per_agent}-beta{args.beta}-seed-{seed}"
         data_dir = sw / "data"
         if not (data_dir / "partition.json").is_file():
             shutil.rmtree(data_dir, ignore_errors=True)

@@ -61,8 +61,9 @@ FEDERATED = {
     "fedavg-lora-text": ("fedavg", "text"),
     "fedavg-lora-both": ("fedavg", "vision,text"),
     "ce-lora": ("ce-lora", "vision,text"),
+    "fleet-lora": ("fleet-lora", "vision,text"),  # run by fmnist_fl_regimes.py (issue 13)
 }
-ALL_METHODS = ("zero-shot", "local-lora", *FEDERATED, "full-ft-fedavg")
+ALL_METHODS = ("zero-shot", "local-lora", "fedavg-lora-text", "fedavg-lora-both", "ce-lora", "full-ft-fedavg")
 
 
 class RssSampler:

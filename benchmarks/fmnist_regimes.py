@@ -18,12 +18,15 @@ Regimes (`make_fleet`):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from fedclip.sdk.partition import CameraShift, LabeledImages, agent_shifts
+from fedclip.sdk.all_class import ALL_SPLIT
+from fedclip.sdk.partition import SUMMARY_NAME, CameraShift, LabeledImages, agent_shifts
 
 POOL_TRAIN = 7000  # pool images [0, 7000) are training images, [7000, 10000) test images
 OWN_TEST = 100
@@ -78,23 +81,28 @@ def _pixels(pool: LabeledImages, idx: np.ndarray, shift: CameraShift, transform,
     return torch.from_numpy(np.stack(arr))
 
 
-def _agent(pool, transform, name, shift, mix, group, n_train, train_s, test_rng, bal, seed) -> AgentData:
-    tr = train_s.by_mix(mix, n_train)
-    # Each agent draws its own test split from the whole test part (test images may repeat across
-    # agents, never within one): with skewed mixes a shared pool would run out of a popular label.
-    own = _Sampler(pool.labels, POOL_TRAIN, len(pool.labels), test_rng).by_mix(mix, OWN_TEST)
-    y = torch.from_numpy(pool.labels.astype(np.int64))
-    return AgentData(
-        name, shift, mix, group,
-        _pixels(pool, tr, shift, transform, seed), y[tr],
-        _pixels(pool, own, shift, transform, seed), y[own],
-        _pixels(pool, bal, shift, transform, seed), y[bal],
-    )  # fmt: skip
+@dataclass
+class AgentDraw:
+    """Which pool images one agent holds (indices), under which shift: a regime before any pixel."""
+
+    name: str
+    shift: CameraShift
+    mix: np.ndarray
+    group: int
+    train: np.ndarray
+    own: np.ndarray
 
 
-def make_fleet(
-    pool: LabeledImages,
-    transform,
+@dataclass
+class FleetDraw:
+    agents: list[AgentDraw]
+    newcomers: list[AgentDraw]
+    balanced: np.ndarray  # every agent's all-class test images (each under its own shift)
+    global_: np.ndarray  # balanced, unshifted
+
+
+def draw_fleet(
+    labels: np.ndarray,
     regime: str,
     agents: int,
     per_agent: int,
@@ -104,53 +112,83 @@ def make_fleet(
     conc: float = 20.0,
     newcomers: int = 0,
     newcomer_images: int = 16,
-) -> Fleet:
-    """The fleet of one regime and seed; `per_agent` labelled images each (80% of them in today's)."""
+) -> FleetDraw:
+    """The images of one regime and seed, as pool indices (`make_fleet`, `write_fleet` use them)."""
     rng = np.random.default_rng([seed, 0xF1EE7])
-    train_s = _Sampler(pool.labels, 0, POOL_TRAIN, rng)
-    test_s = _Sampler(pool.labels, POOL_TRAIN, len(pool.labels), rng)
+    train_s = _Sampler(labels, 0, POOL_TRAIN, rng)
+    test_s = _Sampler(labels, POOL_TRAIN, len(labels), rng)
     n_train = int(round(per_agent * 0.8)) if regime == "today" else per_agent
     # One balanced set of image ids for every agent's all-class test (each under its own shift), so
     # all-class accuracies compare across agents, and one unshifted for the global model.
     bal = test_s.draw(np.full(10, ALL_PER_LABEL))
     gidx = test_s.draw(np.full(10, 30))
-    out = []
+
+    def agent(name: str, shift: CameraShift, mix: np.ndarray, group: int, n: int) -> AgentDraw:
+        tr = train_s.by_mix(mix, n)
+        # Each agent draws its own test split from the whole test part (test images may repeat across
+        # agents, never within one): with skewed mixes a shared pool would run out of a popular label.
+        own = _Sampler(labels, POOL_TRAIN, len(labels), rng).by_mix(mix, OWN_TEST)
+        return AgentDraw(name, shift, mix, group, tr, own)
+
+    out, extra = [], []
     if regime == "clustered":
         shifts = agent_shifts(groups, seed)  # distinct camera kinds: agent_shifts cycles through them
         centers = [rng.dirichlet(np.full(10, beta)) for _ in range(groups)]
-        member = [i % groups for i in range(agents)]
-        for i, g in enumerate(member):
-            mix = rng.dirichlet(conc * centers[g] + 1e-3)
+        for i in range(agents):
+            g = i % groups
             out.append(
-                _agent(pool, transform, f"agent-{i:02d}", shifts[g], mix, g, n_train, train_s, rng, bal, seed)
+                agent(f"agent-{i:02d}", shifts[g], rng.dirichlet(conc * centers[g] + 1e-3), g, n_train)
             )
-        extra = []
         for j in range(newcomers):
             g = j % groups
             mix = rng.dirichlet(conc * centers[g] + 1e-3)
-            extra.append(
-                _agent(
-                    pool,
-                    transform,
-                    f"new-{j:02d}",
-                    shifts[g],
-                    mix,
-                    g,
-                    newcomer_images,
-                    train_s,
-                    rng,
-                    bal,
-                    seed,
-                )
-            )
+            extra.append(agent(f"new-{j:02d}", shifts[g], mix, g, newcomer_images))
     else:
         shifts = agent_shifts(agents, seed)
         for i in range(agents):
-            mix = rng.dirichlet(np.full(10, beta))
-            out.append(
-                _agent(pool, transform, f"agent-{i:02d}", shifts[i], mix, i, n_train, train_s, rng, bal, seed)
-            )
-        extra = []
-    gx = _pixels(pool, gidx, CameraShift(), transform, seed)
-    gy = torch.from_numpy(pool.labels.astype(np.int64))[gidx]
-    return Fleet(regime, out, gx, gy, extra)
+            out.append(agent(f"agent-{i:02d}", shifts[i], rng.dirichlet(np.full(10, beta)), i, n_train))
+    return FleetDraw(out, extra, bal, gidx)
+
+
+def make_fleet(pool: LabeledImages, transform, regime: str, agents: int, per_agent: int, seed: int,
+               beta: float = 0.1, **kw) -> Fleet:  # fmt: skip
+    """The fleet of one regime and seed as tensors; `per_agent` labelled images each (80% in today's)."""
+    d = draw_fleet(pool.labels, regime, agents, per_agent, seed, beta, **kw)
+    y = torch.from_numpy(pool.labels.astype(np.int64))
+
+    def px(idx: np.ndarray, shift: CameraShift) -> torch.Tensor:
+        return _pixels(pool, idx, shift, transform, seed)
+
+    def data(a: AgentDraw) -> AgentData:
+        return AgentData(a.name, a.shift, a.mix, a.group, px(a.train, a.shift), y[a.train],
+                         px(a.own, a.shift), y[a.own], px(d.balanced, a.shift), y[d.balanced])  # fmt: skip
+
+    return Fleet(regime, [data(a) for a in d.agents], px(d.global_, CameraShift()), y[d.global_],
+                 [data(a) for a in d.newcomers])  # fmt: skip
+
+
+def write_fleet(out: Path, pool: LabeledImages, regime: str, agents: int, per_agent: int, seed: int,
+                beta: float = 0.1, **kw) -> dict:  # fmt: skip
+    """The same fleet as image folders for the real path (`fmnist_fl.py --regime`).
+
+    `<agent>/train`, `<agent>/test` (its own split) and `<agent>/all` (the balanced set under its
+    shift), one folder per label, and `partition.json` as `sdk.partition.write_partition` writes it
+    (agents, labels, each agent's shift and counts; `groups` added).
+    """
+    d = draw_fleet(pool.labels, regime, agents, per_agent, seed, beta, **kw)
+    summary: dict = {"dataset": "fashion-mnist", "agents": [a.name for a in d.agents], "regime": regime,
+                     "seed": seed, "labels": list(pool.classes), "counts": {},
+                     "groups": {a.name: a.group for a in d.agents}}  # fmt: skip
+    for a in d.agents:
+        entry: dict = {"shift": asdict(a.shift)}
+        for split, idx in (("train", a.train), ("test", a.own), (ALL_SPLIT, d.balanced)):
+            for name in pool.classes:
+                (out / a.name / split / name).mkdir(parents=True, exist_ok=True)
+            for i in idx.tolist():
+                img = a.shift.apply(pool.image(int(i)), noise_seed=seed * 1_000_003 + int(i))
+                img.save(out / a.name / split / pool.classes[pool.labels[i]] / f"{i:06d}.png")
+            counts = np.bincount(pool.labels[idx], minlength=len(pool.classes))
+            entry[split] = {name: int(c) for name, c in zip(pool.classes, counts, strict=True)}
+        summary["counts"][a.name] = entry
+    (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return summary

@@ -1,8 +1,9 @@
 """Report of the FMNIST-FL regimes (`fmnist_sim.py` runs): tables, targets of issue 13, plots.
 
-    python benchmarks/fmnist_regimes_report.py RUN.json [RUN.json ...]
+    python benchmarks/fmnist_regimes_report.py RUN.json [RUN.json ...] [--real REAL.json ...]
 
-Writes `results/fmnist_regimes.json` (the runs, as given), `results/fmnist_regimes.<run>.png` (per run:
+Writes `results/fmnist_regimes.json` (the runs, as given: `sim` from `fmnist_sim.py`, `real` from
+`fmnist_fl_regimes.py`), `results/fmnist_regimes.<run>.png` (per run:
 own vs all-class accuracy per method, and both per round) and the regimes section of
 `results/fmnist_fl.md` (everything after its REGIMES_MARKER line is replaced).
 """
@@ -17,8 +18,16 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REGIMES_MARKER = "<!-- regimes: written by fmnist_regimes_report.py -->"
-ORDER = ("zero-shot", "local-lora", "local-core", "fedavg-lora", "full-ft-fedavg", "ce-lora", "fleet-core")
-PERSONAL = "fleet-core"
+ORDER = (
+    "zero-shot", "local-lora", "local-core", "fedavg-lora", "fedavg-lora-both", "full-ft-fedavg", "ce-lora",
+    "fleet-core", "fleet-lora",
+)  # fmt: skip
+PERSONALS = ("fleet-lora", "fleet-core")  # the methods issue 13's targets are checked for
+NO_GLOBAL = ("local-lora", "local-core", "ce-lora", "fleet-core", "fleet-lora")  # no fleet-trained global
+MIX_TEXT = {
+    "fleet-core": "(1 - h) C_i + h Cbar (final cores; exact adapter mixing over the frozen basis)",
+    "fleet-lora": "(1 - h) logits_i + h logits_fleet (the personal and the fleet-mean adapter, two passes)",
+}
 
 
 def _seed_means(run: dict, method: str, key: str, at: int = -1) -> list[float]:
@@ -67,6 +76,11 @@ def _cold_entries(cold: dict) -> dict[str, list[float]]:
     return per
 
 
+def _lora_g(p: dict) -> str:
+    g = p.get("lora_fleet_weight")
+    return "0 (its default)" if g is None else str(g)
+
+
 def run_section(name: str, run: dict) -> list[str]:
     p = run["protocol"]
     methods = [m for m in ORDER if any(m in r for r in run["results"].values())]
@@ -79,7 +93,8 @@ def run_section(name: str, run: dict) -> list[str]:
         f"{p['regime']}: {p['agents']} agents, {p['per_agent']} labelled images each"
         f"{' (80% train)' if p['regime'] == 'today' else ''}, Dirichlet {p['beta']}, {p['rounds']} rounds x "
         f"{p['local_epochs']} local epoch(s), lr {p['lr']} (cores x{p['core_lr_scale']}), rank {p['rank']}, "
-        f"lam {p['lam']}, tau {p['tau']}, fleet weight {p['fleet_weight']}; seeds {', '.join(seeds)} "
+        f"lam {p['lam']}, tau {p['tau']}, fleet weight g: fleet-core {p['fleet_weight']}, fleet-lora "
+        f"{_lora_g(p)}; seeds {', '.join(seeds)} "
         f"({len(seeds)}; mean ± sd over seeds of the mean over agents).",
         "",
         "| method | own (%) | all-class (%) | worst agent own (%) | global, balanced unshifted (%) |",
@@ -87,28 +102,31 @@ def run_section(name: str, run: dict) -> list[str]:
     ]
     for m in methods:
         worst = [min(v[-1] for v in res[m]["own"].values()) for res in run["results"].values() if m in res]
-        glob = _global(run, m) if m not in ("local-lora", "local-core", "ce-lora", "fleet-core") else []
+        glob = _global(run, m) if m not in NO_GLOBAL else []
         lines.append(
             f"| {m} | {_fmt(_seed_means(run, m, 'own'))} | {_fmt(_seed_means(run, m, 'all'))} | "
             f"{_fmt(worst)} | {_fmt(glob)} |"
         )
     lines.append("")
     lines += _targets(run, methods)
-    mixes = [
-        r[PERSONAL]["inference_mix"]
-        for r in run["results"].values()
-        if "inference_mix" in r.get(PERSONAL, {})
-    ]
-    if mixes:
-        lines += ["", "Mixing at inference: each agent runs (1 - h) C_i + h Cbar (final cores; exact "
-                  "adapter mixing, frozen basis); h = 0 is the row above, h = 1 the fleet's core alone.",
-                  "", "| h | own (%) | all-class (%) |", "|---:|---:|---:|"]  # fmt: skip
+    for pm in PERSONALS:
+        mixes = [r[pm]["inference_mix"] for r in run["results"].values() if "inference_mix" in r.get(pm, {})]
+        if not mixes:
+            continue
+        text = f"{pm} mixed at inference: each agent runs {MIX_TEXT[pm]}; h = 0 is the table's row, h = 1"
+        lines += [
+            "",
+            text + " the fleet mean alone.",
+            "",
+            "| h | own (%) | all-class (%) |",
+            "|---:|---:|---:|",
+        ]
         for h in mixes[0]:
             lines.append(
                 f"| {h} | {_fmt([x[h]['own'] for x in mixes])} | {_fmt([x[h]['all'] for x in mixes])} |"
             )
     cold = _cold(run)
-    if any(k.startswith(PERSONAL) for k in cold):
+    if any(k.startswith(pm) for pm in PERSONALS for k in cold):
         lines += [
             "",
             "Cold start (newcomers with 16 labelled images join after the last round; own accuracy):",
@@ -141,20 +159,20 @@ def target_rows(run: dict) -> list[tuple[str, float, float, float]]:
     own = {m: _seed_means(run, m, "own") for m in methods}
     alls = {m: _seed_means(run, m, "all") for m in methods}
     rows = []
-    if PERSONAL in methods:
+    for pm in (m for m in PERSONALS if m in methods):
         if run["protocol"]["regime"] in ("scarce", "clustered"):
             for base in ("local-lora", "local-core", "fedavg-lora"):
                 if base in own:
-                    rows.append((f"own: {PERSONAL} - {base}", *_paired(own[PERSONAL], own[base]), 5.0))
+                    rows.append((f"own: {pm} - {base}", *_paired(own[pm], own[base]), 5.0))
         refs = [(_m(alls[m]), m) for m in ("zero-shot", "fedavg-lora") if m in alls]
         if refs:
             ref = max(refs)[1]
-            rows.append((f"all-class: {PERSONAL} - {ref} (better of zero-shot, FedAvg-LoRA)",
-                         *_paired(alls[PERSONAL], alls[ref]), -2.0))  # fmt: skip
+            rows.append((f"all-class: {pm} - {ref} (better of zero-shot, FedAvg-LoRA)",
+                         *_paired(alls[pm], alls[ref]), -2.0))  # fmt: skip
         cold = _cold(run)
-        if f"{PERSONAL}:on_join" in cold and "local-lora:after_local" in cold:
-            gain = _paired(cold[f"{PERSONAL}:on_join"], cold["local-lora:after_local"])
-            rows.append((f"cold start: {PERSONAL} on joining - local-only on its 16 images", *gain, 5.0))
+        if f"{pm}:on_join" in cold and "local-lora:after_local" in cold:
+            gain = _paired(cold[f"{pm}:on_join"], cold["local-lora:after_local"])
+            rows.append((f"cold start: {pm} on joining - local-only on its 16 images", *gain, 5.0))
     if "fedavg-lora" in methods and "zero-shot" in methods and "full-ft-fedavg" in methods:
         fl, zs, ft = (_global(run, m) for m in ("fedavg-lora", "zero-shot", "full-ft-fedavg"))
         rows.append(("global (balanced, unshifted): FedAvg-LoRA - zero-shot", *_paired(fl, zs), 10.0))
@@ -171,6 +189,104 @@ def _targets(run: dict, methods: list[str]) -> list[str]:
         met = "met" if got >= need else "missed"
         out.append(f"- {name}: {got:+.1f} ± {sd:.1f} points (target >= {need:+.0f}): **{met}**")
     return out
+
+
+# ---- real-path runs (fmnist_fl_regimes.py) ---------------------------------------------------------
+def _real_means(run: dict, method: str) -> tuple[list[float], list[float]]:
+    """Per seed: (own after the last round, all-class of the final adapter), means over agents."""
+    own, alls = [], []
+    for res in run["results"].values():
+        r = res.get(method)
+        if r is None:
+            continue
+        own.append(float(np.mean([v[-1] for v in r["accuracy_per_round"].values()])))
+        alls.append(float(np.mean(list(r["all_class"].values()))))
+    return own, alls
+
+
+def _real_bytes(run: dict, method: str) -> list[float]:
+    out = []
+    for res in run["results"].values():
+        r = res.get(method, {})
+        up, down = r.get("uplink_bytes_per_round") or [], r.get("downlink_bytes_per_round") or []
+        per = [(u or 0) + (d or 0) for u, d in zip(up, down, strict=False)]
+        if per:
+            out.append(float(np.mean(per)))
+    return out
+
+
+def real_rows(run: dict) -> list[tuple[str, float, float, float]]:
+    own = {m: _real_means(run, m)[0] for m in ORDER}
+    alls = {m: _real_means(run, m)[1] for m in ORDER}
+    rows = []
+    pm = "fleet-lora"
+    if own.get(pm):
+        for base in ("local-lora", "fedavg-lora-both"):
+            if own.get(base):
+                rows.append((f"own: {pm} - {base}", *_paired(own[pm], own[base]), 5.0))
+        refs = [(_m(alls[m]), m) for m in ("zero-shot", "fedavg-lora-both") if alls.get(m)]
+        if refs:
+            ref = max(refs)[1]
+            rows.append((f"all-class: {pm} - {ref} (better of zero-shot, FedAvg-LoRA)",
+                         *_paired(alls[pm], alls[ref]), -2.0))  # fmt: skip
+    return rows
+
+
+def real_section(name: str, run: dict, out: Path) -> list[str]:
+    p = run["protocol"]
+    methods = [m for m in ORDER if any(m in r for r in run["results"].values())]
+    seeds = sorted(run["results"], key=int)
+    scale = (
+        f"{p['regime']}: {p['agents']} agents, {p['per_agent']} labelled images each (each agent holds 20% "
+        f"of them out for its metrics), Dirichlet {p['beta']}, {p['rounds']} rounds x {p['local_epochs']} "
+        f"local epochs, lr {p['lr']}, rank {p['rank']}, lam {p['lam']}, tau {p['tau']}; seeds "
+        f"{', '.join(seeds)}. `fedclip-coord serve` and one `fedclip-agent start` process per agent over "
+        "the embedded broker; accuracy by `fedclip-agent eval` on each agent's own split (100 images by its "
+        "mix) and all-class set (200)."
+    )
+    lines = [f"### {name} (real path)", "", f"`{run['command']}`", "", scale, "",
+             "| method | own (%) | all-class (%) | bytes per round, all agents (up + down) |",
+             "|---|---:|---:|---:|"]  # fmt: skip
+    for m in methods:
+        own, alls = _real_means(run, m)
+        b = _real_bytes(run, m)
+        lines.append(f"| {m} | {_fmt(own)} | {_fmt(alls)} | {f'{_m(b) / 1e3:,.0f} kB' if b else '-'} |")
+    lines += ["", "Targets (means over agents; ± sd over seeds where more than one):", ""]
+    for t, got, sd, need in real_rows(run):
+        lines.append(f"- {t}: {got:+.1f} ± {sd:.1f} points (target >= {need:+.0f}): "
+                     f"**{'met' if got >= need else 'missed'}**")  # fmt: skip
+    lines += ["", f"![{name}](fmnist_regimes.{name}.png)", ""]
+    _real_plot(name, run, methods, out / f"fmnist_regimes.{name}.png")
+    return lines
+
+
+def _real_plot(name: str, run: dict, methods: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, m in enumerate(methods):
+        own, alls = _real_means(run, m)
+        ax1.plot(100 * _m(alls), 100 * _m(own), "o", color=f"C{i}", label=m)
+        curves = [np.mean(list(zip(*res[m]["accuracy_per_round"].values(), strict=True)), axis=1)
+                  for res in run["results"].values() if m in res]  # fmt: skip
+        curve = np.mean(curves, axis=0)
+        if len(curve) <= 2:  # zero-shot: one value, local-only: before and after; drawn from 0 to R
+            curve = np.array([curve[0], curve[-1]])
+        xs = range(len(curve)) if len(curve) > 2 else [0, run["protocol"]["rounds"]]
+        ax2.plot(xs, 100 * curve, "-o", color=f"C{i}", ms=3, label=m)
+    ax1.set(xlabel="all-class accuracy (%)", ylabel="own accuracy (%)")
+    ax1.set_title(f"{name} (real path): own vs all-class, mean over agents", fontsize=9)
+    ax2.set(xlabel="round", ylabel="own accuracy (%)")
+    ax2.set_title("own accuracy per round", fontsize=9)
+    for ax in (ax1, ax2):
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot(name: str, run: dict, out: Path) -> None:
@@ -218,9 +334,11 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", type=Path, help="fmnist_sim.py result files (name = file stem)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--preamble", type=Path, default=None, help="markdown put before the run sections")
+    ap.add_argument("--real", type=Path, nargs="*", default=[], help="fmnist_fl_regimes.py result files")
     args = ap.parse_args()
     runs = {p.stem: json.loads(p.read_text()) for p in args.runs}
-    (args.out / "fmnist_regimes.json").write_text(json.dumps(runs, indent=1))
+    real = {p.stem: json.loads(p.read_text()) for p in args.real}
+    (args.out / "fmnist_regimes.json").write_text(json.dumps({"sim": runs, "real": real}, indent=1))
     lines = [REGIMES_MARKER, ""]
     if args.preamble:
         lines += [args.preamble.read_text().rstrip(), ""]
@@ -231,7 +349,13 @@ def main() -> None:
         for t, got, sd, need in target_rows(run):
             met = "yes" if got >= need else "**no**"
             lines.append(f"| {name} | {t} | {got:+.1f} ± {sd:.1f} | >= {need:+.0f} | {met} |")
+    for name, run in real.items():
+        for t, got, sd, need in real_rows(run):
+            met = "yes" if got >= need else "**no**"
+            lines.append(f"| {name} (real path) | {t} | {got:+.1f} ± {sd:.1f} | >= {need:+.0f} | {met} |")
     lines.append("")
+    for name, run in real.items():
+        lines += real_section(name, run, args.out)
     for name, run in runs.items():
         lines += run_section(name, run)
         plot(name, run, args.out / f"fmnist_regimes.{name}.png")

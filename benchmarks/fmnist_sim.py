@@ -12,7 +12,9 @@ the same `aggregate()` the server calls). `fmnist_fl.py` confirms a method throu
 Methods (`METHODS`): zero-shot; local-only LoRA; FedAvg-LoRA (A and B averaged); CE-LoRA (tri-LoRA,
 A and B personal, C mixed); fleet-core (tri-LoRA with frozen shared A, B from the bundle seed: the
 update B C A is linear in C, so mixing cores mixes weight updates exactly; cores mixed by data
-similarity and blended with the fleet mean); local-only C (the same adapter, alone). Each agent is
+similarity and blended with the fleet mean); fleet-lora (plain LoRA, A and B of every module mixed
+by data similarity: each camera group averages its whole adapters); local-only C (the same adapter
+as fleet-core, alone). Each agent is
 scored every round on its own held-out split and on the balanced all-class set under its shift;
 methods with a global adapter also on the balanced unshifted set.
 """
@@ -40,6 +42,7 @@ from fedclip.coordinator.strategies.fleet_mix import newcomer_weights  # noqa: E
 from fedclip.sdk.wire import STAT_LABEL_HIST, STAT_MEAN, STAT_VAR  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+MIXING = ("fleet-core", "fleet-lora")  # strategies whose newcomers get a statistics-weighted mix
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,8 @@ METHODS = {
     "ce-lora": Method("tri-lora", strategy="ce-lora"),
     "local-core": Method("tri-lora", "frozen-seed", lr_scale=4.0),
     "fleet-core": Method("tri-lora", "frozen-seed", "fleet-core", lr_scale=4.0),
+    # The whole LoRA adapter (A and B) mixed by data similarity (the fleet-lora strategy).
+    "fleet-lora": Method("lora", strategy="fleet-lora"),
 }
 
 
@@ -105,9 +110,12 @@ class Model:
                 opt.step()
 
     @torch.no_grad()
-    def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
         self.graph.eval()
-        return float((self.graph.logits(x).argmax(-1) == y).float().mean()) if len(y) else float("nan")
+        return self.graph.logits(x)
+
+    def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        return float((self.logits(x).argmax(-1) == y).float().mean()) if len(y) else float("nan")
 
     @torch.no_grad()
     def stats(self, a: AgentData) -> dict:
@@ -188,31 +196,46 @@ def run_method(name: str, m: Method, fleet: Fleet, args, seed: int, models: dict
         mo, ma = np.mean([v[-1] for v in own.values()]), np.mean([v[-1] for v in alls.values()])
         print(f"    {name} r{r}: own {mo:.3f} all {ma:.3f} global {glob[-1]:.3f}", flush=True)
     out.update(own=own, all=alls, global_=glob)
-    if m.init == "frozen-seed":
+    if m.strategy in MIXING:
         out["inference_mix"] = _inference_mix(model, fleet, local, personal, glob_t)
     if fleet.newcomers:
-        out["cold_start"] = _cold_join(model, m, fleet, args, lr, seed, local, personal, glob_t, stats)
+        out["cold_start"] = _cold_join(model, strat, fleet, args, lr, seed, local, personal, glob_t, stats)
     return out
 
 
 def _inference_mix(model: Model, fleet: Fleet, local: dict, personal: dict, glob_t: dict) -> dict:
-    """Own and all-class accuracy (means over agents) of (1 - h) C_i + h Cbar at inference, per h.
+    """Own and all-class accuracy (means over agents) of the personal adapter mixed with the fleet's.
 
-    With the frozen shared basis the adapter is linear in C, so this is exactly mixing the personal
-    and the fleet adapter (no retraining).
+    Tri-LoRA over the frozen shared basis: the weights (1 - h) C_i + h Cbar (the adapter is linear
+    in C, so this mixes the two weight updates exactly). Plain LoRA (A and B are not linear in the
+    update): the logits, (1 - h) logits_personal + h logits_fleet, two forward passes.
     """
     res = {}
+    linear = model.spec.kind == "tri-lora"
     for h in (0.25, 0.5, 0.75, 1.0):
         scores = []
         for a in fleet.agents:
-            mixed = {n: (1 - h) * personal[a.name][n] + h * glob_t[n] for n in model.exchanged}
-            model.load({**local[a.name], **mixed})
-            scores.append(_score(model, a))
+            if linear:
+                mixed = {n: (1 - h) * personal[a.name][n] + h * glob_t[n] for n in model.exchanged}
+                model.load({**local[a.name], **mixed})
+                scores.append(_score(model, a))
+                continue
+            own, alls = [], []
+            for adapter in ({**local[a.name], **personal[a.name]}, {**local[a.name], **glob_t}):
+                model.load(adapter)
+                own.append(model.logits(a.own_x))
+                alls.append(model.logits(a.all_x))
+            mix_own, mix_all = (1 - h) * own[0] + h * own[1], (1 - h) * alls[0] + h * alls[1]
+            scores.append((_hits(mix_own, a.own_y), _hits(mix_all, a.all_y)))
         res[str(h)] = {
             "own": float(np.mean([s[0] for s in scores])),
             "all": float(np.mean([s[1] for s in scores])),
         }
     return res
+
+
+def _hits(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return float((logits.argmax(-1) == y).float().mean()) if len(y) else float("nan")
 
 
 def _cold_local(model: Model, fleet: Fleet, args, lr: float, seed: int) -> dict:
@@ -224,16 +247,16 @@ def _cold_local(model: Model, fleet: Fleet, args, lr: float, seed: int) -> dict:
     return res
 
 
-def _cold_join(model, m, fleet, args, lr, seed, local, personal, glob_t, stats) -> dict:
+def _cold_join(model, strat, fleet, args, lr, seed, local, personal, glob_t, stats) -> dict:
     """What a newcomer gets on joining and after one local round, per method."""
     res = {}
     names = [a.name for a in fleet.agents]
     for j, a in enumerate(fleet.newcomers):
-        if m.strategy == "fleet-core":
+        if strat.name in MIXING:
             st = [stats[n] for n in names] + [stats[a.name]]
             w = newcomer_weights(np.stack([s[STAT_LABEL_HIST] for s in st]),
                                  [s[STAT_MEAN] for s in st], [s[STAT_VAR] for s in st], args.tau)  # fmt: skip
-            g = dict(m.options).get("fleet_weight", 0.5)
+            g = strat.fleet_weight
             join = {n: (1 - g) * sum(w[k] * personal[names[k]][n] for k in range(len(names))) + g * glob_t[n]
                     for n in model.exchanged}  # fmt: skip
         else:
@@ -309,7 +332,8 @@ def main() -> None:
     ap.add_argument("--fullft-lr", type=float, default=1e-4)
     ap.add_argument("--lam", type=float, default=0.5)
     ap.add_argument("--tau", type=float, default=0.1)
-    ap.add_argument("--fleet-weight", type=float, default=0.5)
+    ap.add_argument("--fleet-weight", type=float, default=0.5, help="fleet-core's g")
+    ap.add_argument("--lora-fleet-weight", type=float, default=None, help="fleet-lora's g (default: its own)")
     ap.add_argument("--core-lr-scale", type=float, default=4.0, help="lr multiplier of the C-only methods")
     ap.add_argument("--newcomers", type=int, default=0, help="cold-start agents (clustered regime)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -349,9 +373,13 @@ def main() -> None:
                 res = run_fullft(fleet, args, seed)
             else:
                 m = METHODS[name]
-                if m.init == "frozen-seed":
-                    opts = (("fleet_weight", args.fleet_weight),) if m.strategy else ()
-                    m = Method(m.kind, m.init, m.strategy, args.core_lr_scale, opts)
+                opts: tuple = ()
+                if m.strategy == "fleet-core":
+                    opts = (("fleet_weight", args.fleet_weight),)
+                elif m.strategy == "fleet-lora" and args.lora_fleet_weight is not None:
+                    opts = (("fleet_weight", args.lora_fleet_weight),)
+                scale = args.core_lr_scale if m.init == "frozen-seed" else m.lr_scale
+                m = Method(m.kind, m.init, m.strategy, scale, opts)
                 res = run_method(name, m, fleet, args, seed, models)
             res["seconds"] = time.monotonic() - t
             results[seed][name] = res

@@ -69,7 +69,9 @@ def serve(
     state: Path | None = typer.Option(
         None, help="State directory (SQLite + adapter blobs); reuse it to resume."
     ),
-    strategy: str | None = typer.Option(None, help="fedavg, trimmed-mean or ce-lora."),
+    strategy: str | None = typer.Option(
+        None, help="fedavg, trimmed-mean, ce-lora, fleet-core or fleet-lora (docs/aggregation.md)."
+    ),
     rounds: int | None = typer.Option(None, help="Aggregated rounds to run, then exit."),
     clients_per_round: int | None = typer.Option(None, help="Agents per round (0: all online)."),
     min_updates: int | None = typer.Option(None, help="Quorum: updates needed to aggregate a round."),

@@ -1,4 +1,4 @@
-"""fleet-core: its math against direct numpy computations (docs/aggregation.md, "fleet-core")."""
+"""fleet-core and fleet-lora: their math against direct numpy computations (docs/aggregation.md)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import pytest
 from test_strategies import SHAPES, _direct_ce_lora, _updates
 
 from fedclip.coordinator import strategies
-from fedclip.coordinator.strategies import StrategyOptions
+from fedclip.coordinator.strategies import StrategyOptions, Update
 from fedclip.coordinator.strategies.fleet_core import FleetCore
+from fedclip.coordinator.strategies.fleet_lora import FleetLora
 from fedclip.coordinator.strategies.fleet_mix import blend_with_fleet, newcomer_weights
+from fedclip.sdk.wire import STAT_LABEL_HIST, STAT_MEAN, STAT_VAR
 
 
 def _flat(tensors, names):
@@ -93,3 +95,92 @@ def test_fleet_core_needs_statistics_like_ce_lora():
         FleetCore().aggregate(1, ups)
     ok = FleetCore(StrategyOptions(lam=0.0)).aggregate(1, ups)  # parameter distance only
     assert set(ok.per_agent) == {u.agent for u in ups}
+
+
+# ---- fleet-lora: the same mixing over a plain LoRA adapter's A and B ------------------------------
+LORA_SHAPES = {"q.lora_A": (2, 5), "q.lora_B": (5, 2), "v.lora_A": (2, 5), "v.lora_B": (5, 2)}
+
+
+def _lora_updates(stats, seed=0):
+    """One LoRA update (A and B of two modules) per row of `stats` (hist, mean, var)."""
+    rng = np.random.default_rng(seed)
+    hist, mean, var = stats
+    base = {k: np.zeros(s, np.float32) for k, s in LORA_SHAPES.items()}
+    return [
+        Update(
+            f"a{i}",
+            int(rng.integers(1, 50)),
+            {k: rng.standard_normal(s).astype(np.float32) for k, s in LORA_SHAPES.items()},
+            base,
+            {
+                STAT_LABEL_HIST: hist[i].astype(np.float32),
+                STAT_MEAN: mean[i].astype(np.float32),
+                STAT_VAR: var[i].astype(np.float32),
+            },  # fmt: skip
+        )
+        for i in range(len(hist))
+    ]
+
+
+def test_fleet_lora_is_registered_with_no_fleet_share_by_default():
+    s = strategies.create("fleet-lora", StrategyOptions(lam=1.0))
+    assert isinstance(s, FleetLora) and s.personalized and s.fleet_weight == 0.0
+    assert set(s.stats) == {"histogram", "gaussian"}
+    with pytest.raises(ValueError, match="fleet_weight"):
+        FleetLora(fleet_weight=-0.5)
+
+
+def _direct_d_data(hist, mean, var):
+    """[N, N] d_data of docs/aggregation.md, pair by pair (d_ii = 0)."""
+    p = hist / hist.sum(1, keepdims=True)
+    var = np.stack(var)
+    scale = 2 * (hist * var.mean(2)).sum() / hist.sum()
+    n, dim = len(hist), mean[0].shape[1]
+    d = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                a = np.sqrt(p[i] * p[j])
+                w2 = ((mean[i] - mean[j]) ** 2 + (np.sqrt(var[i]) - np.sqrt(var[j])) ** 2).sum(1)
+                e = (a * (1 - np.exp(-w2 / (dim * scale)))).sum() / a.sum()
+                d[i, j] = ((1 - a.sum()) + e) / 2
+    return d
+
+
+@pytest.mark.parametrize("g", [0.0, 0.25])
+def test_fleet_lora_mixes_every_factor_by_the_data_distance(g):
+    rng = np.random.default_rng(4)
+    ups = _lora_updates(_stats(rng, 6), seed=5)
+    tau = 0.1
+    res = FleetLora(StrategyOptions(lam=1.0, tau=tau), fleet_weight=g).aggregate(1, ups)
+    names = sorted(LORA_SHAPES)
+    x = np.stack([_flat(u.tensors, names) for u in ups]).astype(np.float64)
+    hist = np.stack([u.stats[STAT_LABEL_HIST] for u in ups]).astype(np.float64)
+    d = _direct_d_data(hist, [u.stats[STAT_MEAN] for u in ups], [u.stats[STAT_VAR] for u in ups])
+    w = np.exp(-d / tau)
+    w /= w.sum(1, keepdims=True)
+    n_s = np.array([u.num_samples for u in ups], dtype=np.float64)
+    fleet = (n_s[:, None] * x).sum(0) / n_s.sum()
+    for i, u in enumerate(ups):
+        expect = (1 - g) * (w[i] @ x) + g * fleet
+        np.testing.assert_allclose(_flat(res.per_agent[u.agent], names), expect, rtol=1e-4, atol=1e-5)
+        assert all(res.per_agent[u.agent][k].shape == sh for k, sh in LORA_SHAPES.items())
+    np.testing.assert_allclose(_flat(res.global_tensors, names), fleet, rtol=1e-5, atol=1e-6)
+
+
+def test_fleet_lora_pools_each_camera_group_and_keeps_groups_apart():
+    # Two groups of three agents: within a group the same statistics (camera and label mix), between
+    # groups disjoint labels. Each agent's adapter becomes its own group's plain mean.
+    rng = np.random.default_rng(6)
+    hist, mean, var = _stats(rng, 2)
+    hist[0, 2:] = 0
+    hist[1, :2] = 0
+    group = [0, 0, 0, 1, 1, 1]
+    stats = (hist[group], mean[group], var[group])
+    ups = _lora_updates(stats, seed=7)
+    res = FleetLora(StrategyOptions(lam=1.0, tau=0.01)).aggregate(1, ups)
+    names = sorted(LORA_SHAPES)
+    for i, u in enumerate(ups):
+        mates = [j for j in range(6) if group[j] == group[i]]
+        expect = np.mean([_flat(ups[j].tensors, names) for j in mates], axis=0)
+        np.testing.assert_allclose(_flat(res.per_agent[u.agent], names), expect, rtol=1e-4, atol=1e-5)

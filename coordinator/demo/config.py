@@ -20,6 +20,7 @@ STRATEGY_BUNDLE: dict[str, tuple[str, str | None]] = {
     "trimmed-mean": ("lora", None),
     "ce-lora": ("tri-lora", None),
     "fleet-core": ("tri-lora", "frozen-seed"),
+    "fleet-lora": ("lora", None),
 }
 BASES = ("pretrained", "random")
 # The agent's default share of its data kept out of training (`AgentConfig.holdout`): local-only

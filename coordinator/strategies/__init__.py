@@ -44,9 +44,10 @@ def _register_builtins() -> None:
     from fedclip.coordinator.strategies.ce_lora import CeLora
     from fedclip.coordinator.strategies.fedavg import FedAvg
     from fedclip.coordinator.strategies.fleet_core import FleetCore
+    from fedclip.coordinator.strategies.fleet_lora import FleetLora
     from fedclip.coordinator.strategies.trimmed_mean import TrimmedMean
 
-    for cls in (FedAvg, TrimmedMean, CeLora, FleetCore):
+    for cls in (FedAvg, TrimmedMean, CeLora, FleetCore, FleetLora):
         register(cls.name, cls)
 
 

@@ -1,0 +1,151 @@
+"""FMNIST-FL regimes (issue 13) through the real path: coordinator, agent processes, MQTT broker.
+
+    nice -n 15 python benchmarks/fmnist_fl_regimes.py --regime scarce --agents 6 --per-agent 32 \
+        --local-epochs 3 --seeds 0 --out /tmp/fl-regimes/scarce32.json
+
+The fleets are `fmnist_regimes.draw_fleet`'s (the in-process simulator's, image for image) written
+as image folders (`write_fleet`): `<agent>/train`, `<agent>/test` (own split) and `<agent>/all` (the
+balanced all-class set under the agent's shift). Methods run as in `fmnist_fl.py`: zero-shot and
+local-only LoRA by `fedclip-agent eval/train`, the federated ones by `fedclip-coord serve` with one
+`fedclip-agent start` process per agent over the embedded broker. Every agent's final adapter is then
+scored on its own split (every round) and on its all-class set (the last round) by
+`fedclip-agent eval`. `fmnist_regimes_report.py --real` folds the JSON into the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fmnist_fl import FEDERATED, run_federated, run_local, run_zero_shot  # noqa: E402
+from fmnist_regimes import write_fleet  # noqa: E402
+
+from fedclip.coordinator.demo import DemoConfig, export, finish_eval, spawn_eval  # noqa: E402
+from fedclip.coordinator.procs import ProcessGroup  # noqa: E402
+from fedclip.sdk.all_class import ALL_SPLIT  # noqa: E402
+from fedclip.sdk.errors import StateError  # noqa: E402
+from fedclip.sdk.ledger import Ledger  # noqa: E402
+
+METHODS = ("zero-shot", "local-lora", "fedavg-lora-both", "fleet-lora")
+
+
+def final_adapters(method: str, work: Path, agents: list[str], rounds: int) -> dict[str, Path | None]:
+    """Each agent's adapter after the last round (the final rollout; None: the bundle's initial one)."""
+    if method == "zero-shot":
+        return dict.fromkeys(agents)
+    if method == "local-lora":
+        return {a: work / "adapters" / f"{a}.safetensors" for a in agents}
+    out: dict[str, Path | None] = {}
+    for a in agents:
+        try:
+            after = Ledger.read(work / "agents" / a).after_rounds(rounds)
+        except StateError:
+            after = {}
+        out[a] = after[max(after)] if after else None
+    return out
+
+
+def all_class(bundle: Path, data_dir: Path, adapters: dict[str, Path | None], work: Path) -> dict[str, float]:
+    """Each agent's accuracy on its all-class set, two evals at a time."""
+    acc: dict[str, float] = {}
+    with ProcessGroup(log_dir=work / "logs-all") as procs:
+        pending = list(adapters.items())
+        running = []
+        while pending or running:
+            while pending and len(running) < 2:
+                a, adapter = pending.pop(0)
+                cache = work / "all-embeddings" / a
+                running.append(
+                    (a, spawn_eval(procs, f"all-{a}", bundle, data_dir / a / ALL_SPLIT, adapter, cache))
+                )
+            a, child = running.pop(0)
+            acc[a] = float(finish_eval(child)["accuracy"])
+    return acc
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--regime", choices=("today", "scarce", "clustered"), default="scarce")
+    ap.add_argument("--agents", type=int, default=6)
+    ap.add_argument("--per-agent", type=int, default=32)
+    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--local-epochs", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--lam", type=float, default=None)
+    ap.add_argument("--tau", type=float, default=None)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--base-cache", type=Path, default=Path("/tmp/fedclip-fmnist-base"))
+    ap.add_argument("--work", type=Path, default=Path("/tmp/fedclip-fmnist-fl-regimes"))
+    ap.add_argument("--out", type=Path, required=True, help="JSON file for the results")
+    args = ap.parse_args()
+
+    from fmnist_base import cached_base, split_fmnist
+
+    pretrained = cached_base(args.base_cache)["weights"]
+    _, pool = split_fmnist(5000)
+    doc = {
+        "protocol": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "command": "python benchmarks/fmnist_fl_regimes.py " + " ".join(sys.argv[1:]),
+        "results": {},
+    }
+    t_start = time.monotonic()
+    for seed in args.seeds:
+        sw = args.work / f"{args.regime}-{args.agents}x{args.per_agent}-beta{args.beta}-seed-{seed}"
+        data_dir = sw / "data"
+        if not (data_dir / "partition.json").is_file():
+            shutil.rmtree(data_dir, ignore_errors=True)
+            print(f"seed {seed}: writing the {args.regime} fleet", flush=True)
+            write_fleet(data_dir, pool, args.regime, args.agents, args.per_agent, seed, args.beta)
+        summary = json.loads((data_dir / "partition.json").read_text())
+        labels, agents = summary["labels"], summary["agents"]
+        cfg = DemoConfig(
+            agents=len(agents), rounds=args.rounds, local_epochs=args.local_epochs, lr=args.lr,
+            rank=args.rank, alpha=2.0 * args.rank, pretrained=pretrained, seed=seed, lam=args.lam,
+            tau=args.tau, strategy="fedavg", round_timeout=900, timeout=3600, out=sw, run_name="-",
+        )  # fmt: skip
+        bundle = sw / "bundle-lora"
+        if not (bundle / "manifest.yaml").is_file():
+            shutil.rmtree(bundle, ignore_errors=True)
+            print(f"seed {seed}: exporting", flush=True)
+            with ProcessGroup(log_dir=sw / "logs") as procs:
+                export(cfg, procs, labels, bundle)
+        seed_res: dict = {"groups": summary.get("groups", {})}
+        doc["results"][str(seed)] = seed_res
+        for method in args.methods:
+            mw = sw / method
+            shutil.rmtree(mw, ignore_errors=True)
+            print(f"seed {seed}: {method}", flush=True)
+            t0 = time.monotonic()
+            if method == "zero-shot":
+                res = run_zero_shot(bundle, data_dir, agents, mw)
+            elif method == "local-lora":
+                res = run_local(cfg, bundle, data_dir, agents, mw)
+            else:
+                res = run_federated(method, replace(cfg, towers="vision,text"), bundle, data_dir, agents, mw)
+            res["all_class"] = all_class(
+                bundle, data_dir, final_adapters(method, mw, agents, args.rounds), mw
+            )
+            res["method_seconds"] = time.monotonic() - t0
+            seed_res[method] = res
+            own = [v[-1] for v in res["accuracy_per_round"].values()]
+            alls = list(res["all_class"].values())
+            print(f"  own {sum(own) / len(own):.3f} all-class {sum(alls) / len(alls):.3f} "
+                  f"({res['method_seconds']:.0f}s)", flush=True)  # fmt: skip
+            doc["seconds"] = time.monotonic() - t_start
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(doc, indent=1))
+
+
+if __name__ == "__main__":
+    assert set(METHODS) - {"zero-shot", "local-lora"} <= set(FEDERATED)
+    main()

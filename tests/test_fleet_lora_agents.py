@@ -1,0 +1,98 @@
+"""fleet-lora through the real path: `fedclip-coord serve` and three `fedclip-agent start` processes
+over a real mosquitto, on a plain LoRA bundle.
+
+Two agents hold the same label mix (the same "camera group"), the third other labels. After the
+round, the coordinator's stored personalized adapters must be exactly what `FleetLora.aggregate`
+gives on the stored updates and statistics, and each agent of the pair must have been pulled toward
+the other and not toward the third.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from fixtures_data import synthetic_images
+from fixtures_fleet import AgentProc
+
+from fedclip.coordinator.store import Store
+from fedclip.coordinator.strategies import StrategyOptions, Update
+from fedclip.coordinator.strategies.fleet_lora import FleetLora
+from fedclip.sdk.adapters import adapter_from_bytes
+from fedclip.sdk.manifest import Manifest
+from fedclip.sdk.messages import KNOWN_STATS
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+
+MIXES = {"cam1": {"a": 10, "b": 6}, "cam2": {"a": 10, "b": 6}, "cam3": {"c": 24}}  # each holds one out
+TAU = 0.1
+
+
+def _flat(tensors, names):
+    return np.concatenate([np.ravel(np.asarray(tensors[k], np.float64)) for k in names])
+
+
+def test_fleet_lora_round_with_real_agents(mosquitto, bundle_factory, tmp_path):
+    bundle = bundle_factory(adapter="lora", labels=("a", "b", "c"))
+    manifest = Manifest.load(bundle)
+    names = tuple(sorted(t.name for t in manifest.exchanged))
+    state = tmp_path / "coord"
+    agents = []
+    try:
+        for n, (aid, mix) in enumerate(MIXES.items()):
+            data = synthetic_images(tmp_path / "data" / aid, manifest.task.labels, mix, seed=n)
+            agents.append(AgentProc(tmp_path / "logs", [
+                "--broker", mosquitto.url, "--fleet", "e2e", "--id", aid, "--bundle", str(bundle),
+                "--data", str(data), "--state", str(tmp_path / "agents" / aid), "--threads", "1",
+            ], aid, tmp_path / "agents" / aid))  # fmt: skip
+        coord = subprocess.run(
+            [sys.executable, "-m", "fedclip.coordinator.cli", "serve", "--broker", mosquitto.url,
+             "--fleet", "e2e", "--bundle", str(bundle), "--state", str(state), "--strategy", "fleet-lora",
+             "--lam", "1", "--tau", str(TAU), "--rounds", "1", "--min-updates", "3",
+             "--round-timeout", "300", "--local-epochs", "2", "--lr", "0.02"],
+            capture_output=True, text=True, timeout=360,
+        )  # fmt: skip
+        assert coord.returncode == 0, coord.stderr[-3000:] + "\n".join(a.tail(10) for a in agents)
+    finally:
+        for agent in agents:
+            agent.kill()
+
+    with Store(state, readonly=True) as s:
+        assert [r.state for r in s.rounds()] == ["aggregated"], s.rejections()
+        assert s.rejections() == []
+        rows = s.updates(1)
+        assert [r.agent for r in rows] == list(MIXES)
+
+        def adapter(version: str) -> dict[str, np.ndarray]:
+            row = s.version(version)
+            assert row is not None, version
+            return adapter_from_bytes(s.blobs.get(row.blob), version)[0]
+
+        start = adapter("g-r0")
+        updates = [
+            Update(
+                r.agent, r.num_samples, s.blobs.read_tensors(r.blob, names), start,
+                s.blobs.read_tensors(r.blob, KNOWN_STATS),
+            )
+            for r in rows
+        ]  # fmt: skip
+        stored = {a: adapter(f"a-{a}-r1") for a in MIXES}
+        stored_global = adapter("g-r1")
+    assert all(set(u.stats) >= {"stats/label_hist", "stats/mean", "stats/var"} for u in updates), [
+        sorted(u.stats) for u in updates
+    ]
+    expect = FleetLora(StrategyOptions(lam=1.0, tau=TAU)).aggregate(1, updates)
+    for a in MIXES:
+        np.testing.assert_allclose(_flat(stored[a], names), _flat(expect.per_agent[a], names), atol=1e-6)
+    np.testing.assert_allclose(_flat(stored_global, names), _flat(expect.global_tensors, names), atol=1e-6)
+
+    # The pair pooled: each one's personalized adapter lies nearer its mate's update than the third's,
+    # and the third, alone with its labels, kept (nearly) its own update.
+    x = {u.agent: _flat(u.tensors, names) for u in updates}
+    p = {a: _flat(stored[a], names) for a in MIXES}
+    for a, mate in (("cam1", "cam2"), ("cam2", "cam1")):
+        assert np.linalg.norm(p[a] - x[mate]) < np.linalg.norm(p[a] - x["cam3"])
+        assert np.linalg.norm(p[a] - x[mate]) < np.linalg.norm(x[a] - x[mate])
+    assert np.linalg.norm(p["cam3"] - x["cam3"]) < 0.1 * np.linalg.norm(x["cam3"] - x["cam1"])

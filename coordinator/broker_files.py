@@ -80,6 +80,10 @@ def write_broker_files(
         "allow_anonymous false",
         f"password_file {pw}",
         f"acl_file {acl_file}",
+        # The coordinator acknowledges updates a batch at a time after one durable commit
+        # (docs/scale.md, "Intake: group commit"); mosquitto's default of 20 unacknowledged messages
+        # per client would cap every batch at 20.
+        "max_inflight_messages 1024",
     ]
     if port:
         lines += ["", f"listener {port} {host}"]

@@ -151,6 +151,7 @@ def test_revoke_rewrites_the_broker_files_written_before(prov, tmp_path):
     assert _mode(tmp_path / "mosq" / "passwd") == 0o600
     conf = (tmp_path / "mosq" / "conf.d" / "fedclip.conf").read_text()
     assert "allow_anonymous false" in conf and "listener 1883 127.0.0.1" in conf
+    assert "max_inflight_messages 1024" in conf  # lets the intake's group commit fill its batches
 
     # rotating the coordinator's login (delete its file, init again) rewrites the broker files too
     old_hash = (tmp_path / "mosq" / "passwd").read_text().splitlines()[0]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import heapq
 import platform
-import random
 import resource
 import selectors
 import time
@@ -25,6 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from fedclip.sdk.manifest import Manifest
 from fedclip.sdk.mqtt_address import BrokerAddress
+from fedclip.sdk.mqtt_subscriptions import resubscribe_delay
 from fedclip.sdk.signing import Ed25519PrivateKey, sign_envelope
 from fedclip.sdk.wire import (
     STAT_LABEL_HIST,
@@ -270,8 +270,7 @@ class SimFleet:
             self.c.mark("suback_refused")
             self.c.refused_subs += 1
             tries = self.sub_tries[i] = self.sub_tries.get(i, 0) + 1
-            delay = min(60.0, 3.0 * 2 ** min(tries - 1, 8)) * random.uniform(0.5, 1.5)
-            heapq.heappush(self.resubscribe, (time.monotonic() + delay, i))
+            heapq.heappush(self.resubscribe, (time.monotonic() + resubscribe_delay(tries), i))
 
     def _on_disconnect(self, client, i, flags, reason_code, properties) -> None:
         self.c.disconnects += 1

@@ -27,6 +27,13 @@ RESUBSCRIBE_S = 3.0  # a refused subscription is asked for again after this long
 RESUBSCRIBE_MAX_S = 60.0
 
 
+def resubscribe_delay(refusals: int) -> float:
+    """Seconds to wait before asking again after `refusals` refused SUBACKs in a row (>= 1):
+    doubling from RESUBSCRIBE_S up to RESUBSCRIBE_MAX_S, jittered +-50% so a refused crowd spreads."""
+    backoff = RESUBSCRIBE_S * 2 ** min(refusals - 1, 8)
+    return min(RESUBSCRIBE_MAX_S, backoff) * random.uniform(0.5, 1.5)
+
+
 class Subscriptions:
     """topic -> QoS, plus the SUBSCRIBE requests in flight (to know which topics a SUBACK refused).
 
@@ -98,9 +105,8 @@ class Subscriptions:
     def _check(self, subs: list[tuple[str, int]], reason_codes: list[ReasonCode]) -> None:
         failed = [t for (t, _), rc in zip(subs, reason_codes, strict=False) if rc.is_failure]
         self._refused = self._refused + 1 if failed else 0
-        backoff = RESUBSCRIBE_S * 2 ** min(self._refused - 1, 8)
-        delay = min(RESUBSCRIBE_MAX_S, backoff) * random.uniform(0.5, 1.5)
         if failed and not self.closed:
+            delay = resubscribe_delay(self._refused)
             log.warning(
                 "MQTT broker %s refused the subscription to %s (%s); asking again in %.1fs",
                 self._where(),

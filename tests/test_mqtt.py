@@ -342,3 +342,13 @@ def test_a_refused_subscription_is_asked_for_again_until_the_broker_grants_it(ca
             broker.reload(acl("devA"))
             msg = next_message(dev, lambda m: m.topic == topics.task("devA"), 30, "the retained task")
             assert msg.payload == b"task" and dev.connected.is_set()
+
+
+def test_a_refused_subscription_backs_off_doubling_to_a_cap_with_jitter():
+    from fedclip.sdk.mqtt_subscriptions import RESUBSCRIBE_MAX_S, RESUBSCRIBE_S, resubscribe_delay
+
+    for refusals, base in [(1, RESUBSCRIBE_S), (2, 2 * RESUBSCRIBE_S), (3, 4 * RESUBSCRIBE_S)]:
+        delays = [resubscribe_delay(refusals) for _ in range(200)]
+        assert all(0.5 * base <= d <= 1.5 * base for d in delays)
+        assert max(delays) - min(delays) > 0.2 * base  # jittered: a refused crowd spreads out
+    assert all(resubscribe_delay(50) <= 1.5 * RESUBSCRIBE_MAX_S for _ in range(200))  # capped

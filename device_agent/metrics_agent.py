@@ -18,6 +18,7 @@ from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from fedclip.device_agent.state_summary import summarize_record
 from fedclip.sdk.errors import FedclipError
 from fedclip.sdk.ledger import read_record
 
@@ -43,43 +44,42 @@ class AgentStateCollector:
         readable = GaugeMetricFamily("fedclip_agent_state_readable", "1 if the state file could be read")
         try:
             record = read_record(self.state_dir)
-        except (FedclipError, OSError) as e:  # mid-replace or a broken file: say so, never a 500
+            info = summarize_record(self.state_dir, record)  # what `fedclip-agent status` shows
+        except (FedclipError, OSError, KeyError, TypeError, ValueError) as e:
+            # mid-replace or a broken file: say so, never a 500
             log.warning("metrics: cannot read the agent state (%s)", e)
             readable.add_metric([], 0)
             yield readable
             return
         readable.add_metric([], 1)
         yield readable
-        yield from self._families(record)
+        yield from self._families(record, info)
 
-    def _families(self, record: dict[str, Any]) -> Iterator[Metric]:
-        rounds = record.get("rounds") or {}
+    def _families(self, record: dict[str, Any], info: dict[str, Any]) -> Iterator[Metric]:
         by_status = GaugeMetricFamily(
             "fedclip_agent_rounds",
             "Rounds kept in the state dir: built (update on disk, not yet acknowledged) or done (published)",
             labels=["status"],
         )
-        for status in ("built", "done"):
-            by_status.add_metric([status], sum(1 for e in rounds.values() if e.get("status") == status))
+        by_status.add_metric(["built"], len(info["pending_updates"]))
+        by_status.add_metric(["done"], info["rounds_done"])
         yield by_status
 
-        numbered = {int(r): e for r, e in rounds.items()}  # keys are round numbers (AgentState)
-        last = max(numbered, default=-1)
-        prog = record.get("in_progress") or {}
+        last = info["last_round"]
         yield _gauge("fedclip_agent_last_round", "The latest round this agent trained (-1: none)", last)
-        in_progress: int = prog["round"] if isinstance(prog.get("round"), int) else -1
+        in_progress = -1 if info["in_progress"] is None else info["in_progress"]
         yield _gauge("fedclip_agent_round_in_progress", "The round being trained now (-1: none)", in_progress)
         installed = GaugeMetricFamily(
             "fedclip_agent_adapter_installed",
             "1 for the adapter the agent has installed for inference (version empty: the bundle's own)",
             labels=["version"],
         )
-        installed.add_metric([str(record.get("current_adapter") or "")], 1)
+        installed.add_metric([str(info["adapter_version"] or "")], 1)
         yield installed
         if last < 0:
             return
-        entry = numbered[last]
-        metrics = entry.get("metrics") or {}
+        entry = record["rounds"][str(last)]
+        metrics = info["last_metrics"]
         seconds, steps = _number(entry.get("train_seconds")), _number(metrics.get("steps"))
         built_at = _number(entry.get("built_at"))
         if seconds is not None:

@@ -7,6 +7,7 @@ installs, so the status names where it came from (a round, a rollout, a pin) and
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,16 @@ from fedclip.sdk.ledger import Ledger, read_record
 def summarize(state_dir: str | Path) -> dict[str, Any]:
     """The status of the agent whose state dir is `state_dir` (StateError when there is none)."""
     root = Path(state_dir)
-    record = read_record(root)
+    return summarize_record(root, read_record(root))
+
+
+def summarize_record(root: Path, record: Mapping[str, Any]) -> dict[str, Any]:
+    """`summarize` of a state record already read (the metrics collector reads it itself)."""
     rounds = record.get("rounds", {})
     done = [r for r, e in rounds.items() if e.get("status") == DONE]
     last = max((int(r) for r in rounds), default=-1)
     prog = record.get("in_progress")
-    in_use = Ledger.from_record(root, record).in_use()
+    in_use = Ledger.from_record(root, dict(record)).in_use()
     return {
         "agent_id": record.get("agent_id"),
         "fleet": record.get("fleet"),

@@ -7,7 +7,7 @@ reload there is one object swap. Provisioning writes both from the enrolment reg
 
 The rules (topics under `fedclip/<fleet>/`, `wire.Topics` names them):
 - a device publishes only on its own `agents/<id>/{status,update,ack}`;
-- a device reads only its own `agents/<id>/{task,adapter,command,pin}` and the fleet-wide
+- a device reads only its own `agents/<id>/{task,adapter,command,pin,status}` and the fleet-wide
   `coordinator/status` and `rollout/#`;
 - the coordinator login reads and writes everything under the fleet root, so only it can publish
   tasks, adapters and commands;
@@ -34,7 +34,8 @@ from fedclip.sdk.wire import Topics
 
 COORDINATOR_USER = "fedclip.coordinator"
 DEVICE_PUBLISHES = ("status", "update", "ack")
-DEVICE_READS = ("task", "adapter", "command", "pin")
+# "status": its own, which the session watches for a stale last will overwriting it (sdk/mqtt_will.py).
+DEVICE_READS = ("task", "adapter", "command", "pin", "status")
 # mosquitto_passwd's defaults (mosquitto >= 2.0): 12 bytes of salt, 101 rounds of PBKDF2-SHA512.
 # The passwords are 128 random bits, so more rounds would add CONNECT cost and no security.
 _MOSQ_ITERATIONS = 101

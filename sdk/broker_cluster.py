@@ -87,10 +87,16 @@ mqtt {{ listen: "{LOCALHOST}:{p["mqtt"]}", stream_replicas: {min(3, self.n)}, {m
 """
         (self.dir / f"n{i}.conf").write_text(conf)
 
-    def start(self, timeout: float = 60) -> list[str]:
+    def start(self, timeout: float = 120) -> list[str]:
+        """Start every node, then wait (one deadline for all) until each MQTT port is open and
+        JetStream has a meta leader. The nodes start together because each one's MQTT gateway
+        needs JetStream, which needs a quorum of the cluster: on a loaded 2-core machine one node
+        alone can wait a long time for the others."""
         for i in range(self.n):
-            self.start_node(i)
+            self._spawn(i)
         deadline = time.monotonic() + timeout
+        for i in range(self.n):
+            self._wait_mqtt(i, deadline - time.monotonic())
         while time.monotonic() < deadline:  # MQTT needs JetStream, which needs a meta leader
             if self._jetstream_ready():
                 return self.mqtt_urls
@@ -98,19 +104,33 @@ mqtt {{ listen: "{LOCALHOST}:{p["mqtt"]}", stream_replicas: {min(3, self.n)}, {m
         self.stop()
         raise BrokerError(f"NATS cluster: JetStream not ready within {timeout:g}s (logs in {self.dir})")
 
-    def start_node(self, i: int, timeout: float = 15) -> None:
+    def _spawn(self, i: int) -> None:
         assert self.binary is not None  # checked when the cluster was made
         with open(self.dir / f"n{i}.stderr", "ab") as err:
-            proc = subprocess.Popen(
+            self.procs[i] = subprocess.Popen(
                 [self.binary, "-c", str(self.dir / f"n{i}.conf")],
                 stdout=subprocess.DEVNULL,
                 stderr=err,
                 start_new_session=True,
             )
-        self.procs[i] = proc
+
+    def _wait_mqtt(self, i: int, timeout: float) -> None:
+        proc = self.procs[i]
+        assert proc is not None  # spawned just before
         alive = lambda: proc.poll() is None  # noqa: E731
-        if not wait_for_port(LOCALHOST, self.ports[i]["mqtt"], timeout, alive):
-            raise BrokerError(f"NATS node n{i}: MQTT port not open (see {self.log_file(i)})")
+        if not wait_for_port(LOCALHOST, self.ports[i]["mqtt"], max(timeout, 0.1), alive):
+            why = "exited" if proc.poll() is not None else f"MQTT port not open within {timeout:.0f}s"
+            self.stop()
+            raise BrokerError(f"NATS node n{i}: {why}: {self.last_error(i)} (logs in {self.dir})")
+
+    def last_error(self, i: int) -> str:
+        """The node's last error line (a port taken, a bad config), or its last line."""
+        lines: list[str] = []
+        for f in (self.log_file(i), self.dir / f"n{i}.stderr"):
+            if f.exists():
+                lines += f.read_text(errors="replace").splitlines()
+        errors = [ln for ln in lines if "[ERR]" in ln or "[FTL]" in ln]
+        return (errors or lines or ["(no log)"])[-1].strip()
 
     def _jetstream_ready(self) -> bool:
         for i, p in enumerate(self.ports):

@@ -12,13 +12,17 @@
   the next one is tried, round robin (docs/scale.md).
 - `publish` waits for the PUBACK with a deadline. Publishing while disconnected queues the message in
   paho, which sends it after the reconnect, so the wait completes then.
+- A retained will is guarded: a stale will that overwrites the session's retained status (a cluster
+  node publishing it late, after a failover) is answered by publishing that status again
+  (`mqtt_will`).
 - paho's callbacks only enqueue: incoming messages go to a `queue.Queue` read by `get`, connects go to
   a worker thread that runs the `on_connect` hooks. The network thread never blocks on work.
 
 MQTT 3.1.1 by default so it runs on every broker, the embedded amqtt one included.
 
 The parts with a job of their own live next door: broker URLs in `mqtt_address`, the configured paho
-client in `mqtt_client`, the subscription bookkeeping in `mqtt_subscriptions`.
+client in `mqtt_client`, the subscription bookkeeping in `mqtt_subscriptions`, the will guard in
+`mqtt_will`.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from fedclip.sdk.errors import ConfigError, ConnectRefused, MqttError, PublishTi
 from fedclip.sdk.mqtt_address import parse_broker_urls
 from fedclip.sdk.mqtt_client import MAX_RECONNECT_DELAY, new_paho_client
 from fedclip.sdk.mqtt_subscriptions import Subscriptions
+from fedclip.sdk.mqtt_will import WillGuard
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +70,7 @@ class Incoming:
 
 
 ConnectHook = Callable[["MqttSession"], None]
+_REPAIR = object()  # hook-thread event: a stale will overwrote the retained status
 
 
 class MqttSession:
@@ -142,6 +148,10 @@ class MqttSession:
         self._client = client
         self._subs = Subscriptions(client, where=lambda: self.address, connected=self.connected)
         client.on_subscribe = self._subs.on_subscribe
+        self._guard: WillGuard | None = None
+        if will is not None and will.retain:
+            self._guard = WillGuard(will.topic)
+            self._subs.add(will.topic, 0)
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def connect(self, timeout: float = 30) -> MqttSession:
@@ -269,6 +279,8 @@ class MqttSession:
             info.rc = MQTTErrorCode.MQTT_ERR_SUCCESS
         elif info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise MqttError(f"{self.address}: publish to {topic} failed ({paho.error_string(info.rc)})")
+        if self._guard is not None:
+            self._guard.published(topic, payload, retain)
         if qos == 0:
             return
         try:
@@ -335,6 +347,10 @@ class MqttSession:
         )
 
     def _on_message(self, client, userdata, msg) -> None:
+        if self._guard is not None and msg.topic == self._guard.topic:
+            if self._guard.overwritten(msg.topic, bytes(msg.payload)):
+                self._hook_events.put(_REPAIR)
+            return  # the session's own status topic: watched for the guard, not for the application
         self._incoming.put(Incoming(msg.topic, bytes(msg.payload), bool(msg.retain), msg.mid, msg.qos))
 
     # ---- worker ----------------------------------------------------------------------------------
@@ -343,8 +359,25 @@ class MqttSession:
             event = self._hook_events.get()
             if event is None:
                 return
+            if event is _REPAIR:
+                self._repair_status()
+                continue
             for hook in list(self.on_connect):
                 try:
                     hook(self)
                 except Exception:  # a hook's failure must not end the session; say which one failed
                     log.exception("MQTT on_connect hook %r failed", hook)
+
+    def _repair_status(self) -> None:
+        assert self._guard is not None  # only queued by the guard
+        owed = self._guard.repair()
+        if owed is None or not self.connected.is_set():
+            return  # disconnected: the next connect's hooks publish the status anyway
+        topic, payload = owed
+        log.info(
+            "MQTT %s: a stale last will replaced the retained %s; publishing it again", self.client_id, topic
+        )
+        try:
+            self.publish(topic, payload, qos=1, retain=True, timeout=30)
+        except MqttError as e:
+            log.warning("MQTT %s: status not published again (%s)", self.client_id, e)

@@ -141,6 +141,25 @@ def test_clean_close_sends_no_will(mosquitto):
         assert [m.payload for m in got] == [b"online", b"marker"]
 
 
+def test_a_stale_will_over_the_status_is_answered_with_the_status_again(mosquitto):
+    """A cluster node that lost the agent's old connection publishes its will late, after the agent
+    said `online` through another node; the session puts its status back, retained."""
+    topic = "fedclip/f/agents/a7/status"
+    with MqttSession(mosquitto.url, "watch") as watch:
+        subscribed(watch, topic)
+        with MqttSession(mosquitto.url, "a7", will=Will(topic, b"offline")) as agent:
+            agent.publish(topic, b"online", retain=True)
+            next_message(watch, lambda m: m.topic == topic and m.payload == b"online", 15, "online")
+            with MqttSession(mosquitto.url, "old-node") as node:  # the stale will, as a node sends it
+                node.publish(topic, b"offline (an earlier connection)", retain=True)
+            got = collect(watch, 2, topic=topic)
+            assert [m.payload for m in got] == [b"offline (an earlier connection)", b"online"]
+    with MqttSession(mosquitto.url, "late", clean_session=True) as late:
+        late.subscribe(topic)
+        msg = next_message(late, lambda m: m.topic == topic, timeout=15)
+        assert msg.payload == b"online" and msg.retain  # the agent closed cleanly: no will since
+
+
 # ---- persistent sessions -----------------------------------------------------------------------------
 def _persistent_session_roundtrip(url: str, **creds) -> None:
     topic = "fedclip/f/agents/a1/task"

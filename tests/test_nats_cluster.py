@@ -86,11 +86,22 @@ class ClusterAgent(threading.Thread):
             self.session.close()
 
 
-def _wait(cond, timeout: float, what: str, proc: subprocess.Popen) -> None:
+def _wait(
+    cond, timeout: float, what: str, proc: subprocess.Popen, agents: list[ClusterAgent], cluster, log: Path
+) -> None:
+    """Poll `cond`; fail at once when the coordinator or an agent has died, saying what each was doing."""
     deadline = time.monotonic() + timeout
     while not cond():
-        assert proc.poll() is None or cond(), f"coordinator exited ({proc.returncode}) before {what}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        errors = {a.id: str(a.error) for a in agents if a.error}
+        late = proc.poll() is not None or errors or time.monotonic() >= deadline
+        if late and not cond():
+            tail = log.read_text(errors="replace")[-3000:]
+            tasked = {a.id: sorted(a.tasks) for a in agents}
+            nodes = {f"n{i}": cluster.last_error(i) for i in range(cluster.n)}
+            pytest.fail(
+                f"{what}: coordinator rc {proc.poll()}, agent errors {errors}, tasks seen {tasked}, "
+                f"last node log lines {nodes}\ncoordinator log tail:\n{tail}"
+            )
         time.sleep(0.1)
 
 
@@ -134,7 +145,15 @@ def test_round_survives_a_dead_node(bundle_factory, tmp_path):
         try:
             for a in agents:
                 a.start()
-            _wait(lambda: all(1 in a.tasks for a in agents), 180, "round 1 tasks", coord)
+            _wait(
+                lambda: all(1 in a.tasks for a in agents),
+                180,
+                "round 1 tasks",
+                coord,
+                agents,
+                cluster,
+                tmp_path / "coord.log",
+            )
             cluster.kill(KILLED)  # mid-round: a third of the updates are not sent yet
             killed.set()
             coord.wait(timeout=240)

@@ -2,7 +2,9 @@
 agents (issue 14, item 5). Pure CPU, no broker; one run, baselines measured in it.
 
 - per status message: the index update (`Fleet.on_status`), the status's decode and validation, and
-  the state-dir row the round loop writes for it (`Store.upsert_agent`, one fsynced commit);
+  the state-dir row the round loop writes for it: alone (`Store.upsert_agents` of one row, one fsynced commit,
+  as before) and batched with the group commit (`Store.add_updates(agents=...)`, 256 rows a commit,
+  the intake's default batch, as the loop does now);
 - per loop iteration: "are enough agents eligible?", by the index (O(1)) against the scan the loop
   did before (`compatible_online`, O(N));
 - per round: choosing 1,000 of N (eligible list, participation, choice) for random (the strategy's
@@ -31,6 +33,7 @@ from fedclip.coordinator import strategies
 from fedclip.coordinator.fleet import AgentInfo, Fleet, decode_status
 from fedclip.coordinator.selection import choose
 from fedclip.coordinator.store import Store
+from fedclip.coordinator.store.rows import agent_values
 from fedclip.coordinator.strategies.base import StrategyOptions
 from fedclip.sdk import messages as m
 from fedclip.sdk.wire import Topics
@@ -38,6 +41,7 @@ from fedclip.sdk.wire import Topics
 RESULTS = Path(__file__).resolve().parent / "results"
 HEADING = "## Selection at scale"
 FLEET, BUNDLE, K, GROUPS = "fleet", "b" * 64, 1000, 20
+BATCH, BATCHES = 256, 10  # the intake's default batch (`intake_batch`), and how many are timed
 
 
 def _agent(i: int) -> str:
@@ -77,15 +81,30 @@ def per_status(n: int, samples: int, store_samples: int) -> dict:
         try:
             t = time.perf_counter()
             for inf in infos[:store_samples]:
-                store.upsert_agent(inf.id, True, BUNDLE, "g-r0", -1, {"groups": list(inf.groups)})
+                store.upsert_agents(
+                    [
+                        agent_values(
+                            inf.id, True, BUNDLE, "g-r0", -1, {"groups": list(inf.groups)}, time.time()
+                        )
+                    ]
+                )
             store_s = time.perf_counter() - t
+            rows = [
+                agent_values(inf.id, True, BUNDLE, "g-r0", -1, {"groups": list(inf.groups)}, now)
+                for inf in infos[: BATCH * BATCHES]
+            ]
+            t = time.perf_counter()
+            for i in range(0, len(rows), BATCH):
+                store.add_updates([], [], rows[i : i + BATCH])
+            batch_s = time.perf_counter() - t
         finally:
             store.close()
     return {
         "index_us": round(index_s / n * 1e6, 2),
         "decode_us": round(decode_s / samples * 1e6, 1),
         "store_us": round(store_s / store_samples * 1e6, 1),
-        "samples": {"index": n, "decode": samples, "store": store_samples},
+        "store_batched_us": round(batch_s / len(rows) * 1e6, 1),
+        "samples": {"index": n, "decode": samples, "store": store_samples, "store_batched": len(rows)},
     }
 
 
@@ -146,7 +165,8 @@ def markdown(data: dict) -> str:
         + head
         + line("fleet index update (`Fleet.on_status`)", "index_us")
         + line("decode + validate the status", "decode_us")
-        + line("state-dir row (`Store.upsert_agent`, one fsynced commit)", "store_us")
+        + line("state-dir row alone (one row, one fsynced commit: before)", "store_us")
+        + line(f"state-dir row in the group commit ({BATCH} a commit: now)", "store_batched_us")
         + "\nPer loop iteration, *are enough agents eligible?* (microseconds):\n\n"
         + head
         + line("before: scan every agent (`compatible_online`)", "scan_us")

@@ -48,6 +48,9 @@ from fedclip.sdk.mqtt_will import WillGuard
 
 log = logging.getLogger(__name__)
 
+# `publish_many` hands over this many messages before it waits for their PUBACKs: far below paho's
+# queue limit (`max_queue`), enough that the round trips overlap.
+PIPELINE = 1000
 _AUTH_REFUSALS = {"authorized", "password"}  # words of the CONNACK codes that mean "your credentials"
 
 
@@ -268,6 +271,30 @@ class MqttSession:
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, timeout: float = 30
     ) -> None:
         """Publish and, for QoS > 0, wait for the broker's acknowledgement until `timeout`."""
+        self.publish_many([(topic, payload)], qos, retain, timeout)
+
+    def publish_many(
+        self, messages: Sequence[tuple[str, bytes]], qos: int = 1, retain: bool = False, timeout: float = 30
+    ) -> None:
+        """Publish (topic, payload) pairs pipelined: up to `PIPELINE` handed to paho at once (it keeps
+        its in-flight window full), then their acknowledgements awaited, `timeout` for each window;
+        N tasks cost about N / window round trips to the broker instead of N."""
+        for start in range(0, len(messages), PIPELINE):
+            deadline = time.monotonic() + timeout
+            sent = [(t, self._hand_over(t, p, qos, retain)) for t, p in messages[start : start + PIPELINE]]
+            if qos == 0:
+                continue
+            for topic, info in sent:
+                try:
+                    info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+                except (RuntimeError, ValueError) as e:
+                    raise MqttError(f"{self.address}: publish to {topic} failed ({e})") from None
+                if not info.is_published():
+                    raise PublishTimeout(
+                        f"{self.address}: publish to {topic} not acknowledged within {timeout:g}s"
+                    )
+
+    def _hand_over(self, topic: str, payload: bytes, qos: int, retain: bool) -> paho.MQTTMessageInfo:
         try:
             info = self._client.publish(topic, payload, qos=qos, retain=retain)
         except ValueError as e:  # paho: wildcard in the topic, payload over 268 MB, bad qos
@@ -281,14 +308,7 @@ class MqttSession:
             raise MqttError(f"{self.address}: publish to {topic} failed ({paho.error_string(info.rc)})")
         if self._guard is not None:
             self._guard.published(topic, payload, retain)
-        if qos == 0:
-            return
-        try:
-            info.wait_for_publish(timeout)
-        except (RuntimeError, ValueError) as e:
-            raise MqttError(f"{self.address}: publish to {topic} failed ({e})") from None
-        if not info.is_published():
-            raise PublishTimeout(f"{self.address}: publish to {topic} not acknowledged within {timeout:g}s")
+        return info
 
     def ack(self, msg: Incoming) -> None:
         """Send the PUBACK for `msg` (manual_ack sessions only; a no-op for QoS 0)."""

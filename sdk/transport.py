@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from paho.mqtt.client import topic_matches_sub
@@ -43,6 +43,10 @@ class Transport(Protocol):
 
     def publish(
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, timeout: float = 30
+    ) -> None: ...
+
+    def publish_many(
+        self, messages: Sequence[tuple[str, bytes]], qos: int = 1, retain: bool = False, timeout: float = 30
     ) -> None: ...
 
     def ack(self, msg: Incoming) -> None: ...
@@ -144,6 +148,12 @@ class MemoryTransport:
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, timeout: float = 30
     ) -> None:
         self.broker._publish(topic, bytes(payload), qos, retain)
+
+    def publish_many(
+        self, messages: Sequence[tuple[str, bytes]], qos: int = 1, retain: bool = False, timeout: float = 30
+    ) -> None:
+        for topic, payload in messages:
+            self.broker._publish(topic, bytes(payload), qos, retain)
 
     def ack(self, msg: Incoming) -> None:
         if self.manual_ack:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from fedclip.coordinator.config import CoordConfig
 from fedclip.coordinator.metrics import MetricsLog, plot, weighted_means
 from fedclip.coordinator.registry import Registry
 from fedclip.coordinator.store import Store
+from fedclip.coordinator.store.rows import agent_values
 from fedclip.coordinator.strategies.base import AggregateResult
 from fedclip.sdk.adapters import load_adapter
 from fedclip.sdk.errors import ConfigError
@@ -32,8 +34,10 @@ def state(tmp_path):
         s.set_meta("fleet", "f1")
         s.set_meta("bundle_id", "b" * 64)
         s.set_meta("strategy", "ce-lora")
-        s.upsert_agent("cam1", True, "b" * 64, "a-cam1-r1", 1, {"device": {"cpu": "x86"}})
-        s.upsert_agent("cam2", False, "b" * 64, "", -1, {})
+        s.upsert_agents(
+            [agent_values("cam1", True, "b" * 64, "a-cam1-r1", 1, {"device": {"cpu": "x86"}}, time.time())]
+        )
+        s.upsert_agents([agent_values("cam2", False, "b" * 64, "", -1, {}, time.time())])
         reg = Registry(s, "b" * 64, "tri-lora")
         reg.ensure_initial(t0, "ce-lora")
         s.start_round(1, "ce-lora", 1.0, [("cam1", "g-r0", "t")])

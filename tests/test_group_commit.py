@@ -17,7 +17,9 @@ from fedclip.coordinator.registry import Registry, load_initial_adapter
 from fedclip.coordinator.server import Server
 from fedclip.coordinator.server.tasks import RoundState
 from fedclip.coordinator.store import Store
+from fedclip.sdk import messages
 from fedclip.sdk.adapters import encode_tensors
+from fedclip.sdk.hashing import sha256_bytes
 from fedclip.sdk.manifest import Manifest
 from fedclip.sdk.transport import MemoryBroker
 from fedclip.sdk.wire import Envelope, MsgType, Topics, encode
@@ -62,6 +64,16 @@ def _update(bundle, agent: str, delta: float) -> bytes:
     return encode(env, {k: v + np.float32(delta) for k, v in initial.items()})
 
 
+def _squat_blob(bundle, tmp_path, agent: str) -> None:
+    """A folder squats on the temp name of `agent`'s round-1 blob (its `_update` with delta 0.1):
+    writing that blob fails."""
+    blob = encode_tensors(
+        {k: v + np.float32(0.1) for k, v in bundle[2].items()}, {"agent": agent, "round": "1"}
+    )
+    sha = sha256_bytes(blob)
+    (tmp_path / "state" / "blobs" / sha[:2] / f".{sha}.{os.getpid()}.tmp").mkdir(parents=True)
+
+
 def test_queued_updates_are_stored_in_batches_and_acknowledged_after(bundle, tmp_path):
     server, sender = _open_round(bundle, tmp_path, intake_batch=5)
     payloads = {a: _update(bundle, a, 0.01 * i) for i, a in enumerate(AGENTS)}
@@ -91,21 +103,54 @@ def test_queued_updates_are_stored_in_batches_and_acknowledged_after(bundle, tmp
 def test_a_batch_that_cannot_be_stored_is_not_acknowledged(bundle, tmp_path):
     """The disk refuses one blob of the batch: the loop stops with the error and acknowledges none
     of the batch's messages, so the broker delivers them all again after a restart."""
-    from fedclip.sdk.hashing import sha256_bytes
-
     server, sender = _open_round(bundle, tmp_path, intake_batch=64)
     try:
         for a in AGENTS[:4]:
             sender.publish(TOPICS.update(a), _update(bundle, a, 0.1))
-        # A folder squats on the temp name of the third update's blob: creating it fails.
-        blob = encode_tensors(
-            {k: v + np.float32(0.1) for k, v in bundle[2].items()}, {"agent": AGENTS[2], "round": "1"}
-        )
-        sha = sha256_bytes(blob)
-        (tmp_path / "state" / "blobs" / sha[:2] / f".{sha}.{os.getpid()}.tmp").mkdir(parents=True)
+        _squat_blob(bundle, tmp_path, AGENTS[2])  # the third update's blob cannot be written
         with pytest.raises(IsADirectoryError):
             server.pump(5.0)
         assert server.transport.unacked == 4
         assert server.store.updates(1) == [] and server.store.rejections() == []
+    finally:
+        server.store.close()
+
+
+def _status(bundle, agent: str, state: str = "online") -> bytes:
+    return messages.encode(messages.AgentStatus(state, bundle[1].bundle_id, last_round=0), FLEET, agent)
+
+
+def test_statuses_are_stored_with_their_batch_and_acknowledged_after(bundle, tmp_path):
+    server, sender = _open_round(bundle, tmp_path, intake_batch=64)
+    server.transport.subscribe(TOPICS.all_agents("status"))
+    try:
+        for a in AGENTS[:3]:
+            sender.publish(TOPICS.status(a), _status(bundle, a))
+        sender.publish(TOPICS.status(AGENTS[0]), _status(bundle, AGENTS[0], "offline"))  # the last one wins
+        sender.publish(TOPICS.status(AGENTS[3]), b"not a status")  # refused: recorded with its batch
+        assert server.transport.unacked == 5
+        server.pump(5.0)
+        assert server.transport.unacked == 0
+        rows = {r["agent"]: r["online"] for r in server.store.agents()}
+        assert rows == {AGENTS[0]: False, AGENTS[1]: True, AGENTS[2]: True}
+        assert [r[1] for r in server.store.rejections()] == [AGENTS[3]]
+    finally:
+        server.store.close()
+
+
+def test_statuses_share_the_fate_of_their_batch(bundle, tmp_path):
+    """One transaction for the batch: when its update cannot be stored, neither are the statuses
+    that came with it, and none of its messages is acknowledged (the broker sends them again)."""
+    server, sender = _open_round(bundle, tmp_path, intake_batch=64)
+    server.transport.subscribe(TOPICS.all_agents("status"))
+    try:
+        for a in AGENTS[:3]:
+            sender.publish(TOPICS.status(a), _status(bundle, a))
+        sender.publish(TOPICS.update(AGENTS[0]), _update(bundle, AGENTS[0], 0.1))
+        _squat_blob(bundle, tmp_path, AGENTS[0])
+        with pytest.raises(IsADirectoryError):
+            server.pump(5.0)
+        assert server.transport.unacked == 4
+        assert server.store.agents() == []
     finally:
         server.store.close()

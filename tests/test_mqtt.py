@@ -25,7 +25,7 @@ from fedclip.sdk.errors import (
     MqttError,
     PublishTimeout,
 )
-from fedclip.sdk.mqtt import Incoming, MqttSession, Will
+from fedclip.sdk.mqtt import PIPELINE, Incoming, MqttSession, Will
 from fedclip.sdk.wire import Topics
 
 pytestmark = pytest.mark.timeout(120)
@@ -66,6 +66,18 @@ def test_publish_subscribe_qos1_in_order(mosquitto):
         got = collect(sub, 20, topic="t/data/x")
         assert [m.payload for m in got] == [f"m{i}".encode() for i in range(20)]
         assert not any(m.retain for m in got)
+
+
+def test_publish_many_pipelines_windows_in_order(mosquitto):
+    """More messages than one pipelined window (`PIPELINE`): all acknowledged, all delivered, in order."""
+    n = PIPELINE * 2 + 17
+    with MqttSession(mosquitto.url, "sub") as sub, MqttSession(mosquitto.url, "pub") as pub:
+        subscribed(sub, "t/many/#")
+        pub.publish_many([(f"t/many/{i % 7}", f"m{i}".encode()) for i in range(n)], qos=1, timeout=60)
+        got = collect(sub, n, timeout=60)
+        assert [m.payload for m in got] == [f"m{i}".encode() for i in range(n)]
+        with pytest.raises(MqttError, match="cannot publish"):
+            pub.publish_many([("t/ok", b"x"), ("t/+/bad", b"y")])
 
 
 def test_retained_message_reaches_late_subscriber(mosquitto):

@@ -12,6 +12,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -24,6 +25,7 @@ from fedclip.coordinator.fleet_view import REJECTION_KINDS, rejection_kind
 from fedclip.coordinator.ops_server import OpsServer, read_credentials
 from fedclip.coordinator.registry import Registry
 from fedclip.coordinator.store import Store
+from fedclip.coordinator.store.rows import agent_values
 from fedclip.sdk.broker_ports import free_port, wait_for_port
 from fedclip.sdk.manifest import Manifest
 from fedclip.sdk.wire import Topics
@@ -325,7 +327,7 @@ def test_dashboard_command_serves_a_state_dir_until_stopped(tmp_path, sig):
     state = tmp_path / "state"
     with Store(state) as s:
         s.set_meta("fleet", "f1")
-        s.upsert_agent("cam1", True, "b" * 64, "g-r0", 0, {"groups": ["lab"]})
+        s.upsert_agents([agent_values("cam1", True, "b" * 64, "g-r0", 0, {"groups": ["lab"]}, time.time())])
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedclip.coordinator.cli", "dashboard", "--state", str(state),
@@ -353,7 +355,9 @@ def test_concurrent_scrapes_and_polls_all_succeed(tmp_path):
         s.set_meta("fleet", "f1")
         s.start_round(1, "fedavg", 1.0, [(f"a{i}", "g-r0", "t") for i in range(20)])
         for i in range(20):
-            s.upsert_agent(f"a{i}", True, "b" * 64, "", 0, {"groups": [f"g{i % 3}"]})
+            s.upsert_agents(
+                [agent_values(f"a{i}", True, "b" * 64, "", 0, {"groups": [f"g{i % 3}"]}, time.time())]
+            )
     with OpsServer(state) as ops:
 
         def get(path: str) -> int:

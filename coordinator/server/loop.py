@@ -42,6 +42,7 @@ from fedclip.coordinator.server.setup import (
 )
 from fedclip.coordinator.server.tasks import RoundState, Tasks, TaskSpec
 from fedclip.coordinator.store import Store
+from fedclip.coordinator.store.rows import agent_values
 from fedclip.coordinator.strategies.base import Strategy
 from fedclip.coordinator.trust import Trust
 from fedclip.sdk.errors import WireError
@@ -240,8 +241,7 @@ class Server:
         self._publish_status("online")
 
     def _send_tasks(self, st: RoundState, agents: list[str]) -> None:
-        for agent in agents:
-            self._publish(self.topics.task(agent), self.tasks.payload(st, agent), retain=True)
+        self._publish_many([(self.topics.task(agent), self.tasks.payload(st, agent)) for agent in agents])
 
     # ---- collecting --------------------------------------------------------------------------
     def _collect(self) -> None:
@@ -293,8 +293,7 @@ class Server:
             self.closer.aggregate(st)
         self.fleet.round_closed(st.missing)
         # The round's tasks are stale now; an agent that connects later must not train on them.
-        for agent in sorted(st.selected):
-            self._publish(self.topics.task(agent), b"", retain=True)
+        self._publish_many([(self.topics.task(agent), b"") for agent in sorted(st.selected)])
         self.current = None
         self._event("closed")
 
@@ -332,13 +331,14 @@ class Server:
         try:
             a = decode_status(self.topics, agent, msg.payload, self.trust) if msg.payload else None
         except WireError as e:
-            log.warning("status dropped: %s", e)
-            self.store.add_rejection(msg.topic, agent, -1, str(e))
+            self.intake.reject(msg.topic, agent, -1, str(e))
             return
         self.fleet.on_status(agent, a)
         if a is None:
             return
-        self.store.upsert_agent(a.id, a.online, a.bundle_id, a.adapter_version, a.last_round, a.info)
+        # Durable with the batch (group commit), before the message is acknowledged.
+        row = agent_values(a.id, a.online, a.bundle_id, a.adapter_version, a.last_round, a.info, time.time())
+        self.intake.stage_agent(row)
         log.info(
             "agent %s: %s (bundle %s, adapter %s, last round %d)",
             agent,
@@ -351,6 +351,10 @@ class Server:
     # ---- outgoing ----------------------------------------------------------------------------
     def _publish(self, topic: str, payload: bytes, retain: bool) -> None:
         self.transport.publish(topic, payload, qos=1, retain=retain, timeout=self.cfg.publish_timeout)
+
+    def _publish_many(self, messages: list[tuple[str, bytes]]) -> None:
+        """Retained, QoS 1, pipelined: a round's N tasks (or N emptied ones) are not N round trips."""
+        self.transport.publish_many(messages, qos=1, retain=True, timeout=self.cfg.publish_timeout)
 
     def status_payload(self, state: str, finished: bool = False) -> bytes:
         """This coordinator's status now (with the bundle URL while it is online and serving)."""
@@ -366,8 +370,7 @@ class Server:
 
     def _finish(self) -> None:
         """Clear every retained task, so no agent trains a stale one; say we are done."""
-        for agent in self.store.tasked_agents():
-            self._publish(self.topics.task(agent), b"", retain=True)
+        self._publish_many([(self.topics.task(agent), b"") for agent in self.store.tasked_agents()])
         self._publish_status("offline", finished=True)
         log.info(
             "done: %d rounds aggregated (%d failed); retained tasks cleared",

@@ -79,6 +79,27 @@ def agent_dict(r: tuple) -> dict[str, Any]:
     return d
 
 
+def agent_values(
+    agent: str,
+    online: bool,
+    bundle_id: str,
+    adapter_version: str,
+    last_round: int,
+    info: dict[str, Any],
+    seen_at: float,
+) -> tuple:
+    """The `agents` row of one status, in column order (`AGENT_KEYS`)."""
+    return (
+        agent,
+        int(online),
+        bundle_id,
+        adapter_version,
+        last_round,
+        json.dumps(info, sort_keys=True),
+        seen_at,
+    )
+
+
 def round_row(r: tuple) -> RoundRow:
     return RoundRow(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7], r[8])
 

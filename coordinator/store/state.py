@@ -117,22 +117,9 @@ class Store:
         self.db.write(lambda c: c.execute("INSERT OR REPLACE INTO meta VALUES(?, ?)", (key, value)))
 
     # ---- agents --------------------------------------------------------------------------------
-    def upsert_agent(
-        self,
-        agent: str,
-        online: bool,
-        bundle_id: str,
-        adapter_version: str,
-        last_round: int,
-        info: dict[str, Any],
-    ) -> None:
-        values = (
-            agent, int(online), bundle_id, adapter_version, last_round,
-            json.dumps(info, sort_keys=True), time.time(),
-        )  # fmt: skip
-        self.db.write(
-            lambda c: c.execute("INSERT OR REPLACE INTO agents VALUES(?, ?, ?, ?, ?, ?, ?)", values)
-        )
+    def upsert_agents(self, rows: Sequence[tuple]) -> None:
+        """`agents` rows (`rows.agent_values`), in one transaction."""
+        self.db.write(lambda c: _upsert_agents(c, rows))
 
     def agents(self) -> list[dict[str, Any]]:
         return [agent_dict(r) for r in self.db.rows("SELECT * FROM agents ORDER BY agent")]
@@ -219,11 +206,15 @@ class Store:
         return self.add_updates([row])[0]
 
     def add_updates(
-        self, updates: Sequence[NewUpdate], rejections: Sequence[tuple[str, str, int, str]] = ()
+        self,
+        updates: Sequence[NewUpdate],
+        rejections: Sequence[tuple[str, str, int, str]] = (),
+        agents: Sequence[tuple] = (),
     ) -> list[UpdateOutcome]:
-        """Store a batch of updates and (topic, agent, round, reason) rejections in one transaction
-        (one commit, one fsync: group commit). Each update's outcome, in order: "stored",
-        "duplicate" (same tensors again: a QoS 1 redelivery, also within the batch) or "conflict".
+        """Store a batch of updates, (topic, agent, round, reason) rejections and `agents` rows
+        (`rows.agent_values`: the statuses of the batch) in one transaction (one commit, one fsync:
+        group commit). Each update's outcome, in order: "stored", "duplicate" (same tensors again: a
+        QoS 1 redelivery, also within the batch) or "conflict".
 
         An update's `stats` become the agent's held statistics in the same transaction, so no crash
         leaves the update without them (or the other way round)."""
@@ -252,6 +243,7 @@ class Store:
                     )
                 out.append("stored")
             _insert_rejections(c, rejections, now)
+            _upsert_agents(c, agents)
             return out
 
         return self.db.write(fn)
@@ -337,6 +329,10 @@ class Store:
         if round_id is not None:
             sql, args = sql + " WHERE round=?", (round_id,)
         return self.db.rows(sql + " ORDER BY round, agent, name", args)
+
+
+def _upsert_agents(c: sqlite3.Connection, rows: Sequence[tuple]) -> None:
+    c.executemany("INSERT OR REPLACE INTO agents VALUES(?, ?, ?, ?, ?, ?, ?)", rows)
 
 
 def _insert_rejections(c: sqlite3.Connection, rows: Sequence[tuple[str, str, int, str]], at: float) -> None:

@@ -181,7 +181,7 @@ def main() -> None:
             result["bursts"].append(row)
     if args.no_report:
         return
-    import fleet_sim
+    import _sim_report
 
     path = RESULTS / "scale.json"
     data = json.loads(path.read_text()) if path.exists() else {"rows": [], "meta": {}}
@@ -192,7 +192,7 @@ def main() -> None:
     }
     data["intake"] = result
     path.write_text(json.dumps(data, indent=2) + "\n")
-    print(fleet_sim.write_report(data))
+    print(_sim_report.write_report(data))
 
 
 if __name__ == "__main__":

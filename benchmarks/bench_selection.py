@@ -179,13 +179,14 @@ def markdown(data: dict) -> str:
         + line("fair (least recently selected first)", "select_fair_ms")
         + line(f"fair, {GROUPS} groups, equal quotas", "select_fair_groups_equal_ms")
         + line(f"fair, {GROUPS} groups, proportional quotas", "select_fair_groups_proportional_ms")
-        + "\nWhat this says: a status costs the index a tenth or less of what its decode costs, and the\n"
-        "fsynced state-dir row the loop writes for it costs ten to a hundred times more than both (that\n"
-        "row, not the index, is what a connect storm of statuses waits on; batching it with the intake's\n"
-        "group commit is the next step). The loop no longer scans the fleet on each iteration: the count\n"
-        "is constant-time where the scan grew with N. Choosing K is one sort and one pass over the\n"
-        "eligible agents per round: under a second at 100,000 agents on this loaded machine, most of it\n"
-        "the per-agent Python of listing them and reading their last turns.\n"
+        + "\nWhat this says: a status costs the index a tenth or less of what its decode costs. The\n"
+        "state-dir row the loop writes for it, alone in its fsynced commit (as before), cost ten to a\n"
+        "hundred times more than both: that row was what a connect storm of statuses waited on. In the\n"
+        f"group commit ({BATCH} rows a commit, as the loop writes them now) it costs about what the index\n"
+        "does. The loop no longer scans the fleet on each iteration: the count is constant-time where the\n"
+        "scan grew with N. Choosing K is one sort and one pass over the eligible agents per round (under\n"
+        "a second at 100,000 agents even on a loaded machine), most of it the per-agent Python of listing\n"
+        "them and reading their last turns.\n"
     )
 
 

@@ -47,3 +47,19 @@ def test_simulated_fleet_completes_two_rounds(bundle_factory, tmp_path):
     assert personal == N  # every agent got its personalized adapter, the start of its round-2 task
     # statistics travel once: round 2's updates carry the histogram and the digest only
     assert row["update_bytes_mean"]["2"] < row["update_bytes_mean"]["1"]
+
+
+def test_report_puts_before_and_after_side_by_side(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import _sim_report
+
+    def row(side: str, rep: int, status_s: float) -> dict:
+        phases = [{"phase": "connect + status", "seconds": status_s, "coordinator_cpu_s": 0.5}]
+        return {"agents": 1000, "side": side, "rep": rep, "phases": phases, "coordinator_cpu_s": 9.0}
+
+    runs = [row("after", 1, 0.7), row("before", 1, 1.8), row("before", 2, 2.8), row("after", 2, 0.6)]
+    data = {"meta": {}, "rows": [], "ab": {"meta": {"title": "Statuses", "how": "alternated"}, "runs": runs}}
+    text = _sim_report.write_report(data, tmp_path / "scale.md").read_text()
+    assert "## Statuses" in text
+    assert "| phase | before #1 | before #2 | after #1 | after #2 |" in text
+    assert "| connect + status | 1.8 (0.5) | 2.8 (0.5) | 0.7 (0.5) | 0.6 (0.5) |" in text

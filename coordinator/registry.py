@@ -77,39 +77,24 @@ class Registry:
         now = time.time()
         gparent = self.store.head(GLOBAL) or ""
         gv = global_version(round_id)
-        gmeta = AdapterMeta(self.bundle_id, gv, gparent, round_id, strategy, self.kind)
-        rows = [
-            VersionRow(
-                gv,
-                gparent,
-                round_id,
-                strategy,
-                GLOBAL,
-                "",
-                self._blob(result.global_tensors, gmeta),
-                dict(round_metrics),
-                now,
-            )
-        ]
+        # (version, parent, scope, agent, tensors, metrics) of the global and each personal adapter
+        items = [(gv, gparent, GLOBAL, "", result.global_tensors, dict(round_metrics))]
         heads = {GLOBAL: gv}
         for agent, tensors in sorted(result.per_agent.items()):
             v = agent_version(agent, round_id)
-            parent = parents.get(agent, gparent)
-            meta = AdapterMeta(self.bundle_id, v, parent, round_id, strategy, self.kind, agent)
-            rows.append(
-                VersionRow(
-                    v,
-                    parent,
-                    round_id,
-                    strategy,
-                    "agent",
-                    agent,
-                    self._blob(tensors, meta),
-                    dict(metrics.get(agent, {})),
-                    now,
-                )
+            items.append(
+                (v, parents.get(agent, gparent), "agent", agent, tensors, dict(metrics.get(agent, {})))
             )
             heads[f"agent:{agent}"] = v
+        # Blobs first, durable in batches (one wave of fsyncs per batch, not two per adapter).
+        blobs = self.store.blobs.put_all(
+            adapter_bytes(t, AdapterMeta(self.bundle_id, v, p, round_id, strategy, self.kind, a))
+            for v, p, _, a, t, _ in items
+        )
+        rows = [
+            VersionRow(v, p, round_id, strategy, scope, a, blob, m, now)
+            for (v, p, scope, a, _, m), blob in zip(items, blobs, strict=True)
+        ]
         flat = [(round_id, a, k, float(x)) for a, m in metrics.items() for k, x in m.items()]
         flat += [(round_id, "", k, float(x)) for k, x in round_metrics.items()]
         self.store.close_round_with(round_id, rows, heads, flat, gv)

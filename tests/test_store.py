@@ -251,3 +251,25 @@ def test_a_failed_batch_of_blobs_leaves_no_partial_file(tmp_path):
         squatter.rmdir()
         assert s.blobs.put_many(data) == [sha256_bytes(d) for d in data]
         assert [s.blobs.get(sha256_bytes(d)) for d in data] == data
+
+
+def test_put_all_takes_blobs_lazily_in_batches(tmp_path):
+    """A round's task or adapter blobs: stored batch by batch as the generator yields them, so at most
+    one batch is held; shas in order, duplicates stored once."""
+    from fedclip.sdk.hashing import sha256_bytes
+
+    data = [f"blob {i % 7}".encode() for i in range(23)]
+    taken: list[int] = []
+
+    def gen():
+        for i, d in enumerate(data):
+            taken.append(i)
+            yield d
+
+    with Store(tmp_path) as s:
+        stored_before: list[int] = []
+        real = s.blobs.put_many
+        s.blobs.put_many = lambda chunk: (stored_before.append(len(taken)), real(chunk))[1]  # type: ignore[method-assign]  # watch the batches
+        assert s.blobs.put_all(gen(), batch=5) == [sha256_bytes(d) for d in data]
+        assert stored_before == [5, 10, 15, 20, 23]  # each batch stored before the next is taken
+        assert [s.blobs.get(sha256_bytes(d)) for d in data] == data

@@ -197,11 +197,17 @@ class Server:
         plans = self.strategy.configure_round(round_id, selected, self.registry)
         deadline = time.time() + self.cfg.round_timeout
         st = RoundState(round_id, deadline, False, {}, {})
+        specs = []
         for agent, plan in sorted(plans.items()):
             digest = self.tasks.held_digest(agent, round_id, plan.stats)
-            spec = TaskSpec(round_id, agent, plan.start.version, plan.stats, deadline, digest)
+            specs.append(
+                (
+                    TaskSpec(round_id, agent, plan.start.version, plan.stats, deadline, digest),
+                    plan.start.tensors,
+                )
+            )
             st.selected[agent] = plan.start.version
-            st.task_blobs[agent] = self.tasks.build(spec, plan.start.tensors)
+        st.task_blobs = dict(zip(sorted(plans), self.tasks.build(specs), strict=True))
         rows = [(a, st.selected[a], st.task_blobs[a]) for a in sorted(st.selected)]
         self.store.start_round(round_id, self.strategy.name, deadline, rows)  # before anything is sent
         self.current = st

@@ -6,7 +6,7 @@ coordinator re-sends the same bytes; an extension re-issues the same task with a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,8 +55,12 @@ class Tasks:
     def __init__(self, ctx: RoundContext):
         self.cfg, self.manifest, self.store, self.key = ctx.cfg, ctx.manifest, ctx.store, ctx.key
 
-    def build(self, spec: TaskSpec, tensors: Mapping[str, np.ndarray]) -> str:
-        """Store the (signed) task message of `spec`; returns its blob sha."""
+    def build(self, specs: Sequence[tuple[TaskSpec, Mapping[str, np.ndarray]]]) -> list[str]:
+        """Store the (signed) task message of each (spec, starting tensors), made durable in batches
+        (`Blobs.put_all`: one wave of fsyncs per batch, not two fsyncs per task); their blob shas."""
+        return self.store.blobs.put_all(self._encode(spec, tensors) for spec, tensors in specs)
+
+    def _encode(self, spec: TaskSpec, tensors: Mapping[str, np.ndarray]) -> bytes:
         task = Task(
             round_id=spec.round_id,
             bundle_id=self.manifest.bundle_id,
@@ -68,7 +72,7 @@ class Tasks:
             base_version=spec.base_version,
             adapter=tensors,
         )
-        return self.store.blobs.put(messages.encode(task, self.cfg.fleet, spec.agent, key=self.key))
+        return messages.encode(task, self.cfg.fleet, spec.agent, key=self.key)
 
     def held_digest(self, agent: str, round_id: int, stats: tuple[str, ...]) -> str:
         """The data digest of the statistics held for `agent`, so it need not send them again; ""
@@ -89,11 +93,17 @@ class Tasks:
     def reissue(self, st: RoundState, agents: list[str], deadline: float) -> dict[str, str]:
         """The same tasks with a later `deadline`, so an agent that has not started still may;
         agent -> new blob sha (stored, not yet recorded as the round's)."""
-        blobs = {}
-        for agent in agents:
-            old = messages.decode(
-                Task, self.payload(st, agent), fleet=self.cfg.fleet, max_bytes=self.cfg.max_payload_bytes
-            )
-            spec = TaskSpec(st.round, agent, st.selected[agent], old.stats, deadline, old.stats_digest)
-            blobs[agent] = self.build(spec, old.adapter)
-        return blobs
+
+        def specs() -> Iterator[tuple[TaskSpec, Mapping[str, np.ndarray]]]:
+            for agent in agents:
+                old = messages.decode(
+                    Task, self.payload(st, agent), fleet=self.cfg.fleet, max_bytes=self.cfg.max_payload_bytes
+                )
+                yield (
+                    TaskSpec(st.round, agent, st.selected[agent], old.stats, deadline, old.stats_digest),
+                    old.adapter,
+                )
+
+        return dict(
+            zip(agents, self.store.blobs.put_all(self._encode(s, t) for s, t in specs()), strict=True)
+        )

@@ -1,8 +1,9 @@
 """The fleet simulator's report: `results/scale.md` (and `scale.png`) from `results/scale.json`.
 
 Sections: the phase table and process figures of each `fleet_sim.py` run (one column per N and
-broker), the notes, `bench_intake.py`'s bursts, and a before/after comparison of two commits run
-alternately on the same machine (`ab`: rows of `fleet_sim.py --no-report`, see `ab_section`).
+broker), the notes, `bench_intake.py`'s bursts, and before/after comparisons of two commits run
+alternately on the same machine (`ab`: a list of them, each holding rows of
+`fleet_sim.py --no-report`; see `ab_section`).
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ def write_report(data: dict, out: Path | None = None) -> Path:
             cells = [str(r.get(k, False if k == "signed" else "-")) for r in rows]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", data.get("notes", "")]
-    if data.get("ab"):
-        lines += ab_section(data["ab"])
+    for ab in data.get("ab", []):  # before/after comparisons, oldest first
+        lines += ab_section(ab)
     if data.get("intake"):
         lines += intake_section(data["intake"])
     out = out or RESULTS / "scale.md"

@@ -58,7 +58,11 @@ def test_report_puts_before_and_after_side_by_side(tmp_path):
         return {"agents": 1000, "side": side, "rep": rep, "phases": phases, "coordinator_cpu_s": 9.0}
 
     runs = [row("after", 1, 0.7), row("before", 1, 1.8), row("before", 2, 2.8), row("after", 2, 0.6)]
-    data = {"meta": {}, "rows": [], "ab": {"meta": {"title": "Statuses", "how": "alternated"}, "runs": runs}}
+    data = {
+        "meta": {},
+        "rows": [],
+        "ab": [{"meta": {"title": "Statuses", "how": "alternated"}, "runs": runs}],
+    }
     text = _sim_report.write_report(data, tmp_path / "scale.md").read_text()
     assert "## Statuses" in text
     assert "| phase | before #1 | before #2 | after #1 | after #2 |" in text

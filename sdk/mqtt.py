@@ -368,7 +368,7 @@ class MqttSession:
 
     def _on_message(self, client, userdata, msg) -> None:
         if self._guard is not None and msg.topic == self._guard.topic:
-            if self._guard.overwritten(msg.topic, bytes(msg.payload)):
+            if self._guard.overwritten(bytes(msg.payload)):
                 self._hook_events.put(_REPAIR)
             return  # the session's own status topic: watched for the guard, not for the application
         self._incoming.put(Incoming(msg.topic, bytes(msg.payload), bool(msg.retain), msg.mid, msg.qos))
@@ -379,25 +379,11 @@ class MqttSession:
             event = self._hook_events.get()
             if event is None:
                 return
-            if event is _REPAIR:
-                self._repair_status()
+            if event is _REPAIR and self._guard is not None:
+                self._guard.repair(self)
                 continue
             for hook in list(self.on_connect):
                 try:
                     hook(self)
                 except Exception:  # a hook's failure must not end the session; say which one failed
                     log.exception("MQTT on_connect hook %r failed", hook)
-
-    def _repair_status(self) -> None:
-        assert self._guard is not None  # only queued by the guard
-        owed = self._guard.repair()
-        if owed is None or not self.connected.is_set():
-            return  # disconnected: the next connect's hooks publish the status anyway
-        topic, payload = owed
-        log.info(
-            "MQTT %s: a stale last will replaced the retained %s; publishing it again", self.client_id, topic
-        )
-        try:
-            self.publish(topic, payload, qos=1, retain=True, timeout=30)
-        except MqttError as e:
-            log.warning("MQTT %s: status not published again (%s)", self.client_id, e)

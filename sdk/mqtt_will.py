@@ -18,10 +18,27 @@ one id cannot flood the broker.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from typing import Protocol
+
+from fedclip.sdk.errors import MqttError
+
+log = logging.getLogger("fedclip.sdk.mqtt")
 
 MIN_INTERVAL_S = 1.0
+
+
+class _Session(Protocol):
+    """What the guard needs of `MqttSession` (which imports this module, so not named here)."""
+
+    client_id: str
+    connected: threading.Event
+
+    def publish(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, timeout: float = 30
+    ) -> None: ...
 
 
 class WillGuard:
@@ -40,21 +57,31 @@ class WillGuard:
             with self._lock:
                 self._mine = payload
 
-    def overwritten(self, topic: str, payload: bytes) -> bool:
+    def overwritten(self, payload: bytes) -> bool:
         """True when `payload`, seen on the will topic, replaced the session's own word."""
-        if topic != self.topic:
-            return False
         with self._lock:
             return self._mine is not None and payload != self._mine
 
-    def repair(self) -> tuple[str, bytes] | None:
-        """What to publish again (after waiting out the rate limit), or None if nothing is owed."""
+    def repair(self, session: _Session) -> None:
+        """Publish the session's word again (after waiting out the rate limit), if one is owed and
+        the session is connected (if not, the next connect's hooks publish the status anyway).
+        Runs on the session's hook thread, which may wait."""
         with self._lock:
             mine = self._mine
         if mine is None:
-            return None
+            return
         wait = self._last_repair + MIN_INTERVAL_S - time.monotonic()
         if wait > 0:
             time.sleep(wait)
         self._last_repair = time.monotonic()
-        return self.topic, mine
+        if not session.connected.is_set():
+            return
+        log.info(
+            "MQTT %s: a stale last will replaced the retained %s; publishing it again",
+            session.client_id,
+            self.topic,
+        )
+        try:
+            session.publish(self.topic, mine, qos=1, retain=True, timeout=30)
+        except MqttError as e:
+            log.warning("MQTT %s: status not published again (%s)", session.client_id, e)

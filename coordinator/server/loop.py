@@ -207,7 +207,7 @@ class Server:
                 )
             )
             st.selected[agent] = plan.start.version
-        st.task_blobs = dict(zip(sorted(plans), self.tasks.build(specs), strict=True))
+        st.task_blobs = dict(zip([spec.agent for spec, _ in specs], self.tasks.build(specs), strict=True))
         rows = [(a, st.selected[a], st.task_blobs[a]) for a in sorted(st.selected)]
         self.store.start_round(round_id, self.strategy.name, deadline, rows)  # before anything is sent
         self.current = st

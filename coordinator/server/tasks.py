@@ -6,7 +6,7 @@ coordinator re-sends the same bytes; an extension re-issues the same task with a
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,7 +55,7 @@ class Tasks:
     def __init__(self, ctx: RoundContext):
         self.cfg, self.manifest, self.store, self.key = ctx.cfg, ctx.manifest, ctx.store, ctx.key
 
-    def build(self, specs: Sequence[tuple[TaskSpec, Mapping[str, np.ndarray]]]) -> list[str]:
+    def build(self, specs: Iterable[tuple[TaskSpec, Mapping[str, np.ndarray]]]) -> list[str]:
         """Store the (signed) task message of each (spec, starting tensors), made durable in batches
         (`Blobs.put_all`: one wave of fsyncs per batch, not two fsyncs per task); their blob shas."""
         return self.store.blobs.put_all(self._encode(spec, tensors) for spec, tensors in specs)
@@ -104,6 +104,4 @@ class Tasks:
                     old.adapter,
                 )
 
-        return dict(
-            zip(agents, self.store.blobs.put_all(self._encode(s, t) for s, t in specs()), strict=True)
-        )
+        return dict(zip(agents, self.build(specs()), strict=True))

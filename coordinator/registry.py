@@ -8,6 +8,7 @@ each scope: `global`, and `agent:<id>` for personalized strategies.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from fedclip.sdk.errors import AdapterError, ConfigError
 from fedclip.sdk.manifest import Manifest
 
 GLOBAL = "global"
+CACHE_BYTES = 256 << 20  # adapter versions' tensors kept in memory (10,000 tri-LoRA cores: ~15 MB)
 INITIAL_VERSION = "g-r0"
 
 
@@ -45,7 +47,12 @@ class Registry:
         self.store = store
         self.bundle_id = bundle_id
         self.kind = kind
-        self._cache: dict[str, dict[str, np.ndarray]] = {}
+        # Versions never change, so their tensors are cached, least recently used out first, up to
+        # CACHE_BYTES: a round's intake reads every selected agent's start version (its own one for
+        # a personalized strategy), which was one database row and one blob per update when the
+        # cache held 64 versions.
+        self._cache: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+        self._cached_bytes = 0
 
     # ---- writing -------------------------------------------------------------------------------
     def _blob(self, tensors: Mapping[str, np.ndarray], meta: AdapterMeta) -> str:
@@ -108,11 +115,16 @@ class Registry:
         return adapter_from_bytes(self.store.blobs.get(row.blob), f"adapter {version}")
 
     def tensors(self, version: str) -> dict[str, np.ndarray]:
-        if version not in self._cache:
-            if len(self._cache) > 64:  # per-agent versions are many; keep the cache small
-                self._cache.clear()
-            self._cache[version] = self.load(version)[0]
-        return self._cache[version]
+        if (hit := self._cache.get(version)) is not None:
+            self._cache.move_to_end(version)
+            return hit
+        tensors = self.load(version)[0]
+        self._cache[version] = tensors
+        self._cached_bytes += sum(a.nbytes for a in tensors.values())
+        while self._cached_bytes > CACHE_BYTES and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._cached_bytes -= sum(a.nbytes for a in old.values())
+        return tensors
 
     def global_adapter(self) -> AdapterRef:
         v = self.store.head(GLOBAL)

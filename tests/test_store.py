@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -202,6 +203,69 @@ def test_the_rollout_store_shares_the_one_thread_model(tmp_path):
         assert sorted(r[0] for r in rows) == sorted(f"e{i}" for i in range(20))
     finally:
         store.close()
+
+
+def test_reads_run_on_the_calling_thread_and_see_every_commit(tmp_path):
+    """A read takes its thread's own connection (no hand-off to the writer's thread), sees what was
+    committed just before, from any thread, and cannot write."""
+    import threading
+
+    with Store(tmp_path) as s:
+        s.set_meta("k", "1")
+        seen: dict[str, object] = {}
+
+        def reader(name: str) -> None:
+            seen[name] = (s.get_meta("k"), s.db.read(lambda c: threading.get_ident()))
+
+        for value in ("2", "3"):  # each write, then a fresh thread reads it
+            s.set_meta("k", value)
+            t = threading.Thread(target=reader, args=(value,))
+            t.start()
+            t.join(30)
+            assert seen[value] == (value, t.ident)  # the new value, read on that thread
+        assert s.db.read(lambda c: threading.get_ident()) == threading.get_ident()
+        # The readers' threads have ended: their connections are closed (a server's request threads
+        # must not leave open files behind), only the writer's and this thread's are left.
+        db_file = str(tmp_path / "coordinator.sqlite")
+        fds = [f for f in os.listdir("/proc/self/fd") if _points_to(f"/proc/self/fd/{f}", db_file)]
+        assert len(fds) == 2
+        assert s.get_meta("k") == "3"
+        with pytest.raises(sqlite3.OperationalError, match="readonly|read-only|query_only"):
+            s.db.read(lambda c: c.execute("DELETE FROM meta"))
+        assert s.get_meta("k") == "3"
+
+
+def _points_to(link: str, path: str) -> bool:
+    try:
+        return os.readlink(link) == path
+    except OSError:  # closed meanwhile
+        return False
+
+
+def test_the_registry_keeps_versions_in_memory_up_to_its_byte_budget(tmp_path, monkeypatch):
+    """Versions never change: their tensors are cached, least recently used out first."""
+    from fedclip.coordinator import registry as registry_mod
+
+    t0 = {"c": np.zeros((4, 4), np.float32)}  # 64 bytes per version
+    monkeypatch.setattr(registry_mod, "CACHE_BYTES", 3 * 64)
+    with Store(tmp_path) as s:
+        reg = Registry(s, "bundle1", "tri-lora")
+        reg.ensure_initial(t0, "ce-lora")
+        agents = [f"a{i}" for i in range(4)]
+        s.start_round(1, "ce-lora", 1.0, [(a, "g-r0", "t") for a in agents])
+        res = AggregateResult(t0, {a: {"c": np.full((4, 4), i, np.float32)} for i, a in enumerate(agents)})
+        reg.commit_round(1, "ce-lora", res, dict.fromkeys(agents, "g-r0"), {}, {})
+        loads: list[str] = []
+        load = reg.load
+        monkeypatch.setattr(reg, "load", lambda v: (loads.append(v), load(v))[1])
+        first = reg.tensors("a-a0-r1")
+        for a in ("a1", "a2", "a0"):  # a0 used again: a1 is now the least recent
+            reg.tensors(f"a-{a}-r1")
+        assert reg.tensors("a-a0-r1") is first  # from memory, the same arrays
+        reg.tensors("a-a3-r1")  # a fourth version: over the budget, a1 goes
+        assert loads == ["a-a0-r1", "a-a1-r1", "a-a2-r1", "a-a3-r1"]
+        np.testing.assert_array_equal(reg.tensors("a-a1-r1")["c"], np.full((4, 4), 1, np.float32))
+        assert loads[-1] == "a-a1-r1"  # read again from the store
 
 
 def test_a_batch_of_updates_commits_together_and_dedupes_within_itself(tmp_path):

@@ -82,7 +82,8 @@ class LogWatch(threading.Thread):
         self.errors: list[str] = []
 
     def run(self) -> None:
-        with open(self.log_path, "a") as out:
+        # Line-buffered: a test reads the file while the coordinator runs.
+        with open(self.log_path, "a", buffering=1) as out:
             for raw in self.stream:
                 line = raw.decode(errors="replace")
                 out.write(line)

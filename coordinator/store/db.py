@@ -3,12 +3,13 @@
 A `Database` owns one writing connection on one thread of its own; every write runs there, in
 order, in one `BEGIN IMMEDIATE` transaction, and returns after it has committed, so "stored" means
 "on disk" at the file's `synchronous` level. Reads run on the calling thread, each thread with a
-read-only connection of its own: a committed write is visible to every later read (WAL), and a read
-no longer waits for the writer's thread to be scheduled. Handing each read to that thread cost
-~0.1 ms on an idle process and up to the interpreter's 5 ms switch interval while another thread
-was busy (paho's network thread during an update burst), once per stored update. WAL mode lets readers in
-other processes (`status`, the CLIs) read while one process writes; a 5 s busy wait covers two
-processes writing the same file (`serve` and `fedclip-coord rollout ...` on rollout.sqlite).
+read-only connection of its own: a committed write is visible to every later read (WAL), and a
+read no longer waits for the writer's thread to be scheduled. Handing each read to that thread
+cost ~0.1 ms on an idle process and up to the interpreter's 5 ms switch interval while another
+thread was busy (paho's network thread during an update burst), once per stored update. WAL mode
+also lets readers in other processes (`status`, the CLIs) read while one process writes; a 5 s
+busy wait covers two processes writing the same file (`serve` and `fedclip-coord rollout ...` on
+rollout.sqlite).
 The coordinator's store and the rollout store both sit on it.
 """
 
@@ -66,10 +67,11 @@ def transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T])
 
 
 class Database:
-    """One SQLite file behind one thread. `write(fn)` commits `fn(conn)` as one transaction,
-    `read(fn)` runs it without one; both wait for the result. `on_open(conn)` runs first, on the
-    thread (schema checks, migrations); what it raises, and sqlite3 errors opening the file, come
-    out of the constructor (as `error_type`, naming `what`)."""
+    """One SQLite file, written by one thread. `write(fn)` commits `fn(conn)` as one transaction on
+    that thread and waits for it; `read(fn)` runs it on the caller's own read-only connection.
+    `on_open(conn)` runs first, on the writer's thread (schema checks, migrations); what it raises,
+    and sqlite3 errors opening the file, come out of the constructor (as `error_type`, naming
+    `what`)."""
 
     def __init__(
         self,

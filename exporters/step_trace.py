@@ -162,11 +162,11 @@ def _op_signatures_memoized():
             sig = memo[key] = derive(op_schema)
         return sig
 
-    schemas.OpSignature.from_op_schema = memoized  # type: ignore[method-assign]
+    schemas.OpSignature.from_op_schema = memoized  # type: ignore[method-assign]  # for this phase only
     try:
         yield
     finally:
-        schemas.OpSignature.from_op_schema = derive  # type: ignore[method-assign]
+        schemas.OpSignature.from_op_schema = derive  # type: ignore[method-assign]  # restored
 
 
 def _trace_unchecked(

@@ -265,6 +265,29 @@ def test_fair_selection_gives_the_agent_left_out_in_round_1_a_turn_in_round_2(bu
     assert server.fleet.participation(["a", "b", "c"])[0] == [2 if x in r2 else 1 for x in "abc"]
 
 
+def test_fair_selection_remembers_who_had_a_task_across_a_restart(bundle, tmp_path):
+    """A coordinator gave a and b tasks in round 1 and a in round 2, then stopped; the next one on
+    the same state dir knows it (agents report last_round -1 here, so only the store can tell)."""
+    broker = MemoryBroker()
+    bid = bundle[1].bundle_id
+    for name in ("a", "b", "c"):
+        Agent(broker, name, bid)
+    with Store(tmp_path / "state") as store:
+        store.start_round(1, "fedavg", time.time(), [("a", "g-r0", "t"), ("b", "g-r0", "t")])
+        store.start_round(2, "fedavg", time.time(), [("a", "g-r0", "t")])
+    server = _server(bundle, tmp_path, broker, selection="fair", clients_per_round=1, min_updates=1)
+    try:
+        server.transport.subscribe(TOPICS.all_agents("status"))
+        server.transport.connect()
+        deadline = time.monotonic() + WAIT_S
+        while len(server.fleet.agents) < 3 and time.monotonic() < deadline:
+            server.pump(0.1)
+        assert server.fleet.participation(["a", "b", "c"])[0] == [2, 1, -1]
+        assert server.selector.select(3, ["a", "b", "c"]) == ["c"]  # never had a task: first
+    finally:
+        server.store.close()
+
+
 def test_max_missed_rests_an_agent_that_left_its_task_unanswered(bundle, tmp_path):
     """`max_missed: 1`: c is silent in round 1 (closed at its deadline with a and b), so round 2
     goes to a and b only; c would be back once it published a status or an update."""

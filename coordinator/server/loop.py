@@ -15,6 +15,7 @@ the rounds on the same thread and transport: the bundle's HTTP server and the op
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -88,6 +89,10 @@ class Server:
         check_state_dir(store, cfg, manifest.bundle_id, self.strategy.name)
         self.topics = Topics(cfg.fleet)
         self.fleet = Fleet(cfg.max_status_age, cfg.max_missed, cfg.group_by)
+        # Fair selection remembers who had a task across a restart: each agent's last round, from
+        # the store (within that round the order is the agents', the store keeps no turn).
+        for round_id, group in itertools.groupby(store.last_tasked(), key=lambda row: row[0]):
+            self.fleet.tasked(round_id, [agent for _, agent in group])
         self.selector = Selector(cfg, self.strategy, self.fleet)
         self.metrics = MetricsLog(Path(cfg.state) / METRICS_FILE)
         self.key = key if key is not None else load_key(cfg)

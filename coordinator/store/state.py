@@ -184,6 +184,11 @@ class Store:
         )
         return {a: (v, b) for a, v, b in rows}
 
+    def last_tasked(self) -> list[tuple[int, str]]:
+        """(round, agent): the last round each agent was given a task in, by round, then agent."""
+        rows = self.db.rows("SELECT MAX(round), agent FROM selections GROUP BY agent ORDER BY 1, 2")
+        return [(int(r), a) for r, a in rows]
+
     def tasked_agents(self) -> list[str]:
         return [r[0] for r in self.db.rows("SELECT DISTINCT agent FROM selections ORDER BY agent")]
 

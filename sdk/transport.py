@@ -153,7 +153,7 @@ class MemoryTransport:
         self, messages: Sequence[tuple[str, bytes]], qos: int = 1, retain: bool = False, timeout: float = 30
     ) -> None:
         for topic, payload in messages:
-            self.broker._publish(topic, bytes(payload), qos, retain)
+            self.publish(topic, payload, qos, retain, timeout)
 
     def ack(self, msg: Incoming) -> None:
         if self.manual_ack:

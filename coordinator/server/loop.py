@@ -89,8 +89,9 @@ class Server:
         check_state_dir(store, cfg, manifest.bundle_id, self.strategy.name)
         self.topics = Topics(cfg.fleet)
         self.fleet = Fleet(cfg.max_status_age, cfg.max_missed, cfg.group_by)
-        # Fair selection remembers who had a task across a restart: each agent's last round, from
-        # the store (within that round the order is the agents', the store keeps no turn).
+        # Fair selection remembers who had a task across a restart, a resumed round's agents
+        # included: each agent's last round, from the store (within that round the agents queue by
+        # name: the store keeps no turn).
         for round_id, group in itertools.groupby(store.last_tasked(), key=lambda row: row[0]):
             self.fleet.tasked(round_id, [agent for _, agent in group])
         self.selector = Selector(cfg, self.strategy, self.fleet)
@@ -239,8 +240,7 @@ class Server:
             {a: b for a, (_, b) in sel.items()},
         )
         st.received = {u.agent for u in self.store.updates(round_id)}
-        self.fleet.tasked(round_id, st.selected)
-        self.current = st
+        self.current = st  # its agents' turns were rebuilt from the store with the fleet (__init__)
         log.info(
             "round %d: resumed after a restart (%d of %d updates already stored)",
             round_id,

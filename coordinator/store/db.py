@@ -126,9 +126,12 @@ class Database:
             except BaseException as e:
                 fut.set_exception(e)
 
-    def _submit(self, fn: Callable[[sqlite3.Connection], T], write: bool) -> T:
+    def _check_open(self) -> None:
         if not self._thread.is_alive():
             raise StoreError(f"{self.path}: the database is closed")
+
+    def _submit(self, fn: Callable[[sqlite3.Connection], T], write: bool) -> T:
+        self._check_open()
         fut: Future = Future()
         self._jobs.put((fn, write, fut))
         return fut.result()
@@ -139,11 +142,10 @@ class Database:
 
     def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """`fn(conn)` on this thread's read-only connection (it sees every committed write)."""
-        if not self._thread.is_alive():
-            raise StoreError(f"{self.path}: the database is closed")
+        self._check_open()
         reader = getattr(self._local, "reader", None)
         if reader is None:
-            reader = self._local.reader = _Reader(self.path, self.readonly)
+            reader = self._local.reader = _Reader(self.path)
             with self._readers_lock:
                 self._readers.add(reader)
         return fn(reader.conn)
@@ -163,15 +165,13 @@ class Database:
 
 
 class _Reader:
-    """One thread's read-only connection. The file exists (the writer opened it); in autocommit every
-    statement reads the latest commit. Closed when its thread ends (thread-local storage is dropped
-    then), so a server's short-lived request threads leave no open files behind."""
+    """One thread's read-only connection (`connect(readonly=True)`: no write, whatever a read's `fn`
+    tries). The file exists (the writer opened it); in autocommit every statement reads the latest
+    commit. Closed when its thread ends (thread-local storage is dropped then), so a server's
+    short-lived request threads leave no open files behind."""
 
-    def __init__(self, path: Path, readonly: bool):
-        uri = f"file:{path}?mode=ro" if readonly else str(path)
-        self.conn = sqlite3.connect(uri, uri=readonly, isolation_level=None, check_same_thread=False)
-        self.conn.execute("PRAGMA busy_timeout=5000")
-        self.conn.execute("PRAGMA query_only=ON")  # reads only, whatever a read's `fn` tries
+    def __init__(self, path: Path):
+        self.conn = connect(path, "", readonly=True)
 
     def __del__(self) -> None:
         if (conn := getattr(self, "conn", None)) is not None:  # None: opening it failed

@@ -97,14 +97,16 @@ class Model:
     def state(self) -> dict:
         return {n: p.detach().numpy().copy() for n, p in self.params.items()}
 
-    def train(self, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, seed: int) -> None:
+    def train(self, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, seed: int, bias=None) -> None:
+        """`bias` ([N, L], optional): added to each image's logits before the loss (fmnist_ceiling)."""
         ps = [self.params[n] for n in self.trainable]
         opt = torch.optim.AdamW(ps, lr=lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0)
         gen = torch.Generator().manual_seed(seed)
         self.graph.train()
         for _ in range(epochs):
             for idx in torch.randperm(len(y), generator=gen).split(32):
-                loss = F.cross_entropy(self.graph.logits(x[idx]), y[idx])
+                logits = self.graph.logits(x[idx])
+                loss = F.cross_entropy(logits if bias is None else logits + bias[idx], y[idx])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

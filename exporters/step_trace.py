@@ -37,6 +37,18 @@ def trace(fn, frozen, args, n_data: int, input_names, output_names, file: str) -
         raise ExportError(f"{file}: cannot export the training step: {type(e).__name__}: {first}") from e
 
 
+@contextlib.contextmanager
+def _quiet(logger: str):
+    """`logger`'s warnings dropped meanwhile: ones the export expects, by the thousand, on stderr."""
+    log = logging.getLogger(logger)
+    saved = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(saved)
+
+
 def _optimize(onnx_program) -> None:
     """onnxscript's graph optimizer with the frozen weights held as graph inputs meanwhile.
 
@@ -49,13 +61,10 @@ def _optimize(onnx_program) -> None:
     weights = [v for name, v in graph.initializers.items() if FROZEN.match(name)]
     graph.inputs.extend(weights)
     # onnx_ir logs a WARNING per weight it may not deduplicate because it is a graph input.
-    dedup_log = logging.getLogger("onnx_ir.passes.common.initializer_deduplication")
-    saved_level = dedup_log.level
-    dedup_log.setLevel(logging.ERROR)
     try:
-        _optimize_ir(onnx_program.model)
+        with _quiet("onnx_ir.passes.common.initializer_deduplication"):
+            _optimize_ir(onnx_program.model)
     finally:
-        dedup_log.setLevel(saved_level)
         for v in weights:
             graph.inputs.remove(v)
     for v in weights:  # weights the optimized graph no longer reads
@@ -190,7 +199,14 @@ def _trace_unchecked(
             fake, batch = fake_inputs(frozen, args, n_data)
             gm = make_fx(fn, tracing_mode="fake", decomposition_table=decomp)(*fake)
             gm = functional(gm, fake)
-        with phase(f"{file}: ONNX translation"), _op_signatures_memoized():
+        # The exporter warns once per node that it has no nn_module_stack (the program is built by
+        # hand, `as_program`): ~2,600 stderr lines per fedclip-tiny step graph, about metadata the
+        # export drops anyway (`_drop_debug_info`).
+        with (
+            phase(f"{file}: ONNX translation"),
+            _op_signatures_memoized(),
+            _quiet("torch.onnx._internal.exporter._core"),
+        ):
             program = as_program(gm, frozen)
             onnx_program = _core._exported_program_to_onnx_program(program, registry=registry)
             model_ir = onnx_program.model

@@ -1,6 +1,7 @@
 """The step export's two shortcuts around onnxscript and the ONNX exporter change nothing they touch:
 rewrite rules tried only on nodes of their root op type rewrite a graph exactly as the full rule set
-does, and memoized op signatures equal freshly derived ones. Small hand-built graphs, no export."""
+does, and memoized op signatures equal freshly derived ones (small hand-built graphs); and tracing
+does not flood stderr with the exporter's per-node warnings (a one-matmul function)."""
 
 from __future__ import annotations
 
@@ -92,3 +93,19 @@ def test_memoized_op_signatures_equal_fresh_ones_and_are_restored_after():
     assert all(a is b for a, b in zip(first, again, strict=True))  # one per schema
     assert first == [derive(s) for s in schemas]  # and what the exporter would have derived
     assert ir.schemas.OpSignature.from_op_schema == derive
+
+
+def test_tracing_writes_no_warning_per_node_to_stderr(capfd):
+    """The exporter warns for every node of a hand-built program (no nn_module_stack); a user's
+    `fedclip-coord export` printed ~2,600 such lines for fedclip-tiny before they were silenced."""
+    import torch
+
+    from fedclip.exporters.step_trace import trace
+
+    def fn(w, x):
+        return ((x @ w).relu().sum(),)
+
+    model = trace(fn, [torch.randn(4, 3)], [torch.randn(2, 4)], 1, ["x"], ["y"], "small.onnx")
+    assert [o.name for o in model.graph.output] == ["y"] and len(model.graph.node) > 0
+    err = capfd.readouterr().err
+    assert "nn_module_stack" not in err, err[:300]

@@ -41,7 +41,7 @@ import fmnist_sim as S  # noqa: E402
 from fmnist_regimes import make_fleet  # noqa: E402
 
 from fedclip.coordinator import strategies  # noqa: E402
-from fedclip.coordinator.strategies import StrategyOptions, Update  # noqa: E402
+from fedclip.coordinator.strategies import StrategyOptions  # noqa: E402
 
 PRIOR_SCALES = (0.0, 0.5, 1.0)
 TRAIN_PSEUDO, EVAL_PSEUDO = 0.1, 1.0  # pseudo-counts per label of the priors (train loss, inference)
@@ -92,22 +92,15 @@ def federated(model: S.Model, fleet, strategy: str, args, seed: int, bsm: bool) 
     strat = strategies.create(strategy, StrategyOptions(lam=1.0, tau=args.tau, seed=seed))
     glob = {n: model.init[n] for n in model.exchanged}
     personal: dict = {}
+    local = {a.name: dict(model.init) for a in fleet.agents}
+    biases = None
+    if bsm:
+        biases = {a.name: log_prior(a.train_y, TRAIN_PSEUDO).expand(len(a.train_y), -1) for a in fleet.agents}
     for r in range(1, args.rounds + 1):
-        updates = []
-        for i, a in enumerate(fleet.agents):
-            start = {**model.init, **personal.get(a.name, glob)}
-            model.load(start)
-            bias = log_prior(a.train_y, TRAIN_PSEUDO).expand(len(a.train_y), -1) if bsm else None
-            model.train(a.train_x, a.train_y, args.local_epochs, args.lr, seed * 1000 + 100 * r + i, bias)
-            st = model.state()
-            updates.append(Update(
-                a.name, len(a.train_y), {n: st[n] for n in model.exchanged},
-                {n: start[n] for n in model.exchanged}, stats[a.name] if strat.stats else {},
-            ))  # fmt: skip
-        res = strat.aggregate(r, updates)
-        glob = res.global_tensors
-        personal = {k: dict(v) for k, v in res.per_agent.items()}
-    return {a.name: {**model.init, **personal.get(a.name, glob)} for a in fleet.agents}, glob
+        glob, personal = S.fleet_round(
+            model, strat, fleet, r, args.local_epochs, args.lr, seed, local, personal, glob, stats, biases
+        )
+    return {a.name: {**local[a.name], **personal.get(a.name, glob)} for a in fleet.agents}, glob
 
 
 def run_seed(pool, transform, args, seed: int) -> dict:

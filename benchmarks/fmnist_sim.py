@@ -175,19 +175,9 @@ def run_method(name: str, m: Method, fleet: Fleet, args, seed: int, models: dict
     glob_t = {n: model.init[n] for n in model.exchanged}
     personal: dict[str, dict] = {}
     for r in range(1, args.rounds + 1):
-        updates = []
-        for i, a in enumerate(fleet.agents):
-            start = {**local[a.name], **personal.get(a.name, glob_t)}
-            model.load(start)
-            model.train(a.train_x, a.train_y, args.local_epochs, lr, seed * 1000 + 100 * r + i)
-            local[a.name] = model.state()
-            updates.append(Update(
-                a.name, len(a.train_y), {n: local[a.name][n] for n in model.exchanged},
-                {n: start[n] for n in model.exchanged}, stats[a.name] if strat.stats else {},
-            ))  # fmt: skip
-        res = strat.aggregate(r, updates)
-        glob_t = res.global_tensors
-        personal = {k: dict(v) for k, v in res.per_agent.items()}
+        glob_t, personal = fleet_round(
+            model, strat, fleet, r, args.local_epochs, lr, seed, local, personal, glob_t, stats
+        )
         for a in fleet.agents:
             model.load({**local[a.name], **personal.get(a.name, glob_t)})
             o, al = _score(model, a)
@@ -203,6 +193,28 @@ def run_method(name: str, m: Method, fleet: Fleet, args, seed: int, models: dict
     if fleet.newcomers:
         out["cold_start"] = _cold_join(model, strat, fleet, args, lr, seed, local, personal, glob_t, stats)
     return out
+
+
+def fleet_round(
+    model: Model, strat, fleet: Fleet, r: int, epochs: int, lr: float, seed: int,
+    local: dict, personal: dict, glob_t: dict, stats: dict, biases: dict | None = None,
+) -> tuple[dict, dict]:  # fmt: skip
+    """Round `r`: each agent trains from its personal adapter (else the global one) over its own
+    tensors in `local`, which it updates (`biases`: an agent's logit bias for `Model.train`), and
+    the strategy aggregates; returns (global tensors, personal tensors by agent)."""
+    updates = []
+    for i, a in enumerate(fleet.agents):
+        start = {**local[a.name], **personal.get(a.name, glob_t)}
+        model.load(start)
+        bias = None if biases is None else biases[a.name]
+        model.train(a.train_x, a.train_y, epochs, lr, seed * 1000 + 100 * r + i, bias)
+        local[a.name] = model.state()
+        updates.append(Update(
+            a.name, len(a.train_y), {n: local[a.name][n] for n in model.exchanged},
+            {n: start[n] for n in model.exchanged}, stats[a.name] if strat.stats else {},
+        ))  # fmt: skip
+    res = strat.aggregate(r, updates)
+    return res.global_tensors, {k: dict(v) for k, v in res.per_agent.items()}
 
 
 def _inference_mix(model: Model, fleet: Fleet, local: dict, personal: dict, glob_t: dict) -> dict:

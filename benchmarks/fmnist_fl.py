@@ -62,7 +62,10 @@ FEDERATED = {
     "fedavg-lora-both": ("fedavg", "vision,text"),
     "ce-lora": ("ce-lora", "vision,text"),
     "fleet-lora": ("fleet-lora", "vision,text"),  # run by fmnist_fl_regimes.py (issue 13)
+    # the same with `--loss balanced-softmax` (a name ending in BSM): agents add their prior back
+    "fleet-lora-bsm": ("fleet-lora", "vision,text"),
 }
+BSM = "-bsm"
 ALL_METHODS = ("zero-shot", "local-lora", "fedavg-lora-text", "fedavg-lora-both", "ce-lora", "full-ft-fedavg")
 
 
@@ -99,7 +102,7 @@ def run_federated(
     name: str, cfg: DemoConfig, bundle: Path, data_dir: Path, agents: list[str], work: Path
 ) -> dict:
     strategy, _ = FEDERATED[name]
-    cfg = replace(cfg, strategy=strategy)
+    cfg = replace(cfg, strategy=strategy, loss="balanced-softmax" if name.endswith(BSM) else cfg.loss)
     with (
         sigterm_as_interrupt(),
         broker_for(cfg, work / "secrets", work / "coordinator", agents) as broker,

@@ -33,7 +33,7 @@ from fedclip.sdk.all_class import ALL_SPLIT  # noqa: E402
 from fedclip.sdk.errors import StateError  # noqa: E402
 from fedclip.sdk.ledger import Ledger  # noqa: E402
 
-METHODS = ("zero-shot", "local-lora", "fedavg-lora-both", "fleet-lora")
+METHODS = ("zero-shot", "local-lora", "fedavg-lora-both", "fleet-lora", "fleet-lora-bsm")
 
 
 def final_adapters(method: str, work: Path, agents: list[str], rounds: int) -> dict[str, Path | None]:

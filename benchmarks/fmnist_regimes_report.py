@@ -20,7 +20,7 @@ HERE = Path(__file__).resolve().parent
 REGIMES_MARKER = "<!-- regimes: written by fmnist_regimes_report.py -->"
 ORDER = (
     "zero-shot", "local-lora", "local-core", "fedavg-lora", "fedavg-lora-both", "full-ft-fedavg", "ce-lora",
-    "fleet-core", "fleet-lora",
+    "fleet-core", "fleet-lora", "fleet-lora-bsm",
 )  # fmt: skip
 PERSONALS = ("fleet-lora", "fleet-core")  # the methods issue 13's targets are checked for
 NO_GLOBAL = ("local-lora", "local-core", "ce-lora", "fleet-core", "fleet-lora")  # no fleet-trained global
@@ -219,8 +219,9 @@ def real_rows(run: dict) -> list[tuple[str, float, float, float]]:
     own = {m: _real_means(run, m)[0] for m in ORDER}
     alls = {m: _real_means(run, m)[1] for m in ORDER}
     rows = []
-    pm = "fleet-lora"
-    if own.get(pm):
+    for pm in ("fleet-lora", "fleet-lora-bsm"):
+        if not own.get(pm):
+            continue
         for base in ("local-lora", "fedavg-lora-both"):
             if own.get(base):
                 rows.append((f"own: {pm} - {base}", *_paired(own[pm], own[base]), 5.0))

@@ -51,6 +51,9 @@ class CoordConfig:
     lr: float = Hyperparameters.lr
     batch_size: int = Hyperparameters.batch_size
     max_steps: int = 0  # 0 = no limit
+    # "balanced-softmax": agents train CE(logits + log prior) and add their prior back at inference
+    # (docs/aggregation.md); needs a classify bundle of manifest format 2
+    loss: Literal["ce", "balanced-softmax"] = "ce"
     noise_std: float = 0.0  # noise the agents add to their shared statistics
     lam: float = 0.5
     tau: float = 0.1
@@ -145,7 +148,9 @@ class CoordConfig:
         return int(self.max_payload_mb * 1024 * 1024)
 
     def hyperparameters(self) -> Hyperparameters:
-        return Hyperparameters(self.local_epochs, self.lr, self.batch_size, self.max_steps or None)
+        return Hyperparameters(
+            self.local_epochs, self.lr, self.batch_size, self.max_steps or None, loss=self.loss
+        )
 
     def strategy_options(self) -> StrategyOptions:
         return StrategyOptions(

@@ -78,6 +78,11 @@ def serve(
     round_timeout: float | None = typer.Option(None, help="Seconds until a round's deadline."),
     local_epochs: int | None = typer.Option(None, help="Local epochs per round."),
     lr: float | None = typer.Option(None, help="Local learning rate."),
+    loss: str | None = typer.Option(
+        None,
+        help="Local loss: ce (default) or balanced-softmax (agents train without their label mix and "
+        "add it back at inference; docs/aggregation.md).",
+    ),
     seed: int | None = typer.Option(None, help="Seed for agent selection."),
     selection: str | None = typer.Option(
         None, help="How K agents are picked: random (seeded), fair (least recently selected first) or all."
@@ -149,6 +154,7 @@ def serve(
         round_timeout=round_timeout,
         local_epochs=local_epochs,
         lr=lr,
+        loss=loss,
         seed=seed,
         max_update_norm=max_update_norm,
         robust_factor=robust_factor,

@@ -15,7 +15,7 @@ from fedclip.device_agent.step_backend import StepTrainer
 from fedclip.device_agent.trainer import OrtTrainer
 from fedclip.sdk.data import Dataset
 from fedclip.sdk.errors import DataError
-from fedclip.sdk.manifest import Manifest
+from fedclip.sdk.manifest import LABEL_BIAS, Manifest
 from fedclip.sdk.preprocess import ImageTransform
 
 # Either backend (see step_backend.make_trainer): both have the same public interface.
@@ -49,6 +49,10 @@ class BatchSource:
             if cache is None:
                 raise DataError("this bundle trains from image embeddings: an embedding cache is needed")
             self._rows = cache.rows_for(dataset, progress=progress)
+        # Offsets added to the logits inside the loss [labels] (balanced softmax, `sdk.label_prior`);
+        # None: zeros (the trainers' default). Fed only to graphs that take `label_bias` (format 2).
+        self.label_bias: np.ndarray | None = None
+        self._takes_bias = manifest.takes_label_bias
         self._tokenizer = None
         if manifest.task.kind == "contrastive":
             from fedclip.sdk.tokenizer import Tokenizer
@@ -86,6 +90,9 @@ class BatchSource:
             inputs["text"] = self._tokenizer(list(captions))
         else:
             inputs["labels"] = labels
+            if self._takes_bias and self.label_bias is not None:  # else the trainer feeds zeros
+                shape = (len(labels), len(self.label_bias))
+                inputs[LABEL_BIAS] = np.ascontiguousarray(np.broadcast_to(self.label_bias, shape))
         return inputs
 
 

@@ -32,8 +32,9 @@ from typing import Any
 import numpy as np
 
 from fedclip.device_agent.predictor import Predictor
-from fedclip.sdk.adapters import load_adapter
+from fedclip.sdk.adapters import AdapterMeta, load_adapter
 from fedclip.sdk.errors import DataError, FedclipError, StateError
+from fedclip.sdk.label_prior import inference_bias
 from fedclip.sdk.ledger import STATE_FILE, Ledger
 from fedclip.sdk.manifest import Manifest
 from fedclip.sdk.preprocess import load_image
@@ -100,6 +101,9 @@ class _Served:
 
     version: str | None
     predictor: Predictor
+    # Added to the logits over the bundle's own labels: `prior_weight` x the label prior a
+    # balanced-softmax adapter carries in its metadata (`sdk.label_prior`); None: nothing.
+    bias: np.ndarray | None = None
 
 
 class Classifier:
@@ -115,9 +119,13 @@ class Classifier:
         device: str = "auto",
         threads: int | None = None,
         batch_size: int = 32,
+        prior_weight: float = 1.0,
     ) -> None:
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        if not (np.isfinite(prior_weight) and 0 <= prior_weight <= 10):
+            raise DataError(f"prior_weight must be in [0, 10], got {prior_weight}")
+        self.prior_weight = float(prior_weight)
         self.bundle_dir = Path(bundle_dir)
         self.manifest = Manifest.load(self.bundle_dir)
         self.device, self.threads, self.batch_size = device, threads, batch_size
@@ -134,13 +142,13 @@ class Classifier:
         self._swaps, self._load_failures = 0, 0
         self._last_swap: float | None = None
         self._switched = threading.Condition(self._lock)
-        version, tensors = None, None
+        version, tensors, meta = None, None, None
         if adapter is not None:
             tensors, meta = load_adapter(adapter)
             if meta.bundle_id != self.manifest.bundle_id:
                 raise DataError(f"{adapter}: adapter was made for bundle {meta.bundle_id[:12]}, not this one")
             version = meta.version or None
-        self._served = self._build(version, tensors)
+        self._served = self._build(version, tensors, meta, str(adapter))
         self.device = self._served.predictor.device  # auto resolved: cpu or cuda, for every later build
         if self.labels is not None:
             self._text_features(self._served, self._prompts(self.labels, None))  # fail early, warm cache
@@ -178,7 +186,16 @@ class Classifier:
         clf._watcher.start()
         return clf
 
-    def _build(self, version: str | None, tensors: dict[str, np.ndarray] | None) -> _Served:
+    def _build(
+        self,
+        version: str | None,
+        tensors: dict[str, np.ndarray] | None,
+        meta: AdapterMeta | None = None,
+        where: str = "adapter",
+    ) -> _Served:
+        n_labels = len(self.manifest.task.labels)
+        counts = meta.label_prior if meta is not None else ()
+        bias = inference_bias(counts, n_labels, self.prior_weight, where)  # checked before loading
         predictor = Predictor(
             self.bundle_dir,
             adapter=tensors,
@@ -186,7 +203,7 @@ class Classifier:
             threads=self.threads,
             manifest=self.manifest,
         )
-        return _Served(version=version, predictor=predictor.load())
+        return _Served(version=version, predictor=predictor.load(), bias=bias)
 
     # ---- following the agent -------------------------------------------------------------------
     @property
@@ -198,6 +215,11 @@ class Classifier:
     def providers(self) -> list[str]:
         """The ONNX Runtime execution providers requests run on now, e.g. CUDA then CPU."""
         return self._served.predictor.providers
+
+    @property
+    def label_prior(self) -> bool:
+        """Whether predictions over the bundle's labels add the adapter's label prior now."""
+        return self._served.bias is not None
 
     @property
     def adapter_version(self) -> str | None:
@@ -217,12 +239,12 @@ class Classifier:
             raise StateError(
                 f"{self._state_dir}: the agent moved to bundle {bundle_id[:12]}; start a new Classifier"
             )
-        tensors = None
+        tensors, meta = None, None
         if path is not None:
             tensors, meta = load_adapter(path)
             if meta.bundle_id != self.manifest.bundle_id:
                 raise StateError(f"{path}: adapter was made for bundle {meta.bundle_id[:12]}")
-        served = self._build(version, tensors)  # complete before it is visible
+        served = self._build(version, tensors, meta, str(path))  # complete before it is visible
         with self._lock:
             old, self._served = self._served, served
             self._swaps, self._last_swap = self._swaps + 1, time.time()
@@ -345,6 +367,8 @@ class Classifier:
                     text = self._text_features(served, self._prompts(labels or (), prompt))
                 feats, scale = text
                 logits = scale * _normalize(embeds) @ feats.T
+            if own and served.bias is not None:  # the prior is over the bundle's labels only
+                logits = logits + served.bias
             chunks.append(np.asarray(logits, dtype=np.float32))
         labels = labels if labels is not None else self.manifest.task.labels
         return Predictions(

@@ -1,6 +1,7 @@
 """The Classifier over local HTTP (JSON in, JSON out), for applications not written in Python.
 
-    GET  /health   {"status": "ok", "adapter_version", "bundle_id", "labels", "device", "providers"}
+    GET  /health   {"status": "ok", "adapter_version", "bundle_id", "labels", "device", "providers",
+                    "label_prior"}
     GET  /metrics  Prometheus text format (`metrics_inference`): requests, latency, adapter, swaps
     POST /predict  {"images": [IMAGE, ...], "labels"?: [...], "prompt"?: "a photo of a {}.", "top_k"?: 3}
                 -> {"adapter_version", "labels", "predictions": [{"top": [{"label", "score"}], "logits"}]}
@@ -180,6 +181,8 @@ class InferenceHandler(BaseHTTPRequestHandler):
             "labels": list(clf.labels or clf.manifest.task.labels),
             "device": clf.device,
             "providers": clf.providers,
+            # the adapter's label prior is added to logits over the bundle's labels (balanced softmax)
+            "label_prior": clf.label_prior,
         }
 
     def _predict(self) -> dict:

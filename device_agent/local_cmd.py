@@ -36,6 +36,14 @@ _JSON = typer.Option(False, "--json", help="Print the metrics as one JSON object
 _ADAPTER = typer.Option(
     None, "--adapter", help="Adapter (.safetensors) to load; default: the bundle's initial one."
 )
+_PRIOR = typer.Option(
+    1.0,
+    "--prior-weight",
+    min=0.0,
+    max=10.0,
+    help="A balanced-softmax adapter carries the label prior it was trained without: this much of it "
+    "is added to the logits (1: the device's own label mix, 0: every label alike).",
+)
 _CACHE = typer.Option(
     None,
     "--cache-dir",
@@ -63,13 +71,20 @@ def _emit(metrics: dict, as_json: bool, title: str) -> None:
 def _open_trainer(
     bundle: Path, adapter: Path | None, device: str, threads: int | None, quiet: bool, backend: str = "auto"
 ):
-    """(trainer with the adapter loaded, that adapter's version or "", show progress bars)."""
+    """(trainer with the adapter loaded, that adapter's metadata or None, show progress bars)."""
     from fedclip.device_agent.step_backend import make_trainer
 
     setup_logging(quiet=quiet)
     trainer = make_trainer(bundle, backend=backend, device=device, threads=threads)
-    parent = trainer.load_adapter(adapter).version if adapter is not None else ""
-    return trainer, parent, not quiet
+    meta = trainer.load_adapter(adapter) if adapter is not None else None
+    return trainer, meta, not quiet
+
+
+def _prior_bias(manifest, counts, weight: float, where: str) -> np.ndarray | None:
+    """What the device adds to the logits for an adapter trained without this label histogram."""
+    from fedclip.sdk.label_prior import inference_bias
+
+    return inference_bias(counts, len(manifest.task.labels), weight, where)
 
 
 def _open_data(data: Path, manifest, holdout: float):
@@ -101,6 +116,12 @@ def train(
     adapter: Path = _ADAPTER,
     out: Path = typer.Option(None, "--out", help="Write the trained adapter here (.safetensors)."),
     seed: int = typer.Option(0, "--seed", help="Shuffle seed."),
+    loss: str = typer.Option(
+        "ce",
+        "--loss",
+        help="ce, or balanced-softmax: train without this data's label mix; the adapter keeps the "
+        "mix in its metadata and inference adds it back (docs/aggregation.md).",
+    ),
     device: str = _DEVICE,
     backend: str = _BACKEND,
     threads: int = _THREADS,
@@ -111,15 +132,28 @@ def train(
     """Train the bundle's adapter on local data; optionally evaluate a held-out part and save the adapter."""
     from fedclip.device_agent.batches import batch_source
     from fedclip.device_agent.loops import evaluate, train_local
+    from fedclip.sdk import label_prior
     from fedclip.sdk.wire import tensors_digest
 
-    trainer, parent, progress = _open_trainer(bundle, adapter, device, threads, quiet or as_json, backend)
-    train_set, held_out = _open_data(data, trainer.manifest, holdout)
+    if loss not in label_prior.LOSSES:
+        raise DataError(f"--loss: {loss!r} is not one of {', '.join(label_prior.LOSSES)}")
+    trainer, start, progress = _open_trainer(bundle, adapter, device, threads, quiet or as_json, backend)
+    manifest = trainer.manifest
+    if loss != "ce" and not (manifest.task.kind == "classify" and manifest.takes_label_bias):
+        raise DataError(f"--loss {loss}: {bundle} has no label_bias input (manifest format 2, classify)")
+    train_set, held_out = _open_data(data, manifest, holdout)
     source = batch_source(trainer, train_set, cache_dir=cache_dir, progress=progress)
+    counts: tuple[float, ...] = ()
+    if loss == "balanced-softmax":
+        hist = label_prior.histogram((s.label for s in train_set.samples), len(manifest.task.labels))
+        counts = tuple(hist.tolist())
+        source.label_bias = label_prior.log_prior(hist, label_prior.TRAIN_PSEUDO)
     metrics: dict = {}
     if held_out is not None:
         eval_source = batch_source(trainer, held_out, cache_dir=cache_dir, progress=progress)
-        before = evaluate(trainer, eval_source, batch_size=batch_size)
+        eval_source.label_bias = source.label_bias
+        before_bias = _prior_bias(manifest, start.label_prior if start else (), 1.0, str(adapter))
+        before = evaluate(trainer, eval_source, batch_size=batch_size, logit_bias=before_bias)
         metrics.update({f"{k}_before": v for k, v in before.items() if k != "num_samples"})
     result = train_local(
         trainer,
@@ -134,7 +168,8 @@ def train(
     metrics.update({f"train_{k}": v for k, v in result.items()})
     metrics["num_train"] = sum(s.key not in train_set.skipped for s in train_set)
     if held_out is not None:
-        after = evaluate(trainer, eval_source, batch_size=batch_size)
+        after_bias = _prior_bias(manifest, counts, 1.0, str(data))
+        after = evaluate(trainer, eval_source, batch_size=batch_size, logit_bias=after_bias)
         metrics.update({f"{k}_after": v for k, v in after.items() if k != "num_samples"})
         metrics["num_held_out"] = int(after["num_samples"])
     metrics["skipped_images"] = len(train_set.skipped)
@@ -143,9 +178,10 @@ def train(
         meta = AdapterMeta(
             bundle_id=trainer.manifest.bundle_id,
             version=f"local-{tensors_digest(tensors)[:12]}",
-            parent_version=parent,
+            parent_version=start.version if start else "",
             strategy="local",
             kind=trainer.manifest.adapter.kind,
+            label_prior=counts,
         )
         trainer.save_adapter(out, meta, which="trainable")
         metrics["adapter"] = str(out)
@@ -165,6 +201,7 @@ def eval(  # noqa: A001 - the command is called `eval`
         help="Evaluate only the held-out part `train --holdout` kept out.",
     ),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per step."),
+    prior_weight: float = _PRIOR,
     device: str = _DEVICE,
     backend: str = _BACKEND,
     threads: int = _THREADS,
@@ -172,15 +209,18 @@ def eval(  # noqa: A001 - the command is called `eval`
     quiet: bool = _QUIET,
     as_json: bool = _JSON,
 ) -> None:
-    """Evaluate loss and accuracy of an adapter on local labelled data."""
+    """Evaluate loss and accuracy of an adapter on local labelled data (accuracy as the device's
+    inference scores it: with a balanced-softmax adapter's label prior x --prior-weight)."""
     from fedclip.device_agent.batches import batch_source
     from fedclip.device_agent.loops import evaluate
 
-    trainer, _, progress = _open_trainer(bundle, adapter, device, threads, quiet or as_json, backend)
+    trainer, meta, progress = _open_trainer(bundle, adapter, device, threads, quiet or as_json, backend)
     dataset, held_out = _open_data(data, trainer.manifest, holdout)
     dataset = held_out if held_out is not None else dataset
     source = batch_source(trainer, dataset, cache_dir=cache_dir, progress=progress)
-    metrics = evaluate(trainer, source, batch_size=batch_size, progress=progress)
+    bias = _prior_bias(trainer.manifest, meta.label_prior if meta else (), prior_weight, str(adapter))
+    metrics = evaluate(trainer, source, batch_size=batch_size, progress=progress, logit_bias=bias)
+    metrics["label_prior"] = bias is not None
     metrics["num_samples"] = int(metrics["num_samples"])
     metrics["skipped_images"] = len(dataset.skipped)
     _emit(metrics, as_json, "evaluation")
@@ -191,6 +231,7 @@ def predict(
     bundle: Path = _BUNDLE,
     adapter: Path = _ADAPTER,
     top_k: int = typer.Option(3, "--top-k", min=1, help="Labels to show per image."),
+    prior_weight: float = _PRIOR,
     device: str = _DEVICE,
     threads: int = _THREADS,
     quiet: bool = _QUIET,
@@ -206,11 +247,12 @@ def predict(
     manifest = Manifest.load(bundle)
     if manifest.task.kind != "classify":
         raise DataError(f"{bundle}: predict needs a classify bundle (this one is {manifest.task.kind})")
-    tensors = None
+    tensors, bias = None, None
     if adapter is not None:
         tensors, meta = load_adapter(adapter)
         if meta.bundle_id != manifest.bundle_id:
             raise DataError(f"{adapter}: adapter was made for bundle {meta.bundle_id[:12]}, not this one")
+        bias = _prior_bias(manifest, meta.label_prior, prior_weight, str(adapter))
     predictor = Predictor(bundle, adapter=tensors, device=device, threads=threads, manifest=manifest)
     labels = manifest.task.labels
     k = min(top_k, len(labels))
@@ -224,6 +266,8 @@ def predict(
             results.append({"image": str(path), "error": str(e)})
             continue
         logits = predictor.predict(pixels[None])[0].astype(np.float64)
+        if bias is not None:
+            logits = logits + bias
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
         top = np.argsort(-probs, kind="stable")[:k]
@@ -268,6 +312,7 @@ def serve_inference(
     labels: str = typer.Option(None, "--labels", help="Default labels, comma-separated (else the bundle's)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per ONNX Runtime run."),
     max_body_mb: float = typer.Option(32.0, "--max-body-mb", min=0.001, help="Largest request body (MiB)."),
+    prior_weight: float = _PRIOR,
     device: str = _DEVICE,
     threads: int = _THREADS,
     quiet: bool = _QUIET,
@@ -289,6 +334,7 @@ def serve_inference(
         device=device,
         threads=threads,
         batch_size=batch_size,
+        prior_weight=prior_weight,
         labels=[x.strip() for x in labels.split(",") if x.strip()] if labels else None,
     )
     if state is not None:

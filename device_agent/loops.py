@@ -84,8 +84,12 @@ def evaluate(
     batch_size: int = 64,
     progress: bool = False,
     cache_dir: str | Path | None = None,
+    logit_bias: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Mean loss and (classify) accuracy; argmax runs in numpy (ORT CPU has no int64 ArgMax)."""
+    """Mean loss and (classify) accuracy; argmax runs in numpy (ORT CPU has no int64 ArgMax).
+
+    `logit_bias` [labels]: added to the logits before the argmax, as the device's inference adds
+    its label prior to a balanced-softmax adapter's (`sdk.label_prior.inference_bias`)."""
     source = (
         dataset
         if isinstance(dataset, BatchSource)
@@ -97,7 +101,8 @@ def evaluate(
             out = trainer.eval_step(inputs)
             loss_sum += float(out["loss"]) * n
             if "logits" in out and "labels" in inputs:
-                correct += int((np.argmax(out["logits"], axis=1) == inputs["labels"]).sum())
+                logits = out["logits"] if logit_bias is None else out["logits"] + logit_bias
+                correct += int((np.argmax(logits, axis=1) == inputs["labels"]).sum())
             n_total += n
             advance(1)
     if n_total == 0:

@@ -24,6 +24,7 @@ from fedclip.device_agent.config import AgentConfig
 from fedclip.device_agent.loops import evaluate, train_local
 from fedclip.device_agent.state import AgentState, RoundProgress
 from fedclip.device_agent.updates import build_update
+from fedclip.sdk import label_prior
 from fedclip.sdk.adapters import AdapterMeta
 from fedclip.sdk.data import Dataset
 from fedclip.sdk.errors import DataError, FedclipError, StateError
@@ -113,9 +114,31 @@ class RoundRunner:
                 self.trainer.load_adapter(current)
             elif exchanged is not None:
                 self.trainer.set_tensors(dict(exchanged))
-            return _floats(evaluate(self.trainer, self.eval_source, batch_size=self.cfg.eval_batch_size))
+            return _floats(self._evaluate())
         finally:
             self.trainer.set_tensors(saved)
+
+    def _evaluate(self) -> dict[str, float]:
+        """Held-out metrics of the trainer's adapter as this device's inference would score it: with
+        its label prior added when the fleet trains balanced softmax (`sdk.label_prior`)."""
+        bias = label_prior.inference_bias(
+            self.state.label_prior(), len(self.manifest.task.labels), 1.0, str(self.cfg.state)
+        )
+        return evaluate(self.trainer, self.eval_source, batch_size=self.cfg.eval_batch_size, logit_bias=bias)
+
+    def _use_loss(self, task: Task) -> None:
+        """Train with the task's loss: under balanced softmax every batch carries the log prior of
+        this device's training split, and the state dir records the histogram so that the adapters
+        kept from now on carry it to inference. The labels stay on the device."""
+        balanced = task.hyperparameters.loss == "balanced-softmax"
+        counts = ()
+        bias = None
+        if balanced:
+            n = len(self.manifest.task.labels)
+            hist = label_prior.histogram((s.label for s in self.train_set.samples), n)
+            counts, bias = tuple(hist.tolist()), label_prior.log_prior(hist, label_prior.TRAIN_PSEUDO)
+        self.train_source.label_bias = self.eval_source.label_bias = bias
+        self.state.set_label_prior(counts)
 
     def full_adapter(self, exchanged: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The adapter a device keeps for exchanged tensors: they replace their part of its own."""
@@ -161,6 +184,7 @@ class RoundRunner:
         """Train round `task.round` (from `resume`'s epoch checkpoint when it has one) and keep its
         update in the state dir; False when stopped midway (the next start resumes)."""
         rnd = task.round_id
+        self._use_loss(task)
         ckpt = self.state.checkpoint_path(resume) if resume is not None else None
         if ckpt is not None:
             try:
@@ -176,12 +200,12 @@ class RoundRunner:
         else:
             prog = self._begin(task, payload)
         if prog.metrics_before is None:
-            before = evaluate(self.trainer, self.eval_source, batch_size=self.cfg.eval_batch_size)
+            before = self._evaluate()
             self.state.save_progress(rnd, metrics_before=_floats(before))
         if not self._train(task, self._progress(rnd)):
             return False  # stopping: the epoch checkpoint in the state dir lets the next start resume
         prog = self._progress(rnd)
-        after = evaluate(self.trainer, self.eval_source, batch_size=self.cfg.eval_batch_size)
+        after = self._evaluate()
         blob, summary = build_update(
             self.trainer,
             self.train_set,

@@ -25,7 +25,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +221,8 @@ class AgentState:
         if not ID_PATTERN.match(version or ""):
             raise StateError(f"adapter version {version!r} is not a valid id")
         rel = f"adapters/{version}.safetensors"
+        if self.label_prior():  # a balanced-softmax fleet's adapter: inference adds this prior back
+            meta = replace(meta, label_prior=self.label_prior())
         if version not in self.record["adapters"] or not (self.root / rel).is_file():
             self._write(rel, adapter_bytes(tensors, meta))
         # strictly increasing, so the ledger's order (and a rollback's target) never rests on a tie
@@ -272,6 +274,18 @@ class AgentState:
     def save_rollout_memory(self, memory: Mapping[str, Any]) -> None:
         self.record["rollout"] = dict(memory)
         self._save()
+
+    def label_prior(self) -> tuple[float, ...]:
+        """The label histogram this device's balanced-softmax training used (empty: it trains plain CE)."""
+        return tuple(float(c) for c in self.record.get("label_prior") or ())
+
+    def set_label_prior(self, counts: Iterable[float]) -> None:
+        """Record the fleet's loss as this device trains it: its histogram under balanced softmax,
+        nothing under CE. Every adapter kept from then on carries it (`install_adapter`)."""
+        counts = [float(c) for c in counts]
+        if (self.record.get("label_prior") or []) != counts:
+            self.record["label_prior"] = counts
+            self._save()
 
     def set_current_adapter(self, version: str | None) -> None:
         """Switch inference to an adapter already kept here, or to the bundle's own (None)."""

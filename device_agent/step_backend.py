@@ -26,6 +26,7 @@ from fedclip.device_agent.shared_weights import add_shared_initializers, shared_
 from fedclip.sdk.adapters import AdapterFiles, check_tensors, decode_tensors, encode_tensors
 from fedclip.sdk.errors import AdapterError, BackendError, BundleError, DataError
 from fedclip.sdk.fsutil import atomic_write
+from fedclip.sdk.label_prior import with_zero_bias
 from fedclip.sdk.manifest import Manifest
 
 # The step graph's names besides the data inputs; the exporter writes them (exporters/step_graph.py)
@@ -120,6 +121,7 @@ class StepTrainer(AdapterFiles):
         return self._data_names
 
     def _feeds(self, names: tuple[str, ...], inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        inputs = with_zero_bias(inputs, names, len(self.manifest.task.labels))
         missing = [n for n in names if n not in inputs]
         if missing:
             raise DataError(f"training input {missing[0]!r} is missing (the graph takes {', '.join(names)})")

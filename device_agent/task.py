@@ -30,6 +30,13 @@ def parse_task(msg: Message, manifest: Manifest, agent_id: str, where: str) -> T
         raise WrongBundle(
             f"task is for bundle {task.bundle_id[:12]}, this agent runs bundle {manifest.bundle_id[:12]}"
         )
+    loss = task.hyperparameters.loss
+    if loss != "ce" and not (manifest.task.kind == "classify" and manifest.takes_label_bias):
+        raise WireError(
+            f"{where}: task asks for loss {loss!r}, which needs a classify bundle whose training graphs "
+            f"take label_bias (manifest format 2); this bundle is format {manifest.format_version}, "
+            f"{manifest.task.kind}"
+        )
     adapter = check_adapter(task.adapter, manifest, where) if task.adapter else {}
     return replace(task, adapter=adapter)
 

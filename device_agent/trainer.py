@@ -16,6 +16,7 @@ from fedclip.device_agent.ort_loader import device_providers, session_options, t
 from fedclip.sdk.adapters import AdapterFiles, check_tensors
 from fedclip.sdk.errors import BackendError, BundleError, DataError
 from fedclip.sdk.fsutil import atomic_produce
+from fedclip.sdk.label_prior import with_zero_bias
 from fedclip.sdk.manifest import Manifest
 
 _BUNDLE_PROPERTY = "fedclip_bundle_id"
@@ -76,6 +77,7 @@ class OrtTrainer(AdapterFiles):
         return tuple(self.manifest.graphs["training"].inputs)
 
     def _feeds(self, names: tuple[str, ...], inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        inputs = with_zero_bias(inputs, names, len(self.manifest.task.labels))
         missing = [n for n in names if n not in inputs]
         if missing:
             raise DataError(f"training input {missing[0]!r} is missing (the graph takes {', '.join(names)})")

@@ -59,10 +59,9 @@ def task_graph(adapted: AdaptedModel, task: TaskSpec, from_embeds: bool) -> tupl
     return tasks.ContrastiveGraph(clip, from_embeds), ("loss",)
 
 
-def dummy_inputs(
-    adapted: AdaptedModel, task_kind: str, from_embeds: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded example inputs of the training graph (image or image embeddings, labels or text)."""
+def dummy_inputs(adapted: AdaptedModel, task: TaskSpec, from_embeds: bool) -> tuple[torch.Tensor, ...]:
+    """Seeded example inputs of the training graph: image or image embeddings, then labels and
+    label_bias (classify) or text (contrastive)."""
     g = torch.Generator().manual_seed(0)
     base = adapted.base
     if from_embeds:
@@ -70,11 +69,10 @@ def dummy_inputs(
     else:
         size = base.preprocess.image_size
         x = torch.randn(DUMMY_BATCH, 3, size, size, generator=g)
-    if task_kind == "classify":
+    if task.kind == "classify":
         y = torch.zeros(DUMMY_BATCH, dtype=torch.long)
-    else:
-        y = tokenize(["a photo."] * DUMMY_BATCH, base.context_length)
-    return x, y
+        return x, y, torch.zeros(DUMMY_BATCH, len(task.labels))
+    return x, tokenize(["a photo."] * DUMMY_BATCH, base.context_length)
 
 
 def step_cache_key(

@@ -43,6 +43,7 @@ from fedclip.exporters.phases import Phases, phase, progress_bar, recording
 from fedclip.sdk.errors import ExportError, FedclipError
 from fedclip.sdk.manifest import (
     FORMAT_VERSION,
+    LABEL_BIAS,
     AdapterSpec,
     BaseModel,
     GraphSpec,
@@ -168,19 +169,20 @@ def _write_graphs(
     """Writes the graphs; returns (graphs, train_input, initial tensors file or None)."""
     from_embeds = "vision" not in adapted.spec.towers
     train_input: TrainInput = "image_embeds" if from_embeds else "image"
-    x, y = dummy_inputs(adapted, task.kind, from_embeds)
+    example = dummy_inputs(adapted, task, from_embeds)
     graphs: dict[str, GraphSpec] = {}
 
     twin = _twin(adapted, task)
+    io_in: tuple[str, ...]
     io_out: tuple[str, ...]  # the training graph's outputs; the eval graph's are the same
     if task.kind == "classify":
-        io_in, io_out = (train_input, "labels"), ("loss", "logits")
+        io_in, io_out = (train_input, "labels", LABEL_BIAS), ("loss", "logits")
     else:
         io_in, io_out = (train_input, "text"), ("loss",)
     eval_out = io_out
     if "ort-training" in formats:
         with phase("exporting training graph"):
-            proto = onnx_export.export_onnx(twin.graph, (x, y), io_in, io_out)
+            proto = onnx_export.export_onnx(twin.graph, example, io_in, io_out)
         with phase("generating ORT training artifacts"):
             onnx_export.generate_training_artifacts(proto, adapted.trainable, tmp, keep_outputs=("loss",))
         graphs["training"] = GraphSpec(file=TRAINING, inputs=io_in, outputs=("loss",))
@@ -195,7 +197,7 @@ def _write_graphs(
         if task.kind == "classify":
             inf_in, inf_out, args = ("image",), ("logits", "image_embeds"), (image,)
         else:
-            inf_in, inf_out, args = ("image", "text"), ("image_embeds", "text_embeds"), (image, y)
+            inf_in, inf_out, args = ("image", "text"), ("image_embeds", "text_embeds"), (image, example[1])
         proto = onnx_export.export_onnx(twin.inference, args, inf_in, inf_out)
         onnx_export.make_overridable(proto, adapted.names)
         onnx_export.save(proto, tmp / INFERENCE)
@@ -221,7 +223,7 @@ def _write_graphs(
             graphs, initial = step_bundle.write_step_format(
                 twin.graph,
                 adapted.trainable,
-                (x, y),
+                example,
                 io_in,
                 eval_out,
                 tmp,

@@ -22,7 +22,7 @@ from fedclip.exporters.step_graph import AdamW, export_step_graphs
 from fedclip.exporters.step_weights import share_weights, write_weights_index
 from fedclip.sdk.adapters import encode_tensors
 from fedclip.sdk.errors import ExportError
-from fedclip.sdk.manifest import GraphSpec, Manifest
+from fedclip.sdk.manifest import LABEL_BIAS, GraphSpec, Manifest
 
 WEIGHTS_FILE = "weights.bin"
 INITIAL_TENSORS = "initial_tensors.safetensors"
@@ -109,11 +109,14 @@ def add_step_format(
         shutil.copytree(bundle_dir, work, dirs_exist_ok=True)
         io_in = tuple(manifest.graphs["training"].inputs) if "training" in manifest.graphs else None
         if io_in is None:
-            io_in = (manifest.train_input, "labels" if manifest.task.kind == "classify" else "text")
+            io_in = (manifest.train_input, "text")
+            if manifest.task.kind == "classify":
+                io_in = (manifest.train_input, "labels", LABEL_BIAS)[: 2 + (manifest.format_version > 1)]
         graphs, initial = write_step_format(
             task_module,
             adapted.trainable,
-            dummy_inputs(adapted, manifest.task.kind, from_embeds),
+            # a format-1 bundle's graphs take no label_bias: its step graphs do not either
+            dummy_inputs(adapted, manifest.task, from_embeds)[: len(io_in)],
             io_in,
             eval_outputs,
             work,

@@ -143,11 +143,19 @@ class _Classifier(ClipParts):
 
 
 class ClassifyGraph(_Classifier):
-    """`(image | image_embeds, labels) -> (loss, logits)`."""
+    """`(image | image_embeds, labels, label_bias) -> (loss, logits)`.
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    `label_bias` [batch, labels] is added to the logits inside the loss only (balanced softmax:
+    `sdk.label_prior`); zeros give plain cross-entropy. `logits` stay the model's own. Without it
+    (bundles of manifest format 1, rebuilt for `add_step_format`) the loss is plain cross-entropy.
+    """
+
+    def forward(
+        self, x: torch.Tensor, labels: torch.Tensor, label_bias: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.logits(x)
-        return F.cross_entropy(logits, labels), logits
+        adjusted = logits if label_bias is None else logits + label_bias
+        return F.cross_entropy(adjusted, labels), logits
 
 
 class ClassifyInference(_Classifier):

@@ -17,6 +17,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 
+from fedclip.sdk import label_prior
 from fedclip.sdk.errors import AdapterError
 from fedclip.sdk.fsutil import atomic_write
 from fedclip.sdk.manifest import Manifest, TensorSpec
@@ -27,6 +28,8 @@ ADAPTER_FORMAT = "1"
 _FORMAT_KEY = "fedclip_adapter_format"
 _REQUIRED = ("bundle_id", "version")
 _KNOWN = ("bundle_id", "version", "parent_version", "round", "strategy", "kind", "agent")
+# Written only when set, so adapters without it keep their bytes (and content addresses).
+_OPTIONAL = ("label_prior",)
 _warned_fields: set[str] = set()
 
 
@@ -39,9 +42,14 @@ class AdapterMeta:
     strategy: str = ""
     kind: str = ""
     agent: str = ""
+    # The label histogram the device trained with under balanced softmax (`sdk.label_prior`): its
+    # inference adds the prior back. Empty: the adapter carries its prior itself (plain CE).
+    label_prior: tuple[float, ...] = ()
 
     def to_strings(self) -> dict[str, str]:
         out = {k: str(getattr(self, k)) for k in _KNOWN}
+        if self.label_prior:
+            out["label_prior"] = label_prior.encode(self.label_prior)
         out[_FORMAT_KEY] = ADAPTER_FORMAT
         return dict(sorted(out.items()))
 
@@ -58,7 +66,7 @@ class AdapterMeta:
         for key in _REQUIRED:
             if key not in meta:
                 raise AdapterError(f"{where}: metadata field {key!r} is missing")
-        for key in sorted(set(meta) - set(_KNOWN)):
+        for key in sorted(set(meta) - set(_KNOWN) - set(_OPTIONAL)):
             if key not in _warned_fields:  # newer writers may add fields; say so once
                 _warned_fields.add(key)
                 log.warning("%s: unknown adapter metadata field %r ignored", where, key)
@@ -74,6 +82,7 @@ class AdapterMeta:
             strategy=meta.get("strategy", ""),
             kind=meta.get("kind", ""),
             agent=meta.get("agent", ""),
+            label_prior=label_prior.decode(meta["label_prior"], where) if "label_prior" in meta else (),
         )
 
 

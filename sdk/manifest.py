@@ -19,7 +19,12 @@ from fedclip.sdk.config import from_mapping, to_mapping
 from fedclip.sdk.errors import BundleError, ConfigError
 from fedclip.sdk.hashing import sha256_bytes, sha256_file
 
-FORMAT_VERSION = 1
+# 2: classify training graphs take `label_bias` (balanced-softmax training). Agents read 1 and 2;
+# an agent that knows only 1 refuses a bundle of 2 with one line instead of failing mid-round.
+FORMAT_VERSION = 2
+READ_FORMATS = (1, 2)
+# The classify training graphs' per-sample logit offset [batch, labels] (docs/internals.md).
+LABEL_BIAS = "label_bias"
 MANIFEST_NAME = "manifest.yaml"
 
 ADAPTER_KINDS = ("lora", "tri-lora")
@@ -173,6 +178,12 @@ class Manifest:
         return tuple(t for t in self.tensors if t.exchanged)
 
     @property
+    def takes_label_bias(self) -> bool:
+        """Its training graphs take `label_bias` (every graph a trainer runs: both formats agree)."""
+        train = [g for k, g in self.graphs.items() if k in ("training", "step")]
+        return bool(train) and all(LABEL_BIAS in g.inputs for g in train)
+
+    @property
     def formats(self) -> tuple[str, ...]:
         """The training formats the bundle carries: "ort-training" (ORT artifacts), "step" (portable).
 
@@ -246,9 +257,10 @@ class Manifest:
         if not isinstance(data, dict):
             raise BundleError(f"{where}: not a mapping")
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READ_FORMATS or isinstance(version, bool):
             raise BundleError(
-                f"{where}: format_version {version!r} is not supported (expected {FORMAT_VERSION})"
+                f"{where}: format_version {version!r} is not supported "
+                f"(expected one of {', '.join(map(str, READ_FORMATS))})"
             )
         try:
             manifest = from_mapping(cls, data, where)

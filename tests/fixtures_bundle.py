@@ -121,21 +121,30 @@ class OrtBundle:
     def adapter(self) -> dict:
         return {t.name: self.param(t.name) for t in self.manifest.tensors}
 
-    def train(self, x, y, steps: int, lr: float) -> list[float]:
+    def inputs(self, x, y, bias=None) -> list:
+        """The training graph's inputs: `bias` [batch, labels] (default zeros) where it takes label_bias."""
+        import numpy as np
+
+        if not self.manifest.takes_label_bias:
+            return [x, y]
+        n = len(self.manifest.task.labels)
+        return [x, y, np.zeros((len(y), n), np.float32) if bias is None else bias]
+
+    def train(self, x, y, steps: int, lr: float, bias=None) -> list[float]:
         self.optimizer.set_learning_rate(lr)
         self.module.train()
         losses = []
         for _ in range(steps):
-            out = self.module(x, y)
+            out = self.module(*self.inputs(x, y, bias))
             loss = out[0] if isinstance(out, (list, tuple)) else out
             losses.append(float(loss))
             self.optimizer.step()
             self.module.lazy_reset_grad()
         return losses
 
-    def evaluate(self, x, y) -> list:
+    def evaluate(self, x, y, bias=None) -> list:
         self.module.eval()
-        out = self.module(x, y)
+        out = self.module(*self.inputs(x, y, bias))
         return list(out) if isinstance(out, (list, tuple)) else [out]
 
 

@@ -38,7 +38,9 @@ from fedclip.coordinator.demo import (
     write_markdown,
 )
 from fedclip.coordinator.procs import ChildFailed, ProcessGroup, port_is_free, wait_port_free
+from fedclip.sdk.adapters import load_adapter
 from fedclip.sdk.errors import ConfigError
+from fedclip.sdk.ledger import Ledger
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,6 +166,7 @@ def test_port_helpers():
         ("bundle", Path("/nonexistent/bundle"), "--bundle"),
         ("base", "warm", "--base"),
         ("base_steps", 0, "--base-steps"),
+        ("loss", "focal", "--loss"),
     ],
 )
 def test_demo_config_rejects_bad_values(field, value, match):
@@ -298,6 +301,14 @@ def _check_comparison(report: dict) -> None:
     assert set(report["local_only"]["train_seconds"]) == set(report["agents"])
 
 
+def _final_prior(report: dict, agent: str) -> tuple[float, ...]:
+    """The label prior on the adapter an agent of a demo run ended with (its inference adds it)."""
+    ledger = Ledger.read(Path(report["run_dir"]) / "agents" / agent)
+    final = ledger.entry(ledger.current)
+    assert final is not None, agent
+    return load_adapter(final.file)[1].label_prior
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_demo_end_to_end(tmp_path):
@@ -331,13 +342,21 @@ def test_demo_end_to_end(tmp_path):
     port = int(re.search(r"127\.0\.0\.1:(\d+)", r.stdout).group(1))
     assert port_is_free(port)
 
-    # A second run into the same folder needs no cleanup, and reuses the base.
-    r2 = subprocess.run(_demo_argv(out, "--rounds", "1", *base), capture_output=True, text=True, timeout=800)
+    # The default loss is balanced softmax: the adapters the agents end with carry their label prior.
+    assert report["config"]["loss"] == "balanced-softmax"
+    assert any("balanced softmax" in n for n in report["notes"]), report["notes"]
+    assert all(_final_prior(report, a) for a in report["agents"])
+
+    # A second run into the same folder needs no cleanup, and reuses the base; with plain CE no
+    # adapter carries a prior.
+    argv = _demo_argv(out, "--rounds", "1", "--loss", "ce", *base)
+    r2 = subprocess.run(argv, capture_output=True, text=True, timeout=800)
     assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
     assert len(list((out / "runs").iterdir())) == 2
     report2 = json.loads((out / "report.json").read_text())
     assert len(report2["rounds"]) == 1
     _check_comparison(report2)
+    assert report2["config"]["loss"] == "ce" and not any(_final_prior(report2, a) for a in report2["agents"])
     if fashion_mnist_installed():
         assert report2["base"]["cached"] is True and report2["base"]["weights"] == report["base"]["weights"]
 

@@ -75,7 +75,10 @@ def test_graph_names_follow_the_contract(bundle_factory, args):
     )
     x = m.train_input
     if m.task.kind == "classify":
-        assert m.graphs["training"].inputs == (x, "labels") and m.graphs["eval"].outputs == ("loss", "logits")
+        assert m.graphs["training"].inputs == (x, "labels", "label_bias") and m.graphs["eval"].outputs == (
+            "loss",
+            "logits",
+        )
         assert m.graphs["inference"].outputs == ("logits", "image_embeds")
     else:
         assert m.graphs["training"].inputs == (x, "text")
@@ -96,7 +99,7 @@ def test_text_only_bundle_trains_from_cached_embeddings(bundle_factory):
     m = Manifest.load(bundle_factory(towers=("text",)))
     assert m.train_input == "image_embeds"
     assert m.graphs["image_encoder"].inputs == ("image",)
-    assert m.graphs["training"].inputs == ("image_embeds", "labels")
+    assert m.graphs["training"].inputs == ("image_embeds", "labels", "label_bias")
     assert all(t.name.startswith("transformer.") for t in m.tensors)
 
 

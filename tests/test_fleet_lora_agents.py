@@ -1,10 +1,11 @@
 """fleet-lora through the real path: `fedclip-coord serve` and three `fedclip-agent start` processes
-over a real mosquitto, on a plain LoRA bundle.
+over a real mosquitto, on a plain LoRA bundle, with balanced-softmax training (`--loss`).
 
 Two agents hold the same label mix (the same "camera group"), the third other labels. After the
 round, the coordinator's stored personalized adapters must be exactly what `FleetLora.aggregate`
 gives on the stored updates and statistics, and each agent of the pair must have been pulled toward
-the other and not toward the third.
+the other and not toward the third. Each agent trained without its own label mix, recorded the
+mix in its state dir, and every adapter it kept carries it for inference (balanced softmax).
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ from fixtures_fleet import AgentProc
 from fedclip.coordinator.store import Store
 from fedclip.coordinator.strategies import StrategyOptions, Update
 from fedclip.coordinator.strategies.fleet_lora import FleetLora
-from fedclip.sdk.adapters import adapter_from_bytes
+from fedclip.device_agent.config import AgentConfig
+from fedclip.sdk.adapters import adapter_from_bytes, load_adapter
+from fedclip.sdk.data import Dataset
+from fedclip.sdk.label_prior import histogram
+from fedclip.sdk.ledger import Ledger, read_record
 from fedclip.sdk.manifest import Manifest
 from fedclip.sdk.messages import KNOWN_STATS
 
@@ -51,13 +56,25 @@ def test_fleet_lora_round_with_real_agents(mosquitto, bundle_factory, tmp_path):
             [sys.executable, "-m", "fedclip.coordinator.cli", "serve", "--broker", mosquitto.url,
              "--fleet", "e2e", "--bundle", str(bundle), "--state", str(state), "--strategy", "fleet-lora",
              "--lam", "1", "--tau", str(TAU), "--rounds", "1", "--min-updates", "3",
-             "--round-timeout", "300", "--local-epochs", "2", "--lr", "0.02"],
+             "--round-timeout", "300", "--local-epochs", "2", "--lr", "0.02",
+             "--loss", "balanced-softmax"],
             capture_output=True, text=True, timeout=360,
         )  # fmt: skip
         assert coord.returncode == 0, coord.stderr[-3000:] + "\n".join(a.tail(10) for a in agents)
     finally:
         for agent in agents:
             agent.kill()
+
+    # Balanced softmax on the device: the histogram of each agent's training split (its held-out part
+    # left out, as the agent splits it) is in its state dir, and on the adapter the task started it from.
+    for aid in MIXES:
+        data = Dataset.open(tmp_path / "data" / aid, labels=manifest.task.labels, kind="classify")
+        train, _ = data.split(AgentConfig.holdout)
+        counts = histogram((x.label for x in train.samples), len(manifest.task.labels)).tolist()
+        assert counts == read_record(tmp_path / "agents" / aid)["label_prior"], aid
+        ledger = Ledger.read(tmp_path / "agents" / aid)
+        assert [e.version for e in ledger.entries] == ["g-r0"]
+        assert load_adapter(ledger.entries[0].file)[1].label_prior == tuple(counts)
 
     with Store(state, readonly=True) as s:
         assert [r.state for r in s.rounds()] == ["aggregated"], s.rejections()

@@ -102,7 +102,8 @@ def test_modified_manifest_is_refused(bundle):
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda d: d.update(format_version=2), "format_version 2 is not supported"),
+        (lambda d: d.update(format_version=3), "format_version 3 is not supported"),
+        (lambda d: d.update(format_version=True), "format_version True is not supported"),
         (lambda d: d.pop("adapter"), "adapter: required field is missing"),
         (lambda d: d["adapter"].update(rank="four"), "adapter.rank: expected an integer"),
         (lambda d: d["adapter"].update(rank=0), "adapter.rank: must be > 0"),
@@ -118,6 +119,28 @@ def test_invalid_manifest_is_a_bundle_error(bundle, mutate, message):
     (path / MANIFEST_NAME).write_text(yaml.safe_dump(data))
     with pytest.raises(BundleError, match=message):
         Manifest.load(path)
+
+
+def test_format_1_bundles_still_load_and_say_they_take_no_label_bias(bundle, tmp_path):
+    """Format 2 added `label_bias` to classify training graphs; bundles of format 1 keep working
+    (plain CE), and what a trainer may feed is read from the graphs, not assumed."""
+    path, sealed = bundle
+    assert sealed.format_version == 1 and Manifest.load(path).takes_label_bias is False
+    two = make_manifest(
+        format_version=2,
+        graphs={
+            "training": GraphSpec("training_model.onnx", ("image", "labels", "label_bias"), ("loss",)),
+            "step": GraphSpec("step_model.onnx", ("image", "labels", "label_bias", "step"), ("loss",)),
+        },
+    )
+    assert two.takes_label_bias
+    half = make_manifest(
+        graphs={
+            "training": GraphSpec("training_model.onnx", ("image", "labels", "label_bias"), ("loss",)),
+            "step": GraphSpec("step_model.onnx", ("image", "labels", "step"), ("loss",)),
+        },
+    )
+    assert not half.takes_label_bias  # a trainer of either format must be able to feed it
 
 
 def test_not_a_bundle(tmp_path):

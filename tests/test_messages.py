@@ -53,6 +53,7 @@ hyper = st.builds(
     lr=st.floats(1e-6, m.MAX_LR, allow_nan=False),
     batch_size=st.integers(1, m.MAX_BATCH),
     max_steps=st.none() | st.integers(1, m.MAX_STEPS),
+    loss=st.sampled_from(["ce", "balanced-softmax"]),
 )
 tasks = st.builds(
     m.Task,

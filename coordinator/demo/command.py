@@ -170,6 +170,12 @@ def demo(
     towers: str = typer.Option("vision,text", "--towers", help="Towers that get adapters."),
     local_epochs: int = typer.Option(1, "--local-epochs", min=1, help="Local epochs per round."),
     lr: float = typer.Option(5e-3, "--lr", help="Local learning rate."),
+    loss: str = typer.Option(
+        DemoConfig.loss,
+        "--loss",
+        help="The agents' loss: balanced-softmax (each trains without its label mix and adds it back "
+        "at inference; docs/aggregation.md) or ce.",
+    ),
     broker: str | None = typer.Option(
         None, "--broker", help="Use this MQTT broker (mqtt://host:port) instead of starting the embedded one."
     ),
@@ -218,6 +224,7 @@ def demo(
         towers=towers,
         local_epochs=local_epochs,
         lr=lr,
+        loss=loss,
         broker=broker,
         username=username,
         password=password,

@@ -74,7 +74,7 @@ def run_federation(
         config=config, broker=broker.url, fleet=cfg.fleet, bundle=bundle, state=run.coordinator_state,
         strategy=cfg.strategy, rounds=cfg.rounds, clients_per_round=len(agent_ids),
         min_updates=len(agent_ids), round_timeout=cfg.round_timeout, local_epochs=cfg.local_epochs,
-        lr=cfg.lr, seed=cfg.seed, lam=cfg.lam, tau=cfg.tau,
+        lr=cfg.lr, loss=cfg.loss, seed=cfg.seed, lam=cfg.lam, tau=cfg.tau,
     )  # fmt: skip
     # The key pair exists before any agent starts, so every agent gets its public half and only
     # signed rollouts (`deliver_final`) can change its adapter; `serve` reuses the pair.

@@ -119,6 +119,11 @@ def _notes(cfg: DemoConfig, run: FleetRun, base: Base | None) -> list[str]:
         notes.append(f"{cfg.model} has random weights (no --pretrained): accuracies start near chance")
     elif base is not None and base.note:
         notes.append(base.note)
+    if cfg.loss == "balanced-softmax":
+        notes.append(
+            "agents trained with balanced softmax: fedclip's accuracies add each agent's label prior "
+            "at inference (weight 1), as its Classifier does; local-only trains plain CE"
+        )
     if run.final_missing:
         notes.append(
             "the last round's adapter did not reach "

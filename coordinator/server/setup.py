@@ -62,6 +62,16 @@ def check_state_dir(store: Store, cfg: CoordConfig, bundle_id: str, strategy: st
             raise ConfigError(f"state dir {cfg.state}: belongs to {key} {have!r}, not {value!r}")
 
 
+def check_bundle(cfg: CoordConfig, manifest: Manifest) -> None:
+    """Refuse, before any round, settings the bundle cannot train (every task would be refused)."""
+    if cfg.loss != "ce" and not (manifest.task.kind == "classify" and manifest.takes_label_bias):
+        raise ConfigError(
+            f"loss: {cfg.loss} needs a classify bundle whose training graphs take label_bias "
+            f"(manifest format 2; re-export it); {cfg.bundle} is format {manifest.format_version}, "
+            f"{manifest.task.kind}"
+        )
+
+
 def open_parts(
     cfg: CoordConfig,
     manifest: Manifest,
@@ -70,6 +80,7 @@ def open_parts(
     key: Ed25519PrivateKey | None = None,
 ) -> tuple[MqttSession, Store, Registry]:
     """(session, store, registry) for `Server`; the session is not connected yet."""
+    check_bundle(cfg, manifest)
     store = Store(cfg.state)
     try:
         check_state_dir(store, cfg, manifest.bundle_id, strategy.name)

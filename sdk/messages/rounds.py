@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from fedclip.sdk.errors import WireError
+from fedclip.sdk.label_prior import LOSSES
 from fedclip.sdk.messages.base import (  # the package's own field checks
     KNOWN_STATS,
     MAX_BATCH,
@@ -44,27 +45,33 @@ class Hyperparameters:
     lr: float = 1e-3
     batch_size: int = 32
     max_steps: int | None = None
+    # "ce" or "balanced-softmax" (`sdk.label_prior`); sent only when not "ce", so tasks of fleets
+    # that never use it read as before to agents that predate it.
+    loss: str = "ce"
 
     def __post_init__(self) -> None:
         _check_hyperparameters(self.to_body(), "hyperparameters")  # builders get the receivers' bounds
 
     def to_body(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "epochs": self.epochs,
             "lr": self.lr,
             "batch_size": self.batch_size,
             "max_steps": self.max_steps,
         }
+        if self.loss != "ce":
+            body["loss"] = self.loss
+        return body
 
     @classmethod
     def parse(cls, raw: Any, where: str) -> Hyperparameters:
         return cls(*_check_hyperparameters(raw, where))
 
 
-def _check_hyperparameters(raw: Any, where: str) -> tuple[int, float, int, int | None]:
+def _check_hyperparameters(raw: Any, where: str) -> tuple[int, float, int, int | None, str]:
     if not isinstance(raw, dict):
         raise WireError(f"{where}: body field 'hyperparameters' must be an object")
-    _known_fields(raw, frozenset({"epochs", "lr", "batch_size", "max_steps"}), where)
+    _known_fields(raw, frozenset({"epochs", "lr", "batch_size", "max_steps", "loss"}), where)
     w = f"{where}: hyperparameters"
     epochs = _int(raw, "epochs", 1, MAX_EPOCHS, w, 1)
     lr = _float(raw, "lr", 0.0, MAX_LR, w, 1e-3)
@@ -74,7 +81,10 @@ def _check_hyperparameters(raw: Any, where: str) -> tuple[int, float, int, int |
     steps = raw.get("max_steps")
     if steps is not None:
         steps = _int(raw, "max_steps", 1, MAX_STEPS, w)
-    return epochs, lr, batch, steps
+    loss = raw.get("loss", "ce")
+    if loss not in LOSSES:
+        raise WireError(f"{w}: body field 'loss' must be one of {', '.join(LOSSES)}")
+    return epochs, lr, batch, steps, loss
 
 
 @dataclass(frozen=True)

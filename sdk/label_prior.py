@@ -1,0 +1,90 @@
+"""Balanced-softmax training and the device's label prior (docs/aggregation.md, "balanced softmax").
+
+An agent that holds two of ten labels and trains plain cross-entropy learns mostly its label mix:
+the shared adapter then forgets the other labels (all-class accuracy falls), and averaging adapters
+averages label mixes. With `loss: balanced-softmax` each agent trains on
+
+    CE(logits + log pi_i, y)        pi_i = (h_i + TRAIN_PSEUDO) / sum(h_i + TRAIN_PSEUDO)
+
+(h_i: its label histogram), so the adapter learns p(image | label), the part agents share, and the
+label mix stays on the device. At inference the device adds its own prior back,
+`w * log((h_i + INFER_PSEUDO) / sum)`, with `w` (the prior weight, default 1) its own choice: 1 for
+the best accuracy on what it usually sees, 0 for the best on labels it has not trained on.
+
+Why two pseudo-counts: training with a small one (0.1) gives a label the agent never saw a large
+negative offset, so its images do not push that label's logit down; inference with a larger one
+(1, Laplace) keeps such a label reachable when it does show up. Measured in
+`benchmarks/results/fmnist_ceiling.md`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from fedclip.sdk.errors import AdapterError
+from fedclip.sdk.manifest import LABEL_BIAS
+
+LOSSES = ("ce", "balanced-softmax")
+TRAIN_PSEUDO, INFER_PSEUDO = 0.1, 1.0
+MAX_COUNT = 1e12  # far beyond any device's images; bounds what a metadata field may claim
+
+
+def histogram(labels: Iterable[int], n_labels: int) -> np.ndarray:
+    """Counts per label index [n_labels] (float64)."""
+    out = np.zeros(n_labels, dtype=np.float64)
+    for y in labels:
+        out[int(y)] += 1
+    return out
+
+
+def log_prior(counts: Sequence[float] | np.ndarray, pseudo: float) -> np.ndarray:
+    """`log((h + pseudo) / sum(h + pseudo))` as float32 [L]."""
+    h = np.asarray(counts, dtype=np.float64) + pseudo
+    return np.log(h / h.sum()).astype(np.float32)
+
+
+def encode(counts: Sequence[float] | np.ndarray) -> str:
+    """The adapter-metadata form of a histogram: a JSON list of numbers."""
+    return json.dumps([float(c) if c != int(c) else int(c) for c in np.asarray(counts, dtype=np.float64)])
+
+
+def decode(text: str, where: str) -> tuple[float, ...]:
+    """A histogram from adapter metadata; AdapterError with one line when it is not one."""
+    try:
+        raw = json.loads(text)
+    except ValueError:
+        raise AdapterError(f"{where}: metadata field 'label_prior' is not JSON") from None
+    if not isinstance(raw, list) or not raw or len(raw) > 100_000:
+        raise AdapterError(f"{where}: metadata field 'label_prior' must be a non-empty list of counts")
+    out = []
+    for c in raw:
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
+            raise AdapterError(f"{where}: metadata field 'label_prior' holds a non-number")
+        if not 0 <= c <= MAX_COUNT:
+            raise AdapterError(f"{where}: metadata field 'label_prior' holds a count outside [0, 1e12]")
+        out.append(float(c))
+    return tuple(out)
+
+
+def inference_bias(counts: Sequence[float], n_labels: int, weight: float, where: str) -> np.ndarray | None:
+    """What a device adds to its logits over the bundle's labels: `weight * log prior` (None: nothing)."""
+    if not counts or weight == 0:
+        return None
+    if len(counts) != n_labels:
+        raise AdapterError(f"{where}: label prior has {len(counts)} counts, the bundle has {n_labels} labels")
+    return (weight * log_prior(counts, INFER_PSEUDO)).astype(np.float32)
+
+
+def with_zero_bias(
+    inputs: Mapping[str, np.ndarray], names: Sequence[str], n_labels: int
+) -> Mapping[str, np.ndarray]:
+    """`inputs` plus zeros for a `label_bias` the graph takes and the caller left out: callers that
+    know nothing of balanced softmax feed a format-2 bundle as they fed format 1 (plain CE)."""
+    if LABEL_BIAS not in names or LABEL_BIAS in inputs or "labels" not in inputs:
+        return inputs
+    n = len(inputs["labels"])
+    return {**inputs, LABEL_BIAS: np.zeros((n, n_labels), np.float32)}

@@ -42,14 +42,16 @@ from fmnist_regimes import make_fleet  # noqa: E402
 
 from fedclip.coordinator import strategies  # noqa: E402
 from fedclip.coordinator.strategies import StrategyOptions  # noqa: E402
+from fedclip.sdk import label_prior  # noqa: E402
 
 PRIOR_SCALES = (0.0, 0.5, 1.0)
-TRAIN_PSEUDO, EVAL_PSEUDO = 0.1, 1.0  # pseudo-counts per label of the priors (train loss, inference)
+# the product's pseudo-counts (train loss, inference): these runs measure what the agents do
+TRAIN_PSEUDO, EVAL_PSEUDO = label_prior.TRAIN_PSEUDO, label_prior.INFER_PSEUDO
 
 
 def log_prior(y: torch.Tensor, pseudo: float, labels: int = 10) -> torch.Tensor:
-    counts = np.bincount(y.numpy(), minlength=labels).astype(np.float64) + pseudo
-    return torch.tensor(np.log(counts / counts.sum()), dtype=torch.float32)
+    counts = np.bincount(y.numpy(), minlength=labels)
+    return torch.from_numpy(label_prior.log_prior(counts, pseudo))
 
 
 def scores(model: S.Model, fleet, states: dict, scales=(0.0,)) -> dict:

@@ -102,7 +102,8 @@ def run_federated(
     name: str, cfg: DemoConfig, bundle: Path, data_dir: Path, agents: list[str], work: Path
 ) -> dict:
     strategy, _ = FEDERATED[name]
-    cfg = replace(cfg, strategy=strategy, loss="balanced-softmax" if name.endswith(BSM) else cfg.loss)
+    # plain CE unless the method says otherwise (the demo's default is balanced softmax)
+    cfg = replace(cfg, strategy=strategy, loss="balanced-softmax" if name.endswith(BSM) else "ce")
     with (
         sigterm_as_interrupt(),
         broker_for(cfg, work / "secrets", work / "coordinator", agents) as broker,

@@ -167,6 +167,7 @@ class Agent:
             with guard(incoming, lambda msg, reason: None):
                 self.inbox.handle(incoming)
         self.updates.retry_pending()
+        self.status.tick()
         return incoming is not None
 
     def shutdown(self) -> None:

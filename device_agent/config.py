@@ -56,6 +56,9 @@ class AgentConfig:
     # The device's own limits on what a task may ask (device_agent.policy.TaskPolicy)
     policy: TaskPolicy = TaskPolicy()
     keepalive: int = 30
+    # The retained status goes out again 5, 10, 20, ... s after each connect, then every this many
+    # seconds: a status a broker lost (or a coordinator missed) heals by itself. 0: only on change.
+    status_interval: float = 300.0
     groups: tuple[str, ...] = ()  # reported in the status so the coordinator can select by group
     # auto: CUDA where the installed onnxruntime has it, else the CPU (ort_loader.choose_providers)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -82,6 +85,8 @@ class AgentConfig:
             raise ConfigError(f"keepalive: must be >= 5 seconds, got {self.keepalive}")
         if not 0.0 < self.holdout < 1.0:
             raise ConfigError(f"holdout: must be between 0 and 1, got {self.holdout}")
+        if self.status_interval < 0:
+            raise ConfigError(f"status_interval: must be >= 0 seconds, got {self.status_interval}")
         if self.threads < 0:
             raise ConfigError(f"threads: must be >= 0, got {self.threads}")
         if self.eval_batch_size <= 0:

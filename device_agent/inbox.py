@@ -62,6 +62,7 @@ class Inbox:
         kind = incoming.topic.rsplit("/", 1)[-1]
         try:
             if kind == "task":
+                self.status.tasked()
                 self._on_task(incoming.payload, where=f"task on {incoming.topic}")
             elif kind == "adapter" and self.cfg.accept_unsigned_adapters:
                 self._on_adapter(incoming.payload, where=f"adapter on {incoming.topic}")

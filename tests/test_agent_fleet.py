@@ -360,3 +360,22 @@ def test_tls_broker_ce_lora_round(mosquitto_tls, coordinator_factory, agent_fact
     # The adapter kept in the ledger holds this device's own A and B next to the received C.
     kept, _ = load_adapter(Ledger.read(agent.state).entries[-1].file)
     assert {s.name for s in coord.manifest.trainable} == set(kept)
+
+
+def test_the_agent_resends_its_status_so_a_lost_one_heals(mosquitto, coordinator_factory, agent_factory):
+    """A broker may lose an agent's retained status without anyone seeing it (the embedded amqtt
+    broker did, under many connects at once): the coordinator would not know the agent exists. The
+    agent resends it unchanged (5, 10, 20, ... s after connecting, capped at `status_interval`) with
+    a fresh `sent_at`; nothing else happens here, so every status after the first is a resend."""
+    coord = coordinator_factory(mosquitto.url)
+    agent = agent_factory(mosquitto.url, "dev-hb", config={"status_interval": 1})
+    coord.wait_status(agent, lambda b: b.get("state") == "online", "online status")
+
+    def resent():
+        mine = [m for m in coord.statuses if m.envelope.agent == "dev-hb"]
+        return mine if len(mine) >= 3 else None
+
+    mine = coord.wait(resent, "two resends of the status", agent)
+    sent = [m.envelope.sent_at for m in mine]
+    assert sent == sorted(sent) and len(set(sent)) == len(sent)  # fresh each time, never a replay
+    assert all(m.envelope.body == mine[0].envelope.body for m in mine), "nothing changed but the time"

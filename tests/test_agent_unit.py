@@ -105,6 +105,34 @@ def harness(step_bundle, image_dir, tmp_path):
     h.close()
 
 
+def test_the_status_is_resent_at_5_10_20_s_after_a_connect_until_a_task_arrives(
+    step_bundle, image_dir, tmp_path
+):
+    h = Harness(step_bundle, image_dir, tmp_path / "state", status_interval=30)
+    try:
+        status, topic = h.agent.status, TOPICS.status(AGENT)
+        t0 = status._sent_at  # the connect's status
+        due = [t for t in (4.9, 5.0, 14.9, 15.0, 34.9, 35.0, 64.9, 65.0, 94.9, 95.0) if status.tick(t0 + t)]
+        assert due == [5.0, 15.0, 35.0, 65.0, 95.0]  # gaps 5, 10, 20, then 30 (status_interval)
+        assert len(h.sent(topic)) == 1 + len(due)
+        h.agent.status.publish()  # any other publish restarts the wait
+        t1 = status._sent_at
+        assert not status.tick(t1 + 29.9) and status.tick(t1 + 30.0)
+        # A task reached the agent: the coordinator knows it; no resends until the next connect
+        # (a straggler does not undo its max_missed rest by speaking).
+        h.send(h.task(0))
+        assert not status.tick(status._sent_at + 1e6)
+        status.on_connect(h.agent.transport)
+        assert status.tick(status._sent_at + 5.0)
+    finally:
+        h.close()
+    off = Harness(step_bundle, image_dir, tmp_path / "state-off", status_interval=0)
+    try:
+        assert not off.agent.status.tick(off.agent.status._sent_at + 1e6)  # 0: only on change
+    finally:
+        off.close()
+
+
 def test_a_valid_task_publishes_one_update(harness):
     harness.send(harness.task(0))
     (update,) = harness.updates()

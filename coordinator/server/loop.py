@@ -19,6 +19,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -344,13 +345,17 @@ class Server:
         except WireError as e:
             self.intake.reject(msg.topic, agent, -1, str(e))
             return
+        old = self.fleet.agents.get(agent)
         self.fleet.on_status(agent, a)
         if a is None:
             return
         # Durable with the batch (group commit), before the message is acknowledged.
         row = agent_values(a.id, a.online, a.bundle_id, a.adapter_version, a.last_round, a.info, time.time())
         self.intake.stage_agent(row)
-        log.info(
+        # agents resend an unchanged status until a task reaches them (device_agent.status.tick)
+        same = old is not None and replace(old, seen_at=a.seen_at) == a
+        log.log(
+            logging.DEBUG if same else logging.INFO,
             "agent %s: %s (bundle %s, adapter %s, last round %d)",
             agent,
             "online" if a.online else "offline",

@@ -100,7 +100,10 @@ class HarnessAgent:
         self.session: MqttSession | None = None
         self.agent_state: AgentState | None = None
         self.client: RolloutClient | None = None
-        self.changes: list[str | None] = []
+        self._changes: list[str | None] = []
+        # Held while a message is handled: the ack goes out inside `handle`, so a reader that saw
+        # the ack (the rollout completed) waits here until the switch is recorded too.
+        self._handling = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -141,10 +144,17 @@ class HarnessAgent:
         while not self._stop.is_set():
             incoming = self.session.get(timeout=0.1)
             if incoming is not None:
-                before = self.client.current_version
-                assert self.client.handle(incoming)
-                if self.client.current_version != before:
-                    self.changes.append(self.client.current_version)
+                with self._handling:
+                    before = self.client.current_version
+                    assert self.client.handle(incoming)
+                    if self.client.current_version != before:
+                        self._changes.append(self.client.current_version)
+
+    @property
+    def changes(self) -> list[str | None]:
+        """Every version inference switched to, in order (the list itself: tests may clear it)."""
+        with self._handling:
+            return self._changes
 
     def stop(self) -> None:
         self._stop.set()
@@ -162,4 +172,5 @@ class HarnessAgent:
 
     @property
     def version(self) -> str | None:
-        return self.client.current_version
+        with self._handling:
+            return self.client.current_version

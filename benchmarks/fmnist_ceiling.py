@@ -139,6 +139,20 @@ def run_seed(pool, transform, args, seed: int) -> dict:
     return res
 
 
+def setup(args):
+    """(client pool, image transform) on the cached pretrained base, which `args.pretrained` names."""
+    torch.set_num_threads(1)
+    from fmnist_base import cached_base, split_fmnist
+
+    from fedclip.exporters.models import build_base_model
+    from fedclip.sdk.preprocess import ImageTransform
+
+    args.pretrained = cached_base(args.base_cache)["weights"]
+    _, pool = split_fmnist(5000)
+    S.CLASSES = pool.classes
+    return pool, ImageTransform(build_base_model("fedclip-tiny", args.pretrained).preprocess)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--regime", choices=("today", "scarce", "clustered"), default="clustered")
@@ -161,16 +175,7 @@ def main() -> None:
         return
     if args.out is None:
         ap.error("--out is required")
-    torch.set_num_threads(1)
-    from fmnist_base import cached_base, split_fmnist
-
-    from fedclip.exporters.models import build_base_model
-    from fedclip.sdk.preprocess import ImageTransform
-
-    args.pretrained = cached_base(args.base_cache)["weights"]
-    _, pool = split_fmnist(5000)
-    S.CLASSES = pool.classes
-    transform = ImageTransform(build_base_model("fedclip-tiny", args.pretrained).preprocess)
+    pool, transform = setup(args)
     t0 = time.monotonic()
     results = {}
     for seed in args.seeds:

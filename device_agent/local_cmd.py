@@ -145,9 +145,7 @@ def train(
     source = batch_source(trainer, train_set, cache_dir=cache_dir, progress=progress)
     counts: tuple[float, ...] = ()
     if loss == "balanced-softmax":
-        hist = label_prior.histogram((s.label for s in train_set.samples), len(manifest.task.labels))
-        counts = tuple(hist.tolist())
-        source.label_bias = label_prior.log_prior(hist, label_prior.TRAIN_PSEUDO)
+        counts, source.label_bias = label_prior.training_prior(train_set)
     metrics: dict = {}
     if held_out is not None:
         eval_source = batch_source(trainer, held_out, cache_dir=cache_dir, progress=progress)

@@ -130,13 +130,10 @@ class RoundRunner:
         """Train with the task's loss: under balanced softmax every batch carries the log prior of
         this device's training split, and the state dir records the histogram so that the adapters
         kept from now on carry it to inference. The labels stay on the device."""
-        balanced = task.hyperparameters.loss == "balanced-softmax"
-        counts = ()
+        counts: tuple[float, ...] = ()
         bias = None
-        if balanced:
-            n = len(self.manifest.task.labels)
-            hist = label_prior.histogram((s.label for s in self.train_set.samples), n)
-            counts, bias = tuple(hist.tolist()), label_prior.log_prior(hist, label_prior.TRAIN_PSEUDO)
+        if task.hyperparameters.loss == "balanced-softmax":
+            counts, bias = label_prior.training_prior(self.train_set)
         self.train_source.label_bias = self.eval_source.label_bias = bias
         self.state.set_label_prior(counts)
 

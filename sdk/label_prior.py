@@ -21,24 +21,26 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedclip.sdk.errors import AdapterError
 from fedclip.sdk.manifest import LABEL_BIAS
 
+if TYPE_CHECKING:  # only its type: messages and adapters import this module, not image decoding
+    from fedclip.sdk.data import Dataset
+
 LOSSES = ("ce", "balanced-softmax")
 TRAIN_PSEUDO, INFER_PSEUDO = 0.1, 1.0
 MAX_COUNT = 1e12  # far beyond any device's images; bounds what a metadata field may claim
 
 
-def histogram(labels: Iterable[int], n_labels: int) -> np.ndarray:
-    """Counts per label index [n_labels] (float64)."""
-    out = np.zeros(n_labels, dtype=np.float64)
-    for y in labels:
-        out[int(y)] += 1
-    return out
+def training_prior(dataset: Dataset) -> tuple[tuple[float, ...], np.ndarray]:
+    """(a training set's label histogram, the log prior its batches carry as `label_bias`)."""
+    counts = tuple(float(c) for c in dataset.label_counts())
+    return counts, log_prior(counts, TRAIN_PSEUDO)
 
 
 def log_prior(counts: Sequence[float] | np.ndarray, pseudo: float) -> np.ndarray:

@@ -24,7 +24,6 @@ from fedclip.coordinator.strategies.fleet_lora import FleetLora
 from fedclip.device_agent.config import AgentConfig
 from fedclip.sdk.adapters import adapter_from_bytes, load_adapter
 from fedclip.sdk.data import Dataset
-from fedclip.sdk.label_prior import histogram
 from fedclip.sdk.ledger import Ledger, read_record
 from fedclip.sdk.manifest import Manifest
 from fedclip.sdk.messages import KNOWN_STATS
@@ -70,7 +69,7 @@ def test_fleet_lora_round_with_real_agents(mosquitto, bundle_factory, tmp_path):
     for aid in MIXES:
         data = Dataset.open(tmp_path / "data" / aid, labels=manifest.task.labels, kind="classify")
         train, _ = data.split(AgentConfig.holdout)
-        counts = histogram((x.label for x in train.samples), len(manifest.task.labels)).tolist()
+        counts = train.label_counts().tolist()
         assert counts == read_record(tmp_path / "agents" / aid)["label_prior"], aid
         ledger = Ledger.read(tmp_path / "agents" / aid)
         assert [e.version for e in ledger.entries] == ["g-r0"]

@@ -139,8 +139,9 @@ def train(
         raise DataError(f"--loss: {loss!r} is not one of {', '.join(label_prior.LOSSES)}")
     trainer, start, progress = _open_trainer(bundle, adapter, device, threads, quiet or as_json, backend)
     manifest = trainer.manifest
-    if loss != "ce" and not (manifest.task.kind == "classify" and manifest.takes_label_bias):
-        raise DataError(f"--loss {loss}: {bundle} has no label_bias input (manifest format 2, classify)")
+    why = label_prior.unsupported(loss, manifest, str(bundle))
+    if why:
+        raise DataError(f"--loss {why}")
     train_set, held_out = _open_data(data, manifest, holdout)
     source = batch_source(trainer, train_set, cache_dir=cache_dir, progress=progress)
     counts: tuple[float, ...] = ()

@@ -10,6 +10,7 @@ import numpy as np
 from fedclip.sdk.adapters import check_adapter
 from fedclip.sdk.errors import WireError
 from fedclip.sdk.ids import ID_PATTERN
+from fedclip.sdk.label_prior import unsupported
 from fedclip.sdk.manifest import Manifest
 from fedclip.sdk.messages import Task
 from fedclip.sdk.wire import Message
@@ -30,13 +31,9 @@ def parse_task(msg: Message, manifest: Manifest, agent_id: str, where: str) -> T
         raise WrongBundle(
             f"task is for bundle {task.bundle_id[:12]}, this agent runs bundle {manifest.bundle_id[:12]}"
         )
-    loss = task.hyperparameters.loss
-    if loss != "ce" and not (manifest.task.kind == "classify" and manifest.takes_label_bias):
-        raise WireError(
-            f"{where}: task asks for loss {loss!r}, which needs a classify bundle whose training graphs "
-            f"take label_bias (manifest format 2); this bundle is format {manifest.format_version}, "
-            f"{manifest.task.kind}"
-        )
+    why = unsupported(task.hyperparameters.loss, manifest, "this agent's bundle")
+    if why:
+        raise WireError(f"{where}: the task's loss {why}")
     adapter = check_adapter(task.adapter, manifest, where) if task.adapter else {}
     return replace(task, adapter=adapter)
 

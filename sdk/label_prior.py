@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedclip.sdk.errors import AdapterError
-from fedclip.sdk.manifest import LABEL_BIAS
+from fedclip.sdk.manifest import LABEL_BIAS, Manifest
 
 if TYPE_CHECKING:  # only its type: messages and adapters import this module, not image decoding
     from fedclip.sdk.data import Dataset
@@ -35,6 +35,18 @@ if TYPE_CHECKING:  # only its type: messages and adapters import this module, no
 LOSSES = ("ce", "balanced-softmax")
 TRAIN_PSEUDO, INFER_PSEUDO = 0.1, 1.0
 MAX_COUNT = 1e12  # far beyond any device's images; bounds what a metadata field may claim
+
+
+def unsupported(loss: str, manifest: Manifest, where: str) -> str | None:
+    """Why `manifest`'s bundle cannot train `loss` (None: it can), for the coordinator's start, an
+    agent's task check and `fedclip-agent train` to say in one line. Only classify training graphs
+    take `label_bias` (manifest format 2)."""
+    if loss == "ce" or manifest.takes_label_bias:
+        return None
+    return (
+        f"{loss} needs a classify bundle whose training graphs take label_bias (manifest format 2; "
+        f"re-export it); {where} is format {manifest.format_version}, {manifest.task.kind}"
+    )
 
 
 def training_prior(dataset: Dataset) -> tuple[tuple[float, ...], np.ndarray]:

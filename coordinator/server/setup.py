@@ -16,7 +16,7 @@ from fedclip.coordinator.rollout import KEY_DIR
 from fedclip.coordinator.store import Store
 from fedclip.coordinator.strategies.base import Strategy
 from fedclip.coordinator.trust import Trust
-from fedclip.sdk import messages
+from fedclip.sdk import label_prior, messages
 from fedclip.sdk.adapters import check_tensors
 from fedclip.sdk.errors import ConfigError
 from fedclip.sdk.manifest import Manifest
@@ -64,12 +64,9 @@ def check_state_dir(store: Store, cfg: CoordConfig, bundle_id: str, strategy: st
 
 def check_bundle(cfg: CoordConfig, manifest: Manifest) -> None:
     """Refuse, before any round, settings the bundle cannot train (every task would be refused)."""
-    if cfg.loss != "ce" and not (manifest.task.kind == "classify" and manifest.takes_label_bias):
-        raise ConfigError(
-            f"loss: {cfg.loss} needs a classify bundle whose training graphs take label_bias "
-            f"(manifest format 2; re-export it); {cfg.bundle} is format {manifest.format_version}, "
-            f"{manifest.task.kind}"
-        )
+    why = label_prior.unsupported(cfg.loss, manifest, str(cfg.bundle))
+    if why:
+        raise ConfigError(f"loss: {why}")
 
 
 def open_parts(

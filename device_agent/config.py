@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -85,8 +86,8 @@ class AgentConfig:
             raise ConfigError(f"keepalive: must be >= 5 seconds, got {self.keepalive}")
         if not 0.0 < self.holdout < 1.0:
             raise ConfigError(f"holdout: must be between 0 and 1, got {self.holdout}")
-        if self.status_interval < 0:
-            raise ConfigError(f"status_interval: must be >= 0 seconds, got {self.status_interval}")
+        if not 0 <= self.status_interval < math.inf:  # NaN fails too
+            raise ConfigError(f"status_interval: must be >= 0 seconds and finite, got {self.status_interval}")
         if self.threads < 0:
             raise ConfigError(f"threads: must be >= 0, got {self.threads}")
         if self.eval_batch_size <= 0:

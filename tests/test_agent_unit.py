@@ -3,6 +3,7 @@ real state dir, no broker. The mosquitto tests (test_agent_fleet.py) cover the s
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from fedclip.device_agent.agent import Agent
 from fedclip.device_agent.config import AgentConfig
 from fedclip.device_agent.rounds import RoundRunner
 from fedclip.device_agent.state import DONE
+from fedclip.sdk.errors import ConfigError
 from fedclip.sdk.manifest import Manifest
 from fedclip.sdk.transport import MemoryBroker, MemoryTransport
 from fedclip.sdk.wire import Envelope, Message, MsgType, Topics, decode, encode
@@ -126,6 +128,9 @@ def test_the_status_is_resent_at_5_10_20_s_after_a_connect_until_a_task_arrives(
         assert status.tick(status._sent_at + 5.0)
     finally:
         h.close()
+    for bad in (-1.0, math.nan, math.inf):
+        with pytest.raises(ConfigError, match="status_interval: must be >= 0 seconds and finite"):
+            Harness(step_bundle, image_dir, tmp_path / "state-bad", status_interval=bad)
     off = Harness(step_bundle, image_dir, tmp_path / "state-off", status_interval=0)
     try:
         assert not off.agent.status.tick(off.agent.status._sent_at + 1e6)  # 0: only on change

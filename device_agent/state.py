@@ -221,8 +221,9 @@ class AgentState:
         if not ID_PATTERN.match(version or ""):
             raise StateError(f"adapter version {version!r} is not a valid id")
         rel = f"adapters/{version}.safetensors"
-        if self.label_prior():  # a balanced-softmax fleet's adapter: inference adds this prior back
-            meta = replace(meta, label_prior=self.label_prior())
+        prior = self.label_prior()
+        if prior:  # a balanced-softmax fleet's adapter: inference adds this prior back
+            meta = replace(meta, label_prior=prior)
         if version not in self.record["adapters"] or not (self.root / rel).is_file():
             self._write(rel, adapter_bytes(tensors, meta))
         # strictly increasing, so the ledger's order (and a rollback's target) never rests on a tie

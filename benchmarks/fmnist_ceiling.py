@@ -153,9 +153,8 @@ def setup(args):
     return pool, ImageTransform(build_base_model("fedclip-tiny", args.pretrained).preprocess)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--regime", choices=("today", "scarce", "clustered"), default="clustered")
+def fleet_args(ap: argparse.ArgumentParser) -> None:
+    """The fleet and training flags this script and `fmnist_coldstart.py` share (same defaults)."""
     ap.add_argument("--agents", type=int, default=15)
     ap.add_argument("--per-agent", type=int, default=32)
     ap.add_argument("--beta", type=float, default=0.5)
@@ -165,6 +164,12 @@ def main() -> None:
     ap.add_argument("--tau", type=float, default=0.1)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--base-cache", type=Path, default=Path("/tmp/fedclip-fmnist-base"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--regime", choices=("today", "scarce", "clustered"), default="clustered")
+    fleet_args(ap)
     ap.add_argument("--out", type=Path, help="the JSON file for the results")
     ap.add_argument("--report", type=Path, nargs="*", help="write results/fmnist_ceiling.md from these JSONs")
     args = ap.parse_args()

@@ -109,15 +109,7 @@ def run_seed(pool, transform, args, seed: int) -> dict[str, list[float]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--agents", type=int, default=15)
-    ap.add_argument("--per-agent", type=int, default=32)
-    ap.add_argument("--beta", type=float, default=0.5)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--local-epochs", type=int, default=3)
-    ap.add_argument("--lr", type=float, default=5e-3)
-    ap.add_argument("--tau", type=float, default=0.1)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--base-cache", type=Path, default=Path("/tmp/fedclip-fmnist-base"))
+    C.fleet_args(ap)
     ap.add_argument("--out", type=Path, required=True, help="the JSON file for the results")
     args = ap.parse_args()
     pool, transform = C.setup(args)

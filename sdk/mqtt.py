@@ -42,7 +42,7 @@ from paho.mqtt.properties import Properties
 
 from fedclip.sdk.errors import ConfigError, ConnectRefused, MqttError, PublishTimeout
 from fedclip.sdk.mqtt_address import parse_broker_urls
-from fedclip.sdk.mqtt_client import MAX_RECONNECT_DELAY, new_paho_client
+from fedclip.sdk.mqtt_client import MAX_RECONNECT_DELAY, linger_close, new_paho_client
 from fedclip.sdk.mqtt_subscriptions import Subscriptions
 from fedclip.sdk.mqtt_will import WillGuard
 
@@ -148,6 +148,7 @@ class MqttSession:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_connect_fail = self._on_connect_fail
+        client.on_socket_close = self._on_socket_close
         self._client = client
         self._subs = Subscriptions(client, where=lambda: self.address, connected=self.connected)
         client.on_subscribe = self._subs.on_subscribe
@@ -346,6 +347,10 @@ class MqttSession:
             self.client_id,
             flags.session_present,
         )
+
+    def _on_socket_close(self, client, userdata, sock) -> None:
+        if self._closed:  # our own DISCONNECT went out: make it reach the broker (no last will)
+            linger_close(sock)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()

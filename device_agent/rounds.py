@@ -202,7 +202,9 @@ class RoundRunner:
         if not self._train(task, self._progress(rnd)):
             return False  # stopping: the epoch checkpoint in the state dir lets the next start resume
         prog = self._progress(rnd)
-        after = self._evaluate()
+        # A statistics-only task (epochs 0, a newcomer's first) trained nothing: the adapter is the
+        # one just scored, so its score is not computed twice.
+        after = self._evaluate() if task.hyperparameters.epochs else dict(prog.metrics_before or {})
         blob, summary = build_update(
             self.trainer,
             self.train_set,
@@ -234,6 +236,8 @@ class RoundRunner:
         # a device answers changes by signed rollouts alone, whoever can publish a task.
         if task.adapter and ID_PATTERN.match(task.base_version or ""):
             self.install(task.base_version, task.adapter, source="task", rnd=task.round_id, use=False)
+        if not task.hyperparameters.epochs:
+            log.info("round %d: statistics only (a newcomer's first task): no training", task.round_id)
         log.info(
             "round %d: started (%d epochs, lr %g, batch %d)",
             task.round_id,

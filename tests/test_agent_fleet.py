@@ -379,3 +379,25 @@ def test_the_agent_resends_its_status_so_a_lost_one_heals(mosquitto, coordinator
     sent = [m.envelope.sent_at for m in mine]
     assert sent == sorted(sent) and len(set(sent)) == len(sent)  # fresh each time, never a replay
     assert all(m.envelope.body == mine[0].envelope.body for m in mine), "nothing changed but the time"
+
+
+def test_a_statistics_only_task_returns_its_start_unchanged(mosquitto, coordinator_factory, agent_factory):
+    """epochs 0 (a newcomer's first task under fleet-core/fleet-lora): no training step, the start
+    adapter back bit for bit (the coordinator tells such updates apart by that), the statistics the
+    task asks for, and the before-training score as the after score."""
+    coord = coordinator_factory(mosquitto.url)
+    agent = agent_factory(mosquitto.url)
+    coord.wait_status(agent, lambda b: b["state"] == "online", "online status")
+    coord.send_task(agent.id, 1, epochs=0, stats=["histogram", "gaussian"])
+    msg = coord.wait_update(agent, 1)
+    start = coord.starting_adapter(1)
+    assert set(msg.adapter_tensors) == set(start)
+    assert all(np.array_equal(msg.adapter_tensors[k], start[k]) for k in start)
+    metrics = msg.envelope.body["metrics"]
+    assert metrics["steps"] == 0 and metrics["accuracy_after"] == metrics["accuracy_before"]
+    assert {STAT_LABEL_HIST, STAT_MEAN, STAT_VAR} <= set(msg.stats)
+    assert msg.stats[STAT_LABEL_HIST].sum() == msg.envelope.body["num_samples"] > 0
+    assert "statistics only" in agent.text()
+    coord.send_task(agent.id, 2)  # and the next task trains as usual
+    _check_update(coord.wait_update(agent, 2), coord, agent.id, 2)
+    assert agent.terminate() == 0

@@ -209,7 +209,7 @@ class Server:
             digest = self.tasks.held_digest(agent, round_id, plan.stats)
             specs.append(
                 (
-                    TaskSpec(round_id, agent, plan.start.version, plan.stats, deadline, digest),
+                    TaskSpec(round_id, agent, plan.start.version, plan.stats, deadline, digest, plan.train),
                     plan.start.tensors,
                 )
             )
@@ -219,11 +219,13 @@ class Server:
         self.store.start_round(round_id, self.strategy.name, deadline, rows)  # before anything is sent
         self.current = st
         names = sorted(st.selected)
+        fresh = sum(not p.train for p in plans.values())
         log.info(
-            "round %d: started with %d agents (%s), deadline in %.0fs",
+            "round %d: started with %d agents (%s)%s, deadline in %.0fs",
             round_id,
             len(names),
             ", ".join(names[:8]) + (" ..." if len(names) > 8 else ""),
+            f", {fresh} newcomer(s) asked for statistics only" if fresh else "",
             self.cfg.round_timeout,
         )
         self._send_tasks(st, names)

@@ -6,6 +6,7 @@ coordinator re-sends the same bytes; an extension re-issues the same task with a
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -47,6 +48,7 @@ class TaskSpec:
     stats: tuple[str, ...]  # statistic kinds the strategy wants ("histogram", "gaussian")
     deadline: float
     stats_digest: str = ""  # the agent may leave out the statistics it computed for this digest
+    train: bool = True  # False: statistics only (epochs 0, a newcomer's first task)
 
 
 class Tasks:
@@ -61,11 +63,12 @@ class Tasks:
         return self.store.blobs.put_all(self._encode(spec, tensors) for spec, tensors in specs)
 
     def _encode(self, spec: TaskSpec, tensors: Mapping[str, np.ndarray]) -> bytes:
+        hp = self.cfg.hyperparameters()
         task = Task(
             round_id=spec.round_id,
             bundle_id=self.manifest.bundle_id,
             deadline=spec.deadline,
-            hyperparameters=self.cfg.hyperparameters(),
+            hyperparameters=hp if spec.train else dataclasses.replace(hp, epochs=0),
             stats=spec.stats,
             noise_std=self.cfg.noise_std,
             stats_digest=spec.stats_digest,
@@ -100,7 +103,15 @@ class Tasks:
                     Task, self.payload(st, agent), fleet=self.cfg.fleet, max_bytes=self.cfg.max_payload_bytes
                 )
                 yield (
-                    TaskSpec(st.round, agent, st.selected[agent], old.stats, deadline, old.stats_digest),
+                    TaskSpec(
+                        st.round,
+                        agent,
+                        st.selected[agent],
+                        old.stats,
+                        deadline,
+                        old.stats_digest,
+                        train=old.hyperparameters.epochs > 0,
+                    ),
                     old.adapter,
                 )
 

@@ -51,11 +51,13 @@ class AdapterRef:
 
 @dataclass(frozen=True)
 class TaskPlan:
-    """What one selected agent is asked to do: start from `start`, send these statistics."""
+    """What one selected agent is asked to do: start from `start`, send these statistics, and train
+    (`train=False`: statistics only, the task's epochs are 0)."""
 
     agent: str
     start: AdapterRef
     stats: tuple[str, ...] = ()
+    train: bool = True
 
 
 @dataclass(frozen=True)
@@ -103,14 +105,27 @@ class Strategy(ABC):
         rng = np.random.default_rng([self.options.seed, round_id])
         return sorted(rng.choice(pool, size=k, replace=False).tolist())
 
+    @property
+    def mixes_newcomers(self) -> bool:
+        """True when a newcomer's first task is statistics only and the round gives it the adapters
+        of the agents whose data looks like its own (`fleet_mix.newcomer_mix`)."""
+        return False
+
     def configure_round(
         self, round_id: int, selected: Sequence[str], book: AdapterBook
     ) -> dict[str, TaskPlan]:
-        """Each agent starts from its personalized adapter when the strategy keeps one, else the global."""
+        """Each agent starts from its personalized adapter when the strategy keeps one, else the global.
+
+        Under a strategy that mixes for newcomers, an agent without an adapter of its own is asked
+        for statistics only while agents with their own adapters train beside it (so the round has
+        adapters to mix for it); without any such agent (a fleet's first round) everyone trains."""
+        personal = {a: book.agent_adapter(a) for a in selected} if self.personalized else {}
+        members = self.mixes_newcomers and any(p is not None for p in personal.values())
         plans = {}
         for agent in selected:
-            start = book.agent_adapter(agent) if self.personalized else None
-            plans[agent] = TaskPlan(agent, start or book.global_adapter(), self.stats)
+            start = personal.get(agent)
+            train = start is not None or not members
+            plans[agent] = TaskPlan(agent, start or book.global_adapter(), self.stats, train)
         return plans
 
     @abstractmethod

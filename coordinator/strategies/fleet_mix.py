@@ -41,12 +41,25 @@ def newcomer_weights(
     The newcomer is left out of its own softmax: it has no adapter yet, so all the weight goes to
     the agents whose data looks most like its own.
     """
+    return newcomers_weights(hist, mean, var, tau, members=len(hist) - 1)[0]
+
+
+def newcomers_weights(
+    hist: np.ndarray,  # [N + M, L]: the N fleet agents first, then the M newcomers
+    mean: Sequence[np.ndarray] | np.ndarray,  # (N + M) x [L, D]
+    var: Sequence[np.ndarray] | np.ndarray,
+    tau: float,
+    members: int,
+    compact: bool = False,
+) -> np.ndarray:
+    """Weights [M, N]: row m over the N fleet agents for newcomer m (`newcomer_weights`, for M at
+    once: the statistics are held once, the distances are an M x N block)."""
     if tau <= 0:
         raise ValueError(f"tau must be > 0, got {tau}")
     hist = np.asarray(hist, dtype=np.float64)
-    if hist.ndim != 2 or hist.shape[0] < 2:
-        raise ValueError("need the statistics of at least one fleet agent and the newcomer")
+    if hist.ndim != 2 or not 1 <= members < hist.shape[0]:
+        raise ValueError("need the statistics of at least one fleet agent and one newcomer")
     n = hist.shape[0]
-    inp = PairwiseInputs(hist, mean, var, np.zeros((n, 1)))
-    d = data_distance_block(inp, slice(n - 1, n))[:, : n - 1]
-    return softmax_rows(-d / tau)[0]
+    inp = PairwiseInputs(hist, mean, var, np.zeros((n, 1)), compact=compact)
+    d = data_distance_block(inp, slice(members, n), slice(0, members))
+    return softmax_rows(-d / tau)

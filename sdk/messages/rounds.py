@@ -41,6 +41,9 @@ from fedclip.sdk.wire import (
 class Hyperparameters:
     """Local training settings a task carries; the defaults are the coordinator's defaults too."""
 
+    # 0: statistics only (a newcomer's first task under a mixing strategy): the agent evaluates,
+    # computes its statistics and returns its start adapter unchanged, so the coordinator can give it
+    # the adapters of the agents whose data looks like its own (docs/aggregation.md, "Newcomers").
     epochs: int = 1
     lr: float = 1e-3
     batch_size: int = 32
@@ -73,7 +76,7 @@ def _check_hyperparameters(raw: Any, where: str) -> tuple[int, float, int, int |
         raise WireError(f"{where}: body field 'hyperparameters' must be an object")
     _known_fields(raw, frozenset({"epochs", "lr", "batch_size", "max_steps", "loss"}), where)
     w = f"{where}: hyperparameters"
-    epochs = _int(raw, "epochs", 1, MAX_EPOCHS, w, 1)
+    epochs = _int(raw, "epochs", 0, MAX_EPOCHS, w, 1)
     lr = _float(raw, "lr", 0.0, MAX_LR, w, 1e-3)
     if lr <= 0:
         raise WireError(f"{w}: body field 'lr' must be > 0")

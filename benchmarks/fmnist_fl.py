@@ -145,8 +145,11 @@ def _result(name: str, run: FleetRun, acc: dict, peak: dict[str, int]) -> dict:
     }
 
 
-def run_local(cfg: DemoConfig, bundle: Path, data_dir: Path, agents: list[str], work: Path) -> dict:
-    """Local-only LoRA: each agent trains alone for rounds x local epochs, then is evaluated."""
+def run_local(
+    cfg: DemoConfig, bundle: Path, data_dir: Path, agents: list[str], work: Path, loss: str = "ce"
+) -> dict:
+    """Local-only LoRA: each agent trains alone for rounds x local epochs (with `loss`), then is
+    evaluated (a balanced-softmax adapter carries its label prior, and the evaluation adds it)."""
     acc: dict[str, list[float | None]] = {}
     peak: dict[str, int] = {}
     seconds = []
@@ -156,7 +159,7 @@ def run_local(cfg: DemoConfig, bundle: Path, data_dir: Path, agents: list[str], 
             out.parent.mkdir(parents=True, exist_ok=True)
             options = flags(
                 bundle=bundle, data=data_dir / a / "train", epochs=cfg.rounds * cfg.local_epochs, lr=cfg.lr,
-                batch_size=32, holdout=0.2, seed=cfg.seed, out=out, threads=1,
+                batch_size=32, holdout=0.2, seed=cfg.seed, out=out, threads=1, loss=loss,
             )  # fmt: skip
             t0 = time.monotonic()
             argv = agent_cli("train", *options, "--quiet", "--json")

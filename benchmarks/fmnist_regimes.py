@@ -178,8 +178,10 @@ def write_fleet(out: Path, pool: LabeledImages, regime: str, agents: int, per_ag
     d = draw_fleet(pool.labels, regime, agents, per_agent, seed, beta, **kw)
     summary: dict = {"dataset": "fashion-mnist", "agents": [a.name for a in d.agents], "regime": regime,
                      "seed": seed, "labels": list(pool.classes), "counts": {},
-                     "groups": {a.name: a.group for a in d.agents}}  # fmt: skip
-    for a in d.agents:
+                     "groups": {a.name: a.group for a in [*d.agents, *d.newcomers]}}  # fmt: skip
+    if d.newcomers:  # agents that join later (`fmnist_newcomers_real.py`), written like the others
+        summary["newcomers"] = [a.name for a in d.newcomers]
+    for a in [*d.agents, *d.newcomers]:
         entry: dict = {"shift": asdict(a.shift)}
         for split, idx in (("train", a.train), ("test", a.own), (ALL_SPLIT, d.balanced)):
             for name in pool.classes:

@@ -37,6 +37,25 @@ def _argon2(password: str) -> str:
     return PasswordHash((Argon2Hasher(time_cost=1, memory_cost=1024, parallelism=1),)).hash(password)
 
 
+class _Snapshots(dict):
+    """amqtt's topic filter -> subscribers table, iterated over a copy.
+
+    amqtt 0.12 iterates this dict and awaits inside the loop (the ACL plugin's check before each
+    delivery; the retained messages of a connecting client): a SUBSCRIBE handled meanwhile adds a
+    filter and the loop raises "dictionary changed size during iteration". A message then reaches
+    only the subscribers before that point (measured: 2 of 400 statuses lost for the coordinator
+    while 30 agents connected), and a connecting client is dropped. Iterating a snapshot makes both
+    loops see the table as it was when they began; a filter added meanwhile waits for the next
+    message, as on any broker.
+    """
+
+    def __iter__(self):
+        return iter(list(super().keys()))
+
+    def items(self):  # a list of the pairs (and of each subscriber list), not a view
+        return [(k, list(v)) for k, v in super().items()]
+
+
 class EmbeddedBroker:
     """amqtt on 127.0.0.1 in a thread. `start()` returns the URL (credentials included)."""
 
@@ -133,6 +152,7 @@ class EmbeddedBroker:
         self._loop = loop
         try:
             self._broker = Broker(config, loop=loop)
+            self._broker._subscriptions = _Snapshots(self._broker._subscriptions)
             loop.run_until_complete(self._broker.start())
         except Exception as e:  # reported to start() as a BrokerError
             self._error = e

@@ -97,12 +97,20 @@ class Dataset:
 
     # ---- views -----------------------------------------------------------------------------------
     def split(self, holdout: float) -> tuple[Dataset, Dataset]:
-        """(train, held_out): a sample is held out iff the hash of its key falls below `holdout`."""
+        """(train, held_out): a sample is held out iff the hash of its key falls below `holdout`.
+
+        With few samples the hashes may put none aside (16 images at 0.2: 1 device in 36), and a
+        device could not score anything; then the sample of the lowest hash is held out (while
+        `holdout > 0` and two samples or more), until a new sample's hash puts one aside."""
         if not 0.0 <= holdout < 1.0:
             raise DataError(f"holdout must be in [0, 1), got {holdout}")
-        held = [s for s in self.samples if _unit_hash(s.key) < holdout]
-        train = [s for s in self.samples if _unit_hash(s.key) >= holdout]
-        return self._with(train, "train"), self._with(held, "held-out")
+        order = sorted(self.samples, key=lambda s: _unit_hash(s.key))
+        cut = sum(1 for s in order if _unit_hash(s.key) < holdout)
+        if cut == 0 and holdout > 0 and len(order) >= 2:
+            cut = 1
+        held = {id(s) for s in order[:cut]}
+        train = [s for s in self.samples if id(s) not in held]
+        return self._with(train, "train"), self._with([s for s in self.samples if id(s) in held], "held-out")
 
     def _with(self, samples: Sequence[Sample], part: str) -> Dataset:
         return Dataset(tuple(samples), self.labels, self.kind, f"{self.source} ({part})", self.skipped)

@@ -158,3 +158,21 @@ def test_corrupt_images_are_skipped_and_counted_once(folder):
         assert n == 36
     assert ds.skipped == {"Bag/broken.png", "Trouser/empty.jpg"}
     assert train.skipped is ds.skipped
+
+
+def test_a_small_set_the_hashes_put_nothing_aside_still_holds_one_out(tmp_path):
+    """16 images at holdout 0.2 put none aside 1 time in 36 by hash: such a device could not score
+    anything and refused to start; it now holds out the sample of the lowest hash."""
+    from fedclip.sdk.data import _unit_hash
+
+    names = [f"img/{i}.png" for i in range(400) if _unit_hash(f"img/{i}.png") >= 0.2][:16]
+    (tmp_path / "d.csv").write_text("path,label\n" + "".join(f"{n},Bag\n" for n in names))
+    ds = Dataset.open(tmp_path / "d.csv", labels=LABELS)
+    assert [s.key for s in ds.samples if _unit_hash(s.key) < 0.2] == []  # the hashes alone: none
+    train, held = ds.split(0.2)
+    lowest = min(ds.samples, key=lambda s: _unit_hash(s.key))
+    assert [s.key for s in held.samples] == [lowest.key] and len(train) == 15
+    assert ds.split(0.0)[1].samples == ()  # no held-out asked for: none
+    one = Dataset.open(tmp_path / "d.csv", labels=LABELS)
+    single = type(one)(one.samples[:1], one.labels, one.kind, one.source, one.skipped)
+    assert single.split(0.2)[1].samples == ()  # one sample: it trains

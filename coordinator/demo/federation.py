@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,8 +63,12 @@ def run_federation(
     agent_ids: list[str],
     work: Path,
     console: Console | None = None,
+    running: Collection[str] = (),
 ) -> FleetRun:
-    """Coordinator + one agent process per id; returns when the coordinator has run every round."""
+    """Coordinator + one agent process per id; returns when the coordinator has run every round.
+
+    `running`: ids whose agents run already (in `procs`, from an earlier call on the same `work`):
+    not started again. A second call with more ids and more rounds is a fleet that new agents join."""
     run = FleetRun(coordinator_state=work / "coordinator")
     # `serve` takes broker credentials from its YAML config only (keeps them out of `ps`).
     coord_yaml = {"username": broker.username} if broker.username else {}
@@ -82,6 +87,8 @@ def run_federation(
     coordinator = procs.spawn("coordinator", coord_cli("serve", *options))
     for aid in agent_ids:
         run.agent_states[aid] = work / "agents" / aid
+        if aid in running:
+            continue
         options = flags(
             broker=broker.url, fleet=cfg.fleet, id=aid, bundle=bundle, data=data_dir / aid / "train",
             state=run.agent_states[aid], threads=1, coordinator_key=coordinator_key,

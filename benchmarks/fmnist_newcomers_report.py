@@ -85,9 +85,17 @@ def write_report(paths: list[Path], results: Path) -> None:
                 f"{bold}{v['own_minus_local'][0]:+.1f} ± {v['own_minus_local'][1]:.1f}{bold} | "
                 f"{v['all_minus_local'][0]:+.1f} ± {v['all_minus_local'][1]:.1f} |"
             )
+        per_seed = 100 * (_per_seed(doc, "join") - _per_seed(doc, BASE))[:, 0]
+        lines += [
+            "",
+            "`join` - local-only on own accuracy per seed: " + ", ".join(f"{d:+.1f}" for d in per_seed),
+        ]
         j = sm["join"]["own_minus_local"][0]
         lines += ["", f"Own-accuracy target (+{TARGET:g}): **{'met' if j >= TARGET else 'missed'}** "
                   f"({j:+.1f}).", ""]  # fmt: skip
+    notes = results / "fmnist_newcomers_notes.md"  # what the numbers mean, written by hand
+    if notes.is_file():
+        lines += [notes.read_text().rstrip("\n"), ""]
     results.mkdir(parents=True, exist_ok=True)
     (results / "fmnist_newcomers.md").write_text("\n".join(lines) + "\n")
     (results / "fmnist_newcomers.json").write_text(json.dumps({"runs": docs, "summary": sums}, indent=1))
@@ -106,10 +114,10 @@ def _plot(docs: list[dict], sums: list[dict], path: Path) -> None:
         for k, (key, label) in enumerate((("own", "own split"), ("all", "all-class"))):
             ax.bar(x + (k - 0.5) * 0.38, [sm[r][key][0] for r in ROWS], 0.38,
                    yerr=[sm[r][key][1] for r in ROWS], label=label, capsize=3)  # fmt: skip
-        ax.set_xticks(x, ROWS, rotation=20)
+        ax.set_xticks(x, [r.replace(", ", "\n") for r in ROWS], fontsize=8)
         ax.set_ylabel("accuracy (%)")
         ax.set_title(_name(doc), fontsize=10)
-        ax.legend()
+        ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

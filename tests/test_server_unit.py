@@ -236,6 +236,9 @@ def test_robust_caps_bound_a_liar_from_three_updates_on():
     )  # two: no median one liar cannot move
     assert robust_caps([300, 280, 10**9], [1.0, 1.2, 500.0], 0.0) == (None, None)  # off
     assert robust_caps([5, 5, 5], [0.0, 0.0, 0.0], 10.0) == (50, None)  # no movement: nothing to clip
+    # Newcomers' statistics-only updates (norm 0) do not shrink the cap, even as most of the round.
+    assert robust_caps([5] * 7, [1.0, 1.2, 1.1, 0.0, 0.0, 0.0, 0.0], 10.0) == (50, 11.0)
+    assert robust_caps([5] * 4, [1.0, 1.2, 0.0, 0.0], 10.0) == (50, None)  # 2 moved: no median yet
 
 
 def test_fair_selection_gives_the_agent_left_out_in_round_1_a_turn_in_round_2(bundle, tmp_path):

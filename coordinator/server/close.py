@@ -34,7 +34,10 @@ def robust_caps(samples: list[int], norms: list[float], factor: float) -> tuple[
     if factor <= 0 or len(samples) < 3:
         return None, None
     sample_cap = max(1, int(factor * float(np.median(samples))))
-    norm_cap = factor * float(np.median(norms)) if len(norms) >= 3 and np.median(norms) > 0 else None
+    # Updates that did not move (a newcomer's statistics-only one) have no say in how far the
+    # others may: with them the median would shrink, and be 0 once they are half the round.
+    moved = [n for n in norms if n > 0]
+    norm_cap = factor * float(np.median(moved)) if len(moved) >= 3 else None
     return sample_cap, norm_cap
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from fmnist_ceiling import fleet_args  # noqa: E402
 from fmnist_fl import run_local  # noqa: E402
 from fmnist_regimes import write_fleet  # noqa: E402
 
@@ -138,17 +139,10 @@ def run_seed(args, pool, pretrained: str, seed: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--agents", type=int, default=6)
-    ap.add_argument("--per-agent", type=int, default=32)
+    fleet_args(ap)  # the in-process cold-start runs' fleet and training flags
+    ap.set_defaults(agents=6, seeds=[0])  # the real-path regimes runs' fleet size
     ap.add_argument("--newcomers", type=int, default=3)
-    ap.add_argument("--beta", type=float, default=0.5)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--local-epochs", type=int, default=3)
-    ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--rank", type=int, default=4)
-    ap.add_argument("--tau", type=float, default=0.1)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--base-cache", type=Path, default=Path("/tmp/fedclip-fmnist-base"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/fedclip-fmnist-newcomers"))
     ap.add_argument("--out", type=Path, help="JSON file for the results")
     ap.add_argument("--report", type=Path, nargs="+", help="only write the report of these JSON runs")

@@ -104,13 +104,12 @@ class Dataset:
         `holdout > 0` and two samples or more), until a new sample's hash puts one aside."""
         if not 0.0 <= holdout < 1.0:
             raise DataError(f"holdout must be in [0, 1), got {holdout}")
-        order = sorted(self.samples, key=lambda s: _unit_hash(s.key))
-        cut = sum(1 for s in order if _unit_hash(s.key) < holdout)
-        if cut == 0 and holdout > 0 and len(order) >= 2:
-            cut = 1
-        held = {id(s) for s in order[:cut]}
-        train = [s for s in self.samples if id(s) not in held]
-        return self._with(train, "train"), self._with([s for s in self.samples if id(s) in held], "held-out")
+        hashes = [_unit_hash(s.key) for s in self.samples]
+        held = {i for i, h in enumerate(hashes) if h < holdout}
+        if not held and holdout > 0 and len(hashes) >= 2:
+            held = {int(np.argmin(hashes))}
+        train = [s for i, s in enumerate(self.samples) if i not in held]
+        return self._with(train, "train"), self._with([self.samples[i] for i in sorted(held)], "held-out")
 
     def _with(self, samples: Sequence[Sample], part: str) -> Dataset:
         return Dataset(tuple(samples), self.labels, self.kind, f"{self.source} ({part})", self.skipped)

@@ -108,7 +108,7 @@ class Strategy(ABC):
     @property
     def mixes_newcomers(self) -> bool:
         """True when a newcomer's first task is statistics only and the round gives it the adapters
-        of the agents whose data looks like its own (`fleet_mix.newcomer_mix`)."""
+        of the agents whose data looks like its own (`FleetCore.aggregate`)."""
         return False
 
     def configure_round(

@@ -77,12 +77,10 @@ class FleetCore(CeLora):
             compact=len(learned) > max(self.options.neighbours, 1),  # float16 at fleet scale
         )
         names = sorted(res.global_tensors)
-        out = None  # [M, P], one member's adapter added at a time: never all N members stacked
-        for j, u in enumerate(learned):
-            x = flatten(res.per_agent[u.agent], names)
-            out = np.outer(w[:, j], x) if out is None else out + np.outer(w[:, j], x)
-        assert out is not None  # learned is not empty
         like = res.global_tensors
+        out = np.zeros((len(newcomers), sum(np.size(like[n]) for n in names)))  # [M, P]
+        for j, u in enumerate(learned):  # one member's adapter at a time: never all N stacked
+            out += np.outer(w[:, j], flatten(res.per_agent[u.agent], names))
         return {u.agent: unflatten(out[m], like, names) for m, u in enumerate(newcomers)}
 
 

@@ -132,5 +132,6 @@ def test_a_newcomer_is_asked_for_statistics_only_while_members_train():
 def test_statistics_only_is_epochs_zero_on_the_wire():
     hp = Hyperparameters(epochs=0)
     assert Hyperparameters.parse(hp.to_body(), "task") == hp
-    with pytest.raises(WireError, match=r"'epochs' must be an integer in \[0, "):
-        Hyperparameters.parse({**hp.to_body(), "epochs": -1}, "task")
+    for hostile in (-1, 10**30, True, 0.0, float("nan"), "0", None):  # the bound, then wrong types
+        with pytest.raises(WireError, match=r"'epochs' must be an integer in \[0, "):
+            Hyperparameters.parse({**hp.to_body(), "epochs": hostile}, "task")

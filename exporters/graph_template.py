@@ -15,6 +15,7 @@ import onnx
 import torch
 from onnx import helper
 
+from fedclip.exporters.step_weights import MIN_BYTES, WeightsFile
 from fedclip.sdk.errors import ExportError
 
 FROZEN = re.compile(r"^frozen_(\d+)$")
@@ -37,24 +38,48 @@ def strip_weights(model: onnx.ModelProto) -> bytes:
     return model.SerializeToString()
 
 
+def _frozen_array(t: onnx.TensorProto, frozen: Sequence[torch.Tensor]):
+    """(i, array of `frozen[i]`) when `t` is the weight `frozen_<i>` (shape and dtype checked), else None."""
+    m = FROZEN.match(t.name)
+    if not m:
+        return None
+    i = int(m.group(1))
+    if i >= len(frozen):
+        raise ExportError(f"export cache: graph weight {t.name} has no tensor in the model")
+    arr = frozen[i].detach().cpu().contiguous().numpy()
+    want = helper.tensor_dtype_to_np_dtype(t.data_type)
+    if arr.dtype != want or tuple(arr.shape) != tuple(t.dims):
+        raise ExportError(
+            f"export cache: {t.name} is {arr.dtype}{list(arr.shape)} in the model, "
+            f"{want}{list(t.dims)} in the graph"
+        )
+    return i, arr
+
+
 def fill_weights(template: bytes, frozen: Sequence[torch.Tensor]) -> onnx.ModelProto:
     """The graph of `template` with the values of `frozen` as its weights; shapes and dtypes must match."""
     model = onnx.load_from_string(template)
     for t in model.graph.initializer:
-        m = FROZEN.match(t.name)
-        if not m:
-            continue
-        i = int(m.group(1))
-        if i >= len(frozen):
-            raise ExportError(f"export cache: graph weight {t.name} has no tensor in the model")
-        arr = frozen[i].detach().cpu().contiguous().numpy()
-        want = helper.tensor_dtype_to_np_dtype(t.data_type)
-        if arr.dtype != want or tuple(arr.shape) != tuple(t.dims):
-            raise ExportError(
-                f"export cache: {t.name} is {arr.dtype}{list(arr.shape)} in the model, "
-                f"{want}{list(t.dims)} in the graph"
-            )
-        t.raw_data = arr.tobytes()
+        if (found := _frozen_array(t, frozen)) is not None:
+            t.raw_data = found[1].tobytes()
+    return model
+
+
+def fill_shared(template: bytes, frozen: Sequence[torch.Tensor], weights: WeightsFile) -> onnx.ModelProto:
+    """`fill_weights`, the weights (and any other initializer of MIN_BYTES or more) pointing into the
+    shared `weights` file instead of held in the graph: what saving `fill_weights`'s graph and then
+    `share_weights` on it gives, without writing and re-reading the weights in between. A weight
+    placed for an earlier graph of the same export (same `frozen`) is not hashed again."""
+    model = onnx.load_from_string(template)
+    for t in model.graph.initializer:  # in graph order: the file's layout is share_weights'
+        if (found := _frozen_array(t, frozen)) is not None:
+            i, arr = found
+            if arr.nbytes >= MIN_BYTES:
+                weights.refer(t, arr.tobytes(), key=("frozen", id(frozen[i])))
+            else:
+                t.raw_data = arr.tobytes()
+        elif t.HasField("raw_data") and len(t.raw_data) >= MIN_BYTES:
+            weights.refer(t, t.raw_data)
     return model
 
 

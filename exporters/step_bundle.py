@@ -19,7 +19,7 @@ from torch import nn
 from fedclip.exporters.adapted import build_adapted_model, dummy_inputs, step_cache_key, task_graph
 from fedclip.exporters.export_cache import ExportCache
 from fedclip.exporters.step_graph import AdamW, export_step_graphs
-from fedclip.exporters.step_weights import share_weights, write_weights_index
+from fedclip.exporters.step_weights import WeightsFile, share_weights, write_weights_index
 from fedclip.sdk.adapters import encode_tensors
 from fedclip.sdk.errors import ExportError
 from fedclip.sdk.manifest import LABEL_BIAS, GraphSpec, Manifest
@@ -56,22 +56,23 @@ def write_step_format(
     move their frozen weights into the shared `weights.bin` first, so the step graphs reuse them.
     """
     out_dir = Path(out_dir)
-    for key in SHARED_GRAPHS:
-        if key in graphs:
-            path = out_dir / graphs[key].file
-            share_weights(path, path, out_dir / WEIGHTS_FILE)
-    step_graphs = export_step_graphs(
-        task_module,
-        trainable,
-        example_inputs,
-        input_names,
-        eval_outputs,
-        out_dir,
-        adamw=adamw,
-        weights_file=WEIGHTS_FILE,
-        cache=cache,
-        cache_key=cache_key,
-    )
+    with WeightsFile(out_dir / WEIGHTS_FILE) as shared:  # one index for every graph of the bundle
+        for key in SHARED_GRAPHS:
+            if key in graphs:
+                path = out_dir / graphs[key].file
+                share_weights(path, path, shared)
+        step_graphs = export_step_graphs(
+            task_module,
+            trainable,
+            example_inputs,
+            input_names,
+            eval_outputs,
+            out_dir,
+            adamw=adamw,
+            weights_file=shared,
+            cache=cache,
+            cache_key=cache_key,
+        )
     initial = write_initial_tensors(task_module, trainable, out_dir)
     graphs = {**graphs, **step_graphs}
     sharing = [g.file for key, g in graphs.items() if key in (*SHARED_GRAPHS, *step_graphs)]

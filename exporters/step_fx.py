@@ -13,36 +13,12 @@ the whole ORT-artifact export. One fake-mode trace with a symbolic batch only is
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import cast
 
 import torch
 
 from fedclip.exporters.graph_template import frozen_name
-
-OPSET = 18
-
-
-@functools.lru_cache(maxsize=1)
-def onnx_tables():
-    """(torchlib registry at OPSET, the decomposition table make_fx traces with).
-
-    The table is the exporter's own ONNX-friendly one (every aten op torchlib cannot translate is
-    decomposed) plus nll_loss forward/backward: onnxscript's nll_loss fakes its total weight, which
-    would scale gradients by the batch size.
-    """
-    from torch._decomp import get_decompositions
-    from torch.onnx._internal.exporter import _decomp, _registration
-
-    registry = _registration.ONNXRegistry.from_torchlib(opset_version=OPSET)
-    table = _decomp.create_onnx_friendly_decomposition_table(
-        set(_decomp.get_onnx_implemented_overloads(registry))
-    )
-    # torch types get_decompositions' keys OperatorBase and the table's OpOverload (the same objects)
-    nll: dict = get_decompositions([torch.ops.aten.nll_loss_forward, torch.ops.aten.nll_loss_backward])
-    table.update(nll)
-    return registry, table
 
 
 def fake_inputs(

@@ -15,13 +15,11 @@ total weight, which would scale gradients by the batch size.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Literal
 
 import onnx
 import torch
@@ -31,13 +29,25 @@ from fedclip.exporters.export_cache import ExportCache
 from fedclip.exporters.graph_template import (
     clear_weights,
     drop_outputs,
+    fill_shared,
     fill_weights,
     forward_part,
     strip_weights,
 )
 from fedclip.exporters.phases import phase
+from fedclip.exporters.step_adamw import (
+    EXP_AVG,
+    EXP_AVG_SQ,
+    GRAD,
+    LR_IN,
+    NEW,
+    STEP_IN,
+    STEP_OUT,
+    AdamW,
+    add_adamw,
+)
 from fedclip.exporters.step_trace import trace
-from fedclip.exporters.step_weights import share_weights
+from fedclip.exporters.step_weights import WeightsFile, save_graph
 from fedclip.sdk.errors import ExportError
 from fedclip.sdk.manifest import GraphSpec
 
@@ -45,28 +55,7 @@ STEP_FILE = "step_model.onnx"
 STEP_EVAL_FILE = "step_eval_model.onnx"
 
 # The step graph's own names (the data names `image`, `labels`, ... come from docs/internals.md).
-STEP_IN, LR_IN, LOSS_OUT, STEP_OUT = "step", "lr", "loss", "step_out"
-EXP_AVG, EXP_AVG_SQ, NEW = ".exp_avg", ".exp_avg_sq", ".new"
-
-
-@dataclass(frozen=True)
-class AdamW:
-    """AdamW fixed at export; the learning rate is a graph input.
-
-    `mode="torch"` is torch.optim.AdamW; `mode="hf"` is the transformers variant (eps added before
-    the bias correction, decay after the update) that ORT's AdamWOptimizer runs with adam_mode=1.
-    The defaults are those of the optimizer in the bundle's ORT training artifacts (onnxblock's
-    AdamW), so the two formats of one bundle train alike and a mixed fleet aggregates like updates.
-    """
-
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-6
-    weight_decay: float = 0.0
-    mode: Literal["torch", "hf"] = "hf"
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("torch", "hf"):
-            raise ExportError(f"adamw.mode: {self.mode!r} is not 'torch' or 'hf'")
+LOSS_OUT = "loss"
 
 
 def step_io(data_inputs: Sequence[str], trainable: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -101,52 +90,36 @@ def _frozen_tensors(module: nn.Module, trainable: Sequence[str]) -> dict[str, to
     return out
 
 
-def _step_function(
-    module: nn.Module,
-    names: Sequence[str],
-    frozen: Sequence[str],
-    n_data: int,
-    opt: AdamW,
-    extras: bool = False,
-):
-    """`extras`: the task module's outputs after the loss (logits) become the last outputs too."""
-    b1, b2 = opt.betas
-    n = len(names)
+def _grad_function(module: nn.Module, names: Sequence[str], frozen: Sequence[str], n_data: int, extras: bool):
+    """(*frozen, *data, *trainable) -> (loss, the trainable tensors' gradients, with `extras` the
+    task module's outputs after the loss); AdamW is added to the traced graph as ONNX (`step_adamw`)."""
     k = len(frozen)
 
-    def step_fn(*args):
+    def grad_fn(*args):
         weights = dict(zip(frozen, args[:k], strict=True))
-        args = args[k:]
-        data = args[:n_data]
-        step, lr = args[n_data], args[n_data + 1]
-        state = args[n_data + 2 :]
-        params, exp_avg, exp_avg_sq = state[:n], state[n : 2 * n], state[2 * n :]
+        data, params = args[k : k + n_data], args[k + n_data :]
         weights.update(zip(names, params, strict=True))
         out = torch.func.functional_call(module, weights, data)
         loss = _loss_of(out)
         tail = tuple(out[1:]) if extras and isinstance(out, (tuple, list)) else ()
-        grads = torch.autograd.grad(loss, params)
-        t = (step + 1).to(torch.float32)
-        bc1 = 1 - b1**t
-        bc2_sqrt = torch.sqrt(1 - b2**t)
-        new_p, new_m, new_v = [], [], []
-        # The same arithmetic as torch.optim.AdamW (single-tensor path) or ORT's adam_mode=1.
-        for p, g, m, v in zip(params, grads, exp_avg, exp_avg_sq, strict=False):
-            m2 = m + (g - m) * (1 - b1)
-            v2 = v * b2 + g * g * (1 - b2)
-            if opt.mode == "torch":
-                p2 = p * (1 - lr * opt.weight_decay)
-                p2 = p2 - (lr / bc1) * m2 / (torch.sqrt(v2) / bc2_sqrt + opt.eps)
-            else:
-                p2 = p - (lr * bc2_sqrt / bc1) * m2 / (torch.sqrt(v2) + opt.eps)
-                if opt.weight_decay:
-                    p2 = p2 - lr * opt.weight_decay * p2
-            new_p.append(p2)
-            new_m.append(m2)
-            new_v.append(v2)
-        return (loss, step + 1, *new_p, *new_m, *new_v, *tail)
+        return (loss, *torch.autograd.grad(loss, params), *tail)
 
-    return step_fn
+    return grad_fn
+
+
+def _trace_step(fn, frozen, data, values, input_names, trainable, extra, adamw: AdamW) -> onnx.ModelProto:
+    """The step graph: `fn` (`_grad_function`) traced, then AdamW added; outputs `extra` last."""
+    grads = tuple(n + GRAD for n in trainable)
+    traced_in, traced_out = (*input_names, *trainable), (LOSS_OUT, *grads, *extra)
+    model = trace(fn, frozen, [*data, *values], len(data), traced_in, traced_out, STEP_FILE)
+    add_adamw(model, len(data), trainable, adamw)
+    inputs, outputs = step_io(input_names, trainable)
+    if [i.name for i in model.graph.input] != list(inputs) or [o.name for o in model.graph.output] != [
+        *outputs,
+        *extra,
+    ]:
+        raise ExportError(f"{STEP_FILE}: the graph's inputs and outputs are not the step's")
+    return model
 
 
 def _eval_function(module: nn.Module, names: Sequence[str], frozen: Sequence[str], n_data: int):
@@ -200,7 +173,7 @@ def export_step_graph(
     out_dir: str | Path,
     *,
     adamw: AdamW = AdamW(),
-    weights_file: str | None = None,
+    weights_file: str | WeightsFile | None = None,
     file: str = STEP_FILE,
     cache: ExportCache | None = None,
     cache_key: dict | None = None,
@@ -212,14 +185,17 @@ def export_step_graph(
     """
     out_dir = Path(out_dir)
     data, values = _prepare(task_module, trainable, example_inputs)
-    args = _step_args(data, values)
     inputs, outputs = step_io(input_names, trainable)
     frozen = _frozen_tensors(task_module, trainable)
-    fn = _step_function(task_module, list(trainable), list(frozen), len(data), adamw)
+    weights = list(frozen.values())
+    fn = _grad_function(task_module, list(trainable), list(frozen), len(data), extras=False)
+    args = _step_args(data, values)
     cached = _cached(cache, cache_key, "step", frozen, args, inputs, outputs, adamw=dataclasses.asdict(adamw))
-    _export_into(
-        fn, list(frozen.values()), args, len(data), inputs, outputs, out_dir, file, weights_file, cached
-    )
+
+    def build() -> bytes:
+        return strip_weights(_trace_step(fn, weights, data, values, input_names, trainable, (), adamw))
+
+    _write(_template(cached, build), weights, out_dir, file, weights_file)
     return GraphSpec(file=file, inputs=inputs, outputs=outputs)
 
 
@@ -238,7 +214,7 @@ def export_step_eval_graph(
     output_names: Sequence[str],
     out_dir: str | Path,
     *,
-    weights_file: str | None = None,
+    weights_file: str | WeightsFile | None = None,
     file: str = STEP_EVAL_FILE,
     cache: ExportCache | None = None,
     cache_key: dict | None = None,
@@ -274,7 +250,16 @@ def export_step_eval_graph(
 
 
 def _export_into(
-    fn, frozen, args, n_data, inputs, outputs, out_dir: Path, file: str, weights_file: str | None, cached
+    fn,
+    frozen,
+    args,
+    n_data,
+    inputs,
+    outputs,
+    out_dir: Path,
+    file: str,
+    weights_file: str | WeightsFile | None,
+    cached,
 ) -> None:
     """Trace (or take from the cache), fill in this model's weights, write; `cached`: (cache, key) or None."""
 
@@ -291,16 +276,24 @@ def _template(cached, build) -> bytes:
     return cache.get_or_build(key, build)
 
 
-def _write(template: bytes, frozen, out_dir: Path, file: str, weights_file: str | None) -> None:
-    with phase(f"{file}: writing weights"):
-        model = fill_weights(template, frozen)
-        if weights_file is None:
-            _save(model, out_dir / file)
+@contextlib.contextmanager
+def _shared(out_dir: Path, weights_file: str | WeightsFile | None) -> Iterator[WeightsFile | None]:
+    """The shared weights file `weights_file` names in `out_dir` (closed after, if opened here)."""
+    if weights_file is None or isinstance(weights_file, WeightsFile):
+        yield weights_file
+        return
+    with WeightsFile(out_dir / weights_file) as shared:
+        yield shared
+
+
+def _write(template: bytes, frozen, out_dir: Path, file: str, weights_file: str | WeightsFile | None) -> None:
+    with phase(f"{file}: writing weights"), _shared(out_dir, weights_file) as shared:
+        if shared is None:
+            _save(fill_weights(template, frozen), out_dir / file)
             return
-        # Written next to the bundle, then the weights move into the shared file and the graph in place.
-        with tempfile.TemporaryDirectory(prefix=".step-", dir=out_dir) as tmp:
-            _save(model, Path(tmp) / file)
-            share_weights(Path(tmp) / file, out_dir / file, out_dir / weights_file)
+        model = fill_shared(template, frozen, shared)
+        shared.sync()  # the weights before the graph that points at them
+        save_graph(model, out_dir / file)
 
 
 def _save(model: onnx.ModelProto, path: Path) -> None:
@@ -334,7 +327,7 @@ def export_step_graphs(
     out_dir: str | Path,
     *,
     adamw: AdamW = AdamW(),
-    weights_file: str | None = None,
+    weights_file: str | WeightsFile | None = None,
     cache: ExportCache | None = None,
     cache_key: dict | None = None,
 ) -> dict[str, GraphSpec]:
@@ -351,7 +344,7 @@ def export_step_graphs(
     inputs, outputs = step_io(input_names, trainable)
     eval_inputs, eval_outputs = (*input_names, *trainable), tuple(eval_outputs)
     extra = eval_outputs[1:]  # the step graph carries them while the eval graph is cut out of it
-    fn = _step_function(task_module, list(trainable), list(frozen), len(data), adamw, extras=True)
+    fn = _grad_function(task_module, list(trainable), list(frozen), len(data), extras=True)
     step_c = _cached(
         cache, cache_key, "step", frozen, step_args, inputs, outputs, adamw=dataclasses.asdict(adamw)
     )
@@ -359,7 +352,7 @@ def export_step_graphs(
 
     @functools.cache
     def both() -> tuple[bytes, bytes]:
-        model = trace(fn, weights, step_args, len(data), inputs, (*outputs, *extra), STEP_FILE)
+        model = _trace_step(fn, weights, data, values, input_names, trainable, extra, adamw)
         clear_weights(model)  # first, so the cut copies no weight data (ViT-B-32: 0.6 GB)
         with phase(f"{STEP_EVAL_FILE}: cut from the step graph"):
             try:
@@ -369,8 +362,9 @@ def export_step_graphs(
             drop_outputs(model, extra)
         return strip_weights(model), strip_weights(eval_model)
 
-    _write(_template(step_c, lambda: both()[0]), weights, out_dir, STEP_FILE, weights_file)
-    _write(_template(eval_c, lambda: both()[1]), weights, out_dir, STEP_EVAL_FILE, weights_file)
+    with _shared(out_dir, weights_file) as shared:  # one index, each weight hashed once
+        _write(_template(step_c, lambda: both()[0]), weights, out_dir, STEP_FILE, shared)
+        _write(_template(eval_c, lambda: both()[1]), weights, out_dir, STEP_EVAL_FILE, shared)
     return {
         "step": GraphSpec(file=STEP_FILE, inputs=inputs, outputs=outputs),
         "step_eval": GraphSpec(file=STEP_EVAL_FILE, inputs=eval_inputs, outputs=eval_outputs),

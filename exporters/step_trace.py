@@ -17,9 +17,20 @@ import torch
 
 from fedclip.exporters.graph_template import FROZEN
 from fedclip.exporters.phases import phase
-from fedclip.exporters.step_fx import OPSET as OPSET  # the step graphs' opset (tests read it here)
-from fedclip.exporters.step_fx import as_program, fake_inputs, functional, onnx_tables
+from fedclip.exporters.step_batch import (
+    BatchNotSubstituted,
+    batch_dims,
+    check_constants,
+    dynamic_batch,
+    static_inputs,
+    trace_batch_size,
+)
+from fedclip.exporters.step_fx import as_program, fake_inputs, functional
+from fedclip.exporters.step_registry import OPSET as OPSET  # the step graphs' opset (tests read it here)
+from fedclip.exporters.step_registry import decompositions, registry_for
 from fedclip.sdk.errors import ExportError
+
+log = logging.getLogger(__name__)
 
 # IR 8 is the oldest IR that carries opset 18; older ONNX Runtime builds (JetPack's) refuse IR 10.
 IR_VERSION = 8
@@ -190,32 +201,26 @@ def _trace_unchecked(
     output_names,
     file: str,
 ) -> onnx.ModelProto:
-    from torch.fx.experimental.proxy_tensor import make_fx
-    from torch.onnx._internal.exporter import _core, _ir_passes
-
     with phase(f"{file}: torchlib op tables"):  # once per process
-        registry, decomp = onnx_tables()
+        decomp = decompositions()
+    from torch.fx._lazy_graph_module import _use_lazy_graph_module
+
     # torch.onnx prints its progress to stdout, which would tear the export's progress bar.
-    with torch.enable_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    # Lazy graph modules: each FX pass ends in `recompile`, which writes the graph out as Python
+    # source (~0.1 s per pass at fedclip-tiny's 2,000 nodes); the export never runs that code.
+    with (
+        torch.enable_grad(),
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(io.StringIO()),
+        _use_lazy_graph_module(True),
+    ):
         warnings.simplefilter("ignore")
-        with phase(f"{file}: tracing (make_fx)"):
-            fake, batch = fake_inputs(frozen, args, n_data)
-            gm = make_fx(fn, tracing_mode="fake", decomposition_table=decomp)(*fake)
-            gm = functional(gm, fake)
-        # The exporter warns once per node that it has no nn_module_stack (the program is built by
-        # hand, `as_program`): ~2,600 stderr lines per fedclip-tiny step graph, about metadata the
-        # export drops anyway (`_drop_debug_info`).
-        with (
-            phase(f"{file}: ONNX translation"),
-            _op_signatures_memoized(),
-            _quiet("torch.onnx._internal.exporter._core"),
-        ):
-            program = as_program(gm, frozen)
-            onnx_program = _core._exported_program_to_onnx_program(program, registry=registry)
-            model_ir = onnx_program.model
-            _ir_passes.rename_axis(model_ir, dict.fromkeys(batch, "batch"))
-            _ir_passes.rename_inputs(model_ir, list(input_names))
-            _ir_passes.rename_outputs(model_ir, list(output_names))
+        names = (list(input_names), list(output_names))
+        try:
+            onnx_program = _static_batch(fn, frozen, args, n_data, names, decomp, file)
+        except BatchNotSubstituted as e:
+            log.info("%s: traced symbolically: %s", file, e)
+            onnx_program = _symbolic_batch(fn, frozen, args, n_data, names, decomp, file)
         with phase(f"{file}: onnxscript optimizer"):
             _optimize(onnx_program)
     model = onnx_program.model_proto
@@ -226,6 +231,53 @@ def _trace_unchecked(
     model.ir_version = IR_VERSION
     _drop_debug_info(model)
     return model
+
+
+def _static_batch(fn, frozen, args, n_data: int, names, decomp, file: str):
+    """The step traced at a static prime batch (`step_batch`), its batch axis made dynamic again."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with phase(f"{file}: tracing (make_fx)"):
+        batch = trace_batch_size([*frozen, *args])
+        fake = static_inputs(frozen, args, n_data, batch)
+        gm = functional(make_fx(fn, tracing_mode="fake", decomposition_table=decomp)(*fake), fake)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        dynamic_batch(gm, placeholders[len(frozen)] if n_data else None, batch)
+    with phase(f"{file}: ONNX translation"):
+        onnx_program = _translate(gm, frozen, names)
+        check_constants(onnx_program.model, batch)
+        batch_dims(onnx_program.model, batch)
+    return onnx_program
+
+
+def _symbolic_batch(fn, frozen, args, n_data: int, names, decomp, file: str):
+    """The step traced with a symbolic batch: exact for any step, slower (`step_batch` says why)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.onnx._internal.exporter import _ir_passes
+
+    with phase(f"{file}: tracing (make_fx)"):
+        fake, batch = fake_inputs(frozen, args, n_data)
+        gm = functional(make_fx(fn, tracing_mode="fake", decomposition_table=decomp)(*fake), fake)
+    with phase(f"{file}: ONNX translation"):
+        onnx_program = _translate(gm, frozen, names)
+        _ir_passes.rename_axis(onnx_program.model, dict.fromkeys(batch, "batch"))
+    return onnx_program
+
+
+def _translate(gm, frozen, names):
+    """`gm` as an ONNX program, its graph inputs and outputs named `names` (inputs, outputs)."""
+    from torch.onnx._internal.exporter import _core, _ir_passes
+
+    # The exporter warns once per node that it has no nn_module_stack (the program is built by
+    # hand, `as_program`): ~2,600 stderr lines per fedclip-tiny step graph, about metadata the
+    # export drops anyway (`_drop_debug_info`).
+    with _op_signatures_memoized(), _quiet("torch.onnx._internal.exporter._core"):
+        exported = as_program(gm, frozen)
+        registry = registry_for(exported.graph_module)
+        program = _core._exported_program_to_onnx_program(exported, registry=registry)
+    _ir_passes.rename_inputs(program.model, names[0])
+    _ir_passes.rename_outputs(program.model, names[1])
+    return program
 
 
 def _drop_debug_info(model: onnx.ModelProto) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import onnx
 from onnx import TensorProto
@@ -64,50 +65,103 @@ def weights_index(weights: Path) -> dict[str, tuple[int, int]]:
     return index
 
 
-def share_weights(src: Path, dst: Path, weights: Path, min_bytes: int = MIN_BYTES) -> dict[str, int]:
+class WeightsFile:
+    """A bundle's shared weights file and the index of what it holds, for one export.
+
+    The index (sha256 -> offset, length) is read from the graphs already next to the file once,
+    then kept up to date as tensors are appended: each graph written after that hashes only its own
+    tensors, once, instead of re-reading every earlier graph's weights.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.index = weights_index(self.path)
+        self.placed: dict[object, tuple[int, int]] = {}  # caller's key -> (offset, length)
+        self._out: BinaryIO | None = None
+
+    def place(self, data: bytes, key: object = None) -> tuple[int, int]:
+        """(offset, length) of `data` in the file, appended (aligned) unless already there; `key`: a
+        name for the same bytes placed again (no re-hash). Durable after `sync`."""
+        if key is not None and key in self.placed:
+            return self.placed[key]
+        digest = _digest(data)
+        if digest not in self.index:
+            if self._out is None:
+                self._out = open(self.path, "ab")  # noqa: SIM115  (held until close)
+            self._out.write(b"\0" * (-self._out.tell() % ALIGN))
+            self.index[digest] = (self._out.tell(), len(data))
+            self._out.write(data)
+        if key is not None:
+            self.placed[key] = self.index[digest]
+        return self.index[digest]
+
+    def sync(self) -> None:
+        """What was appended, on disk: before a graph that points at it is written."""
+        if self._out is not None:
+            self._out.flush()
+            os.fsync(self._out.fileno())
+
+    def close(self) -> None:
+        self.sync()
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+    def __enter__(self) -> WeightsFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def refer(self, t: TensorProto, data: bytes, key: object = None) -> bool:
+        """Point `t` at `data` in the file; True if it was appended rather than found."""
+        known = len(self.index)
+        off, length = self.place(data, key)
+        t.ClearField("raw_data")
+        del t.external_data[:]
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", self.path.name), ("offset", str(off)), ("length", str(length))):
+            entry = t.external_data.add()
+            entry.key, entry.value = k, v
+        return len(self.index) > known
+
+
+def save_graph(model: onnx.ModelProto, dst: Path) -> None:
+    """`model` (its weights external or small) written to `dst` atomically."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    onnx.save_model(model, str(tmp))
+    os.replace(tmp, dst)
+
+
+def share_weights(
+    src: Path, dst: Path, weights: Path | WeightsFile, min_bytes: int = MIN_BYTES
+) -> dict[str, int]:
     """Rewrite the graph `src` as `dst` with its initializers of `min_bytes` or more in `weights`.
 
     `weights` must sit in `dst`'s folder (ONNX external data is relative to the graph). Returns
     byte counts: `shared` (found already), `added` (appended). `src` may equal `dst`.
     """
-    src, dst, weights = Path(src), Path(dst), Path(weights)
-    if weights.parent.resolve() != dst.parent.resolve():
-        raise ValueError(f"{weights} must be in the folder of {dst}")
+    src, dst = Path(src), Path(dst)
+    shared = weights if isinstance(weights, WeightsFile) else WeightsFile(Path(weights))
+    if shared.path.parent.resolve() != dst.parent.resolve():
+        raise ValueError(f"{shared.path} must be in the folder of {dst}")
     model = onnx.load(str(src), load_external_data=False)
-    index = weights_index(weights)
     counts = {"shared": 0, "added": 0}
-    with open(weights, "ab") as out:
-        for t in model.graph.initializer:
-            data = _tensor_bytes(t, src.parent)
-            if data is None:
-                continue
-            if len(data) < min_bytes:
-                if _external(t) is not None:  # small tensor from another file: embed it
-                    del t.external_data[:]
-                    t.data_location = TensorProto.DEFAULT
-                    t.raw_data = data
-                continue
-            key = _digest(data)
-            if key in index:
-                counts["shared"] += len(data)
-            else:
-                pad = -out.tell() % ALIGN
-                out.write(b"\0" * pad)
-                index[key] = (out.tell(), len(data))
-                out.write(data)
-                counts["added"] += len(data)
-            off, length = index[key]
-            t.ClearField("raw_data")
-            del t.external_data[:]
-            t.data_location = TensorProto.EXTERNAL
-            for k, v in (("location", weights.name), ("offset", str(off)), ("length", str(length))):
-                entry = t.external_data.add()
-                entry.key, entry.value = k, v
-        out.flush()
-        os.fsync(out.fileno())
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    onnx.save_model(model, str(tmp))
-    os.replace(tmp, dst)
+    for t in model.graph.initializer:
+        data = _tensor_bytes(t, src.parent)
+        if data is None:
+            continue
+        if len(data) < min_bytes:
+            if _external(t) is not None:  # small tensor from another file: embed it
+                del t.external_data[:]
+                t.data_location = TensorProto.DEFAULT
+                t.raw_data = data
+            continue
+        counts["added" if shared.refer(t, data) else "shared"] += len(data)
+    shared.sync()
+    save_graph(model, dst)
+    if shared is not weights:
+        shared.close()
     return counts
 
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from fedclip.exporters.step_fx import _is_mutation, fake_inputs, functional, onnx_tables
+from fedclip.exporters.step_fx import _is_mutation, fake_inputs, functional
+from fedclip.exporters.step_registry import decompositions
 
 
 def _traced(fn, frozen, args, n_data=1):
-    _, decomp = onnx_tables()
+    decomp = decompositions()
     fake, batch = fake_inputs(frozen, args, n_data)
     gm = make_fx(fn, tracing_mode="fake", decomposition_table=decomp)(*fake)
     return functional(gm, fake), batch

@@ -427,3 +427,47 @@ def test_share_weights_stores_equal_tensors_once(tmp_path: Path):
     # Idempotent: sharing again adds nothing and the graph still loads.
     assert share_weights(tmp_path / "second.onnx", tmp_path / "second.onnx", weights)["added"] == 0
     ort.InferenceSession(str(tmp_path / "second.onnx"))
+
+
+def test_fill_shared_writes_what_saving_and_sharing_wrote(tmp_path: Path, monkeypatch):
+    """The step graphs' weights go straight into the shared file (`fill_shared`): the same graph and
+    the same weights file as filling the template, saving it and `share_weights` on it (the route
+    before), for two graphs in a row sharing weights with a graph written earlier; each weight is
+    hashed once."""
+    import shutil
+
+    from fedclip.exporters import step_weights
+    from fedclip.exporters.graph_template import fill_shared, fill_weights, strip_weights
+    from fedclip.exporters.step_graph import _save
+    from fedclip.exporters.step_weights import WeightsFile, save_graph
+
+    rng = np.random.default_rng(1)
+    frozen = [torch.from_numpy(rng.standard_normal((32, 32)).astype(np.float32)) for _ in range(3)]
+    small = np.ones((2, 2), np.float32)  # under MIN_BYTES: stays in the graph (the graphs never run)
+    const = np.full((32, 32), 3.0, np.float32)  # a constant of the graph, not a weight: shared too
+    weights = {"frozen_0": frozen[0].numpy(), "k": small, "c": const, "frozen_2": frozen[2].numpy()}
+    template = strip_weights(_matmul_model(weights))
+    earlier = _matmul_model({"w": frozen[2].numpy(), "c": np.full((32, 32), 2.0, np.float32)})
+    old, new = tmp_path / "old", tmp_path / "new"
+    for d in (old, new):
+        d.mkdir()
+        onnx.save(earlier, str(d / "earlier.onnx"))
+        share_weights(d / "earlier.onnx", d / "earlier.onnx", d / "weights.bin")
+    for name in ("a.onnx", "b.onnx"):
+        (old / "tmp").mkdir()
+        _save(fill_weights(template, frozen), old / "tmp" / name)
+        share_weights(old / "tmp" / name, old / name, old / "weights.bin")
+        shutil.rmtree(old / "tmp")
+    digest, hashed = step_weights._digest, []
+    monkeypatch.setattr(step_weights, "_digest", lambda data: hashed.append(len(data)) or digest(data))
+    with WeightsFile(new / "weights.bin") as shared:
+        hashed.clear()  # the index of the earlier graph, read once
+        for name in ("a.onnx", "b.onnx"):
+            model = fill_shared(template, frozen, shared)
+            shared.sync()
+            save_graph(model, new / name)
+    assert (new / "weights.bin").read_bytes() == (old / "weights.bin").read_bytes()
+    for name in ("a.onnx", "b.onnx"):
+        assert (new / name).read_bytes() == (old / name).read_bytes(), name
+    # frozen_0 and frozen_2 once for both graphs, the constant once per graph
+    assert len(hashed) == 4

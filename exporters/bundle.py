@@ -8,6 +8,7 @@ an equal bundle_id.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -20,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from fedclip.exporters import onnx_export, step_bundle, tasks, text_encoder
+from fedclip.exporters import onnx_export, step_bundle, step_graph, tasks, text_encoder
 from fedclip.exporters.adapted import (
     DUMMY_BATCH,
     AdaptedModel,
@@ -30,6 +31,7 @@ from fedclip.exporters.adapted import (
     task_graph,
     tokenize,
 )
+from fedclip.exporters.background import Background
 from fedclip.exporters.config import ExportConfig
 from fedclip.exporters.export_cache import ExportCache
 from fedclip.exporters.lora import (
@@ -180,58 +182,90 @@ def _write_graphs(
     else:
         io_in, io_out = (train_input, "text"), ("loss",)
     eval_out = io_out
-    if "ort-training" in formats:
-        with phase("exporting training graph"):
-            proto = onnx_export.export_onnx(twin.graph, example, io_in, io_out)
-        with phase("generating ORT training artifacts"):
-            onnx_export.generate_training_artifacts(proto, adapted.trainable, tmp, keep_outputs=("loss",))
-        graphs["training"] = GraphSpec(file=TRAINING, inputs=io_in, outputs=("loss",))
-        graphs["eval"] = GraphSpec(file=EVAL, inputs=io_in, outputs=eval_out)
-        graphs["optimizer"] = GraphSpec(file=OPTIMIZER, inputs=(), outputs=())
-
-    with phase("exporting inference graph"):
-        size = adapted.base.preprocess.image_size
-        image = torch.randn(DUMMY_BATCH, 3, size, size, generator=torch.Generator().manual_seed(1))
-        inf_in: tuple[str, ...]
-        args: tuple[torch.Tensor, ...]
-        if task.kind == "classify":
-            inf_in, inf_out, args = ("image",), ("logits", "image_embeds"), (image,)
-        else:
-            inf_in, inf_out, args = ("image", "text"), ("image_embeds", "text_embeds"), (image, example[1])
-        proto = onnx_export.export_onnx(twin.inference, args, inf_in, inf_out)
-        onnx_export.make_overridable(proto, adapted.names)
-        onnx_export.save(proto, tmp / INFERENCE)
-        graphs["inference"] = GraphSpec(file=INFERENCE, inputs=inf_in, outputs=inf_out)
-    with phase("exporting the text encoder"):
-        # Open vocabulary on the device: any labels or prompts, through the adapted text tower.
-        ctx = adapted.base.context_length
-        graphs["text_encoder"] = text_encoder.write_text_encoder(adapted.model, adapted.names, ctx, tmp)
-
-    if twin.image_encoder is not None:  # text-tower-only bundles (from_embeds)
-        with phase("exporting image encoder"):
-            proto = onnx_export.export_onnx(twin.image_encoder, (image,), ("image",), ("image_embeds",))
-            onnx_export.save(proto, tmp / IMAGE_ENCODER)
-            graphs["image_encoder"] = GraphSpec(
-                file=IMAGE_ENCODER, inputs=("image",), outputs=("image_embeds",)
-            )
-
-    initial = None
+    pending = key = None
     if "step" in formats:
-        with phase("exporting step graphs"):
-            # The step graphs and the inference graph (and image encoder) share one weights.bin.
-            key = step_cache_key(adapted, twin.graph, task.kind, from_embeds)
-            graphs, initial = step_bundle.write_step_format(
-                twin.graph,
-                adapted.trainable,
-                example,
-                io_in,
-                eval_out,
-                tmp,
-                graphs,
-                cache=cache,
-                cache_key=key,
-            )
+        # Traced in a forked child (`background`) while the other graphs are exported here.
+        key = step_cache_key(adapted, twin.graph, task.kind, from_embeds)
+        trace = functools.partial(
+            _step_templates, twin.graph, adapted.trainable, example, io_in, eval_out, cache, key
+        )
+        pending = Background(trace, "tracing the step graphs")
+    try:
+        if "ort-training" in formats:
+            with phase("exporting training graph"):
+                proto = onnx_export.export_onnx(twin.graph, example, io_in, io_out)
+            with phase("generating ORT training artifacts"):
+                onnx_export.generate_training_artifacts(proto, adapted.trainable, tmp, keep_outputs=("loss",))
+            graphs["training"] = GraphSpec(file=TRAINING, inputs=io_in, outputs=("loss",))
+            graphs["eval"] = GraphSpec(file=EVAL, inputs=io_in, outputs=eval_out)
+            graphs["optimizer"] = GraphSpec(file=OPTIMIZER, inputs=(), outputs=())
+
+        with phase("exporting inference graph"):
+            size = adapted.base.preprocess.image_size
+            image = torch.randn(DUMMY_BATCH, 3, size, size, generator=torch.Generator().manual_seed(1))
+            inf_in: tuple[str, ...]
+            args: tuple[torch.Tensor, ...]
+            if task.kind == "classify":
+                inf_in, inf_out, args = ("image",), ("logits", "image_embeds"), (image,)
+            else:
+                inf_in, inf_out, args = (
+                    ("image", "text"),
+                    ("image_embeds", "text_embeds"),
+                    (image, example[1]),
+                )
+            proto = onnx_export.export_onnx(twin.inference, args, inf_in, inf_out)
+            onnx_export.make_overridable(proto, adapted.names)
+            onnx_export.save(proto, tmp / INFERENCE)
+            graphs["inference"] = GraphSpec(file=INFERENCE, inputs=inf_in, outputs=inf_out)
+        with phase("exporting the text encoder"):
+            # Open vocabulary on the device: any labels or prompts, through the adapted text tower.
+            ctx = adapted.base.context_length
+            graphs["text_encoder"] = text_encoder.write_text_encoder(adapted.model, adapted.names, ctx, tmp)
+
+        if twin.image_encoder is not None:  # text-tower-only bundles (from_embeds)
+            with phase("exporting image encoder"):
+                proto = onnx_export.export_onnx(twin.image_encoder, (image,), ("image",), ("image_embeds",))
+                onnx_export.save(proto, tmp / IMAGE_ENCODER)
+                graphs["image_encoder"] = GraphSpec(
+                    file=IMAGE_ENCODER, inputs=("image",), outputs=("image_embeds",)
+                )
+        initial = None
+        if pending is not None:
+            with phase("exporting step graphs"):
+                # The step graphs and the inference graph (and image encoder) share one weights.bin.
+                graphs, initial = step_bundle.write_step_format(
+                    twin.graph,
+                    adapted.trainable,
+                    example,
+                    io_in,
+                    eval_out,
+                    tmp,
+                    graphs,
+                    cache=cache,
+                    cache_key=key,
+                    templates=_with_counts(pending.result(), cache),
+                )
+    finally:
+        if pending is not None:
+            pending.cancel()  # nothing if its result was taken
     return graphs, train_input, initial
+
+
+def _step_templates(module, trainable, example, io_in, eval_out, cache, key):
+    """`step_graph.step_templates` and the cache's counters after it (the child's, when forked)."""
+    templates = step_graph.step_templates(
+        module, trainable, example, io_in, eval_out, cache=cache, cache_key=key
+    )
+    return templates, None if cache is None else (cache.hits, cache.misses, cache.rebuilt, cache.evicted)
+
+
+def _with_counts(result, cache: ExportCache | None) -> tuple[bytes, bytes]:
+    """The templates; what the cache found and built while tracing (in a forked child perhaps) kept
+    in `cache` (the CLI reports it)."""
+    templates, counts = result
+    if cache is not None and counts is not None:
+        cache.hits, cache.misses, cache.rebuilt, cache.evicted = counts
+    return templates
 
 
 def _tensor_specs(adapted: AdaptedModel) -> tuple[TensorSpec, ...]:

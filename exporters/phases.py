@@ -112,8 +112,14 @@ def progress_bar(show: bool, total: int, phases: Phases) -> Iterator[None]:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    # Redrawn at each phase, not by rich's refresh thread: an export may fork (`background`), which
+    # only a process of one thread does safely.
     with Progress(
-        TextColumn("{task.description:<44}"), BarColumn(), TimeElapsedColumn(), console=Console(stderr=True)
+        TextColumn("{task.description:<44}"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        auto_refresh=False,
     ) as progress:
         task = progress.add_task("export", total=total)
         top = [0]
@@ -123,11 +129,11 @@ def progress_bar(show: bool, total: int, phases: Phases) -> Iterator[None]:
                 if top[0]:
                     progress.advance(task)
                 top[0] += 1
-            progress.update(task, description=("  " * depth + name)[:44])
+            progress.update(task, description=("  " * depth + name)[:44], refresh=True)
 
         saved, phases.on_phase = phases.on_phase, on_phase
         try:
             yield
         finally:
             phases.on_phase = saved
-        progress.update(task, completed=total, description="done")
+        progress.update(task, completed=total, description="done", refresh=True)

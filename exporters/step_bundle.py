@@ -49,11 +49,13 @@ def write_step_format(
     adamw: AdamW = AdamW(),
     cache: ExportCache | None = None,
     cache_key: dict | None = None,
+    templates: tuple[bytes, bytes] | None = None,
 ) -> tuple[dict[str, GraphSpec], str]:
     """Write the step format into `out_dir`; returns (`graphs` + step/step_eval, initial_tensors file).
 
     `graphs` are the bundle's graphs written so far: the inference graph and image encoder among them
     move their frozen weights into the shared `weights.bin` first, so the step graphs reuse them.
+    `templates`: the step graphs without weights (`step_graph.step_templates`), traced here if None.
     """
     out_dir = Path(out_dir)
     with WeightsFile(out_dir / WEIGHTS_FILE) as shared:  # one index for every graph of the bundle
@@ -72,6 +74,7 @@ def write_step_format(
             weights_file=shared,
             cache=cache,
             cache_key=cache_key,
+            templates=templates,
         )
     initial = write_initial_tensors(task_module, trainable, out_dir)
     graphs = {**graphs, **step_graphs}

@@ -6,19 +6,18 @@ ai.onnx (opset 18), so any ONNX Runtime build (no training API) can train a bund
 `step_eval` graph: (data inputs, trainable tensors) -> the task graph's outputs (`loss`, `logits`).
 
 Why this route: torch.export cannot trace `torch.func.grad` nor `autograd.grad` inside `forward`,
-but `make_fx` traces the whole step (functional_call + autograd.grad + AdamW in tensor ops) into an
-FX graph of aten ops, which the dynamo ONNX exporter's translation takes once it is wrapped as an
-ExportedProgram (`step_fx`: one fake-mode trace, symbolic batch only, no torch.export).
-`nll_loss_forward/backward` are decomposed while tracing because onnxscript's nll_loss fakes its
-total weight, which would scale gradients by the batch size.
+but `make_fx` traces forward and `autograd.grad` into an FX graph of aten ops, which the dynamo ONNX
+exporter's translation takes once it is wrapped as an ExportedProgram (`step_fx`, `step_batch`: one
+fake-mode trace at a static batch made dynamic again, no torch.export); AdamW is then added to the
+ONNX graph as nodes (`step_adamw`). `nll_loss_forward/backward` are decomposed while tracing because
+onnxscript's nll_loss fakes its total weight, which would scale gradients by the batch size.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
@@ -29,8 +28,6 @@ from fedclip.exporters.export_cache import ExportCache
 from fedclip.exporters.graph_template import (
     clear_weights,
     drop_outputs,
-    fill_shared,
-    fill_weights,
     forward_part,
     strip_weights,
 )
@@ -46,8 +43,9 @@ from fedclip.exporters.step_adamw import (
     AdamW,
     add_adamw,
 )
+from fedclip.exporters.step_files import cache_entry, shared_file, template, write_graph
 from fedclip.exporters.step_trace import trace
-from fedclip.exporters.step_weights import WeightsFile, save_graph
+from fedclip.exporters.step_weights import WeightsFile
 from fedclip.sdk.errors import ExportError
 from fedclip.sdk.manifest import GraphSpec
 
@@ -190,12 +188,13 @@ def export_step_graph(
     weights = list(frozen.values())
     fn = _grad_function(task_module, list(trainable), list(frozen), len(data), extras=False)
     args = _step_args(data, values)
-    cached = _cached(cache, cache_key, "step", frozen, args, inputs, outputs, adamw=dataclasses.asdict(adamw))
+    adamw_doc = dataclasses.asdict(adamw)
+    cached = cache_entry(cache, cache_key, "step", frozen, args, inputs, outputs, adamw=adamw_doc)
 
     def build() -> bytes:
         return strip_weights(_trace_step(fn, weights, data, values, input_names, trainable, (), adamw))
 
-    _write(_template(cached, build), weights, out_dir, file, weights_file)
+    write_graph(template(cached, build), weights, out_dir, file, weights_file)
     return GraphSpec(file=file, inputs=inputs, outputs=outputs)
 
 
@@ -233,7 +232,7 @@ def export_step_eval_graph(
             f"step eval graph: the task module returns {n_out} outputs, {len(output_names)} named"
         )
     args = [*data, *values]
-    cached = _cached(cache, cache_key, "step_eval", frozen, args, inputs, output_names)
+    cached = cache_entry(cache, cache_key, "step_eval", frozen, args, inputs, output_names)
     _export_into(
         fn,
         list(frozen.values()),
@@ -266,56 +265,52 @@ def _export_into(
     def build() -> bytes:
         return strip_weights(trace(fn, frozen, args, n_data, inputs, outputs, file))
 
-    _write(_template(cached, build), frozen, out_dir, file, weights_file)
+    write_graph(template(cached, build), frozen, out_dir, file, weights_file)
 
 
-def _template(cached, build) -> bytes:
-    if cached is None:
-        return build()
-    cache, key = cached
-    return cache.get_or_build(key, build)
-
-
-@contextlib.contextmanager
-def _shared(out_dir: Path, weights_file: str | WeightsFile | None) -> Iterator[WeightsFile | None]:
-    """The shared weights file `weights_file` names in `out_dir` (closed after, if opened here)."""
-    if weights_file is None or isinstance(weights_file, WeightsFile):
-        yield weights_file
-        return
-    with WeightsFile(out_dir / weights_file) as shared:
-        yield shared
-
-
-def _write(template: bytes, frozen, out_dir: Path, file: str, weights_file: str | WeightsFile | None) -> None:
-    with phase(f"{file}: writing weights"), _shared(out_dir, weights_file) as shared:
-        if shared is None:
-            _save(fill_weights(template, frozen), out_dir / file)
-            return
-        model = fill_shared(template, frozen, shared)
-        shared.sync()  # the weights before the graph that points at them
-        save_graph(model, out_dir / file)
-
-
-def _save(model: onnx.ModelProto, path: Path) -> None:
-    onnx.save_model(
-        model, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=1024
+def step_templates(
+    task_module: nn.Module,
+    trainable: Sequence[str],
+    example_inputs: Sequence[torch.Tensor],
+    input_names: Sequence[str],
+    eval_outputs: Sequence[str],
+    *,
+    adamw: AdamW = AdamW(),
+    cache: ExportCache | None = None,
+    cache_key: dict | None = None,
+) -> tuple[bytes, bytes]:
+    """The `step` and `step_eval` graphs without their weights (`graph_template`), from one trace:
+    the eval graph is the forward part of the step graph (`graph_template.forward_part`). With
+    `cache` and `cache_key` (what identifies the task module's code path: architecture, adapter
+    spec, task; see bundle.py) they come from / go to the export cache."""
+    data, values = _prepare(task_module, trainable, example_inputs)
+    frozen = _frozen_tensors(task_module, trainable)
+    weights = list(frozen.values())
+    step_args, eval_args = _step_args(data, values), [*data, *(v.detach() for v in values)]
+    inputs, outputs = step_io(input_names, trainable)
+    eval_inputs, eval_outputs = (*input_names, *trainable), tuple(eval_outputs)
+    extra = eval_outputs[1:]  # the step graph carries them while the eval graph is cut out of it
+    fn = _grad_function(task_module, list(trainable), list(frozen), len(data), extras=True)
+    step_c = cache_entry(
+        cache, cache_key, "step", frozen, step_args, inputs, outputs, adamw=dataclasses.asdict(adamw)
+    )
+    eval_c = cache_entry(
+        cache, cache_key, "step_eval", frozen, eval_args, eval_inputs, eval_outputs, cut=True
     )
 
+    @functools.cache
+    def both() -> tuple[bytes, bytes]:
+        model = _trace_step(fn, weights, data, values, input_names, trainable, extra, adamw)
+        clear_weights(model)  # first, so the cut copies no weight data (ViT-B-32: 0.6 GB)
+        with phase(f"{STEP_EVAL_FILE}: cut from the step graph"):
+            try:
+                eval_model = forward_part(model, eval_inputs, eval_outputs)
+            except ValueError as e:
+                raise ExportError(f"{STEP_EVAL_FILE}: cannot cut it from the step graph ({e})") from None
+            drop_outputs(model, extra)
+        return strip_weights(model), strip_weights(eval_model)
 
-def _cached(cache, key: dict | None, graph: str, frozen: dict, args, inputs, outputs, **extra):
-    """(cache, full key) when the caller gave both; the key adds all this graph's shapes and names."""
-    if cache is None or key is None:
-        return None
-    doc = {
-        **key,
-        "graph": graph,
-        "frozen": [(n, list(t.shape), str(t.dtype)) for n, t in frozen.items()],
-        "args": [(list(a.shape), str(a.dtype), a.requires_grad) for a in args],
-        "inputs": list(inputs),
-        "outputs": list(outputs),
-        **extra,
-    }
-    return cache, doc
+    return template(step_c, lambda: both()[0]), template(eval_c, lambda: both()[1])
 
 
 def export_step_graphs(
@@ -330,42 +325,31 @@ def export_step_graphs(
     weights_file: str | WeightsFile | None = None,
     cache: ExportCache | None = None,
     cache_key: dict | None = None,
+    templates: tuple[bytes, bytes] | None = None,
 ) -> dict[str, GraphSpec]:
-    """Both graphs the step backend needs, as `manifest.graphs` entries `step` and `step_eval`.
-
-    One trace: the eval graph is the forward part of the step graph (`graph_template.forward_part`).
-    With `cache` and `cache_key` (what identifies the task module's code path: architecture,
-    adapter spec, task; see bundle.py) traced graphs come from / go to the export cache."""
+    """Both graphs the step backend needs, written into `out_dir`, as `manifest.graphs` entries
+    `step` and `step_eval`: `templates` (`step_templates`, made here when None) filled with the
+    task module's weights."""
+    if templates is None:
+        templates = step_templates(
+            task_module,
+            trainable,
+            example_inputs,
+            input_names,
+            eval_outputs,
+            adamw=adamw,
+            cache=cache,
+            cache_key=cache_key,
+        )
     out_dir = Path(out_dir)
-    data, values = _prepare(task_module, trainable, example_inputs)
-    frozen = _frozen_tensors(task_module, trainable)
-    weights = list(frozen.values())
-    step_args, eval_args = _step_args(data, values), [*data, *(v.detach() for v in values)]
+    weights = list(_frozen_tensors(task_module, trainable).values())
     inputs, outputs = step_io(input_names, trainable)
-    eval_inputs, eval_outputs = (*input_names, *trainable), tuple(eval_outputs)
-    extra = eval_outputs[1:]  # the step graph carries them while the eval graph is cut out of it
-    fn = _grad_function(task_module, list(trainable), list(frozen), len(data), extras=True)
-    step_c = _cached(
-        cache, cache_key, "step", frozen, step_args, inputs, outputs, adamw=dataclasses.asdict(adamw)
-    )
-    eval_c = _cached(cache, cache_key, "step_eval", frozen, eval_args, eval_inputs, eval_outputs, cut=True)
-
-    @functools.cache
-    def both() -> tuple[bytes, bytes]:
-        model = _trace_step(fn, weights, data, values, input_names, trainable, extra, adamw)
-        clear_weights(model)  # first, so the cut copies no weight data (ViT-B-32: 0.6 GB)
-        with phase(f"{STEP_EVAL_FILE}: cut from the step graph"):
-            try:
-                eval_model = forward_part(model, eval_inputs, eval_outputs)
-            except ValueError as e:
-                raise ExportError(f"{STEP_EVAL_FILE}: cannot cut it from the step graph ({e})") from None
-            drop_outputs(model, extra)
-        return strip_weights(model), strip_weights(eval_model)
-
-    with _shared(out_dir, weights_file) as shared:  # one index, each weight hashed once
-        _write(_template(step_c, lambda: both()[0]), weights, out_dir, STEP_FILE, shared)
-        _write(_template(eval_c, lambda: both()[1]), weights, out_dir, STEP_EVAL_FILE, shared)
+    with shared_file(out_dir, weights_file) as shared:  # one index, each weight hashed once
+        write_graph(templates[0], weights, out_dir, STEP_FILE, shared)
+        write_graph(templates[1], weights, out_dir, STEP_EVAL_FILE, shared)
     return {
         "step": GraphSpec(file=STEP_FILE, inputs=inputs, outputs=outputs),
-        "step_eval": GraphSpec(file=STEP_EVAL_FILE, inputs=eval_inputs, outputs=eval_outputs),
+        "step_eval": GraphSpec(
+            file=STEP_EVAL_FILE, inputs=(*input_names, *trainable), outputs=tuple(eval_outputs)
+        ),
     }

@@ -438,7 +438,7 @@ def test_fill_shared_writes_what_saving_and_sharing_wrote(tmp_path: Path, monkey
 
     from fedclip.exporters import step_weights
     from fedclip.exporters.graph_template import fill_shared, fill_weights, strip_weights
-    from fedclip.exporters.step_graph import _save
+    from fedclip.exporters.step_files import save_external
     from fedclip.exporters.step_weights import WeightsFile, save_graph
 
     rng = np.random.default_rng(1)
@@ -455,7 +455,7 @@ def test_fill_shared_writes_what_saving_and_sharing_wrote(tmp_path: Path, monkey
         share_weights(d / "earlier.onnx", d / "earlier.onnx", d / "weights.bin")
     for name in ("a.onnx", "b.onnx"):
         (old / "tmp").mkdir()
-        _save(fill_weights(template, frozen), old / "tmp" / name)
+        save_external(fill_weights(template, frozen), old / "tmp" / name)
         share_weights(old / "tmp" / name, old / name, old / "weights.bin")
         shutil.rmtree(old / "tmp")
     digest, hashed = step_weights._digest, []

@@ -61,13 +61,9 @@ def work_export(spec: dict) -> dict:
     export_bundle(cfg, cache=cache, phases=phases)
     seconds, cpu_seconds = time.perf_counter() - start, _cpu() - cpu
     size = sum(p.stat().st_size for p in Path(spec["out"]).rglob("*") if p.is_file())
-    import resource
-
     return {
         "export_s": round(seconds, 2),
         "export_cpu_s": round(cpu_seconds, 2),
-        # the step graphs' tracer, forked by the export (exporters/background.py); 0: none forked
-        "tracer_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
         "phases": phases.summary(),
         "cache": {"hits": cache.hits, "misses": cache.misses} if cache else None,
         "bundle_bytes": size,
@@ -208,8 +204,8 @@ def markdown(r: dict) -> str:
         "alternating; the ratio is the median of the per-repeat ratios (target <= 2x), by wall time and",
         "by the process's CPU time (less distorted by other jobs on a shared machine). Where the export",
         "traces the step graphs in a forked child (exporters/background.py), CPU counts both processes,",
-        "the phases list the child's (under 'tracing the step graphs', which overlaps the others), and",
-        "the tracer's own peak RSS is the last column (much of it pages shared with the export).",
+        "the phases list the child's (under 'tracing the step graphs', which overlaps the others; their",
+        "peak RSS is the child's, pages it shares with the export included), peak RSS is the export's.",
         "",
     ]
     rows = []
@@ -217,7 +213,6 @@ def markdown(r: dict) -> str:
         t = traced_ratios(runs)
         hit, both = (runs[k]["export_s"] for k in ("step-hit", "both-hit"))
         peaks = [v["peak_rss_mb"] for k, v in runs.items() if k != "repeats"]
-        tracer = max((v.get("tracer_peak_rss_mb") or 0) for k, v in runs.items() if k != "repeats")
         rows.append(
             [
                 adapter,
@@ -230,7 +225,6 @@ def markdown(r: dict) -> str:
                 f"{M.ratio(hit, t['ort_s']):.2f}x",
                 both,
                 max(peaks),
-                tracer or "",
             ]
         )
     lines.append(
@@ -246,7 +240,6 @@ def markdown(r: dict) -> str:
                 "cached/ort",
                 "both, cached s",
                 "peak RSS MiB",
-                "tracer peak MiB",
             ],
             rows,
         )
@@ -257,8 +250,7 @@ def markdown(r: dict) -> str:
             lines += [
                 "",
                 f"## {adapter}: {name} ({res['export_s']} s, "
-                f"{res.get('export_cpu_s', '?')} s CPU, peak {res['peak_rss_mb']:.0f} MiB"
-                + (f", tracer {t:.0f} MiB)" if (t := res.get("tracer_peak_rss_mb")) else ")"),
+                f"{res.get('export_cpu_s', '?')} s CPU, peak {res['peak_rss_mb']:.0f} MiB)",
                 "",
                 M.md_table(["phase", "seconds", "CPU s", "peak RSS MiB"], _phase_rows(res)),
             ]

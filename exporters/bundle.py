@@ -191,44 +191,51 @@ def _write_graphs(
         )
         pending = Background(trace, "tracing the step graphs")
     try:
-        if "ort-training" in formats:
-            with phase("exporting training graph"):
-                proto = onnx_export.export_onnx(twin.graph, example, io_in, io_out)
-            with phase("generating ORT training artifacts"):
-                onnx_export.generate_training_artifacts(proto, adapted.trainable, tmp, keep_outputs=("loss",))
-            graphs["training"] = GraphSpec(file=TRAINING, inputs=io_in, outputs=("loss",))
-            graphs["eval"] = GraphSpec(file=EVAL, inputs=io_in, outputs=eval_out)
-            graphs["optimizer"] = GraphSpec(file=OPTIMIZER, inputs=(), outputs=())
+        with pending.leaving_a_core() if pending is not None else contextlib.nullcontext():
+            if "ort-training" in formats:
+                with phase("exporting training graph"):
+                    proto = onnx_export.export_onnx(twin.graph, example, io_in, io_out)
+                with phase("generating ORT training artifacts"):
+                    onnx_export.generate_training_artifacts(
+                        proto, adapted.trainable, tmp, keep_outputs=("loss",)
+                    )
+                graphs["training"] = GraphSpec(file=TRAINING, inputs=io_in, outputs=("loss",))
+                graphs["eval"] = GraphSpec(file=EVAL, inputs=io_in, outputs=eval_out)
+                graphs["optimizer"] = GraphSpec(file=OPTIMIZER, inputs=(), outputs=())
 
-        with phase("exporting inference graph"):
-            size = adapted.base.preprocess.image_size
-            image = torch.randn(DUMMY_BATCH, 3, size, size, generator=torch.Generator().manual_seed(1))
-            inf_in: tuple[str, ...]
-            args: tuple[torch.Tensor, ...]
-            if task.kind == "classify":
-                inf_in, inf_out, args = ("image",), ("logits", "image_embeds"), (image,)
-            else:
-                inf_in, inf_out, args = (
-                    ("image", "text"),
-                    ("image_embeds", "text_embeds"),
-                    (image, example[1]),
+            with phase("exporting inference graph"):
+                size = adapted.base.preprocess.image_size
+                image = torch.randn(DUMMY_BATCH, 3, size, size, generator=torch.Generator().manual_seed(1))
+                inf_in: tuple[str, ...]
+                args: tuple[torch.Tensor, ...]
+                if task.kind == "classify":
+                    inf_in, inf_out, args = ("image",), ("logits", "image_embeds"), (image,)
+                else:
+                    inf_in, inf_out, args = (
+                        ("image", "text"),
+                        ("image_embeds", "text_embeds"),
+                        (image, example[1]),
+                    )
+                proto = onnx_export.export_onnx(twin.inference, args, inf_in, inf_out)
+                onnx_export.make_overridable(proto, adapted.names)
+                onnx_export.save(proto, tmp / INFERENCE)
+                graphs["inference"] = GraphSpec(file=INFERENCE, inputs=inf_in, outputs=inf_out)
+            with phase("exporting the text encoder"):
+                # Open vocabulary on the device: any labels or prompts, through the adapted text tower.
+                ctx = adapted.base.context_length
+                graphs["text_encoder"] = text_encoder.write_text_encoder(
+                    adapted.model, adapted.names, ctx, tmp
                 )
-            proto = onnx_export.export_onnx(twin.inference, args, inf_in, inf_out)
-            onnx_export.make_overridable(proto, adapted.names)
-            onnx_export.save(proto, tmp / INFERENCE)
-            graphs["inference"] = GraphSpec(file=INFERENCE, inputs=inf_in, outputs=inf_out)
-        with phase("exporting the text encoder"):
-            # Open vocabulary on the device: any labels or prompts, through the adapted text tower.
-            ctx = adapted.base.context_length
-            graphs["text_encoder"] = text_encoder.write_text_encoder(adapted.model, adapted.names, ctx, tmp)
 
-        if twin.image_encoder is not None:  # text-tower-only bundles (from_embeds)
-            with phase("exporting image encoder"):
-                proto = onnx_export.export_onnx(twin.image_encoder, (image,), ("image",), ("image_embeds",))
-                onnx_export.save(proto, tmp / IMAGE_ENCODER)
-                graphs["image_encoder"] = GraphSpec(
-                    file=IMAGE_ENCODER, inputs=("image",), outputs=("image_embeds",)
-                )
+            if twin.image_encoder is not None:  # text-tower-only bundles (from_embeds)
+                with phase("exporting image encoder"):
+                    proto = onnx_export.export_onnx(
+                        twin.image_encoder, (image,), ("image",), ("image_embeds",)
+                    )
+                    onnx_export.save(proto, tmp / IMAGE_ENCODER)
+                    graphs["image_encoder"] = GraphSpec(
+                        file=IMAGE_ENCODER, inputs=("image",), outputs=("image_embeds",)
+                    )
         initial = None
         if pending is not None:
             with phase("exporting step graphs"):

@@ -139,3 +139,29 @@ def test_torch_in_the_worker_after_a_parallel_op_in_the_parent():
         pytest.fail("the worker hung in its first parallel torch op")
     assert proc.returncode == 0, err[-2000:]
     assert out.split() == ["ok", "1"]
+
+
+def test_the_parent_leaves_the_worker_a_core_and_takes_it_back():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        job = Background(lambda: 1, "tracing")
+        with job.leaving_a_core():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        assert job.result() == 1
+        inline = Background.__new__(Background)  # a job that did not fork leaves the threads alone
+        inline._pid = None
+        with inline.leaving_a_core():
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_collector_sees_everything_again_after_a_fork():
+    import gc
+
+    Background(lambda: 1, "tracing").result()
+    assert gc.get_freeze_count() == 0

@@ -145,3 +145,14 @@ def test_the_exported_graph_is_right_at_any_batch(fn, caplog):
         other = torch.randn(n, 4)
         want = fn(w, other)[0].numpy()
         np.testing.assert_allclose(_run(model, w.numpy(), other.numpy()), want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_collector_sees_everything_again_after_a_trace():
+    import gc
+
+    w, x = torch.randn(4, 4), torch.randn(6, 4)
+    trace(_heads, [w], [x], 1, ["x"], ["y"], "test.onnx")
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(Exception):  # noqa: B017  (whatever the failure, the collector is handed back)
+        trace(_heads, [w], [x], 1, ["x"], ["y", "extra"], "test.onnx")
+    assert gc.get_freeze_count() == 0

@@ -177,10 +177,23 @@ def traced_ratios(runs: dict) -> dict:
     }
 
 
+def _peak(res: dict) -> float:
+    """The export's peak RSS: each phase resets the process's peak to its start (phases.py), so the
+    process's peak at the end covers the last phases only; the largest of it and every phase's."""
+    parent = [p["peak_rss_mb"] for p in res.get("phases", []) if p.get("peak_rss_mb") and not p.get("forked")]
+    return max([res["peak_rss_mb"], *parent])
+
+
+def _tracer(res: dict) -> str:
+    """The forked tracer's peak RSS (pages it shares with the export included), if it forked."""
+    peaks = [p["peak_rss_mb"] for p in res.get("phases", []) if p.get("forked") and p.get("peak_rss_mb")]
+    return f", forked tracer {max(peaks):.0f} MiB" if peaks else ""
+
+
 def _phase_rows(res: dict) -> list[list[Any]]:
     rows = []
     for p in res["phases"]:
-        name = ("&nbsp;&nbsp;" * p["depth"]) + p["name"]
+        name = ("&nbsp;&nbsp;" * p["depth"]) + p["name"] + (" (forked)" if p.get("forked") else "")
         rows.append([name, p["seconds"], p.get("cpu_seconds", ""), p["peak_rss_mb"]])
     return rows
 
@@ -212,7 +225,7 @@ def markdown(r: dict) -> str:
     for adapter, runs in r["runs"].items():
         t = traced_ratios(runs)
         hit, both = (runs[k]["export_s"] for k in ("step-hit", "both-hit"))
-        peaks = [v["peak_rss_mb"] for k, v in runs.items() if k != "repeats"]
+        peaks = [_peak(v) for k, v in runs.items() if k != "repeats"]
         rows.append(
             [
                 adapter,
@@ -250,7 +263,7 @@ def markdown(r: dict) -> str:
             lines += [
                 "",
                 f"## {adapter}: {name} ({res['export_s']} s, "
-                f"{res.get('export_cpu_s', '?')} s CPU, peak {res['peak_rss_mb']:.0f} MiB)",
+                f"{res.get('export_cpu_s', '?')} s CPU, peak {_peak(res):.0f} MiB{_tracer(res)})",
                 "",
                 M.md_table(["phase", "seconds", "CPU s", "peak RSS MiB"], _phase_rows(res)),
             ]

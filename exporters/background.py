@@ -16,6 +16,7 @@ and the child's first parallel region would wait on it forever.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import io
 import os
@@ -79,7 +80,7 @@ class Background:
         kind, value, records = pickle.loads(data)
         recorder = _phases._current
         if recorder is not None:
-            recorder.records.extend(records)
+            recorder.records.extend(dataclasses.replace(r, forked=True) for r in records)
         if kind == "error":
             raise value
         return value

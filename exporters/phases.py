@@ -42,6 +42,7 @@ class PhaseRecord:
     cpu_seconds: float  # the process's CPU time in the phase, all threads
     peak_rss_mb: float | None  # this phase's peak (whole process RSS) if the peak could be reset
     depth: int  # 0: a top-level phase; 1: inside another phase
+    forked: bool = False  # run in the export's forked worker (`background`): its own CPU and RSS
 
 
 @dataclass

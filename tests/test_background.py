@@ -78,11 +78,11 @@ def test_the_workers_phases_join_the_exports_record():
         with phase("building"):
             pass
         assert Background(work, "tracing the step graphs").result() == 42
-    names = [(r.name, r.depth) for r in phases.records]
+    names = [(r.name, r.depth, r.forked) for r in phases.records]
     assert names == [
-        ("building", 0),
-        ("step_model.onnx: tracing (make_fx)", 1),
-        ("tracing the step graphs", 0),
+        ("building", 0, False),
+        ("step_model.onnx: tracing (make_fx)", 1, True),
+        ("tracing the step graphs", 0, True),
     ]
 
 

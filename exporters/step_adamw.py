@@ -19,8 +19,29 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fedclip.sdk.errors import ExportError
 
-STEP_IN, LR_IN, STEP_OUT = "step", "lr", "step_out"
+# The step graph's own names (the data names `image`, `labels`, ... come from docs/internals.md).
+STEP_IN, LR_IN, LOSS_OUT, STEP_OUT = "step", "lr", "loss", "step_out"
 EXP_AVG, EXP_AVG_SQ, NEW, GRAD = ".exp_avg", ".exp_avg_sq", ".new", ".grad"
+
+
+def step_io(data_inputs: Sequence[str], trainable: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The step graph's input and output names, in graph order."""
+    inputs = (
+        *data_inputs,
+        STEP_IN,
+        LR_IN,
+        *trainable,
+        *(n + EXP_AVG for n in trainable),
+        *(n + EXP_AVG_SQ for n in trainable),
+    )
+    outputs = (
+        LOSS_OUT,
+        STEP_OUT,
+        *(n + NEW for n in trainable),
+        *(n + EXP_AVG + NEW for n in trainable),
+        *(n + EXP_AVG_SQ + NEW for n in trainable),
+    )
+    return inputs, outputs
 
 
 @dataclass(frozen=True)
@@ -110,7 +131,7 @@ def add_adamw(model: onnx.ModelProto, n_data: int, trainable: Sequence[str], opt
         if opt.mode == "hf" and decay:
             b.op("Sub", p + NEW, p2, b.op("Mul", at + "decay_p", decay, p2))
     g.node.extend(b.nodes)
-    _set_io(g, data, params, loss, extras, trainable)
+    _set_io(g, data, params, loss, extras)
 
 
 def _like(info: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto:
@@ -120,25 +141,19 @@ def _like(info: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto:
     return out
 
 
-def _set_io(g: onnx.GraphProto, data, params, loss, extras, trainable: Sequence[str]) -> None:
+def _set_io(g: onnx.GraphProto, data, params, loss, extras) -> None:
+    """The graph's inputs and outputs: `step_io`'s names, in its order, then the extra outputs."""
     one = [1]
-    inputs = [
-        *data,
-        helper.make_tensor_value_info(STEP_IN, TensorProto.INT64, one),
-        helper.make_tensor_value_info(LR_IN, TensorProto.FLOAT, one),
-        *params,
-        *(_like(p, p.name + EXP_AVG) for p in params),
-        *(_like(p, p.name + EXP_AVG_SQ) for p in params),
-    ]
-    outputs = [
-        loss,
-        helper.make_tensor_value_info(STEP_OUT, TensorProto.INT64, one),
-        *(_like(p, p.name + NEW) for p in params),
-        *(_like(p, p.name + EXP_AVG + NEW) for p in params),
-        *(_like(p, p.name + EXP_AVG_SQ + NEW) for p in params),
-        *extras,
-    ]
-    inputs, outputs = [_like(v, v.name) for v in inputs], [_like(v, v.name) for v in outputs]
+    infos = {v.name: v for v in (*data, *params, loss)}
+    infos[STEP_IN] = helper.make_tensor_value_info(STEP_IN, TensorProto.INT64, one)
+    infos[LR_IN] = helper.make_tensor_value_info(LR_IN, TensorProto.FLOAT, one)
+    infos[STEP_OUT] = helper.make_tensor_value_info(STEP_OUT, TensorProto.INT64, one)
+    for p in params:  # moments, new tensors and new moments are typed as their tensor
+        for suffix in (EXP_AVG, EXP_AVG_SQ, NEW, EXP_AVG + NEW, EXP_AVG_SQ + NEW):
+            infos[p.name + suffix] = p
+    names_in, names_out = step_io([d.name for d in data], [p.name for p in params])
+    inputs = [_like(infos[n], n) for n in names_in]
+    outputs = [_like(infos[n], n) for n in names_out] + [_like(v, v.name) for v in extras]
     del g.input[:], g.output[:]
     g.input.extend(inputs)
     g.output.extend(outputs)

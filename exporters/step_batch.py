@@ -123,11 +123,18 @@ def dynamic_batch(gm: torch.fx.GraphModule, data: torch.fx.Node | None, batch: i
     gm.recompile()
 
 
+def _refuse_batch_values(values, where: str, batch: int) -> None:
+    """Raise BatchNotSubstituted when a value of a tensor constant is batch-derived: a constant holds
+    the number itself, so even a plain multiple of the batch is the static size baked in."""
+    for v in values:
+        if _batch_multiple(v, batch) is not None:
+            raise BatchNotSubstituted(f"{where} holds {v}")
+
+
 def _check_constant(value, batch: int) -> None:
     if not isinstance(value, torch.Tensor) or value.numel() > 4096:
         return  # a large constant is a weight-like table, not a size
-    for v in value.detach().flatten().tolist():
-        _batch_multiple(v, batch)
+    _refuse_batch_values(value.detach().flatten().tolist(), "a tensor constant of the traced graph", batch)
 
 
 def batch_dims(model, batch: int) -> None:
@@ -168,6 +175,4 @@ def check_constants(model, batch: int) -> None:
     for t in tensors:
         if t is None or math.prod(t.shape.numpy()) > 4096:
             continue
-        for v in t.numpy().flatten().tolist():
-            if _batch_multiple(v, batch) is not None:  # in the graph, a multiple is a size made static
-                raise BatchNotSubstituted(f"a constant of the translated graph holds {v}")
+        _refuse_batch_values(t.numpy().flatten().tolist(), "a constant of the translated graph", batch)

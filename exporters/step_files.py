@@ -11,7 +11,7 @@ import onnx
 
 from fedclip.exporters.graph_template import fill_shared, fill_weights
 from fedclip.exporters.phases import phase
-from fedclip.exporters.step_weights import WeightsFile, save_graph
+from fedclip.exporters.step_weights import WeightsFile, opened, save_graph
 
 
 def template(cached, build) -> bytes:
@@ -25,10 +25,10 @@ def template(cached, build) -> bytes:
 @contextlib.contextmanager
 def shared_file(out_dir: Path, weights_file: str | WeightsFile | None) -> Iterator[WeightsFile | None]:
     """The shared weights file `weights_file` names in `out_dir` (closed after, if opened here)."""
-    if weights_file is None or isinstance(weights_file, WeightsFile):
-        yield weights_file
+    if weights_file is None:
+        yield None
         return
-    with WeightsFile(out_dir / weights_file) as shared:
+    with opened(weights_file if isinstance(weights_file, WeightsFile) else out_dir / weights_file) as shared:
         yield shared
 
 

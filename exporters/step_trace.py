@@ -256,12 +256,9 @@ def _trace_spared(fn, frozen, args, n_data: int, input_names, output_names, file
 
 def _static_batch(fn, frozen, args, n_data: int, names, decomp, file: str):
     """The step traced at a static prime batch (`step_batch`), its batch axis made dynamic again."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
     with phase(f"{file}: tracing (make_fx)"):
         batch = trace_batch_size([*frozen, *args])
-        fake = static_inputs(frozen, args, n_data, batch)
-        gm = functional(make_fx(fn, tracing_mode="fake", decomposition_table=decomp)(*fake), fake)
+        gm = _fx(fn, static_inputs(frozen, args, n_data, batch), decomp)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         dynamic_batch(gm, placeholders[len(frozen)] if n_data else None, batch)
     with phase(f"{file}: ONNX translation"):
@@ -273,16 +270,22 @@ def _static_batch(fn, frozen, args, n_data: int, names, decomp, file: str):
 
 def _symbolic_batch(fn, frozen, args, n_data: int, names, decomp, file: str):
     """The step traced with a symbolic batch: exact for any step, slower (`step_batch` says why)."""
-    from torch.fx.experimental.proxy_tensor import make_fx
     from torch.onnx._internal.exporter import _ir_passes
 
     with phase(f"{file}: tracing (make_fx)"):
         fake, batch = fake_inputs(frozen, args, n_data)
-        gm = functional(make_fx(fn, tracing_mode="fake", decomposition_table=decomp)(*fake), fake)
+        gm = _fx(fn, fake, decomp)
     with phase(f"{file}: ONNX translation"):
         onnx_program = _translate(gm, frozen, names)
         _ir_passes.rename_axis(onnx_program.model, dict.fromkeys(batch, "batch"))
     return onnx_program
+
+
+def _fx(fn, fake, decomp) -> torch.fx.GraphModule:
+    """`fn` traced on the fake tensors `fake`, decomposed with `decomp`, without in-place ops."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    return functional(make_fx(fn, tracing_mode="fake", decomposition_table=decomp)(*fake), fake)
 
 
 def _translate(gm, frozen, names):

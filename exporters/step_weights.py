@@ -7,8 +7,10 @@ anything new is appended. Existing bytes never move, so graphs written earlier s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -126,6 +128,16 @@ class WeightsFile:
         return len(self.index) > known
 
 
+@contextlib.contextmanager
+def opened(weights: str | Path | WeightsFile) -> Iterator[WeightsFile]:
+    """`weights` as a WeightsFile: the one given, or the file at that path (closed after)."""
+    if isinstance(weights, WeightsFile):
+        yield weights
+        return
+    with WeightsFile(Path(weights)) as shared:
+        yield shared
+
+
 def save_graph(model: onnx.ModelProto, dst: Path) -> None:
     """`model` (its weights external or small) written to `dst` atomically."""
     tmp = dst.with_name(f".{dst.name}.tmp")
@@ -142,26 +154,24 @@ def share_weights(
     byte counts: `shared` (found already), `added` (appended). `src` may equal `dst`.
     """
     src, dst = Path(src), Path(dst)
-    shared = weights if isinstance(weights, WeightsFile) else WeightsFile(Path(weights))
-    if shared.path.parent.resolve() != dst.parent.resolve():
-        raise ValueError(f"{shared.path} must be in the folder of {dst}")
-    model = onnx.load(str(src), load_external_data=False)
-    counts = {"shared": 0, "added": 0}
-    for t in model.graph.initializer:
-        data = _tensor_bytes(t, src.parent)
-        if data is None:
-            continue
-        if len(data) < min_bytes:
-            if _external(t) is not None:  # small tensor from another file: embed it
-                del t.external_data[:]
-                t.data_location = TensorProto.DEFAULT
-                t.raw_data = data
-            continue
-        counts["added" if shared.refer(t, data) else "shared"] += len(data)
-    shared.sync()
-    save_graph(model, dst)
-    if shared is not weights:
-        shared.close()
+    with opened(weights) as shared:
+        if shared.path.parent.resolve() != dst.parent.resolve():
+            raise ValueError(f"{shared.path} must be in the folder of {dst}")
+        model = onnx.load(str(src), load_external_data=False)
+        counts = {"shared": 0, "added": 0}
+        for t in model.graph.initializer:
+            data = _tensor_bytes(t, src.parent)
+            if data is None:
+                continue
+            if len(data) < min_bytes:
+                if _external(t) is not None:  # small tensor from another file: embed it
+                    del t.external_data[:]
+                    t.data_location = TensorProto.DEFAULT
+                    t.raw_data = data
+                continue
+            counts["added" if shared.refer(t, data) else "shared"] += len(data)
+        shared.sync()
+        save_graph(model, dst)
     return counts
 
 

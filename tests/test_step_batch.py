@@ -85,11 +85,12 @@ def test_a_float_of_the_batch_is_refused_at_the_graph():
         _static(_mean_scale, [torch.randn(4, 3)], [torch.randn(6, 4)])
 
 
-def test_a_tensor_constant_holding_the_batch_is_refused():
+@pytest.mark.parametrize("value", [1009.0, 2018], ids=["float", "int-multiple"])
+def test_a_tensor_constant_holding_the_batch_is_refused(value):
     class Scaled(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.c = torch.tensor([1009.0])  # the batch baked into a constant: a get_attr node
+            self.c = torch.tensor([value])  # the batch baked into a constant: a get_attr node
 
         def forward(self, x):
             return x.sum() / self.c

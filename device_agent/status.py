@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import threading
 import time
 from importlib import metadata
 
@@ -99,6 +100,10 @@ class StatusReporter:
         self._sent_at = time.monotonic()
         self._gap = FIRST_RESEND
         self._tasked = False  # a task reached us since the last connect: the coordinator knows us
+        # Held from reading the status to its acknowledgement, by the main thread and the hook
+        # thread alike: a reconnect's hook that read the status a moment before the main thread
+        # published a newer one would otherwise hand the broker the older one after it.
+        self._saying = threading.Lock()
         self.refresh()
 
     def blob(self, word: str) -> bytes:
@@ -110,12 +115,13 @@ class StatusReporter:
 
     def publish(self) -> None:
         """Publish the current `online` status (after a round, an install, a refusal)."""
-        self.refresh()
-        self._sent_at = time.monotonic()
-        try:
-            self.transport.publish(self.topic, self._online, qos=1, retain=True, timeout=10)
-        except MqttError as e:
-            log.warning("status not acknowledged (%s); it goes out again on reconnect", e)
+        with self._saying:
+            self.refresh()
+            self._sent_at = time.monotonic()
+            try:
+                self.transport.publish(self.topic, self._online, qos=1, retain=True, timeout=10)
+            except MqttError as e:
+                log.warning("status not acknowledged (%s); it goes out again on reconnect", e)
 
     def tasked(self) -> None:
         """A task arrived: the coordinator knows this agent, so resends stop until the next connect."""
@@ -138,12 +144,13 @@ class StatusReporter:
         if not self.transport.connected.is_set():
             return False
         self._gap = min(2 * self._gap, interval)
-        self._sent_at = now
-        self.refresh()  # a fresh `sent_at`: the coordinator's max_status_age counts from it
-        try:
-            self.transport.publish(self.topic, self._online, qos=1, retain=True, timeout=5)
-        except MqttError as e:
-            log.debug("status resend not acknowledged (%s)", e)
+        with self._saying:
+            self._sent_at = now
+            self.refresh()  # a fresh `sent_at`: the coordinator's max_status_age counts from it
+            try:
+                self.transport.publish(self.topic, self._online, qos=1, retain=True, timeout=5)
+            except MqttError as e:
+                log.debug("status resend not acknowledged (%s)", e)
         return True
 
     def refuse(self, why: str) -> None:
@@ -154,11 +161,12 @@ class StatusReporter:
 
     def on_connect(self, transport: Transport) -> None:
         """Runs on the transport's hook thread after every (re)connect."""
-        self._sent_at, self._gap, self._tasked = time.monotonic(), FIRST_RESEND, False
-        try:
-            transport.publish(self.topic, self._online, qos=1, retain=True, timeout=10)
-        except MqttError as e:
-            log.warning("online status not acknowledged (%s)", e)
+        with self._saying:
+            self._sent_at, self._gap, self._tasked = time.monotonic(), FIRST_RESEND, False
+            try:
+                transport.publish(self.topic, self._online, qos=1, retain=True, timeout=10)
+            except MqttError as e:
+                log.warning("online status not acknowledged (%s)", e)
 
     def publish_offline(self) -> None:
         """On a clean stop; the broker's last will covers the unclean ones."""

@@ -282,7 +282,7 @@ class MqttSession:
         N tasks cost about N / window round trips to the broker instead of N."""
         for start in range(0, len(messages), PIPELINE):
             deadline = time.monotonic() + timeout
-            sent = [(t, self._hand_over(t, p, qos, retain)) for t, p in messages[start : start + PIPELINE]]
+            sent = [(t, self.hand_over(t, p, qos, retain)) for t, p in messages[start : start + PIPELINE]]
             if qos == 0:
                 continue
             for topic, info in sent:
@@ -295,7 +295,14 @@ class MqttSession:
                         f"{self.address}: publish to {topic} not acknowledged within {timeout:g}s"
                     )
 
-    def _hand_over(self, topic: str, payload: bytes, qos: int, retain: bool) -> paho.MQTTMessageInfo:
+    def hand_over(self, topic: str, payload: bytes, qos: int, retain: bool) -> paho.MQTTMessageInfo:
+        """Give one message to paho (which sends it, and for QoS > 0 resends it until acknowledged);
+        the caller awaits the acknowledgement on the returned info."""
+        if self._guard is None:
+            return self._to_paho(topic, payload, qos, retain)
+        return self._guard.say(topic, payload, retain, lambda: self._to_paho(topic, payload, qos, retain))
+
+    def _to_paho(self, topic: str, payload: bytes, qos: int, retain: bool) -> paho.MQTTMessageInfo:
         try:
             info = self._client.publish(topic, payload, qos=qos, retain=retain)
         except ValueError as e:  # paho: wildcard in the topic, payload over 268 MB, bad qos
@@ -307,8 +314,6 @@ class MqttSession:
             info.rc = MQTTErrorCode.MQTT_ERR_SUCCESS
         elif info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise MqttError(f"{self.address}: publish to {topic} failed ({paho.error_string(info.rc)})")
-        if self._guard is not None:
-            self._guard.published(topic, payload, retain)
         return info
 
     def ack(self, msg: Incoming) -> None:

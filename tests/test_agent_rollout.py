@@ -45,7 +45,7 @@ def test_rollout_switches_status_and_rollback_restores_the_previous_adapter(
     def on(version: str | None, what: str) -> None:
         # The retained status is republished by the agent itself: no reconnect happens in this test.
         coord.wait_status(agent, lambda b: b["adapter_version"] == (version or ""), what)
-        assert read_record(agent.state)["current_adapter"] == version
+        assert read_record(agent.state)["current_adapter"] == version, f"{what}:\n{agent.tail()}"
 
     # A first rollout onto an agent that never had an adapter, then its rollback.
     push(1, "r1", coord.starting_adapter(11))

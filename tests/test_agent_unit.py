@@ -138,6 +138,36 @@ def test_the_status_is_resent_at_5_10_20_s_after_a_connect_until_a_task_arrives(
         off.close()
 
 
+def test_a_reconnect_during_a_status_publish_sends_the_newest_status_after_it(harness):
+    """The hook thread's on-connect status waits for a publish in flight on the main thread, so the
+    broker never gets an older status after a newer one (it once showed a rolled-back adapter)."""
+    status, transport, topic = harness.agent.status, harness.agent.transport, TOPICS.status(AGENT)
+    publish, held, release = transport.publish, threading.Event(), threading.Event()
+
+    def slow_publish(t, payload, qos=1, retain=False, timeout=30):
+        if t == topic and not held.is_set():  # the main thread's publish, waiting for its PUBACK
+            held.set()
+            assert release.wait(10)
+        publish(t, payload, qos=qos, retain=retain, timeout=timeout)
+
+    transport.publish = slow_publish
+    before = len(harness.sent(topic))
+    main = threading.Thread(target=status.publish)
+    main.start()
+    assert held.wait(10)
+    hook = threading.Thread(target=status.on_connect, args=(transport,))
+    hook.start()
+    try:
+        hook.join(0.3)
+        assert hook.is_alive(), "the on-connect status went out while the main thread's was in flight"
+    finally:
+        release.set()
+        main.join(10)
+        hook.join(10)
+    sent = [p for t, p, _ in harness.broker.published if t == topic][before:]
+    assert len(sent) == 2 and sent[1] == status._online == harness.broker.retained(topic)
+
+
 def test_a_valid_task_publishes_one_update(harness):
     harness.send(harness.task(0))
     (update,) = harness.updates()

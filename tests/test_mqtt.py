@@ -172,6 +172,24 @@ def test_a_stale_will_over_the_status_is_answered_with_the_status_again(mosquitt
         assert msg.payload == b"online" and msg.retain  # the agent closed cleanly: no will since
 
 
+def test_the_sessions_own_burst_of_statuses_is_never_taken_for_a_stale_will(mosquitto):
+    """Echoes of the session's earlier words arrive after it said newer ones; they are not overwrites.
+    Taken for one, each would add a publish and could put an older status back over a newer one."""
+    topic = "fedclip/f/agents/a8/status"
+    words = [f"status {i}".encode() for i in range(20)]
+    with MqttSession(mosquitto.url, "watch") as watch:
+        subscribed(watch, topic)
+        with MqttSession(mosquitto.url, "a8", will=Will(topic, b"offline")) as agent:
+            assert agent.connected.wait(15)
+            agent.publish_many([(topic, w) for w in words], retain=True)  # all handed over, then acked
+            assert [m.payload for m in collect(watch, len(words), topic=topic)] == words
+            # A foreign word afterwards is answered once, with the newest word; nothing came between.
+            with MqttSession(mosquitto.url, "old-node") as node:
+                node.publish(topic, b"offline (an earlier connection)", retain=True)
+            got = [m.payload for m in collect(watch, 2, topic=topic)]
+            assert got == [b"offline (an earlier connection)", words[-1]]
+
+
 # ---- persistent sessions -----------------------------------------------------------------------------
 def _persistent_session_roundtrip(url: str, **creds) -> None:
     topic = "fedclip/f/agents/a1/task"

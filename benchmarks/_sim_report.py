@@ -85,25 +85,29 @@ def intake_section(intake: dict) -> list[str]:
     meta = intake.get("meta", {})
     lines = [
         "",
-        "## Intake: a burst of signed updates, one at a time vs group commit",
+        "## Intake: a burst of signed updates (group commit; decode workers)",
         "",
         f"Produced by `python benchmarks/bench_intake.py` ({meta.get('date', '?')}, bundle "
-        f"{meta.get('bundle', '?')}, {meta.get('cpus', '?')} cpus shared with other jobs). N signed "
+        f"{meta.get('bundle', '?')}, {meta.get('cpus', '?')} cpus; the load column says how busy they "
+        "were). N signed "
         "ce-lora updates (tiny tri-lora bundle, with statistics) published at once by provisioned "
         "agents; the clock runs from the burst to the N-th update stored (validated incl. signature, "
         "blob and row durable; its batch's PUBACKs follow the commit). CPU seconds per 1,000 updates "
-        "are read from /proc over the same interval.",
+        "are read from /proc over the same interval; the coordinator's include its decode workers "
+        "(`intake_workers`; '-': the default of that commit).",
         "",
-        "| intake_batch | updates | seconds | updates/s | coordinator CPU s / 1,000 | mosquitto CPU s / 1,000"
-        " | publisher CPU s / 1,000 | 1-min load (start, end) | rejected |",
-        "|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| intake_batch | intake_workers | updates | seconds | updates/s | coordinator CPU s / 1,000 "
+        "| mosquitto CPU s / 1,000 | publisher CPU s / 1,000 | 1-min load (start, end) | rejected |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for b in intake.get("bursts", []):
+        workers = "-" if b.get("intake_workers") is None else b["intake_workers"]
         if "error" in b:
-            lines.append(f"| {b['intake_batch']} | {b['updates']} | error: {b['error']} | | | | | | |")
+            row = f"| {b['intake_batch']} | {workers} | {b['updates']} | error: {b['error']} |"
+            lines.append(row + " | | | | | |")
             continue
         lines.append(
-            f"| {b['intake_batch']} | {b['updates']} | {b['seconds']} | {b['updates_per_s']} | "
+            f"| {b['intake_batch']} | {workers} | {b['updates']} | {b['seconds']} | {b['updates_per_s']} | "
             f"{b.get('coordinator_cpu_s_per_1000', '-')} | {b.get('broker_cpu_s_per_1000', '-')} | "
             f"{b.get('publisher_cpu_s_per_1000', '-')} | {b['load_avg_1min']} | {b.get('rejected', '-')} |"
         )

@@ -10,18 +10,42 @@ from pathlib import Path
 
 
 # ---- process monitoring ---------------------------------------------------------------------------
+def _stat(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _tree(pid: int) -> list[int]:
+    """`pid` and its live descendants (the coordinator's intake workers and their forkserver)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                children.setdefault(int(_stat(int(entry.name))[1]), []).append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
 def proc_sample(pid: int) -> tuple[float, float] | None:
-    """(cpu seconds user+system, peak RSS MB) of a live process from /proc."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        cpu = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
-        hwm = 0.0
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                hwm = int(line.split()[1]) / 1024
-        return cpu, hwm
-    except (OSError, IndexError, ValueError):
-        return None
+    """(cpu seconds user+system, peak RSS MB) of a live process and its descendants from /proc: the
+    CPU of all of them (a reaped child's in its parent's), the sum of their peak RSS."""
+    cpu, hwm = 0.0, 0.0
+    for p in _tree(pid):
+        try:
+            stat = _stat(p)
+            cpu += sum(int(stat[i]) for i in (11, 12, 13, 14)) / os.sysconf("SC_CLK_TCK")
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    hwm += int(line.split()[1]) / 1024
+        except (OSError, IndexError, ValueError):
+            if p == pid:
+                return None
+    return cpu, hwm
 
 
 class Monitor(threading.Thread):

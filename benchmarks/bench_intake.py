@@ -23,7 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -59,8 +62,19 @@ def _cpu(pids: dict[str, int]) -> dict[str, float]:
     return out
 
 
-def burst(bundle: Path, updates: int, batch: int, kits: Path, timeout: float, say=print) -> dict:
-    """One end-to-end burst of `updates` signed updates with `intake_batch: batch`."""
+def burst(
+    bundle: Path,
+    updates: int,
+    batch: int,
+    kits: Path,
+    timeout: float,
+    say=print,
+    profile: Path | None = None,
+    workers: int | None = None,
+) -> dict:
+    """One end-to-end burst of `updates` signed updates with `intake_batch: batch` and
+    `intake_workers: workers` (None: the default); with `profile`, a py-spy record of the
+    coordinator's round loop during the burst (collapsed stacks, every thread) goes there."""
     n = updates + 1  # the last agent holds its update: the round stays open, nothing aggregates
     settings = {
         "strategy": "ce-lora",
@@ -71,9 +85,11 @@ def burst(bundle: Path, updates: int, batch: int, kits: Path, timeout: float, sa
         "round_timeout": timeout * 4,
         "intake_batch": batch,
     }
+    if workers is not None:
+        settings["intake_workers"] = workers
     sim = _sim_setup.start(bundle, n, settings, kits=kits, hold=True, say=say)
     deadline = time.time() + timeout
-    row: dict = {"updates": updates, "intake_batch": batch}
+    row: dict = {"updates": updates, "intake_batch": batch, "intake_workers": workers}
     try:
         fleet = sim.fleet
         _sim_setup.wait(sim, lambda: "connected" in sim.watch.events, deadline, "the coordinator")
@@ -81,6 +97,7 @@ def burst(bundle: Path, updates: int, batch: int, kits: Path, timeout: float, sa
         _sim_setup.wait(sim, lambda: fleet.c.tasks.get(1, 0) >= n, deadline, "every task")
         _sim_setup.wait(sim, lambda: len(fleet.held) >= n, deadline, "every update prepared")
         load0 = os.getloadavg()[0]
+        spy = _profiler(sim.pids["coordinator"], profile, say) if profile else None
         cpu0, t0 = _cpu(sim.pids), time.time()
         fleet.release(keep=1)
         stored = [0, 0.0]
@@ -99,6 +116,9 @@ def burst(bundle: Path, updates: int, batch: int, kits: Path, timeout: float, sa
 
         _sim_setup.wait(sim, done, deadline, f"{updates} updates stored")
         cpu1 = _cpu(sim.pids)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes what it sampled so far and exits
+            spy.wait(30)
         seconds = stored[1] - t0
         row.update(
             {
@@ -124,6 +144,31 @@ def burst(bundle: Path, updates: int, batch: int, kits: Path, timeout: float, sa
         if sim.tmp is not None:
             sim.tmp.cleanup()
     return row
+
+
+def _profiler(pid: int, out: Path, say) -> subprocess.Popen:
+    """py-spy (`pip install py-spy`; not a dependency) sampling `pid` until interrupted."""
+    spy = shutil.which("py-spy")
+    if spy is None:
+        raise SystemExit("--profile needs py-spy on PATH (pip install py-spy)")
+    cmd = [
+        spy,
+        "record",
+        "--pid",
+        str(pid),
+        "--subprocesses",
+        "--format",
+        "raw",
+        "--threads",
+        "--rate",
+        "250",
+        "-o",
+        str(out),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached before the burst starts
+    say(f"  py-spy on the coordinator ({pid}) -> {out}")
+    return proc
 
 
 def store_layer(batch: int = 256, rounds: int = 3, blob_bytes: int = 3700) -> dict:
@@ -165,18 +210,24 @@ def main() -> None:
     ap.add_argument("--bundle", type=Path, required=True, help="a tri-lora bundle")
     ap.add_argument("--updates", type=int, default=2000)
     ap.add_argument("--batches", default="1,256", help="intake_batch values to compare, in order")
+    ap.add_argument("--workers", default="", help="intake_workers values to compare (default: the default)")
     ap.add_argument("--repeat", type=int, default=1, help="alternating runs of each")
     ap.add_argument("--kits", type=Path, default=Path(tempfile.gettempdir()) / "fedclip-intake-kits")
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--no-report", action="store_true")
+    ap.add_argument("--profile", type=Path, help="py-spy the coordinator in each burst: DIR/<n>.txt")
     args = ap.parse_args()
     say = print
     result: dict = {"store": store_layer(), "bursts": []}
     say(json.dumps(result["store"]))
-    for _ in range(args.repeat):
-        for b in (int(x) for x in args.batches.split(",")):
-            say(f"burst of {args.updates} updates, intake_batch {b}")
-            row = burst(args.bundle, args.updates, b, args.kits, args.timeout, say=lambda *a: None)
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    workers = [int(x) for x in args.workers.split(",")] if args.workers else [None]
+    for r in range(args.repeat):
+        for b, w in ((int(x), w) for x in args.batches.split(",") for w in workers):
+            say(f"burst of {args.updates} updates, intake_batch {b}, intake_workers {w}")
+            spy = args.profile / f"coordinator-{r}-{b}-{w}.txt" if args.profile else None
+            row = burst(args.bundle, args.updates, b, args.kits, args.timeout, lambda *a: None, spy, w)
             say(json.dumps(row))
             result["bursts"].append(row)
     if args.no_report:

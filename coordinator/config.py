@@ -81,6 +81,10 @@ class CoordConfig:
     # at this many messages, or when its first has waited `intake_wait` s, or when none are queued.
     intake_batch: int = 256
     intake_wait: float = 0.2
+    # Processes that decode updates, check their signatures and store them ahead of the round loop
+    # (coordinator/intake_decode.py; 0: all in the loop; unset: one per CPU up to 4, none on one
+    # CPU). They start with the first batch of 16+ updates.
+    intake_workers: int | None = None
     http: bool = True  # serve the bundle (and large adapters) over HTTP next to MQTT
     http_host: str = "127.0.0.1"  # a fleet usually reaches it through a VPN or a reverse proxy
     http_port: int = 0  # 0: a free port (logged, and in the coordinator's retained status)
@@ -100,6 +104,8 @@ class CoordConfig:
             self.hyperparameters()
         except WireError as e:
             raise ConfigError(str(e).replace("hyperparameters: hyperparameters: body field ", "")) from None
+        if self.intake_workers is not None and not 0 <= self.intake_workers <= 64:
+            raise ConfigError(f"intake_workers: must be in [0, 64], got {self.intake_workers}")
         for name in ("round_timeout", "lr", "max_payload_mb", "publish_timeout", "intake_wait"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")

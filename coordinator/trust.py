@@ -54,7 +54,19 @@ class Trust:
     def required(self) -> bool:
         return self.senders is not None
 
-    def check(self, agent: str, msg: Message, where: str) -> None:
+    def sender_key(self, agent: str) -> bytes:
+        """The raw Ed25519 key `agent` signs with (b"": none enrolled, or an unprovisioned fleet), for
+        checking a signature ahead in a worker (`intake_decode`)."""
+        key = self.senders.verify_key(agent) if self.senders is not None else None
+        return key.public_bytes_raw() if key is not None else b""
+
+    @staticmethod
+    def signer(agent: str) -> str:
+        return f"agent {agent}'s enrolled key"
+
+    def check(self, agent: str, msg: Message, where: str, verified: tuple[bytes, str] | None = None) -> None:
+        """`verified`: (raw key, error) of a signature check made ahead with the key `sender_key`
+        gave ("" : it verified); it stands for the check here while that is still the agent's key."""
         if msg.envelope.agent != agent:
             raise WireError(f"{where}: envelope names agent {msg.envelope.agent!r}, the topic {agent!r}")
         if self.senders is None:
@@ -63,7 +75,11 @@ class Trust:
         if key is None:
             state = "revoked" if self.senders.is_revoked(agent) else "not enrolled in this fleet"
             raise WireError(f"{where}: agent {agent!r} is {state}")
-        verify_message(key, msg, where, signer=f"agent {agent}'s enrolled key")
+        if verified is not None and verified[0] == key.public_bytes_raw():
+            if verified[1]:
+                raise WireError(verified[1])
+        else:
+            verify_message(key, msg, where, signer=self.signer(agent))
         if msg.envelope.type is MsgType.STATUS:
             self._status_is_new(agent, msg, where)
 

@@ -99,7 +99,7 @@ def check_stats(
                 f"{where}: statistic {name!r} has shape {list(arr.shape)} {arr.dtype}, "
                 f"expected {list(expect)} float"
             )
-        if name != STAT_MEAN and np.any(arr < 0):
+        if name != STAT_MEAN and (arr < 0).any():
             raise WireError(f"{where}: statistic {name!r} has negative values")
         out[name] = arr.astype(np.float32)
     if reused:
@@ -145,7 +145,7 @@ def validate_update(
         raise WireError(
             f"{where}: for bundle {update.bundle_id[:12]}, this round runs {manifest.bundle_id[:12]}"
         )
-    tensors = check_tensors(msg.adapter_tensors, manifest.exchanged, where)
+    tensors = check_tensors(msg.adapter_tensors, manifest.exchanged, where, finite_checked=True)
     data_digest = update.data_digest
     sent = bool(set(STATS_TENSORS["gaussian"]) & set(msg.stats))
     held = held_stats(agent) if "gaussian" in needed_stats and not sent else None

@@ -257,7 +257,7 @@ def decode(
         for name, arr in tensors.items():
             if arr.dtype.kind not in "fiu":
                 raise WireError(f"{where}: tensor {name!r} has unsupported dtype {arr.dtype}")
-            if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
                 raise WireError(f"{where}: tensor {name!r} has non-finite values")
         if digest != tensors_digest(tensors):
             raise WireError(f"{where}: tensors do not match their sha256")

@@ -103,7 +103,12 @@ class Server:
         self.tasks = Tasks(ctx)
         self.intake = UpdateIntake(ctx)
         self.batches = GroupCommit(
-            transport, self.intake, self._dispatch, max_messages=cfg.intake_batch, max_wait=cfg.intake_wait
+            transport,
+            self.intake,
+            self._dispatch,
+            lambda: self.current,
+            max_messages=cfg.intake_batch,
+            max_wait=cfg.intake_wait,
         )
         self.closer = RoundCloser(ctx)
         self.current: RoundState | None = None
@@ -167,6 +172,7 @@ class Server:
         finally:
             self.transport.close()
             self.services.stop()
+            self.intake.close()
             self.store.close()
 
     def run_one_round(self) -> None:

@@ -101,8 +101,9 @@ def delta_norm(tensors: Tensors, base: Tensors) -> float:
     """L2 norm of (tensors - base) over all tensors together."""
     total = 0.0
     for name, arr in tensors.items():
-        d = np.asarray(arr, dtype=np.float64) - np.asarray(base[name], dtype=np.float64)
-        total += float(np.dot(d.ravel(), d.ravel()))
+        # one ufunc in float64 and one dot per tensor: this runs for every update taken in
+        d = np.subtract(arr, base[name], dtype=np.float64)
+        total += float(np.vdot(d, d))
     return float(np.sqrt(total))
 
 

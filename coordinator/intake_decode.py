@@ -117,6 +117,13 @@ def decode_job(job: Job, batch: Batch) -> Decoded:
 
 
 def _storable(d: Decoded, batch: Batch) -> bytes | None:
+    try:
+        return _stored_form(d, batch)
+    except Exception:  # one payload's surprise must not fail its batch: the loop stores that one
+        return None
+
+
+def _stored_form(d: Decoded, batch: Batch) -> bytes | None:
     """The stored form of a decoded update worth writing ahead: signed by its enrolled key (any
     sender in an unprovisioned fleet), for the open round, its tensors those of the bundle, its
     statistics floats. What the loop then refuses for another reason (not selected, its norm, a

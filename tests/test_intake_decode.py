@@ -178,3 +178,24 @@ def test_trust_takes_a_check_made_ahead_only_with_the_agents_current_key():
         trust.check("a1", msg, "u", (OTHER.public_key().public_bytes_raw(), ""))
     with pytest.raises(WireError, match="is not enrolled"):
         trust.check("zz", decode(_update("zz"), fleet=FLEET), "u", (RAW, ""))
+
+
+def test_a_payload_that_cannot_be_stored_ahead_leaves_the_rest_of_its_batch_stored(tmp_path, monkeypatch):
+    """The worker's task run in this process: one update whose stored form fails (here: made to) is
+    left to the loop, decoded all the same; the others of its batch are stored ahead."""
+    from fedclip.coordinator import intake_decode
+
+    real = intake_decode.update_blob
+
+    def failing(tensors, stats, agent, round_id):
+        if agent == "a2":
+            raise ValueError("surprise")
+        return real(tensors, stats, agent, round_id)
+
+    monkeypatch.setattr(intake_decode, "update_blob", failing)
+    keys = {"a1": KEY, "a2": OTHER}
+    jobs = [Job(_update(a, keys[a]), "u", keys[a].public_key().public_bytes_raw(), "k") for a in ("a1", "a2")]
+    batch = Batch(FLEET, LIMIT, str(tmp_path / "blobs"), round=1, specs=SPECS, provisioned=True)
+    a1, a2 = intake_decode._decode_all(jobs, batch)
+    assert a1.blob and Blobs(tmp_path / "blobs").has(a1.blob)
+    assert a2.msg is not None and a2.verify_error == "" and a2.blob == ""

@@ -199,3 +199,32 @@ def test_a_payload_that_cannot_be_stored_ahead_leaves_the_rest_of_its_batch_stor
     a1, a2 = intake_decode._decode_all(jobs, batch)
     assert a1.blob and Blobs(tmp_path / "blobs").has(a1.blob)
     assert a2.msg is not None and a2.verify_error == "" and a2.blob == ""
+
+
+def test_a_decoded_message_crosses_back_from_a_worker_whole():
+    """Pickled as one buffer of tensor bytes (`Decoded.__reduce__`): every dtype, shape (empty and
+    0-d included) and value comes back, in writable arrays, with the envelope, digest and checks."""
+    import pickle
+
+    from fedclip.sdk.wire import Message
+
+    tensors = {
+        "a": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "stats/mean": np.linspace(-1, 1, 10, dtype=np.float16).reshape(2, 5),
+        "b": np.array([[1, -2]], dtype=np.int64),
+        "c": np.zeros((0, 4), np.float32),
+        "d": np.array(7.5, dtype=np.float64),
+        "e": np.arange(6, dtype=np.uint8)[::2],  # not contiguous
+    }
+    env = Envelope(MsgType.UPDATE, FLEET, "a1", round=3, body={"k": [1, "x"]})
+    sent = Decoded(Message(env, tensors, "digest"), key=RAW, verify_error="why", blob="sha")
+    back = pickle.loads(pickle.dumps(sent))
+    assert (back.key, back.verify_error, back.blob, back.error) == (RAW, "why", "sha", "")
+    assert back.msg is not None and back.msg.envelope == env and back.msg.digest == "digest"
+    assert list(back.msg.tensors) == list(tensors)
+    for name, arr in tensors.items():
+        got = back.msg.tensors[name]
+        assert got.dtype == arr.dtype and got.shape == arr.shape and got.flags.writeable
+        np.testing.assert_array_equal(got, arr)
+    failed = pickle.loads(pickle.dumps(Decoded(None, "bad payload")))
+    assert failed == Decoded(None, "bad payload")

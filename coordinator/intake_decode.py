@@ -1,15 +1,18 @@
-"""Update payloads decoded and their signatures checked in a worker process, ahead of the round loop.
+"""Update payloads decoded, their signatures checked and, when they may be accepted as sent, stored,
+in worker processes ahead of the round loop.
 
 Of the ~0.6 ms of coordinator CPU an update cost at fleet rate, a third was `wire.decode` (inflate,
-safetensors, finite check, sha256) and the Ed25519 check of its signature: work that needs nothing
-but the payload and the sender's public key. The round loop's one Python thread was the limit
-(benchmarks/results/scale.md, "Intake"), so that work goes to `workers` processes here: the loop
-takes a batch of queued messages, hands its updates' payloads (and each sender's enrolled key,
-looked up by the loop) to the pool, and handles the batch before while the pool decodes
-(`group_commit`). What comes back (`Decoded`) is only ever used as `decode` and `verify_message`
-would have answered in the loop: the same message, the same one-line errors, in the same order of
-checks (`UpdateIntake.stage`, `Trust.check`); validation against the round, storage and the
-acknowledgements stay in the loop.
+safetensors, finite check, sha256) and the Ed25519 check of its signature, a sixth re-encoding the
+stored blob, and the loop then waited on the batch's fsyncs: work that needs nothing of the round but
+its number. The round loop's one Python thread was the limit (benchmarks/results/scale.md, "Intake"),
+so that work goes to `workers` processes here: the loop takes a batch of queued messages, hands its
+updates' payloads (and each sender's enrolled key, looked up by the loop) to the pool, split in
+order, and handles the batch before while the pool works (`group_commit`). What comes back
+(`Decoded`) is only ever used as `decode` and `verify_message` would have answered in the loop: the
+same message, the same one-line errors, in the same order of checks (`UpdateIntake.stage`,
+`Trust.check`); an update's blob stored ahead (durable before the answer) is the one the loop would
+store (`update_blob`), and is kept only when the loop accepts that update as it was sent. Validation
+against the round, the rows and the acknowledgements stay in the loop.
 
 The pool starts with the first batch of at least `min_batch` updates (a trickle never starts it).
 Its processes are spawned (the loop has threads: no fork of it), as the coordinator's own children

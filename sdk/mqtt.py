@@ -286,14 +286,20 @@ class MqttSession:
             if qos == 0:
                 continue
             for topic, info in sent:
-                try:
-                    info.wait_for_publish(max(0.0, deadline - time.monotonic()))
-                except (RuntimeError, ValueError) as e:
-                    raise MqttError(f"{self.address}: publish to {topic} failed ({e})") from None
-                if not info.is_published():
-                    raise PublishTimeout(
-                        f"{self.address}: publish to {topic} not acknowledged within {timeout:g}s"
-                    )
+                self.await_ack(topic, info, timeout, deadline)
+
+    def await_ack(
+        self, topic: str, info: paho.MQTTMessageInfo, timeout: float, deadline: float | None = None
+    ) -> None:
+        """Wait for the broker's acknowledgement of what `hand_over` gave paho, until `deadline`
+        (default: `timeout` from now); MqttError when it failed, PublishTimeout when none came."""
+        left = (time.monotonic() + timeout if deadline is None else deadline) - time.monotonic()
+        try:
+            info.wait_for_publish(max(0.0, left))
+        except (RuntimeError, ValueError) as e:
+            raise MqttError(f"{self.address}: publish to {topic} failed ({e})") from None
+        if not info.is_published():
+            raise PublishTimeout(f"{self.address}: publish to {topic} not acknowledged within {timeout:g}s")
 
     def hand_over(self, topic: str, payload: bytes, qos: int, retain: bool) -> paho.MQTTMessageInfo:
         """Give one message to paho (which sends it, and for QoS > 0 resends it until acknowledged);

@@ -30,7 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from fedclip.sdk.errors import MqttError
 
@@ -42,20 +42,15 @@ RECENT_WORDS = 32  # own words whose echo may still be on its way (statuses come
 T = TypeVar("T")
 
 
-class _Sent(Protocol):
-    """paho's MQTTMessageInfo, as far as the repair waits on it."""
-
-    def wait_for_publish(self, timeout: float | None = None) -> None: ...
-    def is_published(self) -> bool: ...
-
-
 class _Session(Protocol):
     """What the guard needs of `MqttSession` (which imports this module, so not named here)."""
 
     client_id: str
     connected: threading.Event
 
-    def hand_over(self, topic: str, payload: bytes, qos: int, retain: bool) -> _Sent: ...
+    def hand_over(self, topic: str, payload: bytes, qos: int, retain: bool) -> Any: ...
+
+    def await_ack(self, topic: str, info: Any, timeout: float) -> None: ...
 
 
 class WillGuard:
@@ -107,9 +102,6 @@ class WillGuard:
                 log.warning("MQTT %s: status not published again (%s)", session.client_id, e)
                 return
         try:  # the acknowledgement awaited outside the lock: a new word need not wait for it
-            sent.wait_for_publish(30)
-        except (RuntimeError, ValueError) as e:
+            session.await_ack(self.topic, sent, 30)
+        except MqttError as e:
             log.warning("MQTT %s: status not published again (%s)", session.client_id, e)
-            return
-        if not sent.is_published():
-            log.warning("MQTT %s: status published again, not acknowledged within 30s", session.client_id)

@@ -11,16 +11,8 @@ from fedclip.sdk.mqtt_will import RECENT_WORDS, WillGuard
 TOPIC = "fedclip/f/agents/a1/status"
 
 
-class Sent:
-    def wait_for_publish(self, timeout: float | None = None) -> None:
-        return None
-
-    def is_published(self) -> bool:
-        return True
-
-
 class Session:
-    """Hands over to a list; `during` runs inside the hand-over (to say something meanwhile)."""
+    """Hands over to a list; `before` runs as a hand-over starts (to say something meanwhile)."""
 
     client_id = "a1"
 
@@ -29,15 +21,19 @@ class Session:
         self.connected = threading.Event()
         self.connected.set()
         self.wire: list[bytes] = []
-        self.during = lambda: None
+        self.acked: list[bytes] = []  # what the repair waited for the broker to acknowledge
+        self.before = lambda: None
 
-    def hand_over(self, topic: str, payload: bytes, qos: int, retain: bool) -> Sent:
+    def hand_over(self, topic: str, payload: bytes, qos: int, retain: bool) -> bytes:
+        self.before()
         return self.guard.say(topic, payload, retain, lambda: self._send(payload))
 
-    def _send(self, payload: bytes) -> Sent:
-        self.during()
+    def await_ack(self, topic: str, info: bytes, timeout: float) -> None:
+        self.acked.append(info)
+
+    def _send(self, payload: bytes) -> bytes:
         self.wire.append(payload)
-        return Sent()
+        return payload
 
 
 def test_own_earlier_words_are_not_overwrites_and_a_foreign_word_is():
@@ -62,16 +58,20 @@ def test_a_repair_sends_the_newest_word_and_a_word_said_meanwhile_waits_for_it()
     session.hand_over(TOPIC, b"w1", 1, True)
     meanwhile = threading.Thread(target=session.hand_over, args=(TOPIC, b"w2", 1, True))
 
-    def say_w2_now() -> None:  # the main thread says a newer word while the repair hands over
-        meanwhile.start()
-        meanwhile.join(0.3)
-        assert meanwhile.is_alive(), "a new word was handed over in the middle of the repair"
+    def say_w2_now() -> None:  # the main thread says a newer word once the repair has read its own
+        session.before = lambda: None  # once: not again for that newer word
+        probe: list[bool] = []  # whether another thread could take the lock every word is said under
+        taker = threading.Thread(target=lambda: probe.append(guard._lock.acquire(blocking=False)))
+        taker.start()
+        taker.join()
+        assert probe == [False], "the repair read its word without holding the guard's lock"
+        meanwhile.start()  # it waits for the lock, so its word goes out after the repair's
 
-    session.during = say_w2_now
+    session.before = say_w2_now
     guard.repair(session)
-    session.during = lambda: None
     meanwhile.join(5)
     assert session.wire == [b"w0", b"w1", b"w1", b"w2"]  # the repair's word never follows a newer one
+    assert session.acked == [b"w1"]  # and it waited for the acknowledgement of what it sent
     assert not guard.overwritten(b"w1") and not guard.overwritten(b"w2")
 
 

@@ -228,3 +228,28 @@ def test_a_decoded_message_crosses_back_from_a_worker_whole():
         np.testing.assert_array_equal(got, arr)
     failed = pickle.loads(pickle.dumps(Decoded(None, "bad payload")))
     assert failed == Decoded(None, "bad payload")
+
+
+@pytest.mark.parametrize(
+    "value,error",
+    [
+        ("-1", r"intake_workers: must be in \[0, 64\], got -1$"),
+        ("65", r"intake_workers: must be in \[0, 64\], got 65$"),
+        ("1" + "0" * 30, r"intake_workers: must be in \[0, 64\], got 10{30}$"),
+        ("two", r"intake_workers: expected an integer, got 'two'$"),
+        ("true", r"intake_workers: expected an integer, got True$"),
+        ("1.5", r"intake_workers: expected an integer, got 1.5$"),
+        (".nan", r"intake_workers: expected an integer, got nan$"),
+    ],
+)
+def test_a_bad_intake_workers_setting_is_one_line_refused(tmp_path, value, error):
+    from fedclip.coordinator.config import CoordConfig
+    from fedclip.sdk.errors import ConfigError
+
+    path, base = tmp_path / "coord.yaml", "broker: mqtt://127.0.0.1:1883\nfleet: f1\nbundle: b\nstate: s\n"
+    path.write_text(f"{base}intake_workers: {value}\n")
+    with pytest.raises(ConfigError, match=error) as exc:
+        CoordConfig.load(path, {})
+    assert "\n" not in str(exc.value)
+    path.write_text(f"{base}intake_workers: null\n")
+    assert CoordConfig.load(path, {}).intake_workers is None  # unset: the default per CPU count

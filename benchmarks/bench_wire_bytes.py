@@ -34,11 +34,26 @@ from fedclip.coordinator.demo import (  # noqa: E402
 )
 from fedclip.coordinator.procs import ProcessGroup, sigterm_as_interrupt  # noqa: E402
 
-# (strategy, adapter kind); both adapt q, v of both towers at the same rank
-RUNS = (("fedavg", "lora"), ("ce-lora", "tri-lora"))
+# (strategy, adapter kind, tri-lora init); all adapt q, v of both towers, at --rank except fleet-core,
+# run once per --core-rank (its frozen basis: its r x r cores are what travels)
+RUNS = (("fedavg", "lora", None), ("ce-lora", "tri-lora", None), ("fleet-core", "tri-lora", "frozen-seed"))
+NAMES = {"fedavg": "FedAvg-LoRA", "ce-lora": "CE-LoRA", "fleet-core": "fleet-core"}
 
 
-def export_bundle(model: str, kind: str, labels: list[str], rank: int, out: Path) -> Path:
+def _runs(args) -> list[tuple[str, str, str, str | None, int]]:
+    """(run name, strategy, adapter kind, init, rank) in order: fleet-core once per --core-rank."""
+    out = []
+    for strategy, kind, init in RUNS:
+        if strategy != "fleet-core":
+            out.append((strategy, strategy, kind, init, args.rank))
+        else:
+            out += [(f"{strategy}-r{r}", strategy, kind, init, r) for r in args.core_rank]
+    return out
+
+
+def export_bundle(
+    model: str, kind: str, labels: list[str], rank: int, out: Path, init: str | None = None
+) -> Path:
     from fedclip.exporters.bundle import export_bundle as export
     from fedclip.exporters.config import ExportConfig
 
@@ -47,7 +62,7 @@ def export_bundle(model: str, kind: str, labels: list[str], rank: int, out: Path
         export(
             ExportConfig(
                 model=model, out=str(out), adapter=kind, rank=rank, alpha=2.0 * rank,
-                labels=tuple(labels), format="ort-training",
+                labels=tuple(labels), format="ort-training", **({"init": init} if init else {}),
             )
         )  # fmt: skip
     return out
@@ -75,16 +90,17 @@ def run(args) -> dict:
         "agents": args.agents,
         "rounds": args.rounds,
         "rank": args.rank,
+        "core_rank": args.core_rank,
         "runs": {},
     }
-    for strategy, kind in RUNS:
-        print(f"{args.model}: exporting {kind}", flush=True)
-        bundle = export_bundle(args.model, kind, labels, args.rank, work / f"bundle-{kind}")
+    for name, strategy, kind, init, rank in _runs(args):
+        print(f"{args.model}: exporting {kind} (rank {rank}{', ' + init if init else ''})", flush=True)
+        bundle = export_bundle(args.model, kind, labels, rank, work / f"bundle-{strategy}-r{rank}", init)
         cfg = DemoConfig(
-            agents=args.agents, rounds=args.rounds, strategy=strategy, model=args.model, rank=args.rank,
-            alpha=2.0 * args.rank, lr=1e-4, round_timeout=1800, timeout=7200, out=work, run_name="-",
+            agents=args.agents, rounds=args.rounds, strategy=strategy, model=args.model, rank=rank,
+            alpha=2.0 * rank, lr=1e-4, round_timeout=1800, timeout=7200, out=work, run_name="-",
         )  # fmt: skip
-        run_dir = work / strategy
+        run_dir = work / name
         shutil.rmtree(run_dir, ignore_errors=True)
         print(f"{args.model}: {strategy}, {args.agents} agents x {args.rounds} rounds", flush=True)
         t0 = time.monotonic()
@@ -96,13 +112,15 @@ def run(args) -> dict:
             fleet = run_federation(cfg, procs, broker, bundle, data_dir, agents, run_dir, console=None)
             procs.stop_all()
         costs = round_costs(fleet.coordinator_state)
-        out["runs"][strategy] = {
+        out["runs"][name] = {
+            "strategy": strategy,
             "adapter": kind,
+            "rank": rank,
             "exchanged_tensor_bytes_per_agent": tensor_bytes(bundle),
             "rounds": {str(r): c for r, c in sorted(costs.items())},
             "seconds": time.monotonic() - t0,
         }
-        print(json.dumps(out["runs"][strategy]["rounds"]), flush=True)
+        print(json.dumps(out["runs"][name]["rounds"]), flush=True)
     out["platform"] = f"{platform.machine()} Python {platform.python_version()}"
     return out
 
@@ -111,42 +129,59 @@ def _kb(n: float) -> str:
     return f"{n / 1024:.1f} KB" if n < 2**20 else f"{n / 2**20:.2f} MB"
 
 
+def _total(run: dict, rounds: list[str]) -> int:
+    return sum(run["rounds"][r]["uplink_bytes"] + run["rounds"][r]["downlink_bytes"] for r in rounds)
+
+
 def markdown(res: dict) -> str:
-    fed, ce = res["runs"]["fedavg"], res["runs"]["ce-lora"]
-    n = res["agents"]
+    fed = res["runs"]["fedavg"]
+    cores = [k for k in res["runs"] if k != "fedavg"]
+    rank = lambda k: res["runs"][k].get("rank", res["rank"])  # noqa: E731
+    name = lambda k: NAMES[res["runs"][k].get("strategy", k)]  # noqa: E731
+    title = ", ".join(f"{name(k)} (r {rank(k)})" for k in cores)
     lines = [
-        f"# Bytes on the wire: FedAvg-LoRA vs CE-LoRA on {res['model']}",
+        f"# Bytes on the wire: FedAvg-LoRA (r {res['rank']}) vs {title} on {res['model']}",
         "",
-        f"{n} agents, {res['rounds']} rounds, rank {res['rank']} on q, v of both towers; real coordinator,",
+        f"{res['agents']} agents, {res['rounds']} rounds, q, v of both towers; real coordinator,",
         "agent processes and embedded broker (random-init weights, a few Fashion-MNIST images per agent:",
-        "bytes only).",
+        "bytes only). fleet-core's tri-LoRA has a frozen basis shared by every agent (`--init frozen-seed`)",
+        "of rank r; only its r x r cores train and travel, as CE-LoRA's.",
         "Uplink = update payloads as received (tensors, statistics, envelope); downlink = task payloads.",
-        "CE-LoRA's agents send their data statistics only when the coordinator does not hold them for",
-        "their current data (here: round 1), as float16.",
+        "The core strategies' agents send their data statistics only when the coordinator does not hold",
+        "them for their current data (here: round 1), as float16.",
         "",
-        "| round | FedAvg-LoRA up | FedAvg-LoRA down | CE-LoRA up | CE-LoRA down | ratio (up+down) |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| round | FedAvg-LoRA up | FedAvg-LoRA down | "
+        + " | ".join(f"{name(k)} r {rank(k)} up | down | ratio (up+down)" for k in cores)
+        + " |",
+        "|---:|" + "---:|" * (2 + 3 * len(cores)),
     ]
-    tot_f = tot_c = 0
-    for r in sorted(fed["rounds"], key=int):
-        f, c = fed["rounds"][r], ce["rounds"].get(r)
-        if c is None:
-            continue
-        fb = f["uplink_bytes"] + f["downlink_bytes"]
-        cb = c["uplink_bytes"] + c["downlink_bytes"]
-        tot_f, tot_c = tot_f + fb, tot_c + cb
-        lines.append(
-            f"| {r} | {_kb(f['uplink_bytes'])} | {_kb(f['downlink_bytes'])} | {_kb(c['uplink_bytes'])} | "
-            f"{_kb(c['downlink_bytes'])} | {fb / cb:.0f}x |"
-        )
-    lora_t, core_t = fed["exchanged_tensor_bytes_per_agent"], ce["exchanged_tensor_bytes_per_agent"]
+    rounds = [r for r in sorted(fed["rounds"], key=int) if all(r in res["runs"][k]["rounds"] for k in cores)]
+    for r in rounds:
+        f = fed["rounds"][r]
+        cells = [_kb(f["uplink_bytes"]), _kb(f["downlink_bytes"])]
+        for k in cores:
+            c = res["runs"][k]["rounds"][r]
+            ratio = _total(fed, [r]) / _total(res["runs"][k], [r])
+            cells += [_kb(c["uplink_bytes"]), _kb(c["downlink_bytes"]), f"{ratio:.0f}x"]
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    tot_f = _total(fed, rounds)
+    cells = ["", ""]
+    for k in cores:
+        tot_c = _total(res["runs"][k], rounds)
+        cells += ["", "", f"**{tot_f / tot_c:.0f}x** ({_kb(tot_f)} vs {_kb(tot_c)})"]
+    lines.append("| all | " + " | ".join(cells) + " |")
+    lora_t = fed["exchanged_tensor_bytes_per_agent"]
+    tensors = ", ".join(
+        f"{name(k)} r {rank(k)} cores {_kb(res['runs'][k]['exchanged_tensor_bytes_per_agent'])} "
+        f"({lora_t / res['runs'][k]['exchanged_tensor_bytes_per_agent']:.0f}x)"
+        for k in cores
+    )
     lines += [
-        f"| all | | | | | **{tot_f / tot_c:.0f}x** ({_kb(tot_f)} vs {_kb(tot_c)}) |",
         "",
-        f"Adapter tensors alone, per agent and direction: LoRA {_kb(lora_t)}, "
-        f"tri-LoRA cores {_kb(core_t)} ({lora_t / core_t:.0f}x).",
+        f"Adapter tensors alone, per agent and direction: LoRA r {res['rank']} {_kb(lora_t)}, {tensors}.",
         "",
-        f"{res['platform']}; `python benchmarks/bench_wire_bytes.py --model {res['model']}`.",
+        f"{res['platform']}; `python benchmarks/bench_wire_bytes.py --model {res['model']} "
+        f"--core-rank {' '.join(str(r) for r in res.get('core_rank', []))}`.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -158,6 +193,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--per-agent", type=int, default=64)
     ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--core-rank", type=int, nargs="+", default=[6, 7], help="fleet-core's basis ranks")
     ap.add_argument("--work", type=Path, default=Path("/tmp/fedclip-wire-bytes"))
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "wire_bytes")
     args = ap.parse_args()

@@ -185,11 +185,16 @@ def main() -> None:
     results = {}
     for seed in args.seeds:
         results[str(seed)] = run_seed(pool, transform, args, seed)
-        doc = {"protocol": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-               "command": "python benchmarks/fmnist_ceiling.py " + " ".join(sys.argv[1:]),
-               "results": results, "seconds": time.monotonic() - t0}  # fmt: skip
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(doc, indent=1))
+        write_run(args, "fmnist_ceiling.py", results, t0)
+
+
+def write_run(args, script: str, results: dict, t0: float) -> None:
+    """The results so far, with the protocol and the command, to `args.out` (after every seed)."""
+    doc = {"protocol": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+           "command": f"python benchmarks/{script} " + " ".join(sys.argv[1:]),
+           "results": results, "seconds": time.monotonic() - t0}  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1))
 
 
 if __name__ == "__main__":

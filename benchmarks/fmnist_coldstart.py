@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -104,7 +105,42 @@ def run_seed(pool, transform, args, seed: int) -> dict[str, list[float]]:
                     got[s].append(_score(model, a, s))
             for s, v in got.items():
                 res[f"fleet-lora{'-bsm' if bsm else ''} {mode}, prior x{s}"] = list(np.mean(v, axis=0))
+        if not bsm:
+            res.update(member_ceiling(model, fleet, personal))
     return res
+
+
+def member_ceiling(model: S.Model, fleet, personal: dict) -> dict[str, list[float]]:
+    """What choosing among the members' adapters can give a newcomer at best (plain CE, no prior):
+    the best member's adapter (an oracle, chosen on the newcomer's own test split), the member whose
+    adapter has the lowest loss on the newcomer's 16 labelled images (no training, but its images
+    used), members mixed by that loss (softmax of -loss / 0.1), and its camera group's mean (an
+    oracle: the newcomer's group is not known to the coordinator)."""
+    rows: dict[str, list] = {k: [] for k in CEILING_ROWS}
+    for a in fleet.newcomers:
+        scores, losses = [], []
+        for b in fleet.agents:
+            model.load({**model.init, **personal[b.name]})
+            scores.append(_score(model, a, 0.0))
+            losses.append(float(F.cross_entropy(model.logits(a.train_x), a.train_y)))
+        w = np.exp(-(np.asarray(losses) - min(losses)) / 0.1)
+        group = np.array([float(b.group == a.group) for b in fleet.agents])
+        rows[CEILING_ROWS[0]].append(max(scores))
+        rows[CEILING_ROWS[1]].append(scores[int(np.argmin(losses))])
+        for key, weights in ((CEILING_ROWS[2], w / w.sum()), (CEILING_ROWS[3], group / group.sum())):
+            mixed = {n: sum(wk * personal[b.name][n] for wk, b in zip(weights, fleet.agents, strict=True))
+                     for n in model.exchanged}  # fmt: skip
+            model.load({**model.init, **mixed})
+            rows[key].append(_score(model, a, 0.0))
+    return {k: list(np.mean(v, axis=0)) for k, v in rows.items()}
+
+
+CEILING_ROWS = (
+    "best member's adapter (oracle)",
+    "member by loss on its 16 images",
+    "members mixed by loss on its 16 images",
+    "its camera group's mean (oracle)",
+)
 
 
 def main() -> None:

@@ -64,6 +64,8 @@ FEDERATED = {
     "fleet-lora": ("fleet-lora", "vision,text"),  # run by fmnist_fl_regimes.py (issue 13)
     # the same with `--loss balanced-softmax` (a name ending in BSM): agents add their prior back
     "fleet-lora-bsm": ("fleet-lora", "vision,text"),
+    # fleet-core over a rank-r frozen basis, r in the name (its own bundle: fmnist_fl_regimes.core_setup)
+    **{f"fleet-core-r{r}{bsm}": ("fleet-core", "vision,text") for r in (6, 7) for bsm in ("", "-bsm")},
 }
 BSM = "-bsm"
 ALL_METHODS = ("zero-shot", "local-lora", "fedavg-lora-text", "fedavg-lora-both", "ce-lora", "full-ft-fedavg")

@@ -33,7 +33,24 @@ from fedclip.sdk.all_class import ALL_SPLIT  # noqa: E402
 from fedclip.sdk.errors import StateError  # noqa: E402
 from fedclip.sdk.ledger import Ledger  # noqa: E402
 
-METHODS = ("zero-shot", "local-lora", "fedavg-lora-both", "fleet-lora", "fleet-lora-bsm")
+METHODS = (
+    "zero-shot", "local-lora", "fedavg-lora-both", "fleet-lora", "fleet-lora-bsm", "fleet-core-r6",
+    "fleet-core-r6-bsm", "fleet-core-r7", "fleet-core-r7-bsm",
+)  # fmt: skip
+CORE = "fleet-core-r"  # fleet-core-r<rank>[-bsm]: run on their own bundle (`core_setup`)
+
+
+def core_setup(method: str, cfg: DemoConfig, args, sw: Path, labels: list[str]) -> tuple[DemoConfig, Path]:
+    """fleet-core's settings and bundle: tri-LoRA over a frozen basis of the rank the method's name
+    says (seeded, shared by every agent), only the cores train, at `--core-lr-scale` x LoRA's lr."""
+    r = int(method.removeprefix(CORE).split("-")[0])
+    cfg = replace(cfg, strategy="fleet-core", rank=r, alpha=2.0 * r, lr=args.lr * args.core_lr_scale)
+    bundle = sw / f"bundle-fleet-core-r{r}"
+    if not (bundle / "manifest.yaml").is_file():
+        shutil.rmtree(bundle, ignore_errors=True)
+        with ProcessGroup(log_dir=sw / "logs") as procs:
+            export(cfg, procs, labels, bundle)
+    return cfg, bundle
 
 
 def final_adapters(method: str, work: Path, agents: list[str], rounds: int) -> dict[str, Path | None]:
@@ -82,6 +99,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--lam", type=float, default=None)
     ap.add_argument("--tau", type=float, default=None)
+    ap.add_argument("--core-lr-scale", type=float, default=30.0, help="fleet-core's lr over LoRA's")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--base-cache", type=Path, default=Path("/tmp/fedclip-fmnist-base"))
@@ -126,14 +144,17 @@ def main() -> None:
             shutil.rmtree(mw, ignore_errors=True)
             print(f"seed {seed}: {method}", flush=True)
             t0 = time.monotonic()
+            m_cfg, m_bundle = replace(cfg, towers="vision,text"), bundle
+            if method.startswith(CORE):
+                m_cfg, m_bundle = core_setup(method, m_cfg, args, sw, labels)
             if method == "zero-shot":
                 res = run_zero_shot(bundle, data_dir, agents, mw)
             elif method == "local-lora":
                 res = run_local(cfg, bundle, data_dir, agents, mw)
             else:
-                res = run_federated(method, replace(cfg, towers="vision,text"), bundle, data_dir, agents, mw)
+                res = run_federated(method, m_cfg, m_bundle, data_dir, agents, mw)
             res["all_class"] = all_class(
-                bundle, data_dir, final_adapters(method, mw, agents, args.rounds), mw
+                m_bundle, data_dir, final_adapters(method, mw, agents, args.rounds), mw
             )
             res["method_seconds"] = time.monotonic() - t0
             seed_res[method] = res

@@ -101,6 +101,10 @@ class FleetDraw:
     global_: np.ndarray  # balanced, unshifted
 
 
+def _shifts(n: int, seed: int, cameras: bool) -> list[CameraShift]:
+    return agent_shifts(n, seed) if cameras else [CameraShift() for _ in range(n)]
+
+
 def draw_fleet(
     labels: np.ndarray,
     regime: str,
@@ -112,8 +116,13 @@ def draw_fleet(
     conc: float = 20.0,
     newcomers: int = 0,
     newcomer_images: int = 16,
+    cameras: bool = True,
 ) -> FleetDraw:
-    """The images of one regime and seed, as pool indices (`make_fleet`, `write_fleet` use them)."""
+    """The images of one regime and seed, as pool indices (`make_fleet`, `write_fleet` use them).
+
+    `cameras=False` gives every agent the unshifted camera (FLoRA's protocol: the global model's
+    test images look like the training images); the label mixes and image draws stay the same.
+    """
     rng = np.random.default_rng([seed, 0xF1EE7])
     train_s = _Sampler(labels, 0, POOL_TRAIN, rng)
     test_s = _Sampler(labels, POOL_TRAIN, len(labels), rng)
@@ -132,7 +141,7 @@ def draw_fleet(
 
     out, extra = [], []
     if regime == "clustered":
-        shifts = agent_shifts(groups, seed)  # distinct camera kinds: agent_shifts cycles through them
+        shifts = _shifts(groups, seed, cameras)  # distinct camera kinds: agent_shifts cycles through them
         centers = [rng.dirichlet(np.full(10, beta)) for _ in range(groups)]
         for i in range(agents):
             g = i % groups
@@ -144,7 +153,7 @@ def draw_fleet(
             mix = rng.dirichlet(conc * centers[g] + 1e-3)
             extra.append(agent(f"new-{j:02d}", shifts[g], mix, g, newcomer_images))
     else:
-        shifts = agent_shifts(agents, seed)
+        shifts = _shifts(agents, seed, cameras)
         for i in range(agents):
             out.append(agent(f"agent-{i:02d}", shifts[i], rng.dirichlet(np.full(10, beta)), i, n_train))
     return FleetDraw(out, extra, bal, gidx)

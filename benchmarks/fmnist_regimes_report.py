@@ -20,12 +20,18 @@ HERE = Path(__file__).resolve().parent
 REGIMES_MARKER = "<!-- regimes: written by fmnist_regimes_report.py -->"
 ORDER = (
     "zero-shot", "local-lora", "local-core", "fedavg-lora", "fedavg-lora-both", "full-ft-fedavg", "ce-lora",
-    "fleet-core", "fleet-lora", "fleet-lora-bsm",
+    "fleet-core", "fleet-core-r6", "fleet-core-r6-bsm", "fleet-core-r7", "fleet-core-r7-bsm", "fleet-lora",
+    "fleet-lora-bsm",
 )  # fmt: skip
-PERSONALS = ("fleet-lora", "fleet-core")  # the methods issue 13's targets are checked for
-NO_GLOBAL = ("local-lora", "local-core", "ce-lora", "fleet-core", "fleet-lora")  # no fleet-trained global
+CORES = ("fleet-core-r6", "fleet-core-r7")  # fleet-core over a rank-6 / rank-7 basis (session 12)
+PERSONALS = ("fleet-lora", "fleet-core", *CORES)  # the methods issue 13's targets are checked for
+REAL_PERSONALS = ("fleet-lora", "fleet-lora-bsm", *(c + b for c in CORES for b in ("", "-bsm")))
+# no fleet-trained global adapter
+NO_GLOBAL = ("local-lora", "local-core", "ce-lora", "fleet-core", *CORES, "fleet-lora")
+_CORE_MIX = "(1 - h) C_i + h Cbar (final cores; exact adapter mixing over the frozen basis)"
 MIX_TEXT = {
-    "fleet-core": "(1 - h) C_i + h Cbar (final cores; exact adapter mixing over the frozen basis)",
+    "fleet-core": _CORE_MIX,
+    **dict.fromkeys(CORES, _CORE_MIX),
     "fleet-lora": "(1 - h) logits_i + h logits_fleet (the personal and the fleet-mean adapter, two passes)",
 }
 
@@ -88,7 +94,7 @@ def run_section(name: str, run: dict) -> list[str]:
     lines = [
         f"### {name}",
         "",
-        f"`{run['command']}`" if run.get("command") else "",
+        _commands(run),
         "",
         f"{p['regime']}: {p['agents']} agents, {p['per_agent']} labelled images each"
         f"{' (80% train)' if p['regime'] == 'today' else ''}, Dirichlet {p['beta']}, {p['rounds']} rounds x "
@@ -145,6 +151,13 @@ def run_section(name: str, run: dict) -> list[str]:
                 lines.append(f"| {m} | {_fmt(join)} | {_fmt(after)} |")
     lines += ["", f"![{name}](fmnist_regimes.{name}.png)", ""]
     return lines
+
+
+def _commands(run: dict) -> str:
+    """The run's command, and those of methods run later on the same fleets and merged in (one per
+    line: markdown line breaks)."""
+    cmds = ([run["command"]] if run.get("command") else []) + run.get("extra_commands", [])
+    return "  \n".join(f"`{c}`" for c in cmds)
 
 
 def _paired(a: list[float], b: list[float]) -> tuple[float, float]:
@@ -219,7 +232,7 @@ def real_rows(run: dict) -> list[tuple[str, float, float, float]]:
     own = {m: _real_means(run, m)[0] for m in ORDER}
     alls = {m: _real_means(run, m)[1] for m in ORDER}
     rows = []
-    for pm in ("fleet-lora", "fleet-lora-bsm"):
+    for pm in REAL_PERSONALS:
         if not own.get(pm):
             continue
         for base in ("local-lora", "fedavg-lora-both"):
@@ -245,7 +258,7 @@ def real_section(name: str, run: dict, out: Path) -> list[str]:
         "the embedded broker; accuracy by `fedclip-agent eval` on each agent's own split (100 images by its "
         "mix) and all-class set (200)."
     )
-    lines = [f"### {name} (real path)", "", f"`{run['command']}`", "", scale, "",
+    lines = [f"### {name} (real path)", "", _commands(run), "", scale, "",
              "| method | own (%) | all-class (%) | bytes per round, all agents (up + down) |",
              "|---|---:|---:|---:|"]  # fmt: skip
     for m in methods:
@@ -330,15 +343,32 @@ def plot(name: str, run: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def merge(run: dict, extra: dict) -> None:
+    """`extra`'s methods added to `run`, seed by seed; the fleets must be the same (same protocol)."""
+    keys = ("regime", "agents", "per_agent", "beta", "rounds", "local_epochs")
+    if any(run["protocol"].get(k) != extra["protocol"].get(k) for k in keys):
+        raise SystemExit(f"--merge: {extra['command']} ran another fleet than {run['command']}")
+    if set(extra["results"]) != set(run["results"]):
+        raise SystemExit(f"--merge: {extra['command']} ran other seeds")
+    for seed, res in extra["results"].items():
+        run["results"][seed].update({m: v for m, v in res.items() if m != "groups"})
+    run["extra_commands"] = [*run.get("extra_commands", []), extra["command"]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path, help="fmnist_sim.py result files (name = file stem)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--preamble", type=Path, default=None, help="markdown put before the run sections")
     ap.add_argument("--real", type=Path, nargs="*", default=[], help="fmnist_fl_regimes.py result files")
+    ap.add_argument("--merge", type=Path, nargs="*", default=[],
+                    help="results of more methods on the same fleets and seeds: each is merged into the sim "
+                         "or real run of its file name (its command listed beside the run's)")  # fmt: skip
     args = ap.parse_args()
     runs = {p.stem: json.loads(p.read_text()) for p in args.runs}
     real = {p.stem: json.loads(p.read_text()) for p in args.real}
+    for p in args.merge:
+        merge((runs | real)[p.stem], json.loads(p.read_text()))
     (args.out / "fmnist_regimes.json").write_text(json.dumps({"sim": runs, "real": real}, indent=1))
     lines = [REGIMES_MARKER, ""]
     if args.preamble:

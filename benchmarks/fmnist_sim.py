@@ -52,6 +52,7 @@ class Method:
     strategy: str | None = None  # None = local only
     lr_scale: float = 1.0
     options: tuple = ()  # extra strategy constructor kwargs
+    rank: int | None = None  # None: --rank
 
 
 METHODS = {
@@ -62,6 +63,11 @@ METHODS = {
     "fleet-core": Method("tri-lora", "frozen-seed", "fleet-core", lr_scale=4.0),
     # The whole LoRA adapter (A and B) mixed by data similarity (the fleet-lora strategy).
     "fleet-lora": Method("lora", strategy="fleet-lora"),
+    # fleet-core over a rank-7 frozen basis: 49 core numbers a module, the most that stays >= 100x
+    # under LoRA r 4's A and B at ViT-B-32's width (2 x 768 x 4 / 49 = 125x); session 12
+    "fleet-core-r7": Method("tri-lora", "frozen-seed", "fleet-core", lr_scale=4.0, rank=7),
+    # rank 6: 36 numbers a module, >= 100x under LoRA r 4 on the wire with every header and statistic
+    "fleet-core-r6": Method("tri-lora", "frozen-seed", "fleet-core", lr_scale=4.0, rank=6),
 }
 
 
@@ -141,9 +147,10 @@ def _score(model: Model, a: AgentData) -> tuple[float, float]:
 
 
 def run_method(name: str, m: Method, fleet: Fleet, args, seed: int, models: dict) -> dict:
-    key = (m.kind, m.init)
+    rank = m.rank or args.rank
+    key = (m.kind, m.init, rank)
     if key not in models:
-        models[key] = Model(args.pretrained, CLASSES, m.kind, m.init, args.rank, seed)
+        models[key] = Model(args.pretrained, CLASSES, m.kind, m.init, rank, seed)
     model = models[key]
     lr = args.lr * m.lr_scale
     model.load(model.init)
@@ -283,9 +290,9 @@ def _cold_join(model, strat, fleet, args, lr, seed, local, personal, glob_t, sta
     return res
 
 
-def run_fullft(fleet: Fleet, args, seed: int) -> dict:
-    """Full fine-tuning with FedAvg (every weight but the token table trains and travels)."""
-    model = Model(args.pretrained, CLASSES, "lora", "ce-lora", args.rank, seed)  # B = 0: no adapter effect
+def full_weights(model: Model) -> Model:
+    """`model` made to train and swap every weight but the token table (full fine-tuning); its
+    adapters stay at their init (B = 0: no effect)."""
     weights = {
         n: p for n, p in model.graph.named_parameters() if "lora_" not in n and "token_embedding" not in n
     }
@@ -293,6 +300,12 @@ def run_fullft(fleet: Fleet, args, seed: int) -> dict:
         p.requires_grad_(True)
     model.params = weights
     model.trainable = list(weights)
+    return model
+
+
+def run_fullft(fleet: Fleet, args, seed: int) -> dict:
+    """Full fine-tuning with FedAvg (every weight but the token table trains and travels)."""
+    model = full_weights(Model(args.pretrained, CLASSES, "lora", "ce-lora", args.rank, seed))
     glob_t = model.state()
     n = np.array([len(a.train_y) for a in fleet.agents], dtype=np.float64)
     own = {a.name: [_score(model, a)[0]] for a in fleet.agents}
@@ -319,7 +332,7 @@ def run_fullft(fleet: Fleet, args, seed: int) -> dict:
 
 def run_zero_shot(fleet: Fleet, args, seed: int, models: dict) -> dict:
     model = models.setdefault(
-        ("lora", "ce-lora"), Model(args.pretrained, CLASSES, "lora", "ce-lora", args.rank, seed)
+        ("lora", "ce-lora", args.rank), Model(args.pretrained, CLASSES, "lora", "ce-lora", args.rank, seed)
     )
     model.load(model.init)
     own = {a.name: [_score(model, a)[0]] for a in fleet.agents}
@@ -350,6 +363,7 @@ def main() -> None:
     ap.add_argument("--lora-fleet-weight", type=float, default=None, help="fleet-lora's g (default: its own)")
     ap.add_argument("--core-lr-scale", type=float, default=4.0, help="lr multiplier of the C-only methods")
     ap.add_argument("--newcomers", type=int, default=0, help="cold-start agents (clustered regime)")
+    ap.add_argument("--no-shift", action="store_true", help="no camera shifts (FLoRA's protocol)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--methods", nargs="+", default=["zero-shot", *METHODS])
     ap.add_argument("--pretrained", default=None, help="base weights (default: the cached pretrained base)")
@@ -375,7 +389,7 @@ def main() -> None:
     t0 = time.monotonic()
     for seed in args.seeds:
         fleet = make_fleet(pool, transform, args.regime, args.agents, args.per_agent, seed, args.beta,
-                           newcomers=args.newcomers)  # fmt: skip
+                           newcomers=args.newcomers, cameras=not args.no_shift)  # fmt: skip
         print(f"seed {seed}: {args.regime}, {len(fleet.agents)} agents", flush=True)
         models: dict = {}
         results[seed] = {"groups": [a.group for a in fleet.agents]}
@@ -393,7 +407,7 @@ def main() -> None:
                 elif m.strategy == "fleet-lora" and args.lora_fleet_weight is not None:
                     opts = (("fleet_weight", args.lora_fleet_weight),)
                 scale = args.core_lr_scale if m.init == "frozen-seed" else m.lr_scale
-                m = Method(m.kind, m.init, m.strategy, scale, opts)
+                m = Method(m.kind, m.init, m.strategy, scale, opts, m.rank)
                 res = run_method(name, m, fleet, args, seed, models)
             res["seconds"] = time.monotonic() - t
             results[seed][name] = res

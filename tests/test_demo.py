@@ -163,6 +163,7 @@ def test_port_helpers():
         ("shift", "sideways", "--shift"),
         ("dirichlet", 0.0, "--dirichlet"),
         ("lr", -1.0, "--lr"),
+        ("rank", 0, "--rank"),
         ("bundle", Path("/nonexistent/bundle"), "--bundle"),
         ("base", "warm", "--base"),
         ("base_steps", 0, "--base-steps"),
@@ -183,6 +184,19 @@ def test_every_coordinator_strategy_has_its_bundle():
     core = DemoConfig(strategy="fleet-core")  # mixes cores over shared frozen A and B
     assert (core.adapter, core.init) == ("tri-lora", "frozen-seed")
     assert (DemoConfig(strategy="fedavg").adapter, DemoConfig(strategy="fedavg").init) == ("lora", None)
+
+
+def test_the_strategy_sets_rank_alpha_and_lr_unless_given():
+    """fleet-core trains only r x r cores over a frozen basis: rank 6 and 30x LoRA's lr unless the
+    command line says otherwise; alpha follows the rank (alpha / r = 2) unless given."""
+    core = DemoConfig(strategy="fleet-core")
+    assert (core.rank, core.alpha, core.lr) == (6, 12.0, 0.15)
+    for strategy in ("ce-lora", "fedavg", "fleet-lora", "trimmed-mean"):
+        cfg = DemoConfig(strategy=strategy)
+        assert (cfg.rank, cfg.alpha, cfg.lr) == (4, 8.0, 5e-3), strategy
+    given = DemoConfig(strategy="fleet-core", rank=4, lr=0.05)
+    assert (given.rank, given.alpha, given.lr) == (4, 8.0, 0.05)
+    assert DemoConfig(strategy="fleet-core", alpha=3.0).alpha == 3.0
 
 
 def test_auto_dataset_prefers_fashion_mnist():

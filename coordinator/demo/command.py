@@ -164,12 +164,16 @@ def demo(
     all_class_per_label: int = typer.Option(
         20, "--all-class-per-label", min=1, help="Images of every label in each agent's all-class test set."
     ),
-    rank: int = typer.Option(4, "--rank", min=1, help="LoRA rank."),
-    alpha: float = typer.Option(8.0, "--alpha", help="LoRA alpha."),
+    rank: int | None = typer.Option(
+        None, "--rank", min=1, help="Adapter rank (default: the strategy's: fleet-core 6, else 4)."
+    ),
+    alpha: float | None = typer.Option(None, "--alpha", help="Adapter alpha (default: 2 x rank)."),
     targets: str = typer.Option("q,v", "--targets", help="Attention projections that get adapters."),
     towers: str = typer.Option("vision,text", "--towers", help="Towers that get adapters."),
     local_epochs: int = typer.Option(1, "--local-epochs", min=1, help="Local epochs per round."),
-    lr: float = typer.Option(5e-3, "--lr", help="Local learning rate."),
+    lr: float | None = typer.Option(
+        None, "--lr", help="Local learning rate (default: the strategy's: fleet-core 0.15, else 0.005)."
+    ),
     loss: str = typer.Option(
         DemoConfig.loss,
         "--loss",

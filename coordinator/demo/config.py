@@ -10,7 +10,10 @@ from pathlib import Path
 from fedclip.sdk.errors import ConfigError
 from fedclip.sdk.label_prior import LOSSES
 
-# The strategy the demo runs unless --strategy says otherwise (the one that wins issue 13's regimes).
+# The strategy the demo runs unless --strategy says otherwise: CE-LoRA as published. In the demo's own
+# fleet (4 agents, each its own camera) it keeps the most all-class accuracy (above zero-shot) at the
+# fewest bytes; fleet-core gains own accuracy there and loses all-class (docs/demo.md, "Strategies");
+# where agents share cameras fleet-lora and fleet-core win (docs/aggregation.md).
 DEFAULT_STRATEGY = "ce-lora"
 
 # strategy -> (adapter kind, tri-lora init) the bundle needs; None = the exporter's default init.
@@ -23,6 +26,14 @@ STRATEGY_BUNDLE: dict[str, tuple[str, str | None]] = {
     "fleet-core": ("tri-lora", "frozen-seed"),
     "fleet-lora": ("lora", None),
 }
+# strategy -> (rank, lr) the demo uses unless --rank / --lr say otherwise (alpha: 2 x rank, so the
+# adapter's scale alpha / r stays 2). fleet-core trains only r x r cores over a frozen random basis:
+# at rank 6 it comes within about a point of fleet-lora's own accuracy in issue 13's fleets (rank 4
+# fell 4 points short) and still moves >= 100x fewer bytes than FedAvg-LoRA at ViT-B-32's width,
+# every header counted (rank 7 gains a point and drops to 88x); its cores need 30x LoRA's step
+# (benchmarks/results/fmnist_fl.md, "Session 12"; wire_bytes.md; docs/aggregation.md).
+STRATEGY_SETTINGS: dict[str, tuple[int, float]] = {"fleet-core": (6, 0.15)}
+DEFAULT_SETTINGS = (4, 5e-3)
 BASES = ("pretrained", "random")
 # The agent's default share of its data kept out of training (`AgentConfig.holdout`): local-only
 # training keeps out the same images, so it trains on exactly what the agent trained on.
@@ -48,12 +59,13 @@ class DemoConfig:
     base_steps: int = 300
     base_cache: Path | None = None  # None: base_pretrain's default (~/.cache/fedclip/base)
     all_class_per_label: int = 20  # images of every label in each agent's all-class set
-    rank: int = 4
-    alpha: float = 8.0
+    # None: the strategy's (STRATEGY_SETTINGS; alpha 2 x rank), resolved when the config is made
+    rank: int | None = None
+    alpha: float | None = None
     targets: str = "q,v"
     towers: str = "vision,text"
     local_epochs: int = 1
-    lr: float = 5e-3
+    lr: float | None = None
     # The agents' loss (docs/aggregation.md). Balanced softmax by default: in the demo's own runs
     # (2 strategies x 2 seeds) it kept own accuracy level (-0.6 to +1.0 points) and raised
     # all-class accuracy by 2.0 to 5.4 points (docs/demo.md).
@@ -74,6 +86,15 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGY_BUNDLE:
             raise ConfigError(f"--strategy: {self.strategy!r} is not one of {', '.join(STRATEGY_BUNDLE)}")
+        rank, lr = STRATEGY_SETTINGS.get(self.strategy, DEFAULT_SETTINGS)
+        rank = rank if self.rank is None else self.rank
+        lr = lr if self.lr is None else self.lr
+        # frozen: fill the strategy's settings in once, so every reader sees plain numbers
+        object.__setattr__(self, "rank", rank)
+        object.__setattr__(self, "alpha", 2.0 * rank if self.alpha is None else self.alpha)
+        object.__setattr__(self, "lr", lr)
+        if rank < 1:
+            raise ConfigError(f"--rank: must be >= 1, got {rank}")
         if self.loss not in LOSSES:
             raise ConfigError(f"--loss: {self.loss!r} is not one of {', '.join(LOSSES)}")
         if self.base not in BASES:
@@ -84,8 +105,8 @@ class DemoConfig:
             raise ConfigError(f"--shift: {self.shift!r} is not one of none, per-agent")
         if self.dirichlet <= 0:
             raise ConfigError(f"--dirichlet: must be > 0, got {self.dirichlet}")
-        if self.lr <= 0:
-            raise ConfigError(f"--lr: must be > 0, got {self.lr}")
+        if lr <= 0:
+            raise ConfigError(f"--lr: must be > 0, got {lr}")
         if self.round_timeout <= 0 or self.timeout <= 0:
             raise ConfigError("--round-timeout, --timeout: must be > 0")
         if self.bundle is not None and not (Path(self.bundle) / "manifest.yaml").is_file():

@@ -63,11 +63,11 @@ METHODS = {
     "fleet-core": Method("tri-lora", "frozen-seed", "fleet-core", lr_scale=4.0),
     # The whole LoRA adapter (A and B) mixed by data similarity (the fleet-lora strategy).
     "fleet-lora": Method("lora", strategy="fleet-lora"),
-    # fleet-core over a rank-7 frozen basis: 49 core numbers a module, the most that stays >= 100x
-    # under LoRA r 4's A and B at ViT-B-32's width (2 x 768 x 4 / 49 = 125x); session 12
-    "fleet-core-r7": Method("tri-lora", "frozen-seed", "fleet-core", lr_scale=4.0, rank=7),
-    # rank 6: 36 numbers a module, >= 100x under LoRA r 4 on the wire with every header and statistic
+    # fleet-core over a rank-6 / rank-7 frozen basis (session 12): 36 / 49 core numbers a module; at
+    # ViT-B-32's width 142x / 104x fewer tensor numbers than LoRA r 4's A and B, and on the wire with
+    # every header and statistic 109x / 88x (results/wire_bytes.md)
     "fleet-core-r6": Method("tri-lora", "frozen-seed", "fleet-core", lr_scale=4.0, rank=6),
+    "fleet-core-r7": Method("tri-lora", "frozen-seed", "fleet-core", lr_scale=4.0, rank=7),
 }
 
 

@@ -133,3 +133,36 @@ def test_strategy_option_neighbours():
     )
     with pytest.raises(ConfigError, match="neighbours"):
         StrategyOptions(neighbours=-1)
+
+
+def test_mix_gathers_at_most_its_budget_per_block_and_gives_the_same_result(monkeypatch):
+    """At LoRA's widths 64 rows x k neighbours x P floats was gigabytes in one gather; the block now
+    shrinks to GATHER_BYTES (one row at the least) and every row's sum is what it was."""
+    import tracemalloc
+
+    from fedclip.coordinator.strategies import neighbours
+
+    rng = np.random.default_rng(0)
+    n, k, p = 48, 8, 4000
+    values = rng.standard_normal((n, p)).astype(np.float32)
+    idx = rng.integers(0, n, (n, k))
+    w = rng.uniform(0, 1, (n, k))
+
+    def peak_of_mix() -> tuple[np.ndarray, int]:
+        tracemalloc.start()
+        try:
+            out = neighbours.mix(values, idx, w)
+            return out, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    whole, whole_peak = peak_of_mix()  # the default budget fits all 48 rows in one block
+    one_row = k * p * values.itemsize
+    monkeypatch.setattr(neighbours, "GATHER_BYTES", 2 * one_row)
+    blocked, blocked_peak = peak_of_mix()
+    assert np.array_equal(blocked, whole)
+    out_bytes = n * p * 4
+    assert whole_peak > out_bytes + n * one_row  # the old way: every row's gather at once
+    assert blocked_peak < out_bytes + 6 * one_row  # two rows' gather (and einsum's own) at a time
+    monkeypatch.setattr(neighbours, "GATHER_BYTES", 1)  # under one row: still one row per block
+    assert np.array_equal(neighbours.mix(values, idx, w), whole)

@@ -151,8 +151,17 @@ def nearest(
     return idx, weights
 
 
+GATHER_BYTES = 64 << 20  # `mix`'s B x k x P gather per row block stays under this
+
+
 def mix(values: np.ndarray, idx: np.ndarray, weights: np.ndarray, block_rows: int = 64) -> np.ndarray:
-    """out_i = sum_j weights_ij values[idx_ij], float32 [N, P]; a B x k x P gather per row block."""
+    """out_i = sum_j weights_ij values[idx_ij], float32 [N, P]; a B x k x P gather per row block.
+
+    B is `block_rows` or fewer: at LoRA's widths (P ~ 500,000 at ViT-B-32) 64 rows x 32 neighbours
+    gathered 4 GB at once; a block now holds at most GATHER_BYTES, one row at the least (each row's
+    sum is computed the same way whatever the block, so the result does not change)."""
+    per_row = max(1, idx.shape[1] * values.shape[1] * values.itemsize)
+    block_rows = max(1, min(block_rows, GATHER_BYTES // per_row))
     out = np.empty((len(idx), values.shape[1]), np.float32)
     for s in range(0, len(idx), block_rows):
         rows = slice(s, s + block_rows)

@@ -7,8 +7,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedclip.sdk.errors import ConfigError
+from fedclip.sdk.errors import ConfigError, WireError
 from fedclip.sdk.label_prior import LOSSES
+from fedclip.sdk.messages import Hyperparameters
 
 # The strategy the demo runs unless --strategy says otherwise: CE-LoRA as published. In the demo's own
 # fleet (4 agents, each its own camera) it keeps the most all-class accuracy (above zero-shot) at the
@@ -105,8 +106,11 @@ class DemoConfig:
             raise ConfigError(f"--shift: {self.shift!r} is not one of none, per-agent")
         if self.dirichlet <= 0:
             raise ConfigError(f"--dirichlet: must be > 0, got {self.dirichlet}")
-        if lr <= 0:
-            raise ConfigError(f"--lr: must be > 0, got {lr}")
+        try:  # the bounds every agent applies to a task (and `serve` to its settings), checked here
+            Hyperparameters(self.local_epochs, lr, loss=self.loss)
+        except WireError as e:
+            msg = str(e).replace("hyperparameters: hyperparameters: body field ", "")
+            raise ConfigError(f"--lr, --local-epochs: {msg}") from None
         if self.round_timeout <= 0 or self.timeout <= 0:
             raise ConfigError("--round-timeout, --timeout: must be > 0")
         if self.bundle is not None and not (Path(self.bundle) / "manifest.yaml").is_file():

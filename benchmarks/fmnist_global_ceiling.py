@@ -32,11 +32,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import fmnist_sim as S  # noqa: E402
-from fmnist_ceiling import TRAIN_PSEUDO, fleet_args, log_prior, setup, write_run  # noqa: E402
+from fmnist_ceiling import TRAIN_PSEUDO, federated, fleet_args, log_prior, setup, write_run  # noqa: E402
 from fmnist_regimes import make_fleet  # noqa: E402
-
-from fedclip.coordinator import strategies  # noqa: E402
-from fedclip.coordinator.strategies import StrategyOptions  # noqa: E402
 
 # (column, lrs, epochs): a grid wide enough that its best cell is not an artefact of one lr
 GRID = (
@@ -105,20 +102,14 @@ FEDERATED = ("fedavg-lora", "fedavg-lora-bsm", "full-ft-fedavg")
 
 def fedavg_rounds(model: S.Model, fleet, args, seed: int, bsm: bool) -> list[float]:
     """The global adapter's accuracy on the global test set before and after each FedAvg round."""
-    model.load(model.init)
-    strat = strategies.create("fedavg", StrategyOptions(seed=seed))
-    glob = {n: model.init[n] for n in model.exchanged}
-    local = {a.name: dict(model.init) for a in fleet.agents}
-    biases = None
-    if bsm:
-        biases = {a.name: log_prior(a.train_y, TRAIN_PSEUDO).expand(len(a.train_y), -1) for a in fleet.agents}
-    accs = [model.accuracy(fleet.global_x, fleet.global_y)]
-    for r in range(1, args.rounds + 1):
-        glob, _ = S.fleet_round(
-            model, strat, fleet, r, args.local_epochs, args.lr, seed, local, {}, glob, {}, biases
-        )
+
+    def score(glob: dict) -> None:
         model.load({**model.init, **glob})
         accs.append(model.accuracy(fleet.global_x, fleet.global_y))
+
+    accs: list[float] = []
+    score({})
+    federated(model, fleet, "fedavg", args, seed, bsm, each_round=score)
     return accs
 
 

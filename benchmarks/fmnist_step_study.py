@@ -24,19 +24,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fmnist_sim as S  # noqa: E402
-from fmnist_ceiling import fleet_args, setup  # noqa: E402
+from fmnist_ceiling import fleet_args, scores, setup  # noqa: E402
 from fmnist_regimes import make_fleet  # noqa: E402
 
 from fedclip.coordinator import strategies  # noqa: E402
 from fedclip.coordinator.strategies import StrategyOptions  # noqa: E402
-
-
-def own(model: S.Model, fleet, states: dict) -> float:
-    accs = []
-    for a in fleet.agents:
-        model.load(states[a.name])
-        accs.append(model.accuracy(a.own_x, a.own_y))
-    return float(np.mean(accs))
 
 
 def local_only(model: S.Model, fleet, args, lr: float, seed: int) -> dict:
@@ -85,7 +77,7 @@ def main() -> None:
             f"fleet-lora eta {e:g}": fleet_lora(model, fleet, args, 0.005, e, seed, stats) for e in args.etas
         }
         for name, states in runs.items():
-            rows.setdefault(name, []).append(own(model, fleet, states))
+            rows.setdefault(name, []).append(scores(model, fleet, states)["0.0"][0])  # own accuracy
             print(f"  s{seed} {name}: own {rows[name][-1] * 100:.1f}", flush=True)
     print("own accuracy (%), mean ± sd over seeds:")
     for name, v in rows.items():

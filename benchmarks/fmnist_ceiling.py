@@ -88,10 +88,16 @@ def pooled(model: S.Model, fleet, members, epochs, lr: float, bsm: bool = False)
     return states
 
 
-def federated(model: S.Model, fleet, strategy: str, args, seed: int, bsm: bool) -> tuple[dict, dict]:
-    """(each agent's final adapter, the global adapter) after `args.rounds` rounds of `strategy`."""
-    stats = {a.name: model.stats(a) for a in fleet.agents}
+def federated(
+    model: S.Model, fleet, strategy: str, args, seed: int, bsm: bool, each_round=None
+) -> tuple[dict, dict]:
+    """(each agent's final adapter, the global adapter) after `args.rounds` rounds of `strategy`;
+    `each_round(glob)` is called with the global adapter after every round."""
     strat = strategies.create(strategy, StrategyOptions(lam=1.0, tau=args.tau, seed=seed))
+    # The statistics of the base model, as fmnist_sim computes them (this model may still hold an
+    # adapter another run trained); only for strategies that use them.
+    model.load(model.init)
+    stats = {a.name: model.stats(a) for a in fleet.agents} if strat.stats else {}
     glob = {n: model.init[n] for n in model.exchanged}
     personal: dict = {}
     local = {a.name: dict(model.init) for a in fleet.agents}
@@ -102,6 +108,8 @@ def federated(model: S.Model, fleet, strategy: str, args, seed: int, bsm: bool) 
         glob, personal = S.fleet_round(
             model, strat, fleet, r, args.local_epochs, args.lr, seed, local, personal, glob, stats, biases
         )
+        if each_round is not None:
+            each_round(glob)
     return {a.name: {**local[a.name], **personal.get(a.name, glob)} for a in fleet.agents}, glob
 
 

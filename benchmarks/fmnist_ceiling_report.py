@@ -41,10 +41,15 @@ def summary_rows(run: dict) -> list[str]:
     bsm = [_pts(s, "all-pooled-bsm 10 ep", "1.0") - lo for s, lo in zip(seeds, local, strict=True)]
     bar = [max(_pts(s, "zero-shot", which=1), _pts(s, "fedavg", which=1)) for s in seeds]
     all_fleet = [_pts(s, "fleet-lora", which=1) - b for s, b in zip(seeds, bar, strict=True)]
-    all_bsm = [_pts(s, "fleet-lora-bsm", which=1) - b for s, b in zip(seeds, bar, strict=True)]
-    own_bsm = [_pts(s, "fleet-lora-bsm", "1.0") - lo for s, lo in zip(seeds, local, strict=True)]
+    # fleet-lora-bsm's own and all-class at the same prior weight: x1 (the product's default) and x0
+    # (no prior at inference). Session 7's table paired own at x1 with all-class at x0 (fixed in 12).
+    own_bsm = {w: [_pts(s, "fleet-lora-bsm", w) - lo for s, lo in zip(seeds, local, strict=True)]
+               for w in ("1.0", "0.0")}  # fmt: skip
+    all_bsm = {w: [_pts(s, "fleet-lora-bsm", w, which=1) - b for s, b in zip(seeds, bar, strict=True)]
+               for w in ("1.0", "0.0")}  # fmt: skip
     return [
-        _ms(local), _ms(same), _ms(ceiling), _ms(bsm), _ms(fleet), _ms(own_bsm), _ms(all_fleet), _ms(all_bsm),
+        _ms(local), _ms(same), _ms(ceiling), _ms(bsm), _ms(fleet), _ms(all_fleet),
+        *(f"{_ms(own_bsm[w])} / {_ms(all_bsm[w])}" for w in ("1.0", "0.0")),
         "yes" if np.mean(ceiling) >= TARGET_OWN else "**no**",
     ]  # fmt: skip
 
@@ -107,8 +112,9 @@ def write_report(paths: list[Path], out: Path, doc: str) -> None:
         "",
         "| run | local-only own (%) | group-pooled at local-only's steps - local-only "
         "| ceiling: best group-pooled own - local-only | all-pooled-bsm (prior x1) own - local-only "
-        "| fleet-lora own - local-only | fleet-lora-bsm (x1) own - local-only "
-        "| fleet-lora all-class - bar | fleet-lora-bsm (x1) all-class - bar | +5 reachable by pooling? |",
+        "| fleet-lora own - local-only | fleet-lora all-class - bar "
+        "| fleet-lora-bsm, prior x1: own - local-only / all-class - bar "
+        "| fleet-lora-bsm, prior x0: own - local-only / all-class - bar | +5 reachable by pooling? |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     lines += [f"| {name} | " + " | ".join(summary_rows(run)) + " |" for name, run in runs.items()]

@@ -174,6 +174,19 @@ def fleet_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--base-cache", type=Path, default=Path("/tmp/fedclip-fmnist-base"))
 
 
+def report_instead(ap: argparse.ArgumentParser, args, module: str, *extra) -> bool:
+    """With `--report FILES`: `module.write_report(FILES, results/, *extra)`, and True (nothing to
+    run); else `--out` must be there (the scripts that run fleets and report them share this)."""
+    if args.report:
+        import importlib
+
+        importlib.import_module(module).write_report(args.report, HERE / "results", *extra)
+        return True
+    if args.out is None:
+        ap.error("--out is required (or --report)")
+    return False
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--regime", choices=("today", "scarce", "clustered"), default="clustered")
@@ -181,13 +194,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="the JSON file for the results")
     ap.add_argument("--report", type=Path, nargs="*", help="write results/fmnist_ceiling.md from these JSONs")
     args = ap.parse_args()
-    if args.report:
-        from fmnist_ceiling_report import write_report
-
-        write_report(args.report, HERE / "results", __doc__ or "")
+    if report_instead(ap, args, "fmnist_ceiling_report", __doc__ or ""):
         return
-    if args.out is None:
-        ap.error("--out is required")
     pool, transform = setup(args)
     t0 = time.monotonic()
     results = {}

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -64,6 +65,7 @@ FEDERATED = {
     "fleet-lora": ("fleet-lora", "vision,text"),  # run by fmnist_fl_regimes.py (issue 13)
     # the same with `--loss balanced-softmax` (a name ending in BSM): agents add their prior back
     "fleet-lora-bsm": ("fleet-lora", "vision,text"),
+    "fedavg-lora-both-bsm": ("fedavg", "vision,text"),
     # fleet-core over a rank-r frozen basis, r in the name (its own bundle: fmnist_fl_regimes.core_setup)
     **{f"fleet-core-r{r}{bsm}": ("fleet-core", "vision,text") for r in (6, 7) for bsm in ("", "-bsm")},
 }
@@ -148,10 +150,21 @@ def _result(name: str, run: FleetRun, acc: dict, peak: dict[str, int]) -> dict:
 
 
 def run_local(
-    cfg: DemoConfig, bundle: Path, data_dir: Path, agents: list[str], work: Path, loss: str = "ce"
+    cfg: DemoConfig,
+    bundle: Path,
+    data_dir: Path,
+    agents: list[str],
+    work: Path,
+    loss: str = "ce",
+    start: Mapping[str, Path | None] | None = None,
+    prox_mu: float = 0.0,
+    name: str = "local-lora",
 ) -> dict:
     """Local-only LoRA: each agent trains alone for rounds x local epochs (with `loss`), then is
-    evaluated (a balanced-softmax adapter carries its label prior, and the evaluation adds it)."""
+    evaluated (a balanced-softmax adapter carries its label prior, and the evaluation adds it).
+    With `start` and `prox_mu` (personal tuning, docs/aggregation.md): each agent trains from its
+    adapter in `start` with the proximal term toward it, `fedclip-agent train --prox-mu`, the trainer
+    an agent with `personal:` runs when a rollout installs that adapter ("before" is then `start`'s)."""
     acc: dict[str, list[float | None]] = {}
     peak: dict[str, int] = {}
     seconds = []
@@ -159,9 +172,11 @@ def run_local(
         for a in agents:
             out = work / "adapters" / f"{a}.safetensors"
             out.parent.mkdir(parents=True, exist_ok=True)
+            first = start.get(a) if start else None
             options = flags(
                 bundle=bundle, data=data_dir / a / "train", epochs=cfg.rounds * cfg.local_epochs, lr=cfg.lr,
-                batch_size=32, holdout=0.2, seed=cfg.seed, out=out, threads=1, loss=loss,
+                batch_size=32, holdout=0.2, seed=cfg.seed, out=out, threads=1, loss=loss, adapter=first,
+                prox_mu=prox_mu or None,
             )  # fmt: skip
             t0 = time.monotonic()
             argv = agent_cli("train", *options, "--quiet", "--json")
@@ -176,14 +191,14 @@ def run_local(
             seconds.append(time.monotonic() - t0)
             cache = work / "eval-embeddings" / a
             before = finish_eval(
-                spawn_eval(procs, f"eval-{a}-r0", bundle, data_dir / a / "test", None, cache)
+                spawn_eval(procs, f"eval-{a}-r0", bundle, data_dir / a / "test", first, cache)
             )
             after = finish_eval(
                 spawn_eval(procs, f"eval-{a}-local", bundle, data_dir / a / "test", out, cache)
             )
             acc[a] = [float(before["accuracy"]), float(after["accuracy"])]
     return {
-        "method": "local-lora",
+        "method": name,
         "accuracy_per_round": acc,
         "train_seconds_per_agent": seconds,
         "round_seconds": [],

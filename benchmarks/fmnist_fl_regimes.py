@@ -35,9 +35,14 @@ from fedclip.sdk.ledger import Ledger  # noqa: E402
 
 METHODS = (
     "zero-shot", "local-lora", "fedavg-lora-both", "fleet-lora", "fleet-lora-bsm", "fleet-core-r6",
-    "fleet-core-r6-bsm", "fleet-core-r7", "fleet-core-r7-bsm",
+    "fleet-core-r6-bsm", "fleet-core-r7", "fleet-core-r7-bsm", "fedavg-lora-both-bsm",
+    "fedavg-lora-both-bsm-personal",
 )  # fmt: skip
 CORE = "fleet-core-r"  # fleet-core-r<rank>[-bsm]: run on their own bundle (`core_setup`)
+# "<federated method>-personal": that method's final adapters tuned on each agent's training split
+# with the proximal term (`fedclip-agent train --prox-mu`, what an agent with `personal:` runs on a
+# rollout; docs/aggregation.md, "Personal tuning"); the federated method must have run on the seed
+PERSONAL = "-personal"
 
 
 def core_setup(method: str, cfg: DemoConfig, args, sw: Path, labels: list[str]) -> tuple[DemoConfig, Path]:
@@ -57,7 +62,7 @@ def final_adapters(method: str, work: Path, agents: list[str], rounds: int) -> d
     """Each agent's adapter after the last round (the final rollout; None: the bundle's initial one)."""
     if method == "zero-shot":
         return dict.fromkeys(agents)
-    if method == "local-lora":
+    if method == "local-lora" or method.endswith(PERSONAL):
         return {a: work / "adapters" / f"{a}.safetensors" for a in agents}
     out: dict[str, Path | None] = {}
     for a in agents:
@@ -100,6 +105,7 @@ def main() -> None:
     ap.add_argument("--lam", type=float, default=None)
     ap.add_argument("--tau", type=float, default=None)
     ap.add_argument("--core-lr-scale", type=float, default=30.0, help="fleet-core's lr over LoRA's")
+    ap.add_argument("--personal-mu", type=float, default=1.5, help="the -personal methods' proximal weight")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--base-cache", type=Path, default=Path("/tmp/fedclip-fmnist-base"))
@@ -151,6 +157,13 @@ def main() -> None:
                 res = run_zero_shot(bundle, data_dir, agents, mw)
             elif method == "local-lora":
                 res = run_local(cfg, bundle, data_dir, agents, mw)
+            elif method.endswith(PERSONAL):
+                fleet = method.removesuffix(PERSONAL)
+                start = final_adapters(fleet, sw / fleet, agents, args.rounds)
+                if not all(p is not None and p.is_file() for p in start.values()):
+                    raise SystemExit(f"{method}: run {fleet} on seed {seed} first (its final adapters)")
+                res = run_local(cfg, bundle, data_dir, agents, mw, start=start, prox_mu=args.personal_mu,
+                                name=method)  # fmt: skip
             else:
                 res = run_federated(method, m_cfg, m_bundle, data_dir, agents, mw)
             res["all_class"] = all_class(
@@ -168,5 +181,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    assert set(METHODS) - {"zero-shot", "local-lora"} <= set(FEDERATED)
+    assert {m for m in METHODS if not m.endswith(PERSONAL)} - {"zero-shot", "local-lora"} <= set(FEDERATED)
     main()

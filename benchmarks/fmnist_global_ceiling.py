@@ -32,7 +32,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import fmnist_sim as S  # noqa: E402
-from fmnist_ceiling import TRAIN_PSEUDO, federated, fleet_args, log_prior, setup, write_run  # noqa: E402
+from fmnist_ceiling import (  # noqa: E402
+    TRAIN_PSEUDO,
+    federated,
+    fleet_args,
+    log_prior,
+    report_instead,
+    setup,
+    write_run,
+)
 from fmnist_regimes import make_fleet  # noqa: E402
 
 # (column, lrs, epochs): a grid wide enough that its best cell is not an artefact of one lr
@@ -137,13 +145,8 @@ def main() -> None:
     ap.add_argument("--report", type=Path, help="write results/fmnist_global_ceiling.md from this JSON")
     ap.add_argument("--reference", action="store_true", help="add the pool-trained reference to --out")
     args = ap.parse_args()
-    if args.report:
-        from fmnist_global_report import write_report
-
-        write_report(args.report, HERE / "results")
+    if report_instead(ap, args, "fmnist_global_report"):
         return
-    if args.out is None:
-        ap.error("--out is required")
     pool, transform = setup(args)
     if args.reference:
         doc = json.loads(args.out.read_text())

@@ -21,11 +21,14 @@ REGIMES_MARKER = "<!-- regimes: written by fmnist_regimes_report.py -->"
 ORDER = (
     "zero-shot", "local-lora", "local-core", "fedavg-lora", "fedavg-lora-both", "full-ft-fedavg", "ce-lora",
     "fleet-core", "fleet-core-r6", "fleet-core-r6-bsm", "fleet-core-r7", "fleet-core-r7-bsm", "fleet-lora",
-    "fleet-lora-bsm",
+    "fleet-lora-bsm", "fedavg-lora-both-bsm", "fedavg-lora-both-bsm-personal",
 )  # fmt: skip
 CORES = ("fleet-core-r6", "fleet-core-r7")  # fleet-core over a rank-6 / rank-7 basis (session 12)
 PERSONALS = ("fleet-lora", "fleet-core", *CORES)  # the methods issue 13's targets are checked for
-REAL_PERSONALS = ("fleet-lora", "fleet-lora-bsm", *(c + b for c in CORES for b in ("", "-bsm")))
+REAL_PERSONALS = (
+    "fleet-lora", "fleet-lora-bsm", *(c + b for c in CORES for b in ("", "-bsm")),
+    "fedavg-lora-both-bsm-personal",  # FedAvg-LoRA (balanced softmax) + personal tuning on each device
+)  # fmt: skip
 # no fleet-trained global adapter
 NO_GLOBAL = ("local-lora", "local-core", "ce-lora", "fleet-core", *CORES, "fleet-lora")
 _CORE_MIX = "(1 - h) C_i + h Cbar (final cores; exact adapter mixing over the frozen basis)"

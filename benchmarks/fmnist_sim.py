@@ -103,9 +103,20 @@ class Model:
     def state(self) -> dict:
         return {n: p.detach().numpy().copy() for n, p in self.params.items()}
 
-    def train(self, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, seed: int, bias=None) -> None:
-        """`bias` ([N, L], optional): added to each image's logits before the loss (fmnist_ceiling)."""
+    def train(
+        self, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, seed: int, bias=None,
+        anchor: dict | None = None, mu: float = 0.0, pull: float = 0.0,
+    ) -> None:  # fmt: skip
+        """`bias` ([N, L], optional): added to each image's logits before the loss (fmnist_ceiling).
+        `anchor` (tensors by name, fmnist_personal): with `mu` the loss gains the proximal term
+        (mu / 2) ||w - anchor||^2 over the trainable tensors (Ditto's); with `pull` every step is
+        followed by w -= pull (w - anchor) (the same pull outside the optimizer)."""
         ps = [self.params[n] for n in self.trainable]
+        anc = (
+            [torch.as_tensor(np.asarray(anchor[n], dtype=np.float32)) for n in self.trainable]
+            if anchor
+            else []
+        )
         opt = torch.optim.AdamW(ps, lr=lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0)
         gen = torch.Generator().manual_seed(seed)
         self.graph.train()
@@ -113,9 +124,15 @@ class Model:
             for idx in torch.randperm(len(y), generator=gen).split(32):
                 logits = self.graph.logits(x[idx])
                 loss = F.cross_entropy(logits if bias is None else logits + bias[idx], y[idx])
+                if anc and mu:
+                    loss = loss + 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(ps, anc, strict=True))
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                if anc and pull:
+                    with torch.no_grad():
+                        for p, a in zip(ps, anc, strict=True):
+                            p.sub_(pull * (p - a))
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from types import FrameType
 
 from fedclip.device_agent.config import AgentConfig
 from fedclip.device_agent.inbox import Inbox
+from fedclip.device_agent.personalize import personalize
 from fedclip.device_agent.rollout_client import RolloutClient
 from fedclip.device_agent.rounds import RoundRunner
 from fedclip.device_agent.status import StatusReporter, status_blob
@@ -156,16 +157,30 @@ class Agent:
             # Unsigned pushes would let anyone who can publish on the broker replace the model.
             log.info("no coordinator_key: adapter rollouts are ignored until one is configured")
         self._resume()
+        self._personalize()  # an adapter installed before a stop (or before tuning was on)
         return True
+
+    def _personalize(self) -> None:
+        """With personal tuning on, give the adapter in use its personal copy (`device_agent.personal`);
+        a failure keeps the fleet's adapter serving and is one line in the log."""
+        if not self.cfg.personal.enabled:
+            return
+        try:
+            personalize(self.runner, self.cfg.personal)
+        except FedclipError as e:
+            log.warning("personal tuning failed (%s); inference keeps the fleet's adapter", e)
 
     def poll(self, timeout: float) -> bool:
         """Handle at most one incoming message (waiting up to `timeout`) and offer unacknowledged
         updates again when due; True when a message was handled."""
         incoming = self.transport.get(timeout=timeout)
         if incoming is not None:
+            in_use = self.runner.state.current_adapter
             # A message that breaks its handler is logged and dropped; the agent keeps serving.
             with guard(incoming, lambda msg, reason: None):
                 self.inbox.handle(incoming)
+            if self.runner.state.current_adapter != in_use:  # installed, rolled back, pushed
+                self._personalize()
         self.updates.retry_pending()
         self.status.tick()
         return incoming is not None

@@ -48,11 +48,15 @@ def installed_adapter(state_dir: str | Path) -> tuple[str, str | None, Path | No
     """(bundle id, adapter version or None, its file or None): what the agent serves inference with.
 
     Read-only, and the only place the Classifier learns it from: the agent's ledger (`sdk.ledger`),
-    whose in-use entry only signed rollouts (and `--adapter` installs) change.
+    whose in-use entry only signed rollouts (and `--adapter` installs) change; with personal tuning on
+    (`device_agent.personal`), that entry's copy tuned on the device, as `<version>+personal`.
     """
     ledger = Ledger.read(state_dir)
     entry = ledger.entry(ledger.current)
-    return ledger.bundle_id, (entry.version if entry else None), (entry.file if entry else None)
+    if entry is None:
+        return ledger.bundle_id, None, None
+    version, file = entry.served
+    return ledger.bundle_id, version, file
 
 
 def _state_stamp(state_dir: Path) -> tuple[int, int] | None:

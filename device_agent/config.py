@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from fedclip.device_agent.personal import PersonalTuning
 from fedclip.device_agent.policy import TaskPolicy
 from fedclip.sdk.config import from_mapping, from_yaml
 from fedclip.sdk.errors import ConfigError
@@ -56,6 +57,9 @@ class AgentConfig:
     device_key: Path | None = None
     # The device's own limits on what a task may ask (device_agent.policy.TaskPolicy)
     policy: TaskPolicy = TaskPolicy()
+    # Personal tuning (device_agent.personal): inference serves the fleet's adapter tuned on this
+    # device's images and held near it (`personal: {mu: 1}`); off by default (mu 0)
+    personal: PersonalTuning = PersonalTuning()
     keepalive: int = 30
     # The retained status goes out again 5, 10, 20, ... s after each connect, then every this many
     # seconds: a status a broker lost (or a coordinator missed) heals by itself. 0: only on change.
@@ -98,6 +102,17 @@ class AgentConfig:
             raise ConfigError("connect_timeout, publish_timeout: must be > 0")
         if self.password is not None and self.password_file is not None:
             raise ConfigError("password, password_file: give one, not both")
+        if self.personal.enabled and self.backend == "ort-training":
+            raise ConfigError(
+                "personal.mu: personal tuning needs the step backend (ORT's training artifacts fix the "
+                "loss at export); use backend: step or auto"
+            )
+
+    @property
+    def training_backend(self) -> Literal["auto", "step", "ort-training"]:
+        """The backend the agent trains with: `backend`, except that personal tuning turns auto into
+        step (only the step graph has the proximal term)."""
+        return "step" if self.personal.enabled and self.backend == "auto" else self.backend
 
     def signing_key(self) -> Ed25519PrivateKey | None:
         """The device key (read once per path), or None when the agent has none."""

@@ -121,6 +121,7 @@ def status(
         "adapter_source",
         "adapter_round",
         "adapter_rollout",
+        "serving",
         "pinned",
         "last_round",
         "rounds_done",

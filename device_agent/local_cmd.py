@@ -122,6 +122,14 @@ def train(
         help="ce, or balanced-softmax: train without this data's label mix; the adapter keeps the "
         "mix in its metadata and inference adds it back (docs/aggregation.md).",
     ),
+    prox_mu: float = typer.Option(
+        0.0,
+        "--prox-mu",
+        min=0.0,
+        help="Personal tuning: add (mu / 2) ||w - start||^2 to the loss, start the --adapter (or the "
+        "bundle's initial tensors), so the adapter learns this device's images and stays near the "
+        "fleet's (docs/aggregation.md, 'Personal tuning'). Needs the step backend (auto picks it).",
+    ),
     device: str = _DEVICE,
     backend: str = _BACKEND,
     threads: int = _THREADS,
@@ -137,8 +145,12 @@ def train(
 
     if loss not in label_prior.LOSSES:
         raise DataError(f"--loss: {loss!r} is not one of {', '.join(label_prior.LOSSES)}")
+    if prox_mu and backend == "auto":  # ORT's training artifacts have no proximal term
+        backend = "step"
     trainer, start, progress = _open_trainer(bundle, adapter, device, threads, quiet or as_json, backend)
     manifest = trainer.manifest
+    start_tensors = trainer.get_tensors("trainable")
+    trainer.set_prox(start_tensors, prox_mu)
     why = label_prior.unsupported(loss, manifest, str(bundle))
     if why:
         raise DataError(f"--loss {why}")
@@ -172,13 +184,20 @@ def train(
         metrics.update({f"{k}_after": v for k, v in after.items() if k != "num_samples"})
         metrics["num_held_out"] = int(after["num_samples"])
     metrics["skipped_images"] = len(train_set.skipped)
+    tensors = trainer.get_tensors("trainable")
+    # how far training moved the adapter from where it started (L2 over every trainable tensor)
+    metrics["moved"] = float(
+        np.sqrt(sum(float(np.sum((tensors[k] - start_tensors[k]) ** 2)) for k in tensors))
+    )
+    if prox_mu:
+        metrics["prox_mu"] = prox_mu
     if out is not None:
-        tensors = trainer.get_tensors("trainable")
+        kind = "personal" if prox_mu else "local"
         meta = AdapterMeta(
             bundle_id=trainer.manifest.bundle_id,
-            version=f"local-{tensors_digest(tensors)[:12]}",
+            version=f"{kind}-{tensors_digest(tensors)[:12]}",
             parent_version=start.version if start else "",
-            strategy="local",
+            strategy=kind,
             kind=trainer.manifest.adapter.kind,
             label_prior=counts,
         )

@@ -86,7 +86,7 @@ class RoundRunner:
 
         trainer = make_trainer(
             self.bundle_dir,
-            backend=self.cfg.backend,
+            backend=self.cfg.training_backend,
             device=self.cfg.device,
             threads=self.cfg.threads or None,
             verify=False,  # verified by Manifest.load
@@ -320,7 +320,7 @@ def _bundle_dir(cfg: AgentConfig) -> Path:
     from fedclip.sdk.fetch import fetch_bundle
 
     log.info("fetching bundle %s", url)
-    formats = fetch_formats(cfg.backend)  # only the training format this device runs
+    formats = fetch_formats(cfg.training_backend)  # only the training format this device runs
     return fetch_bundle(url, cfg.state / "bundles", formats=formats, progress=cfg.progress)
 
 

@@ -94,9 +94,10 @@ def _empty_record(agent_id: str, fleet: str, bundle_id: str) -> dict[str, Any]:
 
 
 def current_adapter_path(root: str | Path) -> Path | None:
-    """The adapter file inference uses (for `fedclip-agent predict --state DIR`)."""
+    """The adapter file inference uses: the in-use entry's personal copy when it has one
+    (`device_agent.personal`), as `Classifier.from_state` serves it."""
     used = Ledger.read(root).in_use()
-    return used.file if used is not None else None
+    return used.served[1] if used is not None else None
 
 
 class AgentState:
@@ -240,6 +241,24 @@ class AgentState:
         self._save()
         return self.root / rel
 
+    def keep_personal(
+        self, version: str, tensors: Mapping[str, np.ndarray], meta: AdapterMeta, metrics: Mapping[str, float]
+    ) -> Path:
+        """Keep this device's personal copy of ledger entry `version` (`device_agent.personal`) beside
+        it: inference serves the copy while `version` is in use."""
+        entry = self.record["adapters"].get(version)
+        if entry is None:
+            raise StateError(f"adapter {version!r} is not in the ledger")
+        rel = f"adapters/{version}.personal.safetensors"
+        self._write(rel, adapter_bytes(tensors, meta))  # the file first: the record never names a missing one
+        entry["personal"] = {"file": rel, **{k: float(v) for k, v in metrics.items()}}
+        self._save()
+        return self.root / rel
+
+    def scratch_path(self, name: str) -> Path:
+        """A file of the state dir for one operation's own use (its caller removes it)."""
+        return self.root / name
+
     def ledger(self) -> Ledger:
         """The ledger as this writer holds it (what `Ledger.read` of the state dir returns)."""
         return Ledger.from_record(self.root, self.record)
@@ -259,6 +278,8 @@ class AgentState:
         self._save()  # the record first, then the files: it never names a file that is gone
         for _, entry in gone if forget else ():
             remove(self.root / entry["file"])
+            if isinstance(entry.get("personal"), dict):  # its personal copy goes with it
+                remove(self.root / entry["personal"]["file"])
 
     def set_adapter_rollout(self, version: str, rollout: int) -> None:
         """Name the rollout that installed `version` (for state dirs that recorded it as 0)."""

@@ -37,6 +37,8 @@ def summarize_record(root: Path, record: Mapping[str, Any]) -> dict[str, Any]:
         "adapter_source": in_use.source if in_use else None,
         "adapter_round": in_use.round_id if in_use and in_use.round_id >= 0 else None,
         "adapter_rollout": in_use.rollout if in_use and in_use.rollout else None,
+        # what inference serves: the adapter, or its copy tuned on this device (`<version>+personal`)
+        "serving": in_use.served[0] if in_use else None,
         "pinned": (record.get("rollout") or {}).get("pinned") or None,
         "last_round": last,
         "rounds_done": len(done),

@@ -33,7 +33,11 @@ from fedclip.sdk.manifest import Manifest
 # and lists every one in manifest.graphs["step"], which is checked against them on load.
 STEP_IN, LR_IN, LOSS_OUT, STEP_OUT = "step", "lr", "loss", "step_out"
 EXP_AVG, EXP_AVG_SQ, NEW = ".exp_avg", ".exp_avg_sq", ".new"
+# The proximal term's inputs (`prox_mu`, one `<tensor>.anchor` each), last: bundles exported before
+# them have the same inputs without this tail, and train as before (without `set_prox`).
+PROX_IN, ANCHOR = "prox_mu", ".anchor"
 DEFAULT_LR = 1e-3  # what ORT's training artifacts start with, so both backends agree untouched
+MAX_PROX = 1e4  # past this the term is the whole loss (the step is AdamW's size, toward the anchor)
 
 _CKPT_FORMAT_KEY = "fedclip_step_checkpoint"
 _CKPT_FORMAT = "1"
@@ -68,6 +72,8 @@ class StepTrainer(AdapterFiles):
         self._eval_outputs = tuple(graphs["step_eval"].outputs)
         self._initial = self._read_initial()
         self._lr = DEFAULT_LR
+        self._prox_mu = np.zeros(1, dtype=np.float32)
+        self._anchor: dict[str, np.ndarray] | None = None  # None: each tensor is its own (no pull)
         self._tensors = {n: a.copy() for n, a in self._initial.items()}
         self._step: np.ndarray = np.zeros(1, dtype=np.int64)
         self._exp_avg: dict[str, np.ndarray] = {}
@@ -78,9 +84,12 @@ class StepTrainer(AdapterFiles):
     def _check_step_io(self) -> tuple[str, ...]:
         spec = self.manifest.graphs["step"]
         n = len(self._names)
-        data = tuple(spec.inputs[: len(spec.inputs) - 2 - 3 * n])
+        prox = (PROX_IN, *(t + ANCHOR for t in self._names))
+        self._has_prox = tuple(spec.inputs[len(spec.inputs) - len(prox) :]) == prox
+        own = 2 + 3 * n + (len(prox) if self._has_prox else 0)
+        data = tuple(spec.inputs[: len(spec.inputs) - own])
         want_in = (*data, STEP_IN, LR_IN, *self._names, *(t + EXP_AVG for t in self._names))
-        want_in += tuple(t + EXP_AVG_SQ for t in self._names)
+        want_in += tuple(t + EXP_AVG_SQ for t in self._names) + (prox if self._has_prox else ())
         want_out = (LOSS_OUT, STEP_OUT, *(t + NEW for t in self._names))
         want_out += tuple(t + EXP_AVG + NEW for t in self._names) + tuple(
             t + EXP_AVG_SQ + NEW for t in self._names
@@ -137,6 +146,10 @@ class StepTrainer(AdapterFiles):
             feeds[n] = self._tensors[n]
             feeds[n + EXP_AVG] = self._exp_avg[n]
             feeds[n + EXP_AVG_SQ] = self._exp_avg_sq[n]
+        if self._has_prox:
+            feeds[PROX_IN] = self._prox_mu
+            for n in self._names:
+                feeds[n + ANCHOR] = self._tensors[n] if self._anchor is None else self._anchor[n]
         try:
             out = self._step_sess.run(None, feeds)
         except Exception as e:
@@ -170,6 +183,26 @@ class StepTrainer(AdapterFiles):
     @property
     def lr(self) -> float:
         return self._lr
+
+    def set_prox(self, anchor: Mapping[str, np.ndarray] | None, mu: float) -> None:
+        """From the next step on, train on the loss plus (mu / 2) ||w - anchor||^2 (the anchor: every
+        trainable tensor); `mu = 0` or no anchor turns it off. Bundles exported before the step graph
+        had the term cannot."""
+        if not (np.isfinite(mu) and 0.0 <= mu <= MAX_PROX):
+            raise DataError(f"proximal weight must be a number in [0, {MAX_PROX:g}], got {mu}")
+        if not mu or anchor is None:
+            self._prox_mu, self._anchor = np.zeros(1, dtype=np.float32), None
+            return
+        if not self._has_prox:
+            raise BackendError(
+                f"{self.bundle_dir}: this bundle's step graph has no proximal term (exported by an "
+                "earlier fedclip); export it again to train with one"
+            )
+        self._anchor = {
+            k: np.ascontiguousarray(v)
+            for k, v in check_tensors(anchor, self.manifest.trainable, "anchor").items()
+        }
+        self._prox_mu = np.array([mu], dtype=np.float32)
 
     @property
     def step(self) -> int:

@@ -114,6 +114,14 @@ class OrtTrainer(AdapterFiles):
     def lr(self) -> float:
         return float(self._optimizer.get_learning_rate())
 
+    def set_prox(self, anchor: Mapping[str, np.ndarray] | None, mu: float) -> None:
+        """The step backend's proximal term (`StepTrainer.set_prox`): ORT's training artifacts fix the
+        loss and the optimizer at export, so only `mu = 0` (off) is accepted here."""
+        if mu:
+            raise BackendError(
+                f"{self.bundle_dir}: the ORT training backend cannot add a proximal term; use --backend step"
+            )
+
     def _initial_checkpoint(self) -> Path:
         if not self.manifest.checkpoint:
             raise BundleError(f"{self.bundle_dir}: manifest names no ORT training checkpoint")

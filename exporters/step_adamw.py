@@ -5,6 +5,12 @@ step graph (40 tensors), and each op costs the same at make_fx, translation and 
 matmul does; here they are a few hundred protobuf nodes made in milliseconds. The arithmetic is the
 traced one op for op (same ops, operands, order and float32 constants), so the graph computes the
 same bits (tests/test_step_adamw.py compares against torch.optim.AdamW).
+
+The gradient AdamW sees is `g + prox_mu * (w - w.anchor)`: the gradient of a proximal term
+`(prox_mu / 2) ||w - anchor||^2` added to the loss (Ditto's personal objective, docs/aggregation.md
+"Personal tuning"). It has to sit here, before the moments: a pull applied outside the optimizer is
+a different (and measurably weaker) method. With `prox_mu = 0` every step is bit for bit the one
+without it (`g + 0 * x` is `g` for finite `x`).
 """
 
 from __future__ import annotations
@@ -22,10 +28,12 @@ from fedclip.sdk.errors import ExportError
 # The step graph's own names (the data names `image`, `labels`, ... come from docs/internals.md).
 STEP_IN, LR_IN, LOSS_OUT, STEP_OUT = "step", "lr", "loss", "step_out"
 EXP_AVG, EXP_AVG_SQ, NEW, GRAD = ".exp_avg", ".exp_avg_sq", ".new", ".grad"
+PROX_IN, ANCHOR = "prox_mu", ".anchor"  # the proximal term's weight and each tensor's anchor
 
 
 def step_io(data_inputs: Sequence[str], trainable: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The step graph's input and output names, in graph order."""
+    """The step graph's input and output names, in graph order (the proximal inputs last, so a
+    bundle exported before them reads as the same list without its tail)."""
     inputs = (
         *data_inputs,
         STEP_IN,
@@ -33,6 +41,8 @@ def step_io(data_inputs: Sequence[str], trainable: Sequence[str]) -> tuple[tuple
         *trainable,
         *(n + EXP_AVG for n in trainable),
         *(n + EXP_AVG_SQ for n in trainable),
+        PROX_IN,
+        *(n + ANCHOR for n in trainable),
     )
     outputs = (
         LOSS_OUT,
@@ -88,7 +98,8 @@ class _Builder:
 def add_adamw(model: onnx.ModelProto, n_data: int, trainable: Sequence[str], opt: AdamW) -> None:
     """In place: the traced graph (data inputs, trainable tensors) -> (loss, the tensors' gradients
     `<name>.grad`, extra outputs) becomes the step graph (data inputs, `step`, `lr`, tensors, first
-    and second moments) -> (loss, `step_out`, new tensors, new moments, extra outputs)."""
+    and second moments, `prox_mu`, anchors) -> (loss, `step_out`, new tensors, new moments, extra
+    outputs)."""
     g = model.graph
     data, params = list(g.input[:n_data]), list(g.input[n_data:])
     if [p.name for p in params] != list(trainable):
@@ -112,6 +123,9 @@ def add_adamw(model: onnx.ModelProto, n_data: int, trainable: Sequence[str], opt
         step_size = b.op("Div", "adamw/step_size", b.op("Mul", "adamw/lr_bc2", LR_IN, bc2_sqrt), bc1)
     for name in trainable:
         p, grad, m, v, at = name, name + GRAD, name + EXP_AVG, name + EXP_AVG_SQ, f"adamw/{name}/"
+        # g = g + prox_mu * (p - anchor)
+        pulled = b.op("Mul", at + "prox", PROX_IN, b.op("Sub", at + "from_anchor", p, name + ANCHOR))
+        grad = b.op("Add", at + "grad_prox", grad, pulled)
         # m2 = m + (g - m) * (1 - b1);  v2 = v * b2 + g * g * (1 - b2)
         m2 = b.op("Sub", at + "g_m", grad, m)
         m2 = b.op("Add", m + NEW, m, b.op("Mul", at + "m_step", m2, b.const(1 - b1)))
@@ -147,9 +161,10 @@ def _set_io(g: onnx.GraphProto, data, params, loss, extras) -> None:
     infos = {v.name: v for v in (*data, *params, loss)}
     infos[STEP_IN] = helper.make_tensor_value_info(STEP_IN, TensorProto.INT64, one)
     infos[LR_IN] = helper.make_tensor_value_info(LR_IN, TensorProto.FLOAT, one)
+    infos[PROX_IN] = helper.make_tensor_value_info(PROX_IN, TensorProto.FLOAT, one)
     infos[STEP_OUT] = helper.make_tensor_value_info(STEP_OUT, TensorProto.INT64, one)
     for p in params:  # moments, new tensors and new moments are typed as their tensor
-        for suffix in (EXP_AVG, EXP_AVG_SQ, NEW, EXP_AVG + NEW, EXP_AVG_SQ + NEW):
+        for suffix in (EXP_AVG, EXP_AVG_SQ, NEW, EXP_AVG + NEW, EXP_AVG_SQ + NEW, ANCHOR):
             infos[p.name + suffix] = p
     names_in, names_out = step_io([d.name for d in data], [p.name for p in params])
     inputs = [_like(infos[n], n) for n in names_in]

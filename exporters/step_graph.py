@@ -164,7 +164,8 @@ def _step_args(data: list[torch.Tensor], values: list[torch.Tensor]) -> list[tor
     step = torch.zeros(1, dtype=torch.int64)
     lr = torch.full((1,), 1e-3)
     zeros = [torch.zeros_like(v).detach() for v in values]
-    return [*data, step, lr, *values, *zeros, *[z.clone() for z in zeros]]
+    prox = [torch.zeros(1), *(v.detach() for v in values)]  # prox_mu, the anchors
+    return [*data, step, lr, *values, *zeros, *[z.clone() for z in zeros], *prox]
 
 
 def export_step_eval_graph(

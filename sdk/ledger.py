@@ -9,6 +9,9 @@ by the agent, so a reader sees the old or the new ledger, never half of one). So
 - `rollout`: installed for inference by a signed rollout (`rollout` names it);
 - `adapter`: installed by an unsigned push (closed test setups only).
 
+An entry may carry this device's `personal` copy (`device_agent.personal`: the entry's adapter tuned
+on the device's own images, held near it): while the entry is in use, inference serves the copy.
+
 The ledger is also the rollout history: a rolled-back rollout's entry keeps its `rollout` id and gets
 `rolled_back_at` (never used again), and a rollback returns inference to `Ledger.previous(...)`,
 the adapter that was in use before. Entries are ordered by `installed_at`.
@@ -27,6 +30,7 @@ STATE_FILE = "state.json"
 STATE_FORMAT = 1
 SOURCES = ("task", "rollout", "adapter")
 SERVING = ("rollout", "adapter")  # the sources that may reach inference (a task's adapter never does)
+PERSONAL = "+personal"  # inference's name for an entry's personal copy: "<version>+personal"
 
 
 def read_record(root: str | Path) -> dict[str, Any]:
@@ -57,6 +61,14 @@ class LedgerEntry:
     rollout: int = 0  # the rollout that installed it (0: none)
     installed_at: float = 0.0
     rolled_back_at: float = 0.0  # when its rollout was rolled back on this device (0: never)
+    personal: Path | None = None  # this device's tuned copy of it (absolute), if one was made
+
+    @property
+    def served(self) -> tuple[str, Path]:
+        """(the name inference reports, the file it loads): the personal copy when it is there."""
+        if self.personal is not None and self.personal.is_file():
+            return self.version + PERSONAL, self.personal
+        return self.version, self.file
 
     @property
     def usable(self) -> bool:
@@ -88,6 +100,7 @@ class Ledger:
                 rollout=int(e.get("rollout", 0) or 0),
                 installed_at=float(e.get("installed_at", 0.0)),
                 rolled_back_at=float(e.get("rolled_back_at", 0.0)),
+                personal=_personal_file(root, e.get("personal")),
             )
             for version, e in record.get("adapters", {}).items()
         ]
@@ -128,3 +141,9 @@ class Ledger:
             elif e.source == "rollout" and rollout_round is not None and not e.rolled_back_at:
                 found[rollout_round] = e.file
         return dict(sorted(found.items()))
+
+
+def _personal_file(root: Path, personal: Any) -> Path | None:
+    if isinstance(personal, dict) and isinstance(personal.get("file"), str):
+        return root / personal["file"]
+    return None

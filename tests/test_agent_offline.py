@@ -347,3 +347,40 @@ def test_contrastive_bundle_trains_on_captions(bundle_factory, fm_folder, tmp_pa
         Dataset.open(tmp_path / "captions.csv", labels=FASHION_MNIST_LABELS).labels  # noqa: B018
     with pytest.raises(DataError, match="classify"):
         Predictor(bundle).predict(np.zeros((1, 3, 32, 32), np.float32))
+
+
+@pytest.mark.slow
+def test_cli_personal_tuning_stays_near_the_adapter_it_starts_from(bundle_factory, tmp_path):
+    """`train --adapter FLEET --prox-mu MU`: the device's images move the adapter, the proximal term
+    toward FLEET holds it near (docs/aggregation.md, "Personal tuning"); auto picks the step backend,
+    the ORT training backend and a bad weight are refused in one line."""
+    from fixtures_data import synthetic_images
+
+    from fedclip.sdk.adapters import load_adapter
+
+    bundle = bundle_factory(labels=("a", "b", "c"), formats=("ort-training", "step"))
+    data = synthetic_images(tmp_path / "d", ("a", "b", "c"), {"a": 12, "b": 12, "c": 4}, seed=0)
+    common = ("--bundle", bundle, "--data", data, "--lr", "5e-2", "--threads", 2, "--json")
+    fleet = tmp_path / "fleet.safetensors"
+    made = _json(agent("train", *common, "--epochs", 2, "--out", fleet))
+    assert made["adapter_version"].startswith("local-")
+
+    free = _json(agent("train", *common, "--epochs", 3, "--adapter", fleet, "--backend", "step"))
+    personal = tmp_path / "personal.safetensors"
+    held = _json(
+        agent("train", *common, "--epochs", 3, "--adapter", fleet, "--prox-mu", 1000, "--out", personal)
+    )
+    assert held["prox_mu"] == 1000 and "prox_mu" not in free
+    assert 0 < held["moved"] < 0.5 * free["moved"], (held["moved"], free["moved"])
+    assert held["adapter_version"].startswith("personal-")
+    _, meta = load_adapter(personal)
+    assert meta.parent_version == made["adapter_version"] and meta.strategy == "personal"
+
+    refused = agent(
+        "train", *common, "--adapter", fleet, "--backend", "ort-training", "--prox-mu", 1, check=False
+    )
+    assert refused.returncode == 2, refused.stderr
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.startswith("fedclip-agent: error:") and "--backend step" in last, last
+    nan = agent("train", *common, "--adapter", fleet, "--prox-mu", "nan", check=False)
+    assert nan.returncode == 2 and "'--prox-mu'" in nan.stderr.strip().splitlines()[-1], nan.stderr

@@ -23,6 +23,7 @@ from fedclip.device_agent.state_summary import summarize
 from fedclip.sdk.adapters import AdapterMeta, load_adapter
 from fedclip.sdk.errors import ConfigError, StateError
 from fedclip.sdk.fsutil import atomic_write
+from fedclip.sdk.ledger import Ledger
 
 BUNDLE = "b" * 64
 
@@ -263,3 +264,24 @@ def test_status_names_where_the_adapter_in_use_came_from(tmp_path):
     info = summarize(tmp_path)
     assert (info["adapter_version"], info["adapter_source"], info["adapter_rollout"]) == ("r3", "rollout", 7)
     assert info["adapter_round"] is None and info["pinned"] == "r3"
+
+
+def test_a_personal_copy_is_served_beside_its_adapter_and_goes_with_it(tmp_path):
+    """`keep_personal`: the ledger names the copy (`served`), the summary shows both, a forgotten
+    entry takes its copy's file along, and an adapter not in the ledger gets none."""
+    s = _open(tmp_path)
+    tensors = {"x.lora_C": np.eye(2, dtype=np.float32)}
+    s.install_adapter("r1", tensors, AdapterMeta(bundle_id=BUNDLE, version="r1"), source="rollout", rollout=1)
+    mine = AdapterMeta(bundle_id=BUNDLE, version="r1+personal", parent_version="r1", strategy="personal")
+    path = s.keep_personal("r1", {"x.lora_C": 2 * np.eye(2, dtype=np.float32)}, mine, {"accuracy": 0.5})
+    assert path.name == "r1.personal.safetensors" and current_adapter_path(tmp_path) == path
+    entry = Ledger.read(tmp_path).entry("r1")
+    assert entry.served == ("r1+personal", path) and entry.file.name == "r1.safetensors"
+    assert summarize(tmp_path)["serving"] == "r1+personal"
+    with pytest.raises(StateError, match="not in the ledger"):
+        s.keep_personal("nope", tensors, mine, {})
+    s.install_adapter("r2", tensors, AdapterMeta(bundle_id=BUNDLE, version="r2"), source="rollout", rollout=2)
+    assert summarize(tmp_path)["serving"] == "r2"  # no copy yet: the adapter itself
+    s.retire_adapters(["r1"], forget=True)
+    assert not path.exists() and not (tmp_path / "adapters" / "r1.safetensors").exists()
+    s.close()

@@ -180,6 +180,94 @@ def test_tensors_adapters_and_checkpoints_are_validated(step_bundle: Path, tmp_p
     assert dataclasses.is_dataclass(trainer.manifest)
 
 
+def _distance(a: dict, b: dict) -> float:
+    return float(np.sqrt(sum(np.sum((a[k] - b[k]) ** 2) for k in a)))
+
+
+@pytest.mark.slow
+def test_the_proximal_term_holds_training_near_its_anchor(step_bundle: Path):
+    """`set_prox`: at mu 0 (or none) the steps are the ones without it, bit for bit; a large mu keeps
+    the tensors near the anchor while the data still moves them; bad weights and anchors refused."""
+    from fedclip.device_agent.step_backend import StepTrainer, make_trainer
+
+    batches = _batches(StepTrainer(step_bundle).manifest)
+    plain = StepTrainer(step_bundle, threads=2)
+    start = plain.get_tensors()
+    _train(plain, batches, 6, lr=5e-2)
+    off = StepTrainer(step_bundle, threads=2)
+    off.set_prox({k: v + 3.0 for k, v in start.items()}, 0.0)  # an anchor at weight 0 changes nothing
+    _train(off, batches, 6, lr=5e-2)
+    for k, v in plain.get_tensors().items():
+        np.testing.assert_array_equal(off.get_tensors()[k], v, err_msg=k)
+
+    held = StepTrainer(step_bundle, threads=2)
+    held.set_prox(start, 1000.0)
+    _train(held, batches, 6, lr=5e-2)
+    moved_plain, moved_held = _distance(plain.get_tensors(), start), _distance(held.get_tensors(), start)
+    assert 0 < moved_held < 0.5 * moved_plain, (moved_held, moved_plain)
+    # the anchor, not the start, is what it is held to: anchored elsewhere, it walks toward there
+    far = {k: v + 0.05 for k, v in start.items()}
+    pulled = StepTrainer(step_bundle, threads=2)
+    pulled.set_prox(far, 1000.0)
+    _train(pulled, batches, 6, lr=5e-2)
+    assert _distance(pulled.get_tensors(), far) < _distance(start, far)
+
+    with pytest.raises(DataError, match="proximal weight"):
+        held.set_prox(start, float("nan"))
+    with pytest.raises(DataError, match="proximal weight"):
+        held.set_prox(start, -1.0)
+    name = next(iter(start))
+    with pytest.raises(AdapterError, match="shape"):
+        held.set_prox({**start, name: np.zeros((1, 1), np.float32)}, 1.0)
+    with pytest.raises(AdapterError):  # every trainable tensor needs its anchor
+        held.set_prox({name: start[name]}, 1.0)
+    ort = make_trainer(step_bundle, backend="ort-training", threads=2)
+    ort.set_prox(start, 0.0)  # off is fine everywhere
+    with pytest.raises(BackendError, match="--backend step"):
+        ort.set_prox(start, 1.0)
+
+
+@pytest.mark.slow
+def test_a_step_graph_without_the_proximal_inputs_still_trains(step_bundle: Path, tmp_path: Path):
+    """A bundle exported before the step graph had `prox_mu` and the anchors (its inputs end at the
+    second moments): it trains as before, and asking it for the term is refused in one line."""
+    import onnx
+    import yaml
+
+    from fedclip.device_agent.step_backend import StepTrainer
+    from fedclip.sdk.manifest import MANIFEST_NAME, Manifest
+
+    old = tmp_path / "old"
+    shutil.copytree(step_bundle, old)
+    doc = yaml.safe_load((old / MANIFEST_NAME).read_text())
+    spec = doc["graphs"]["step"]
+    graph_file = old / spec["file"]
+    model = onnx.load(str(graph_file), load_external_data=False)
+    g = model.graph
+    names = [t.name for t in Manifest.load(step_bundle).trainable]
+    # what the old exporter wrote: the gradient straight into AdamW (each `grad_prox` Add -> Identity)
+    for node in g.node:
+        if node.name.endswith("/grad_prox"):
+            node.op_type, node.input[:] = "Identity", node.input[:1]
+    keep = [n for n in g.node if not n.name.endswith(("/prox", "/from_anchor"))]
+    del g.node[:]
+    g.node.extend(keep)
+    dropped = {"prox_mu", *(n + ".anchor" for n in names)}
+    inputs = [i for i in g.input if i.name not in dropped]
+    del g.input[:]
+    g.input.extend(inputs)
+    onnx.save(model, str(graph_file))
+    spec["inputs"] = [i for i in spec["inputs"] if i not in dropped]
+    (old / MANIFEST_NAME).write_text(yaml.safe_dump(doc, sort_keys=False))
+
+    batches = _batches(StepTrainer(step_bundle).manifest)
+    legacy, current = StepTrainer(old, threads=2, verify=False), StepTrainer(step_bundle, threads=2)
+    np.testing.assert_array_equal(_train(legacy, batches, 4), _train(current, batches, 4))
+    legacy.set_prox(current.get_tensors(), 0.0)
+    with pytest.raises(BackendError, match="no proximal term"):
+        legacy.set_prox(current.get_tensors(), 1.0)
+
+
 @pytest.mark.slow
 def test_trained_adapter_works_in_the_inference_graph(step_bundle: Path):
     """Tensors from the step trainer override the inference graph's initializers: same logits."""

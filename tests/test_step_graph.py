@@ -127,6 +127,8 @@ class Case:
             feeds[n] = tensors[n]
             feeds[n + ".exp_avg"] = exp_avg[n]
             feeds[n + ".exp_avg_sq"] = exp_avg_sq[n]
+            feeds[n + ".anchor"] = tensors[n]  # the proximal term is off (prox_mu 0)
+        feeds["prox_mu"] = np.zeros(1, dtype=np.float32)
         return feeds
 
 

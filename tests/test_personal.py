@@ -1,0 +1,149 @@
+"""Personal tuning (`device_agent.personal`): an agent with `personal.mu > 0` tunes each adapter a signed
+rollout installs on its own images, held near it, and its inference serves that copy; rollbacks go
+back to the previous adapter's copy; rounds and the trainer are untouched. In process over the
+memory transport with a real bundle, real ONNX Runtime and a real state dir; test_personal_fleet.py
+runs it through mosquitto and an agent process."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from test_agent_unit import AGENT, FLEET, LABELS, TOPICS, Harness  # noqa: F401  (the module's fixtures)
+
+from fedclip.device_agent.classifier import installed_adapter
+from fedclip.device_agent.config import AgentConfig
+from fedclip.device_agent.personal import PersonalTuning
+from fedclip.device_agent.state_summary import summarize
+from fedclip.sdk import messages
+from fedclip.sdk.adapters import load_adapter
+from fedclip.sdk.errors import ConfigError
+from fedclip.sdk.ledger import Ledger
+from fedclip.sdk.signing import ensure_keypair, sign_envelope
+from fedclip.sdk.wire import Envelope, MsgType, encode
+
+
+@pytest.fixture(scope="module")
+def step_bundle(bundle_factory):
+    return bundle_factory(labels=LABELS, formats=("step",))
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    from fixtures_data import synthetic_images
+
+    return synthetic_images(tmp_path_factory.mktemp("images"), LABELS, dict.fromkeys(LABELS, 8), seed=1)
+
+
+def _distance(a: dict, b: dict) -> float:
+    return float(np.sqrt(sum(np.sum((a[k] - b[k]) ** 2) for k in a)))
+
+
+def test_the_settings_are_checked_and_read_from_agent_yaml(tmp_path, step_bundle):
+    for bad in (
+        {"mu": -1.0},
+        {"mu": float("nan")},
+        {"mu": 1e9},
+        {"epochs": 0},
+        {"lr": 0.0},
+        {"batch_size": 0},
+    ):
+        with pytest.raises(ConfigError, match="personal"):
+            PersonalTuning(**bad)
+    where = {"broker": "mqtt://127.0.0.1:1", "fleet": FLEET, "id": AGENT, "bundle": step_bundle,
+             "data": tmp_path, "state": tmp_path / "s"}  # fmt: skip
+    with pytest.raises(ConfigError, match="step backend"):
+        AgentConfig(**where, backend="ort-training", personal=PersonalTuning(mu=1.0))
+    assert AgentConfig(**where, personal=PersonalTuning(mu=1.0)).training_backend == "step"
+    assert AgentConfig(**where).training_backend == "auto"  # off: the backend as configured
+    yaml_file = tmp_path / "agent.yaml"
+    yaml_file.write_text("personal:\n  mu: 1.5\n  epochs: 4\n")
+    cfg = AgentConfig.load(yaml_file, {k: v for k, v in where.items()})
+    assert cfg.personal == PersonalTuning(mu=1.5, epochs=4)
+    yaml_file.write_text("personal:\n  mu: -2\n")
+    with pytest.raises(ConfigError, match="personal.mu"):
+        AgentConfig.load(yaml_file, where)
+
+
+@pytest.mark.slow
+def test_a_rollout_is_tuned_on_the_device_and_served_as_its_personal_copy(step_bundle, image_dir, tmp_path):
+    key, pub = ensure_keypair(tmp_path / "keys")
+    tuning = PersonalTuning(mu=1.0, epochs=4, lr=5e-2, batch_size=4)
+    h = Harness(step_bundle, image_dir, tmp_path / "state", coordinator_key=pub, personal=tuning)
+    state, trainer = h.agent.runner.state, h.agent.runner.trainer
+
+    def push(rid: int, version: str, seed: int) -> dict:
+        tensors = h.adapter(seed)
+        body = {"rollout": rid, "stage": "rest", "version": version, "bundle_id": h.manifest.bundle_id}
+        env = Envelope(MsgType.ADAPTER, FLEET, AGENT, base_version=version, body=body)
+        h.send(encode(sign_envelope(key, env, tensors), tensors), topic=TOPICS.adapter(AGENT))
+        return tensors
+
+    def rollback(rid: int, version: str) -> None:
+        body = {"command": "rollback", "rollout": rid, "version": version, "reason": "test"}
+        env = sign_envelope(key, Envelope(MsgType.COMMAND, FLEET, AGENT, body=body))
+        h.send(encode(env), topic=TOPICS.agent(AGENT, "command"))
+
+    try:
+        before = trainer.get_tensors()
+        fleet = push(1, "r1", 11)
+        entry = Ledger.read(state.root).entry("r1")
+        assert entry is not None and entry.personal is not None and entry.personal.is_file()
+        assert installed_adapter(state.root)[1:] == ("r1+personal", entry.personal)
+        mine, meta = load_adapter(entry.personal)
+        assert (meta.parent_version, meta.strategy, meta.label_prior) == ("r1", "personal", ())
+        moved = _distance({k: mine[k] for k in fleet}, fleet)
+        assert moved > 0, "the copy is the fleet's adapter: nothing was tuned"
+        record = state.record["adapters"]["r1"]["personal"]
+        assert record["mu"] == 1.0 and 0 <= record["accuracy"] <= 1 and 0 <= record["accuracy_fleet"] <= 1
+        for k, v in before.items():  # the trainer (a round's state) is as it was
+            np.testing.assert_array_equal(trainer.get_tensors()[k], v, err_msg=k)
+        assert state.current_adapter == "r1"  # the ledger, the status and the acks name the fleet's adapter
+        assert h.status()["adapter_version"] == "r1"
+        info = summarize(state.root)  # `fedclip-agent status`: both
+        assert (info["adapter_version"], info["serving"]) == ("r1", "r1+personal")
+
+        # each rollout gets its copy; a rollback serves the previous adapter's copy, not tuned again
+        stamp = entry.personal.stat().st_mtime_ns
+        push(2, "r2", 22)
+        push(3, "r3", 33)
+        assert Ledger.read(state.root).entry("r3").personal.is_file()
+        rollback(3, "r3")
+        assert installed_adapter(state.root)[1] == "r2+personal"
+        rollback(2, "r2")
+        assert installed_adapter(state.root)[1] == "r1+personal"
+        assert Ledger.read(state.root).entry("r1").personal.stat().st_mtime_ns == stamp  # not tuned again
+
+        # a round trains from its task's adapter, publishes its update and leaves the copy alone
+        task = messages.Task(
+            1, h.manifest.bundle_id, time.time() + 3600, messages.Hyperparameters(1, 1e-3, 4),
+            base_version="start-1", adapter=h.adapter(1),
+        )  # fmt: skip
+        h.send(messages.encode(task, FLEET, AGENT, key=key))
+        (update,) = h.updates()
+        assert update.envelope.round == 1
+        assert installed_adapter(state.root)[1] == "r1+personal"
+        assert Ledger.read(state.root).entry("r1").personal.stat().st_mtime_ns == stamp
+    finally:
+        h.close()
+
+
+@pytest.mark.slow
+def test_the_pull_holds_the_copy_near_the_fleets_adapter(step_bundle, image_dir, tmp_path):
+    """The same rollout tuned at mu 0.001 and at mu 1000: the strong pull ends much nearer."""
+    key, pub = ensure_keypair(tmp_path / "keys")
+    moved = {}
+    for mu in (1e-3, 1e3):
+        h = Harness(step_bundle, image_dir, tmp_path / f"state-{mu}", coordinator_key=pub,
+                    personal=PersonalTuning(mu=mu, epochs=4, lr=5e-2, batch_size=4))  # fmt: skip
+        try:
+            tensors = h.adapter(5)
+            body = {"rollout": 1, "stage": "rest", "version": "r1", "bundle_id": h.manifest.bundle_id}
+            env = Envelope(MsgType.ADAPTER, FLEET, AGENT, base_version="r1", body=body)
+            h.send(encode(sign_envelope(key, env, tensors), tensors), topic=TOPICS.adapter(AGENT))
+            mine, _ = load_adapter(Ledger.read(h.agent.runner.state.root).entry("r1").personal)
+            moved[mu] = _distance({k: mine[k] for k in tensors}, tensors)
+        finally:
+            h.close()
+    assert 0 < moved[1e3] < 0.5 * moved[1e-3], moved

@@ -172,6 +172,9 @@ def test_port_helpers():
         ("base", "warm", "--base"),
         ("base_steps", 0, "--base-steps"),
         ("loss", "focal", "--loss"),
+        ("personal_mu", -1.0, "--personal-mu"),
+        ("personal_mu", float("nan"), "--personal-mu"),
+        ("personal_mu", 1e9, "--personal-mu"),
     ],
 )
 def test_demo_config_rejects_bad_values(field, value, match):
@@ -268,6 +271,22 @@ def test_report_files(tmp_path):
     assert "own +7.5, all-class +10.0" in md  # fedclip minus local-only, mean points
     plot_accuracy(report, tmp_path / "accuracy.png")
     assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # With --personal-mu: a fourth column, in the mean, the table, the gains and the plot.
+    for name, rows in table.items():
+        for aid, row in rows.items():
+            row["personal"] = {"own": {"a": 0.6, "b": 0.35}, "all_class": {"a": 0.4, "b": 0.3}}[name][aid]
+    tuned = build_report(DemoConfig(out=tmp_path, agents=2, rounds=2, personal_mu=1.5), "digits", ["0", "1"],
+                         run, acc, 9.0, comparison=Comparison(acc, table))  # fmt: skip
+    assert tuned["mean"]["own"]["personal"] == pytest.approx(0.475)
+    write_markdown(tuned, tmp_path / "tuned.md")
+    md = (tmp_path / "tuned.md").read_text()
+    assert "| a | 10.0% | 45.0% | 50.0% | 60.0% | 30.0% | 20.0% | 35.0% | 40.0% |" in md
+    assert (
+        "fedclip + personal tuning (mu 1.5) minus local-only (mean, points): own +10.0, all-class +15.0."
+        in md
+    )
+    plot_accuracy(tuned, tmp_path / "tuned.png")
+    assert (tmp_path / "tuned.png").stat().st_size > 0
     # A report without the comparison (what benchmarks build) still renders: before/after only.
     plain = build_report(cfg, "digits", ["0", "1"], run, acc, 9.0)
     write_markdown(plain, tmp_path / "plain.md")
@@ -305,16 +324,17 @@ def _demo_argv(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "fedclip.coordinator.cli", "demo", *TINY, "--out", str(out), *extra]
 
 
-def _check_comparison(report: dict) -> None:
-    """Every agent has zero-shot, local-only and federated accuracy on its own split and all-class set."""
+def _check_comparison(report: dict, columns: tuple[str, ...] = COLUMNS) -> None:
+    """Every agent has zero-shot, local-only and federated accuracy (and `columns`' others) on its own
+    split and all-class set."""
     for aid, a in report["agents"].items():
         for name in SETS:
-            assert set(a[name]) == set(COLUMNS), (aid, name, a[name])
+            assert set(a[name]) == set(columns), (aid, name, a[name])
             for column, acc in a[name].items():
                 assert isinstance(acc, float) and 0.0 <= acc <= 1.0, (aid, name, column, acc)
         assert a["own"]["zero_shot"] == a["accuracy_before"] and a["own"]["federated"] == a["accuracy_after"]
     for name in SETS:
-        for column in COLUMNS:
+        for column in columns:
             assert 0.0 <= report["mean"][name][column] <= 1.0
     assert set(report["local_only"]["train_seconds"]) == set(report["agents"])
 
@@ -366,14 +386,19 @@ def test_demo_end_to_end(tmp_path):
     assert all(_final_prior(report, a) for a in report["agents"])
 
     # A second run into the same folder needs no cleanup, and reuses the base; with plain CE no
-    # adapter carries a prior.
-    argv = _demo_argv(out, "--rounds", "1", "--loss", "ce", *base)
+    # adapter carries a prior; with --personal-mu each agent's final adapter is also tuned on its
+    # own images (`fedclip-agent train --prox-mu`) and scored as a fourth column.
+    argv = _demo_argv(out, "--rounds", "1", "--loss", "ce", "--personal-mu", "1.5", *base)
     r2 = subprocess.run(argv, capture_output=True, text=True, timeout=800)
     assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
     assert len(list((out / "runs").iterdir())) == 2
     report2 = json.loads((out / "report.json").read_text())
     assert len(report2["rounds"]) == 1
-    _check_comparison(report2)
+    _check_comparison(report2, (*COLUMNS, "personal"))
+    assert "fedclip + personal tuning (mu 1.5) minus local-only" in (out / "report.md").read_text()
+    tuned = sorted((Path(report2["run_dir"]) / "personal").glob("*.safetensors"))
+    assert [p.stem for p in tuned] == sorted(report2["agents"])
+    assert all(load_adapter(p)[1].strategy == "personal" for p in tuned)
     assert report2["config"]["loss"] == "ce" and not any(_final_prior(report2, a) for a in report2["agents"])
     if fashion_mnist_installed():
         assert report2["base"]["cached"] is True and report2["base"]["weights"] == report["base"]["weights"]

@@ -180,6 +180,13 @@ def demo(
         help="The agents' loss: balanced-softmax (each trains without its label mix and adds it back "
         "at inference; docs/aggregation.md) or ce.",
     ),
+    personal_mu: float = typer.Option(
+        0.0,
+        "--personal-mu",
+        help="Also show personal tuning: each agent's final adapter tuned on its own images with this "
+        "proximal weight, as an agent with `personal: {mu}` serves it (1.5 with --strategy fedavg "
+        "keeps the labels an agent has not seen; docs/aggregation.md). 0: off.",
+    ),
     broker: str | None = typer.Option(
         None, "--broker", help="Use this MQTT broker (mqtt://host:port) instead of starting the embedded one."
     ),
@@ -229,6 +236,7 @@ def demo(
         local_epochs=local_epochs,
         lr=lr,
         loss=loss,
+        personal_mu=personal_mu,
         broker=broker,
         username=username,
         password=password,

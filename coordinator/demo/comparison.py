@@ -3,8 +3,10 @@
 For every agent, three adapters on two test sets:
 - adapters: zero-shot (the bundle's initial adapter), local-only (the agent's own torch-free
   training, `fedclip-agent train`, on the same images with the same epochs, batch size, learning
-  rate and held-out share, from the same initial adapter, without the fleet), and federated (the
-  adapter the agent ended the run with);
+  rate and held-out share, from the same initial adapter, without the fleet), federated (the
+  adapter the agent ended the run with), and with `--personal-mu` personal (that adapter tuned the
+  same way with the proximal term toward it, `train --prox-mu`: what an agent with `personal:`
+  serves);
 - sets: its own held-out test split (its label mix and camera), and its all-class set (every label
   in equal numbers under its camera, `fedclip.sdk.all_class`): what it faces when a label it has
   not trained on shows up.
@@ -36,7 +38,12 @@ from fedclip.sdk.all_class import ALL_SPLIT
 from fedclip.sdk.messages.rounds import Hyperparameters
 
 COLUMNS = ("zero_shot", "local_only", "federated")
+PERSONAL = "personal"  # the column `--personal-mu` adds
 SETS = ("own", "all_class")
+
+
+def columns(cfg: DemoConfig) -> tuple[str, ...]:
+    return (*COLUMNS, PERSONAL) if cfg.personal_mu else COLUMNS
 
 
 @dataclass
@@ -49,13 +56,19 @@ class Comparison:
     local_train_seconds: dict[str, float] = field(default_factory=dict)
 
 
-def local_train_argv(cfg: DemoConfig, bundle: Path, data: Path, out: Path, cache: Path) -> list[str]:
+def local_train_argv(
+    cfg: DemoConfig, bundle: Path, data: Path, out: Path, cache: Path, personal: bool = False,
+    start: Path | None = None,
+) -> list[str]:  # fmt: skip
     """Local-only training: what the agent does in the rounds (rounds x local epochs over the same
-    images, the coordinator's batch size), with no one to share with."""
+    images, the coordinator's batch size), with no one to share with. `personal`: the same training
+    from `start` (the federated adapter; None: the bundle's own), held near it by `--prox-mu`."""
     options = flags(
         bundle=bundle, data=data, epochs=cfg.rounds * cfg.local_epochs, batch_size=Hyperparameters.batch_size,
         lr=cfg.lr, holdout=AGENT_HOLDOUT, seed=cfg.seed, out=out, threads=1, cache_dir=cache,
     )  # fmt: skip
+    if personal:
+        options += flags(adapter=start, prox_mu=cfg.personal_mu)
     return agent_cli("train", *options, "--quiet", "--json")
 
 
@@ -79,27 +92,34 @@ def compare(
     """Evaluate every agent as the module docstring says; the all-class set is used where the agent's
     data folder has one (`<agent>/all/`)."""
     own_per_round, round_jobs = round_eval_jobs(bundle, data_dir, run, cfg.rounds)
-    table = {s: {a: dict.fromkeys(COLUMNS) for a in run.agent_states} for s in SETS}
+    table = {s: {a: dict.fromkeys(columns(cfg)) for a in run.agent_states} for s in SETS}
     result = Comparison(own_per_round, table)
     train_jobs, eval_jobs = [], []
     for aid in run.agent_states:
-        local = work / "local" / f"{aid}.safetensors"
-        local.parent.mkdir(parents=True, exist_ok=True)
         cache = eval_cache(run, aid)
-        argv = local_train_argv(cfg, bundle, data_dir / aid / "train", local, cache)
-        train_jobs.append(Job(aid, f"local-{aid}-train", argv, _seconds(result.local_train_seconds, aid)))
+        final = final_adapter(run, aid, cfg.rounds)
+        trained = {"local_only": work / "local" / f"{aid}.safetensors"}
+        if cfg.personal_mu:
+            trained[PERSONAL] = work / PERSONAL / f"{aid}.safetensors"
+        for column, out in trained.items():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            mine = column == PERSONAL
+            argv = local_train_argv(cfg, bundle, data_dir / aid / "train", out, cache, mine, final)
+            done = _seconds(result.local_train_seconds, aid) if column == "local_only" else _ignore
+            train_jobs.append(Job(aid, f"{_SHORT[column]}-{aid}-train", argv, done))
         sets = {"own": data_dir / aid / "test"}
         if (data_dir / aid / ALL_SPLIT).is_dir():
             sets["all_class"] = data_dir / aid / ALL_SPLIT
-            final = final_adapter(run, aid, cfg.rounds)
             for column, adapter in (("zero_shot", None), ("federated", final)):
                 argv = eval_argv(bundle, sets["all_class"], adapter, cache)
                 eval_jobs.append(
                     Job(aid, f"eval-{aid}-all-{column}", argv, _put(table["all_class"][aid], column))
                 )
         for name, data in sets.items():
-            argv = eval_argv(bundle, data, local, cache)
-            eval_jobs.append(Job(aid, f"eval-{aid}-{name}-local", argv, _put(table[name][aid], "local_only")))
+            for column, adapter in trained.items():
+                argv = eval_argv(bundle, data, adapter, cache)
+                job = f"eval-{aid}-{name}-{_SHORT[column]}"
+                eval_jobs.append(Job(aid, job, argv, _put(table[name][aid], column)))
     # Trainings first, so their evaluations are not left for the end; each evaluation of a local
     # adapter is listed after its training, and run_jobs never runs two jobs of one agent at once.
     run_jobs(procs, train_jobs + round_jobs + eval_jobs, console, "local-only training and evaluations")
@@ -108,6 +128,13 @@ def compare(
         table["own"][aid]["zero_shot"] = series[0]
         table["own"][aid]["federated"] = series[-1]
     return result
+
+
+_SHORT = {"local_only": "local", PERSONAL: PERSONAL}  # in the children's names (their log files)
+
+
+def _ignore(res: dict) -> None:
+    return None
 
 
 def _put(row: dict[str, float | None], column: str) -> Callable[[dict], None]:

@@ -3,6 +3,7 @@ commands: by this interpreter (`python -m ...`), so it works without the venv on
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ BASES = ("pretrained", "random")
 # The agent's default share of its data kept out of training (`AgentConfig.holdout`): local-only
 # training keeps out the same images, so it trains on exactly what the agent trained on.
 AGENT_HOLDOUT = 0.2
+MAX_PERSONAL_MU = 1e4  # the agent's own bound (device_agent.personal): refused here, before any run
 
 FLEET = "demo"
 
@@ -71,6 +73,9 @@ class DemoConfig:
     # (2 strategies x 2 seeds) it kept own accuracy level (-0.6 to +1.0 points) and raised
     # all-class accuracy by 2.0 to 5.4 points (docs/demo.md).
     loss: str = "balanced-softmax"
+    # > 0: also tune each agent's final adapter on its own images with this proximal weight
+    # (`fedclip-agent train --prox-mu`, what an agent with `personal: {mu}` serves) and show it
+    personal_mu: float = 0.0
     broker: str | None = None
     username: str | None = None
     password: str | None = None
@@ -111,6 +116,10 @@ class DemoConfig:
         except WireError as e:
             msg = str(e).replace("hyperparameters: hyperparameters: body field ", "")
             raise ConfigError(f"--lr, --local-epochs: {msg}") from None
+        if not (math.isfinite(self.personal_mu) and 0.0 <= self.personal_mu <= MAX_PERSONAL_MU):
+            raise ConfigError(
+                f"--personal-mu: must be in [0, {MAX_PERSONAL_MU:g}] (0: off), got {self.personal_mu}"
+            )
         if self.round_timeout <= 0 or self.timeout <= 0:
             raise ConfigError("--round-timeout, --timeout: must be > 0")
         if self.bundle is not None and not (Path(self.bundle) / "manifest.yaml").is_file():

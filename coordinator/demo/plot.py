@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedclip.coordinator.demo.comparison import COLUMNS, SETS
-from fedclip.coordinator.demo.report import SET_TITLES, column_names
+from fedclip.coordinator.demo.comparison import PERSONAL, SETS
+from fedclip.coordinator.demo.report import SET_TITLES, column_names, report_columns
 
-COLOURS = {"zero_shot": "#9e9e9e", "local_only": "#f28e2b", "federated": "#4e79a7"}
+COLOURS = {"zero_shot": "#9e9e9e", "local_only": "#f28e2b", "federated": "#4e79a7", PERSONAL: "#59a14f"}
 
 
 def plot_accuracy(report: dict, path: Path) -> None:
@@ -33,14 +33,15 @@ def plot_accuracy(report: dict, path: Path) -> None:
 def _bars(ax, report: dict, name: str) -> None:
     groups = [*report["agents"], "mean"]
     rows = [report["agents"][a][name] for a in report["agents"]] + [report["mean"][name]]
-    if all(row[c] is None for row in rows for c in COLUMNS):
+    shown = report_columns(report)
+    if all(row[c] is None for row in rows for c in shown):
         ax.text(0.5, 0.5, f"no {SET_TITLES[name]} set", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
         return
     names = column_names(report)
-    width = 0.8 / len(COLUMNS)
-    for k, column in enumerate(COLUMNS):
-        xs = [i + (k - (len(COLUMNS) - 1) / 2) * width for i in range(len(groups))]
+    width = 0.8 / len(shown)
+    for k, column in enumerate(shown):
+        xs = [i + (k - (len(shown) - 1) / 2) * width for i in range(len(groups))]
         ys = [float("nan") if row[column] is None else row[column] for row in rows]
         ax.bar(xs, ys, width, label=names[column], color=COLOURS[column])
     ax.set_xticks(range(len(groups)), groups, rotation=30 if len(groups) > 6 else 0, fontsize="small")

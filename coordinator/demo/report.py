@@ -14,7 +14,7 @@ from rich import box
 from rich.table import Table
 
 from fedclip.coordinator.demo.base import Base
-from fedclip.coordinator.demo.comparison import COLUMNS, SETS, Comparison
+from fedclip.coordinator.demo.comparison import COLUMNS, PERSONAL, SETS, Comparison
 from fedclip.coordinator.demo.config import DemoConfig
 from fedclip.coordinator.demo.federation import FleetRun
 from fedclip.sdk.messages.rounds import Hyperparameters
@@ -80,7 +80,9 @@ def build_report(
             for name in SETS:
                 a[name] = dict(comparison.table[name][aid])
         report["mean"] = {
-            name: {c: _mean(row[c] for row in comparison.table[name].values()) for c in COLUMNS}
+            name: {
+                c: _mean(row[c] for row in comparison.table[name].values()) for c in table_columns(comparison)
+            }
             for name in SETS
         }
         report["local_only"] = {
@@ -150,7 +152,23 @@ def _fmt_acc(x: float | None) -> str:
 
 def column_names(report: dict) -> dict[str, str]:
     """How the columns are called in tables and plots (titles name the federated one's strategy)."""
-    return {"zero_shot": "zero-shot", "local_only": "local-only", "federated": "fedclip"}
+    return {
+        "zero_shot": "zero-shot",
+        "local_only": "local-only",
+        "federated": "fedclip",
+        PERSONAL: "personal",
+    }
+
+
+def table_columns(comparison: Comparison) -> tuple[str, ...]:
+    """The comparison's columns: COLUMNS, and PERSONAL when the demo ran it."""
+    rows = next(iter(comparison.table[SETS[0]].values()), {})
+    return tuple(c for c in (*COLUMNS, PERSONAL) if c in rows) or COLUMNS
+
+
+def report_columns(report: dict) -> tuple[str, ...]:
+    """The same, read back from a report."""
+    return tuple(report["mean"][SETS[0]]) if "mean" in report else COLUMNS
 
 
 def _columns(report: dict) -> list[tuple[str, str, str]]:
@@ -158,7 +176,7 @@ def _columns(report: dict) -> list[tuple[str, str, str]]:
     if "mean" not in report:
         return [("own", "zero_shot", "before"), ("own", "federated", "after")]
     names = column_names(report)
-    return [(s, c, f"{SET_TITLES[s]}: {names[c]}") for s in SETS for c in COLUMNS]
+    return [(s, c, f"{SET_TITLES[s]}: {names[c]}") for s in SETS for c in report_columns(report)]
 
 
 def _cell(agent: dict, name: str, column: str) -> float | None:
@@ -178,12 +196,17 @@ def gain_line(report: dict) -> str:
     mean = report.get("mean")
     if not mean:
         return ""
-    parts = []
-    for name in SETS:
-        fed, local = mean[name]["federated"], mean[name]["local_only"]
-        if fed is not None and local is not None:
-            parts.append(f"{SET_TITLES[name]} {100 * (fed - local):+.1f}")
-    return f"fedclip minus local-only (mean, points): {', '.join(parts)}" if parts else ""
+    lines = []
+    mu = report.get("config", {}).get("personal_mu") or 0
+    for column, title in (("federated", "fedclip"), (PERSONAL, f"fedclip + personal tuning (mu {mu:g})")):
+        parts = []
+        for name in SETS:
+            got, local = mean[name].get(column), mean[name]["local_only"]
+            if got is not None and local is not None:
+                parts.append(f"{SET_TITLES[name]} {100 * (got - local):+.1f}")
+        if parts:
+            lines.append(f"{title} minus local-only (mean, points): {', '.join(parts)}")
+    return "\n".join(lines)
 
 
 def report_tables(report: dict) -> tuple[Table, Table]:
@@ -238,7 +261,7 @@ def write_markdown(report: dict, path: Path) -> None:
     mean = _mean_row(report)
     lines.append("| **mean** | " + " | ".join(_fmt_acc(mean[n][c]) for n, c, _ in columns) + " |")
     if gain_line(report):
-        lines += ["", gain_line(report) + "."]
+        lines += ["", *(f"{line}." for line in gain_line(report).splitlines())]
     lines += ["", "| round | seconds | uplink | downlink |", "|---:|---:|---:|---:|"]
     for r in report["rounds"]:
         secs = "-" if r["seconds"] is None else f"{r['seconds']:.1f}"

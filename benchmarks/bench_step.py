@@ -2,6 +2,8 @@
 
     python benchmarks/bench_step.py --model ViT-B-32 --batch 8 --threads 2 --steps 10
     python benchmarks/bench_step.py --model fedclip-tiny,ViT-B-32
+    python benchmarks/bench_step.py --model fedclip-tiny,ViT-B-32 --only step,step-prox \
+        --out benchmarks/results/step_prox     # what personal tuning's proximal term costs a step
 
 Random-init weights (no downloads). Each trainer runs in its own subprocess so peak RSS is its own.
 Writes `<out>.json` and `<out>.md`.
@@ -24,7 +26,8 @@ from pathlib import Path
 LABELS = tuple(f"class {i}" for i in range(10))
 ORT_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
 STEP_FILES = ("step_model.onnx", "step_eval_model.onnx", "initial_tensors.safetensors", "weights.bin")
-WORKERS = ("step", "ort-training", "torch-lora", "torch-full")
+# step-prox: the step backend with the proximal term on (personal tuning, `StepTrainer.set_prox`)
+WORKERS = ("step", "step-prox", "ort-training", "torch-lora", "torch-full")
 
 
 def _peak_rss_mb() -> float:
@@ -62,10 +65,12 @@ def _timed(step, steps: int, warmup: int) -> list[float]:
 
 def worker(kind: str, bundle: Path, model: str, batch: int, threads: int, steps: int, warmup: int) -> dict:
     """Runs in a fresh interpreter: load, train `warmup + steps` steps, report times and peak RSS."""
-    if kind in ("step", "ort-training"):
+    if kind in ("step", "step-prox", "ort-training"):
         from fedclip.device_agent.step_backend import make_trainer
 
-        trainer = make_trainer(bundle, backend=kind, threads=threads)
+        trainer = make_trainer(bundle, backend=kind.removesuffix("-prox"), threads=threads)
+        if kind == "step-prox":
+            trainer.set_prox(trainer.get_tensors("trainable"), 1.5)
         size = trainer.manifest.preprocess.image_size
         batches = [_batch(size, batch, s) for s in range(3)]
         trainer.set_lr(1e-4)
@@ -149,6 +154,24 @@ def export(model: str, work: Path) -> dict:
     }
 
 
+def _prox_ratio(trainers: list[dict]) -> list[str]:
+    """With step and step-prox rows (repeated, interleaved: `--only step,step-prox,step,step-prox`):
+    the ratio of their median step times, and of their peak RSS (the proximal term's cost)."""
+    ok = [r for r in trainers if "error" not in r]
+    rows = {k: [r for r in ok if r["kind"] == k] for k in ("step", "step-prox")}
+    if not all(rows.values()):
+        return []
+
+    def med(kind: str, key: str) -> float:
+        return statistics.median(r[key] for r in rows[kind])
+
+    t = med("step-prox", "step_ms_median") / med("step", "step_ms_median")
+    m = med("step-prox", "peak_rss_mb") / med("step", "peak_rss_mb")
+    n = len(rows["step"])
+    return ["", f"step-prox / step, the median over {n} interleaved run(s) of each: step time {t:.2f}x, "
+            f"peak RSS {m:.2f}x (the proximal term: 3 ops per tensor, anchors fed every step)"]  # fmt: skip
+
+
 def _markdown(res: dict) -> str:
     a = res["args"]
     lines = [
@@ -170,6 +193,7 @@ def _markdown(res: dict) -> str:
             f"| {r['kind']} | {r['step_ms_median']:.1f} | {r['step_ms_min']:.1f} | {r['peak_rss_mb']:.0f} | "
             f"{r['loss_first']:.3f} -> {r['loss_last']:.3f} | {'yes' if r['torch_in_process'] else 'no'} |"
         )
+    lines += _prox_ratio(res["trainers"])
     lines += ["", "| export | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in res["export"]["export_s"].items()]
     lines += ["", "| files | MB |", "|---|---:|"]

@@ -48,6 +48,8 @@ def status_from_message(topic_agent: str, msg: Message) -> AgentInfo:
     info["groups"] = list(status.groups)
     if status.notice:
         info["notice"] = status.notice
+    if status.personal:  # inference serves the adapter tuned on the device (device_agent.personal)
+        info["personal"] = dict(status.personal)
     return AgentInfo(
         id=topic_agent,
         online=status.state == "online",

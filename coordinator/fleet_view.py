@@ -283,6 +283,8 @@ class FleetView:
                     "bundle_id": a["bundle_id"] or None,
                     "adapter_version": a["adapter_version"] or None,
                     "personal_version": heads.get(a["agent"]),
+                    # the device serves its adapter tuned on its own images (agent `personal:`)
+                    "device_tuning": finite(info.get("personal") or {}) or None,
                     "last_round": a["last_round"],
                     "groups": [g for g in groups if isinstance(g, str)] if isinstance(groups, list) else [],
                     "device": info.get("device"),

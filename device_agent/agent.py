@@ -166,7 +166,8 @@ class Agent:
         if not self.cfg.personal.enabled:
             return
         try:
-            personalize(self.runner, self.cfg.personal)
+            if personalize(self.runner, self.cfg.personal) is not None:
+                self.status.publish()  # retained: the coordinator sees what the device serves now
         except FedclipError as e:
             log.warning("personal tuning failed (%s); inference keeps the fleet's adapter", e)
 

@@ -255,6 +255,14 @@ class AgentState:
         self._save()
         return self.root / rel
 
+    def personal_metrics(self) -> dict[str, float]:
+        """The held-out metrics of the personal copy inference serves now (empty: none)."""
+        entry = self.record["adapters"].get(self.record["current_adapter"] or "", {})
+        personal = entry.get("personal")
+        if not isinstance(personal, dict) or not (self.root / str(personal.get("file", ""))).is_file():
+            return {}
+        return {k: float(v) for k, v in personal.items() if k != "file"}
+
     def scratch_path(self, name: str) -> Path:
         """A file of the state dir for one operation's own use (its caller removes it)."""
         return self.root / name

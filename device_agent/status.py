@@ -67,6 +67,7 @@ def status_blob(
         groups=tuple(cfg.groups),
         num_samples=num_samples,
         notice=notice[:MAX_TEXT],
+        personal=state.personal_metrics(),
     )
     return messages.encode(status, cfg.fleet, cfg.id, key=cfg.signing_key())
 

@@ -79,6 +79,8 @@ def test_dashboard_shows_the_fleet_and_follows_rounds(mosquitto, bundle_factory,
         agent_rows = {r.get_attribute("data-agent"): r.text for r in rows("#agents tbody tr")}
         assert set(agent_rows) == {"cam1", "cam2"}
         assert "lab" in agent_rows["cam1"] and "store-7" in agent_rows["cam2"]
+        # an agent serving its adapter tuned on the device says so (ops_fleet.GroupAgent's status)
+        assert "tuned on device (70.0% vs 50.0%)" in agent_rows["cam1"]
         assert rows('#agents tbody tr[data-online="true"]') and text("#agents-online") == "2"
         assert rows('#rounds tbody tr[data-round="1"][data-state="aggregated"]')
         assert rows('#rounds tbody tr[data-round="2"][data-state="collecting"]')

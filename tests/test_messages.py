@@ -191,7 +191,14 @@ def test_wrong_type_is_refused():
 VALID = {
     m.Task: m.Task(3, "b1", 100.0, adapter=ADAPTER),
     m.Update: m.Update(3, "b1", 10, metrics={"loss": 1.0}, adapter=ADAPTER),
-    m.AgentStatus: m.AgentStatus("online", "b1", last_round=2, groups=("g",), device={"kind": "cpu"}),
+    m.AgentStatus: m.AgentStatus(
+        "online",
+        "b1",
+        last_round=2,
+        groups=("g",),
+        device={"kind": "cpu"},
+        personal={"accuracy": 0.8, "mu": 1.5},
+    ),
     m.Ack: m.Ack(4, "installed", "v1", new=m.AckMetrics(0.5, 1.0, 10)),
     m.AdapterPush: m.AdapterPush("v1", "b1", rollout=2, adapter=ADAPTER),
     m.RolloutCommand: m.RolloutCommand("rollback", 2, "v1"),
@@ -240,6 +247,7 @@ STILL_VALID = {
     ("Task", "reset_optimizer", "bool"),
     ("Update", "metrics", "object"),
     ("AgentStatus", "device", "object"),
+    ("AgentStatus", "personal", "object"),
     ("AdapterPush", "version", "none"),
 }
 

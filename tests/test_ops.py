@@ -126,6 +126,8 @@ def test_metrics_dashboard_json_and_cli_json_follow_a_real_run(mosquitto, lora_b
         assert r1["metrics"]["accuracy"] == pytest.approx(0.4) and r1["duration_s"] > 0
         by_agent = {a["agent"]: a for a in doc["agents"]}
         assert by_agent["cam1"]["online"] and by_agent["cam1"]["groups"] == ["lab"]
+        assert by_agent["cam1"]["device_tuning"] == {"accuracy": 0.7, "accuracy_fleet": 0.5, "mu": 1.5}
+        assert by_agent["cam2"]["device_tuning"] is None
         assert by_agent["cam1"]["metrics"]["accuracy"] == pytest.approx(0.4)
         assert [v["version"] for v in doc["versions"]] == ["g-r0", "g-r1"]
         assert doc["versions"][1]["parent"] == "g-r0"

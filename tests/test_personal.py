@@ -103,6 +103,8 @@ def test_a_rollout_is_tuned_on_the_device_and_served_as_its_personal_copy(step_b
         assert h.status()["adapter_version"] == "r1"
         info = summarize(state.root)  # `fedclip-agent status`: both
         assert (info["adapter_version"], info["serving"]) == ("r1", "r1+personal")
+        # the retained status tells the coordinator, republished once the copy is kept
+        assert h.status()["personal"] == {k: v for k, v in record.items() if k != "file"}
 
         # each rollout gets its copy; a rollback serves the previous adapter's copy, not tuned again
         stamp = entry.personal.stat().st_mtime_ns

@@ -14,6 +14,7 @@ from fixtures_bundle import FASHION_MNIST_LABELS
 from fixtures_fleet import FLEET
 from waiting import eventually
 
+from fedclip.coordinator.fleet import status_from_message
 from fedclip.device_agent.classifier import Classifier
 from fedclip.sdk.adapters import load_adapter
 from fedclip.sdk.ledger import Ledger
@@ -76,6 +77,11 @@ def test_an_agent_tunes_each_rollout_on_its_images_and_serves_the_copy(
         push(2, "r2", 22)
         coord.wait_status(agent, lambda b: b["adapter_version"] == "r2", "rollout 2 installed")
         copy_of("r2", agent)
+        # its retained status says so, as the coordinator's fleet view reads it
+        st = coord.wait_status(agent, lambda b: b["adapter_version"] == "r2" and "personal" in b, "r2's copy")
+        seen = status_from_message("dev-1", st)
+        assert seen.adapter_version == "r2" and 0 <= seen.info["personal"]["accuracy"] <= 1
+        assert seen.info["personal"]["mu"] == 1.0
         eventually(lambda: clf.adapter_version == "r2+personal", 30, "the classifier on r2's copy")
         record = Ledger.read(state).entry("r2")
         assert record.source == "rollout" and record.rollout == 2

@@ -26,6 +26,15 @@ function fmtPct(x) {
   return typeof x === "number" ? (100 * x).toFixed(1) + "%" : "-";
 }
 
+// The adapter an agent's inference uses; with personal tuning on the device, its tuned copy and
+// that copy's held-out accuracy beside the adapter's own.
+function inUse(a) {
+  const v = a.adapter_version || "-";
+  const t = a.device_tuning;
+  if (!t || typeof t !== "object") return v;
+  return v + " + tuned on device (" + fmtPct(t.accuracy) + " vs " + fmtPct(t.accuracy_fleet) + ")";
+}
+
 function fmtBytes(n) {
   if (typeof n !== "number") return "-";
   const units = ["B", "KB", "MB", "GB", "TB"];
@@ -146,7 +155,7 @@ function render(doc) {
     online.append(el("span", null, "dot" + (a.online ? " on" : "")), document.createTextNode(a.online ? "yes" : "no"));
     const dev = a.device && typeof a.device === "object" ? Object.values(a.device).slice(0, 2).join(" ") : "-";
     return row([a.agent, online, (a.groups || []).join(", ") || "-", (a.bundle_id || "-").slice(0, 12),
-      a.adapter_version || "-", a.personal_version || "-", a.last_round, fmtMetrics(a.metrics), dev],
+      inUse(a), a.personal_version || "-", a.last_round, fmtMetrics(a.metrics), dev],
       { "data-agent": a.agent, "data-online": String(a.online) });
   });
 

@@ -22,6 +22,7 @@ from fedclip.sdk.messages.base import (  # the package's own field checks
     _envelope_type,
     _int,
     _known_fields,
+    _metrics,
     _show,
     _str,
 )
@@ -88,6 +89,7 @@ class AgentStatus(WireBody):
             "groups",
             "num_samples",
             "notice",
+            "personal",
         }
     )
 
@@ -100,6 +102,9 @@ class AgentStatus(WireBody):
     groups: tuple[str, ...] = ()
     num_samples: int = 0
     notice: str = ""  # why the last task was refused, or a state-dir error
+    # Personal tuning (device_agent.personal): inference serves `adapter_version` tuned on the device;
+    # its held-out accuracy (`accuracy`), the adapter's own (`accuracy_fleet`), `mu`. Empty: it does not.
+    personal: Mapping[str, float] = field(default_factory=dict)
 
     def envelope_round(self) -> int:
         return self.last_round
@@ -120,6 +125,8 @@ class AgentStatus(WireBody):
         }
         if self.notice:
             body["notice"] = self.notice
+        if self.personal:
+            body["personal"] = dict(self.personal)
         return body
 
     @classmethod
@@ -136,6 +143,7 @@ class AgentStatus(WireBody):
             groups=_groups(body.get("groups", []), where),
             num_samples=_int(body, "num_samples", 0, MAX_SAMPLES, where, 0),
             notice=_str(body, "notice", 4 * MAX_TEXT, where, "")[:MAX_TEXT],
+            personal=_metrics(body.get("personal", {}), "personal", where),
         )
 
 

@@ -58,7 +58,7 @@ class AgentConfig:
     # The device's own limits on what a task may ask (device_agent.policy.TaskPolicy)
     policy: TaskPolicy = TaskPolicy()
     # Personal tuning (device_agent.personal): inference serves the fleet's adapter tuned on this
-    # device's images and held near it (`personal: {mu: 1}`); off by default (mu 0)
+    # device's images and held near it (`personal: {mu: 1.5}`); off by default (mu 0)
     personal: PersonalTuning = PersonalTuning()
     keepalive: int = 30
     # The retained status goes out again 5, 10, 20, ... s after each connect, then every this many

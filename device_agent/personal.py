@@ -10,13 +10,15 @@ serves it as `<w>+personal`.
 Why: an adapter made for the whole fleet is far below what each device learns alone on its own
 label mix, and a device's adapter trained alone forgets every label it has not seen. Tuning the
 fleet's adapter on the device's images with the pull toward it keeps most of both: in every fleet of
-`benchmarks/results/fmnist_personal.md` (FedAvg-LoRA with balanced softmax underneath, mu 1, the
-rounds' epochs) all-class accuracy is within 2 points of the better of zero-shot and FedAvg-LoRA
-(issue 13's target, which the fleet's personalized strategies miss by 8-13 points wherever a device
-holds two labels), at 1-2 points of own accuracy under training alone (Ditto, Li et al. 2021, tuned
-once per installed adapter instead of every round: the same numbers in that report).
+`benchmarks/results/fmnist_personal.md` (FedAvg-LoRA with balanced softmax underneath, mu 1.5, the
+rounds' epochs; in-process and through the real path) all-class accuracy is within 2 points of the
+better of zero-shot and FedAvg-LoRA (issue 13's target, which the fleet's personalized strategies
+miss by 8-16 points wherever a device holds two labels), at 1.4-3.7 points of own accuracy under
+training alone (Ditto, Li et al. 2021, tuned once per installed adapter instead of every round: the
+same numbers within about a point in that report).
 
-What it does not change: the copy never leaves the device and nothing is sent about it; what the
+What it does not change: the copy never leaves the device (its status reports the copy's held-out
+accuracy, nothing of its weights or data); what the
 device answers still changes only when a signed rollout (or its own data) does: a rollback returns
 inference to the previous adapter and that adapter's own copy. Training uses plain cross-entropy
 (the copy learns this device's label mix, so inference adds no prior to it) and the step backend
@@ -39,7 +41,7 @@ MAX_MU = 1e4  # the step graph's own bound (`StepTrainer.set_prox`)
 @dataclass(frozen=True)
 class PersonalTuning:
     """`personal:` in agent.yaml. The defaults past `mu` are what the benchmark measured (5 rounds x
-    3 local epochs of the fleet's lr): set `mu` (1 there) to turn it on."""
+    3 local epochs of the fleet's lr): set `mu` (1.5 there) to turn it on."""
 
     mu: float = 0.0  # 0: off
     epochs: int = 15

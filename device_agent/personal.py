@@ -33,9 +33,7 @@ import math
 from dataclasses import dataclass
 
 from fedclip.sdk.errors import ConfigError
-from fedclip.sdk.messages import MAX_EPOCHS, MAX_LR
-
-MAX_MU = 1e4  # the step graph's own bound (`StepTrainer.set_prox`)
+from fedclip.sdk.messages import MAX_EPOCHS, MAX_LR, MAX_PROX_MU
 
 
 @dataclass(frozen=True)
@@ -49,8 +47,8 @@ class PersonalTuning:
     batch_size: int = 32
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.mu) and 0.0 <= self.mu <= MAX_MU):
-            raise ConfigError(f"personal.mu: must be in [0, {MAX_MU:g}] (0: off), got {self.mu}")
+        if not (math.isfinite(self.mu) and 0.0 <= self.mu <= MAX_PROX_MU):
+            raise ConfigError(f"personal.mu: must be in [0, {MAX_PROX_MU:g}] (0: off), got {self.mu}")
         if not 1 <= self.epochs <= MAX_EPOCHS:
             raise ConfigError(f"personal.epochs: must be in [1, {MAX_EPOCHS}], got {self.epochs}")
         if not (math.isfinite(self.lr) and 0.0 < self.lr <= MAX_LR):

@@ -28,6 +28,7 @@ from fedclip.sdk.errors import AdapterError, BackendError, BundleError, DataErro
 from fedclip.sdk.fsutil import atomic_write
 from fedclip.sdk.label_prior import with_zero_bias
 from fedclip.sdk.manifest import Manifest
+from fedclip.sdk.messages import MAX_PROX_MU
 
 # The step graph's names besides the data inputs; the exporter writes them (exporters/step_graph.py)
 # and lists every one in manifest.graphs["step"], which is checked against them on load.
@@ -37,7 +38,6 @@ EXP_AVG, EXP_AVG_SQ, NEW = ".exp_avg", ".exp_avg_sq", ".new"
 # them have the same inputs without this tail, and train as before (without `set_prox`).
 PROX_IN, ANCHOR = "prox_mu", ".anchor"
 DEFAULT_LR = 1e-3  # what ORT's training artifacts start with, so both backends agree untouched
-MAX_PROX = 1e4  # past this the term is the whole loss (the step is AdamW's size, toward the anchor)
 
 _CKPT_FORMAT_KEY = "fedclip_step_checkpoint"
 _CKPT_FORMAT = "1"
@@ -188,8 +188,8 @@ class StepTrainer(AdapterFiles):
         """From the next step on, train on the loss plus (mu / 2) ||w - anchor||^2 (the anchor: every
         trainable tensor); `mu = 0` or no anchor turns it off. Bundles exported before the step graph
         had the term cannot."""
-        if not (np.isfinite(mu) and 0.0 <= mu <= MAX_PROX):
-            raise DataError(f"proximal weight must be a number in [0, {MAX_PROX:g}], got {mu}")
+        if not (np.isfinite(mu) and 0.0 <= mu <= MAX_PROX_MU):
+            raise DataError(f"proximal weight must be a number in [0, {MAX_PROX_MU:g}], got {mu}")
         if not mu or anchor is None:
             self._prox_mu, self._anchor = np.zeros(1, dtype=np.float32), None
             return

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fedclip.sdk.errors import ConfigError, WireError
 from fedclip.sdk.label_prior import LOSSES
-from fedclip.sdk.messages import Hyperparameters
+from fedclip.sdk.messages import MAX_PROX_MU, Hyperparameters
 
 # The strategy the demo runs unless --strategy says otherwise: CE-LoRA as published. In the demo's own
 # fleet (4 agents, each its own camera) it keeps the most all-class accuracy (above zero-shot) at the
@@ -40,7 +40,6 @@ BASES = ("pretrained", "random")
 # The agent's default share of its data kept out of training (`AgentConfig.holdout`): local-only
 # training keeps out the same images, so it trains on exactly what the agent trained on.
 AGENT_HOLDOUT = 0.2
-MAX_PERSONAL_MU = 1e4  # the agent's own bound (device_agent.personal): refused here, before any run
 
 FLEET = "demo"
 
@@ -116,9 +115,9 @@ class DemoConfig:
         except WireError as e:
             msg = str(e).replace("hyperparameters: hyperparameters: body field ", "")
             raise ConfigError(f"--lr, --local-epochs: {msg}") from None
-        if not (math.isfinite(self.personal_mu) and 0.0 <= self.personal_mu <= MAX_PERSONAL_MU):
+        if not (math.isfinite(self.personal_mu) and 0.0 <= self.personal_mu <= MAX_PROX_MU):
             raise ConfigError(
-                f"--personal-mu: must be in [0, {MAX_PERSONAL_MU:g}] (0: off), got {self.personal_mu}"
+                f"--personal-mu: must be in [0, {MAX_PROX_MU:g}] (0: off), got {self.personal_mu}"
             )
         if self.round_timeout <= 0 or self.timeout <= 0:
             raise ConfigError("--round-timeout, --timeout: must be > 0")

@@ -27,6 +27,9 @@ MAX_EPOCHS = 10_000
 MAX_BATCH = 65_536
 MAX_STEPS = 10**9
 MAX_LR = 10.0
+# a proximal weight (personal tuning: agent.yaml `personal.mu`, `train --prox-mu`, the demo's
+# `--personal-mu`); past it the term is the whole loss
+MAX_PROX_MU = 1e4
 MAX_METRICS = 64
 MAX_NAME = 64  # metric names, groups, version keys
 MAX_TEXT = 300  # reasons, notices

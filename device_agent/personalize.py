@@ -29,9 +29,8 @@ def personalize(runner: RoundRunner, tuning: PersonalTuning) -> dict[str, float]
         return None
     tensors, meta = load_adapter(entry.file)
     trainer = runner.trainer
-    saved = trainer.get_tensors("trainable")
     kept = state.scratch_path("personal-trainer.ckpt")
-    trainer.save_checkpoint(kept)  # a round's optimizer state and local tensors survive the tuning
+    trainer.save_checkpoint(kept)  # tensors, moments, step, lr: a round's trainer survives the tuning
     biases = runner.train_source.label_bias, runner.eval_source.label_bias
     try:
         fleet = runner.evaluate_adapter(None)  # as served until now (with its prior, if any)
@@ -78,6 +77,5 @@ def personalize(runner: RoundRunner, tuning: PersonalTuning) -> dict[str, float]
     finally:
         trainer.set_prox(None, 0.0)
         trainer.load_checkpoint(kept)
-        trainer.set_tensors(saved)
         runner.train_source.label_bias, runner.eval_source.label_bias = biases
         kept.unlink(missing_ok=True)

@@ -14,7 +14,7 @@ from rich import box
 from rich.table import Table
 
 from fedclip.coordinator.demo.base import Base
-from fedclip.coordinator.demo.comparison import COLUMNS, PERSONAL, SETS, Comparison
+from fedclip.coordinator.demo.comparison import COLUMNS, PERSONAL, SETS, Comparison, columns
 from fedclip.coordinator.demo.config import DemoConfig
 from fedclip.coordinator.demo.federation import FleetRun
 from fedclip.sdk.messages.rounds import Hyperparameters
@@ -80,9 +80,7 @@ def build_report(
             for name in SETS:
                 a[name] = dict(comparison.table[name][aid])
         report["mean"] = {
-            name: {
-                c: _mean(row[c] for row in comparison.table[name].values()) for c in table_columns(comparison)
-            }
+            name: {c: _mean(row[c] for row in comparison.table[name].values()) for c in columns(cfg)}
             for name in SETS
         }
         report["local_only"] = {
@@ -160,14 +158,8 @@ def column_names(report: dict) -> dict[str, str]:
     }
 
 
-def table_columns(comparison: Comparison) -> tuple[str, ...]:
-    """The comparison's columns: COLUMNS, and PERSONAL when the demo ran it."""
-    rows = next(iter(comparison.table[SETS[0]].values()), {})
-    return tuple(c for c in (*COLUMNS, PERSONAL) if c in rows) or COLUMNS
-
-
 def report_columns(report: dict) -> tuple[str, ...]:
-    """The same, read back from a report."""
+    """The comparison's columns (`comparison.columns`), read back from a report."""
     return tuple(report["mean"][SETS[0]]) if "mean" in report else COLUMNS
 
 

@@ -66,7 +66,8 @@ class StepTrainer(AdapterFiles):
         self.threads = threads
         self._keep: list = []  # arrays and OrtValues the sessions' initializers point into
         self._names = tuple(t.name for t in self.manifest.trainable)
-        self._data_names = self._check_step_io()
+        # has_prox: the step graph ends with the proximal inputs (bundles exported before them do not)
+        self._data_names, self._has_prox = self._check_step_io()
         self._step_sess = self._session(graphs["step"].file, providers)
         self._eval_sess = self._session(graphs["step_eval"].file, providers)
         self._eval_outputs = tuple(graphs["step_eval"].outputs)
@@ -81,15 +82,16 @@ class StepTrainer(AdapterFiles):
         self.reset_optimizer()
 
     # ---- loading ---------------------------------------------------------------------------------
-    def _check_step_io(self) -> tuple[str, ...]:
+    def _check_step_io(self) -> tuple[tuple[str, ...], bool]:
+        """(the data inputs' names, whether the proximal inputs are there), the rest checked."""
         spec = self.manifest.graphs["step"]
         n = len(self._names)
         prox = (PROX_IN, *(t + ANCHOR for t in self._names))
-        self._has_prox = tuple(spec.inputs[len(spec.inputs) - len(prox) :]) == prox
-        own = 2 + 3 * n + (len(prox) if self._has_prox else 0)
+        has_prox = tuple(spec.inputs[len(spec.inputs) - len(prox) :]) == prox
+        own = 2 + 3 * n + (len(prox) if has_prox else 0)
         data = tuple(spec.inputs[: len(spec.inputs) - own])
         want_in = (*data, STEP_IN, LR_IN, *self._names, *(t + EXP_AVG for t in self._names))
-        want_in += tuple(t + EXP_AVG_SQ for t in self._names) + (prox if self._has_prox else ())
+        want_in += tuple(t + EXP_AVG_SQ for t in self._names) + (prox if has_prox else ())
         want_out = (LOSS_OUT, STEP_OUT, *(t + NEW for t in self._names))
         want_out += tuple(t + EXP_AVG + NEW for t in self._names) + tuple(
             t + EXP_AVG_SQ + NEW for t in self._names
@@ -98,7 +100,7 @@ class StepTrainer(AdapterFiles):
             raise BundleError(
                 f"{self.bundle_dir}: the step graph's inputs/outputs do not match the manifest's tensors"
             )
-        return data
+        return data, has_prox
 
     def _session(self, file: str, providers: list[str]) -> Session:
         ort = onnxruntime()

@@ -22,7 +22,8 @@ import numpy as np
 from fedclip.device_agent.batches import BatchSource, Trainer, batch_source
 from fedclip.device_agent.config import AgentConfig
 from fedclip.device_agent.loops import evaluate, train_local
-from fedclip.device_agent.state import AgentState, RoundProgress
+from fedclip.device_agent.round_progress import RoundProgress
+from fedclip.device_agent.state import AgentState
 from fedclip.device_agent.updates import build_update
 from fedclip.sdk import label_prior
 from fedclip.sdk.adapters import AdapterMeta

@@ -7,6 +7,8 @@ Layout (every file is written atomically: temp file + fsync + os.replace + fsync
                                round in progress, what the rollout client remembers (`rollout`)
     state.lock                 flock held by the running agent (released by the kernel on kill -9)
     adapters/<version>.safetensors   adapters installed for inference (full trainable set)
+    adapters/<version>.personal.safetensors   its copy tuned on the device (`device_agent.personal`)
+    personal-trainer.ckpt      the trainer while personal tuning runs (removed after; a crash leaves it)
     trainer/ckpt-<round>       ORT checkpoint (weights + optimizer) at the end of the last round
     rounds/<round>/task.bin    the task that started the round, to resume it after a restart
     rounds/<round>/ckpt-<e>    in-progress checkpoint after epoch e
@@ -25,12 +27,13 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedclip.device_agent.round_progress import RoundProgress
 from fedclip.sdk.adapters import AdapterMeta, adapter_bytes
 from fedclip.sdk.errors import ConfigError, StateError
 from fedclip.sdk.fsutil import atomic_produce, atomic_write, remove
@@ -47,36 +50,6 @@ LOCK_FILE = "state.lock"
 
 BUILT = "built"  # update blob on disk, not yet acknowledged by the broker
 DONE = "done"  # update published (PUBACK received)
-
-
-@dataclass(frozen=True)
-class RoundProgress:
-    """The round in progress as state.json records it (`in_progress`): a read-only view; the state
-    dir changes it through `AgentState.save_progress`."""
-
-    round: int
-    epochs_done: int = 0
-    steps_done: int = 0
-    checkpoint: str | None = None  # relative to the state dir: the last epoch's checkpoint
-    metrics_before: dict[str, float] | None = None  # held-out metrics before training, once measured
-    train_seconds: float = 0.0
-    train_metrics: dict[str, float] = field(default_factory=dict)  # of the last epoch trained
-    task_sha256: str = ""
-    started_at: float = 0.0
-
-    @classmethod
-    def from_record(cls, entry: Mapping[str, Any]) -> RoundProgress:
-        return cls(
-            round=int(entry["round"]),
-            epochs_done=int(entry.get("epochs_done", 0)),
-            steps_done=int(entry.get("steps_done", 0)),
-            checkpoint=entry.get("checkpoint") or None,
-            metrics_before=dict(entry["metrics_before"]) if entry.get("metrics_before") is not None else None,
-            train_seconds=float(entry.get("train_seconds", 0.0)),
-            train_metrics=dict(entry.get("train_metrics") or {}),
-            task_sha256=str(entry.get("task_sha256", "")),
-            started_at=float(entry.get("started_at", 0.0)),
-        )
 
 
 def _empty_record(agent_id: str, fleet: str, bundle_id: str) -> dict[str, Any]:

@@ -13,7 +13,8 @@ import zlib
 from typing import Any
 
 from fedclip.device_agent.batches import Trainer
-from fedclip.device_agent.state import AgentState, RoundProgress
+from fedclip.device_agent.round_progress import RoundProgress
+from fedclip.device_agent.state import AgentState
 from fedclip.device_agent.statistics import data_digest, data_statistics, wire_statistics
 from fedclip.device_agent.status import StatusReporter
 from fedclip.sdk import messages

@@ -384,3 +384,7 @@ def test_cli_personal_tuning_stays_near_the_adapter_it_starts_from(bundle_factor
     assert last.startswith("fedclip-agent: error:") and "--backend step" in last, last
     nan = agent("train", *common, "--adapter", fleet, "--prox-mu", "nan", check=False)
     assert nan.returncode == 2 and "'--prox-mu'" in nan.stderr.strip().splitlines()[-1], nan.stderr
+    huge = agent("train", *common, "--adapter", fleet, "--prox-mu", "1e30", check=False)
+    last = huge.stderr.strip().splitlines()[-1]
+    assert huge.returncode == 2 and last.startswith("fedclip-agent: error: proximal weight"), huge.stderr
+    assert "Traceback" not in huge.stderr

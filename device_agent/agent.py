@@ -53,6 +53,7 @@ class Agent:
         self.runner = runner
         self.stop = stop if stop is not None else threading.Event()
         runner.stop = self.stop  # a stop request ends training after the current step
+        self._untuned: str | None = None  # the adapter whose personal tuning failed (not retried)
         self.topics = Topics(cfg.fleet)
         self.status = StatusReporter(
             transport, cfg, runner.manifest.bundle_id, runner.state, len(runner.train_set)
@@ -161,29 +162,34 @@ class Agent:
         return True
 
     def _personalize(self) -> None:
-        """With personal tuning on, give the adapter in use its personal copy (`device_agent.personal`);
-        a failure keeps the fleet's adapter serving and is one line in the log."""
-        if not self.cfg.personal.enabled:
+        """With personal tuning on, give the adapter in use its personal copy (`device_agent.personal`),
+        or go on with a tuning a message paused. A failure keeps the fleet's adapter serving, is one
+        line in the log and is not retried for that adapter until the agent restarts."""
+        if not self.cfg.personal.enabled or self.stop.is_set():
+            return
+        if self.runner.state.current_adapter in (None, self._untuned):
             return
         try:
-            if personalize(self.runner, self.cfg.personal) is not None:
+            # Yields to any message: a round's task or a rollback never waits for a whole tuning.
+            if personalize(self.runner, self.cfg.personal, yield_to=self.transport.waiting) is not None:
                 self.status.publish()  # retained: the coordinator sees what the device serves now
         except FedclipError as e:
+            self._untuned = self.runner.state.current_adapter
             log.warning("personal tuning failed (%s); inference keeps the fleet's adapter", e)
 
     def poll(self, timeout: float) -> bool:
         """Handle at most one incoming message (waiting up to `timeout`) and offer unacknowledged
-        updates again when due; True when a message was handled."""
+        updates again when due; then, with no message waiting, tune (or go on tuning) the adapter in
+        use when personal tuning is on. True when a message was handled."""
         incoming = self.transport.get(timeout=timeout)
         if incoming is not None:
-            in_use = self.runner.state.current_adapter
             # A message that breaks its handler is logged and dropped; the agent keeps serving.
             with guard(incoming, lambda msg, reason: None):
                 self.inbox.handle(incoming)
-            if self.runner.state.current_adapter != in_use:  # installed, rolled back, pushed
-                self._personalize()
         self.updates.retry_pending()
         self.status.tick()
+        if not self.transport.waiting():
+            self._personalize()
         return incoming is not None
 
     def shutdown(self) -> None:

@@ -3,6 +3,7 @@ plus labels or tokenized captions, one batch at a time."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -66,18 +67,22 @@ class BatchSource:
         return math.ceil(len(self.dataset) / batch_size)
 
     def batches(
-        self, batch_size: int, *, shuffle: bool = False, seed: int = 0
+        self, batch_size: int, *, shuffle: bool = False, seed: int = 0, skip: int = 0
     ) -> Iterator[tuple[dict[str, np.ndarray], int]]:
-        """Yield (inputs, batch size) with `inputs` keyed by graph input name."""
+        """Yield (inputs, batch size) with `inputs` keyed by graph input name; the first `skip`
+        batches of this order are left out (a paused run resumes where it stood)."""
         if batch_size < 1:
             raise DataError(f"batch size must be >= 1, got {batch_size}")
         rows, cache = self._rows, self.cache
         if rows is None or cache is None:
-            for b in self.dataset.batches(self.transform, batch_size, shuffle=shuffle, seed=seed):
+            # Read and dropped: which images are unreadable, and so where a batch starts, is only
+            # known by reading them.
+            batches = self.dataset.batches(self.transform, batch_size, shuffle=shuffle, seed=seed)
+            for b in itertools.islice(batches, skip, None):
                 yield self._inputs(b.images, b.labels, b.captions), len(b)
             return
         order = [i for i in self.dataset.order(shuffle, seed) if rows[i] >= 0]
-        for start in range(0, len(order), batch_size):
+        for start in range(skip * batch_size, len(order), batch_size):
             idx = order[start : start + batch_size]
             samples = [self.dataset.samples[i] for i in idx]
             embeds = cache.read(rows[idx])

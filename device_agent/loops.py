@@ -29,8 +29,12 @@ def train_local(
     on_step: Callable[[int, float], None] | None = None,
     seed: int = 0,
     cache_dir: str | Path | None = None,
+    skip: int = 0,
 ) -> dict[str, float]:
-    """Train `epochs` (or `max_steps`); returns loss_first/last/mean, steps, samples, seconds, skipped."""
+    """Train `epochs` (or `max_steps`); returns loss_first/last/mean, steps, samples, seconds, skipped.
+
+    `skip`: the first `skip` batches of the first epoch were trained before (a paused run resumes;
+    the trainer's checkpoint holds what they did): the same batches follow in the same order."""
     if epochs < 1:
         raise DataError(f"epochs must be >= 1, got {epochs}")
     source = (
@@ -39,7 +43,7 @@ def train_local(
         else batch_source(trainer, dataset, cache_dir=cache_dir, progress=progress)
     )
     trainer.set_lr(lr)
-    total = source.num_batches(batch_size) * epochs
+    total = max(source.num_batches(batch_size) * epochs - skip, 0)
     if max_steps is not None:
         total = min(total, max_steps)
     losses: list[float] = []
@@ -48,7 +52,8 @@ def train_local(
     stopped = False
     with progress_bar(progress, "training", total) as advance:
         for epoch in range(epochs):
-            for inputs, n in source.batches(batch_size, shuffle=True, seed=seed + epoch):
+            left_out = skip if epoch == 0 else 0
+            for inputs, n in source.batches(batch_size, shuffle=True, seed=seed + epoch, skip=left_out):
                 if (max_steps is not None and len(losses) >= max_steps) or (should_stop and should_stop()):
                     stopped = True
                     break

@@ -9,6 +9,7 @@ Layout (every file is written atomically: temp file + fsync + os.replace + fsync
     adapters/<version>.safetensors   adapters installed for inference (full trainable set)
     adapters/<version>.personal.safetensors   its copy tuned on the device (`device_agent.personal`)
     personal-trainer.ckpt      the trainer while personal tuning runs (removed after; a crash leaves it)
+    personal-work.ckpt, .json  a personal tuning paused for a message or a stop, resumed from there
     trainer/ckpt-<round>       ORT checkpoint (weights + optimizer) at the end of the last round
     rounds/<round>/task.bin    the task that started the round, to resume it after a restart
     rounds/<round>/ckpt-<e>    in-progress checkpoint after epoch e

@@ -336,6 +336,10 @@ class MqttSession:
         except queue.Empty:
             return None
 
+    def waiting(self) -> bool:
+        """A message is queued for `get`: work that can pause (personal tuning) yields to it."""
+        return not self._incoming.empty()
+
     # ---- paho callbacks (network thread: enqueue only) -------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:

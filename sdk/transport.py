@@ -53,6 +53,8 @@ class Transport(Protocol):
 
     def get(self, timeout: float) -> Incoming | None: ...
 
+    def waiting(self) -> bool: ...  # a message is queued for `get` (long work yields to it)
+
 
 class MemoryBroker:
     """A broker in one process: retained messages and subscriptions, thread-safe."""
@@ -167,6 +169,9 @@ class MemoryTransport:
             return self._queue.get(timeout=timeout)
         except queue.Empty:
             return None
+
+    def waiting(self) -> bool:
+        return not self._queue.empty()
 
     @property
     def unacked(self) -> int:

@@ -219,6 +219,19 @@ def test_train_local_limits_and_callbacks(tiny_bundle, small_set):
     ev = evaluate(trainer, small_set, batch_size=100)
     assert set(ev) == {"loss", "accuracy", "num_samples"}
     assert ev["num_samples"] == 10 * PER_CLASS
+    _assert_skip_resumes(batch_source(trainer, small_set))
+
+
+def _assert_skip_resumes(src) -> None:
+    """`batches(skip=k)` is the same order's batches after the first k (a paused tuning resumes)."""
+    every = list(src.batches(16, shuffle=True, seed=5))
+    for k in (0, 2, len(every), len(every) + 3):
+        rest = list(src.batches(16, shuffle=True, seed=5, skip=k))
+        assert len(rest) == max(len(every) - k, 0)
+        for (a, na), (b, nb) in zip(every[k:], rest, strict=True):
+            assert na == nb and a.keys() == b.keys()
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def test_data_statistics(tiny_bundle, fm_folder, tmp_path):
@@ -293,6 +306,7 @@ def test_embedding_cache_for_text_tower_bundles(bundle_factory, tmp_path):
     inputs2, _ = next(src2.batches(60))
     fresh = predictor.embed_images(predictor.transform.load(changed)[None])[0]
     np.testing.assert_allclose(inputs2["image_embeds"][0], fresh, atol=1e-5)
+    _assert_skip_resumes(src2)  # the cache's path
     m = train_local(trainer, src2, epochs=4, batch_size=20, lr=1e-2, progress=False)
     assert m["loss_last"] < m["loss_first"]
 

@@ -6,6 +6,8 @@ runs it through mosquitto and an agent process."""
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 
 import numpy as np
@@ -15,6 +17,7 @@ from test_agent_unit import AGENT, FLEET, LABELS, TOPICS, Harness  # noqa: F401 
 from fedclip.device_agent.classifier import installed_adapter
 from fedclip.device_agent.config import AgentConfig
 from fedclip.device_agent.personal import PersonalTuning
+from fedclip.device_agent.personalize import WORK_CKPT, WORK_INFO
 from fedclip.device_agent.state_summary import summarize
 from fedclip.sdk import messages
 from fedclip.sdk.adapters import load_adapter
@@ -38,6 +41,14 @@ def image_dir(tmp_path_factory):
 
 def _distance(a: dict, b: dict) -> float:
     return float(np.sqrt(sum(np.sum((a[k] - b[k]) ** 2) for k in a)))
+
+
+def _rollout(h: Harness, key, rid: int, version: str, seed: int) -> tuple[bytes, dict]:
+    """(the signed rollout of `version` with the harness's adapter for `seed`, its tensors)."""
+    tensors = h.adapter(seed)
+    body = {"rollout": rid, "stage": "rest", "version": version, "bundle_id": h.manifest.bundle_id}
+    env = Envelope(MsgType.ADAPTER, FLEET, AGENT, base_version=version, body=body)
+    return encode(sign_envelope(key, env, tensors), tensors), tensors
 
 
 def test_the_settings_are_checked_and_read_from_agent_yaml(tmp_path, step_bundle):
@@ -74,10 +85,8 @@ def test_a_rollout_is_tuned_on_the_device_and_served_as_its_personal_copy(step_b
     state, trainer = h.agent.runner.state, h.agent.runner.trainer
 
     def push(rid: int, version: str, seed: int) -> dict:
-        tensors = h.adapter(seed)
-        body = {"rollout": rid, "stage": "rest", "version": version, "bundle_id": h.manifest.bundle_id}
-        env = Envelope(MsgType.ADAPTER, FLEET, AGENT, base_version=version, body=body)
-        h.send(encode(sign_envelope(key, env, tensors), tensors), topic=TOPICS.adapter(AGENT))
+        blob, tensors = _rollout(h, key, rid, version, seed)
+        h.send(blob, topic=TOPICS.adapter(AGENT))
         return tensors
 
     def rollback(rid: int, version: str) -> None:
@@ -140,12 +149,148 @@ def test_the_pull_holds_the_copy_near_the_fleets_adapter(step_bundle, image_dir,
         h = Harness(step_bundle, image_dir, tmp_path / f"state-{mu}", coordinator_key=pub,
                     personal=PersonalTuning(mu=mu, epochs=4, lr=5e-2, batch_size=4))  # fmt: skip
         try:
-            tensors = h.adapter(5)
-            body = {"rollout": 1, "stage": "rest", "version": "r1", "bundle_id": h.manifest.bundle_id}
-            env = Envelope(MsgType.ADAPTER, FLEET, AGENT, base_version="r1", body=body)
-            h.send(encode(sign_envelope(key, env, tensors), tensors), topic=TOPICS.adapter(AGENT))
+            blob, tensors = _rollout(h, key, 1, "r1", 5)
+            h.send(blob, topic=TOPICS.adapter(AGENT))
             mine, _ = load_adapter(Ledger.read(h.agent.runner.state.root).entry("r1").personal)
             moved[mu] = _distance({k: mine[k] for k in tensors}, tensors)
         finally:
             h.close()
     assert 0 < moved[1e3] < 0.5 * moved[1e-3], moved
+
+
+TUNING = PersonalTuning(mu=1.0, epochs=4, lr=5e-2, batch_size=4)  # 5 batches of 4 a epoch here
+
+
+def _interrupt_at(h: Harness, step: int, act) -> None:
+    """Call `act()` once, during the personal tuning's `step`-th training step (the trainer's
+    AdamW step count: the tuning starts from a reset optimizer, a round's steps do not count)."""
+    trainer = h.agent.runner.trainer
+    real = trainer.train_step
+    fired = []
+
+    def train_step(inputs):
+        loss = real(inputs)
+        if not fired and trainer._prox_mu > 0 and trainer.step == step:
+            fired.append(step)
+            act()
+        return loss
+
+    trainer.train_step = train_step
+
+
+def _copy(h: Harness, version: str) -> dict:
+    entry = Ledger.read(h.agent.runner.state.root).entry(version)
+    assert entry is not None and entry.personal is not None and entry.personal.is_file(), version
+    return load_adapter(entry.personal)[0]
+
+
+def _uninterrupted_copy(bundle, images, where, key, pub) -> dict:
+    """r1's personal copy as an agent makes it with nothing arriving during the tuning."""
+    h = Harness(bundle, images, where, coordinator_key=pub, personal=TUNING)
+    try:
+        h.send(_rollout(h, key, 1, "r1", 11)[0], topic=TOPICS.adapter(AGENT))
+        return _copy(h, "r1")
+    finally:
+        h.close()
+
+
+def _assert_same(got: dict, want: dict) -> None:
+    for k, v in want.items():
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
+
+
+def _task(h: Harness, key, rnd: int) -> bytes:
+    task = messages.Task(
+        rnd, h.manifest.bundle_id, time.time() + 3600, messages.Hyperparameters(1, 1e-3, 4),
+        base_version=f"start-{rnd}", adapter=h.adapter(rnd),
+    )  # fmt: skip
+    return messages.encode(task, FLEET, AGENT, key=key)
+
+
+@pytest.mark.slow
+def test_a_message_pauses_the_tuning_and_it_resumes_to_the_same_copy(step_bundle, image_dir, tmp_path):
+    """A round's task arriving mid-tuning is answered before the tuning goes on; the copy is bit for
+    bit the one an uninterrupted tuning makes, and the round's update the one an agent without
+    personal tuning sends for the same task."""
+    key, pub = ensure_keypair(tmp_path / "keys")
+    want = _uninterrupted_copy(step_bundle, image_dir, tmp_path / "plain", key, pub)
+    alone = Harness(step_bundle, image_dir, tmp_path / "alone", coordinator_key=pub)
+    try:
+        alone.send(_task(alone, key, 1))
+        (want_update,) = alone.updates()
+    finally:
+        alone.close()
+
+    h = Harness(step_bundle, image_dir, tmp_path / "state", coordinator_key=pub, personal=TUNING)
+    state = h.agent.runner.state
+    try:
+        _interrupt_at(h, 7, lambda: h.coordinator.publish(TOPICS.task(AGENT), _task(h, key, 1), qos=1))
+        h.send(_rollout(h, key, 1, "r1", 11)[0], topic=TOPICS.adapter(AGENT))
+        # paused in its second epoch, where it stood, the fleet's adapter still serving
+        assert installed_adapter(state.root)[1] == "r1"
+        work = json.loads(state.scratch_path(WORK_INFO).read_text())
+        assert (work["version"], work["epoch"], work["batch"], work["steps"]) == ("r1", 1, 2, 7), work
+        assert h.updates() == []
+        assert h.agent.poll(timeout=5), "the task waited for the tuning"
+        (update,) = h.updates()  # answered, and then the tuning finished
+        assert installed_adapter(state.root)[1] == "r1+personal"
+        assert not state.scratch_path(WORK_INFO).exists() and not state.scratch_path(WORK_CKPT).exists()
+        _assert_same(_copy(h, "r1"), want)
+        assert update.envelope.round == 1
+        _assert_same(update.tensors, want_update.tensors)
+    finally:
+        h.close()
+
+
+@pytest.mark.slow
+def test_a_stop_mid_tuning_resumes_at_the_next_start(step_bundle, image_dir, tmp_path, caplog):
+    """Stopped in its third epoch, the tuning goes on at the next start and makes the same copy; a
+    paused record that disagrees with its checkpoint (a crash between the two writes) starts over,
+    to the same copy; an adapter whose tuning fails is not retried at every idle moment."""
+    key, pub = ensure_keypair(tmp_path / "keys")
+    want = _uninterrupted_copy(step_bundle, image_dir, tmp_path / "ref", key, pub)
+
+    where = tmp_path / "state"
+    h = Harness(step_bundle, image_dir, where, coordinator_key=pub, personal=TUNING)
+    _interrupt_at(h, 12, h.agent.stop.set)
+    h.send(_rollout(h, key, 1, "r1", 11)[0], topic=TOPICS.adapter(AGENT))
+    state = h.agent.runner.state
+    assert json.loads(state.scratch_path(WORK_INFO).read_text())["steps"] == 12
+    h.close()
+    with caplog.at_level(logging.INFO, logger="fedclip.agent"):
+        h = Harness(step_bundle, image_dir, where, coordinator_key=pub, personal=TUNING)  # start resumes
+        h.close()
+    assert "personal tuning of r1: resumed in epoch 3" in caplog.text
+    _assert_same(_copy(h, "r1"), want)
+
+    # a record ahead of its checkpoint: dropped, the tuning starts over, the copy is the same
+    where = tmp_path / "crash"
+    h = Harness(step_bundle, image_dir, where, coordinator_key=pub, personal=TUNING)
+    _interrupt_at(h, 3, h.agent.stop.set)
+    h.send(_rollout(h, key, 1, "r1", 11)[0], topic=TOPICS.adapter(AGENT))
+    h.close()
+    info = h.agent.runner.state.scratch_path(WORK_INFO)
+    info.write_text(json.dumps({**json.loads(info.read_text()), "steps": 9, "batch": 4}))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fedclip.agent"):
+        h = Harness(step_bundle, image_dir, where, coordinator_key=pub, personal=TUNING)
+    try:
+        assert "starts over" in caplog.text and "checkpoint is at step 3, its record at 9" in caplog.text
+        _assert_same(_copy(h, "r1"), want)
+
+        # r2's file unreadable when its paused tuning resumes: one warning, not one per idle poll
+        def corrupt() -> None:
+            entry = Ledger.read(h.agent.runner.state.root).entry("r2")
+            entry.file.write_bytes(b"not an adapter")
+
+        _interrupt_at(h, 2, lambda: (corrupt(), h.coordinator.publish(TOPICS.task(AGENT), _task(h, key, 1))))
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="fedclip.agent"):
+            h.send(_rollout(h, key, 2, "r2", 22)[0], topic=TOPICS.adapter(AGENT))
+            assert h.agent.poll(timeout=5)  # the task; then the resume fails
+            for _ in range(3):
+                assert not h.agent.poll(timeout=0.01)
+        assert caplog.text.count("personal tuning failed") == 1, caplog.text
+        assert installed_adapter(h.agent.runner.state.root)[1] == "r2"  # the fleet's adapter serves
+    finally:
+        h.close()

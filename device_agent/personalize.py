@@ -4,7 +4,8 @@ what and why), kept in the ledger beside it; the trainer is left as the rounds h
 Tuning yields to the fleet. It is `personal.epochs` over the device's training split: seconds on
 fedclip-tiny, minutes at ViT-B-32's width on a CPU, and it runs on the agent's one thread. Before
 every step it asks whether a message is waiting (a round's task, a rollback, the next rollout) or a
-stop came; if so it checkpoints where it stands (`personal-work.ckpt` and `.json` in the state dir:
+stop came (a message only after one step of its own: it advances however busy the agent is); if so
+it checkpoints where it stands (`personal-work.ckpt` and `.json` in the state dir:
 the tuning's tensors, AdamW moments and step, the epoch and batch it stopped at) and returns, the
 agent handles the message, and the next idle moment resumes it. A resumed tuning trains the same
 batches in the same order from the same state: its copy is the one an uninterrupted tuning makes.
@@ -131,11 +132,13 @@ def _train(
     """Train from `work`'s epoch and batch to the end, advancing `work`; False when paused. Epoch by
     epoch, each with its own shuffle (the order an uninterrupted run has), as rounds train."""
     seed = zlib.crc32(f"{runner.cfg.id}/{work.version}/personal".encode())
-    paused = False
+    paused, moved = False, trainer.step
 
     def should_stop() -> bool:
+        # At least one step per call before yielding: messages arriving back to back still let
+        # the tuning advance (a message waits at most one step more for it).
         nonlocal paused
-        paused = paused or runner.stop.is_set() or yield_to()
+        paused = paused or runner.stop.is_set() or (trainer.step > moved and yield_to())
         return paused
 
     while work.epoch < tuning.epochs:

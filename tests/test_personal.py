@@ -17,7 +17,7 @@ from test_agent_unit import AGENT, FLEET, LABELS, TOPICS, Harness  # noqa: F401 
 from fedclip.device_agent.classifier import installed_adapter
 from fedclip.device_agent.config import AgentConfig
 from fedclip.device_agent.personal import PersonalTuning
-from fedclip.device_agent.personalize import WORK_CKPT, WORK_INFO
+from fedclip.device_agent.personalize import WORK_CKPT, WORK_INFO, personalize
 from fedclip.device_agent.state_summary import summarize
 from fedclip.sdk import messages
 from fedclip.sdk.adapters import load_adapter
@@ -292,5 +292,26 @@ def test_a_stop_mid_tuning_resumes_at_the_next_start(step_bundle, image_dir, tmp
                 assert not h.agent.poll(timeout=0.01)
         assert caplog.text.count("personal tuning failed") == 1, caplog.text
         assert installed_adapter(h.agent.runner.state.root)[1] == "r2"  # the fleet's adapter serves
+    finally:
+        h.close()
+
+
+@pytest.mark.slow
+def test_a_tuning_advances_a_step_each_time_however_busy_the_agent_is(step_bundle, image_dir, tmp_path):
+    """A message always waiting: every call trains one step, pauses and checkpoints; the 20th
+    finishes (4 epochs of 5 batches) with the copy an uninterrupted tuning makes."""
+    key, pub = ensure_keypair(tmp_path / "keys")
+    want = _uninterrupted_copy(step_bundle, image_dir, tmp_path / "ref", key, pub)
+    h = Harness(step_bundle, image_dir, tmp_path / "state", coordinator_key=pub)  # tuning off
+    try:
+        h.send(_rollout(h, key, 1, "r1", 11)[0], topic=TOPICS.adapter(AGENT))
+        runner, calls, metrics = h.agent.runner, 0, None
+        while metrics is None and calls < 50:
+            metrics = personalize(runner, TUNING, yield_to=lambda: True)
+            calls += 1
+            if metrics is None:  # paused after one step more
+                assert json.loads(runner.state.scratch_path(WORK_INFO).read_text())["steps"] == calls
+        assert calls == 20 and metrics is not None and metrics["mu"] == TUNING.mu
+        _assert_same(_copy(h, "r1"), want)
     finally:
         h.close()

@@ -22,13 +22,14 @@ def best_cell(runs: list[dict], column: str) -> tuple[str, list[float]]:
     return best, [r[column][best] for r in runs]
 
 
-def setting_rows(runs: list[dict]) -> list[tuple[str, str, list[float]]]:
-    """(row, how, per-seed accuracies) for one setting."""
+def setting_rows(runs: list[dict], grid=GRID, federated=FEDERATED) -> list[tuple[str, str, list[float]]]:
+    """(row, how, per-seed accuracies) for one setting: zero-shot, the best cell of each `grid`
+    column (an oracle), each `federated` run after its last round and at its best round."""
     rows = [("zero-shot", "the pretrained base", [r["zero-shot"] for r in runs])]
-    for column, _, _ in GRID:
+    for column, _, _ in grid:
         cell, vals = best_cell(runs, column)
         rows.append((column + " (oracle)", f"lr x epochs {cell}, best of the grid", vals))
-    for name in FEDERATED:
+    for name in federated:
         rows.append((name, "after the last round", [r[name][-1] for r in runs]))
         rows.append((name + ", best round", "the best round (mean over seeds)", _best_round(runs, name)))
     return rows

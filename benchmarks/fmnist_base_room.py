@@ -1,7 +1,9 @@
 """Issue 13's 20-round global target on a base with room: is the miss the base's, or FedAvg's?
 
-    nice -n 10 python benchmarks/fmnist_base_room.py --base-steps 40 300 --seeds 0 1 2 --out RUN.json
-    python benchmarks/fmnist_base_room.py --report RUN.json   # -> results/fmnist_base_room.{md,json,png}
+    nice -n 5 python benchmarks/fmnist_base_room.py --base-steps 40 --seeds 0 1 2 --out RUN40.json
+    nice -n 5 python benchmarks/fmnist_base_room.py --base-steps 300 --seeds 0 1 2 --out RUN300.json
+    python benchmarks/fmnist_base_room.py --report RUN40.json RUN300.json SIM.json ...
+    # -> results/fmnist_base_room.{md,json,png}; SIM: fmnist_sim.py, fmnist_personal.py runs
 
 Session 12 bounded the target (FedAvg-LoRA's global model >= zero-shot + 10 after 20 rounds) on the
 benchmark's base, fedclip-tiny pretrained for 300 steps (zero-shot 74% on the balanced test set):
@@ -87,9 +89,6 @@ def main() -> None:
     fleet_args(ap)
     ap.set_defaults(agents=10, per_agent=300, beta=0.1, rounds=20, local_epochs=1)
     ap.add_argument("--rank", type=int, default=4)
-    ap.add_argument(
-        "--base-steps", type=int, nargs="+", default=[40, 300], help="the bases' pretraining steps"
-    )
     ap.add_argument("--out", type=Path, help="the JSON file for the results")
     ap.add_argument(
         "--report", type=Path, nargs="+", help="write results/fmnist_base_room.* from these JSONs"
@@ -107,7 +106,7 @@ def main() -> None:
     S.CLASSES = pool.classes
     t0, doc = time.monotonic(), {"bases": {}, "results": {}}
     doc["command"] = "python benchmarks/fmnist_base_room.py " + " ".join(sys.argv[1:])
-    for steps in args.base_steps:
+    for steps in (args.base_steps,):  # one base a run (fleet_args' --base-steps); --report merges
         base = cached_base(args.base_cache, steps=steps)
         transform = ImageTransform(build_base_model("fedclip-tiny", base["weights"]).preprocess)
         doc["bases"][str(steps)] = {k: base[k] for k in ("steps", "seconds", "zero_shot_pool_accuracy")}

@@ -87,12 +87,46 @@ def own_section(sims: list[dict], out: Path) -> list[str]:
     return lines
 
 
+def personal_section(runs: dict, out: Path) -> list[str]:
+    """Session 13's all-class target on the weaker base: `fmnist_personal.py` runs, summarized as
+    its report does, beside tune-bsm mu 1.5 on the benchmark's base (results/fmnist_personal.json)."""
+    from fmnist_personal_report import _diffs, summary
+
+    standard = json.loads((out / "fmnist_personal.json").read_text())
+    row = "tune-bsm mu 1.5"
+    before = []
+    for name in runs:
+        if name in standard and row in standard[name]["results"]["0"]:
+            own, alls = _diffs(standard[name], row, "0.0")
+            before.append(f"{name} {np.mean(own):+.1f} / {np.mean(alls):+.1f}")
+    mus = " ".join(f"{m:g}" for m in next(iter(runs.values()))["protocol"]["mus"])
+    return [
+        "## All-class accuracy on the weaker base: personal tuning",
+        "",
+        f"`fmnist_personal.py --base-steps 40 --mus {mus}` on the regimes' fleets (the rows and the"
+        " arithmetic of `fmnist_personal.md`): own - local-only / all-class - bar (points, means over"
+        " seeds; bar: the better of zero-shot and FedAvg-LoRA; bold: the all-class target, >= -2, met):",
+        "",
+        *summary(runs),
+        "",
+        f"On the benchmark's base (`fmnist_personal.md`), {row}: " + "; ".join(before) + ".",
+        "",
+        "Commands:",
+        "",
+        *[f"`{run['command']}`" for run in runs.values()],
+        "",
+    ]
+
+
 def write_report(paths: list[Path], out: Path) -> None:
     docs = [json.loads(p.read_text()) for p in paths]
-    sims = [d for d in docs if "regime" in d.get("protocol", {})]
+    sims = [d for d in docs if "regime" in d.get("protocol", {}) and "mus" not in d["protocol"]]
     sims += [s for d in docs for s in d.get("own", [])]  # regenerating from the doc this writes
+    personal = {p.stem: d for p, d in zip(paths, docs, strict=True) if "mus" in d.get("protocol", {})}
+    for d in docs:
+        personal.update(d.get("personal", {}))
     doc = _merge([d for d in docs if "bases" in d])
-    doc["own"] = sims
+    doc["own"], doc["personal"] = sims, personal
     p = doc["protocol"]
     (out / "fmnist_base_room.json").write_text(json.dumps(doc, indent=1))
     lines = [
@@ -152,6 +186,7 @@ def write_report(paths: list[Path], out: Path) -> None:
             f" that LoRA row - full FT: {gain(best[2], np.array(full[2])):+.1f}, target >= -2)."
         )
     lines += own_section(sims, out) if sims else []
+    lines += personal_section(personal, out) if personal else []
     lines += ["## What it says", "", *found, ""]
     _plot(doc, out / "fmnist_base_room.png")
     lines += ["![global accuracy per round on each base](fmnist_base_room.png)", ""]

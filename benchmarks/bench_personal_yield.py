@@ -93,10 +93,10 @@ class Run:
         self.at: int | None = None
 
         def train_step(inputs):
-            if trainer._prox_mu[0] > 0:
+            if trainer.prox_mu > 0:
                 self.marks.setdefault("tuning from", time.perf_counter())
             loss = step(inputs)
-            if self.at is not None and trainer._prox_mu[0] > 0 and trainer.step == self.at:
+            if self.at is not None and trainer.prox_mu > 0 and trainer.step == self.at:
                 self.at = None
                 self.send_task()
             return loss

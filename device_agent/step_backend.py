@@ -207,6 +207,11 @@ class StepTrainer(AdapterFiles):
         self._prox_mu = np.array([mu], dtype=np.float32)
 
     @property
+    def prox_mu(self) -> float:
+        """The proximal weight the next step trains with (0: none)."""
+        return float(self._prox_mu[0])
+
+    @property
     def step(self) -> int:
         return int(self._step[0])
 

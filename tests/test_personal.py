@@ -170,7 +170,7 @@ def _interrupt_at(h: Harness, step: int, act) -> None:
 
     def train_step(inputs):
         loss = real(inputs)
-        if not fired and trainer._prox_mu > 0 and trainer.step == step:
+        if not fired and trainer.prox_mu > 0 and trainer.step == step:
             fired.append(step)
             act()
         return loss

@@ -129,6 +129,10 @@ def status(
     ):
         value = info[key]
         table.add_row(key.replace("_", " "), "-" if value is None else str(value))
+    if info["personal_tuning"]:
+        t = info["personal_tuning"]
+        paused = f"{t['adapter']}: paused, resumes in epoch {t['epoch']} of {t['epochs']}"
+        table.add_row("personal tuning", paused)
     if info["pending_updates"]:
         table.add_row("pending updates", ", ".join(map(str, info["pending_updates"])))
     for name, value in sorted(info["last_metrics"].items()):

@@ -29,11 +29,18 @@ This module holds the settings (agent.yaml's `personal:`); `device_agent.persona
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from fedclip.sdk.errors import ConfigError
 from fedclip.sdk.messages import MAX_EPOCHS, MAX_LR, MAX_PROX_MU
+
+# A tuning paused for a message or a stop, in the state dir: `device_agent.personalize` writes and
+# resumes them; `fedclip-agent status` reads the record (`paused_tuning`), without the trainer's imports.
+WORK_CKPT, WORK_INFO = "personal-work.ckpt", "personal-work.json"
 
 
 @dataclass(frozen=True)
@@ -59,3 +66,14 @@ class PersonalTuning:
     @property
     def enabled(self) -> bool:
         return self.mu > 0
+
+
+def paused_tuning(state_dir: str | Path) -> dict[str, Any] | None:
+    """The paused tuning a state dir records: `adapter`, the `epoch` it resumes in (from 1) and
+    `epochs`; None when there is none (or its record is unreadable: the agent starts that one over)."""
+    try:
+        work = json.loads((Path(state_dir) / WORK_INFO).read_text())
+        return {"adapter": str(work["version"]), "epoch": int(work["epoch"]) + 1,
+                "epochs": int(work["settings"]["epochs"])}  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from fedclip.device_agent.loops import evaluate, train_local
-from fedclip.device_agent.personal import PersonalTuning
+from fedclip.device_agent.personal import WORK_CKPT, WORK_INFO, PersonalTuning
 from fedclip.device_agent.step_backend import StepTrainer
 from fedclip.sdk.adapters import AdapterMeta, load_adapter
 from fedclip.sdk.errors import ConfigError, DataError, FedclipError
@@ -34,8 +34,6 @@ if TYPE_CHECKING:
     from fedclip.device_agent.state import AgentState
 
 log = logging.getLogger("fedclip.agent")
-
-WORK_CKPT, WORK_INFO = "personal-work.ckpt", "personal-work.json"
 
 
 @dataclass

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fedclip.device_agent.personal import paused_tuning
 from fedclip.device_agent.state import BUILT, DONE
 from fedclip.sdk.ledger import Ledger, read_record
 
@@ -39,6 +40,8 @@ def summarize_record(root: Path, record: Mapping[str, Any]) -> dict[str, Any]:
         "adapter_rollout": in_use.rollout if in_use and in_use.rollout else None,
         # what inference serves: the adapter, or its copy tuned on this device (`<version>+personal`)
         "serving": in_use.served[0] if in_use else None,
+        # a personal tuning paused for a message or a stop: {adapter, epoch it resumes in, epochs}
+        "personal_tuning": paused_tuning(root),
         "pinned": (record.get("rollout") or {}).get("pinned") or None,
         "last_round": last,
         "rounds_done": len(done),

@@ -13,11 +13,13 @@ import time
 import numpy as np
 import pytest
 from test_agent_unit import AGENT, FLEET, LABELS, TOPICS, Harness  # noqa: F401  (the module's fixtures)
+from typer.testing import CliRunner
 
 from fedclip.device_agent.classifier import installed_adapter
+from fedclip.device_agent.cli import app
 from fedclip.device_agent.config import AgentConfig
-from fedclip.device_agent.personal import PersonalTuning
-from fedclip.device_agent.personalize import WORK_CKPT, WORK_INFO, personalize
+from fedclip.device_agent.personal import WORK_CKPT, WORK_INFO, PersonalTuning
+from fedclip.device_agent.personalize import personalize
 from fedclip.device_agent.state_summary import summarize
 from fedclip.sdk import messages
 from fedclip.sdk.adapters import load_adapter
@@ -257,10 +259,15 @@ def test_a_stop_mid_tuning_resumes_at_the_next_start(step_bundle, image_dir, tmp
     state = h.agent.runner.state
     assert json.loads(state.scratch_path(WORK_INFO).read_text())["steps"] == 12
     h.close()
+    # `fedclip-agent status` says so (12 steps of 5 a epoch: resumes in the third of 4)
+    assert summarize(where)["personal_tuning"] == {"adapter": "r1", "epoch": 3, "epochs": 4}
+    table = CliRunner().invoke(app, ["status", "--state", str(where)])
+    assert table.exit_code == 0 and "r1: paused, resumes in epoch 3 of 4" in table.output, table.output
     with caplog.at_level(logging.INFO, logger="fedclip.agent"):
         h = Harness(step_bundle, image_dir, where, coordinator_key=pub, personal=TUNING)  # start resumes
         h.close()
     assert "personal tuning of r1: resumed in epoch 3" in caplog.text
+    assert summarize(where)["personal_tuning"] is None
     _assert_same(_copy(h, "r1"), want)
 
     # a record ahead of its checkpoint: dropped, the tuning starts over, the copy is the same

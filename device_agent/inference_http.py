@@ -109,7 +109,6 @@ class InferenceHandler(BaseHTTPRequestHandler):
         self._send_bytes(status, json.dumps(doc).encode(), "application/json")
 
     def _send_bytes(self, status: int, body: bytes, content_type: str) -> None:
-        self._status = status
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -137,19 +136,21 @@ class InferenceHandler(BaseHTTPRequestHandler):
 
     def _handle(self, fn) -> None:
         # One handler serves every request of a keep-alive connection: per-request fields reset here.
-        t0, self._status, self._images = time.perf_counter(), 0, 0
+        t0, self._images = time.perf_counter(), 0
         try:
-            self._send(200, fn())
+            status, doc = 200, fn()
         except HttpError as e:
-            self._send(e.status, {"error": str(e)})
+            status, doc = e.status, {"error": str(e)}
         except FedclipError as e:
-            self._send(400, {"error": str(e).splitlines()[0] if str(e) else type(e).__name__})
+            status, doc = 400, {"error": str(e).splitlines()[0] if str(e) else type(e).__name__}
         except Exception as e:  # a bug must cost one request, never the server
             log.exception("inference request failed")
-            self._send(500, {"error": f"internal error ({type(e).__name__})"})
-        finally:  # also when the client hung up mid-answer: the status was chosen, it counts
-            if self._status:
-                self.server.metrics.observe(self.path, self._status, time.perf_counter() - t0, self._images)
+            status, doc = 500, {"error": f"internal error ({type(e).__name__})"}
+        # Counted once the answer is chosen and before it goes out: a client that reads it and then
+        # scrapes /metrics finds its request there (counting after the write raced that scrape), and
+        # a client that hangs up mid-answer is counted too. The latency is the work, not the write.
+        self.server.metrics.observe(self.path, status, time.perf_counter() - t0, self._images)
+        self._send(status, doc)
 
     # ---- routes --------------------------------------------------------------------------------
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming

@@ -140,12 +140,7 @@ def _train(
         return paused
 
     while work.epoch < tuning.epochs:
-        steps = 0
-
-        def count(step: int, loss: float) -> None:
-            nonlocal steps
-            steps = step
-
+        before = trainer.step  # the tuning's AdamW step count: this epoch's steps are the difference
         try:
             train_local(
                 trainer,
@@ -155,7 +150,6 @@ def _train(
                 lr=tuning.lr,
                 progress=runner.cfg.progress,
                 should_stop=should_stop,
-                on_step=count,
                 seed=seed + work.epoch,
                 skip=work.batch,
             )
@@ -163,7 +157,7 @@ def _train(
             if not paused:  # paused before the first step reads as "nothing trained"
                 raise
         if paused:
-            work.batch += steps
+            work.batch += trainer.step - before
             return False
         work.epoch, work.batch = work.epoch + 1, 0
     return True

@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import fmnist_sim as S  # noqa: E402
-from fmnist_ceiling import TRAIN_PSEUDO, fleet_args, log_prior, report_instead  # noqa: E402
+from fmnist_ceiling import TRAIN_PSEUDO, fleet_args, log_prior, report_instead, setup  # noqa: E402
 from fmnist_global_ceiling import fedavg_rounds, trained_grid  # noqa: E402
 from fmnist_regimes import make_fleet  # noqa: E402
 
@@ -61,9 +61,9 @@ def full_ft_row(lr: float) -> str:
 FEDERATED = tuple(r for r, _, _ in FEDAVG) + tuple(full_ft_row(lr) for lr in FULL_FT_LRS)
 
 
-def run_seed(pool, transform, pretrained: str, args, seed: int) -> dict:
+def run_seed(pool, transform, args, seed: int) -> dict:
     fleet = make_fleet(pool, transform, "today", args.agents, args.per_agent, seed, args.beta, cameras=False)
-    args.pretrained = pretrained
+    pretrained = args.pretrained  # setup's: the base of --base-steps
     lora = S.Model(pretrained, S.CLASSES, "lora", "ce-lora", 4, seed)
     res: dict = {"zero-shot": lora.accuracy(fleet.global_x, fleet.global_y)}
     x = torch.cat([a.train_x for a in fleet.agents])
@@ -96,29 +96,22 @@ def main() -> None:
     args = ap.parse_args()
     if report_instead(ap, args, "fmnist_base_room_report"):
         return
-    torch.set_num_threads(1)
-    from fmnist_base import cached_base, split_fmnist
+    pool, transform = setup(args)  # the base of --base-steps (one a run; --report merges them)
+    from fmnist_base import cached_base
 
-    from fedclip.exporters.models import build_base_model
-    from fedclip.sdk.preprocess import ImageTransform
-
-    _, pool = split_fmnist(5000)
-    S.CLASSES = pool.classes
-    t0, doc = time.monotonic(), {"bases": {}, "results": {}}
+    base = cached_base(args.base_cache, steps=args.base_steps)  # its facts (made by setup: read back)
+    steps, t0 = str(args.base_steps), time.monotonic()
+    doc: dict = {"bases": {steps: {k: base[k] for k in ("steps", "seconds", "zero_shot_pool_accuracy")}},
+                 "results": {steps: {}}}  # fmt: skip
     doc["command"] = "python benchmarks/fmnist_base_room.py " + " ".join(sys.argv[1:])
-    for steps in (args.base_steps,):  # one base a run (fleet_args' --base-steps); --report merges
-        base = cached_base(args.base_cache, steps=steps)
-        transform = ImageTransform(build_base_model("fedclip-tiny", base["weights"]).preprocess)
-        doc["bases"][str(steps)] = {k: base[k] for k in ("steps", "seconds", "zero_shot_pool_accuracy")}
-        zs = base["zero_shot_pool_accuracy"] * 100
-        print(f"base pretrained {steps} steps: zero-shot {zs:.1f}% on the pool", flush=True)
-        runs = doc["results"][str(steps)] = {}
-        for seed in args.seeds:
-            runs[str(seed)] = run_seed(pool, transform, base["weights"], args, seed)
-            doc["protocol"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-            doc["seconds"] = time.monotonic() - t0
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(doc, indent=1))
+    zs = base["zero_shot_pool_accuracy"] * 100
+    print(f"base pretrained {steps} steps: zero-shot {zs:.1f}% on the pool", flush=True)
+    for seed in args.seeds:
+        doc["results"][steps][str(seed)] = run_seed(pool, transform, args, seed)
+        doc["protocol"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        doc["seconds"] = time.monotonic() - t0
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(doc, indent=1))
     print(f"{time.monotonic() - t0:.0f} s", flush=True)
 
 

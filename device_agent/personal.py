@@ -75,5 +75,5 @@ def paused_tuning(state_dir: str | Path) -> dict[str, Any] | None:
         work = json.loads((Path(state_dir) / WORK_INFO).read_text())
         return {"adapter": str(work["version"]), "epoch": int(work["epoch"]) + 1,
                 "epochs": int(work["settings"]["epochs"])}  # fmt: skip
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, OverflowError):  # e.g. an epoch of Infinity
         return None

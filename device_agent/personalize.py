@@ -68,7 +68,9 @@ def personalize(
     trainer.save_checkpoint(kept)  # tensors, moments, step, lr: a round's trainer survives the tuning
     biases = runner.train_source.label_bias, runner.eval_source.label_bias
     try:
-        work = _resume(state, trainer, entry.version, tuning)
+        work = _resume(
+            state, trainer, entry.version, tuning, runner.train_source.num_batches(tuning.batch_size)
+        )
         if work is None:
             fleet = runner.evaluate_adapter(None)  # as served until now (with its prior, if any)
             work = _Work(entry.version, asdict(tuning), float(fleet.get("accuracy", math.nan)))
@@ -163,9 +165,13 @@ def _train(
     return True
 
 
-def _resume(state: AgentState, trainer: StepTrainer, version: str, tuning: PersonalTuning) -> _Work | None:
+def _resume(
+    state: AgentState, trainer: StepTrainer, version: str, tuning: PersonalTuning, batches: int
+) -> _Work | None:
     """The paused tuning of `version` with these settings, its checkpoint loaded into `trainer`;
-    None (and the files dropped) when there is none or it is another's, stale or unreadable."""
+    None (and the files dropped) when there is none or it is another's, stale or unreadable, or
+    stands where a tuning of `batches` batches an epoch cannot (a resume there would train nothing
+    and fail at every start)."""
     info, ckpt = state.scratch_path(WORK_INFO), state.scratch_path(WORK_CKPT)
     if not info.is_file():
         return None
@@ -173,6 +179,11 @@ def _resume(state: AgentState, trainer: StepTrainer, version: str, tuning: Perso
         work = _Work(**json.loads(info.read_text()))
         if work.version != version or work.settings != asdict(tuning):
             raise ValueError(f"it was for {work.version} with {work.settings}")
+        at = (work.epoch, work.batch, work.steps)
+        if not (
+            all(type(v) is int for v in at) and 0 <= work.epoch < tuning.epochs and 0 <= work.batch < batches
+        ):
+            raise ValueError(f"it stands at epoch, batch, step {at}: not a place in this tuning")
         trainer.load_checkpoint(ckpt)
         if trainer.step != work.steps:
             raise ValueError(f"its checkpoint is at step {trainer.step}, its record at {work.steps}")

@@ -322,3 +322,40 @@ def test_a_tuning_advances_a_step_each_time_however_busy_the_agent_is(step_bundl
         _assert_same(_copy(h, "r1"), want)
     finally:
         h.close()
+
+
+@pytest.mark.slow
+def test_a_hostile_or_corrupt_paused_record_is_dropped_and_the_tuning_starts_over(
+    step_bundle, image_dir, tmp_path, caplog
+):
+    """A paused tuning's record that is not JSON, not an object, incomplete, of another adapter or
+    settings, or stands where this tuning cannot (huge, negative, fractional, infinite positions):
+    one log line, the files dropped, the tuning starts over from the fleet's adapter; `fedclip-agent
+    status` never fails on it."""
+    key, pub = ensure_keypair(tmp_path / "keys")
+    h = Harness(step_bundle, image_dir, tmp_path / "state", coordinator_key=pub)  # tuning off
+    try:
+        h.send(_rollout(h, key, 1, "r1", 11)[0], topic=TOPICS.adapter(AGENT))
+        runner = h.agent.runner
+        info = runner.state.scratch_path(WORK_INFO)
+        assert personalize(runner, TUNING, yield_to=lambda: True) is None  # paused after one step
+        good = json.loads(info.read_text())
+        assert (good["epoch"], good["batch"], good["steps"]) == (0, 1, 1)
+        bad: list[bytes] = [b"not json \xff", b"[1, 2]", b'{"version": "r1"}']
+        for field, value in (("epoch", 10**30), ("batch", 10**9), ("epoch", -1), ("batch", 1.5),
+                             ("epoch", "1"), ("version", "r9"), ("settings", {**good["settings"], "mu": 9.0}),
+                             ("settings", None)):  # fmt: skip
+            bad.append(json.dumps({**good, field: value}).encode())
+        bad.append(json.dumps(good).replace('"epoch": 0', '"epoch": Infinity').encode())
+        for blob in bad:
+            info.write_bytes(blob)
+            shown = summarize(runner.state.root)["personal_tuning"]  # never raises
+            assert shown is None or shown["adapter"] in ("r1", "r9"), shown
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="fedclip.agent"):
+                assert personalize(runner, TUNING, yield_to=lambda: True) is None
+            assert "starts over" in caplog.text, (blob, caplog.text)
+            again = json.loads(info.read_text())  # started over: one step from the fleet's adapter
+            assert (again["version"], again["epoch"], again["batch"], again["steps"]) == ("r1", 0, 1, 1), blob
+    finally:
+        h.close()

@@ -50,6 +50,8 @@ def status_from_message(topic_agent: str, msg: Message) -> AgentInfo:
         info["notice"] = status.notice
     if status.personal:  # inference serves the adapter tuned on the device (device_agent.personal)
         info["personal"] = dict(status.personal)
+    if status.tuning is not None:  # a personal tuning of the adapter in use, not finished yet
+        info["tuning"] = status.tuning.to_body()
     return AgentInfo(
         id=topic_agent,
         online=status.state == "online",

@@ -285,6 +285,8 @@ class FleetView:
                     "personal_version": heads.get(a["agent"]),
                     # the device serves its adapter tuned on its own images (agent `personal:`)
                     "device_tuning": finite(info.get("personal") or {}) or None,
+                    # ... or is tuning it: {adapter, epoch (from 1), epochs}, as its last status said
+                    "tuning_progress": info.get("tuning") or None,
                     "last_round": a["last_round"],
                     "groups": [g for g in groups if isinstance(g, str)] if isinstance(groups, list) else [],
                     "device": info.get("device"),

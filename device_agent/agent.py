@@ -21,6 +21,7 @@ from types import FrameType
 
 from fedclip.device_agent.config import AgentConfig
 from fedclip.device_agent.inbox import Inbox
+from fedclip.device_agent.personal import paused_tuning
 from fedclip.device_agent.personalize import personalize
 from fedclip.device_agent.rollout_client import RolloutClient
 from fedclip.device_agent.rounds import RoundRunner
@@ -29,6 +30,7 @@ from fedclip.device_agent.updates import UpdatePublisher
 from fedclip.sdk.adapters import check_adapter
 from fedclip.sdk.errors import FedclipError, MqttError, StateError
 from fedclip.sdk.guard import guard
+from fedclip.sdk.messages import TuningProgress
 from fedclip.sdk.mqtt import Incoming, MqttSession, Will
 from fedclip.sdk.transport import Transport
 from fedclip.sdk.wire import Topics
@@ -171,11 +173,31 @@ class Agent:
             return
         try:
             # Yields to any message: a round's task or a rollback never waits for a whole tuning.
-            if personalize(self.runner, self.cfg.personal, yield_to=self.transport.waiting) is not None:
-                self.status.publish()  # retained: the coordinator sees what the device serves now
+            done = personalize(
+                self.runner, self.cfg.personal, yield_to=self.transport.waiting, on_train=self._tuning
+            )
         except FedclipError as e:
             self._untuned = self.runner.state.current_adapter
             log.warning("personal tuning failed (%s); inference keeps the fleet's adapter", e)
+            # the fleet's view said it was tuning: now it says it is not, and why
+            self.status.tuning, self.status.notice = None, f"personal tuning of {self._untuned} failed: {e}"
+            self.status.publish()
+            return
+        if done is not None:
+            self.status.tuning = None
+            self.status.publish()  # retained: the coordinator sees what the device serves now
+        elif self.status.tuning is not None:  # paused: the next status says where it stands
+            t = paused_tuning(self.runner.state.root)
+            self.status.tuning = TuningProgress(**t) if t is not None else None
+
+    def _tuning(self, version: str, epoch: int) -> None:
+        """A personal tuning trains: a fresh one (or the first resume since a start) is announced in
+        the retained status, so the fleet's view shows the device tuning; resumes are not (each
+        followed a message, and the status that answered it carried the position)."""
+        announce = self.status.tuning is None or self.status.tuning.adapter != version
+        self.status.tuning = TuningProgress(version, epoch, self.cfg.personal.epochs)
+        if announce:
+            self.status.publish()
 
     def poll(self, timeout: float) -> bool:
         """Handle at most one incoming message (waiting up to `timeout`) and offer unacknowledged

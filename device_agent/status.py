@@ -18,7 +18,7 @@ from fedclip.device_agent.ort_loader import device_providers
 from fedclip.device_agent.state import AgentState
 from fedclip.sdk import messages
 from fedclip.sdk.errors import BackendError, MqttError
-from fedclip.sdk.messages import MAX_TEXT, AgentStatus
+from fedclip.sdk.messages import MAX_TEXT, AgentStatus, TuningProgress
 from fedclip.sdk.transport import Transport
 from fedclip.sdk.wire import Topics
 
@@ -47,10 +47,16 @@ def software_versions() -> dict[str, str]:
 
 
 def status_blob(
-    cfg: AgentConfig, bundle_id: str, state: AgentState, num_samples: int, word: str, notice: str = ""
+    cfg: AgentConfig,
+    bundle_id: str,
+    state: AgentState,
+    num_samples: int,
+    word: str,
+    notice: str = "",
+    tuning: TuningProgress | None = None,
 ) -> bytes:
     """The encoded status message (signed with the device key when the agent has one); `word` is
-    `online` or `offline`."""
+    `online` or `offline`; `tuning`: a personal tuning not finished yet."""
     status = AgentStatus(
         state=word,
         bundle_id=bundle_id,
@@ -68,6 +74,8 @@ def status_blob(
         num_samples=num_samples,
         notice=notice[:MAX_TEXT],
         personal=state.personal_metrics(),
+        # only the adapter in use's: an install or rollback ends what a tuning of another meant
+        tuning=tuning if tuning is not None and tuning.adapter == state.current_adapter else None,
     )
     return messages.encode(status, cfg.fleet, cfg.id, key=cfg.signing_key())
 
@@ -95,6 +103,7 @@ class StatusReporter:
         self.state = state
         self.num_samples = num_samples
         self.notice = ""
+        self.tuning: TuningProgress | None = None  # the agent's personal tuning, while unfinished
         self._online = b""
         # When the status went out last (monotonic; the hook thread writes it too: a float, one
         # store) and the wait until it goes out again (doubles up to cfg.status_interval).
@@ -108,7 +117,9 @@ class StatusReporter:
         self.refresh()
 
     def blob(self, word: str) -> bytes:
-        return status_blob(self.cfg, self.bundle_id, self.state, self.num_samples, word, self.notice)
+        return status_blob(
+            self.cfg, self.bundle_id, self.state, self.num_samples, word, self.notice, self.tuning
+        )
 
     def refresh(self) -> None:
         # The hook thread reads this one bytes object; it never touches the state record itself.

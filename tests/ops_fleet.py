@@ -32,8 +32,16 @@ class GroupAgent(ScriptedAgent):
 
     groups: tuple[str, ...] = ()
 
-    def __init__(self, url: str, agent_id: str, bundle_id: str, groups: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        url: str,
+        agent_id: str,
+        bundle_id: str,
+        groups: tuple[str, ...] = (),
+        tuning: tuple[str, int, int] | None = None,
+    ):
         self.groups = groups
+        self.tuning = tuning  # (adapter, epoch, epochs): tuning that adapter (agent `personal:`)
         super().__init__(url, agent_id, bundle_id)
 
     def _status(self, state: str) -> bytes:
@@ -45,7 +53,10 @@ class GroupAgent(ScriptedAgent):
             "groups": list(self.groups),
             "device": {"arch": "x86_64", "provider": "CPUExecutionProvider"},
         }
-        if self.groups:  # one of the two serves its adapter tuned on the device (agent `personal:`)
+        if self.tuning is not None:  # still tuning the adapter it uses: it serves the adapter itself
+            body["adapter_version"] = self.tuning[0]
+            body["tuning"] = dict(zip(("adapter", "epoch", "epochs"), self.tuning, strict=True))
+        elif self.groups:  # serves its adapter tuned on the device (agent `personal:`)
             body["personal"] = {"accuracy": 0.7, "accuracy_fleet": 0.5, "mu": 1.5}
         return encode(Envelope(MsgType.STATUS, FLEET, self.id, body=body))
 

@@ -56,7 +56,7 @@ def test_dashboard_shows_the_fleet_and_follows_rounds(mosquitto, bundle_factory,
     bundle_id = Manifest.load(bundle).bundle_id
     agents = [
         GroupAgent(mosquitto.url, "cam1", bundle_id, groups=("lab",)),
-        GroupAgent(mosquitto.url, "cam2", bundle_id, groups=("store-7",)),
+        GroupAgent(mosquitto.url, "cam2", bundle_id, groups=("store-7",), tuning=("g-r0", 3, 15)),
     ]
     serve = ServeWithOps(mosquitto.url, bundle, tmp_path / "state", tmp_path / "serve.log", rounds=3)
     browser = None
@@ -81,6 +81,7 @@ def test_dashboard_shows_the_fleet_and_follows_rounds(mosquitto, bundle_factory,
         assert "lab" in agent_rows["cam1"] and "store-7" in agent_rows["cam2"]
         # an agent serving its adapter tuned on the device says so (ops_fleet.GroupAgent's status)
         assert "tuned on device (70.0% vs 50.0%)" in agent_rows["cam1"]
+        assert "g-r0 (tuning on device: epoch 3 of 15)" in agent_rows["cam2"]  # ... or still tunes it
         assert rows('#agents tbody tr[data-online="true"]') and text("#agents-online") == "2"
         assert rows('#rounds tbody tr[data-round="1"][data-state="aggregated"]')
         assert rows('#rounds tbody tr[data-round="2"][data-state="collecting"]')

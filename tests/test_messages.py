@@ -92,6 +92,10 @@ statuses = st.builds(
     groups=st.lists(ids, max_size=4).map(tuple),
     num_samples=st.integers(0, m.MAX_SAMPLES),
     notice=small_text,
+    tuning=st.none()
+    | st.integers(1, m.MAX_EPOCHS).flatmap(
+        lambda n: st.builds(m.TuningProgress, adapter=ids, epoch=st.integers(1, n), epochs=st.just(n))
+    ),
 )
 metrics = st.builds(
     m.AckMetrics, accuracy=st.none() | unit, loss=st.none() | finite, num_samples=st.integers(0, 99)
@@ -198,6 +202,7 @@ VALID = {
         groups=("g",),
         device={"kind": "cpu"},
         personal={"accuracy": 0.8, "mu": 1.5},
+        tuning=m.TuningProgress("v1", 3, 15),
     ),
     m.Ack: m.Ack(4, "installed", "v1", new=m.AckMetrics(0.5, 1.0, 10)),
     m.AdapterPush: m.AdapterPush("v1", "b1", rollout=2, adapter=ADAPTER),
@@ -258,6 +263,26 @@ def test_hostile_bodies_are_refused_with_one_line(cls, key, kind, body):
         assert accepts(cls, body)
     else:
         assert not accepts(cls, body), f"{cls.__name__}.{key}={body[key]!r} was accepted"
+
+
+@pytest.mark.parametrize(
+    "tuning",
+    [
+        {"adapter": "v1", "epoch": 16, "epochs": 15},  # past its last epoch
+        {"adapter": "v1", "epoch": 0, "epochs": 15},  # epochs count from 1
+        {"adapter": "v1", "epoch": 1, "epochs": m.MAX_EPOCHS + 1},
+        {"adapter": "v1", "epoch": HUGE, "epochs": 15},
+        {"adapter": "v1", "epoch": 2.0, "epochs": 15},
+        {"adapter": "v1", "epoch": True, "epochs": 15},
+        {"adapter": "x" * 129, "epoch": 1, "epochs": 15},
+        {"adapter": 7, "epoch": 1, "epochs": 15},
+        {"epoch": 1, "epochs": 15},
+        {"adapter": "v1", "epoch": 1, "epochs": 15, "eta": 3},
+    ],
+)
+def test_hostile_tuning_progress_is_refused(tuning):
+    body = {**VALID[m.AgentStatus].to_body(), "tuning": tuning}
+    assert not accepts(m.AgentStatus, body)
 
 
 @pytest.mark.parametrize("cls", list(VALID))

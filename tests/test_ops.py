@@ -65,7 +65,7 @@ def test_metrics_dashboard_json_and_cli_json_follow_a_real_run(mosquitto, lora_b
     state = tmp_path / "state"
     agents = [
         GroupAgent(mosquitto.url, "cam1", bundle_id, groups=("lab",)),
-        GroupAgent(mosquitto.url, "cam2", bundle_id),
+        GroupAgent(mosquitto.url, "cam2", bundle_id, tuning=("g-r0", 3, 15)),
     ]
     creds = ("prom", "scrape-pw")
     (tmp_path / "ops.auth").write_text(":".join(creds) + "\n")
@@ -127,7 +127,8 @@ def test_metrics_dashboard_json_and_cli_json_follow_a_real_run(mosquitto, lora_b
         by_agent = {a["agent"]: a for a in doc["agents"]}
         assert by_agent["cam1"]["online"] and by_agent["cam1"]["groups"] == ["lab"]
         assert by_agent["cam1"]["device_tuning"] == {"accuracy": 0.7, "accuracy_fleet": 0.5, "mu": 1.5}
-        assert by_agent["cam2"]["device_tuning"] is None
+        assert by_agent["cam2"]["device_tuning"] is None and by_agent["cam1"]["tuning_progress"] is None
+        assert by_agent["cam2"]["tuning_progress"] == {"adapter": "g-r0", "epoch": 3, "epochs": 15}
         assert by_agent["cam1"]["metrics"]["accuracy"] == pytest.approx(0.4)
         assert [v["version"] for v in doc["versions"]] == ["g-r0", "g-r1"]
         assert doc["versions"][1]["parent"] == "g-r0"

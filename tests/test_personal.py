@@ -240,6 +240,11 @@ def test_a_message_pauses_the_tuning_and_it_resumes_to_the_same_copy(step_bundle
         _assert_same(_copy(h, "r1"), want)
         assert update.envelope.round == 1
         _assert_same(update.tensors, want_update.tensors)
+        # the fleet saw it: announced at the start, where it stood in the round's status, then the copy
+        said = [m.envelope.body for m in h.sent(TOPICS.status(AGENT))]
+        tunings = [tuple(b["tuning"].values()) for b in said if "tuning" in b]
+        assert tunings == [("r1", 1, 4), ("r1", 2, 4)], tunings
+        assert "tuning" not in said[-1] and said[-1]["personal"]["mu"] == 1.0, said[-1]
     finally:
         h.close()
 
@@ -267,6 +272,8 @@ def test_a_stop_mid_tuning_resumes_at_the_next_start(step_bundle, image_dir, tmp
         h = Harness(step_bundle, image_dir, where, coordinator_key=pub, personal=TUNING)  # start resumes
         h.close()
     assert "personal tuning of r1: resumed in epoch 3" in caplog.text
+    said = [m.envelope.body.get("tuning") for m in h.sent(TOPICS.status(AGENT))]
+    assert {"adapter": "r1", "epoch": 3, "epochs": 4} in said and said[-1] is None  # announced, then done
     assert summarize(where)["personal_tuning"] is None
     _assert_same(_copy(h, "r1"), want)
 
@@ -299,6 +306,8 @@ def test_a_stop_mid_tuning_resumes_at_the_next_start(step_bundle, image_dir, tmp
                 assert not h.agent.poll(timeout=0.01)
         assert caplog.text.count("personal tuning failed") == 1, caplog.text
         assert installed_adapter(h.agent.runner.state.root)[1] == "r2"  # the fleet's adapter serves
+        said = h.status()  # the fleet no longer sees it tuning, and learns why
+        assert "tuning" not in said and said["notice"].startswith("personal tuning of r2 failed"), said
     finally:
         h.close()
 

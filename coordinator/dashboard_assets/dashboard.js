@@ -27,9 +27,13 @@ function fmtPct(x) {
 }
 
 // The adapter an agent's inference uses; with personal tuning on the device, its tuned copy and
-// that copy's held-out accuracy beside the adapter's own.
+// that copy's held-out accuracy beside the adapter's own, or how far the tuning of it has come.
 function inUse(a) {
   const v = a.adapter_version || "-";
+  const p = a.tuning_progress;
+  if (p && typeof p === "object" && p.adapter === a.adapter_version) {
+    return v + " (tuning on device: epoch " + p.epoch + " of " + p.epochs + ")";
+  }
   const t = a.device_tuning;
   if (!t || typeof t !== "object") return v;
   return v + " + tuned on device (" + fmtPct(t.accuracy) + " vs " + fmtPct(t.accuracy_fleet) + ")";

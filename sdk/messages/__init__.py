@@ -41,7 +41,7 @@ from fedclip.sdk.messages.base import (
 )
 from fedclip.sdk.messages.rollout import Ack, AckMetrics, AdapterPush, RolloutCommand
 from fedclip.sdk.messages.rounds import Hyperparameters, Task, Update
-from fedclip.sdk.messages.status import AgentStatus, CoordinatorStatus
+from fedclip.sdk.messages.status import AgentStatus, CoordinatorStatus, TuningProgress
 from fedclip.sdk.wire import DEFAULT_MAX_PAYLOAD, STATS_PREFIX, Envelope, tensors_digest
 from fedclip.sdk.wire import decode as wire_decode
 from fedclip.sdk.wire import encode as wire_encode
@@ -130,6 +130,7 @@ __all__ = [
     "Hyperparameters",
     "RolloutCommand",
     "Task",
+    "TuningProgress",
     "Update",
     "WireBody",
     "decode",

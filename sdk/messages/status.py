@@ -11,6 +11,7 @@ from fedclip.sdk.errors import WireError
 from fedclip.sdk.ids import ID_PATTERN
 from fedclip.sdk.messages.base import (  # the package's own field checks
     MAX_DEVICE_FIELDS,
+    MAX_EPOCHS,
     MAX_NAME,
     MAX_SAMPLES,
     MAX_TEXT,
@@ -74,6 +75,32 @@ def _groups(raw: Any, where: str) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
+class TuningProgress:
+    """A personal tuning the device has not finished (device_agent.personalize): of `adapter`, in
+    epoch `epoch` (from 1) of `epochs`, under way or paused for a message."""
+
+    adapter: str
+    epoch: int
+    epochs: int
+
+    def to_body(self) -> dict[str, Any]:
+        return {"adapter": self.adapter, "epoch": self.epoch, "epochs": self.epochs}
+
+    @classmethod
+    def parse(cls, raw: Any, where: str) -> TuningProgress:
+        if not isinstance(raw, dict):
+            raise WireError(f"{where}: body field 'tuning' must be an object")
+        where = f"{where}: tuning"
+        _known_fields(raw, frozenset({"adapter", "epoch", "epochs"}), where)
+        epochs = _int(raw, "epochs", 1, MAX_EPOCHS, where)
+        return cls(
+            adapter=_str(raw, "adapter", MAX_VERSION, where),
+            epoch=_int(raw, "epoch", 1, epochs, where),  # never past the tuning's last epoch
+            epochs=epochs,
+        )
+
+
+@dataclass(frozen=True)
 class AgentStatus(WireBody):
     """agent -> all (retained): online or offline, its bundle, the adapter it uses, its last round."""
 
@@ -90,6 +117,7 @@ class AgentStatus(WireBody):
             "num_samples",
             "notice",
             "personal",
+            "tuning",
         }
     )
 
@@ -105,6 +133,9 @@ class AgentStatus(WireBody):
     # Personal tuning (device_agent.personal): inference serves `adapter_version` tuned on the device;
     # its held-out accuracy (`accuracy`), the adapter's own (`accuracy_fleet`), `mu`. Empty: it does not.
     personal: Mapping[str, float] = field(default_factory=dict)
+    # A personal tuning of `adapter_version` not finished yet (inference serves the adapter itself
+    # meanwhile, so `personal` is empty); None: none.
+    tuning: TuningProgress | None = None
 
     def envelope_round(self) -> int:
         return self.last_round
@@ -127,6 +158,8 @@ class AgentStatus(WireBody):
             body["notice"] = self.notice
         if self.personal:
             body["personal"] = dict(self.personal)
+        if self.tuning is not None:
+            body["tuning"] = self.tuning.to_body()
         return body
 
     @classmethod
@@ -144,6 +177,7 @@ class AgentStatus(WireBody):
             num_samples=_int(body, "num_samples", 0, MAX_SAMPLES, where, 0),
             notice=_str(body, "notice", 4 * MAX_TEXT, where, "")[:MAX_TEXT],
             personal=_metrics(body.get("personal", {}), "personal", where),
+            tuning=TuningProgress.parse(body["tuning"], where) if "tuning" in body else None,
         )
 
 

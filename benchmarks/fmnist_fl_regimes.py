@@ -109,13 +109,14 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--base-cache", type=Path, default=Path("/tmp/fedclip-fmnist-base"))
+    ap.add_argument("--base-steps", type=int, default=300, help="the base's pretraining steps")
     ap.add_argument("--work", type=Path, default=Path("/tmp/fedclip-fmnist-fl-regimes"))
     ap.add_argument("--out", type=Path, required=True, help="JSON file for the results")
     args = ap.parse_args()
 
     from fmnist_base import cached_base, split_fmnist
 
-    pretrained = cached_base(args.base_cache)["weights"]
+    pretrained = cached_base(args.base_cache, steps=args.base_steps)["weights"]
     _, pool = split_fmnist(5000)
     doc = {
         "protocol": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

@@ -157,7 +157,7 @@ def main() -> None:
 
     from fmnist_base import cached_base, split_fmnist
 
-    pretrained = cached_base(args.base_cache)["weights"]
+    pretrained = cached_base(args.base_cache, steps=args.base_steps)["weights"]
     _, pool = split_fmnist(5000)
     doc: dict = {
         "protocol": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

@@ -14,6 +14,7 @@ import numpy as np
 ROWS = ("join", "join, one round", "global", "local-only", "local-only, balanced softmax", "zero-shot")
 BASE = "local-only"
 TARGET = 5.0  # points over local-only on own accuracy (issue 13, cold start)
+BASE_STEPS = 300  # the benchmark's base (`cached_base`'s default); runs on others get their own report
 
 
 def _per_seed(doc: dict, row: str) -> np.ndarray:
@@ -41,10 +42,15 @@ def _name(doc: dict) -> str:
 
 
 def write_report(paths: list[Path], results: Path) -> None:
+    """`fmnist_newcomers.*` in `results`; runs on another base than the benchmark's (`--base-steps`,
+    all of them the same) go to `fmnist_newcomers_base<steps>.*`."""
     docs = [json.loads(p.read_text()) for p in paths]
     sums = [summarize(d) for d in docs]
+    (steps,) = {d["protocol"].get("base_steps", BASE_STEPS) for d in docs}
+    name = "fmnist_newcomers" + (f"_base{steps}" if steps != BASE_STEPS else "")
+    on_base = f", on a base pretrained {steps} steps" if steps != BASE_STEPS else ""
     lines = [
-        "# Newcomers through the real path (issue 13, cold start)",
+        f"# Newcomers through the real path (issue 13, cold start{on_base})",
         "",
         "A clustered fleet (3 camera groups, Dirichlet 0.5 label mixes around each group's) trains 5",
         "rounds of fleet-lora with balanced softmax (`fedclip-coord serve`, one `fedclip-agent start`",
@@ -93,13 +99,13 @@ def write_report(paths: list[Path], results: Path) -> None:
         j = sm["join"]["own_minus_local"][0]
         lines += ["", f"Own-accuracy target (+{TARGET:g}): **{'met' if j >= TARGET else 'missed'}** "
                   f"({j:+.1f}).", ""]  # fmt: skip
-    notes = results / "fmnist_newcomers_notes.md"  # what the numbers mean, written by hand
+    notes = results / f"{name}_notes.md"  # what the numbers mean, written by hand
     if notes.is_file():
         lines += [notes.read_text().rstrip("\n"), ""]
     results.mkdir(parents=True, exist_ok=True)
-    (results / "fmnist_newcomers.md").write_text("\n".join(lines) + "\n")
-    (results / "fmnist_newcomers.json").write_text(json.dumps({"runs": docs, "summary": sums}, indent=1))
-    _plot(docs, sums, results / "fmnist_newcomers.png")
+    (results / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (results / f"{name}.json").write_text(json.dumps({"runs": docs, "summary": sums}, indent=1))
+    _plot(docs, sums, results / f"{name}.png")
 
 
 def _plot(docs: list[dict], sums: list[dict], path: Path) -> None:

@@ -129,7 +129,7 @@ class AgentStatus(WireBody):
     device: Mapping[str, str | int | float | None] = field(default_factory=dict)
     groups: tuple[str, ...] = ()
     num_samples: int = 0
-    notice: str = ""  # why the last task was refused, or a state-dir error
+    notice: str = ""  # why the last task was refused, a state-dir error, a failed personal tuning
     # Personal tuning (device_agent.personal): inference serves `adapter_version` tuned on the device;
     # its held-out accuracy (`accuracy`), the adapter's own (`accuracy_fleet`), `mu`. Empty: it does not.
     personal: Mapping[str, float] = field(default_factory=dict)

@@ -1,0 +1,218 @@
+"""Issue 13's remaining targets on the weaker base: own, cold start and all-class, side by side.
+
+    python benchmarks/fmnist_base_room_rest.py RUN.json ...     # -> results/fmnist_base_room_rest.*
+    python benchmarks/fmnist_base_room_rest.py                  # regenerate from the committed JSON
+
+`fmnist_base_room.md` moved the global target and fleet-lora's own gain to a base pretrained 40 steps
+(zero-shot 47%, where the benchmark's has 74%). This report takes the runs that were left on that
+base, each JSON recognised by what wrote it:
+- `fmnist_sim.py` (in-process): fleet-core at rank 6 (the strategy of the bytes target) against
+  local-only, per fleet;
+- `fmnist_fl_regimes.py` (the real path: `fedclip-coord serve`, agent processes, the broker):
+  fleet-lora and FedAvg-LoRA with balanced softmax and personal tuning, against local-only;
+- `fmnist_coldstart.py` (in-process): what a newcomer of 16 images gets on joining;
+and sets each beside the same fleet on the benchmark's base (the committed `fmnist_regimes.json`,
+`fmnist_coldstart.<fleet>.json`) and the real-path newcomers (`fmnist_newcomers[_base40].json`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+NAME = "fmnist_base_room_rest"
+TARGET = 5.0  # own: points over local-only (issue 13)
+ALL_SLACK = 2.0  # all-class: within this many points of the better of zero-shot and FedAvg-LoRA
+COLD_ROW = "fleet-lora-bsm mix, prior x1.0"  # what the product gives a newcomer (session 9)
+REAL_METHODS = ("fleet-lora-bsm", "fedavg-lora-both-bsm", "fedavg-lora-both-bsm-personal")
+BAR = ("zero-shot", "fedavg-lora-both-bsm")  # all-class bar of the real-path rows (both run here)
+
+
+def _kind(doc: dict) -> str:
+    if "minus_local_only" in doc:
+        return "cold"
+    first = next(iter(doc["results"].values()))
+    return "real" if "accuracy_per_round" in first["local-lora"] else "sim"
+
+
+def _fleet(p: dict) -> str:
+    return f"{p['regime']} {p['agents']} x {p['per_agent']}, Dirichlet {p.get('beta', 0.1)}"
+
+
+def _ms(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values))
+
+
+def _fmt(ms: tuple[float, float] | None) -> str:
+    return "-" if ms is None else f"{ms[0]:+.1f} ± {ms[1]:.1f}"
+
+
+def _row(*cells: str) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _sim_gain(results: dict, method: str) -> tuple[float, float]:
+    """Mean over seeds of the agents' mean own accuracy minus local-only's (points)."""
+    per = [np.mean([r[method]["own"][a][-1] - r["local-lora"]["own"][a][-1] for a in r[method]["own"]])
+           for r in results.values()]  # fmt: skip
+    return _ms([100 * float(x) for x in per])
+
+
+def _real_seed(r: dict, method: str) -> tuple[dict, dict]:
+    return ({a: v[-1] for a, v in r[method]["accuracy_per_round"].items()}, r[method]["all_class"])
+
+
+def _real_gains(results: dict, method: str) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(own minus local-only, all-class minus the bar), points, over seeds."""
+    own, alls = [], []
+    for r in results.values():
+        mine, local = _real_seed(r, method)[0], _real_seed(r, "local-lora")[0]
+        own.append(100 * float(np.mean([mine[a] - local[a] for a in mine])))
+        bar = max(float(np.mean(list(r[b]["all_class"].values()))) for b in BAR if b in r)
+        alls.append(100 * (float(np.mean(list(r[method]["all_class"].values()))) - bar))
+    return _ms(own), _ms(alls)
+
+
+def summarize(docs: list[dict]) -> dict:
+    standard = json.loads((RESULTS / "fmnist_regimes.json").read_text())
+    std_sim = {_fleet(v["protocol"]): v["results"] for v in standard["sim"].values()}
+    std_real = {_fleet(v["protocol"]): v["results"] for v in standard["real"].values()}
+    out: dict = {"sim": {}, "real": {}, "cold": {}, "newcomers": {}}
+    for doc in docs:
+        kind, fleet = _kind(doc), _fleet({"regime": "clustered", **doc["protocol"]})
+        if kind == "sim":
+            std = std_sim.get(fleet)
+            out["sim"][fleet] = {"fleet-core-r6": _sim_gain(doc["results"], "fleet-core-r6"),
+                                 "standard": _sim_gain(std, "fleet-core-r6") if std else None}  # fmt: skip
+        elif kind == "real":
+            std = std_real.get(fleet)
+            out["real"][fleet] = {
+                m: {"weak": _real_gains(doc["results"], m), "standard": _real_gains(std, m) if std else None}
+                for m in REAL_METHODS
+            }
+        else:
+            p = doc["protocol"]
+            std_file = RESULTS / f"fmnist_coldstart.clustered{p['agents']}x{p['per_agent']}.json"
+            std = json.loads(std_file.read_text())["minus_local_only"] if std_file.is_file() else {}
+            out["cold"][fleet] = {"weak": doc["minus_local_only"][COLD_ROW]["own"],
+                                  "standard": std.get(COLD_ROW, {}).get("own")}  # fmt: skip
+    for base, file in (("standard", "fmnist_newcomers.json"), ("weak", "fmnist_newcomers_base40.json")):
+        runs = json.loads((RESULTS / file).read_text())
+        for run, summary in zip(runs["runs"], runs["summary"], strict=True):
+            key = f"{run['protocol']['agents']} members x {run['protocol']['per_agent']}"
+            out["newcomers"].setdefault(key, {})[base] = summary["join"]["own_minus_local"]
+    return out
+
+
+def _lines(docs: list[dict], s: dict) -> list[str]:
+    def met(ms, need: float = TARGET) -> str:
+        return "**met**" if ms is not None and ms[0] >= need else "missed"
+
+    lines = [
+        "# FMNIST-FL: issue 13's remaining targets on a base with room",
+        "",
+        "The runs (each on fedclip-tiny pretrained 40 steps: `--base-steps 40`, or `--pretrained` with"
+        " that cached base):",
+        "",
+        *[f"    {d['command']}" for d in docs],
+        "",
+        "then `python benchmarks/fmnist_base_room_rest.py RUN.json ...` (or with no argument, from the"
+        " committed JSON). The benchmark's base (300 steps) columns are the committed runs of"
+        " `fmnist_regimes.json`, `fmnist_coldstart.<fleet>.json` and `fmnist_newcomers.json`. Points,"
+        " mean ± sd over seeds of the mean over agents; the weaker base first.",
+        "",
+        "## Own accuracy: fleet-core rank 6 (in-process) minus local-only (target >= +5)",
+        "",
+        "fleet-core r 6 moves 109x fewer bytes than FedAvg-LoRA at ViT-B-32's width (`wire_bytes.md`),"
+        " so where it meets the own target both targets are met by one strategy.",
+        "",
+        "| fleet | 40-step base | benchmark's base | own target on the 40-step base |",
+        "|---|---:|---:|---|",
+    ]
+    for fleet, row in s["sim"].items():
+        core = row["fleet-core-r6"]
+        lines.append(_row(fleet, _fmt(core), _fmt(row["standard"]), met(core)))
+    lines += [
+        "",
+        "## The real path: own minus local-only / all-class minus the bar",
+        "",
+        f"bar: the better of {' and '.join(BAR)} on all-class (target: own >= +{TARGET:g}, all-class >="
+        f" -{ALL_SLACK:g}). `-personal`: that method's final adapters tuned on each agent's images with"
+        " the proximal pull, mu 1.5 (`fedclip-agent train --prox-mu`, what `personal: {mu: 1.5}` runs).",
+        "",
+        "| fleet | method | 40-step base: own | all-class | benchmark's base: own | all-class |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for fleet, rows in s["real"].items():
+        for m, row in rows.items():
+            w, st = row["weak"], row["standard"] or (None, None)
+            lines.append(_row(fleet, m, _fmt(w[0]), _fmt(w[1]), _fmt(st[0]), _fmt(st[1])))
+    lines += [
+        "",
+        "## Cold start: on joining, own minus local-only on its 16 images (target >= +5)",
+        "",
+        f"In-process (`{COLD_ROW}`: the members' balanced-softmax adapters mixed by the newcomer's"
+        " statistics, its prior added) and through the real path (`join`, `fmnist_newcomers_base40.md`).",
+        "",
+        "| fleet | 40-step base | benchmark's base | target on the 40-step base |",
+        "|---|---:|---:|---|",
+    ]
+    for fleet, row in s["cold"].items():
+        lines.append(_row(f"in-process {fleet}", _fmt(row["weak"]), _fmt(row["standard"]), met(row["weak"])))
+    for fleet, row in s["newcomers"].items():
+        weak, standard = row.get("weak"), row.get("standard")
+        lines.append(_row(f"real path, {fleet}", _fmt(weak), _fmt(standard), met(weak)))
+    notes = RESULTS / f"{NAME}_notes.md"  # the reading, written by hand
+    if notes.is_file():
+        lines += ["", notes.read_text().rstrip("\n")]
+    return lines + [""]
+
+
+def _plot(s: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(f"fleet-core r6\n{f}", r["fleet-core-r6"], r["standard"]) for f, r in s["sim"].items()]
+    rows += [(f"{m}\nreal {f}", r["weak"][0], (r["standard"] or [None])[0])
+             for f, ms in s["real"].items() for m, r in ms.items() if m == "fleet-lora-bsm"]  # fmt: skip
+    rows += [(f"cold start\n{f}", r["weak"], r["standard"]) for f, r in s["cold"].items()]
+    rows += [(f"cold start real\n{f}", r.get("weak"), r.get("standard")) for f, r in s["newcomers"].items()]
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(rows)), 4.5))
+    x = np.arange(len(rows))
+    for k, (label, idx) in enumerate((("40-step base", 1), ("benchmark's base (300)", 2))):
+        vals = [r[idx] or (np.nan, 0) for r in rows]
+        means, sds = [v[0] for v in vals], [v[1] for v in vals]
+        ax.bar(x + (k - 0.5) * 0.38, means, 0.38, yerr=sds, capsize=3, label=label)
+    ax.axhline(TARGET, color="red", ls=":", label=f"target +{TARGET:g}")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xticks(x, [r[0].replace(", Dirichlet", "\nDir.") for r in rows], fontsize=6)
+    ax.set_ylabel("own accuracy minus local-only (points)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    paths = [Path(p) for p in sys.argv[1:]]
+    docs = (
+        [json.loads(p.read_text()) for p in paths]
+        if paths
+        else json.loads((RESULTS / f"{NAME}.json").read_text())["runs"]
+    )
+    s = summarize(docs)
+    (RESULTS / f"{NAME}.json").write_text(json.dumps({"runs": docs, "summary": s}, indent=1))
+    (RESULTS / f"{NAME}.md").write_text("\n".join(_lines(docs, s)))
+    _plot(s, RESULTS / f"{NAME}.png")
+    print(f"wrote {RESULTS / NAME}.md, .json, .png")
+
+
+if __name__ == "__main__":
+    main()

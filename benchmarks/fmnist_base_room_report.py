@@ -11,11 +11,13 @@ from fmnist_global_report import TARGET, _pct, best_cell, setting_rows
 
 
 def _merge(runs: list[dict]) -> dict:
-    """One doc from the runs (one per base), or from the doc this writes (regenerating it)."""
+    """One doc from the runs (of one base or several; more seeds of a base add to its own), or from
+    the doc this writes (regenerating it)."""
     doc: dict = {"bases": {}, "results": {}, "commands": [], "seconds": 0.0}
     for run in runs:
         doc["bases"].update(run["bases"])
-        doc["results"].update(run["results"])
+        for steps, seeds in run["results"].items():
+            doc["results"].setdefault(steps, {}).update(seeds)
         doc["commands"] += run.get("commands", [run.get("command")])
         doc["seconds"] += run["seconds"]
         doc["protocol"] = run["protocol"]
@@ -141,15 +143,15 @@ def write_report(paths: list[Path], out: Path) -> None:
         f" camera shift: FLoRA's protocol), {p['rounds']} rounds x {p['local_epochs']} local epoch, on two"
         " bases: fedclip-tiny pretrained for 300 steps (the benchmark's base everywhere else) and for 40"
         " steps (a base that knows less of Fashion-MNIST, as a real CLIP knows little of a new domain)."
-        " Global accuracy on the 300 balanced unshifted test images, mean ± sd over seeds"
-        f" {', '.join(next(iter(doc['results'].values())))}. `fleet-pooled LoRA (oracle)`: the same adapter"
+        " Global accuracy on the 300 balanced unshifted test images, mean ± sd over the seeds each base's"
+        " section names. `fleet-pooled LoRA (oracle)`: the same adapter"
         " trained centrally on every agent's training images, the best cell of the grid chosen on the"
         " test set (optimistic). The federated LoRA rows train with balanced softmax (the product's"
         " `--loss balanced-softmax`); `ffa-lora-bsm` freezes every A at its init so that only B trains"
         " and the average of the updates is exact (FFA-LoRA). lr 0.005 is the benchmark's (and the"
         " demo's); the lr 0.01 and FFA rows were picked after a scratch run on seed 0 of the 40-step base"
         " (FedAvg-LoRA-bsm at lr 0.002, 0.01, and 0.001 or 0.005 x 3 local epochs; FFA at 0.005 and 0.02),"
-        " so they are selected on one of the three seeds. Full-FT FedAvg trains plain CE, as in"
+        " so they are selected on seed 0. Full-FT FedAvg trains plain CE, as in"
         " `fmnist_global_ceiling.md`.",
         "",
     ]
@@ -160,7 +162,8 @@ def write_report(paths: list[Path], out: Path) -> None:
         zs = np.array([r["zero-shot"] for r in runs])
         pool_zs = info["zero_shot_pool_accuracy"] * 100
         lines += [
-            f"## base pretrained {steps} steps (zero-shot {pool_zs:.1f}% on the pool)",
+            f"## base pretrained {steps} steps (zero-shot {pool_zs:.1f}% on the pool; seeds"
+            f" {', '.join(sorted(doc['results'][steps], key=int))})",
             "",
             "| row | global (%) | - zero-shot (points) | how |",
             "|---|---:|---:|---|",

@@ -30,6 +30,7 @@ ALL_SLACK = 2.0  # all-class: within this many points of the better of zero-shot
 COLD_ROW = "fleet-lora-bsm mix, prior x1.0"  # what the product gives a newcomer (session 9)
 REAL_METHODS = ("fleet-lora-bsm", "fedavg-lora-both-bsm", "fedavg-lora-both-bsm-personal")
 BAR = ("zero-shot", "fedavg-lora-both-bsm")  # all-class bar of the real-path rows (both run here)
+PERSONAL_MU = 1.5  # the `-personal` rows' pull unless a run's --personal-mu says otherwise
 
 
 def _kind(doc: dict) -> str:
@@ -89,10 +90,13 @@ def summarize(docs: list[dict]) -> dict:
             out["sim"][fleet] = {"fleet-core-r6": _sim_gain(doc["results"], "fleet-core-r6"),
                                  "standard": _sim_gain(std, "fleet-core-r6") if std else None}  # fmt: skip
         elif kind == "real":
-            std = std_real.get(fleet)
+            std, mu = std_real.get(fleet), doc["protocol"].get("personal_mu", PERSONAL_MU)
+            if mu != PERSONAL_MU:  # another pull: its own rows, nothing to set beside them
+                fleet, std = f"{fleet}, personal mu {mu:g}", None
             out["real"][fleet] = {
                 m: {"weak": _real_gains(doc["results"], m), "standard": _real_gains(std, m) if std else None}
                 for m in REAL_METHODS
+                if m in next(iter(doc["results"].values()))
             }
         else:
             p = doc["protocol"]
@@ -142,7 +146,8 @@ def _lines(docs: list[dict], s: dict) -> list[str]:
         "",
         f"bar: the better of {' and '.join(BAR)} on all-class (target: own >= +{TARGET:g}, all-class >="
         f" -{ALL_SLACK:g}). `-personal`: that method's final adapters tuned on each agent's images with"
-        " the proximal pull, mu 1.5 (`fedclip-agent train --prox-mu`, what `personal: {mu: 1.5}` runs).",
+        " the proximal pull, mu 1.5 unless the fleet says otherwise (`fedclip-agent train --prox-mu`, what"
+        " `personal: {mu: 1.5}` runs).",
         "",
         "| fleet | method | 40-step base: own | all-class | benchmark's base: own | all-class |",
         "|---|---|---:|---:|---:|---:|",

@@ -28,7 +28,9 @@ NAME = "fmnist_base_room_rest"
 TARGET = 5.0  # own: points over local-only (issue 13)
 ALL_SLACK = 2.0  # all-class: within this many points of the better of zero-shot and FedAvg-LoRA
 COLD_ROW = "fleet-lora-bsm mix, prior x1.0"  # what the product gives a newcomer (session 9)
-REAL_METHODS = ("fleet-lora-bsm", "fedavg-lora-both-bsm", "fedavg-lora-both-bsm-personal")
+REAL_METHODS = (  # those a run has
+    "fleet-lora", "fleet-lora-bsm", "fleet-core-r6", "fedavg-lora-both-bsm", "fedavg-lora-both-bsm-personal",
+)  # fmt: skip
 BAR = ("zero-shot", "fedavg-lora-both-bsm")  # all-class bar of the real-path rows (both run here)
 PERSONAL_MU = 1.5  # the `-personal` rows' pull unless a run's --personal-mu says otherwise
 

@@ -95,6 +95,8 @@ def summarize(docs: list[dict]) -> dict:
             std, mu = std_real.get(fleet), doc["protocol"].get("personal_mu", PERSONAL_MU)
             if mu != PERSONAL_MU:  # another pull: its own rows, nothing to set beside them
                 fleet, std = f"{fleet}, personal mu {mu:g}", None
+            if doc["protocol"].get("reset_optimizer"):  # runs before session 15's fix kept the moments
+                fleet, std = f"{fleet}, AdamW reset each round", None
             out["real"][fleet] = {
                 m: {"weak": _real_gains(doc["results"], m), "standard": _real_gains(std, m) if std else None}
                 for m in REAL_METHODS

@@ -51,6 +51,11 @@ class CoordConfig:
     lr: float = Hyperparameters.lr
     batch_size: int = Hyperparameters.batch_size
     max_steps: int = 0  # 0 = no limit
+    # Agents start each round's AdamW afresh (moments and step count). Kept, the moments of an agent's
+    # last round point back toward its own last adapter, not the round's start: through the real
+    # path that cost fleet-lora 3 to 4.5 points of own accuracy (benchmarks/results/fmnist_fl.md,
+    # session 15). False keeps them (the behaviour before).
+    reset_optimizer: bool = True
     # "balanced-softmax": agents train CE(logits + log prior) and add their prior back at inference
     # (docs/aggregation.md); needs a classify bundle of manifest format 2
     loss: Literal["ce", "balanced-softmax"] = "ce"

@@ -128,6 +128,21 @@ def test_a_round_selects_compatible_online_agents_sends_tasks_and_aggregates(bun
         np.testing.assert_allclose(g1[name], start + np.float32(0.325), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("reset", [True, False])
+def test_tasks_ask_agents_to_start_adamw_afresh_unless_told_not_to(bundle, tmp_path, reset):
+    """An agent's AdamW moments from its last round point back to its own last adapter, not the
+    round's start: the coordinator asks for fresh ones by default (`reset_optimizer`)."""
+    broker = MemoryBroker()
+    bid = bundle[1].bundle_id
+    a, b = Agent(broker, "a", bid), Agent(broker, "b", bid)
+    running = Running(_server(bundle, tmp_path, broker, **({} if reset else {"reset_optimizer": False})))
+    ta, tb = a.task(), b.task()
+    assert ta.envelope.body["reset_optimizer"] is reset and tb.envelope.body["reset_optimizer"] is reset
+    a.answer(ta, 0.1)
+    b.answer(tb, 0.2)
+    assert running.join() == 0
+
+
 def test_below_quorum_the_deadline_is_extended_once_then_the_round_fails(bundle, tmp_path):
     broker = MemoryBroker()
     bid = bundle[1].bundle_id

@@ -71,6 +71,7 @@ class Tasks:
             hyperparameters=hp if spec.train else dataclasses.replace(hp, epochs=0),
             stats=spec.stats,
             noise_std=self.cfg.noise_std,
+            reset_optimizer=self.cfg.reset_optimizer,
             stats_digest=spec.stats_digest,
             base_version=spec.base_version,
             adapter=tensors,

@@ -21,7 +21,6 @@ from types import FrameType
 
 from fedclip.device_agent.config import AgentConfig
 from fedclip.device_agent.inbox import Inbox
-from fedclip.device_agent.personal import paused_tuning
 from fedclip.device_agent.personalize import personalize
 from fedclip.device_agent.rollout_client import RolloutClient
 from fedclip.device_agent.rounds import RoundRunner
@@ -174,7 +173,7 @@ class Agent:
         try:
             # Yields to any message: a round's task or a rollback never waits for a whole tuning.
             done = personalize(
-                self.runner, self.cfg.personal, yield_to=self.transport.waiting, on_train=self._tuning
+                self.runner, self.cfg.personal, yield_to=self.transport.waiting, at=self._tuning
             )
         except FedclipError as e:
             self._untuned = self.runner.state.current_adapter
@@ -186,14 +185,11 @@ class Agent:
         if done is not None:
             self.status.tuning = None
             self.status.publish()  # retained: the coordinator sees what the device serves now
-        elif self.status.tuning is not None:  # paused: the next status says where it stands
-            t = paused_tuning(self.runner.state.root)
-            self.status.tuning = TuningProgress(**t) if t is not None else None
 
     def _tuning(self, version: str, epoch: int) -> None:
-        """A personal tuning trains: a fresh one (or the first resume since a start) is announced in
-        the retained status, so the fleet's view shows the device tuning; resumes are not (each
-        followed a message, and the status that answered it carried the position)."""
+        """Where a personal tuning stands: a fresh one (or the first resume since a start) is
+        announced in the retained status, so the fleet's view shows the device tuning; resumes and
+        pauses are not (the status that answers the message a pause is for carries the position)."""
         announce = self.status.tuning is None or self.status.tuning.adapter != version
         self.status.tuning = TuningProgress(version, epoch, self.cfg.personal.epochs)
         if announce:

@@ -53,13 +53,13 @@ def personalize(
     runner: RoundRunner,
     tuning: PersonalTuning,
     yield_to: Callable[[], bool] = lambda: False,
-    on_train: Callable[[str, int], None] = lambda version, epoch: None,
+    at: Callable[[str, int], None] = lambda version, epoch: None,
 ) -> dict[str, float] | None:
     """Tune the adapter inference uses when it has no personal copy yet and keep the copy; returns
     the held-out metrics (`accuracy_fleet` of the adapter as served until now, `accuracy` of the
     copy), None when there was nothing to do, or when `yield_to()` or a stop paused it (the next
-    call resumes). `on_train(version, epoch)` hears the epoch (from 1) training starts or resumes
-    in. The trainer is left as it was."""
+    call resumes). `at(version, epoch)` hears where the tuning stands: the epoch (from 1) it starts
+    or resumes in, and the one it paused in. The trainer is left as it was."""
     state = runner.state
     entry = state.ledger().in_use()
     if not tuning.enabled or entry is None or (entry.personal is not None and entry.personal.is_file()):
@@ -85,11 +85,12 @@ def personalize(
             log.info("personal tuning of %s: resumed in epoch %d", entry.version, work.epoch + 1)
         runner.train_source.label_bias = runner.eval_source.label_bias = None  # plain CE
         trainer.set_prox(tensors, tuning.mu)
-        on_train(entry.version, work.epoch + 1)
+        at(entry.version, work.epoch + 1)
         if not _train(runner, trainer, tuning, work, yield_to):
             work.steps = trainer.step
             trainer.save_checkpoint(state.scratch_path(WORK_CKPT))
             atomic_write(state.scratch_path(WORK_INFO), json.dumps(asdict(work)).encode())
+            at(entry.version, work.epoch + 1)
             log.info(
                 "personal tuning of %s: paused in epoch %d (a message or a stop)",
                 entry.version,

@@ -7,6 +7,7 @@ type, or removed, or with an extra field: each must raise WireError naming the p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -81,6 +82,15 @@ updates = st.builds(
     adapter=st.just(ADAPTER),
     stats=st.just({STAT_LABEL_HIST: np.array([3, 0, 1], np.float32)}),
 )
+
+
+def _tunings(adapter: str):
+    """None, or a tuning of `adapter` (a status's tuning is of the adapter it says it uses)."""
+    return st.none() | st.integers(1, m.MAX_EPOCHS).flatmap(
+        lambda n: st.builds(m.TuningProgress, st.just(adapter), st.integers(1, n), st.just(n))
+    )
+
+
 statuses = st.builds(
     m.AgentStatus,
     state=st.sampled_from(["online", "offline"]),
@@ -92,11 +102,9 @@ statuses = st.builds(
     groups=st.lists(ids, max_size=4).map(tuple),
     num_samples=st.integers(0, m.MAX_SAMPLES),
     notice=small_text,
-    tuning=st.none()
-    | st.integers(1, m.MAX_EPOCHS).flatmap(
-        lambda n: st.builds(m.TuningProgress, adapter=ids, epoch=st.integers(1, n), epochs=st.just(n))
-    ),
-)
+).flatmap(lambda s: _tunings(s.adapter_version).map(lambda t: dataclasses.replace(s, tuning=t)))
+
+
 metrics = st.builds(
     m.AckMetrics, accuracy=st.none() | unit, loss=st.none() | finite, num_samples=st.integers(0, 99)
 )
@@ -201,6 +209,7 @@ VALID = {
         last_round=2,
         groups=("g",),
         device={"kind": "cpu"},
+        adapter_version="v1",
         personal={"accuracy": 0.8, "mu": 1.5},
         tuning=m.TuningProgress("v1", 3, 15),
     ),
@@ -278,6 +287,7 @@ def test_hostile_bodies_are_refused_with_one_line(cls, key, kind, body):
         {"adapter": 7, "epoch": 1, "epochs": 15},
         {"epoch": 1, "epochs": 15},
         {"adapter": "v1", "epoch": 1, "epochs": 15, "eta": 3},
+        {"adapter": "v2", "epoch": 1, "epochs": 15},  # not the adapter the status says it uses
     ],
 )
 def test_hostile_tuning_progress_is_refused(tuning):

@@ -31,7 +31,7 @@ function fmtPct(x) {
 function inUse(a) {
   const v = a.adapter_version || "-";
   const p = a.tuning_progress;
-  if (p && typeof p === "object" && p.adapter === a.adapter_version) {
+  if (p && typeof p === "object") {  // of the adapter in use: the status contract says so
     return v + " (tuning on device: epoch " + p.epoch + " of " + p.epochs + ")";
   }
   const t = a.device_tuning;

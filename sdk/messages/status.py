@@ -100,6 +100,16 @@ class TuningProgress:
         )
 
 
+def _tuning(body: dict[str, Any], where: str) -> TuningProgress | None:
+    """The status's tuning, which is of the adapter it says it uses (a device tunes that one only)."""
+    if "tuning" not in body:
+        return None
+    tuning = TuningProgress.parse(body["tuning"], where)
+    if tuning.adapter != body.get("adapter_version"):
+        raise WireError(f"{where}: tuning is of {_show(tuning.adapter)}, not the adapter in use")
+    return tuning
+
+
 @dataclass(frozen=True)
 class AgentStatus(WireBody):
     """agent -> all (retained): online or offline, its bundle, the adapter it uses, its last round."""
@@ -177,7 +187,7 @@ class AgentStatus(WireBody):
             num_samples=_int(body, "num_samples", 0, MAX_SAMPLES, where, 0),
             notice=_str(body, "notice", 4 * MAX_TEXT, where, "")[:MAX_TEXT],
             personal=_metrics(body.get("personal", {}), "personal", where),
-            tuning=TuningProgress.parse(body["tuning"], where) if "tuning" in body else None,
+            tuning=_tuning(body, where),
         )
 
 

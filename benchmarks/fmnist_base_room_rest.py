@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from fmnist_base_room_report import _fleet, _own_gain
+from fmnist_regimes_report import _real_means
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "fmnist_base_room_rest"
@@ -42,10 +44,6 @@ def _kind(doc: dict) -> str:
     return "real" if "accuracy_per_round" in first["local-lora"] else "sim"
 
 
-def _fleet(p: dict) -> str:
-    return f"{p['regime']} {p['agents']} x {p['per_agent']}, Dirichlet {p.get('beta', 0.1)}"
-
-
 def _ms(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values))
 
@@ -59,25 +57,19 @@ def _row(*cells: str) -> str:
 
 
 def _sim_gain(results: dict, method: str) -> tuple[float, float]:
-    """Mean over seeds of the agents' mean own accuracy minus local-only's (points)."""
-    per = [np.mean([r[method]["own"][a][-1] - r["local-lora"]["own"][a][-1] for a in r[method]["own"]])
-           for r in results.values()]  # fmt: skip
-    return _ms([100 * float(x) for x in per])
-
-
-def _real_seed(r: dict, method: str) -> tuple[dict, dict]:
-    return ({a: v[-1] for a, v in r[method]["accuracy_per_round"].items()}, r[method]["all_class"])
+    """Mean ± sd over seeds of the agents' mean own accuracy minus local-only's (points)."""
+    return _ms(_own_gain(results, method, "local-lora"))
 
 
 def _real_gains(results: dict, method: str) -> tuple[tuple[float, float], tuple[float, float]]:
     """(own minus local-only, all-class minus the bar), points, over seeds."""
-    own, alls = [], []
-    for r in results.values():
-        mine, local = _real_seed(r, method)[0], _real_seed(r, "local-lora")[0]
-        own.append(100 * float(np.mean([mine[a] - local[a] for a in mine])))
-        bar = max(float(np.mean(list(r[b]["all_class"].values()))) for b in BAR if b in r)
-        alls.append(100 * (float(np.mean(list(r[method]["all_class"].values()))) - bar))
-    return _ms(own), _ms(alls)
+    run, bars = {"results": results}, [b for b in BAR if b in next(iter(results.values()))]
+    own, alls = _real_means(run, method)
+    local = _real_means(run, "local-lora")[0]
+    bar = [max(per_seed) for per_seed in zip(*(_real_means(run, b)[1] for b in bars), strict=True)]
+    return _ms([100 * (a - b) for a, b in zip(own, local, strict=True)]), _ms(
+        [100 * (a - b) for a, b in zip(alls, bar, strict=True)]
+    )
 
 
 def summarize(docs: list[dict]) -> dict:

@@ -4,6 +4,7 @@ Kept as the benchmarks' import point; see that module for how the base is made a
 """
 
 from fedclip.exporters.base_pretrain import (  # noqa: F401
+    BASE_STEPS,
     FMNIST_TRAIN,
     PROMPT,
     _graph,

@@ -38,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import fmnist_sim as S  # noqa: E402
+from fmnist_base import BASE_STEPS  # noqa: E402
 from fmnist_regimes import make_fleet  # noqa: E402
 
 from fedclip.coordinator import strategies  # noqa: E402
@@ -173,7 +174,7 @@ def fleet_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--base-cache", type=Path, default=Path("/tmp/fedclip-fmnist-base"))
     # 300: the benchmark's base; fewer steps, a base that knows less of the domain (fmnist_base_room)
-    ap.add_argument("--base-steps", type=int, default=300, help="the base's pretraining steps")
+    ap.add_argument("--base-steps", type=int, default=BASE_STEPS, help="the base's pretraining steps")
 
 
 def report_instead(ap: argparse.ArgumentParser, args, module: str, *extra) -> bool:

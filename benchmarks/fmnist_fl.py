@@ -37,6 +37,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from fmnist_base import BASE_STEPS  # noqa: E402
 from fmnist_report import write_report  # noqa: E402
 
 from fedclip.coordinator.demo import (  # noqa: E402
@@ -265,7 +266,7 @@ def main() -> None:
     ap.add_argument("--model", default="fedclip-tiny")
     ap.add_argument("--pretrained", default=None, help="use these weights instead of pretraining")
     ap.add_argument("--public-n", type=int, default=5000)
-    ap.add_argument("--pretrain-steps", type=int, default=300)
+    ap.add_argument("--pretrain-steps", type=int, default=BASE_STEPS)
     ap.add_argument("--target", type=float, default=None, help="target mean accuracy (default: see report)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/fedclip-fmnist-fl"))
     ap.add_argument("--out", type=Path, default=HERE / "results")

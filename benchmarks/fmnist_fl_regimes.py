@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from fmnist_base import BASE_STEPS  # noqa: E402
 from fmnist_fl import FEDERATED, run_federated, run_local, run_zero_shot  # noqa: E402
 from fmnist_regimes import write_fleet  # noqa: E402
 
@@ -109,7 +110,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--base-cache", type=Path, default=Path("/tmp/fedclip-fmnist-base"))
-    ap.add_argument("--base-steps", type=int, default=300, help="the base's pretraining steps")
+    ap.add_argument("--base-steps", type=int, default=BASE_STEPS, help="the base's pretraining steps")
     ap.add_argument("--work", type=Path, default=Path("/tmp/fedclip-fmnist-fl-regimes"))
     ap.add_argument("--out", type=Path, required=True, help="JSON file for the results")
     args = ap.parse_args()

@@ -34,6 +34,10 @@ from fedclip.sdk.fsutil import atomic_write
 from fedclip.sdk.partition import LabeledImages, load_fashion_mnist
 from fedclip.sdk.preprocess import ImageTransform
 
+# The benchmark's base: pretraining steps (session 14's "weaker base" has 40). The demo's default
+# (coordinator.demo.config) is the same number; the coordinator may not import this package.
+BASE_STEPS = 300
+
 if TYPE_CHECKING:
     import torch
 
@@ -84,7 +88,7 @@ def accuracy(graph: ClassifyGraph, x: torch.Tensor, y: torch.Tensor, batch: int 
 def pretrain_base(
     out: Path,
     public_n: int = 5000,
-    steps: int = 300,
+    steps: int = BASE_STEPS,
     batch_size: int = 128,
     lr: float = 1e-3,
     seed: int = 0,
@@ -170,7 +174,7 @@ def pretrain_base(
 def cached_base(
     cache_dir: Path,
     public_n: int = 5000,
-    steps: int = 300,
+    steps: int = BASE_STEPS,
     seed: int = 0,
     model: str = "fedclip-tiny",
     eval_n: int | None = None,
@@ -219,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Pretrain (or reuse) the fedclip-tiny FMNIST base.")
     ap.add_argument("--cache", type=Path, default=None, help="cache folder (default: default_base_cache())")
     ap.add_argument("--public-n", type=int, default=5000)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=BASE_STEPS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-n", type=int, default=None, help="zero-shot on this many pool images (all)")
     args = ap.parse_args(argv)

@@ -58,7 +58,7 @@ class DemoConfig:
     bundle: Path | None = None
     # Start fedclip-tiny from the cached Fashion-MNIST base (`exporters.base_pretrain`) or random weights.
     base: str = "pretrained"
-    base_steps: int = 300
+    base_steps: int = 300  # exporters.base_pretrain.BASE_STEPS (the coordinator may not import the exporters)
     base_cache: Path | None = None  # None: base_pretrain's default (~/.cache/fedclip/base)
     all_class_per_label: int = 20  # images of every label in each agent's all-class set
     # None: the strategy's (STRATEGY_SETTINGS; alpha 2 x rank), resolved when the config is made

@@ -188,11 +188,14 @@ class Agent:
 
     def _tuning(self, version: str, epoch: int) -> None:
         """Where a personal tuning stands: a fresh one (or the first resume since a start) is
-        announced in the retained status, so the fleet's view shows the device tuning; resumes and
-        pauses are not (the status that answers the message a pause is for carries the position)."""
-        announce = self.status.tuning is None or self.status.tuning.adapter != version
+        announced in the retained status, so the fleet's view shows the device tuning; a next epoch
+        goes out when no status has for `personal.report_every` seconds; resumes and pauses do not
+        (the status that answers the message a pause is for carries the position)."""
+        was = self.status.tuning
+        announce = was is None or was.adapter != version
+        onward = was is not None and not announce and epoch > was.epoch
         self.status.tuning = TuningProgress(version, epoch, self.cfg.personal.epochs)
-        if announce:
+        if announce or (onward and self.status.quiet_for() >= self.cfg.personal.report_every):
             self.status.publish()
 
     def poll(self, timeout: float) -> bool:

@@ -59,7 +59,7 @@ def personalize(
     the held-out metrics (`accuracy_fleet` of the adapter as served until now, `accuracy` of the
     copy), None when there was nothing to do, or when `yield_to()` or a stop paused it (the next
     call resumes). `at(version, epoch)` hears where the tuning stands: the epoch (from 1) it starts
-    or resumes in, and the one it paused in. The trainer is left as it was."""
+    or resumes in, each next one it begins, and the one it paused in. The trainer is left as it was."""
     state = runner.state
     entry = state.ledger().in_use()
     if not tuning.enabled or entry is None or (entry.personal is not None and entry.personal.is_file()):
@@ -77,7 +77,7 @@ def personalize(
         )
         if work is None:
             fleet = runner.evaluate_adapter(None)  # as served until now (with its prior, if any)
-            work = _Work(entry.version, asdict(tuning), float(fleet.get("accuracy", math.nan)))
+            work = _Work(entry.version, tuning.training(), float(fleet.get("accuracy", math.nan)))
             trainer.set_tensors(tensors)
             trainer.reset_optimizer()
             log.info("personal tuning of %s: %d epochs, mu %g", entry.version, tuning.epochs, tuning.mu)
@@ -86,7 +86,7 @@ def personalize(
         runner.train_source.label_bias = runner.eval_source.label_bias = None  # plain CE
         trainer.set_prox(tensors, tuning.mu)
         at(entry.version, work.epoch + 1)
-        if not _train(runner, trainer, tuning, work, yield_to):
+        if not _train(runner, trainer, tuning, work, yield_to, at):
             work.steps = trainer.step
             trainer.save_checkpoint(state.scratch_path(WORK_CKPT))
             atomic_write(state.scratch_path(WORK_INFO), json.dumps(asdict(work)).encode())
@@ -134,9 +134,11 @@ def _train(
     tuning: PersonalTuning,
     work: _Work,
     yield_to: Callable[[], bool],
+    at: Callable[[str, int], None],
 ) -> bool:
-    """Train from `work`'s epoch and batch to the end, advancing `work`; False when paused. Epoch by
-    epoch, each with its own shuffle (the order an uninterrupted run has), as rounds train."""
+    """Train from `work`'s epoch and batch to the end, advancing `work` (and telling `at` each next
+    epoch it begins); False when paused. Epoch by epoch, each with its own shuffle (the order an
+    uninterrupted run has), as rounds train."""
     seed = zlib.crc32(f"{runner.cfg.id}/{work.version}/personal".encode())
     paused, moved = False, trainer.step
 
@@ -168,6 +170,8 @@ def _train(
             work.batch += trainer.step - before
             return False
         work.epoch, work.batch = work.epoch + 1, 0
+        if work.epoch < tuning.epochs:
+            at(work.version, work.epoch + 1)
     return True
 
 
@@ -183,7 +187,7 @@ def _resume(
         return None
     try:
         work = _Work(**json.loads(info.read_text()))
-        if work.version != version or work.settings != asdict(tuning):
+        if work.version != version or work.settings != tuning.training():
             raise ValueError(f"it was for {work.version} with {work.settings}")
         at = (work.epoch, work.batch, work.steps)
         if not (

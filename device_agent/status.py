@@ -135,6 +135,10 @@ class StatusReporter:
             except MqttError as e:
                 log.warning("status not acknowledged (%s); it goes out again on reconnect", e)
 
+    def quiet_for(self, now: float | None = None) -> float:
+        """Seconds since the status last went out (any publish, resend or connect's)."""
+        return (time.monotonic() if now is None else now) - self._sent_at
+
     def tasked(self) -> None:
         """A task arrived: the coordinator knows this agent, so resends stop until the next connect."""
         self._tasked = True

@@ -61,6 +61,9 @@ def test_the_settings_are_checked_and_read_from_agent_yaml(tmp_path, step_bundle
         {"epochs": 0},
         {"lr": 0.0},
         {"batch_size": 0},
+        {"report_every": -1.0},
+        {"report_every": float("nan")},
+        {"report_every": float("inf")},
     ):
         with pytest.raises(ConfigError, match="personal"):
             PersonalTuning(**bad)
@@ -71,9 +74,11 @@ def test_the_settings_are_checked_and_read_from_agent_yaml(tmp_path, step_bundle
     assert AgentConfig(**where, personal=PersonalTuning(mu=1.0)).training_backend == "step"
     assert AgentConfig(**where).training_backend == "auto"  # off: the backend as configured
     yaml_file = tmp_path / "agent.yaml"
-    yaml_file.write_text("personal:\n  mu: 1.5\n  epochs: 4\n")
+    yaml_file.write_text("personal:\n  mu: 1.5\n  epochs: 4\n  report_every: 5\n")
     cfg = AgentConfig.load(yaml_file, {k: v for k, v in where.items()})
-    assert cfg.personal == PersonalTuning(mu=1.5, epochs=4)
+    assert cfg.personal == PersonalTuning(mu=1.5, epochs=4, report_every=5.0)
+    # how often it reports is not what the copy depends on: a paused tuning resumes across it
+    assert cfg.personal.training() == PersonalTuning(mu=1.5, epochs=4).training()
     yaml_file.write_text("personal:\n  mu: -2\n")
     with pytest.raises(ConfigError, match="personal.mu"):
         AgentConfig.load(yaml_file, where)
@@ -207,6 +212,29 @@ def _task(h: Harness, key, rnd: int) -> bytes:
         base_version=f"start-{rnd}", adapter=h.adapter(rnd),
     )  # fmt: skip
     return messages.encode(task, FLEET, AGENT, key=key)
+
+
+def test_the_fleet_sees_each_next_epoch_of_a_tuning_at_most_every_report_every_seconds(
+    step_bundle, image_dir, tmp_path
+):
+    """The retained status carries the epoch a tuning is in: announced at its start, each next epoch
+    when no status went out for `report_every` seconds (0: every epoch), gone once the copy is kept."""
+    key, pub = ensure_keypair(tmp_path / "keys")
+    seen = {}
+    for every in (0.0, 3600.0):
+        tuning = PersonalTuning(mu=TUNING.mu, epochs=TUNING.epochs, lr=TUNING.lr,
+                                batch_size=TUNING.batch_size, report_every=every)  # fmt: skip
+        h = Harness(step_bundle, image_dir, tmp_path / f"state-{every}", coordinator_key=pub, personal=tuning)
+        try:
+            h.send(_rollout(h, key, 1, "r1", 11)[0], topic=TOPICS.adapter(AGENT))
+            assert installed_adapter(h.agent.runner.state.root)[1] == "r1+personal"
+            said = [m.envelope.body for m in h.sent(TOPICS.status(AGENT))]
+            seen[every] = [tuple(b["tuning"].values()) for b in said if "tuning" in b]
+            assert "tuning" not in said[-1] and said[-1]["personal"]["mu"] == 1.0, said[-1]
+        finally:
+            h.close()
+    assert seen[0.0] == [("r1", e, 4) for e in (1, 2, 3, 4)], seen
+    assert seen[3600.0] == [("r1", 1, 4)], seen
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from typing import Literal
 
 import numpy as np
 
+from fedclip.device_agent.heap import fix_mmap_threshold
 from fedclip.device_agent.ort_loader import device_providers, session_options, training_api
 from fedclip.sdk.adapters import AdapterFiles, check_tensors
 from fedclip.sdk.errors import BackendError, BundleError, DataError
@@ -40,6 +41,7 @@ class OrtTrainer(AdapterFiles):
         self.device = device_providers(device)[0]  # auto: cuda where installed, else cpu
         self.threads = threads
         self._api = training_api()
+        fix_mmap_threshold()  # every reset_optimizer reopens the stack: without it the heap grows a round
         self._lr: float | None = None
         self._open(self._initial_checkpoint())
 
@@ -128,7 +130,9 @@ class OrtTrainer(AdapterFiles):
         return self.bundle_dir / self.manifest.checkpoint
 
     def reset_optimizer(self) -> None:
-        """Forget the optimizer's moments (a new round from a new global adapter), keep the tensors."""
+        """Forget the optimizer's moments (a new round from a new global adapter), keep the tensors.
+        ORT's API cannot zero them in place, so the stack is opened again (`device_agent.heap` keeps
+        that from growing the process's heap)."""
         tensors = self.get_tensors("trainable")
         self._open(self._initial_checkpoint())
         self.set_tensors(tensors)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from fmnist_base_room_report import _fleet, _own_gain
 from fmnist_regimes_report import _real_means
+from fmnist_reset_report import KEPT
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "fmnist_base_room_rest"
@@ -31,10 +32,16 @@ TARGET = 5.0  # own: points over local-only (issue 13)
 ALL_SLACK = 2.0  # all-class: within this many points of the better of zero-shot and FedAvg-LoRA
 COLD_ROW = "fleet-lora-bsm mix, prior x1.0"  # what the product gives a newcomer (session 9)
 REAL_METHODS = (  # those a run has
-    "fleet-lora", "fleet-lora-bsm", "fleet-core-r6", "fedavg-lora-both-bsm", "fedavg-lora-both-bsm-personal",
+    "fleet-lora", "fleet-lora-bsm", "fleet-core-r6", "fleet-core-r6-bsm", "fedavg-lora-both-bsm",
+    "fedavg-lora-both-bsm-personal",
 )  # fmt: skip
 BAR = ("zero-shot", "fedavg-lora-both-bsm")  # all-class bar of the real-path rows (both run here)
 PERSONAL_MU = 1.5  # the `-personal` rows' pull unless a run's --personal-mu says otherwise
+
+
+def _reset(doc: dict) -> bool:
+    """Whether the agents started AdamW afresh each round (runs before session 15 kept the moments)."""
+    return bool(doc["protocol"].get("reset_optimizer"))
 
 
 def _kind(doc: dict) -> str:
@@ -75,7 +82,11 @@ def _real_gains(results: dict, method: str) -> tuple[tuple[float, float], tuple[
 def summarize(docs: list[dict]) -> dict:
     standard = json.loads((RESULTS / "fmnist_regimes.json").read_text())
     std_sim = {_fleet(v["protocol"]): v["results"] for v in standard["sim"].values()}
-    std_real = {_fleet(v["protocol"]): v["results"] for v in standard["real"].values()}
+    # the benchmark's base through the real path, by fleet and whether the agents reset AdamW each
+    # round (the coordinator's default since session 15; the runs before it are kept beside)
+    std_real = {(_fleet(v["protocol"]), _reset(v)): v["results"] for v in standard["real"].values()}
+    kept = json.loads(KEPT.read_text()) if KEPT.is_file() else {}
+    std_real |= {(_fleet(v["protocol"]), False): v["results"] for v in kept.values()}
     out: dict = {"sim": {}, "real": {}, "cold": {}, "newcomers": {}}
     for doc in docs:
         kind, fleet = _kind(doc), _fleet({"regime": "clustered", **doc["protocol"]})
@@ -84,16 +95,15 @@ def summarize(docs: list[dict]) -> dict:
             out["sim"][fleet] = {"fleet-core-r6": _sim_gain(doc["results"], "fleet-core-r6"),
                                  "standard": _sim_gain(std, "fleet-core-r6") if std else None}  # fmt: skip
         elif kind == "real":
-            std, mu = std_real.get(fleet), doc["protocol"].get("personal_mu", PERSONAL_MU)
+            std, mu = std_real.get((fleet, _reset(doc))), doc["protocol"].get("personal_mu", PERSONAL_MU)
             if mu != PERSONAL_MU:  # another pull: its own rows, nothing to set beside them
                 fleet, std = f"{fleet}, personal mu {mu:g}", None
-            if doc["protocol"].get("reset_optimizer"):  # runs before session 15's fix kept the moments
-                fleet, std = f"{fleet}, AdamW reset each round", None
-            out["real"][fleet] = {
-                m: {"weak": _real_gains(doc["results"], m), "standard": _real_gains(std, m) if std else None}
-                for m in REAL_METHODS
-                if m in next(iter(doc["results"].values()))
-            }
+            if not _reset(doc):
+                fleet = f"{fleet}, AdamW moments kept (before session 15)"
+            rows = out["real"].setdefault(fleet, {})  # two runs of a fleet: their methods side by side
+            for m in (m for m in REAL_METHODS if m in next(iter(doc["results"].values()))):
+                standard = _real_gains(std, m) if std else None
+                rows[m] = {"weak": _real_gains(doc["results"], m), "standard": standard}
         else:
             p = doc["protocol"]
             std_file = RESULTS / f"fmnist_coldstart.clustered{p['agents']}x{p['per_agent']}.json"

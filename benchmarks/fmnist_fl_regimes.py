@@ -28,6 +28,7 @@ from fmnist_base import BASE_STEPS  # noqa: E402
 from fmnist_fl import FEDERATED, run_federated, run_local, run_zero_shot  # noqa: E402
 from fmnist_regimes import write_fleet  # noqa: E402
 
+from fedclip.coordinator.config import CoordConfig  # noqa: E402
 from fedclip.coordinator.demo import DemoConfig, export, finish_eval, spawn_eval  # noqa: E402
 from fedclip.coordinator.procs import ProcessGroup  # noqa: E402
 from fedclip.sdk.all_class import ALL_SPLIT  # noqa: E402
@@ -120,7 +121,10 @@ def main() -> None:
     pretrained = cached_base(args.base_cache, steps=args.base_steps)["weights"]
     _, pool = split_fmnist(5000)
     doc = {
-        "protocol": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        # reset_optimizer: what the coordinator asks of the agents each round (runs before session 15
+        # lack it: the agents kept their AdamW moments across rounds)
+        "protocol": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        | {"reset_optimizer": CoordConfig.reset_optimizer},
         "command": "python benchmarks/fmnist_fl_regimes.py " + " ".join(sys.argv[1:]),
         "results": {},
     }

@@ -202,7 +202,8 @@ def _plot(s: dict, path: Path) -> None:
         ax.bar(x + (k - 0.5) * 0.38, means, 0.38, yerr=sds, capsize=3, label=label)
     ax.axhline(TARGET, color="red", ls=":", label=f"target +{TARGET:g}")
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xticks(x, [r[0].replace(", Dirichlet", "\nDir.") for r in rows], fontsize=6)
+    short = [r[0].replace(", AdamW moments kept (before session 15)", "\nmoments kept") for r in rows]
+    ax.set_xticks(x, [label.replace(", Dirichlet", "\nDir.") for label in short], fontsize=6)
     ax.set_ylabel("own accuracy minus local-only (points)")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)

@@ -5,9 +5,10 @@ eval sessions, optimizer: ORT's Python API cannot zero AdamW's moments in place)
 15 the coordinator asks for that reset every round. Python frees the old stack, but glibc raises its
 mmap threshold whenever a large mmapped block is freed, so the next checkpoint-sized buffers land on
 the heap instead, fragment it and are never returned: an agent on fedclip-tiny grew by 20-35 MB a
-round (peak 299-317 MB after 5 rounds, 171-173 MB with the threshold fixed; 8 resets of the tiny
-bundle: +141 MB, fixed +5.5 MB). Setting `M_MMAP_THRESHOLD` by hand keeps glibc's initial 128 KiB
-and turns the raising off (mallopt(3)). glibc only: elsewhere (musl, macOS, Windows) nothing is done.
+round (296 MiB peak after 5 rounds of ce-lora, 164 MiB with the threshold fixed:
+benchmarks/results/agent_rounds_rss.md; 8 resets of the tiny bundle: +141 MB, fixed +5.5 MB).
+Setting `M_MMAP_THRESHOLD` by hand keeps glibc's initial 128 KiB and turns the raising off
+(mallopt(3)). glibc only: elsewhere (musl, macOS, Windows) nothing is done.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from fmnist_base_room_report import _fleet, _own_gain
 from fmnist_regimes_report import _real_means
-from fmnist_reset_report import KEPT
+from fmnist_reset_report import KEPT, _fmt
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "fmnist_base_room_rest"
@@ -53,10 +53,6 @@ def _kind(doc: dict) -> str:
 
 def _ms(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values))
-
-
-def _fmt(ms: tuple[float, float] | None) -> str:
-    return "-" if ms is None else f"{ms[0]:+.1f} ± {ms[1]:.1f}"
 
 
 def _row(*cells: str) -> str:

@@ -155,7 +155,7 @@ class StatusReporter:
         coordinator's `max_missed` rest by speaking."""
         interval = self.cfg.status_interval
         now = time.monotonic() if now is None else now
-        if not interval or self._tasked or now - self._sent_at < min(self._gap, interval):
+        if not interval or self._tasked or self.quiet_for(now) < min(self._gap, interval):
             return False
         if not self.transport.connected.is_set():
             return False

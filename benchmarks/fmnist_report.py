@@ -256,7 +256,7 @@ def write_report(out: Path, doc: dict) -> None:
     # The regimes section (fmnist_regimes_report.py) comes from other runs: keep it.
     marker = "<!-- regimes: written by fmnist_regimes_report.py -->"
     kept = marker + md.read_text().split(marker, 1)[1] if md.is_file() and marker in md.read_text() else ""
-    md.write_text("\n".join(lines) + "\n" + ("\n" + kept if kept else ""))
+    md.write_text("\n".join(lines) + "\n" + kept)  # lines end with a blank one
     _plots(out, doc, sums, seeds, methods)
 
 

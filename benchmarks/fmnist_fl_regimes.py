@@ -9,28 +9,36 @@ balanced all-class set under the agent's shift). Methods run as in `fmnist_fl.py
 local-only LoRA by `fedclip-agent eval/train`, the federated ones by `fedclip-coord serve` with one
 `fedclip-agent start` process per agent over the embedded broker. Every agent's final adapter is then
 scored on its own split (every round) and on its all-class set (the last round) by
-`fedclip-agent eval`. `fmnist_regimes_report.py --real` folds the JSON into the report.
+`fedclip-agent eval`. The FedAvg methods' global model (the adapter every agent installs after a
+round) is scored on the balanced, unshifted `global/` set after every `--global-every` rounds and the
+last (`global_per_round`; FLoRA's protocol, with `--no-shift` as in `fmnist_base_room.py`).
+`fmnist_regimes_report.py --real` folds the JSON into the report.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import numpy as np  # noqa: E402
 from fmnist_base import BASE_STEPS  # noqa: E402
 from fmnist_fl import FEDERATED, run_federated, run_local, run_zero_shot  # noqa: E402
-from fmnist_regimes import write_fleet  # noqa: E402
+from fmnist_regimes import GLOBAL_DIR, write_fleet  # noqa: E402
 
 from fedclip.coordinator.config import CoordConfig  # noqa: E402
-from fedclip.coordinator.demo import DemoConfig, export, finish_eval, spawn_eval  # noqa: E402
+from fedclip.coordinator.demo import DemoConfig, export, finish_eval  # noqa: E402
+from fedclip.coordinator.demo.evaluation import eval_argv  # noqa: E402
 from fedclip.coordinator.procs import ProcessGroup  # noqa: E402
+from fedclip.sdk.adapters import load_adapter  # noqa: E402
 from fedclip.sdk.all_class import ALL_SPLIT  # noqa: E402
 from fedclip.sdk.errors import StateError  # noqa: E402
 from fedclip.sdk.ledger import Ledger  # noqa: E402
@@ -76,22 +84,77 @@ def final_adapters(method: str, work: Path, agents: list[str], rounds: int) -> d
     return out
 
 
-def all_class(bundle: Path, data_dir: Path, adapters: dict[str, Path | None], work: Path) -> dict[str, float]:
-    """Each agent's accuracy on its all-class set, two evals at a time."""
+Evals = dict[str, tuple[Path, Path | None]]  # name -> (data folder, adapter; None: the bundle's)
+
+
+def _evals(bundle: Path, jobs: Evals, work: Path, logs: str, *options: str) -> dict[str, float]:
+    """name -> accuracy of `fedclip-agent eval [options]` on each job, two evals at a time."""
     acc: dict[str, float] = {}
-    with ProcessGroup(log_dir=work / "logs-all") as procs:
-        pending = list(adapters.items())
+    with ProcessGroup(log_dir=work / f"logs-{logs}") as procs:
+        pending = list(jobs.items())
         running = []
         while pending or running:
             while pending and len(running) < 2:
-                a, adapter = pending.pop(0)
-                cache = work / "all-embeddings" / a
-                running.append(
-                    (a, spawn_eval(procs, f"all-{a}", bundle, data_dir / a / ALL_SPLIT, adapter, cache))
-                )
-            a, child = running.pop(0)
-            acc[a] = float(finish_eval(child)["accuracy"])
+                name, (data, adapter) = pending.pop(0)
+                cache = work / f"{logs}-embeddings" / name
+                argv = [*eval_argv(bundle, data, adapter, cache), *options]
+                running.append((name, procs.spawn(f"{logs}-{name}", argv, capture=True)))
+            name, child = running.pop(0)
+            acc[name] = float(finish_eval(child)["accuracy"])
     return acc
+
+
+def all_class(bundle: Path, data_dir: Path, adapters: dict[str, Path | None], work: Path) -> dict[str, float]:
+    """Each agent's accuracy on its all-class set."""
+    return _evals(bundle, {a: (data_dir / a / ALL_SPLIT, p) for a, p in adapters.items()}, work, "all")
+
+
+def global_adapters(work: Path, agents: list[str], rounds: int, every: int) -> dict[int, dict]:
+    """after_round -> the FedAvg global adapter after that round (every `every`-th and the last):
+    the tensors most agents installed, and how many did (every agent installs the same aggregate, so
+    a count under the fleet means an agent missed that round's rollout). Tensors, not files: under
+    balanced softmax each agent's copy carries its own label prior in the metadata."""
+    out: dict[int, dict] = {}
+    ledgers = {}
+    for a in agents:
+        try:
+            ledgers[a] = Ledger.read(work / "agents" / a).after_rounds(rounds)
+        except StateError:
+            ledgers[a] = {}
+    for r in sorted({*range(every, rounds + 1, every), rounds}):
+        files = [ledger[r] for ledger in ledgers.values() if r in ledger]
+        if not files:
+            continue
+        digests = [_tensors_digest(p) for p in files]
+        by_digest = dict(zip(digests, files, strict=True))
+        digest, n = Counter(digests).most_common(1)[0]
+        out[r] = {"adapter": by_digest[digest], "agents": n}
+    return out
+
+
+def _tensors_digest(path: Path) -> str:
+    tensors, _ = load_adapter(path)
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode() + b"\0" + np.ascontiguousarray(tensors[name]).tobytes())
+    return h.hexdigest()
+
+
+def global_per_round(method: str, bundle: Path, data_dir: Path, work: Path, agents: list[str],
+                     rounds: int, every: int) -> dict[str, dict]:  # fmt: skip
+    """The global model's accuracy on `global/` by round (round 0: the base, zero-shot's only one),
+    without a label prior (`--prior-weight 0`): the balanced set is scored as `fmnist_sim.py` does."""
+    found = {0: {"adapter": None, "agents": len(agents)}}
+    if method != "zero-shot":
+        found |= global_adapters(work, agents, rounds, every)
+    jobs = {str(r): (data_dir / GLOBAL_DIR, f["adapter"]) for r, f in found.items()}
+    acc = _evals(bundle, jobs, work, "global", "--prior-weight", "0")
+    return {str(r): {"accuracy": acc[str(r)], "agents": f["agents"]} for r, f in found.items()}
+
+
+def has_global(method: str) -> bool:
+    """Methods whose agents all install one aggregate (FedAvg), and zero-shot (the base)."""
+    return method == "zero-shot" or (method.startswith("fedavg-") and not method.endswith(PERSONAL))
 
 
 def main() -> None:
@@ -110,6 +173,8 @@ def main() -> None:
     ap.add_argument("--personal-mu", type=float, default=1.5, help="the -personal methods' proximal weight")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--no-shift", action="store_true", help="every agent the unshifted camera (FLoRA)")
+    ap.add_argument("--global-every", type=int, default=5, help="score the global model every N rounds")
     ap.add_argument("--base-cache", type=Path, default=Path("/tmp/fedclip-fmnist-base"))
     ap.add_argument("--base-steps", type=int, default=BASE_STEPS, help="the base's pretraining steps")
     ap.add_argument("--work", type=Path, default=Path("/tmp/fedclip-fmnist-fl-regimes"))
@@ -130,12 +195,15 @@ def main() -> None:
     }
     t_start = time.monotonic()
     for seed in args.seeds:
-        sw = args.work / f"{args.regime}-{args.agents}x{args.per_agent}-beta{args.beta}-seed-{seed}"
+        shift = "-noshift" if args.no_shift else ""
+        sw = args.work / f"{args.regime}-{args.agents}x{args.per_agent}-beta{args.beta}{shift}-seed-{seed}"
         data_dir = sw / "data"
-        if not (data_dir / "partition.json").is_file():
+        # fleets written before the global set was are written again (the same images)
+        if not (data_dir / "partition.json").is_file() or not (data_dir / GLOBAL_DIR).is_dir():
             shutil.rmtree(data_dir, ignore_errors=True)
             print(f"seed {seed}: writing the {args.regime} fleet", flush=True)
-            write_fleet(data_dir, pool, args.regime, args.agents, args.per_agent, seed, args.beta)
+            write_fleet(data_dir, pool, args.regime, args.agents, args.per_agent, seed, args.beta,
+                        cameras=not args.no_shift)  # fmt: skip
         summary = json.loads((data_dir / "partition.json").read_text())
         labels, agents = summary["labels"], summary["agents"]
         cfg = DemoConfig(
@@ -175,12 +243,18 @@ def main() -> None:
             res["all_class"] = all_class(
                 m_bundle, data_dir, final_adapters(method, mw, agents, args.rounds), mw
             )
+            if has_global(method):
+                res["global_per_round"] = global_per_round(
+                    method, m_bundle, data_dir, mw, agents, args.rounds, args.global_every
+                )
             res["method_seconds"] = time.monotonic() - t0
             seed_res[method] = res
             own = [v[-1] for v in res["accuracy_per_round"].values()]
             alls = list(res["all_class"].values())
+            glob = res.get("global_per_round", {}).get(str(args.rounds if method != "zero-shot" else 0))
             print(f"  own {sum(own) / len(own):.3f} all-class {sum(alls) / len(alls):.3f} "
-                  f"({res['method_seconds']:.0f}s)", flush=True)  # fmt: skip
+                  + (f"global {glob['accuracy']:.3f} " if glob else "")
+                  + f"({res['method_seconds']:.0f}s)", flush=True)  # fmt: skip
             doc["seconds"] = time.monotonic() - t_start
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(doc, indent=1))

@@ -31,6 +31,7 @@ from fedclip.sdk.partition import SUMMARY_NAME, CameraShift, LabeledImages, agen
 POOL_TRAIN = 7000  # pool images [0, 7000) are training images, [7000, 10000) test images
 OWN_TEST = 100
 ALL_PER_LABEL = 20
+GLOBAL_DIR = "global"  # `write_fleet`: the balanced, unshifted set the global model is scored on
 
 
 @dataclass
@@ -181,10 +182,21 @@ def write_fleet(out: Path, pool: LabeledImages, regime: str, agents: int, per_ag
     """The same fleet as image folders for the real path (`fmnist_fl.py --regime`).
 
     `<agent>/train`, `<agent>/test` (its own split) and `<agent>/all` (the balanced set under its
-    shift), one folder per label, and `partition.json` as `sdk.partition.write_partition` writes it
+    shift), one folder per label; `global/` (the balanced, unshifted set the global model is scored
+    on, FLoRA's protocol); and `partition.json` as `sdk.partition.write_partition` writes it
     (agents, labels, each agent's shift and counts; `groups` added).
     """
     d = draw_fleet(pool.labels, regime, agents, per_agent, seed, beta, **kw)
+
+    def write(folder: Path, idx: np.ndarray, shift: CameraShift) -> dict[str, int]:
+        for name in pool.classes:
+            (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in idx.tolist():
+            img = shift.apply(pool.image(int(i)), noise_seed=seed * 1_000_003 + int(i))
+            img.save(folder / pool.classes[pool.labels[i]] / f"{i:06d}.png")
+        counts = np.bincount(pool.labels[idx], minlength=len(pool.classes))
+        return {name: int(c) for name, c in zip(pool.classes, counts, strict=True)}
+
     summary: dict = {"dataset": "fashion-mnist", "agents": [a.name for a in d.agents], "regime": regime,
                      "seed": seed, "labels": list(pool.classes), "counts": {},
                      "groups": {a.name: a.group for a in [*d.agents, *d.newcomers]}}  # fmt: skip
@@ -193,13 +205,8 @@ def write_fleet(out: Path, pool: LabeledImages, regime: str, agents: int, per_ag
     for a in [*d.agents, *d.newcomers]:
         entry: dict = {"shift": asdict(a.shift)}
         for split, idx in (("train", a.train), ("test", a.own), (ALL_SPLIT, d.balanced)):
-            for name in pool.classes:
-                (out / a.name / split / name).mkdir(parents=True, exist_ok=True)
-            for i in idx.tolist():
-                img = a.shift.apply(pool.image(int(i)), noise_seed=seed * 1_000_003 + int(i))
-                img.save(out / a.name / split / pool.classes[pool.labels[i]] / f"{i:06d}.png")
-            counts = np.bincount(pool.labels[idx], minlength=len(pool.classes))
-            entry[split] = {name: int(c) for name, c in zip(pool.classes, counts, strict=True)}
+            entry[split] = write(out / a.name / split, idx, a.shift)
         summary["counts"][a.name] = entry
+    summary["global"] = write(out / GLOBAL_DIR, d.global_, CameraShift())
     (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary

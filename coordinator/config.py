@@ -10,6 +10,8 @@ from fedclip.coordinator.strategies.base import StrategyOptions
 from fedclip.sdk.config import from_mapping, from_yaml
 from fedclip.sdk.errors import ConfigError, WireError
 from fedclip.sdk.ids import check_id
+from fedclip.sdk.label_prior import AUTO, resolve
+from fedclip.sdk.manifest import Manifest
 from fedclip.sdk.messages import Hyperparameters
 
 
@@ -57,8 +59,9 @@ class CoordConfig:
     # session 15). False keeps them (the behaviour before).
     reset_optimizer: bool = True
     # "balanced-softmax": agents train CE(logits + log prior) and add their prior back at inference
-    # (docs/aggregation.md); needs a classify bundle of manifest format 2
-    loss: Literal["ce", "balanced-softmax"] = "ce"
+    # (docs/aggregation.md); needs a classify bundle of manifest format 2. "auto": balanced softmax
+    # where the bundle can train it, else ce (`sdk.label_prior.resolve`, when the server starts)
+    loss: Literal["auto", "ce", "balanced-softmax"] = AUTO
     noise_std: float = 0.0  # noise the agents add to their shared statistics
     lam: float = 0.5
     tau: float = 0.1
@@ -106,7 +109,7 @@ class CoordConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         try:  # the bounds every agent applies to a task: refuse here, not when the first task is built
-            self.hyperparameters()
+            self._hyperparameters("ce" if self.loss == AUTO else self.loss)
         except WireError as e:
             raise ConfigError(str(e).replace("hyperparameters: hyperparameters: body field ", "")) from None
         if self.intake_workers is not None and not 0 <= self.intake_workers <= 64:
@@ -159,9 +162,18 @@ class CoordConfig:
         return int(self.max_payload_mb * 1024 * 1024)
 
     def hyperparameters(self) -> Hyperparameters:
-        return Hyperparameters(
-            self.local_epochs, self.lr, self.batch_size, self.max_steps or None, loss=self.loss
-        )
+        """A task's hyperparameters; `loss: auto` must have been resolved against the bundle first
+        (`with_loss_for`): a task never says auto."""
+        if self.loss == AUTO:
+            raise ConfigError("loss: auto is resolved against the bundle when the server starts")
+        return self._hyperparameters(self.loss)
+
+    def _hyperparameters(self, loss: str) -> Hyperparameters:
+        return Hyperparameters(self.local_epochs, self.lr, self.batch_size, self.max_steps or None, loss=loss)
+
+    def with_loss_for(self, manifest: Manifest) -> CoordConfig:
+        """This config with `loss: auto` resolved for `manifest`'s bundle (`sdk.label_prior.resolve`)."""
+        return replace(self, loss=resolve(self.loss, manifest))  # type: ignore[arg-type]
 
     def strategy_options(self) -> StrategyOptions:
         return StrategyOptions(

@@ -80,8 +80,9 @@ def serve(
     lr: float | None = typer.Option(None, help="Local learning rate."),
     loss: str | None = typer.Option(
         None,
-        help="Local loss: ce (default) or balanced-softmax (agents train without their label mix and "
-        "add it back at inference; docs/aggregation.md).",
+        help="Local loss: auto (default: balanced-softmax where the bundle can train it, else ce), ce, or "
+        "balanced-softmax (agents train without their label mix and add it back at inference; "
+        "docs/aggregation.md).",
     ),
     seed: int | None = typer.Option(None, help="Seed for agent selection."),
     selection: str | None = typer.Option(

@@ -121,6 +121,27 @@ def test_balanced_tasks_and_configs_are_refused_for_bundles_without_label_bias(t
         CoordConfig(**where, loss="focal")  # type: ignore[arg-type]  # the point: a bad value
 
 
+def test_the_coordinators_default_loss_resolves_against_the_bundle(tiny_bundle, tmp_path):
+    """`loss: auto`: balanced softmax where the bundle's training graphs take label_bias, plain CE
+    where they do not (an older bundle starts as before instead of being refused); a task never
+    says auto."""
+    from fedclip.coordinator.config import CoordConfig
+    from fedclip.coordinator.server.setup import check_bundle
+
+    manifest = Manifest.load(tiny_bundle)
+    old = _without_bias(manifest)
+    cfg = CoordConfig(broker="mqtt://x:1", fleet="f", bundle=tiny_bundle, state=tmp_path)
+    assert cfg.loss == lp.AUTO
+    with pytest.raises(ConfigError, match="loss: auto is resolved against the bundle"):
+        cfg.hyperparameters()
+    assert cfg.with_loss_for(manifest).hyperparameters().loss == "balanced-softmax"
+    assert cfg.with_loss_for(old).hyperparameters().loss == "ce"
+    check_bundle(cfg, manifest)
+    check_bundle(cfg, old)  # auto is ce there: not refused
+    for loss in lp.LOSSES:  # asked for, kept (balanced softmax on `old`: refused by check_bundle)
+        assert dataclasses.replace(cfg, loss=loss).with_loss_for(old).loss == loss
+
+
 # ---- the graphs: both training formats -----------------------------------------------------------
 def _ce(logits: np.ndarray, y: np.ndarray) -> float:
     z = logits.astype(np.float64)

@@ -143,6 +143,27 @@ def test_tasks_ask_agents_to_start_adamw_afresh_unless_told_not_to(bundle, tmp_p
     assert running.join() == 0
 
 
+@pytest.mark.parametrize(("options", "loss"), [({}, "balanced-softmax"), ({"loss": "ce"}, None)])
+def test_tasks_ask_for_balanced_softmax_by_default_where_the_bundle_trains_it(
+    bundle, tmp_path, options, loss
+):
+    """`loss: auto` (the default) is balanced softmax on a classify bundle of format 2: with plain CE
+    FedAvg's global adapter stayed at zero-shot under label skew (docs/aggregation.md). Asked for,
+    plain CE; it is the wire's default, so its tasks do not name it."""
+    broker = MemoryBroker()
+    bid = bundle[1].bundle_id
+    assert bundle[1].takes_label_bias
+    a, b = Agent(broker, "a", bid), Agent(broker, "b", bid)
+    running = Running(_server(bundle, tmp_path, broker, **options))
+    ta, tb = a.task(), b.task()
+    assert running.server.cfg.loss == (loss or "ce")
+    for t in (ta, tb):
+        assert t.envelope.body["hyperparameters"].get("loss") == loss
+    a.answer(ta, 0.1)
+    b.answer(tb, 0.2)
+    assert running.join() == 0
+
+
 def test_below_quorum_the_deadline_is_extended_once_then_the_round_fails(bundle, tmp_path):
     broker = MemoryBroker()
     bid = bundle[1].bundle_id

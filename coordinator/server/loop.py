@@ -81,7 +81,9 @@ class Server:
         key: Ed25519PrivateKey | None = None,
         trust: Trust | None = None,
     ):
-        self.cfg = cfg
+        if cfg.loss != (resolved := cfg.with_loss_for(manifest)).loss:  # loss: auto (the default)
+            log.info("loss: %s -> %s for this bundle", cfg.loss, resolved.loss)
+        self.cfg = cfg = resolved
         self.manifest = manifest
         self.transport = transport
         self.store = store

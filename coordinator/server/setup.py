@@ -64,7 +64,7 @@ def check_state_dir(store: Store, cfg: CoordConfig, bundle_id: str, strategy: st
 
 def check_bundle(cfg: CoordConfig, manifest: Manifest) -> None:
     """Refuse, before any round, settings the bundle cannot train (every task would be refused)."""
-    why = label_prior.unsupported(cfg.loss, manifest, str(cfg.bundle))
+    why = label_prior.unsupported(label_prior.resolve(cfg.loss, manifest), manifest, str(cfg.bundle))
     if why:
         raise ConfigError(f"loss: {why}")
 

@@ -38,7 +38,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fmnist_base import BASE_STEPS  # noqa: E402
-from fmnist_report import write_report  # noqa: E402
+from fmnist_report import ORDER, write_report  # noqa: E402
 
 from fedclip.coordinator.demo import (  # noqa: E402
     DemoConfig,
@@ -63,6 +63,7 @@ FEDERATED = {
     "fedavg-lora-text": ("fedavg", "text"),
     "fedavg-lora-both": ("fedavg", "vision,text"),
     "ce-lora": ("ce-lora", "vision,text"),
+    "ce-lora-bsm": ("ce-lora", "vision,text"),
     "fleet-lora": ("fleet-lora", "vision,text"),  # run by fmnist_fl_regimes.py (issue 13)
     # the same with `--loss balanced-softmax` (a name ending in BSM): agents add their prior back
     "fleet-lora-bsm": ("fleet-lora", "vision,text"),
@@ -71,7 +72,7 @@ FEDERATED = {
     **{f"fleet-core-r{r}{bsm}": ("fleet-core", "vision,text") for r in (6, 7) for bsm in ("", "-bsm")},
 }
 BSM = "-bsm"
-ALL_METHODS = ("zero-shot", "local-lora", "fedavg-lora-text", "fedavg-lora-both", "ce-lora", "full-ft-fedavg")
+ALL_METHODS = ORDER  # fmnist_report's rows: the -bsm ones train with the coordinator's default loss
 
 
 class RssSampler:

@@ -173,7 +173,8 @@ class CoordConfig:
 
     def with_loss_for(self, manifest: Manifest) -> CoordConfig:
         """This config with `loss: auto` resolved for `manifest`'s bundle (`sdk.label_prior.resolve`)."""
-        return replace(self, loss=resolve(self.loss, manifest))  # type: ignore[arg-type]
+        balanced = resolve(self.loss, manifest) == "balanced-softmax"  # resolve never gives auto back
+        return replace(self, loss="balanced-softmax" if balanced else "ce")
 
     def strategy_options(self) -> StrategyOptions:
         return StrategyOptions(

@@ -18,7 +18,6 @@ last (`global_per_round`; FLoRA's protocol, with `--no-shift` as in `fmnist_base
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -29,7 +28,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
 from fmnist_base import BASE_STEPS  # noqa: E402
 from fmnist_fl import FEDERATED, run_federated, run_local, run_zero_shot  # noqa: E402
 from fmnist_regimes import GLOBAL_DIR, write_fleet  # noqa: E402
@@ -42,6 +40,7 @@ from fedclip.sdk.adapters import load_adapter  # noqa: E402
 from fedclip.sdk.all_class import ALL_SPLIT  # noqa: E402
 from fedclip.sdk.errors import StateError  # noqa: E402
 from fedclip.sdk.ledger import Ledger  # noqa: E402
+from fedclip.sdk.wire import tensors_digest  # noqa: E402
 
 METHODS = (
     "zero-shot", "local-lora", "fedavg-lora-both", "fleet-lora", "fleet-lora-bsm", "fleet-core-r6",
@@ -125,19 +124,11 @@ def global_adapters(work: Path, agents: list[str], rounds: int, every: int) -> d
         files = [ledger[r] for ledger in ledgers.values() if r in ledger]
         if not files:
             continue
-        digests = [_tensors_digest(p) for p in files]
+        digests = [tensors_digest(load_adapter(p)[0]) for p in files]
         by_digest = dict(zip(digests, files, strict=True))
         digest, n = Counter(digests).most_common(1)[0]
         out[r] = {"adapter": by_digest[digest], "agents": n}
     return out
-
-
-def _tensors_digest(path: Path) -> str:
-    tensors, _ = load_adapter(path)
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        h.update(name.encode() + b"\0" + np.ascontiguousarray(tensors[name]).tobytes())
-    return h.hexdigest()
 
 
 def global_per_round(method: str, bundle: Path, data_dir: Path, work: Path, agents: list[str],

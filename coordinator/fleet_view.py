@@ -317,6 +317,7 @@ class FleetView:
                     "round": r.round,
                     "state": r.state,
                     "strategy": r.strategy,
+                    "loss": rec.get("loss"),  # metrics.jsonl, at close (none before session 17)
                     "started_at": r.started_at,
                     "deadline": r.deadline,
                     "extended": r.extended,

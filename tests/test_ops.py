@@ -123,6 +123,8 @@ def test_metrics_dashboard_json_and_cli_json_follow_a_real_run(mosquitto, lora_b
         assert [(r["round"], r["state"]) for r in doc["rounds"]] == [(1, "aggregated"), (2, "collecting")]
         r1 = doc["rounds"][0]
         assert (r1["updates"], r1["selected"], r1["bytes_in"]) == (2, 2, want["bytes_in"])
+        # serve's default loss, resolved for this classify bundle; known once the round closed
+        assert (r1["loss"], doc["rounds"][1]["loss"]) == ("balanced-softmax", None)
         assert r1["metrics"]["accuracy"] == pytest.approx(0.4) and r1["duration_s"] > 0
         by_agent = {a["agent"]: a for a in doc["agents"]}
         assert by_agent["cam1"]["online"] and by_agent["cam1"]["groups"] == ["lab"]

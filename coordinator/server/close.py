@@ -49,6 +49,7 @@ class RoundCloser:
         self.store, self.registry = ctx.store, ctx.registry
         self.exchanged = tuple(sorted(t.name for t in ctx.manifest.exchanged))
         self.robust_factor = ctx.cfg.robust_factor
+        self.loss = ctx.cfg.loss  # resolved (Server.__init__): what the round's tasks asked for
 
     def _updates(self, st: RoundState) -> list[Update]:
         """The round's stored updates, their tensors read from disk on access, made robust (below)."""
@@ -103,6 +104,7 @@ class RoundCloser:
                 "round": st.round,
                 "state": "aggregated",
                 "strategy": self.strategy.name,
+                "loss": self.loss,
                 "global_version": gv,
                 "selected": len(st.selected),
                 "updates": len(updates),
@@ -124,6 +126,7 @@ class RoundCloser:
                 "state": "failed",
                 "reason": reason,
                 "strategy": self.strategy.name,
+                "loss": self.loss,
                 "selected": len(st.selected),
                 "updates": len(st.received),
                 "closed_at": time.time(),

@@ -6,10 +6,10 @@
     python benchmarks/fmnist_global_real_report.py 40=/tmp/g40.json [300=/tmp/g300.json]
         # -> results/fmnist_global_real.{md,json,png}; with no runs: from the committed json
 
-`fmnist_base_room.md` measured the target in-process (`fmnist_sim`'s agents in one process); this
-runs the same fleets (today's: 10 agents x 300 images, Dirichlet 0.1, no camera shift, seeds 0-2,
-image for image) through `fedclip-coord serve`, one `fedclip-agent start` process per agent and the
-embedded broker, and scores the adapter every agent installed after rounds 5, 10, 15 and 20 on the
+`fmnist_base_room.md` measured the target in-process (`fmnist_sim`'s agents in one process); this runs
+the same fleets (today's: 10 agents x 300 images, Dirichlet 0.1, no camera shift, the seeds each section
+names, image for image) through `fedclip-coord serve`, one `fedclip-agent start` process per agent and
+the embedded broker, and scores the adapter every agent installed after rounds 5, 10, 15 and 20 on the
 same 300 balanced unshifted images. Full-FT FedAvg is not a product path: its rows are the in-process
 ones of `fmnist_base_room.json` (every lr it tried, the best kept as the bar), on the same fleets.
 """
@@ -25,6 +25,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from fmnist_regimes_report import _fmt as _pct  # noqa: E402  # "mean ± sd" of fractions, in %
+from fmnist_reset_report import _fmt as _signed  # noqa: E402  # "+mean ± sd" of a (mean, sd) pair
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -55,7 +57,8 @@ def summarize(base: str, run: dict, room: dict, full_ft_round_bytes: float) -> d
     seeds = sorted(run["results"], key=int)
     rounds = run["protocol"]["rounds"]
     zs = {s: _global(run, s, "zero-shot")[0] for s in seeds}
-    out: dict = {"seeds": seeds, "rounds": rounds, "zero_shot": zs, "real": {}, "in_process": {}}
+    out: dict = {"seeds": seeds, "rounds": rounds, "agents": run["protocol"]["agents"], "zero_shot": zs,
+                 "real": {}, "in_process": {}}  # fmt: skip
     for m in REAL:
         if not all(_global(run, s, m) for s in seeds):
             continue
@@ -80,13 +83,17 @@ def summarize(base: str, run: dict, room: dict, full_ft_round_bytes: float) -> d
     return out
 
 
-def _ms(d: dict[str, float], scale: float = 1.0, sign: str = "") -> str:
-    v = np.array(list(d.values())) * scale
-    return f"{v.mean():{sign}.1f} ± {v.std():.1f}"  # population sd, as the reports beside it
+def _mean(d: dict[str, float]) -> float:
+    return float(np.mean(list(d.values())))
+
+
+def _gain(r: dict) -> tuple[float, float]:
+    """Mean and (population, as the reports beside it) sd over seeds of a row's gain, points."""
+    return _mean(r["gain"]), float(np.std(list(r["gain"].values())))
 
 
 def _best_full_ft(s: dict) -> tuple[str, float]:
-    ft = {m: float(np.mean(list(v["final"].values()))) for m, v in s["in_process"].items() if "full-ft" in m}
+    ft = {m: _mean(v["final"]) for m, v in s["in_process"].items() if "full-ft" in m}
     m = max(ft, key=ft.__getitem__)
     return m, ft[m]
 
@@ -103,7 +110,7 @@ def _lines(summary: dict) -> list[str]:
         "Global accuracy: the adapter the agents installed after the last round, scored without a label "
         "prior (as the in-process runs score it). FedAvg-LoRA runs the agents' default lr 0.005, 1 local "
         "epoch a round, AdamW reset each round (the coordinator's default); `-bsm`: balanced softmax. "
-        "Bytes: what the coordinator counted on the wire over the 20 rounds (tasks down, updates up), "
+        "Bytes: what the coordinator counted on the wire over all rounds (tasks down, updates up), "
         "against full FT's weights down and up for every agent every round (float32, `fmnist_fl.json`).",
         "",
     ]
@@ -116,19 +123,18 @@ def _lines(summary: dict) -> list[str]:
             "| row | global (%) | - zero-shot (points) | per seed (points) | - best full-FT FedAvg "
             "| bytes, all rounds |",
             "|---|---:|---:|---|---:|---:|",
-            f"| zero-shot (the base, ONNX Runtime) | {_ms(zs, 100)} | +0.0 | - | - | - |",
+            f"| zero-shot (the base, ONNX Runtime) | {_pct(list(zs.values()))} | +0.0 | - | - | - |",
         ]  # fmt: skip
         for how, rows in (("real path", s["real"]), ("in-process", s["in_process"])):
             for m, r in rows.items():
-                mean = 100 * float(np.mean(list(r["final"].values())))
                 per_seed = ", ".join(f"{g:+.1f}" for g in r["gain"].values())
                 b = r.get("bytes")
                 bytes_cell = f"{b / 1e6:.1f} MB ({s['full_ft_bytes'] / b:.0f}x fewer)" if b else "-"
                 if "full-ft" in m:
                     bytes_cell = f"{s['full_ft_bytes'] / 1e9:.1f} GB"
                 lines.append(
-                    f"| {m} ({how}) | {_ms(r['final'], 100)} | {_ms(r['gain'], sign='+')} | {per_seed} | "
-                    f"{mean - 100 * ft:+.1f} | {bytes_cell} |"
+                    f"| {m} ({how}) | {_pct(list(r['final'].values()))} | {_signed(_gain(r))} | {per_seed} | "
+                    f"{100 * (_mean(r['final']) - ft):+.1f} | {bytes_cell} |"
                 )
         lines += [
             "",
@@ -136,8 +142,7 @@ def _lines(summary: dict) -> list[str]:
             "",
         ]
         for m, r in s["real"].items():
-            gain = float(np.mean(list(r["gain"].values())))
-            gap = 100 * (float(np.mean(list(r["final"].values()))) - ft)
+            gain, gap = _mean(r["gain"]), 100 * (_mean(r["final"]) - ft)
             ratio = s["full_ft_bytes"] / r["bytes"]
             met = [
                 "met" if ok else "**missed**"
@@ -147,7 +152,7 @@ def _lines(summary: dict) -> list[str]:
                 f"- `{m}`, real path: zero-shot {gain:+.1f} (>= +{ZS_GAIN:.0f}: {met[0]}); "
                 f"full-FT FedAvg {gap:+.1f} (within {FT_GAP:.0f}: {met[1]}); "
                 f"{ratio:.0f}x fewer bytes ({met[2]}); every seed's global "
-                f"installed by at least {r['agents_installed']} of 10 agents."
+                f"installed by at least {r['agents_installed']} of {s['agents']} agents."
             )  # fmt: skip
         lines.append("")
     lines += [f"![global accuracy by round]({NAME}.png)", ""]

@@ -191,20 +191,26 @@ def report_instead(ap: argparse.ArgumentParser, args, module: str, *extra) -> bo
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--regime", choices=("today", "scarce", "clustered"), default="clustered")
+    run_main(__doc__ or "", "fmnist_ceiling", "fmnist_ceiling_report", run_seed, "clustered")
+
+
+def run_main(doc: str, script: str, report: str, seed_fn, regime: str) -> None:
+    """The command line these fleet scripts share: `--regime` and `fleet_args`, then `--out` (one
+    `seed_fn(pool, transform, args, seed)` per seed, written after each) or `--report` (`report`'s
+    `write_report`)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--regime", choices=("today", "scarce", "clustered"), default=regime)
     fleet_args(ap)
     ap.add_argument("--out", type=Path, help="the JSON file for the results")
-    ap.add_argument("--report", type=Path, nargs="*", help="write results/fmnist_ceiling.md from these JSONs")
+    ap.add_argument("--report", type=Path, nargs="*", help=f"write results/{script}.* from these JSONs")
     args = ap.parse_args()
-    if report_instead(ap, args, "fmnist_ceiling_report", __doc__ or ""):
+    if report_instead(ap, args, report, doc):
         return
     pool, transform = setup(args)
-    t0 = time.monotonic()
-    results = {}
+    t0, results = time.monotonic(), {}
     for seed in args.seeds:
-        results[str(seed)] = run_seed(pool, transform, args, seed)
-        write_run(args, "fmnist_ceiling.py", results, t0)
+        results[str(seed)] = seed_fn(pool, transform, args, seed)
+        write_run(args, f"{script}.py", results, t0)
 
 
 def write_run(args, script: str, results: dict, t0: float) -> None:

@@ -25,9 +25,7 @@ the clustered targets), 5 rounds x 3 local epochs, local-only 15 epochs; scored 
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +39,10 @@ import fmnist_sim as S  # noqa: E402
 from fmnist_ceiling import (  # noqa: E402
     EVAL_PSEUDO,
     federated,
-    fleet_args,
     log_prior,
     pooled,
-    report_instead,
+    run_main,
     scores,
-    setup,
-    write_run,
 )
 from fmnist_regimes import make_fleet  # noqa: E402
 
@@ -214,19 +209,7 @@ def write_report(paths: list[Path], out: Path, doc: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--regime", choices=("today", "scarce", "clustered"), default="scarce")
-    fleet_args(ap)
-    ap.add_argument("--out", type=Path, help="the JSON file for the results")
-    ap.add_argument("--report", type=Path, nargs="*", help="write results/fmnist_open_set.* from these JSONs")
-    args = ap.parse_args()
-    if report_instead(ap, args, "fmnist_open_set", __doc__ or ""):
-        return
-    pool, transform = setup(args)
-    t0, results = time.monotonic(), {}
-    for seed in args.seeds:
-        results[str(seed)] = run_seed(pool, transform, args, seed)
-        write_run(args, "fmnist_open_set.py", results, t0)
+    run_main(__doc__ or "", "fmnist_open_set", "fmnist_open_set", run_seed, "scarce")
 
 
 if __name__ == "__main__":

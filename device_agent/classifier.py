@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from fedclip.device_agent.open_set import Gate, OpenSet, gate_for
 from fedclip.device_agent.predictor import Predictor
 from fedclip.sdk.adapters import AdapterMeta, load_adapter
 from fedclip.sdk.errors import DataError, FedclipError, StateError
@@ -97,6 +98,7 @@ class SwapStats:
     swaps: int  # switches to another adapter since the start
     load_failures: int  # changes the watcher could not load (the current adapter kept serving)
     last_swap: float | None  # Unix time of the last switch
+    open_set_sent_away: int = 0  # images the open-set gate scored with the bundle's own model
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,9 @@ class _Served:
     # Added to the logits over the bundle's own labels: `prior_weight` x the label prior a
     # balanced-softmax adapter carries in its metadata (`sdk.label_prior`); None: nothing.
     bias: np.ndarray | None = None
+    # With `open_set`: which images the prior applies to, fitted on the device's own images under
+    # this adapter (`device_agent.open_set`); the others are scored by the bundle's own model.
+    gate: Gate | None = None
 
 
 class Classifier:
@@ -124,6 +129,7 @@ class Classifier:
         threads: int | None = None,
         batch_size: int = 32,
         prior_weight: float = 1.0,
+        open_set: OpenSet | None = None,
     ) -> None:
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
@@ -137,6 +143,15 @@ class Classifier:
         self.labels = tuple(labels) if labels is not None else None
         if self.labels is None and self.manifest.task.kind != "classify":
             log.info("contrastive bundle: pass labels= to predict (embeddings work without)")
+        self.open_set = open_set
+        self._own_images = None
+        self._base: _Served | None = None  # the bundle's own model, for the images a gate sends away
+        if open_set is not None:
+            from fedclip.sdk.data import Dataset
+
+            if self.manifest.task.kind != "classify":
+                raise DataError("open_set needs a classify bundle (its labels are the prior's)")
+            self._own_images = Dataset.open(open_set.data, labels=self.manifest.task.labels)
         self._lock = threading.Lock()
         self._text_cache: OrderedDict[tuple, tuple[np.ndarray, float]] = OrderedDict()
         self._state_dir: Path | None = None
@@ -144,6 +159,7 @@ class Classifier:
         self._watcher: threading.Thread | None = None
         self._stamp: tuple[int, int] | None = None
         self._swaps, self._load_failures = 0, 0
+        self._sent_away = 0  # images the open-set gate gave to the bundle's own model
         self._last_swap: float | None = None
         self._switched = threading.Condition(self._lock)
         version, tensors, meta = None, None, None
@@ -207,7 +223,17 @@ class Classifier:
             threads=self.threads,
             manifest=self.manifest,
         )
-        return _Served(version=version, predictor=predictor.load(), bias=bias)
+        predictor.load()
+        gate = None
+        if self._own_images is not None and bias is not None:  # no prior, nothing to gate
+            assert self.open_set is not None
+            gate = gate_for(predictor, self._own_images, self.open_set.quantile, self.batch_size, where)
+            if self._base is None:
+                base = Predictor(
+                    self.bundle_dir, device=self.device, threads=self.threads, manifest=self.manifest
+                )
+                self._base = _Served(version=None, predictor=base.load())
+        return _Served(version=version, predictor=predictor, bias=bias, gate=gate)
 
     # ---- following the agent -------------------------------------------------------------------
     @property
@@ -224,6 +250,11 @@ class Classifier:
     def label_prior(self) -> bool:
         """Whether predictions over the bundle's labels add the adapter's label prior now."""
         return self._served.bias is not None
+
+    @property
+    def open_set_gate(self) -> Gate | None:
+        """The open-set gate of the adapter in use (None: off, or nothing to gate: no prior)."""
+        return self._served.gate
 
     @property
     def adapter_version(self) -> str | None:
@@ -281,7 +312,9 @@ class Classifier:
 
     def swap_stats(self) -> SwapStats:
         with self._lock:
-            return SwapStats(self._served.version, self._swaps, self._load_failures, self._last_swap)
+            return SwapStats(
+                self._served.version, self._swaps, self._load_failures, self._last_swap, self._sent_away
+            )
 
     def close(self) -> None:
         self._stop.set()
@@ -373,11 +406,31 @@ class Classifier:
                 logits = scale * _normalize(embeds) @ feats.T
             if own and served.bias is not None:  # the prior is over the bundle's labels only
                 logits = logits + served.bias
+                if served.gate is not None:
+                    logits = self._gated(logits, embeds, pixels[start : start + self.batch_size], served.gate)
             chunks.append(np.asarray(logits, dtype=np.float32))
         labels = labels if labels is not None else self.manifest.task.labels
         return Predictions(
             labels=tuple(labels), logits=np.concatenate(chunks), adapter_version=served.version
         )
+
+    def _gated(self, logits: np.ndarray, embeds: np.ndarray, pixels: np.ndarray, gate: Gate) -> np.ndarray:
+        """`logits` (with the prior) where the gate keeps an image; the bundle's own model's logits,
+        without a prior, for the images it takes as labels the device has not seen."""
+        away = ~gate.keeps(embeds)
+        if not away.any():
+            return logits
+        base = self._base
+        assert base is not None  # built with every gate
+        out, feats = base.predictor.image_outputs(pixels[away])
+        if out is None:  # a graph without logits: through the base's label embeddings
+            text, scale = self._text_features(base, self._prompts(self.manifest.task.labels, None))
+            out = scale * _normalize(feats) @ text.T
+        logits = np.array(logits, dtype=np.float32)
+        logits[away] = out
+        with self._lock:
+            self._sent_away += int(away.sum())
+        return logits
 
     def predict_files(
         self, paths: Sequence[str | Path], labels: Sequence[str] | None = None, prompt: str | None = None

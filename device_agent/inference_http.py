@@ -82,6 +82,15 @@ def _images(body: dict) -> list:
     return [_decode_image(item, i) for i, item in enumerate(items)]
 
 
+def _open_set(clf: Classifier) -> dict | None:
+    gate, cfg = clf.open_set_gate, clf.open_set
+    if gate is None or cfg is None:
+        return None
+    names = clf.manifest.task.labels
+    return {"labels": [names[k] for k in gate.labels], "quantile": cfg.quantile,
+            "sent_away": clf.swap_stats().open_set_sent_away}  # fmt: skip
+
+
 def _strings(body: dict, key: str) -> list[str] | None:
     value = body.get(key)
     if value is None:
@@ -184,6 +193,8 @@ class InferenceHandler(BaseHTTPRequestHandler):
             "providers": clf.providers,
             # the adapter's label prior is added to logits over the bundle's labels (balanced softmax)
             "label_prior": clf.label_prior,
+            # ... only to images like the device's own (`--open-set`): the labels it has images of
+            "open_set": _open_set(clf),
         }
 
     def _predict(self) -> dict:

@@ -331,6 +331,15 @@ def serve_inference(
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per ONNX Runtime run."),
     max_body_mb: float = typer.Option(32.0, "--max-body-mb", min=0.001, help="Largest request body (MiB)."),
     prior_weight: float = _PRIOR,
+    open_set: Path = typer.Option(
+        None,
+        "--open-set",
+        help="This device's labelled training images: an image unlike them is scored by the bundle's "
+        "own model, without the label prior (docs/inference.md, 'Open-set gate').",
+    ),
+    open_set_quantile: float = typer.Option(
+        0.05, "--open-set-quantile", help="Share of the device's own images the gate may send away."
+    ),
     device: str = _DEVICE,
     threads: int = _THREADS,
     quiet: bool = _QUIET,
@@ -342,6 +351,7 @@ def serve_inference(
 
     from fedclip.device_agent.classifier import Classifier
     from fedclip.device_agent.inference_http import make_server
+    from fedclip.device_agent.open_set import OpenSet
 
     setup_logging(quiet=quiet)
     if state is None and bundle is None:
@@ -354,6 +364,7 @@ def serve_inference(
         batch_size=batch_size,
         prior_weight=prior_weight,
         labels=[x.strip() for x in labels.split(",") if x.strip()] if labels else None,
+        open_set=OpenSet(open_set, open_set_quantile) if open_set is not None else None,
     )
     if state is not None:
         clf = Classifier.from_state(state, bundle=bundle, **kw)

@@ -75,6 +75,12 @@ class _AdapterCollector:
         )
         failed.add_metric([], stats.load_failures)
         yield failed
+        away = CounterMetricFamily(
+            "fedclip_inference_open_set_sent_away",
+            "Images the open-set gate scored with the bundle's own model, without the label prior",
+        )
+        away.add_metric([], stats.open_set_sent_away)
+        yield away
         if stats.last_swap is not None:
             last = GaugeMetricFamily(
                 "fedclip_inference_adapter_last_swap_timestamp_seconds", "Unix time of the last switch"

@@ -1,0 +1,133 @@
+"""Issue 13: the open-set gate on the real path's adapters, scored by the device's `Classifier`.
+
+    python benchmarks/fmnist_open_set_real.py WORK/scarce-6x32-beta0.1-seed-0 ... --out RUN.json
+    python benchmarks/fmnist_open_set_real.py --report RUN.json ...   # -> results/fmnist_open_set_real.*
+
+Each WORK folder is one seed of `fmnist_fl_regimes.py` (`--work`), run with at least
+`local-lora fedavg-lora-both-bsm fleet-lora-bsm`: the fleet written as image folders and every
+agent's final adapter from the real coordinator, agent processes and broker. Each adapter is
+scored here by the product's `Classifier` (what a device's application serves with): on the
+agent's own split (`test/`) and on its all-class set (`all/`), with the label prior its metadata
+carries, and with `open_set=OpenSet(<agent>/train, q)` (`device_agent.open_set`: the images that
+do not look like the agent's own go to the bundle's own model, without the prior). The bar is
+the better of zero-shot and FedAvg-LoRA (balanced softmax) on all-class, as in
+`fmnist_base_room_rest.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from fmnist_fl_regimes import final_adapters  # noqa: E402
+from fmnist_open_set import _ms  # noqa: E402
+
+from fedclip.device_agent.classifier import Classifier  # noqa: E402
+from fedclip.device_agent.open_set import OpenSet  # noqa: E402
+from fedclip.sdk.all_class import ALL_SPLIT  # noqa: E402
+from fedclip.sdk.data import Dataset  # noqa: E402
+
+QUANTILES = (0.02, 0.05, 0.1)
+FLEET, BAR, ALONE = "fleet-lora-bsm", "fedavg-lora-both-bsm", "local-lora"
+
+
+def accuracy(clf: Classifier, folder: Path) -> float:
+    data = Dataset.open(folder, labels=clf.manifest.task.labels)
+    hits = n = 0
+    for b in data.batches(clf._served.predictor.transform, 64):
+        hits += int((clf.predict(b.images).logits.argmax(axis=1) == b.labels).sum())
+        n += len(b.labels)
+    return hits / n
+
+
+def score_seed(work: Path, rounds: int) -> dict:
+    part = json.loads((work / "data" / "partition.json").read_text())
+    bundle, agents = work / "bundle-lora", part["agents"]
+    out: dict = {}
+    for method in ("zero-shot", ALONE, BAR, FLEET):
+        adapters = final_adapters(method, work / method, agents, rounds)
+        for a in agents:
+            d = work / "data" / a
+            settings: list[tuple[str, OpenSet | None]] = [("prior", None)]
+            if method == FLEET:
+                settings += [(f"gate {q}", OpenSet(d / "train", q)) for q in QUANTILES]
+            for name, gate in settings:
+                with Classifier.from_bundle(bundle, adapters[a], open_set=gate) as clf:
+                    row = out.setdefault(f"{method} {name}", {"own": {}, "all": {}, "sent_away": {}})
+                    row["own"][a] = accuracy(clf, d / "test")
+                    row["all"][a] = accuracy(clf, d / ALL_SPLIT)
+                    row["sent_away"][a] = clf.swap_stats().open_set_sent_away
+        print(f"  {work.name} {method}: done", flush=True)
+    return out
+
+
+def points(run: dict) -> dict[str, tuple[list[float], list[float]]]:
+    """{row: (own - local-only per seed, all-class - bar per seed)}, points, means over agents."""
+    out: dict[str, tuple[list[float], list[float]]] = {}
+    for seed in run["results"].values():
+        alone = 100 * np.mean(list(seed[f"{ALONE} prior"]["own"].values()))
+        bar = 100 * max(np.mean(list(seed[f"{m} prior"]["all"].values())) for m in ("zero-shot", BAR))
+        for k, v in seed.items():
+            if k.startswith(FLEET):
+                own, alls = out.setdefault(k.removeprefix(FLEET + " "), ([], []))
+                own.append(100 * np.mean(list(v["own"].values())) - alone)
+                alls.append(100 * np.mean(list(v["all"].values())) - bar)
+    return out
+
+
+def write_report(paths: list[Path], out: Path) -> None:
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    lines = ["# FMNIST-FL: the open-set gate on the real path's adapters (issue 13, scarce fleets)", "",
+             (__doc__ or "").split("\n\n", 1)[1].strip(), "", "Runs:", ""]  # fmt: skip
+    lines += [f"    {r['command']}" for r in runs]
+    for run in runs:
+        pts = points(run)
+        lines += ["", f"## {run['fleet']} ({len(run['results'])} seeds)", "",
+                  "| fleet-lora-bsm, inference | own - local-only | all-class - bar | both targets |",
+                  "|---|---:|---:|---|"]  # fmt: skip
+        for k, (own, alls) in pts.items():
+            met = "**yes**" if np.mean(own) >= 5 and np.mean(alls) >= -2 else "no"
+            lines.append(f"| {k} | {_ms(own)} | {_ms(alls)} | {met} |")
+        lines += ["", "Per seed, own - local-only / all-class - bar:", ""]
+        for k, (own, alls) in pts.items():
+            lines.append(
+                f"- {k}: " + ", ".join(f"{o:+.1f} / {a:+.1f}" for o, a in zip(own, alls, strict=True))
+            )
+    notes = out / "fmnist_open_set_real_notes.md"
+    if notes.exists():
+        lines += ["", notes.read_text().strip()]
+    (out / "fmnist_open_set_real.md").write_text("\n".join(lines) + "\n")
+    (out / "fmnist_open_set_real.json").write_text(json.dumps({"runs": runs}, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("work", type=Path, nargs="*", help="fmnist_fl_regimes.py seed folders")
+    ap.add_argument("--rounds", type=int, default=5, help="the runs' rounds (their final adapters)")
+    ap.add_argument("--fleet", default="scarce 6 x 32, 40-step base", help="the fleet, for the report")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--report", type=Path, nargs="*")
+    args = ap.parse_args()
+    if args.report:
+        write_report(args.report, HERE / "results")
+        return
+    if args.out is None or not args.work:
+        ap.error("WORK folders and --out are required (or --report)")
+    command = "python benchmarks/fmnist_open_set_real.py " + " ".join(sys.argv[1:])
+    t0, doc = time.monotonic(), {"command": command, "fleet": args.fleet, "results": {}}
+    for work in args.work:
+        doc["results"][work.name] = score_seed(work, args.rounds)
+        doc["seconds"] = time.monotonic() - t0
+        args.out.write_text(json.dumps(doc, indent=1))
+
+
+if __name__ == "__main__":
+    main()

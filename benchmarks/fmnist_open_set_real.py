@@ -42,7 +42,7 @@ FLEET, BAR, ALONE = "fleet-lora-bsm", "fedavg-lora-both-bsm", "local-lora"
 def accuracy(clf: Classifier, folder: Path) -> float:
     data = Dataset.open(folder, labels=clf.manifest.task.labels)
     hits = n = 0
-    for b in data.batches(clf._served.predictor.transform, 64):
+    for b in data.batches(clf.transform, 64):
         hits += int((clf.predict(b.images).logits.argmax(axis=1) == b.labels).sum())
         n += len(b.labels)
     return hits / n

@@ -38,7 +38,7 @@ from fedclip.sdk.errors import DataError, FedclipError, StateError
 from fedclip.sdk.label_prior import inference_bias
 from fedclip.sdk.ledger import STATE_FILE, Ledger
 from fedclip.sdk.manifest import Manifest
-from fedclip.sdk.preprocess import load_image
+from fedclip.sdk.preprocess import ImageTransform, load_image
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +250,11 @@ class Classifier:
     def label_prior(self) -> bool:
         """Whether predictions over the bundle's labels add the adapter's label prior now."""
         return self._served.bias is not None
+
+    @property
+    def transform(self) -> ImageTransform:
+        """The bundle's image preprocessing (PIL image -> float32 [3, S, S]), for `Dataset.batches`."""
+        return self._served.predictor.transform
 
     @property
     def open_set_gate(self) -> Gate | None:

@@ -44,6 +44,15 @@ _PRIOR = typer.Option(
     help="A balanced-softmax adapter carries the label prior it was trained without: this much of it "
     "is added to the logits (1: the device's own label mix, 0: every label alike).",
 )
+_OPEN_SET = typer.Option(
+    None,
+    "--open-set",
+    help="This device's labelled training images: an image unlike them is scored by the bundle's "
+    "own model, without the label prior (docs/inference.md, 'Open-set gate').",
+)
+_OPEN_SET_Q = typer.Option(
+    0.05, "--open-set-quantile", help="Share of the device's own images the gate may send away."
+)
 _CACHE = typer.Option(
     None,
     "--cache-dir",
@@ -220,6 +229,8 @@ def eval(  # noqa: A001 - the command is called `eval`
     ),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per step."),
     prior_weight: float = _PRIOR,
+    open_set: Path = _OPEN_SET,
+    open_set_quantile: float = _OPEN_SET_Q,
     device: str = _DEVICE,
     backend: str = _BACKEND,
     threads: int = _THREADS,
@@ -228,9 +239,19 @@ def eval(  # noqa: A001 - the command is called `eval`
     as_json: bool = _JSON,
 ) -> None:
     """Evaluate loss and accuracy of an adapter on local labelled data (accuracy as the device's
-    inference scores it: with a balanced-softmax adapter's label prior x --prior-weight)."""
+    inference scores it: with a balanced-softmax adapter's label prior x --prior-weight; with
+    --open-set, accuracy only, as the gated `Classifier` answers)."""
     from fedclip.device_agent.batches import batch_source
     from fedclip.device_agent.loops import evaluate
+
+    if open_set is not None:
+        from fedclip.device_agent.open_set import OpenSet
+
+        gate = OpenSet(open_set, open_set_quantile)
+        setup_logging(quiet=quiet or as_json)
+        metrics = _gated_accuracy(bundle, adapter, data, holdout, gate, prior_weight, device, threads)
+        _emit(metrics, as_json, "evaluation")
+        return
 
     trainer, meta, progress = _open_trainer(bundle, adapter, device, threads, quiet or as_json, backend)
     dataset, held_out = _open_data(data, trainer.manifest, holdout)
@@ -242,6 +263,28 @@ def eval(  # noqa: A001 - the command is called `eval`
     metrics["num_samples"] = int(metrics["num_samples"])
     metrics["skipped_images"] = len(dataset.skipped)
     _emit(metrics, as_json, "evaluation")
+
+
+def _gated_accuracy(bundle: Path, adapter: Path | None, data: Path, holdout: float, gate, prior_weight: float,
+                    device: str, threads: int | None) -> dict:  # fmt: skip
+    """`eval --open-set`: the accuracy of the `Classifier` with the open-set gate on `data`."""
+    from fedclip.device_agent.classifier import Classifier
+    from fedclip.sdk.manifest import Manifest
+
+    dataset, held_out = _open_data(data, Manifest.load(bundle), holdout)
+    dataset = held_out if held_out is not None else dataset
+    kw = dict(open_set=gate, prior_weight=prior_weight, device=device, threads=threads)
+    hits = n = 0
+    with Classifier.from_bundle(bundle, adapter, **kw) as clf:
+        for b in dataset.batches(clf.transform, clf.batch_size):
+            hits += int((clf.predict(b.images).logits.argmax(axis=1) == b.labels).sum())
+            n += len(b.labels)
+        sent = clf.swap_stats().open_set_sent_away
+        on, prior = clf.open_set_gate is not None, clf.label_prior
+    if not n:
+        raise DataError(f"{data}: no readable images to evaluate")
+    return {"accuracy": hits / n, "num_samples": n, "label_prior": prior, "open_set": on,
+            "open_set_sent_away": sent, "skipped_images": len(dataset.skipped)}  # fmt: skip
 
 
 def predict(
@@ -331,15 +374,8 @@ def serve_inference(
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per ONNX Runtime run."),
     max_body_mb: float = typer.Option(32.0, "--max-body-mb", min=0.001, help="Largest request body (MiB)."),
     prior_weight: float = _PRIOR,
-    open_set: Path = typer.Option(
-        None,
-        "--open-set",
-        help="This device's labelled training images: an image unlike them is scored by the bundle's "
-        "own model, without the label prior (docs/inference.md, 'Open-set gate').",
-    ),
-    open_set_quantile: float = typer.Option(
-        0.05, "--open-set-quantile", help="Share of the device's own images the gate may send away."
-    ),
+    open_set: Path = _OPEN_SET,
+    open_set_quantile: float = _OPEN_SET_Q,
     device: str = _DEVICE,
     threads: int = _THREADS,
     quiet: bool = _QUIET,

@@ -83,29 +83,32 @@ def _noise(n: int, seed: int) -> list[np.ndarray]:
     return list(np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
 
 
-def test_the_classifier_scores_what_its_gate_sends_away_with_the_bundles_own_model(tiny_bundle, tmp_path):
-    from fedclip.device_agent.classifier import Classifier
+def _device(bundle: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """(the device's own images: two labels, 12 frames each, dark for the first and light for the
+    second; an adapter that moves the model, B != 0, with the device's label prior in its metadata)."""
     from fedclip.device_agent.step_backend import make_trainer
 
-    manifest = Manifest.load(tiny_bundle)
+    manifest = Manifest.load(bundle)
     labels = manifest.task.labels
-    # the device's own images: two labels, 12 frames each (dark for the first, light for the second)
     own = tmp_path / "own"
     for k, level in ((0, 40), (1, 200)):
         folder = own / label_folder_name(labels[k])
         folder.mkdir(parents=True)
         for i, f in enumerate(_frames(12, level, k)):
             Image.fromarray(f).save(folder / f"{i}.png")
-    # an adapter that moves the model (B != 0), with the device's label prior in its metadata
-    trainer = make_trainer(tiny_bundle, threads=1)
+    trainer = make_trainer(bundle, threads=1)
     rng = np.random.default_rng(0)
     tensors = {n: t + 0.05 * rng.standard_normal(t.shape).astype(t.dtype)
                for n, t in trainer.get_tensors("trainable").items()}  # fmt: skip
     counts = (12.0, 12.0) + (0.0,) * (len(labels) - 2)
-    adapter = save_adapter(
-        tmp_path / "a.safetensors", tensors, AdapterMeta(manifest.bundle_id, "v1", label_prior=counts)
-    )
+    meta = AdapterMeta(manifest.bundle_id, "v1", label_prior=counts)
+    return own, save_adapter(tmp_path / "a.safetensors", tensors, meta)
 
+
+def test_the_classifier_scores_what_its_gate_sends_away_with_the_bundles_own_model(tiny_bundle, tmp_path):
+    from fedclip.device_agent.classifier import Classifier
+
+    own, adapter = _device(tiny_bundle, tmp_path)
     frames = _frames(6, 40, 10) + _frames(6, 200, 11) + _noise(8, 12)
     with Classifier.from_bundle(tiny_bundle, adapter=adapter, threads=1) as plain:
         with_prior = plain.predict(frames).logits
@@ -198,3 +201,42 @@ def test_serve_inference_gates_and_shows_it_in_health_and_metrics(tiny_bundle, t
         assert server.stop() == 0
     with pytest.raises(DataError, match="quantile must be in"):
         OpenSet(own.parent, 0.9)
+
+
+def test_eval_with_the_gate_answers_as_the_gated_classifier(tiny_bundle, tmp_path):
+    """`fedclip-agent eval --open-set`: the accuracy the gated Classifier gives (how an operator
+    picks q on held-out images), and a bad quantile refused in one line."""
+    import json
+    import subprocess
+    import sys
+
+    from fedclip.device_agent.classifier import Classifier
+
+    own, adapter = _device(tiny_bundle, tmp_path)
+    labels = Manifest.load(tiny_bundle).task.labels
+    test = tmp_path / "test"
+    frames = {0: _frames(5, 40, 20), 1: _frames(5, 200, 21), 7: _noise(6, 22)}  # 7: a label never seen
+    for k, fs in frames.items():
+        (test / label_folder_name(labels[k])).mkdir(parents=True)
+        for i, f in enumerate(fs):
+            Image.fromarray(f).save(test / label_folder_name(labels[k]) / f"{i}.png")
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        argv = [sys.executable, "-m", "fedclip.device_agent.cli", "eval", "--bundle", str(tiny_bundle),
+                "--adapter", str(adapter), "--data", str(test), "--threads", "1", "--json",
+                *extra]  # fmt: skip
+        return subprocess.run(argv, capture_output=True, text=True, timeout=300)
+
+    done = run("--open-set", str(own), "--open-set-quantile", "0.1")
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    with Classifier.from_bundle(tiny_bundle, adapter, threads=1, open_set=OpenSet(own, 0.1)) as clf:
+        want = [int(np.argmax(row)) for fs in frames.values() for row in clf.predict(fs).logits]
+        truth = [k for k, fs in frames.items() for _ in fs]
+        sent = clf.swap_stats().open_set_sent_away
+    assert got["num_samples"] == len(truth) and got["open_set"] and got["label_prior"]
+    assert got["accuracy"] == pytest.approx(np.mean(np.array(want) == np.array(truth)))
+    assert got["open_set_sent_away"] == sent >= len(frames[7])
+    bad = run("--open-set", str(own), "--open-set-quantile", "0.7")
+    assert bad.returncode != 0 and "quantile must be in (0, 0.5)" in bad.stderr
+    assert len([ln for ln in bad.stderr.splitlines() if "quantile" in ln]) == 1

@@ -1,17 +1,19 @@
-"""Issue 13: the open-set gate on the real path's adapters, scored by the device's `Classifier`.
+"""Issue 13: the device's inference on the real path's adapters (the open-set gate, the prior weight).
 
     python benchmarks/fmnist_open_set_real.py WORK/scarce-6x32-beta0.1-seed-0 ... --out RUN.json
     python benchmarks/fmnist_open_set_real.py --report RUN.json ...   # -> results/fmnist_open_set_real.*
 
-Each WORK folder is one seed of `fmnist_fl_regimes.py` (`--work`), run with at least
-`local-lora fedavg-lora-both-bsm fleet-lora-bsm`: the fleet written as image folders and every
+Each WORK folder is one seed of `fmnist_fl_regimes.py` (`--work`), run with at least `zero-shot
+local-lora` and the `--methods` scored (`fedavg-lora-both-bsm` too for the bar; without it the bar
+is zero-shot): the fleet written as image folders and every
 agent's final adapter from the real coordinator, agent processes and broker. Each adapter is
 scored here by the product's `Classifier` (what a device's application serves with): on the
 agent's own split (`test/`) and on its all-class set (`all/`), with the label prior its metadata
-carries, and with `open_set=OpenSet(<agent>/train, q)` (`device_agent.open_set`: the images that
-do not look like the agent's own go to the bundle's own model, without the prior). The bar is
+carries (`prior`: weight 1, the default; `prior x<w>`: `--prior-weights`), and for fleet-lora with
+`open_set=OpenSet(<agent>/train, q)` (`gate <q>`, `device_agent.open_set`: the images that do not
+look like the agent's own go to the bundle's own model, without the prior). The bar is
 the better of zero-shot and FedAvg-LoRA (balanced softmax) on all-class, as in
-`fmnist_base_room_rest.md`.
+`fmnist_base_room_rest.md`. Put the WORK folders before the options (`--prior-weights` takes a list).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from fedclip.sdk.data import Dataset  # noqa: E402
 
 QUANTILES = (0.02, 0.05, 0.1)
 FLEET, BAR, ALONE = "fleet-lora-bsm", "fedavg-lora-both-bsm", "local-lora"
+CORE = "fleet-core-r"  # fleet-core-r<rank>[-bsm]: its own bundle (`fmnist_fl_regimes.core_setup`)
 
 
 def accuracy(clf: Classifier, folder: Path) -> float:
@@ -48,19 +51,29 @@ def accuracy(clf: Classifier, folder: Path) -> float:
     return hits / n
 
 
-def score_seed(work: Path, rounds: int) -> dict:
+def score_seed(work: Path, rounds: int, methods: list[str], weights: list[float]) -> dict:
+    """Rows `<method> prior` (weight 1), `<method> prior x<w>` and `<method> gate <q>`; the
+    baselines' rows (zero-shot, local-only, FedAvg-LoRA for the bar) at weight 1 only."""
     part = json.loads((work / "data" / "partition.json").read_text())
-    bundle, agents = work / "bundle-lora", part["agents"]
+    agents = part["agents"]
     out: dict = {}
-    for method in ("zero-shot", ALONE, BAR, FLEET):
+    for method in ("zero-shot", ALONE, BAR, *methods):
+        if not (work / method).is_dir():
+            print(f"  {work.name} {method}: not run there, left out", flush=True)
+            continue
+        bundle = work / (
+            f"bundle-{method.removesuffix('-bsm')}" if method.startswith(CORE) else "bundle-lora"
+        )
         adapters = final_adapters(method, work / method, agents, rounds)
         for a in agents:
             d = work / "data" / a
-            settings: list[tuple[str, OpenSet | None]] = [("prior", None)]
-            if method == FLEET:
-                settings += [(f"gate {q}", OpenSet(d / "train", q)) for q in QUANTILES]
-            for name, gate in settings:
-                with Classifier.from_bundle(bundle, adapters[a], open_set=gate) as clf:
+            settings: list[tuple[str, float, OpenSet | None]] = [("prior", 1.0, None)]
+            if method in methods:
+                settings += [(f"prior x{w:g}", w, None) for w in weights if w != 1.0]
+                if method == FLEET:
+                    settings += [(f"gate {q}", 1.0, OpenSet(d / "train", q)) for q in QUANTILES]
+            for name, w, gate in settings:
+                with Classifier.from_bundle(bundle, adapters[a], open_set=gate, prior_weight=w) as clf:
                     row = out.setdefault(f"{method} {name}", {"own": {}, "all": {}, "sent_away": {}})
                     row["own"][a] = accuracy(clf, d / "test")
                     row["all"][a] = accuracy(clf, d / ALL_SPLIT)
@@ -70,14 +83,17 @@ def score_seed(work: Path, rounds: int) -> dict:
 
 
 def points(run: dict) -> dict[str, tuple[list[float], list[float]]]:
-    """{row: (own - local-only per seed, all-class - bar per seed)}, points, means over agents."""
+    """{row: (own - local-only per seed, all-class - bar per seed)}, points, means over agents; the
+    bar is the better of zero-shot and FedAvg-LoRA where the run has it, else zero-shot."""
     out: dict[str, tuple[list[float], list[float]]] = {}
+    baselines = ("zero-shot", ALONE, BAR)
     for seed in run["results"].values():
         alone = 100 * np.mean(list(seed[f"{ALONE} prior"]["own"].values()))
-        bar = 100 * max(np.mean(list(seed[f"{m} prior"]["all"].values())) for m in ("zero-shot", BAR))
+        bars = [f"{m} prior" for m in ("zero-shot", BAR) if f"{m} prior" in seed]
+        bar = 100 * max(np.mean(list(seed[k]["all"].values())) for k in bars)
         for k, v in seed.items():
-            if k.startswith(FLEET):
-                own, alls = out.setdefault(k.removeprefix(FLEET + " "), ([], []))
+            if not k.startswith(baselines):
+                own, alls = out.setdefault(k, ([], []))
                 own.append(100 * np.mean(list(v["own"].values())) - alone)
                 alls.append(100 * np.mean(list(v["all"].values())) - bar)
     return out
@@ -85,13 +101,14 @@ def points(run: dict) -> dict[str, tuple[list[float], list[float]]]:
 
 def write_report(paths: list[Path], out: Path) -> None:
     runs = [json.loads(Path(p).read_text()) for p in paths]
-    lines = ["# FMNIST-FL: the open-set gate on the real path's adapters (issue 13, scarce fleets)", "",
+    lines = ["# FMNIST-FL: the device's inference on the real path's adapters: the open-set gate and the "
+             "prior weight (issue 13)", "",
              (__doc__ or "").split("\n\n", 1)[1].strip(), "", "Runs:", ""]  # fmt: skip
     lines += [f"    {r['command']}" for r in runs]
     for run in runs:
         pts = points(run)
         lines += ["", f"## {run['fleet']} ({len(run['results'])} seeds)", "",
-                  "| fleet-lora-bsm, inference | own - local-only | all-class - bar | both targets |",
+                  "| method, inference | own - local-only | all-class - bar | both targets |",
                   "|---|---:|---:|---|"]  # fmt: skip
         for k, (own, alls) in pts.items():
             met = "**yes**" if np.mean(own) >= 5 and np.mean(alls) >= -2 else "no"
@@ -112,6 +129,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("work", type=Path, nargs="*", help="fmnist_fl_regimes.py seed folders")
     ap.add_argument("--rounds", type=int, default=5, help="the runs' rounds (their final adapters)")
+    ap.add_argument("--methods", nargs="+", default=[FLEET], help="federated methods to score")
+    ap.add_argument("--prior-weights", type=float, nargs="+", default=[1.0], help="beside the gate")
     ap.add_argument("--fleet", default="scarce 6 x 32, 40-step base", help="the fleet, for the report")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--report", type=Path, nargs="*")
@@ -124,7 +143,7 @@ def main() -> None:
     command = "python benchmarks/fmnist_open_set_real.py " + " ".join(sys.argv[1:])
     t0, doc = time.monotonic(), {"command": command, "fleet": args.fleet, "results": {}}
     for work in args.work:
-        doc["results"][work.name] = score_seed(work, args.rounds)
+        doc["results"][work.name] = score_seed(work, args.rounds, args.methods, args.prior_weights)
         doc["seconds"] = time.monotonic() - t0
         args.out.write_text(json.dumps(doc, indent=1))
 

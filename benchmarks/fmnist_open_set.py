@@ -161,7 +161,7 @@ def write_report(paths: list[Path], out: Path, doc: str) -> None:
 
     runs = [json.loads(Path(p).read_text()) for p in paths]
     lines = ["# FMNIST-FL: an open-set gate for the label prior (issue 13, scarce fleets)", "",
-             doc.split("\n\n", 1)[1].strip(), "", "Runs:", ""]  # fmt: skip
+             doc.split("\n\n", 1)[1].strip("\n"), "", "Runs:", ""]  # fmt: skip
     lines += [f"    {r['command']}" for r in runs]
     lines += ["", "Points, mean ± sd over seeds of the mean over agents: own minus local-only (target >= +5) "
               "/ all-class minus the bar (the better of zero-shot and FedAvg-LoRA with balanced softmax at "

@@ -103,7 +103,7 @@ def write_report(paths: list[Path], out: Path) -> None:
     runs = [json.loads(Path(p).read_text()) for p in paths]
     lines = ["# FMNIST-FL: the device's inference on the real path's adapters: the open-set gate and the "
              "prior weight (issue 13)", "",
-             (__doc__ or "").split("\n\n", 1)[1].strip(), "", "Runs:", ""]  # fmt: skip
+             (__doc__ or "").split("\n\n", 1)[1].strip("\n"), "", "Runs:", ""]  # fmt: skip
     lines += [f"    {r['command']}" for r in runs]
     for run in runs:
         pts = points(run)

@@ -9,10 +9,11 @@ In a scarce fleet an agent holds one or two labels, so at the product's w = 1 th
 rules out the labels it has never seen (all-class 8-13 points under the bar), and at w = 0 it gives
 back 4-9 points of own accuracy (`fmnist_ceiling.md`): the prior weight moves along one frontier.
 
-The gate tried here decides per image whether the prior applies. The agent fits a Gaussian per own
-label to its training images' embeddings under its own adapter (one diagonal variance pooled over
-its labels: it holds 16-32 images a label); an image whose nearest own-label Gaussian is further
-than the q-quantile of its own training images' distances is taken as a label it has not seen:
+The gate tried here decides per image whether the prior applies (`device_agent.open_set`, the
+product's, since this session). The agent fits a Gaussian per own label to its training images'
+embeddings under its own adapter (one diagonal variance pooled over its labels: it holds 16-32
+images a label); an image whose nearest own-label Gaussian is further than the q-quantile of its
+own training images' distances is taken as a label it has not seen:
 - `gate-personal q`: such an image is classified by the same adapter without the prior (w = 0);
 - `gate-global q`: by the global adapter of a FedAvg-LoRA run with balanced softmax (no prior),
   one more adapter on the device and a second forward pass for those images;
@@ -46,6 +47,8 @@ from fmnist_ceiling import (  # noqa: E402
 )
 from fmnist_regimes import make_fleet  # noqa: E402
 
+from fedclip.device_agent.open_set import fit_gate  # noqa: E402
+
 WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # the prior weights of the frontier
 QUANTILES = (0.02, 0.05, 0.1, 0.2)  # the gate's thresholds
 
@@ -58,14 +61,6 @@ def embed(model: S.Model, x: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
     return e.double().numpy(), model.graph.logit_scale.exp() * e @ model.graph.text_features().t()
 
 
-def nearness(train_e: np.ndarray, train_y: np.ndarray, e: np.ndarray) -> np.ndarray:
-    """Minus the squared Mahalanobis distance of each row of `e` to its nearest own-label mean."""
-    labels = np.unique(train_y)
-    means = np.stack([train_e[train_y == k].mean(0) for k in labels])
-    var = (train_e - means[np.searchsorted(labels, train_y)]).var(0) + 1e-4  # pooled diagonal
-    return -(((e[:, None, :] - means[None]) ** 2) / var).sum(-1).min(1)
-
-
 def gated(model: S.Model, fleet, states: dict, fallbacks: dict[str, dict]) -> dict:
     """{`gate-personal q` | `gate-<fallback> q`: (own, all-class, share of own / all-class images
     kept under the prior)}: means over agents; `fallbacks`: adapters by name."""
@@ -75,7 +70,7 @@ def gated(model: S.Model, fleet, states: dict, fallbacks: dict[str, dict]) -> di
         train_e, _ = embed(model, a.train_x)
         train_y = a.train_y.numpy()
         lp = log_prior(a.train_y, EVAL_PSEUDO)
-        near_train = nearness(train_e, train_y, train_e)
+        gates = {q: fit_gate(train_e, train_y, q) for q in QUANTILES}  # the product's gate
         sets = []
         for x, y in ((a.own_x, a.own_y), (a.all_x, a.all_y)):
             model.load(states[a.name])
@@ -84,13 +79,12 @@ def gated(model: S.Model, fleet, states: dict, fallbacks: dict[str, dict]) -> di
             for name, tensors in fallbacks.items():
                 model.load(tensors)
                 other[name] = embed(model, x)[1]
-            sets.append((nearness(train_e, train_y, e), logits, other, y))
-        for q in QUANTILES:
-            thr = np.quantile(near_train, q)
+            sets.append((e, logits, other, y))
+        for q, gate in gates.items():
             for fallback in ("personal", *fallbacks):
                 row = acc.setdefault(f"gate-{fallback} {q}", [[], [], [], []])
-                for i, (near, logits, other, y) in enumerate(sets):
-                    kept = torch.from_numpy(near >= thr)
+                for i, (e, logits, other, y) in enumerate(sets):
+                    kept = torch.from_numpy(gate.keeps(e))
                     pred = torch.where(kept[:, None], logits + lp, other[fallback]).argmax(-1)
                     row[i].append(float((pred == y).float().mean()))
                     row[2 + i].append(float(kept.float().mean()))

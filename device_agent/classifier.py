@@ -13,6 +13,10 @@ wholly by the new one, never by a half-loaded one; a rollback is a change like a
 takes the current predictor once at its start and uses it for every batch and for the label
 embeddings, and its result names the adapter version that produced it.
 
+With `open_set=OpenSet(train_dir)` the label prior of a balanced-softmax adapter is added only to
+images that look like the device's own training images (`device_agent.open_set`, refitted with each
+adapter before it serves); the others are scored by the bundle's own model, without the prior.
+
 Label embeddings go through the bundle's text encoder graph with the installed text-tower adapter,
 are computed once per (adapter version, prompts) and cached; logits are CLIP's
 `logit_scale * cos(image, text)`, the formula the training graph uses.

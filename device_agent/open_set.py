@@ -62,7 +62,9 @@ class Gate:
     def nearness(self, embeds: np.ndarray) -> np.ndarray:
         """Minus the squared Mahalanobis distance of each unit embedding to its nearest own label."""
         e = _unit(embeds, self.means.shape[1])
-        d = ((e[:, None, :] - self.means[None]) ** 2 / self.var).sum(-1)
+        # |e - m|^2_s expanded: [B, K] without a [B, K, D] temporary (a bundle may have 1,000 labels)
+        w = self.means / self.var
+        d = (e * e / self.var).sum(1)[:, None] - 2.0 * e @ w.T + (self.means * w).sum(1)[None, :]
         return -d.min(axis=1)
 
     def keeps(self, embeds: np.ndarray) -> np.ndarray:

@@ -69,9 +69,12 @@ def _resolve_name(model: str) -> str:
         # open_clip keys configs by file stem; a content-derived name cannot clash with a built-in one.
         name = f"{path.stem}-{sha256_bytes(json.dumps(cfg, sort_keys=True).encode())[:12]}"
         if name not in _registered:
-            tmp = Path(tempfile.mkdtemp(prefix="fedclip-cfg-"))
-            (tmp / f"{name}.json").write_text(json.dumps(cfg))
-            _register(name, tmp / f"{name}.json")
+            # open_clip reads a config file when it is added and keeps it (later rescans skip a file
+            # that is gone), so the copy under the content-derived name is removed at once: one
+            # temporary folder per process was left behind before
+            with tempfile.TemporaryDirectory(prefix="fedclip-cfg-") as tmp:
+                (Path(tmp) / f"{name}.json").write_text(json.dumps(cfg))
+                _register(name, Path(tmp) / f"{name}.json")
         return name
     if model not in open_clip.list_models():
         raise ExportError(

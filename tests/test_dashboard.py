@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ SCREENSHOT_ENV = "FEDCLIP_DASHBOARD_SCREENSHOT"
 XSS = '<img src=x onerror="window.__xss=1">'
 
 
-def _browser():
+def _browser(tmp: Path):
     if not (Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file()):
         msg = "chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)"
         if os.environ.get("CI"):
@@ -45,7 +46,12 @@ def _browser():
     ):
         opts.add_argument(arg)  # fmt: skip
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    # Chromium keeps its singleton socket in a folder under TMPDIR and leaves it after quit(), one
+    # org.chromium.Chromium.* folder in /tmp per run: `tmp` (short: a socket path has a 108-byte
+    # limit, which pytest's tmp_path exceeds) holds it and the profile, and the test removes it
+    opts.add_argument(f"--user-data-dir={tmp / 'profile'}")
+    service = Service(CHROMEDRIVER, env={**os.environ, "TMPDIR": str(tmp)})
+    return webdriver.Chrome(service=service, options=opts)
 
 
 def test_dashboard_shows_the_fleet_and_follows_rounds(mosquitto, bundle_factory, tmp_path):
@@ -60,12 +66,13 @@ def test_dashboard_shows_the_fleet_and_follows_rounds(mosquitto, bundle_factory,
     ]
     serve = ServeWithOps(mosquitto.url, bundle, tmp_path / "state", tmp_path / "serve.log", rounds=3)
     browser = None
+    chromium_tmp = tempfile.mkdtemp(prefix="fedclip-chromium-")
     try:
         serve.wait_up()
         play_round(agents, 1, accuracy=0.4)
         tasks = [a.task(2, timeout=WAIT_S) for a in agents]  # round 1 aggregated, round 2 running
 
-        browser = _browser()
+        browser = _browser(Path(chromium_tmp))
         wait = WebDriverWait(browser, WAIT_S, poll_frequency=0.2)
         browser.get(serve.url + "/?interval_ms=500")
 
@@ -129,6 +136,7 @@ def test_dashboard_shows_the_fleet_and_follows_rounds(mosquitto, bundle_factory,
     finally:
         if browser is not None:
             browser.quit()
+        shutil.rmtree(chromium_tmp, ignore_errors=True)
         for a in agents:
             a.close()
         serve.stop()

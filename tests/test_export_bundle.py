@@ -191,6 +191,28 @@ def test_local_weights_file_and_json_config(tmp_path):
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4)
 
 
+def test_a_json_model_config_leaves_no_temporary_files_and_stays_registered(tmp_path, monkeypatch):
+    import json
+    import tempfile
+
+    from fedclip.exporters.models import CONFIG_DIR
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where mkdtemp and friends write
+    cfg = json.loads((CONFIG_DIR / "fedclip-tiny.json").read_text())
+    paths = []
+    for width in (48, 40):  # content-derived names: configs no other test registered
+        paths.append(tmp_path / f"clip-{width}.json")
+        paths[-1].write_text(json.dumps(dict(cfg, embed_dim=width)))
+    first = build_base_model(str(paths[0]), seed=1)
+    assert list(scratch.iterdir()) == []
+    build_base_model(str(paths[1]), seed=1)  # open_clip rescans every config path it was given
+    assert list(scratch.iterdir()) == []
+    again = build_base_model(str(paths[0]), seed=1)
+    assert first.embed_dim == again.embed_dim == 48 and again.config == first.config
+
+
 def test_weights_that_do_not_fit_raise_export_error(tmp_path):
     weights = tmp_path / "w.pt"
     torch.save({"visual.proj": torch.zeros(2, 2)}, weights)

@@ -97,6 +97,15 @@ def run_child(
     return ChildRun(argv, rc, usage.ru_maxrss / 1024.0, parent_rss, wall, result, stdout, stderr[-3000:])
 
 
+def run_worker(script: str, name: str, spec: dict, threads: int, timeout: float = 3600) -> ChildRun:
+    """`script --worker NAME --spec JSON` at nice 15 with `threads` threads per library, checked:
+    the benchmarks that run each variant in a fresh process (its peak RSS its own) call this."""
+    argv = ["nice", "-n", "15", sys.executable, script, "--worker", name, "--spec", json.dumps(spec)]
+    run = run_child(argv, timeout=timeout, env=thread_env(threads))
+    run.check()
+    return run
+
+
 # ---- child side ----------------------------------------------------------------------------------
 def emit(result: dict[str, Any]) -> None:
     """Print the child's result (with its own peak and current RSS) for `run_child`."""

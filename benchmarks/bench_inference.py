@@ -344,11 +344,8 @@ WORKERS = {
 
 
 # ---- parent ---------------------------------------------------------------------------------------
-def _child(name: str, spec: dict, args: argparse.Namespace, timeout: float = 3600) -> M.ChildRun:
-    argv = ["nice", "-n", "15", sys.executable, __file__, "--worker", name, "--spec", json.dumps(spec)]
-    run = M.run_child(argv, timeout=timeout, env=M.thread_env(args.threads))
-    run.check()
-    return run
+def _child(name: str, spec: dict, args: argparse.Namespace) -> M.ChildRun:
+    return M.run_worker(__file__, name, spec, args.threads)
 
 
 def main() -> None:

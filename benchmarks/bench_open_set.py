@@ -138,10 +138,6 @@ def report(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _child(name: str, spec: dict, args: argparse.Namespace) -> M.ChildRun:
-    return M.run_worker(__file__, name, spec, args.threads)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker")
@@ -166,14 +162,19 @@ def main() -> None:
     try:
         bundle = tmp / "bundle"
         print(f"exporting {args.model} ...", file=sys.stderr)
-        _child("export", {"model": args.model, "out": str(bundle), "format": "ort-training"}, args)
+        M.run_worker(
+            __file__,
+            "export",
+            {"model": args.model, "out": str(bundle), "format": "ort-training"},
+            args.threads,
+        )
         spec = {"bundle": str(bundle), "work": str(tmp / "work"), "images": args.images, "calls": args.calls,
                 "threads": args.threads, "quantile": args.quantile}  # fmt: skip
-        prep = _child("prepare", spec, args).result
+        prep = M.run_worker(__file__, "prepare", spec, args.threads).result
         results = {}
         for name, gated in (("prior", False), ("gated", True)):
             print(f"running {name} ...", file=sys.stderr)
-            run = _child("classify", dict(spec, gated=gated), args)
+            run = M.run_worker(__file__, "classify", dict(spec, gated=gated), args.threads)
             results[name] = dict(run.result, peak_rss_mb=run.peak_rss_mb, wall_s=run.wall_s)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

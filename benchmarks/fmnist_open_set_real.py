@@ -33,6 +33,7 @@ from fmnist_fl_regimes import final_adapters  # noqa: E402
 from fmnist_open_set import _ms  # noqa: E402
 
 from fedclip.device_agent.classifier import Classifier  # noqa: E402
+from fedclip.device_agent.loops import classifier_hits  # noqa: E402
 from fedclip.device_agent.open_set import OpenSet  # noqa: E402
 from fedclip.sdk.all_class import ALL_SPLIT  # noqa: E402
 from fedclip.sdk.data import Dataset  # noqa: E402
@@ -43,11 +44,7 @@ CORE = "fleet-core-r"  # fleet-core-r<rank>[-bsm]: its own bundle (`fmnist_fl_re
 
 
 def accuracy(clf: Classifier, folder: Path) -> float:
-    data = Dataset.open(folder, labels=clf.manifest.task.labels)
-    hits = n = 0
-    for b in data.batches(clf.transform, 64):
-        hits += int((clf.predict(b.images).logits.argmax(axis=1) == b.labels).sum())
-        n += len(b.labels)
+    hits, n = classifier_hits(clf, Dataset.open(folder, labels=clf.manifest.task.labels))
     return hits / n
 
 

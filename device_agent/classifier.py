@@ -30,6 +30,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,37 +41,13 @@ from fedclip.device_agent.predictor import Predictor
 from fedclip.sdk.adapters import AdapterMeta, load_adapter
 from fedclip.sdk.errors import DataError, FedclipError, StateError
 from fedclip.sdk.label_prior import inference_bias
-from fedclip.sdk.ledger import STATE_FILE, Ledger
+from fedclip.sdk.ledger import installed_adapter, state_stamp
 from fedclip.sdk.manifest import Manifest
 from fedclip.sdk.preprocess import ImageTransform, load_image
 
 log = logging.getLogger(__name__)
 
 _TEXT_CACHE = 64  # label sets kept per classifier (a few per adapter version is the usual load)
-
-
-def installed_adapter(state_dir: str | Path) -> tuple[str, str | None, Path | None]:
-    """(bundle id, adapter version or None, its file or None): what the agent serves inference with.
-
-    Read-only, and the only place the Classifier learns it from: the agent's ledger (`sdk.ledger`),
-    whose in-use entry only signed rollouts (and `--adapter` installs) change; with personal tuning on
-    (`device_agent.personal`), that entry's copy tuned on the device, as `<version>+personal`.
-    """
-    ledger = Ledger.read(state_dir)
-    entry = ledger.entry(ledger.current)
-    if entry is None:
-        return ledger.bundle_id, None, None
-    version, file = entry.served
-    return ledger.bundle_id, version, file
-
-
-def _state_stamp(state_dir: Path) -> tuple[int, int] | None:
-    """Changes whenever the agent replaces its state file (atomic replace: a new inode)."""
-    try:
-        st = (state_dir / STATE_FILE).stat()
-    except OSError:
-        return None
-    return st.st_ino, st.st_mtime_ns
 
 
 @dataclass(frozen=True)
@@ -148,14 +125,8 @@ class Classifier:
         if self.labels is None and self.manifest.task.kind != "classify":
             log.info("contrastive bundle: pass labels= to predict (embeddings work without)")
         self.open_set = open_set
-        self._own_images = None
+        self._own_images = open_set.own_images(self.manifest) if open_set is not None else None
         self._base: _Served | None = None  # the bundle's own model, for the images a gate sends away
-        if open_set is not None:
-            from fedclip.sdk.data import Dataset
-
-            if self.manifest.task.kind != "classify":
-                raise DataError("open_set needs a classify bundle (its labels are the prior's)")
-            self._own_images = Dataset.open(open_set.data, labels=self.manifest.task.labels)
         self._lock = threading.Lock()
         self._text_cache: OrderedDict[tuple, tuple[np.ndarray, float]] = OrderedDict()
         self._state_dir: Path | None = None
@@ -274,7 +245,7 @@ class Classifier:
         """Switch to the agent's installed adapter if it changed; True when it switched."""
         if self._state_dir is None:
             return False
-        stamp = _state_stamp(self._state_dir)
+        stamp = state_stamp(self._state_dir)
         bundle_id, version, path = installed_adapter(self._state_dir)
         self._stamp = stamp
         if version == self._served.version:
@@ -304,7 +275,7 @@ class Classifier:
     def _watch(self, poll: float) -> None:
         assert self._state_dir is not None  # only a classifier made from a state dir watches
         while not self._stop.wait(poll):
-            if _state_stamp(self._state_dir) == self._stamp:
+            if state_stamp(self._state_dir) == self._stamp:
                 continue
             try:
                 self.refresh()
@@ -337,36 +308,6 @@ class Classifier:
         self.close()
 
     # ---- inputs --------------------------------------------------------------------------------
-    def _pixels(self, images: Iterable[Any], predictor: Predictor) -> np.ndarray:
-        """float32 [B, 3, S, S] from PIL images, HxWx3 uint8 arrays, or preprocessed arrays."""
-        from PIL import Image
-
-        s = self.manifest.preprocess.image_size
-        if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[1:] == (3, s, s):
-            return np.ascontiguousarray(images, dtype=np.float32)
-        out = []
-        for i, img in enumerate(images):
-            if isinstance(img, np.ndarray):
-                if img.shape == (3, s, s) and img.dtype != np.uint8:
-                    out.append(img.astype(np.float32, copy=False))
-                    continue
-                if img.ndim not in (2, 3) or img.dtype != np.uint8:
-                    raise DataError(
-                        f"image {i}: an array must be HxW or HxWx3 uint8, or float32 [3, {s}, {s}] "
-                        f"preprocessed; got {img.dtype} {list(img.shape)}"
-                    )
-                img = Image.fromarray(img)
-            elif isinstance(img, (str, Path)):
-                img = load_image(img)
-            elif not isinstance(img, Image.Image):
-                raise DataError(
-                    f"image {i}: expected a PIL image, an array or a path, got {type(img).__name__}"
-                )
-            out.append(predictor.transform(img))
-        if not out:
-            raise DataError("no images given")
-        return np.stack(out)
-
     def _prompts(self, labels: Sequence[str], prompt: str | None) -> tuple[str, ...]:
         template = prompt or self.prompt
         if "{}" not in template:
@@ -398,7 +339,7 @@ class Classifier:
         """Classify images against `labels` (default: the constructor's, else the bundle's own)."""
         served = self._served  # one adapter for the whole call
         labels = tuple(labels) if labels is not None else self.labels
-        pixels = self._pixels(images, served.predictor)
+        pixels = served.predictor.pixels(images)
         own = labels is None or (
             labels == self.manifest.task.labels and (prompt or self.prompt) == self.manifest.task.prompt
         )
@@ -416,30 +357,26 @@ class Classifier:
             if own and served.bias is not None:  # the prior is over the bundle's labels only
                 logits = logits + served.bias
                 if served.gate is not None:
-                    logits = self._gated(logits, embeds, pixels[start : start + self.batch_size], served.gate)
+                    away_logits = partial(self._base_logits, pixels[start : start + self.batch_size])
+                    logits, sent = served.gate.route(logits, embeds, away_logits)
+                    with self._lock:
+                        self._sent_away += sent
             chunks.append(np.asarray(logits, dtype=np.float32))
         labels = labels if labels is not None else self.manifest.task.labels
         return Predictions(
             labels=tuple(labels), logits=np.concatenate(chunks), adapter_version=served.version
         )
 
-    def _gated(self, logits: np.ndarray, embeds: np.ndarray, pixels: np.ndarray, gate: Gate) -> np.ndarray:
-        """`logits` (with the prior) where the gate keeps an image; the bundle's own model's logits,
-        without a prior, for the images it takes as labels the device has not seen."""
-        away = ~gate.keeps(embeds)
-        if not away.any():
-            return logits
+    def _base_logits(self, pixels: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """The bundle's own model's logits over its labels for `pixels[rows]`, no adapter and no
+        prior: for the images an open-set gate sends away."""
         base = self._base
         assert base is not None  # built with every gate
-        out, feats = base.predictor.image_outputs(pixels[away])
+        out, feats = base.predictor.image_outputs(pixels[rows])
         if out is None:  # a graph without logits: through the base's label embeddings
             text, scale = self._text_features(base, self._prompts(self.manifest.task.labels, None))
             out = scale * _normalize(feats) @ text.T
-        logits = np.array(logits, dtype=np.float32)
-        logits[away] = out
-        with self._lock:
-            self._sent_away += int(away.sum())
-        return logits
+        return out
 
     def predict_files(
         self, paths: Sequence[str | Path], labels: Sequence[str] | None = None, prompt: str | None = None
@@ -450,7 +387,7 @@ class Classifier:
     def embed_images(self, images: Iterable[Any]) -> np.ndarray:
         """L2-normalized image embeddings [B, D] with the vision adapter in use."""
         served = self._served
-        pixels = self._pixels(images, served.predictor)
+        pixels = served.predictor.pixels(images)
         out = [
             served.predictor.image_outputs(pixels[s : s + self.batch_size])[1]
             for s in range(0, len(pixels), self.batch_size)

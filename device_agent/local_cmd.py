@@ -269,16 +269,14 @@ def _gated_accuracy(bundle: Path, adapter: Path | None, data: Path, holdout: flo
                     device: str, threads: int | None) -> dict:  # fmt: skip
     """`eval --open-set`: the accuracy of the `Classifier` with the open-set gate on `data`."""
     from fedclip.device_agent.classifier import Classifier
+    from fedclip.device_agent.loops import classifier_hits
     from fedclip.sdk.manifest import Manifest
 
     dataset, held_out = _open_data(data, Manifest.load(bundle), holdout)
     dataset = held_out if held_out is not None else dataset
     kw = dict(open_set=gate, prior_weight=prior_weight, device=device, threads=threads)
-    hits = n = 0
     with Classifier.from_bundle(bundle, adapter, **kw) as clf:
-        for b in dataset.batches(clf.transform, clf.batch_size):
-            hits += int((clf.predict(b.images).logits.argmax(axis=1) == b.labels).sum())
-            n += len(b.labels)
+        hits, n = classifier_hits(clf, dataset)
         sent = clf.swap_stats().open_set_sent_away
         on, prior = clf.open_set_gate is not None, clf.label_prior
     if not n:

@@ -7,6 +7,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -14,6 +15,9 @@ from fedclip.device_agent.batches import BatchSource, Trainer, batch_source
 from fedclip.device_agent.progress import progress_bar
 from fedclip.sdk.data import Dataset
 from fedclip.sdk.errors import DataError
+
+if TYPE_CHECKING:
+    from fedclip.device_agent.classifier import Classifier
 
 
 def train_local(
@@ -116,3 +120,13 @@ def evaluate(
     if trainer.manifest.task.kind == "classify":
         metrics["accuracy"] = correct / n_total
     return metrics
+
+
+def classifier_hits(clf: Classifier, dataset: Dataset) -> tuple[int, int]:
+    """(right, scored): `clf.predict`'s top label against `dataset`'s, its batch size at a time: the
+    accuracy the device's applications get (`eval --open-set`, benchmarks/fmnist_open_set_real.py)."""
+    hits = n = 0
+    for b in dataset.batches(clf.transform, clf.batch_size):
+        hits += int((clf.predict(b.images).logits.argmax(axis=1) == b.labels).sum())
+        n += len(b.labels)
+    return hits, n

@@ -20,14 +20,18 @@ The gate's math is numpy; `gate_for` embeds the images with the Predictor it is 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedclip.sdk.data import Dataset
 from fedclip.sdk.errors import DataError
+
+if TYPE_CHECKING:
+    from fedclip.sdk.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,12 @@ class OpenSet:
         if not (isinstance(q, (int, float)) and np.isfinite(q) and 0.0 < q < 0.5):
             raise DataError(f"open-set quantile must be in (0, 0.5), got {q!r}")
         object.__setattr__(self, "data", Path(self.data))
+
+    def own_images(self, manifest: Manifest) -> Dataset:
+        """The device's labelled images, read against `manifest`'s labels (the prior's)."""
+        if manifest.task.kind != "classify":
+            raise DataError("open_set needs a classify bundle (its labels are the prior's)")
+        return Dataset.open(self.data, labels=manifest.task.labels)
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,18 @@ class Gate:
     def keeps(self, embeds: np.ndarray) -> np.ndarray:
         """bool [B]: True where the image looks like the device's own (its prior applies)."""
         return self.nearness(embeds) >= self.threshold
+
+    def route(
+        self, with_prior: np.ndarray, embeds: np.ndarray, sent_away: Callable[[np.ndarray], np.ndarray]
+    ) -> tuple[np.ndarray, int]:
+        """(`with_prior` [B, L] where the gate keeps an image, `sent_away(rows)` for the rows it does
+        not: their logits without the prior; how many it sent away)."""
+        away = ~self.keeps(embeds)
+        if not away.any():
+            return with_prior, 0
+        out = np.array(with_prior, dtype=np.float32)
+        out[away] = sent_away(away)
+        return out, int(away.sum())
 
 
 def fit_gate(embeds: np.ndarray, labels: np.ndarray, quantile: float = DEFAULT_QUANTILE) -> Gate:

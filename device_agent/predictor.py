@@ -7,7 +7,7 @@ bundle's text encoder graph (open vocabulary) takes the text tower's adapter ten
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from fedclip.device_agent.shared_weights import add_shared_initializers, shared_
 from fedclip.sdk.adapters import check_tensors
 from fedclip.sdk.errors import BackendError, BundleError, DataError
 from fedclip.sdk.manifest import Manifest
-from fedclip.sdk.preprocess import ImageTransform
+from fedclip.sdk.preprocess import ImageTransform, load_image
 
 
 class Predictor:
@@ -141,6 +141,37 @@ class Predictor:
                 return logits, embeds
             return None, self._session.run(["image_embeds"], {"image": images})[0]
         return None, self.embed_images(images)
+
+    def pixels(self, images: Iterable[Any]) -> np.ndarray:
+        """float32 [B, 3, S, S] from PIL images, HxWx3 uint8 arrays, image paths or preprocessed arrays
+        (the `Classifier`'s inputs); a bad one is a one-line DataError naming it."""
+        from PIL import Image
+
+        s = self.manifest.preprocess.image_size
+        if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[1:] == (3, s, s):
+            return np.ascontiguousarray(images, dtype=np.float32)
+        out = []
+        for i, img in enumerate(images):
+            if isinstance(img, np.ndarray):
+                if img.shape == (3, s, s) and img.dtype != np.uint8:
+                    out.append(img.astype(np.float32, copy=False))
+                    continue
+                if img.ndim not in (2, 3) or img.dtype != np.uint8:
+                    raise DataError(
+                        f"image {i}: an array must be HxW or HxWx3 uint8, or float32 [3, {s}, {s}] "
+                        f"preprocessed; got {img.dtype} {list(img.shape)}"
+                    )
+                img = Image.fromarray(img)
+            elif isinstance(img, (str, Path)):
+                img = load_image(img)
+            elif not isinstance(img, Image.Image):
+                raise DataError(
+                    f"image {i}: expected a PIL image, an array or a path, got {type(img).__name__}"
+                )
+            out.append(self.transform(img))
+        if not out:
+            raise DataError("no images given")
+        return np.stack(out)
 
     def _images(self, images: np.ndarray) -> np.ndarray:
         images = np.ascontiguousarray(images, dtype=np.float32)

@@ -143,6 +143,31 @@ class Ledger:
         return dict(sorted(found.items()))
 
 
+def installed_adapter(state_dir: str | Path) -> tuple[str, str | None, Path | None]:
+    """(bundle id, adapter version or None, its file or None): what the agent serves inference with.
+
+    Read-only, and the only place the `Classifier` learns it from: the agent's ledger,
+    whose in-use entry only signed rollouts (and `--adapter` installs) change; with personal tuning on
+    (`device_agent.personal`), that entry's copy tuned on the device, as `<version>+personal`.
+    """
+    ledger = Ledger.read(state_dir)
+    entry = ledger.entry(ledger.current)
+    if entry is None:
+        return ledger.bundle_id, None, None
+    version, file = entry.served
+    return ledger.bundle_id, version, file
+
+
+def state_stamp(state_dir: Path) -> tuple[int, int] | None:
+    """Changes whenever the agent replaces its state file (atomic replace: a new inode): what the
+    `Classifier`'s watcher polls before it reads the ledger again."""
+    try:
+        st = (state_dir / STATE_FILE).stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
 def _personal_file(root: Path, personal: Any) -> Path | None:
     if isinstance(personal, dict) and isinstance(personal.get("file"), str):
         return root / personal["file"]

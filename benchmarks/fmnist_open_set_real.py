@@ -2,6 +2,7 @@
 
     python benchmarks/fmnist_open_set_real.py WORK/scarce-6x32-beta0.1-seed-0 ... --out RUN.json
     python benchmarks/fmnist_open_set_real.py --report RUN.json ...   # -> results/fmnist_open_set_real.*
+    python benchmarks/fmnist_open_set_real.py --report results/fmnist_open_set_real.json  # again
 
 Each WORK folder is one seed of `fmnist_fl_regimes.py` (`--work`), run with at least `zero-shot
 local-lora` and the `--methods` scored (`fedavg-lora-both-bsm` too for the bar; without it the bar
@@ -96,8 +97,53 @@ def points(run: dict) -> dict[str, tuple[list[float], list[float]]]:
     return out
 
 
+def plot(runs: list[dict], path: Path) -> None:
+    """One panel per fleet: own - local-only against all-class - bar, the target corner at top right;
+    a method's prior weights joined by a line (0.5, 0.75, 1), the gate's quantiles by another."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(4, len(runs))
+    rows = -(-len(runs) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.9 * rows), squeeze=False)
+    for ax in axes.flat[len(runs) :]:
+        ax.set_visible(False)
+    for run, ax in zip(runs, axes.flat, strict=False):
+        pts = {k: (float(np.mean(a)), float(np.mean(o))) for k, (o, a) in points(run).items()}
+        methods = dict.fromkeys(k.split(" ", 1)[0] for k in pts)
+        for method, mk in zip(methods, "os^D", strict=False):
+            weights = sorted(
+                (float(k.rsplit("x", 1)[1]) if " x" in k else 1.0, xy)
+                for k, xy in pts.items()
+                if k.startswith(f"{method} prior")
+            )
+            ax.plot(*zip(*(xy for _, xy in weights), strict=True), mk + "-", label=f"{method}, prior x"
+                    + "/".join(f"{w:g}" for w, _ in weights))  # fmt: skip
+            gate = [xy for k, xy in pts.items() if k.startswith(f"{method} gate")]
+            if gate:
+                ax.plot(
+                    *zip(*gate, strict=True),
+                    "x--",
+                    label=f"{method}, gate q " + "/".join(map(str, QUANTILES)),
+                )
+        ax.axvline(-2, color="g", lw=0.8, ls="--")
+        ax.axhline(5, color="g", lw=0.8, ls="--")
+        ax.set_title(f"{run['fleet']} ({len(run['results'])} seeds)", fontsize=9)
+        ax.set(xlabel="all-class - bar (points)", ylabel="own - local-only (points)")
+        ax.legend(fontsize=6)
+    fig.suptitle(
+        "Real path, scored by the Classifier: the targets are the top-right corner (dashed)", fontsize=10
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_report(paths: list[Path], out: Path) -> None:
-    runs = [json.loads(Path(p).read_text()) for p in paths]
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    runs = [r for d in docs for r in d.get("runs", [d])]  # run files, or a report's own .json
     lines = ["# FMNIST-FL: the device's inference on the real path's adapters: the open-set gate and the "
              "prior weight (issue 13)", "",
              (__doc__ or "").split("\n\n", 1)[1].strip("\n"), "", "Runs:", ""]  # fmt: skip
@@ -115,6 +161,8 @@ def write_report(paths: list[Path], out: Path) -> None:
             lines.append(
                 f"- {k}: " + ", ".join(f"{o:+.1f} / {a:+.1f}" for o, a in zip(own, alls, strict=True))
             )
+    plot(runs, out / "fmnist_open_set_real.png")
+    lines += ["", "![own vs all-class per fleet](fmnist_open_set_real.png)"]
     notes = out / "fmnist_open_set_real_notes.md"
     if notes.exists():
         lines += ["", notes.read_text().strip()]

@@ -1,4 +1,4 @@
-"""`fedclip-agent`: one typer app; offline commands in `local_cmd`, fleet commands in `fleet_cmd`.
+"""`fedclip-agent`: one typer app; commands in `local_cmd` (offline), `serve_cmd`, `fleet_cmd`.
 
 Never imports torch (the import test checks `sys.modules`).
 """
@@ -13,7 +13,7 @@ app = make_app(
         ("fedclip.device_agent.local_cmd", "train", "train"),
         ("fedclip.device_agent.local_cmd", "eval", "eval"),
         ("fedclip.device_agent.local_cmd", "predict", "predict"),
-        ("fedclip.device_agent.local_cmd", "serve_inference", "serve-inference"),
+        ("fedclip.device_agent.serve_cmd", "serve_inference", "serve-inference"),
         ("fedclip.device_agent.fleet_cmd", "start", "start"),
         ("fedclip.device_agent.fleet_cmd", "status", "status"),
     ],

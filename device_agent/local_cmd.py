@@ -1,4 +1,4 @@
-"""`fedclip-agent train | eval | predict | serve-inference`: offline use of a bundle, no broker needed.
+"""`fedclip-agent train | eval | predict`: offline use of a bundle, no broker needed (serving: `serve_cmd`).
 
 Human output is a short table; `--json` prints one JSON object on stdout (progress bars go to stderr).
 """
@@ -14,50 +14,12 @@ from typing import Any
 import numpy as np
 import typer
 
+from fedclip.device_agent import cli_options as opt
 from fedclip.sdk.adapters import AdapterMeta
 from fedclip.sdk.cli import setup_logging
 from fedclip.sdk.errors import DataError
 
 log = logging.getLogger(__name__)
-
-_BUNDLE = typer.Option(..., "--bundle", help="Bundle folder made by `fedclip-coord export`.")
-_DEVICE = typer.Option(
-    "auto", "--device", help="auto (CUDA where the onnxruntime build has it, else CPU) | cpu | cuda."
-)
-_BACKEND = typer.Option(
-    "auto",
-    "--backend",
-    help="auto | step (portable step graph, any onnxruntime) | ort-training (ONNX Runtime training "
-    "API); auto picks ort-training when it is installed and the bundle has its artifacts.",
-)
-_THREADS = typer.Option(None, "--threads", min=1, help="CPU threads for ONNX Runtime (default: all cores).")
-_QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars, warnings only.")
-_JSON = typer.Option(False, "--json", help="Print the metrics as one JSON object on stdout.")
-_ADAPTER = typer.Option(
-    None, "--adapter", help="Adapter (.safetensors) to load; default: the bundle's initial one."
-)
-_PRIOR = typer.Option(
-    1.0,
-    "--prior-weight",
-    min=0.0,
-    max=10.0,
-    help="A balanced-softmax adapter carries the label prior it was trained without: this much of it "
-    "is added to the logits (1: the device's own label mix, 0: every label alike).",
-)
-_OPEN_SET = typer.Option(
-    None,
-    "--open-set",
-    help="This device's labelled training images: an image unlike them is scored by the bundle's "
-    "own model, without the label prior (docs/inference.md, 'Open-set gate').",
-)
-_OPEN_SET_Q = typer.Option(
-    0.05, "--open-set-quantile", help="Share of the device's own images the gate may send away."
-)
-_CACHE = typer.Option(
-    None,
-    "--cache-dir",
-    help="Image-embedding cache for text-tower bundles (default: ~/.cache/fedclip/embeddings).",
-)
 
 
 def _emit(metrics: dict, as_json: bool, title: str) -> None:
@@ -109,8 +71,8 @@ def _open_data(data: Path, manifest, holdout: float):
 
 
 def train(
-    bundle: Path = _BUNDLE,
-    data: Path = typer.Option(..., "--data", help="Image folder (one sub-folder per label), CSV or JSONL."),
+    bundle: Path = opt.BUNDLE,
+    data: Path = opt.DATA,
     epochs: int = typer.Option(1, "--epochs", min=1, help="Passes over the training data."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per step."),
     lr: float = typer.Option(1e-3, "--lr", min=0.0, help="Learning rate (AdamW)."),
@@ -122,7 +84,7 @@ def train(
         max=0.99,
         help="Fraction kept out of training and evaluated (by file name hash).",
     ),
-    adapter: Path = _ADAPTER,
+    adapter: Path = opt.ADAPTER,
     out: Path = typer.Option(None, "--out", help="Write the trained adapter here (.safetensors)."),
     seed: int = typer.Option(0, "--seed", help="Shuffle seed."),
     loss: str = typer.Option(
@@ -139,12 +101,12 @@ def train(
         "bundle's initial tensors), so the adapter learns this device's images and stays near the "
         "fleet's (docs/aggregation.md, 'Personal tuning'). Needs the step backend (auto picks it).",
     ),
-    device: str = _DEVICE,
-    backend: str = _BACKEND,
-    threads: int = _THREADS,
-    cache_dir: Path = _CACHE,
-    quiet: bool = _QUIET,
-    as_json: bool = _JSON,
+    device: str = opt.DEVICE,
+    backend: str = opt.BACKEND,
+    threads: int = opt.THREADS,
+    cache_dir: Path = opt.CACHE,
+    quiet: bool = opt.QUIET,
+    as_json: bool = opt.JSON,
 ) -> None:
     """Train the bundle's adapter on local data; optionally evaluate a held-out part and save the adapter."""
     from fedclip.device_agent.batches import batch_source
@@ -217,9 +179,9 @@ def train(
 
 
 def eval(  # noqa: A001 - the command is called `eval`
-    bundle: Path = _BUNDLE,
-    data: Path = typer.Option(..., "--data", help="Image folder (one sub-folder per label), CSV or JSONL."),
-    adapter: Path = _ADAPTER,
+    bundle: Path = opt.BUNDLE,
+    data: Path = opt.DATA,
+    adapter: Path = opt.ADAPTER,
     holdout: float = typer.Option(
         0.0,
         "--holdout",
@@ -228,15 +190,15 @@ def eval(  # noqa: A001 - the command is called `eval`
         help="Evaluate only the held-out part `train --holdout` kept out.",
     ),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per step."),
-    prior_weight: float = _PRIOR,
-    open_set: Path = _OPEN_SET,
-    open_set_quantile: float = _OPEN_SET_Q,
-    device: str = _DEVICE,
-    backend: str = _BACKEND,
-    threads: int = _THREADS,
-    cache_dir: Path = _CACHE,
-    quiet: bool = _QUIET,
-    as_json: bool = _JSON,
+    prior_weight: float = opt.PRIOR,
+    open_set: Path = opt.OPEN_SET,
+    open_set_quantile: float = opt.OPEN_SET_Q,
+    device: str = opt.DEVICE,
+    backend: str = opt.BACKEND,
+    threads: int = opt.THREADS,
+    cache_dir: Path = opt.CACHE,
+    quiet: bool = opt.QUIET,
+    as_json: bool = opt.JSON,
 ) -> None:
     """Evaluate loss and accuracy of an adapter on local labelled data (accuracy as the device's
     inference scores it: with a balanced-softmax adapter's label prior x --prior-weight; with
@@ -287,14 +249,14 @@ def _gated_accuracy(bundle: Path, adapter: Path | None, data: Path, holdout: flo
 
 def predict(
     images: list[Path] = typer.Argument(..., help="Image files to classify."),
-    bundle: Path = _BUNDLE,
-    adapter: Path = _ADAPTER,
+    bundle: Path = opt.BUNDLE,
+    adapter: Path = opt.ADAPTER,
     top_k: int = typer.Option(3, "--top-k", min=1, help="Labels to show per image."),
-    prior_weight: float = _PRIOR,
-    device: str = _DEVICE,
-    threads: int = _THREADS,
-    quiet: bool = _QUIET,
-    as_json: bool = _JSON,
+    prior_weight: float = opt.PRIOR,
+    device: str = opt.DEVICE,
+    threads: int = opt.THREADS,
+    quiet: bool = opt.QUIET,
+    as_json: bool = opt.JSON,
 ) -> None:
     """Classify images with the bundle (and an adapter): top-k labels with softmax scores."""
     from fedclip.device_agent.predictor import Predictor
@@ -355,72 +317,3 @@ def predict(
         raise DataError("no image could be read")
     if any(math.isnan(t["score"]) for r in results if "top" in r for t in r["top"]):
         raise DataError("the model produced non-finite scores")
-
-
-def serve_inference(
-    state: Path = typer.Option(
-        None, "--state", help="An agent's state dir: serve the adapter it has installed, following rollouts."
-    ),
-    bundle: Path = typer.Option(
-        None, "--bundle", help="Bundle folder (with --state: when the agent was given a folder, not a URL)."
-    ),
-    adapter: Path = _ADAPTER,
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (keep it on loopback)."),
-    port: int = typer.Option(8765, "--port", min=0, max=65535, help="TCP port (0: any free one)."),
-    unix: Path = typer.Option(None, "--unix", help="Serve on this Unix socket instead of TCP."),
-    labels: str = typer.Option(None, "--labels", help="Default labels, comma-separated (else the bundle's)."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per ONNX Runtime run."),
-    max_body_mb: float = typer.Option(32.0, "--max-body-mb", min=0.001, help="Largest request body (MiB)."),
-    prior_weight: float = _PRIOR,
-    open_set: Path = _OPEN_SET,
-    open_set_quantile: float = _OPEN_SET_Q,
-    device: str = _DEVICE,
-    threads: int = _THREADS,
-    quiet: bool = _QUIET,
-) -> None:
-    """Serve the Classifier over local HTTP: GET /health, POST /predict and /embed (docs/inference.md)."""
-    import signal
-    import sys
-    import threading
-
-    from fedclip.device_agent.classifier import Classifier
-    from fedclip.device_agent.inference_http import make_server
-    from fedclip.device_agent.open_set import OpenSet
-
-    setup_logging(quiet=quiet)
-    if state is None and bundle is None:
-        raise DataError("give --state DIR (follow an agent) or --bundle DIR [--adapter FILE]")
-    if state is not None and adapter is not None:
-        raise DataError("--adapter goes with --bundle; with --state the agent's installed adapter is served")
-    kw = dict(
-        device=device,
-        threads=threads,
-        batch_size=batch_size,
-        prior_weight=prior_weight,
-        labels=[x.strip() for x in labels.split(",") if x.strip()] if labels else None,
-        open_set=OpenSet(open_set, open_set_quantile) if open_set is not None else None,
-    )
-    if state is not None:
-        clf = Classifier.from_state(state, bundle=bundle, **kw)
-    else:
-        clf = Classifier.from_bundle(bundle, adapter=adapter, **kw)
-    server = make_server(clf, host=host, port=port, unix=unix, max_body=int(max_body_mb * (1 << 20)))
-
-    def stop(signum, frame) -> None:
-        # shutdown() waits for serve_forever to return: never from the thread that runs it
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    # One line on stderr that scripts (and tests) wait for; the port is the real one with --port 0.
-    print(
-        f"serving inference on {server.url} (adapter {clf.adapter_version or 'bundle'})",
-        file=sys.stderr,
-        flush=True,
-    )
-    try:
-        server.serve_forever(poll_interval=0.2)
-    finally:
-        server.server_close()
-        clf.close()
-    log.info("inference server stopped")

@@ -19,6 +19,8 @@ AGENT_MODULES = (
     "fedclip.device_agent.statistics",
     "fedclip.device_agent.agent",
     "fedclip.device_agent.local_cmd",
+    "fedclip.device_agent.serve_cmd",
+    "fedclip.device_agent.open_set",
     "fedclip.device_agent.cli",
     "fedclip.sdk.preprocess",
     "fedclip.sdk.data",

@@ -75,8 +75,12 @@ def plot(runs: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 4), squeeze=False)
-    for ax, (name, run) in zip(axes[0], runs.items(), strict=True):
+    cols = min(4, len(runs))
+    rows = -(-len(runs) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(runs) :]:
+        ax.set_visible(False)
+    for ax, (name, run) in zip(axes.flat, runs.items(), strict=False):
         seeds = _seeds(run)
         for i, row in enumerate(k for k in seeds[0] if not k.endswith(" global")):
             scales = list(seeds[0][row])

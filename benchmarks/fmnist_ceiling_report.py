@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from _plots import panel_grid  # the benchmarks folder: run as fmnist_ceiling.py --report
 
 TARGET_OWN = 5.0  # issue 13: own accuracy >= local-only + 5 points
 TARGET_ALL = -2.0  # all-class >= the better of zero-shot and FedAvg-LoRA - 2 points
@@ -70,17 +71,8 @@ def detail(name: str, run: dict) -> list[str]:
 
 
 def plot(runs: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = min(4, len(runs))
-    rows = -(-len(runs) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4 * rows), squeeze=False)
-    for ax in axes.flat[len(runs) :]:
-        ax.set_visible(False)
-    for ax, (name, run) in zip(axes.flat, runs.items(), strict=False):
+    plt, fig, axes = panel_grid(len(runs), 4, 4.2, 4)
+    for ax, (name, run) in zip(axes, runs.items(), strict=True):
         seeds = _seeds(run)
         for i, row in enumerate(k for k in seeds[0] if not k.endswith(" global")):
             scales = list(seeds[0][row])
@@ -93,7 +85,7 @@ def plot(runs: dict, path: Path) -> None:
         ax.set_xlabel("all-class accuracy (%)")
         ax.set_ylabel("own accuracy (%)")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=6, loc="lower left")
+    axes[0].legend(fontsize=6, loc="lower left")
     fig.suptitle(
         "own vs all-class, means over seeds (squares: pooled oracles; lines: prior x 0, 0.5, 1 at inference)",
         fontsize=9,

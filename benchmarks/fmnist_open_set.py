@@ -37,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import fmnist_sim as S  # noqa: E402
+from _plots import panel_grid  # noqa: E402
 from fmnist_ceiling import (  # noqa: E402
     EVAL_PSEUDO,
     federated,
@@ -148,11 +149,6 @@ def _name(run: dict) -> str:
 def write_report(paths: list[Path], out: Path, doc: str) -> None:
     import json
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = [json.loads(Path(p).read_text()) for p in paths]
     lines = ["# FMNIST-FL: an open-set gate for the label prior (issue 13, scarce fleets)", "",
              doc.split("\n\n", 1)[1].strip("\n"), "", "Runs:", ""]  # fmt: skip
@@ -163,12 +159,8 @@ def write_report(paths: list[Path], out: Path, doc: str) -> None:
               "the prior. `beside the frontier`: the gate's all-class minus the prior weight's at the same "
               "own accuracy (means, linear between the weights 0, 0.25, ..., 1; positive: right of the "
               "frontier in the plot).", ""]  # fmt: skip
-    cols = min(3, len(runs))
-    rows = -(-len(runs) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 4 * rows), squeeze=False)
-    for ax in axes.flat[len(runs) :]:
-        ax.set_visible(False)
-    for run, ax in zip(runs, axes.flat, strict=False):
+    plt, fig, axes = panel_grid(len(runs), 3, 4.4, 4)
+    for run, ax in zip(runs, axes, strict=True):
         pts = points(run)
         seeds = list(run["results"].values())
         lines += [f"## {_name(run)} (seeds {', '.join(run['results'])})", "",

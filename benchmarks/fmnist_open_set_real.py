@@ -30,6 +30,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from _plots import panel_grid  # noqa: E402
 from fmnist_fl_regimes import final_adapters  # noqa: E402
 from fmnist_open_set import _ms  # noqa: E402
 
@@ -100,17 +101,8 @@ def points(run: dict) -> dict[str, tuple[list[float], list[float]]]:
 def plot(runs: list[dict], path: Path) -> None:
     """One panel per fleet: own - local-only against all-class - bar, the target corner at top right;
     a method's prior weights joined by a line (0.5, 0.75, 1), the gate's quantiles by another."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = min(4, len(runs))
-    rows = -(-len(runs) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.9 * rows), squeeze=False)
-    for ax in axes.flat[len(runs) :]:
-        ax.set_visible(False)
-    for run, ax in zip(runs, axes.flat, strict=False):
+    plt, fig, axes = panel_grid(len(runs), 4, 4.2, 3.9)
+    for run, ax in zip(runs, axes, strict=True):
         pts = {k: (float(np.mean(a)), float(np.mean(o))) for k, (o, a) in points(run).items()}
         methods = dict.fromkeys(k.split(" ", 1)[0] for k in pts)
         for method, mk in zip(methods, "os^D", strict=False):

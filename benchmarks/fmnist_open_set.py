@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,7 +93,9 @@ def gated(model: S.Model, fleet, states: dict, fallbacks: dict[str, dict]) -> di
     return {k: [float(np.mean(v)) for v in row] for k, row in acc.items()}
 
 
-def run_seed(pool, transform, args, seed: int) -> dict:
+def train_fleet(pool, transform, args, seed: int) -> tuple[S.Model, Any, dict, dict, dict]:
+    """(model, fleet, baseline scores, fleet-lora-bsm adapters by agent, fallback adapters by name):
+    the seed's fleet with zero-shot, local-only, FedAvg-LoRA-bsm and fleet-lora-bsm trained."""
     fleet = make_fleet(pool, transform, args.regime, args.agents, args.per_agent, seed, args.beta)
     model = S.Model(args.pretrained, S.CLASSES, "lora", "ce-lora", 4, seed)
     res: dict = {"zero-shot": scores(model, fleet, {a.name: model.init for a in fleet.agents})}
@@ -103,9 +106,19 @@ def run_seed(pool, transform, args, seed: int) -> dict:
     states, fleet_mean = federated(model, fleet, "fleet-lora", args, seed, bsm=True)
     res["fleet-lora-bsm"] = scores(model, fleet, states, WEIGHTS)
     fallbacks = {"global": {**model.init, **glob}, "fleet": {**model.init, **fleet_mean}, "base": model.init}
+    return model, fleet, res, states, fallbacks
+
+
+def local_and_bar(res: dict) -> tuple[float, float]:
+    """(local-only's own accuracy, the all-class bar: the better of zero-shot and FedAvg-LoRA-bsm), %."""
+    bar = max(res["zero-shot"]["0.0"][1], res["fedavg-bsm"]["1.0"][1])
+    return 100 * res["local-only"]["0.0"][0], 100 * bar
+
+
+def run_seed(pool, transform, args, seed: int) -> dict:
+    model, fleet, res, states, fallbacks = train_fleet(pool, transform, args, seed)
     res.update(gated(model, fleet, states, fallbacks))
-    lo = 100 * res["local-only"]["0.0"][0]
-    bar = 100 * max(res["zero-shot"]["0.0"][1], res["fedavg-bsm"]["1.0"][1])
+    lo, bar = local_and_bar(res)
     for k in ("fleet-lora-bsm", *(k for k in res if k.startswith("gate-"))):
         pts = res[k].items() if isinstance(res[k], dict) else [("", res[k])]
         shown = " ".join(f"{w}:{100 * v[0] - lo:+.1f}/{100 * v[1] - bar:+.1f}" for w, v in pts)
@@ -118,8 +131,7 @@ def points(run: dict) -> dict[str, tuple[list[float], list[float]]]:
     """{row: (own - local-only per seed, all-class - bar per seed)}, points."""
     out: dict[str, tuple[list[float], list[float]]] = {}
     for s in run["results"].values():
-        lo = 100 * s["local-only"]["0.0"][0]
-        bar = 100 * max(s["zero-shot"]["0.0"][1], s["fedavg-bsm"]["1.0"][1])
+        lo, bar = local_and_bar(s)
         rows = {f"prior x{w}": v for w, v in s["fleet-lora-bsm"].items()}
         rows.update({k: v for k, v in s.items() if k.startswith("gate-")})
         for k, v in rows.items():

@@ -93,20 +93,25 @@ def run_seed(pool, transform, args, seed: int) -> dict:
     return out
 
 
+def curve(run: dict, score: str) -> np.ndarray:
+    """[len(QUANTILES), 2]: the score's (own - local-only, all-class - bar) at each q, in QUANTILES'
+    order (own falls, all-class rises as q grows), means over the run's seeds."""
+    seeds = list(run["results"].values())
+    return np.array([np.mean([s[f"{score} {q}"] for s in seeds], axis=0) for q in QUANTILES])
+
+
 def beside_gauss(run: dict) -> dict[str, float]:
     """{score: mean over the Gaussian's q (within the score's range) of all-class at equal own
     accuracy minus the Gaussian's}, points, on the means over seeds."""
-    seeds = list(run["results"].values())
-    mean = {k: np.mean([s[k] for s in seeds], axis=0) for k in seeds[0]}
 
-    def curve(name: str) -> tuple[np.ndarray, np.ndarray]:
-        own, alls = zip(*sorted(tuple(mean[f"{name} {q}"]) for q in QUANTILES), strict=True)
+    def by_own(score: str) -> tuple[np.ndarray, np.ndarray]:
+        own, alls = zip(*sorted(map(tuple, curve(run, score))), strict=True)  # own rising, for interp
         return np.array(own), np.array(alls)
 
-    g_own, g_all = curve("gauss")
+    g_own, g_all = by_own("gauss")
     out = {}
     for name in SCORES[1:]:
-        own, alls = curve(name)
+        own, alls = by_own(name)
         d = [np.interp(o, own, alls) - a for o, a in zip(g_own, g_all, strict=True) if own[0] <= o <= own[-1]]
         out[name] = float(np.mean(d)) if d else float("nan")
     return out
@@ -116,10 +121,9 @@ def plot(runs: dict, path: Path) -> None:
     """One panel per run: each score's q curve, own - local-only against all-class - bar."""
     plt, fig, axes = panel_grid(len(runs), 4, 4.2, 3.9)
     for ax, (name, run) in zip(axes, runs.items(), strict=True):
-        seeds = list(run["results"].values())
         for score, style in zip(SCORES, ("k.-", "o--", "s--", "^:"), strict=True):
-            pts = [np.mean([s[f"{score} {q}"] for s in seeds], axis=0) for q in QUANTILES]
-            ax.plot([p[1] for p in pts], [p[0] for p in pts], style, ms=4, label=score)
+            pts = curve(run, score)
+            ax.plot(pts[:, 1], pts[:, 0], style, ms=4, label=score)
         ax.axvline(-2, color="g", lw=0.8, ls="--")
         ax.set(title=name, xlabel="all-class - bar (points)", ylabel="own - local-only (points)")
         ax.legend(fontsize=7)
@@ -132,8 +136,7 @@ def plot(runs: dict, path: Path) -> None:
 def own_at_target(run: dict, score: str, target: float = -2.0) -> str:
     """The score's own - local-only where its all-class - bar crosses `target` (means over seeds,
     linear between the q's); `>= x` when even the smallest q is at the target, `-` if none is."""
-    seeds = list(run["results"].values())
-    pts = [np.mean([s[f"{score} {q}"] for s in seeds], axis=0) for q in QUANTILES]
+    pts = curve(run, score)
     if pts[0][1] >= target:
         return f">= {pts[0][0]:+.1f}"
     for (o0, a0), (o1, a1) in zip(pts, pts[1:], strict=False):

@@ -12,8 +12,9 @@ scored here by the product's `Classifier` (what a device's application serves wi
 agent's own split (`test/`) and on its all-class set (`all/`), with the label prior its metadata
 carries (`prior`: weight 1, the default; `prior x<w>`: `--prior-weights`), and for fleet-lora with
 `open_set=OpenSet(<agent>/train, q)` (`gate <q>`, `device_agent.open_set`: the images that do not
-look like the agent's own go to the bundle's own model, without the prior). The bar is
-the better of zero-shot and FedAvg-LoRA (balanced softmax) on all-class, as in
+look like the agent's own go to the bundle's own model, without the prior; `gate <q> fleet`: to the
+fleet's global adapter after the last round instead, `fallback=`, read from the run's coordinator
+registry). The bar is the better of zero-shot and FedAvg-LoRA (balanced softmax) on all-class, as in
 `fmnist_base_room_rest.md`. Put the WORK folders before the options (`--prior-weights` takes a list).
 """
 
@@ -21,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,11 +37,15 @@ from _plots import panel_grid  # noqa: E402
 from fmnist_fl_regimes import final_adapters  # noqa: E402
 from fmnist_open_set import _ms  # noqa: E402
 
+from fedclip.coordinator.registry import Registry, global_version  # noqa: E402
+from fedclip.coordinator.store import DB_NAME, Store  # noqa: E402
 from fedclip.device_agent.classifier import Classifier  # noqa: E402
 from fedclip.device_agent.loops import classifier_hits  # noqa: E402
 from fedclip.device_agent.open_set import OpenSet  # noqa: E402
+from fedclip.sdk.adapters import save_adapter  # noqa: E402
 from fedclip.sdk.all_class import ALL_SPLIT  # noqa: E402
 from fedclip.sdk.data import Dataset  # noqa: E402
+from fedclip.sdk.manifest import Manifest  # noqa: E402
 
 QUANTILES = (0.02, 0.05, 0.1)
 FLEET, BAR, ALONE = "fleet-lora-bsm", "fedavg-lora-both-bsm", "local-lora"
@@ -50,9 +57,32 @@ def accuracy(clf: Classifier, folder: Path) -> float:
     return hits / n
 
 
+def fleet_global(run: Path, bundle: Path, rounds: int, out: Path) -> Path:
+    """The global adapter of round `rounds` (`g-r<rounds>`) in `run`'s coordinator registry, written
+    to `out`. The registry is read from a copy of its database beside `out` (opening a WAL database
+    writes to its files): the work folder stays untouched."""
+    coord, copy = run / "coordinator", out.parent / "coordinator"
+    copy.mkdir()
+    for f in coord.glob(f"{DB_NAME}*"):
+        shutil.copy2(f, copy / f.name)
+    (copy / "blobs").symlink_to((coord / "blobs").resolve())
+    manifest = Manifest.load(bundle)
+    with Store(copy, readonly=True) as store:
+        tensors, meta = Registry(store, manifest.bundle_id).load(global_version(rounds))
+    if set(tensors) != {t.name for t in manifest.trainable}:  # the Predictor would fill in the bundle's
+        raise SystemExit(f"{run}: {meta.version} does not hold every trainable tensor of {bundle}")
+    return save_adapter(out, tensors, meta)
+
+
 def score_seed(work: Path, rounds: int, methods: list[str], weights: list[float]) -> dict:
-    """Rows `<method> prior` (weight 1), `<method> prior x<w>` and `<method> gate <q>`; the
-    baselines' rows (zero-shot, local-only, FedAvg-LoRA for the bar) at weight 1 only."""
+    """Rows `<method> prior` (weight 1), `<method> prior x<w>`, `<method> gate <q>` and
+    `fleet-lora-bsm gate <q> fleet`; the baselines' rows (zero-shot, local-only, FedAvg-LoRA for the
+    bar) at weight 1 only."""
+    with tempfile.TemporaryDirectory(prefix="open-set-real-") as tmp:
+        return _score_seed(work, rounds, methods, weights, Path(tmp))
+
+
+def _score_seed(work: Path, rounds: int, methods: list[str], weights: list[float], tmp: Path) -> dict:
     part = json.loads((work / "data" / "partition.json").read_text())
     agents = part["agents"]
     out: dict = {}
@@ -64,15 +94,23 @@ def score_seed(work: Path, rounds: int, methods: list[str], weights: list[float]
             f"bundle-{method.removesuffix('-bsm')}" if method.startswith(CORE) else "bundle-lora"
         )
         adapters = final_adapters(method, work / method, agents, rounds)
+        fleet = None  # fleet-lora's gate rows: also with the fleet's global adapter as the fallback
+        if method == FLEET and method in methods:
+            fleet = fleet_global(work / method, bundle, rounds, tmp / "global.safetensors")
         for a in agents:
             d = work / "data" / a
-            settings: list[tuple[str, float, OpenSet | None]] = [("prior", 1.0, None)]
+            settings: list[tuple[str, float, OpenSet | None, Path | None]] = [("prior", 1.0, None, None)]
             if method in methods:
-                settings += [(f"prior x{w:g}", w, None) for w in weights if w != 1.0]
+                settings += [(f"prior x{w:g}", w, None, None) for w in weights if w != 1.0]
                 if method == FLEET:
-                    settings += [(f"gate {q}", 1.0, OpenSet(d / "train", q)) for q in QUANTILES]
-            for name, w, gate in settings:
-                with Classifier.from_bundle(bundle, adapters[a], open_set=gate, prior_weight=w) as clf:
+                    for fallback, suffix in ((None, ""), (fleet, " fleet")):
+                        settings += [
+                            (f"gate {q}{suffix}", 1.0, OpenSet(d / "train", q), fallback) for q in QUANTILES
+                        ]
+            for name, w, gate, fallback in settings:
+                with Classifier.from_bundle(
+                    bundle, adapters[a], open_set=gate, prior_weight=w, fallback=fallback
+                ) as clf:
                     row = out.setdefault(f"{method} {name}", {"own": {}, "all": {}, "sent_away": {}})
                     row["own"][a] = accuracy(clf, d / "test")
                     row["all"][a] = accuracy(clf, d / ALL_SPLIT)
@@ -100,7 +138,8 @@ def points(run: dict) -> dict[str, tuple[list[float], list[float]]]:
 
 def plot(runs: list[dict], path: Path) -> None:
     """One panel per fleet: own - local-only against all-class - bar, the target corner at top right;
-    a method's prior weights joined by a line (0.5, 0.75, 1), the gate's quantiles by another."""
+    a method's prior weights joined by a line (0.5, 0.75, 1), the gate's quantiles by another (one
+    per fallback: the bundle's own model, the fleet's global adapter)."""
     plt, fig, axes = panel_grid(len(runs), 4, 4.2, 3.9)
     for run, ax in zip(runs, axes, strict=True):
         pts = {k: (float(np.mean(a)), float(np.mean(o))) for k, (o, a) in points(run).items()}
@@ -113,13 +152,14 @@ def plot(runs: list[dict], path: Path) -> None:
             )
             ax.plot(*zip(*(xy for _, xy in weights), strict=True), mk + "-", label=f"{method}, prior x"
                     + "/".join(f"{w:g}" for w, _ in weights))  # fmt: skip
-            gate = [xy for k, xy in pts.items() if k.startswith(f"{method} gate")]
-            if gate:
-                ax.plot(
-                    *zip(*gate, strict=True),
-                    "x--",
-                    label=f"{method}, gate q " + "/".join(map(str, QUANTILES)),
-                )
+            for suffix, style in (("", "x--"), (" fleet", "+:")):
+                gate = [pts[k] for q in QUANTILES if (k := f"{method} gate {q}{suffix}") in pts]
+                if gate:
+                    ax.plot(
+                        *zip(*gate, strict=True),
+                        style,
+                        label=f"{method}, gate q " + "/".join(map(str, QUANTILES)) + suffix,
+                    )
         ax.axvline(-2, color="g", lw=0.8, ls="--")
         ax.axhline(5, color="g", lw=0.8, ls="--")
         ax.set_title(f"{run['fleet']} ({len(run['results'])} seeds)", fontsize=9)

@@ -98,6 +98,7 @@ def rollout_record(store: RolloutStore, r: RolloutRow, detail: bool = True) -> d
         "updated_at": r.updated_at,
         "skipped": list(r.skipped),
         "targets": list(r.targets),
+        "fallback": r.fallback,
     }
     if not detail:
         return out

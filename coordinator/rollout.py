@@ -121,8 +121,9 @@ class RolloutManager:
             )
         self.transport.publish(topic, payload, qos=1, retain=True, timeout=self.publish_timeout)
 
-    def _send_adapter(self, rid: int, stage: str, version: str, agent: str) -> None:
+    def _send_adapter(self, rid: int, stage: str, version: str, agent: str, fallback: bool = False) -> None:
         tensors, meta = self.adapters.load_for(version, agent)
+        extra = self.adapters.fallback_for(version, agent) if fallback else None
         push = AdapterPush(
             version=meta.version,
             bundle_id=meta.bundle_id,
@@ -134,8 +135,10 @@ class RolloutManager:
             kind=meta.kind,
             round_id=meta.round,
             adapter=tensors,
+            fallback_version=(extra[1].version or version) if extra is not None else "",
+            fallback=extra[0] if extra is not None else {},
         )
-        blob = adapter_bytes(tensors, meta)
+        blob = adapter_bytes(push.tensors(), meta)  # with the fallback: one file, one sha256
         if len(blob) > self.inline_limit:
             if self.url_root is None or self.url_base is None:
                 raise RolloutError(
@@ -145,7 +148,7 @@ class RolloutManager:
             digest = sha256_bytes(blob)
             publish_file(self.url_root, f"adapters/{digest}.safetensors", blob)
             url = f"{self.url_base}/adapters/{digest}.safetensors"
-            push = replace(push, url=url, sha256=digest, size=len(blob), adapter={})
+            push = replace(push, url=url, sha256=digest, size=len(blob), adapter={}, fallback={})
         self._publish(self.topics.adapter(agent), agent, push)
 
     def _send_command(self, agent: str, command: RolloutCommand, kind: str = "command") -> None:
@@ -168,6 +171,15 @@ class RolloutManager:
             )
         for agent in targets:  # fail before anything is published if an adapter is missing
             self.adapters.load_for(params.version, agent)
+        fallbacks = (
+            (self.adapters.fallback_for(params.version, a) for a in targets) if params.fallback else ()
+        )
+        extra = sum(f is not None for f in fallbacks)
+        if params.fallback and not extra:  # only a personalized round's version has one to send
+            raise RolloutError(
+                f"--fallback: no target gets its own adapter of {params.version}, so none needs the "
+                "global one beside it"
+            )
         rid = self.store.create(
             params.version,
             str(params.target),
@@ -177,9 +189,12 @@ class RolloutManager:
             params.stage_timeout,
             skipped,
             targets,
+            params.fallback,
         )
         if skipped:
             self._say(rid, f"pinned, left out: {', '.join(skipped)}")
+        if params.fallback:
+            self._say(rid, f"fallback: {extra} of {len(targets)} agent(s) get {params.version} too")
         canary = select_canary(targets, fleet, params.canary, salt=str(rid))
         if canary:  # even when it is every target: the gate (and automatic rollback) still applies
             self._begin_stage(rid, CANARY, canary, params)
@@ -191,7 +206,7 @@ class RolloutManager:
     def _begin_stage(self, rid: int, stage: str, agents: Sequence[str], params: RolloutParams) -> None:
         self.store.add_stage(rid, stage, agents, time.time() + params.stage_timeout)
         for agent in agents:
-            self._send_adapter(rid, stage, params.version, agent)
+            self._send_adapter(rid, stage, params.version, agent, params.fallback)
         self._say(rid, f"{stage}: sent {params.version} to {len(agents)} agent(s)")
 
     def rollback(self, rid: int, reason: str = "rolled back by operator") -> None:

@@ -57,6 +57,12 @@ def start(
     ),
     min_acks: float = typer.Option(0.9, "--min-acks", help="Share of canary agents that must acknowledge."),
     stage_timeout: float = typer.Option(300.0, "--stage-timeout", help="Seconds a stage waits for acks."),
+    fallback: bool = typer.Option(
+        False,
+        "--fallback",
+        help="Send agents that get their own adapter of a personalized round the round's global one "
+        "too, where their open-set gate sends unfamiliar images (docs/rollout.md).",
+    ),
     wait: bool = typer.Option(False, "--wait", help="Stay until the rollout completes or rolls back."),
     wait_timeout: float = typer.Option(
         3600.0, "--wait-timeout", help="Give up waiting after this many seconds."
@@ -88,7 +94,9 @@ def start(
     """
     console = Console(stderr=as_json)
     version, source = adapter_source(state, version)
-    params = RolloutParams(version, Target.parse(to), canary, max_regression, min_acks, stage_timeout)
+    params = RolloutParams(
+        version, Target.parse(to), canary, max_regression, min_acks, stage_timeout, fallback
+    )
     broker_args = (broker, fleet, username, password_file, ca_file)
     with connected(
         state,

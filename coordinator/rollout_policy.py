@@ -104,6 +104,9 @@ class RolloutParams:
     max_regression: float = 1.0
     min_acks: float = 0.9
     stage_timeout: float = 300.0
+    # Send an agent that gets its own adapter of a personalized round the round's global one too,
+    # for its open-set gate (`AdapterSource.fallback_for`, docs/rollout.md "Fallback").
+    fallback: bool = False
 
     def __post_init__(self) -> None:
         check_id(self.version, "version")
@@ -125,6 +128,7 @@ class RolloutParams:
             row.max_regression,
             row.min_acks,
             row.stage_timeout,
+            row.fallback,
         )
 
 

@@ -19,6 +19,12 @@ class AdapterSource(Protocol):
         """The adapter `agent` gets when `version` rolls out (its own one for personalized versions)."""
         ...
 
+    def fallback_for(self, version: str, agent: str) -> Adapter | None:
+        """What `agent`'s open-set gate falls back to when `version` rolls out with `--fallback`: the
+        round's global adapter when `load_for` gave the agent its own one (None: it got the global
+        one itself, which needs no fallback)."""
+        ...
+
 
 class RegistrySource:
     """Versions from the registry; a global version of a round whose strategy personalized
@@ -26,14 +32,27 @@ class RegistrySource:
 
     def __init__(self, registry: Registry):
         self.registry = registry
+        self._global: tuple[str, Adapter] | None = None  # the last fallback: the same for every agent
 
     def load_for(self, version: str, agent: str) -> Adapter:
+        own = self._own(version, agent)
+        return self.registry.load(own or version)
+
+    def fallback_for(self, version: str, agent: str) -> Adapter | None:
+        if not self._own(version, agent):
+            return None
+        if self._global is None or self._global[0] != version:  # read once, not once per agent
+            self._global = (version, self.registry.load(version))
+        return self._global[1]
+
+    def _own(self, version: str, agent: str) -> str | None:
+        """`agent`'s own version of the round `version` is the global version of, if it has one."""
         row = self.registry.show(version)
         if row.scope != "agent" and row.round > 0:
             own = agent_version(agent, row.round)
             if self.registry.has(own):
-                return self.registry.load(own)
-        return self.registry.load(version)
+                return own
+        return None
 
 
 @dataclass
@@ -46,6 +65,12 @@ class DictSource:
     def load_for(self, version: str, agent: str) -> Adapter:
         if (version, agent) in self.per_agent:
             return self.per_agent[(version, agent)]
+        return self._global(version)
+
+    def fallback_for(self, version: str, agent: str) -> Adapter | None:
+        return self._global(version) if (version, agent) in self.per_agent else None
+
+    def _global(self, version: str) -> Adapter:
         if version not in self.versions:
             raise RolloutError(f"adapter version {version!r} is unknown")
         return self.versions[version]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from fedclip.coordinator.store.db import Database
+from fedclip.coordinator.store.db import Database, columns
 from fedclip.sdk.errors import FedclipError
 
 T = TypeVar("T")
@@ -61,7 +61,8 @@ CREATE TABLE IF NOT EXISTS rollouts(
     id INTEGER PRIMARY KEY AUTOINCREMENT, version TEXT NOT NULL, target TEXT NOT NULL,
     canary TEXT NOT NULL, max_regression REAL NOT NULL, min_acks REAL NOT NULL,
     stage_timeout REAL NOT NULL, state TEXT NOT NULL, reason TEXT, created_at REAL NOT NULL,
-    updated_at REAL NOT NULL, skipped TEXT NOT NULL DEFAULT '[]', targets TEXT NOT NULL DEFAULT '[]');
+    updated_at REAL NOT NULL, skipped TEXT NOT NULL DEFAULT '[]', targets TEXT NOT NULL DEFAULT '[]',
+    fallback INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS rollout_stages(
     rollout INTEGER NOT NULL, name TEXT NOT NULL, agents TEXT NOT NULL, state TEXT NOT NULL,
     started_at REAL, deadline REAL, decided_at REAL, mean_regression REAL, reason TEXT,
@@ -91,6 +92,7 @@ class RolloutRow:
     updated_at: float
     skipped: tuple[str, ...]
     targets: tuple[str, ...]
+    fallback: bool = False  # personalized agents also get the round's global adapter (`--fallback`)
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,7 @@ class RolloutStore:
             what=str(self.path),
             synchronous="NORMAL",
             error_type=RolloutError,
+            on_open=_add_fallback_column,
         )
 
     def close(self) -> None:
@@ -142,13 +145,15 @@ class RolloutStore:
         stage_timeout: float,
         skipped: Sequence[str],
         targets: Sequence[str],
+        fallback: bool = False,
     ) -> int:
         now = time.time()
 
         def fn(c: sqlite3.Connection) -> int:
             cur = c.execute(
                 "INSERT INTO rollouts(version, target, canary, max_regression, min_acks, stage_timeout,"
-                " state, reason, created_at, updated_at, skipped, targets) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
+                " state, reason, created_at, updated_at, skipped, targets, fallback)"
+                " VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     version,
                     target,
@@ -162,6 +167,7 @@ class RolloutStore:
                     now,
                     json.dumps(sorted(skipped)),
                     json.dumps(sorted(targets)),
+                    int(fallback),
                 ),
             )
             rid = cur.lastrowid
@@ -304,6 +310,13 @@ class RolloutStore:
         return self._q("SELECT at, event FROM rollout_events WHERE rollout=? ORDER BY id", (rid,))
 
 
+def _add_fallback_column(conn: sqlite3.Connection) -> None:
+    """A rollout database made before `--fallback` gets its column (every old rollout: none)."""
+    if "fallback" not in columns(conn, "rollouts"):
+        conn.execute("ALTER TABLE rollouts ADD COLUMN fallback INTEGER NOT NULL DEFAULT 0")
+        conn.commit()
+
+
 def _rollout(r: tuple) -> RolloutRow:
     return RolloutRow(
         r[0],
@@ -319,4 +332,5 @@ def _rollout(r: tuple) -> RolloutRow:
         r[10],
         tuple(json.loads(r[11] or "[]")),
         tuple(json.loads(r[12] or "[]")),
+        bool(r[13]),
     )

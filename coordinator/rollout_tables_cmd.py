@@ -38,7 +38,9 @@ def print_rollout(console: Console, store: RolloutStore, rid: int) -> None:
         return
     console.print(
         f"[bold]rollout {r.id}[/bold]: {r.version} to {r.target}, canary {r.canary}, "
-        f"max regression {r.max_regression:g}, min acks {r.min_acks:.0%}: [bold]{r.state}[/bold]"
+        f"max regression {r.max_regression:g}, min acks {r.min_acks:.0%}"
+        + (", with the global adapter as fallback" if r.fallback else "")
+        + f": [bold]{r.state}[/bold]"
         + (f" ({r.reason})" if r.reason else "")
     )
     if r.skipped:

@@ -15,7 +15,9 @@ embeddings, and its result names the adapter version that produced it.
 
 With `open_set=OpenSet(train_dir)` the label prior of a balanced-softmax adapter is added only to
 images that look like the device's own training images (`device_agent.open_set`, refitted with each
-adapter before it serves); the others are scored by the bundle's own model, without the prior.
+adapter before it serves); the others are scored, without the prior, by the adapter's fallback: the
+fleet's global adapter a rollout delivered beside a personalized one (`rollout start --fallback`;
+`fallback=` for a fixed adapter), else the bundle's own model.
 
 Label embeddings go through the bundle's text encoder graph with the installed text-tower adapter,
 are computed once per (adapter version, prompts) and cached; logits are CLIP's
@@ -41,7 +43,7 @@ from fedclip.device_agent.predictor import Predictor
 from fedclip.sdk.adapters import AdapterMeta, load_adapter
 from fedclip.sdk.errors import DataError, FedclipError, StateError
 from fedclip.sdk.label_prior import inference_bias
-from fedclip.sdk.ledger import installed_adapter, state_stamp
+from fedclip.sdk.ledger import installed, installed_adapter, state_stamp
 from fedclip.sdk.manifest import Manifest
 from fedclip.sdk.preprocess import ImageTransform, load_image
 
@@ -79,7 +81,8 @@ class SwapStats:
     swaps: int  # switches to another adapter since the start
     load_failures: int  # changes the watcher could not load (the current adapter kept serving)
     last_swap: float | None  # Unix time of the last switch
-    open_set_sent_away: int = 0  # images the open-set gate scored with the bundle's own model
+    open_set_sent_away: int = 0  # images the open-set gate scored with the fallback
+    open_set_fallback: str | None = None  # what they go to now (None: the bundle's own model)
 
 
 @dataclass(frozen=True)
@@ -92,8 +95,16 @@ class _Served:
     # balanced-softmax adapter carries in its metadata (`sdk.label_prior`); None: nothing.
     bias: np.ndarray | None = None
     # With `open_set`: which images the prior applies to, fitted on the device's own images under
-    # this adapter (`device_agent.open_set`); the others are scored by the bundle's own model.
+    # this adapter (`device_agent.open_set`); the others are scored by `away`, without the prior.
     gate: Gate | None = None
+    # The model the gate sends images to: the adapter's fallback (the fleet's global adapter,
+    # delivered with a personalized one), else the bundle's own (shared by every served adapter).
+    away: _Served | None = None
+    fallback: bool = False  # this is a fallback: its label embeddings are cached apart from a version's
+
+    @property
+    def text_key(self) -> tuple[str | None, bool]:
+        return self.version, self.fallback
 
 
 class Classifier:
@@ -111,6 +122,7 @@ class Classifier:
         batch_size: int = 32,
         prior_weight: float = 1.0,
         open_set: OpenSet | None = None,
+        fallback: str | Path | None = None,
     ) -> None:
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
@@ -139,11 +151,11 @@ class Classifier:
         self._switched = threading.Condition(self._lock)
         version, tensors, meta = None, None, None
         if adapter is not None:
-            tensors, meta = load_adapter(adapter)
-            if meta.bundle_id != self.manifest.bundle_id:
-                raise DataError(f"{adapter}: adapter was made for bundle {meta.bundle_id[:12]}, not this one")
+            tensors, meta = self._load(adapter, DataError)
             version = meta.version or None
-        self._served = self._build(version, tensors, meta, str(adapter))
+        if fallback is not None and open_set is None:
+            raise DataError("fallback is where the open-set gate sends images: pass open_set too")
+        self._served = self._build(version, tensors, meta, str(adapter), fallback)
         self.device = self._served.predictor.device  # auto resolved: cpu or cuda, for every later build
         if self.labels is not None:
             self._text_features(self._served, self._prompts(self.labels, None))  # fail early, warm cache
@@ -161,6 +173,8 @@ class Classifier:
         """Follow the adapter an agent with state dir `state_dir` has installed, switching within
         `poll` seconds of a change. `bundle` defaults to the one the agent downloaded into
         `<state>/bundles/<bundle id>` (agents started with a bundle URL)."""
+        if kw.get("fallback") is not None:
+            raise DataError("from_state serves the agent's own fallback; fallback= is for fixed adapters")
         state_dir = Path(state_dir)
         bundle_id, _, _ = installed_adapter(state_dir)
         if bundle is None:
@@ -181,34 +195,43 @@ class Classifier:
         clf._watcher.start()
         return clf
 
+    def _load(self, path: str | Path, error: type[FedclipError]) -> tuple[dict[str, np.ndarray], AdapterMeta]:
+        tensors, meta = load_adapter(path)
+        if meta.bundle_id != self.manifest.bundle_id:
+            raise error(f"{path}: adapter was made for bundle {meta.bundle_id[:12]}, not this one")
+        return tensors, meta
+
+    def _predictor(self, tensors: dict[str, np.ndarray] | None) -> Predictor:
+        predictor = Predictor(
+            self.bundle_dir, adapter=tensors, device=self.device, threads=self.threads, manifest=self.manifest
+        )
+        return predictor.load()
+
     def _build(
         self,
         version: str | None,
         tensors: dict[str, np.ndarray] | None,
         meta: AdapterMeta | None = None,
         where: str = "adapter",
+        fallback: Path | str | None = None,
     ) -> _Served:
         n_labels = len(self.manifest.task.labels)
         counts = meta.label_prior if meta is not None else ()
         bias = inference_bias(counts, n_labels, self.prior_weight, where)  # checked before loading
-        predictor = Predictor(
-            self.bundle_dir,
-            adapter=tensors,
-            device=self.device,
-            threads=self.threads,
-            manifest=self.manifest,
-        )
-        predictor.load()
-        gate = None
-        if self._own_images is not None and bias is not None:  # no prior, nothing to gate
-            assert self.open_set is not None
-            gate = gate_for(predictor, self._own_images, self.open_set.quantile, self.batch_size, where)
+        predictor = self._predictor(tensors)
+        if self._own_images is None or bias is None:  # no gate, or no prior: nothing to gate
+            return _Served(version=version, predictor=predictor, bias=bias)
+        assert self.open_set is not None
+        gate = gate_for(predictor, self._own_images, self.open_set.quantile, self.batch_size, where)
+        if fallback is not None:  # the fleet's adapter, for this adapter's unfamiliar images only
+            fb_tensors, fb_meta = self._load(fallback, StateError if self._state_dir else DataError)
+            name = fb_meta.version or Path(fallback).name
+            away = _Served(name, self._predictor(fb_tensors), fallback=True)
+        else:
             if self._base is None:
-                base = Predictor(
-                    self.bundle_dir, device=self.device, threads=self.threads, manifest=self.manifest
-                )
-                self._base = _Served(version=None, predictor=base.load())
-        return _Served(version=version, predictor=predictor, bias=bias, gate=gate)
+                self._base = _Served(version=None, predictor=self._predictor(None))
+            away = self._base
+        return _Served(version=version, predictor=predictor, bias=bias, gate=gate, away=away)
 
     # ---- following the agent -------------------------------------------------------------------
     @property
@@ -246,20 +269,17 @@ class Classifier:
         if self._state_dir is None:
             return False
         stamp = state_stamp(self._state_dir)
-        bundle_id, version, path = installed_adapter(self._state_dir)
+        now = installed(self._state_dir)
         self._stamp = stamp
-        if version == self._served.version:
+        if now.version == self._served.version:
             return False
-        if bundle_id != self.manifest.bundle_id:
+        if now.bundle_id != self.manifest.bundle_id:
             raise StateError(
-                f"{self._state_dir}: the agent moved to bundle {bundle_id[:12]}; start a new Classifier"
+                f"{self._state_dir}: the agent moved to bundle {now.bundle_id[:12]}; start a new Classifier"
             )
-        tensors, meta = None, None
-        if path is not None:
-            tensors, meta = load_adapter(path)
-            if meta.bundle_id != self.manifest.bundle_id:
-                raise StateError(f"{path}: adapter was made for bundle {meta.bundle_id[:12]}")
-        served = self._build(version, tensors, meta, str(path))  # complete before it is visible
+        version, path = now.version, now.file
+        tensors, meta = self._load(path, StateError) if path is not None else (None, None)
+        served = self._build(version, tensors, meta, str(path), now.fallback)  # complete before visible
         with self._lock:
             old, self._served = self._served, served
             self._swaps, self._last_swap = self._swaps + 1, time.time()
@@ -292,8 +312,10 @@ class Classifier:
 
     def swap_stats(self) -> SwapStats:
         with self._lock:
+            served = self._served
+            away = served.away.version if served.away is not None else None
             return SwapStats(
-                self._served.version, self._swaps, self._load_failures, self._last_swap, self._sent_away
+                served.version, self._swaps, self._load_failures, self._last_swap, self._sent_away, away
             )
 
     def close(self) -> None:
@@ -318,7 +340,7 @@ class Classifier:
 
     def _text_features(self, served: _Served, texts: tuple[str, ...]) -> tuple[np.ndarray, float]:
         """(normalized text embeddings, logit scale) of `texts` under `served`'s adapter, cached."""
-        key = (served.version, texts)
+        key = (served.text_key, texts)
         with self._lock:
             hit = self._text_cache.get(key)
             if hit is not None:
@@ -357,7 +379,7 @@ class Classifier:
             if own and served.bias is not None:  # the prior is over the bundle's labels only
                 logits = logits + served.bias
                 if served.gate is not None:
-                    away_logits = partial(self._base_logits, pixels[start : start + self.batch_size])
+                    away_logits = partial(self._away_logits, served, pixels[start : start + self.batch_size])
                     logits, sent = served.gate.route(logits, embeds, away_logits)
                     with self._lock:
                         self._sent_away += sent
@@ -367,14 +389,14 @@ class Classifier:
             labels=tuple(labels), logits=np.concatenate(chunks), adapter_version=served.version
         )
 
-    def _base_logits(self, pixels: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """The bundle's own model's logits over its labels for `pixels[rows]`, no adapter and no
-        prior: for the images an open-set gate sends away."""
-        base = self._base
-        assert base is not None  # built with every gate
-        out, feats = base.predictor.image_outputs(pixels[rows])
-        if out is None:  # a graph without logits: through the base's label embeddings
-            text, scale = self._text_features(base, self._prompts(self.manifest.task.labels, None))
+    def _away_logits(self, served: _Served, pixels: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """The logits over the bundle's labels of `served`'s fallback (or the bundle's own model) for
+        `pixels[rows]`, without a prior: for the images an open-set gate sends away."""
+        away = served.away
+        assert away is not None  # built with every gate
+        out, feats = away.predictor.image_outputs(pixels[rows])
+        if out is None:  # a graph without logits: through its label embeddings
+            text, scale = self._text_features(away, self._prompts(self.manifest.task.labels, None))
             out = scale * _normalize(feats) @ text.T
         return out
 

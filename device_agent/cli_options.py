@@ -35,11 +35,18 @@ PRIOR = typer.Option(
 OPEN_SET = typer.Option(
     None,
     "--open-set",
-    help="This device's labelled training images: an image unlike them is scored by the bundle's "
-    "own model, without the label prior (docs/inference.md, 'Open-set gate').",
+    help="This device's labelled training images: an image unlike them is scored, without the label "
+    "prior, by the fleet's adapter delivered with the one in use, else the bundle's own model "
+    "(docs/inference.md, 'Open-set gate').",
 )
 OPEN_SET_Q = typer.Option(
     0.05, "--open-set-quantile", help="Share of the device's own images the gate may send away."
+)
+OPEN_SET_FALLBACK = typer.Option(
+    None,
+    "--open-set-fallback",
+    help="With --adapter: the adapter the gate sends unfamiliar images to (the fleet's global one); "
+    "default the bundle's own model. An agent's state dir brings its own.",
 )
 CACHE = typer.Option(
     None,

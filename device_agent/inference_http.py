@@ -87,8 +87,9 @@ def _open_set(clf: Classifier) -> dict | None:
     if gate is None or cfg is None:
         return None
     names = clf.manifest.task.labels
+    stats = clf.swap_stats()
     return {"labels": [names[k] for k in gate.labels], "quantile": cfg.quantile,
-            "sent_away": clf.swap_stats().open_set_sent_away}  # fmt: skip
+            "sent_away": stats.open_set_sent_away, "fallback": stats.open_set_fallback}  # fmt: skip
 
 
 def _strings(body: dict, key: str) -> list[str] | None:

@@ -193,6 +193,7 @@ def eval(  # noqa: A001 - the command is called `eval`
     prior_weight: float = opt.PRIOR,
     open_set: Path = opt.OPEN_SET,
     open_set_quantile: float = opt.OPEN_SET_Q,
+    open_set_fallback: Path = opt.OPEN_SET_FALLBACK,
     device: str = opt.DEVICE,
     backend: str = opt.BACKEND,
     threads: int = opt.THREADS,
@@ -206,12 +207,16 @@ def eval(  # noqa: A001 - the command is called `eval`
     from fedclip.device_agent.batches import batch_source
     from fedclip.device_agent.loops import evaluate
 
+    if open_set_fallback is not None and open_set is None:
+        raise DataError("--open-set-fallback is where the gate sends images: give --open-set too")
     if open_set is not None:
         from fedclip.device_agent.open_set import OpenSet
 
         gate = OpenSet(open_set, open_set_quantile)
         setup_logging(quiet=quiet or as_json)
-        metrics = _gated_accuracy(bundle, adapter, data, holdout, gate, prior_weight, device, threads)
+        metrics = _gated_accuracy(
+            bundle, (adapter, open_set_fallback), data, holdout, gate, prior_weight, device, threads
+        )
         _emit(metrics, as_json, "evaluation")
         return
 
@@ -227,9 +232,10 @@ def eval(  # noqa: A001 - the command is called `eval`
     _emit(metrics, as_json, "evaluation")
 
 
-def _gated_accuracy(bundle: Path, adapter: Path | None, data: Path, holdout: float, gate, prior_weight: float,
-                    device: str, threads: int | None) -> dict:  # fmt: skip
-    """`eval --open-set`: the accuracy of the `Classifier` with the open-set gate on `data`."""
+def _gated_accuracy(bundle: Path, adapters: tuple[Path | None, Path | None], data: Path, holdout: float, gate,
+                    prior_weight: float, device: str, threads: int | None) -> dict:  # fmt: skip
+    """`eval --open-set`: the accuracy of the `Classifier` with the open-set gate on `data`;
+    `adapters`: (the adapter, its fallback)."""
     from fedclip.device_agent.classifier import Classifier
     from fedclip.device_agent.loops import classifier_hits
     from fedclip.sdk.manifest import Manifest
@@ -237,14 +243,15 @@ def _gated_accuracy(bundle: Path, adapter: Path | None, data: Path, holdout: flo
     dataset, held_out = _open_data(data, Manifest.load(bundle), holdout)
     dataset = held_out if held_out is not None else dataset
     kw = dict(open_set=gate, prior_weight=prior_weight, device=device, threads=threads)
-    with Classifier.from_bundle(bundle, adapter, **kw) as clf:
+    with Classifier.from_bundle(bundle, adapters[0], fallback=adapters[1], **kw) as clf:
         hits, n = classifier_hits(clf, dataset)
-        sent = clf.swap_stats().open_set_sent_away
+        stats = clf.swap_stats()
         on, prior = clf.open_set_gate is not None, clf.label_prior
     if not n:
         raise DataError(f"{data}: no readable images to evaluate")
     return {"accuracy": hits / n, "num_samples": n, "label_prior": prior, "open_set": on,
-            "open_set_sent_away": sent, "skipped_images": len(dataset.skipped)}  # fmt: skip
+            "open_set_sent_away": stats.open_set_sent_away, "open_set_fallback": stats.open_set_fallback,
+            "skipped_images": len(dataset.skipped)}  # fmt: skip
 
 
 def predict(

@@ -77,7 +77,7 @@ class _AdapterCollector:
         yield failed
         away = CounterMetricFamily(
             "fedclip_inference_open_set_sent_away",
-            "Images the open-set gate scored with the bundle's own model, without the label prior",
+            "Images the open-set gate scored with its fallback, without the label prior",
         )
         away.add_metric([], stats.open_set_sent_away)
         yield away

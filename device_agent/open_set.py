@@ -7,13 +7,15 @@ the image looks like the device's own training images. It fits one Gaussian per 
 unit image embeddings under the served adapter, with one diagonal variance pooled over those labels
 (a scarce device holds 16-32 images a label, too few for a variance each). An image whose nearest
 own-label Gaussian is further than the `quantile` of the training images' own distances is taken
-as a label the device has not seen. The `Classifier` then scores that image with the bundle's
-own model and no prior, which keeps what the base knows of every label.
+as a label the device has not seen. The `Classifier` then scores that image without the prior, by
+the fleet's global adapter when a rollout delivered one beside the device's personalized adapter
+(`rollout start --fallback`), else by the bundle's own model, which keeps what the base knows of
+every label.
 
-Why the bundle's own model: every device has it, and in the four scarce fleets of
+Why those two: every device has the bundle's own model, and in the four scarce fleets of
 `benchmarks/results/fmnist_open_set.md` it meets the all-class target at q = 0.05, at 2 points of
 own accuracy under training alone on a base with room (personal tuning at mu 6 paid 11 for it).
-The fleet's global adapter does 0.6-2 points better, but a fleet-lora device is not sent it.
+The fleet's global adapter does 0.6-2 points better there, for one more adapter on the device.
 The gate's math is numpy; `gate_for` embeds the images with the Predictor it is given.
 """
 

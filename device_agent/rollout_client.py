@@ -10,7 +10,8 @@ message. For an adapter it:
    unsigned, tampered, wrongly signed and malformed adapters never reach step 2;
 2. evaluates the new adapter and the current one on the local held-out data (`evaluate_fn`);
 3. installs it in the agent's adapter ledger under its rollout id (`rollout_history`), which
-   switches inference, and
+   switches inference, with its fallback when the push carries one (`rollout start --fallback`:
+   the fleet's global adapter, checked and completed like the adapter itself), and
 4. acknowledges with both metrics on `agents/<id>/ack` (`rollout_acks`).
 
 Commands are read with `messages.RolloutCommand.parse`. Bad input is refused with one line ("refused:
@@ -183,9 +184,9 @@ class RolloutClient:
             self.acks.send(rid, "rejected", version, reason=f"adapter is for bundle {push.bundle_id[:12]}")
             return
         try:
-            tensors = self._tensors(push)
-            if self.check_fn is not None:
-                tensors = self.check_fn(tensors, where)
+            push = self._fetched(push, where)
+            tensors = self._checked(push.adapter, where)
+            fallback = self._checked(push.fallback, f"{where}: fallback") if push.fallback else None
         except FedclipError as e:
             self.acks.send(rid, "rejected", version, reason=str(e), keep=False)  # a later copy may fetch fine
             raise
@@ -199,18 +200,27 @@ class RolloutClient:
                 return
         previous = self.current_version
         if version != previous:
-            kept = self.complete_fn(tensors) if self.complete_fn is not None else tensors
-            rollout_history.install(self.state, kept, _meta(push, self.agent_id), rid)
+            kept = self._completed(tensors)
+            extra = None
+            if fallback is not None:
+                extra = (self._completed(fallback), _fallback_meta(push))
+            rollout_history.install(self.state, kept, _meta(push, self.agent_id), rid, extra)
         self.memory.applied(msg.envelope.sent_at)
         self.acks.send(rid, "installed", version, previous_version=previous or "", metrics=metrics)
         log.info("adapter %s installed (rollout %s, previous %s)%s", version, rid, previous, _fmt(metrics))
 
-    def _tensors(self, push: AdapterPush) -> Tensors:
+    def _fetched(self, push: AdapterPush, where: str) -> AdapterPush:
         if not push.url:
-            return push.tensors()
+            return push
         # The signature covers url and sha256, so the fetched bytes are as trusted as the message.
         blob = fetch_bytes(push.url, push.sha256, max_bytes=self.max_payload)
-        return adapter_from_bytes(blob, push.url)[0]
+        return push.with_fetched(adapter_from_bytes(blob, push.url)[0], where)
+
+    def _checked(self, tensors: Tensors, where: str) -> Tensors:
+        return self.check_fn(tensors, where) if self.check_fn is not None else tensors
+
+    def _completed(self, tensors: Tensors) -> Tensors:
+        return self.complete_fn(tensors) if self.complete_fn is not None else tensors
 
     # ---- commands ------------------------------------------------------------------------------
     def _on_command(self, payload: bytes, where: str, kind: str) -> None:
@@ -265,6 +275,13 @@ def _meta(push: AdapterPush, agent_id: str) -> AdapterMeta:
         strategy=push.strategy,
         kind=push.kind,
         agent=agent_id,
+    )
+
+
+def _fallback_meta(push: AdapterPush) -> AdapterMeta:
+    """The fallback is the round's global adapter: no agent of its own, no label prior."""
+    return AdapterMeta(
+        bundle_id=push.bundle_id, version=push.fallback_version, round=push.round_id, strategy=push.strategy
     )
 
 

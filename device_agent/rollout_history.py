@@ -20,9 +20,18 @@ from fedclip.sdk.adapters import AdapterMeta
 KEEP_VERSIONS = 3  # rollout adapters kept with their files: current + two to roll back to
 
 
-def install(state: AgentState, tensors: Mapping[str, np.ndarray], meta: AdapterMeta, rollout: int) -> None:
-    """Keep `meta.version` in the ledger as installed by `rollout` and switch inference to it."""
-    state.install_adapter(meta.version, tensors, meta, source="rollout", rnd=meta.round, rollout=rollout)
+def install(
+    state: AgentState,
+    tensors: Mapping[str, np.ndarray],
+    meta: AdapterMeta,
+    rollout: int,
+    fallback: tuple[Mapping[str, np.ndarray], AdapterMeta] | None = None,
+) -> None:
+    """Keep `meta.version` in the ledger as installed by `rollout` (with the `fallback` its push
+    carried) and switch inference to it."""
+    state.install_adapter(
+        meta.version, tensors, meta, source="rollout", rnd=meta.round, rollout=rollout, fallback=fallback
+    )
     _prune(state)
 
 

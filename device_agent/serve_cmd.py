@@ -34,6 +34,7 @@ def serve_inference(
     prior_weight: float = opt.PRIOR,
     open_set: Path = opt.OPEN_SET,
     open_set_quantile: float = opt.OPEN_SET_Q,
+    open_set_fallback: Path = opt.OPEN_SET_FALLBACK,
     device: str = opt.DEVICE,
     threads: int = opt.THREADS,
     quiet: bool = opt.QUIET,
@@ -61,9 +62,11 @@ def serve_inference(
         open_set=OpenSet(open_set, open_set_quantile) if open_set is not None else None,
     )
     if state is not None:
+        if open_set_fallback is not None:
+            raise DataError("--open-set-fallback goes with --adapter; with --state the agent's own is used")
         clf = Classifier.from_state(state, bundle=bundle, **kw)
     else:
-        clf = Classifier.from_bundle(bundle, adapter=adapter, **kw)
+        clf = Classifier.from_bundle(bundle, adapter=adapter, fallback=open_set_fallback, **kw)
     server = make_server(clf, host=host, port=port, unix=unix, max_body=int(max_body_mb * (1 << 20)))
 
     def stop(signum, frame) -> None:

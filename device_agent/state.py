@@ -8,6 +8,8 @@ Layout (every file is written atomically: temp file + fsync + os.replace + fsync
     state.lock                 flock held by the running agent (released by the kernel on kill -9)
     adapters/<version>.safetensors   adapters installed for inference (full trainable set)
     adapters/<version>.personal.safetensors   its copy tuned on the device (`device_agent.personal`)
+    adapters/<version>.fallback.safetensors   the fleet's adapter its rollout delivered beside it
+                               (`rollout start --fallback`; where the open-set gate sends images)
     personal-trainer.ckpt      the trainer while personal tuning runs (removed after; a crash leaves it)
     personal-work.ckpt, .json  a personal tuning paused for a message or a stop, resumed from there
     trainer/ckpt-<round>       ORT checkpoint (weights + optimizer) at the end of the last round
@@ -190,9 +192,10 @@ class AgentState:
         rnd: int = -1,
         use: bool = True,
         rollout: int = 0,
+        fallback: tuple[Mapping[str, np.ndarray], AdapterMeta] | None = None,
     ) -> Path:
-        """Keep an adapter in the ledger (`sdk.ledger`) and, with `use`, make it the one inference uses.
-        Idempotent for a version already there."""
+        """Keep an adapter in the ledger (`sdk.ledger`) and, with `use`, make it the one inference uses;
+        with its `fallback` (tensors, meta) beside it. Idempotent for a version already there."""
         if not ID_PATTERN.match(version or ""):
             raise StateError(f"adapter version {version!r} is not a valid id")
         rel = f"adapters/{version}.safetensors"
@@ -203,16 +206,24 @@ class AgentState:
             self._write(rel, adapter_bytes(tensors, meta))
         # strictly increasing, so the ledger's order (and a rollback's target) never rests on a tie
         latest = max((e.get("installed_at", 0.0) for e in self.record["adapters"].values()), default=0.0)
-        self.record["adapters"][version] = {
+        entry: dict[str, Any] = {
             "file": rel,
             "source": source,
             "round": rnd,
             "rollout": rollout,
             "installed_at": max(time.time(), latest + 1e-6),
         }
+        if fallback is not None:  # the file first: the record never names a missing one
+            fb_rel = f"adapters/{version}.fallback.safetensors"
+            self._write(fb_rel, adapter_bytes(*fallback))
+            entry["fallback"] = {"file": fb_rel, "version": fallback[1].version}
+        old = self.record["adapters"].get(version, {})
+        self.record["adapters"][version] = entry
         if use:
             self.record["current_adapter"] = version
         self._save()
+        if fallback is None and isinstance(old.get("fallback"), dict):  # installed again without one
+            remove(self.root / old["fallback"]["file"])
         return self.root / rel
 
     def keep_personal(
@@ -260,8 +271,9 @@ class AgentState:
         self._save()  # the record first, then the files: it never names a file that is gone
         for _, entry in gone if forget else ():
             remove(self.root / entry["file"])
-            if isinstance(entry.get("personal"), dict):  # its personal copy goes with it
-                remove(self.root / entry["personal"]["file"])
+            for side in ("personal", "fallback"):  # its personal copy and its fallback go with it
+                if isinstance(entry.get(side), dict):
+                    remove(self.root / entry[side]["file"])
 
     def set_adapter_rollout(self, version: str, rollout: int) -> None:
         """Name the rollout that installed `version` (for state dirs that recorded it as 0)."""

@@ -11,6 +11,9 @@ by the agent, so a reader sees the old or the new ledger, never half of one). So
 
 An entry may carry this device's `personal` copy (`device_agent.personal`: the entry's adapter tuned
 on the device's own images, held near it): while the entry is in use, inference serves the copy.
+It may also carry a `fallback`: the fleet's global adapter a rollout delivered beside a personalized
+one (`rollout start --fallback`), where an open-set gate sends the images that do not look like the
+device's own (`device_agent.open_set`); it goes wherever its entry goes (rollback, pruning).
 
 The ledger is also the rollout history: a rolled-back rollout's entry keeps its `rollout` id and gets
 `rolled_back_at` (never used again), and a rollback returns inference to `Ledger.previous(...)`,
@@ -62,6 +65,7 @@ class LedgerEntry:
     installed_at: float = 0.0
     rolled_back_at: float = 0.0  # when its rollout was rolled back on this device (0: never)
     personal: Path | None = None  # this device's tuned copy of it (absolute), if one was made
+    fallback: Path | None = None  # the fleet's adapter delivered with it (absolute), if one was
 
     @property
     def served(self) -> tuple[str, Path]:
@@ -100,7 +104,8 @@ class Ledger:
                 rollout=int(e.get("rollout", 0) or 0),
                 installed_at=float(e.get("installed_at", 0.0)),
                 rolled_back_at=float(e.get("rolled_back_at", 0.0)),
-                personal=_personal_file(root, e.get("personal")),
+                personal=_side_file(root, e.get("personal")),
+                fallback=_side_file(root, e.get("fallback")),
             )
             for version, e in record.get("adapters", {}).items()
         ]
@@ -143,19 +148,34 @@ class Ledger:
         return dict(sorted(found.items()))
 
 
-def installed_adapter(state_dir: str | Path) -> tuple[str, str | None, Path | None]:
-    """(bundle id, adapter version or None, its file or None): what the agent serves inference with.
+@dataclass(frozen=True)
+class Installed:
+    """What an agent serves inference with, from one read of its ledger."""
 
-    Read-only, and the only place the `Classifier` learns it from: the agent's ledger,
+    bundle_id: str
+    version: str | None  # None: the bundle's own adapter; `<version>+personal`: the tuned copy
+    file: Path | None
+    fallback: Path | None = None  # where an open-set gate sends unfamiliar images (None: the base)
+
+
+def installed(state_dir: str | Path) -> Installed:
+    """Read-only, and the only place the `Classifier` learns what to serve from: the agent's ledger,
     whose in-use entry only signed rollouts (and `--adapter` installs) change; with personal tuning on
-    (`device_agent.personal`), that entry's copy tuned on the device, as `<version>+personal`.
-    """
+    (`device_agent.personal`), that entry's copy tuned on the device, as `<version>+personal`; with
+    the entry's fallback when its rollout delivered one and the file is there."""
     ledger = Ledger.read(state_dir)
     entry = ledger.entry(ledger.current)
     if entry is None:
-        return ledger.bundle_id, None, None
+        return Installed(ledger.bundle_id, None, None)
     version, file = entry.served
-    return ledger.bundle_id, version, file
+    fallback = entry.fallback if entry.fallback is not None and entry.fallback.is_file() else None
+    return Installed(ledger.bundle_id, version, file, fallback)
+
+
+def installed_adapter(state_dir: str | Path) -> tuple[str, str | None, Path | None]:
+    """(bundle id, adapter version or None, its file or None): `installed`, without the fallback."""
+    now = installed(state_dir)
+    return now.bundle_id, now.version, now.file
 
 
 def state_stamp(state_dir: Path) -> tuple[int, int] | None:
@@ -168,7 +188,8 @@ def state_stamp(state_dir: Path) -> tuple[int, int] | None:
     return st.st_ino, st.st_mtime_ns
 
 
-def _personal_file(root: Path, personal: Any) -> Path | None:
-    if isinstance(personal, dict) and isinstance(personal.get("file"), str):
-        return root / personal["file"]
+def _side_file(root: Path, side: Any) -> Path | None:
+    """An entry's `personal` or `fallback` file: `{"file": <relative path>, ...}`."""
+    if isinstance(side, dict) and isinstance(side.get("file"), str):
+        return root / side["file"]
     return None

@@ -38,9 +38,10 @@ from fedclip.coordinator.demo import (
     write_markdown,
 )
 from fedclip.coordinator.procs import ChildFailed, ProcessGroup, port_is_free, wait_port_free
+from fedclip.coordinator.registry import agent_version, global_version
 from fedclip.sdk.adapters import load_adapter
 from fedclip.sdk.errors import ConfigError
-from fedclip.sdk.ledger import Ledger
+from fedclip.sdk.ledger import Ledger, installed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -384,6 +385,15 @@ def test_demo_end_to_end(tmp_path):
     assert report["config"]["loss"] == "balanced-softmax"
     assert any("balanced softmax" in n for n in report["notes"]), report["notes"]
     assert all(_final_prior(report, a) for a in report["agents"])
+    # ce-lora personalizes: each agent got its own adapter and, beside it, the round's global one
+    # (real agents: checked against the bundle and completed with their local factors)
+    last_round = report["rounds"][-1]["round"]
+    last = global_version(last_round)
+    for agent in report["agents"]:
+        now = installed(Path(report["run_dir"]) / "agents" / agent)
+        assert now.version == agent_version(agent, last_round) and now.fallback is not None, (agent, now)
+        assert load_adapter(now.fallback)[1].version == last
+        assert set(load_adapter(now.fallback)[0]) == set(load_adapter(now.file)[0])
 
     # A second run into the same folder needs no cleanup, and reuses the base; with plain CE no
     # adapter carries a prior; with --personal-mu each agent's final adapter is also tuned on its

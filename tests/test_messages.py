@@ -19,12 +19,13 @@ from hypothesis import strategies as st
 from fedclip.sdk import messages as m
 from fedclip.sdk.adapters import encode_tensors
 from fedclip.sdk.errors import WireError
-from fedclip.sdk.signing import generate_key
+from fedclip.sdk.signing import generate_key, sign_envelope
 from fedclip.sdk.wire import MAX_ROUND, STAT_LABEL_HIST, STAT_MEAN, Envelope, MsgType, tensors_digest
 from fedclip.sdk.wire import encode as wire_encode
 
 FLEET, AGENT = "fleet-1", "cam-07"
 ADAPTER = {"visual.q.lora_A": np.arange(8, dtype=np.float32).reshape(2, 4)}
+ADAPTER_B = np.ones((2, 4), np.float32)
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 ids = st.from_regex(r"[A-Za-z0-9_-]{1,20}", fullmatch=True)
@@ -214,7 +215,9 @@ VALID = {
         tuning=m.TuningProgress("v1", 3, 15),
     ),
     m.Ack: m.Ack(4, "installed", "v1", new=m.AckMetrics(0.5, 1.0, 10)),
-    m.AdapterPush: m.AdapterPush("v1", "b1", rollout=2, adapter=ADAPTER),
+    m.AdapterPush: m.AdapterPush(
+        "v1", "b1", rollout=2, adapter=ADAPTER, fallback_version="g-r1", fallback={"x.lora_A": ADAPTER_B}
+    ),
     m.RolloutCommand: m.RolloutCommand("rollback", 2, "v1"),
     m.CoordinatorStatus: m.CoordinatorStatus("online", "b1", 3),
 }
@@ -334,6 +337,44 @@ def test_adapter_push_needs_tensors_or_url():
     same(by_url, roundtrip(by_url))
     with pytest.raises(WireError, match="http"):
         roundtrip(m.AdapterPush("v1", "b1", url="file:///etc/passwd", sha256="0" * 64))
+
+
+def test_an_adapter_push_carries_its_fallback_signed_and_never_half_of_it():
+    key = generate_key()
+    push = VALID[m.AdapterPush]
+    back = roundtrip(push, key=key, public_key=key.public_key())
+    same(push, back)
+    assert set(back.adapter) == set(ADAPTER) and set(back.fallback) == {"x.lora_A"}
+    # the signature covers the fallback: a changed fallback tensor does not verify
+    env = m.envelope(push, FLEET, AGENT)
+    signed = sign_envelope(key, env, push.tensors())
+    forged = {**push.tensors(), "fallback/x.lora_A": ADAPTER_B + 1}
+    with pytest.raises(WireError, match="does not verify|digest"):
+        m.decode(m.AdapterPush, wire_encode(signed, forged), fleet=FLEET, public_key=key.public_key())
+    # a push without one reads as before to agents that predate it: no new body field
+    assert "fallback_version" not in m.AdapterPush("v1", "b1", adapter=ADAPTER).to_body()
+    for body, tensors, why in (
+        (
+            {"version": "v1", "bundle_id": "b1"},
+            {**ADAPTER, "fallback/x": ADAPTER_B},
+            "without a 'fallback_version'",
+        ),
+        ({"version": "v1", "bundle_id": "b1", "fallback_version": "g-r1"}, ADAPTER, "without its tensors"),
+        ({"version": "v1", "bundle_id": "b1", "fallback_version": "../g"}, ADAPTER, "not a valid id"),
+    ):
+        payload = wire_encode(Envelope(MsgType.ADAPTER, FLEET, AGENT, body=body), tensors)
+        with pytest.raises(WireError, match=why) as info:
+            m.decode(m.AdapterPush, payload, fleet=FLEET)
+        assert "\n" not in str(info.value)
+    # by URL the fallback is in the fetched file, split as inline tensors are
+    url = "http://127.0.0.1:1/a.safetensors"
+    by_url = m.AdapterPush("v1", "b1", url=url, sha256="0" * 64, size=5, fallback_version="g-r1")
+    got = roundtrip(by_url).with_fetched(push.tensors(), "fetched")
+    assert set(got.adapter) == set(ADAPTER) and set(got.fallback) == {"x.lora_A"}
+    with pytest.raises(WireError, match="without its tensors"):
+        roundtrip(by_url).with_fetched(ADAPTER, "fetched")
+    with pytest.raises(WireError, match="no adapter tensors"):
+        roundtrip(by_url).with_fetched({"fallback/x.lora_A": ADAPTER_B}, "fetched")
 
 
 def test_task_round_must_exist_and_huge_rounds_never_parse():

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from fedclip.device_agent.open_set import DEFAULT_QUANTILE, OpenSet, fit_gate
-from fedclip.sdk.adapters import AdapterMeta, save_adapter
+from fedclip.sdk.adapters import AdapterMeta, load_adapter, save_adapter
 from fedclip.sdk.data import label_folder_name
 from fedclip.sdk.errors import DataError
 from fedclip.sdk.manifest import Manifest
@@ -133,6 +133,57 @@ def test_the_classifier_scores_what_its_gate_sends_away_with_the_bundles_own_mod
         np.testing.assert_allclose(plain.predict(frames, labels=["a cat", "a dog"]).logits, other, atol=1e-5)
 
 
+def test_the_gate_sends_away_to_the_fleets_adapter_when_one_was_delivered(tiny_bundle, tmp_path):
+    from fedclip.device_agent.classifier import Classifier
+    from fedclip.device_agent.state import AgentState
+
+    own, adapter = _device(tiny_bundle, tmp_path)
+    bid = Manifest.load(tiny_bundle).bundle_id
+    tensors, meta = load_adapter(adapter)
+    rng = np.random.default_rng(1)  # the fleet's global adapter: another moved model, no prior
+    fleet_t = {n: t + 0.05 * rng.standard_normal(t.shape).astype(t.dtype) for n, t in tensors.items()}
+    fleet = save_adapter(tmp_path / "g.safetensors", fleet_t, AdapterMeta(bid, "g-r1"))
+    frames = _frames(6, 40, 10) + _frames(6, 200, 11) + _noise(8, 12)
+    with Classifier.from_bundle(tiny_bundle, adapter=fleet, threads=1) as f:
+        fleet_logits = f.predict(frames).logits
+    with Classifier.from_bundle(tiny_bundle, threads=1) as b:
+        base = b.predict(frames).logits
+    assert not np.allclose(fleet_logits, base, atol=1e-3)  # the two fallbacks tell apart
+    gated = dict(threads=1, open_set=OpenSet(own))
+    with Classifier.from_bundle(tiny_bundle, adapter=adapter, fallback=fleet, **gated) as clf:
+        kept = clf.open_set_gate.keeps(clf.embed_images(frames))
+        assert (~kept).sum() >= 8  # the noise at least
+        got = clf.predict(frames).logits
+        np.testing.assert_allclose(got[~kept], fleet_logits[~kept], atol=1e-5)
+        assert clf.swap_stats().open_set_fallback == "g-r1"
+
+    # following the agent: the fallback its ledger entry carries, and none once an adapter without one
+    state = AgentState(tmp_path / "agent", agent_id="d1", fleet="f", bundle_id=bid)
+    fb = (fleet_t, AdapterMeta(bid, "g-r1"))
+    state.install_adapter("a-d1-r1", tensors, meta, source="rollout", fallback=fb)
+    try:
+        with Classifier.from_state(state.root, tiny_bundle, poll=0.1, **gated) as clf:
+            np.testing.assert_allclose(clf.predict(frames).logits[~kept], fleet_logits[~kept], atol=1e-5)
+            state.install_adapter("v2", tensors, meta, source="rollout")
+            assert clf.wait_for("v2", 30)
+            np.testing.assert_allclose(clf.predict(frames).logits[~kept], base[~kept], atol=1e-5)
+            assert clf.swap_stats().open_set_fallback is None
+        other = save_adapter(tmp_path / "o.safetensors", fleet_t, AdapterMeta("0" * 64, "g-r1"))
+        for call, why in (
+            (lambda: Classifier.from_bundle(tiny_bundle, adapter=adapter, fallback=fleet), "pass open_set"),
+            (lambda: Classifier.from_bundle(tiny_bundle, adapter=adapter, fallback=other, **gated), "bundle"),
+            (
+                lambda: Classifier.from_state(state.root, tiny_bundle, fallback=fleet, **gated),
+                "fixed adapters",
+            ),
+        ):
+            with pytest.raises(DataError, match=why) as info:
+                call()
+            assert "\n" not in str(info.value)
+    finally:
+        state.close()
+
+
 def test_a_gate_without_own_images_is_refused_and_without_a_prior_it_is_off(tiny_bundle, tmp_path):
     from fedclip.device_agent.classifier import Classifier
 
@@ -182,7 +233,12 @@ def test_serve_inference_gates_and_shows_it_in_health_and_metrics(tiny_bundle, t
     try:
         status, health = server.request("GET", "/health")
         assert status == 200 and health["label_prior"]
-        assert health["open_set"] == {"labels": [labels[3]], "quantile": 0.1, "sent_away": 0}
+        assert health["open_set"] == {
+            "labels": [labels[3]],
+            "quantile": 0.1,
+            "sent_away": 0,
+            "fallback": None,
+        }
         frames = _noise(4, 7)
         status, answer = server.request("POST", "/predict", {"images": [png(f) for f in frames], "top_k": 1})
         assert status == 200, answer
@@ -240,3 +296,21 @@ def test_eval_with_the_gate_answers_as_the_gated_classifier(tiny_bundle, tmp_pat
     bad = run("--open-set", str(own), "--open-set-quantile", "0.7")
     assert bad.returncode != 0 and "quantile must be in (0, 0.5)" in bad.stderr
     assert len([ln for ln in bad.stderr.splitlines() if "quantile" in ln]) == 1
+
+    # with the fleet's adapter as the fallback: what the Classifier with that fallback answers
+    tensors, _ = load_adapter(adapter)
+    rng = np.random.default_rng(5)
+    fleet_t = {n: t + 0.2 * rng.standard_normal(t.shape).astype(t.dtype) for n, t in tensors.items()}
+    fleet = save_adapter(
+        tmp_path / "g.safetensors", fleet_t, AdapterMeta(Manifest.load(tiny_bundle).bundle_id, "g-r3")
+    )
+    done = run("--open-set", str(own), "--open-set-quantile", "0.1", "--open-set-fallback", str(fleet))
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    gated = dict(threads=1, open_set=OpenSet(own, 0.1), fallback=fleet)
+    with Classifier.from_bundle(tiny_bundle, adapter, **gated) as clf:
+        want = [int(np.argmax(row)) for fs in frames.values() for row in clf.predict(fs).logits]
+    assert got["open_set_fallback"] == "g-r3"
+    assert got["accuracy"] == pytest.approx(np.mean(np.array(want) == np.array(truth)))
+    alone = run("--open-set-fallback", str(fleet))
+    assert alone.returncode != 0 and "give --open-set too" in alone.stderr

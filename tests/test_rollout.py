@@ -429,3 +429,56 @@ def test_large_adapter_travels_by_url_and_is_checked(fleet, tmp_path):
         (ack,) = manager.store.acks(rid2)
         assert ack.status == "rejected" and "sha256" in ack.reason
         assert a.version == "good"
+
+
+def test_a_personalized_rollout_with_fallback_sends_the_global_beside_own_adapters(fleet, world, tmp_path):
+    """`rollout start --fallback`: an agent with its own adapter of the round gets the round's global
+    one beside it (inline, then by URL past the inline limit); an agent without gets the global one
+    alone; both kept in the ledger where the device's Classifier finds them."""
+    import numpy as np
+
+    from fedclip.coordinator.bundle_server import BundleServer
+    from fedclip.coordinator.rollout_sources import DictSource
+    from fedclip.coordinator.rollout_store import RolloutError
+    from fedclip.sdk.adapters import AdapterMeta, load_adapter
+    from fedclip.sdk.ledger import installed
+
+    manager, agents, add = fleet
+    _, shared = world
+    good, good_meta = shared.versions["good"]
+    personal = {k: v + np.float32(0.01) for k, v in good.items()}
+    bid = good_meta.bundle_id
+
+    def meta(v: str, rnd: int) -> AdapterMeta:
+        return AdapterMeta(bid, v, "", rnd, "fleet-lora", "lora")
+
+    manager.adapters = DictSource(
+        {"g-r1": (good, meta("g-r1", 1)), "g-r2": (dict(good), meta("g-r2", 2))},
+        {(f"g-r{r}", "a"): (personal, meta(f"a-a-r{r}", r)) for r in (1, 2)},
+    )
+    a, b = add("a"), add("b")
+    with pytest.raises(RolloutError, match="no target gets its own adapter"):
+        manager.start(RolloutParams("g-r1", Target.parse("agents:b"), canary="0", fallback=True), {})
+    params = RolloutParams("g-r1", Target.parse("all"), canary="0", stage_timeout=WAIT_S, fallback=True)
+    rid = manager.start(params, _fleet_view(manager, 2))
+    assert manager.wait(rid, timeout=WAIT_S).state == COMPLETE
+    assert manager.store.get(rid).fallback
+    assert any("fallback: 1 of 2 agent(s)" in text for _, text in manager.store.events(rid))
+    now_a, now_b = installed(a.state), installed(b.state)
+    assert (now_a.version, now_b.version, now_b.fallback) == ("a-a-r1", "g-r1", None)
+    fb, fb_meta = load_adapter(now_a.fallback)
+    assert fb_meta.version == "g-r1" and all(np.array_equal(fb[k], good[k]) for k in good)
+    assert all(np.array_equal(load_adapter(now_a.file)[0][k], personal[k]) for k in personal)
+
+    served = tmp_path / "served"
+    served.mkdir()
+    with BundleServer(served) as server:  # past the inline limit: one file holds both, by URL
+        manager.inline_limit, manager.url_root, manager.url_base = 1024, served, server.url
+        params = RolloutParams(
+            "g-r2", Target.parse("agents:a"), canary="0", stage_timeout=WAIT_S, fallback=True
+        )
+        rid = manager.start(params, {})
+        assert manager.wait(rid, timeout=WAIT_S).state == COMPLETE
+    assert len(list((served / "adapters").iterdir())) == 1
+    now_a = installed(a.state)
+    assert now_a.version == "a-a-r2" and load_adapter(now_a.fallback)[1].version == "g-r2"

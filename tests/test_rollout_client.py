@@ -21,8 +21,8 @@ import pytest
 from fedclip.device_agent.rollout_client import RolloutClient
 from fedclip.device_agent.state import AgentState
 from fedclip.sdk import messages
-from fedclip.sdk.adapters import AdapterMeta, adapter_bytes
-from fedclip.sdk.ledger import Ledger
+from fedclip.sdk.adapters import AdapterMeta, adapter_bytes, load_adapter
+from fedclip.sdk.ledger import Ledger, installed
 from fedclip.sdk.messages import Ack, AdapterPush, RolloutCommand
 from fedclip.sdk.signing import generate_key, sign_envelope
 from fedclip.sdk.transport import MemoryBroker
@@ -240,6 +240,40 @@ def test_rollout_entries_are_bounded(rig):
     assert sorted(p.name for p in (rig.root / "adapters").iterdir()) == [
         f"v{i}.safetensors" for i in (4, 5, 6)
     ]
+
+
+# ---- a fallback delivered beside a personalized adapter ----------------------------------------------
+def test_a_fallback_is_kept_beside_its_adapter_and_goes_where_its_adapter_goes(rig):
+    rig.state.set_label_prior([3.0, 1.0])  # a balanced-softmax device: its adapters carry the prior
+    push = AdapterPush(
+        "a-dev-1-r1", BUNDLE, rollout=1, adapter=tensors(1.0), fallback_version="g-r1", fallback=tensors(9.0)
+    )
+    rig.send("adapter", messages.encode(push, FLEET, AGENT, key=rig.key))
+    entry = rig.ledger().entry("a-dev-1-r1")
+    assert entry is not None and entry.fallback == rig.root / "adapters/a-dev-1-r1.fallback.safetensors"
+    fb, fb_meta = load_adapter(entry.fallback)
+    assert fb["x.lora_A"][0, 0] == 9.0 and fb_meta.version == "g-r1"
+    assert fb_meta.label_prior == () and load_adapter(entry.file)[1].label_prior == (3.0, 1.0)
+    assert installed(rig.root).fallback == entry.fallback
+    (ack,) = rig.acks()  # the canary's evaluation is of the adapter, not of its fallback
+    assert ack.status == "installed" and ack.new.accuracy == pytest.approx(0.1)
+
+    rig.push(2, "v2", 2.0)  # no fallback with it: the gate goes back to the bundle's own model
+    assert installed(rig.root).version == "v2" and installed(rig.root).fallback is None
+    rig.command("rollback", 2, "v2")  # back to the personalized adapter, with its fallback
+    assert installed(rig.root).fallback == entry.fallback
+    for rid in range(3, 7):  # pruned from the ledger: its fallback file goes with it
+        rig.push(rid, f"v{rid}", float(rid))
+    assert rig.ledger().entry("a-dev-1-r1") is None and not entry.fallback.exists()
+
+
+def test_a_fallback_without_its_version_is_refused_and_changes_nothing(rig, caplog):
+    caplog.set_level(logging.INFO, logger="fedclip")
+    half = {**tensors(1.0), "fallback/x.lora_A": np.ones((2, 2), np.float32)}
+    rig.send("adapter", _signed(rig.key, MsgType.ADAPTER, GOOD, half))
+    (line,) = refusals(caplog)
+    assert "fallback_version" in line and "\n" not in line
+    assert rig.ledger().entries == () and not (rig.root / "adapters").exists()
 
 
 def test_a_pinned_device_stays_on_its_version(rig):

@@ -225,6 +225,10 @@ def test_personalized_versions_roll_out_per_agent(tmp_path):
         t_bob, m_bob = source.load_for("g-r1", "bob")  # no own version: the global one
         assert m_alice.version == "a-alice-r1" and t_alice["x.lora_C"][0, 0] == 1.0
         assert m_bob.version == "g-r1" and t_bob["x.lora_C"][0, 0] == 0.0
+        # --fallback: the global one beside alice's own; bob has the global one and needs none
+        fb = source.fallback_for("g-r1", "alice")
+        assert fb is not None and fb[1].version == "g-r1" and fb[0]["x.lora_C"][0, 0] == 0.0
+        assert source.fallback_for("g-r1", "bob") is None
 
         m = RolloutManager(
             _Recorder(), Topics("f"), RolloutStore(tmp_path / "r.sqlite"), generate_key(), source

@@ -155,3 +155,31 @@ def test_a_regressing_canary_is_rolled_back_by_a_signed_retained_command(world):
             assert msg.envelope.body["command"] == "rollback" and msg.envelope.body["rollout"] == rid
         else:
             assert command is None and broker.retained(TOPICS.adapter(agent_id)) is None
+
+
+def test_a_rollout_database_from_before_fallback_gets_its_column(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "rollout.sqlite"
+    old = sqlite3.connect(path)  # the table as the previous version made it, with one rollout
+    old.execute(
+        "CREATE TABLE rollouts(id INTEGER PRIMARY KEY AUTOINCREMENT, version TEXT NOT NULL,"
+        " target TEXT NOT NULL, canary TEXT NOT NULL, max_regression REAL NOT NULL,"
+        " min_acks REAL NOT NULL, stage_timeout REAL NOT NULL, state TEXT NOT NULL, reason TEXT,"
+        " created_at REAL NOT NULL, updated_at REAL NOT NULL, skipped TEXT NOT NULL DEFAULT '[]',"
+        " targets TEXT NOT NULL DEFAULT '[]')"
+    )
+    old.execute(
+        "INSERT INTO rollouts(version, target, canary, max_regression, min_acks, stage_timeout, state,"
+        " created_at, updated_at) VALUES('v1', 'all', '0', 1.0, 0.9, 60, 'complete', 1.0, 1.0)"
+    )
+    old.commit()
+    old.close()
+    store = RolloutStore(path)
+    try:
+        (row,) = store.rollouts()
+        assert (row.version, row.fallback) == ("v1", False)
+        rid = store.create("g-r2", "all", "0", 1.0, 0.9, 60.0, [], ["a"], fallback=True)
+        assert store.get(rid).fallback and RolloutParams.of(store.get(rid)).fallback
+    finally:
+        store.close()

@@ -14,6 +14,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from fedclip.coordinator import strategies
 from fedclip.coordinator.demo.config import DemoConfig, agent_cli, coord_cli, flags
 from fedclip.coordinator.demo.launch import BrokerInfo, agent_auth_flags, auth_flags, write_secret
 from fedclip.coordinator.metrics import METRICS_FILE, MetricsLog
@@ -208,7 +209,8 @@ def last_round(run: FleetRun) -> int | None:
 def deliver_final(
     cfg: DemoConfig, procs: ProcessGroup, broker: BrokerInfo, run: FleetRun, wait_s: float = 60.0
 ) -> list[str]:
-    """Roll the last round's adapters out to the agents (each its own, for personalized strategies).
+    """Roll the last round's adapters out to the agents (each its own, for personalized strategies,
+    with the round's global adapter beside it for an open-set gate: `rollout start --fallback`).
 
     The round loop only hands an aggregate to an agent with its next task, so without this the
     agents would never run the result of the last round. Returns the agents that did not install it.
@@ -220,6 +222,8 @@ def deliver_final(
         to="all", canary=0, fleet_wait=2, state=run.coordinator_state, broker=broker.url, fleet=cfg.fleet,
         stage_timeout=wait_s, wait_timeout=wait_s + 30,
     )  # fmt: skip
+    if strategies.get(cfg.strategy).personalized:
+        options.append("--fallback")
     try:
         # --wait: `serve` has finished, so the rollout command itself records the agents' acks
         procs.run("rollout", coord_cli("rollout", "start", last["global_version"], "--wait", *options,

@@ -4,7 +4,7 @@ ack an agent returns."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -34,6 +34,10 @@ from fedclip.sdk.wire import (
     Message,
     MsgType,
 )
+
+# An adapter push's fallback travels beside its adapter in the same signed tensor set (inline, or
+# in the one file its URL names), each tensor's name behind this prefix.
+FALLBACK_PREFIX = "fallback/"
 
 
 @dataclass(frozen=True)
@@ -125,7 +129,13 @@ class Ack(WireBody):
 @dataclass(frozen=True)
 class AdapterPush(WireBody):
     """coordinator -> agent (retained, signed): install this adapter for inference. Large adapters go
-    by `url` (+ `sha256`, `size`) instead of inline tensors."""
+    by `url` (+ `sha256`, `size`) instead of inline tensors.
+
+    `fallback` (with `fallback_version`, a rollout's `--fallback`): the fleet's global adapter of
+    the round whose personalized adapter this is; the device's open-set gate sends it the images
+    that do not look like its own (`device_agent.open_set`). Sent as `fallback/<name>` tensors, so
+    the signature covers it; `fallback_version` is in the body only when there is one, so pushes
+    without it read as before to agents that predate it."""
 
     TYPE: ClassVar[MsgType] = MsgType.ADAPTER
     BODY_KEYS: ClassVar[frozenset[str]] = frozenset(
@@ -142,6 +152,7 @@ class AdapterPush(WireBody):
             "sha256",
             "size",
             "round",
+            "fallback_version",
         }
     )
 
@@ -158,6 +169,8 @@ class AdapterPush(WireBody):
     sha256: str = ""
     size: int = 0
     adapter: Mapping[str, np.ndarray] = field(default_factory=dict)
+    fallback_version: str = ""
+    fallback: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     def envelope_round(self) -> int:
         return self.round_id
@@ -178,10 +191,21 @@ class AdapterPush(WireBody):
         }
         if self.url:
             body.update(url=self.url, sha256=self.sha256, size=self.size)
+        if self.fallback_version:
+            body["fallback_version"] = self.fallback_version
         return body
 
     def tensors(self) -> dict[str, np.ndarray]:
-        return dict(self.adapter)
+        """Everything the push carries inline, or in the one file its URL names."""
+        return {**self.adapter, **{FALLBACK_PREFIX + k: v for k, v in self.fallback.items()}}
+
+    def with_fetched(self, tensors: Mapping[str, np.ndarray], where: str) -> AdapterPush:
+        """The push with the tensors of the file its URL names (already checked against its sha256),
+        split into the adapter and its fallback as inline ones are."""
+        adapter, fallback = split_fallback(tensors, self.fallback_version, where)
+        if not adapter:
+            raise WireError(f"{where}: the adapter file holds no adapter tensors")
+        return replace(self, adapter=adapter, fallback=fallback)
 
     @classmethod
     def parse(cls, msg: Message, where: str) -> AdapterPush:
@@ -195,7 +219,11 @@ class AdapterPush(WireBody):
         sha = _str(body, "sha256", 64, where, "")
         if url and (not url.startswith(("http://", "https://")) or len(sha) != 64):
             raise WireError(f"{where}: an adapter by URL needs an http(s) url and a sha256")
-        if not url and not msg.adapter_tensors:
+        fallback_version = _id(body, "fallback_version", where, "", empty_ok=True)
+        adapter, fallback = split_fallback(msg.adapter_tensors, fallback_version if not url else "", where)
+        if url and (adapter or fallback):
+            raise WireError(f"{where}: an adapter push by URL carries no tensors")
+        if not url and not adapter:
             raise WireError(f"{where}: adapter push carries neither tensors nor a url")
         if msg.stats:
             raise WireError(f"{where}: an adapter push carries no statistics")
@@ -212,8 +240,24 @@ class AdapterPush(WireBody):
             url=url,
             sha256=sha,
             size=_int(body, "size", 0, 1 << 40, where, 0),
-            adapter=msg.adapter_tensors,
+            adapter=adapter,
+            fallback_version=fallback_version,
+            fallback=fallback,
         )
+
+
+def split_fallback(
+    tensors: Mapping[str, np.ndarray], fallback_version: str, where: str
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(the adapter's tensors, its fallback's without the prefix); a fallback needs its version and a
+    version its fallback, so neither half ever arrives alone."""
+    adapter = {k: v for k, v in tensors.items() if not k.startswith(FALLBACK_PREFIX)}
+    fallback = {k[len(FALLBACK_PREFIX) :]: v for k, v in tensors.items() if k.startswith(FALLBACK_PREFIX)}
+    if fallback and not fallback_version:
+        raise WireError(f"{where}: fallback tensors without a 'fallback_version'")
+    if fallback_version and not fallback:
+        raise WireError(f"{where}: 'fallback_version' {fallback_version!r} without its tensors")
+    return adapter, fallback
 
 
 @dataclass(frozen=True)

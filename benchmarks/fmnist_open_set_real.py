@@ -150,14 +150,16 @@ def plot(runs: list[dict], path: Path) -> None:
                 for k, xy in pts.items()
                 if k.startswith(f"{method} prior")
             )
-            ax.plot(*zip(*(xy for _, xy in weights), strict=True), mk + "-", label=f"{method}, prior x"
-                    + "/".join(f"{w:g}" for w, _ in weights))  # fmt: skip
-            for suffix, style in (("", "x--"), (" fleet", "+:")):
+            label = f"{method}, prior x" + "/".join(f"{w:g}" for w, _ in weights)
+            color = "C0" if method == FLEET else "C2"  # one colour a line kind, in every panel
+            ax.plot(*zip(*(xy for _, xy in weights), strict=True), mk + "-", label=label, color=color)
+            for suffix, style, color in (("", "x--", "C1"), (" fleet", "+:", "C4")):
                 gate = [pts[k] for q in QUANTILES if (k := f"{method} gate {q}{suffix}") in pts]
                 if gate:
                     ax.plot(
                         *zip(*gate, strict=True),
                         style,
+                        color=color,
                         label=f"{method}, gate q " + "/".join(map(str, QUANTILES)) + suffix,
                     )
         ax.axvline(-2, color="g", lw=0.8, ls="--")

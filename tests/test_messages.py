@@ -375,6 +375,8 @@ def test_an_adapter_push_carries_its_fallback_signed_and_never_half_of_it():
         roundtrip(by_url).with_fetched(ADAPTER, "fetched")
     with pytest.raises(WireError, match="no adapter tensors"):
         roundtrip(by_url).with_fetched({"fallback/x.lora_A": ADAPTER_B}, "fetched")
+    with pytest.raises(WireError, match="by URL carries no tensors"):  # they would not be the file's
+        roundtrip(dataclasses.replace(by_url, fallback={"x.lora_A": ADAPTER_B}))
 
 
 def test_task_round_must_exist_and_huge_rounds_never_parse():

@@ -220,11 +220,14 @@ class AdapterPush(WireBody):
         if url and (not url.startswith(("http://", "https://")) or len(sha) != 64):
             raise WireError(f"{where}: an adapter by URL needs an http(s) url and a sha256")
         fallback_version = _id(body, "fallback_version", where, "", empty_ok=True)
-        adapter, fallback = split_fallback(msg.adapter_tensors, fallback_version if not url else "", where)
-        if url and (adapter or fallback):
+        adapter: dict[str, np.ndarray] = {}
+        fallback: dict[str, np.ndarray] = {}
+        if url and msg.adapter_tensors:  # its tensors (fallback too) are in the file: `with_fetched`
             raise WireError(f"{where}: an adapter push by URL carries no tensors")
-        if not url and not adapter:
-            raise WireError(f"{where}: adapter push carries neither tensors nor a url")
+        if not url:
+            adapter, fallback = split_fallback(msg.adapter_tensors, fallback_version, where)
+            if not adapter:
+                raise WireError(f"{where}: adapter push carries neither tensors nor a url")
         if msg.stats:
             raise WireError(f"{where}: an adapter push carries no statistics")
         return cls(

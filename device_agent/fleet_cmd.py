@@ -122,6 +122,7 @@ def status(
         "adapter_round",
         "adapter_rollout",
         "serving",
+        "open_set_fallback",
         "pinned",
         "last_round",
         "rounds_done",

@@ -263,7 +263,14 @@ def test_status_names_where_the_adapter_in_use_came_from(tmp_path):
     s.close()
     info = summarize(tmp_path)
     assert (info["adapter_version"], info["adapter_source"], info["adapter_rollout"]) == ("r3", "rollout", 7)
-    assert info["adapter_round"] is None and info["pinned"] == "r3"
+    assert info["adapter_round"] is None and info["pinned"] == "r3" and info["open_set_fallback"] is None
+    s = _open(tmp_path)  # a personalized adapter delivered with the fleet's (`rollout start --fallback`)
+    fallback = (tensors, AdapterMeta(bundle_id=BUNDLE, version="g-r5"))
+    s.install_adapter(
+        "a-x-r5", tensors, AdapterMeta(BUNDLE, "a-x-r5"), source="rollout", rollout=8, fallback=fallback
+    )
+    s.close()
+    assert summarize(tmp_path)["open_set_fallback"] == "g-r5"
 
 
 def test_a_personal_copy_is_served_beside_its_adapter_and_goes_with_it(tmp_path):

@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from fedclip.coordinator import strategies
 from fedclip.coordinator.bundle_server import publish_file
 from fedclip.coordinator.fleet import AgentInfo
 from fedclip.coordinator.rollout_policy import (
@@ -52,7 +53,7 @@ from fedclip.coordinator.rollout_store import (
 )
 from fedclip.coordinator.trust import Trust
 from fedclip.sdk import messages
-from fedclip.sdk.adapters import adapter_bytes
+from fedclip.sdk.adapters import AdapterMeta, adapter_bytes
 from fedclip.sdk.errors import FedclipError, WireError
 from fedclip.sdk.hashing import sha256_bytes
 from fedclip.sdk.ids import check_id
@@ -171,15 +172,16 @@ class RolloutManager:
             )
         for agent in targets:  # fail before anything is published if an adapter is missing
             self.adapters.load_for(params.version, agent)
-        fallbacks = (
-            (self.adapters.fallback_for(params.version, a) for a in targets) if params.fallback else ()
-        )
-        extra = sum(f is not None for f in fallbacks)
-        if params.fallback and not extra:  # only a personalized round's version has one to send
+        # the round's global adapter for each target that gets its own (the same one for all)
+        wanted = [self.adapters.fallback_for(params.version, a) for a in targets] if params.fallback else []
+        fallbacks = [f for f in wanted if f is not None]
+        if params.fallback and not fallbacks:  # only a personalized round's version has one to send
             raise RolloutError(
                 f"--fallback: no target gets its own adapter of {params.version}, so none needs the "
                 "global one beside it"
             )
+        if fallbacks:
+            _check_fallback_strategy(fallbacks[0][1])
         rid = self.store.create(
             params.version,
             str(params.target),
@@ -194,7 +196,7 @@ class RolloutManager:
         if skipped:
             self._say(rid, f"pinned, left out: {', '.join(skipped)}")
         if params.fallback:
-            self._say(rid, f"fallback: {extra} of {len(targets)} agent(s) get {params.version} too")
+            self._say(rid, f"fallback: {len(fallbacks)} of {len(targets)} agent(s) get {params.version} too")
         canary = select_canary(targets, fleet, params.canary, salt=str(rid))
         if canary:  # even when it is every target: the gate (and automatic rollback) still applies
             self._begin_stage(rid, CANARY, canary, params)
@@ -350,3 +352,13 @@ class RolloutManager:
                 self.handle(incoming)
                 incoming = self.transport.get(timeout=0)
             self.tick()
+
+
+def _check_fallback_strategy(meta: AdapterMeta) -> None:
+    """A round's global adapter goes to devices as a model of their own only where the strategy's
+    global adapter is one (`Strategy.shared_global`); RolloutError otherwise."""
+    if meta.strategy in strategies.names() and not strategies.get(meta.strategy).shared_global:
+        raise RolloutError(
+            f"--fallback: a {meta.strategy} round's global adapter is no model a device can serve "
+            "(each device's A and B are its own); use it with fleet-lora or fleet-core"
+        )

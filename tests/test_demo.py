@@ -41,7 +41,7 @@ from fedclip.coordinator.procs import ChildFailed, ProcessGroup, port_is_free, w
 from fedclip.coordinator.registry import agent_version, global_version
 from fedclip.sdk.adapters import load_adapter
 from fedclip.sdk.errors import ConfigError
-from fedclip.sdk.ledger import Ledger, installed
+from fedclip.sdk.ledger import Installed, Ledger, installed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -340,6 +340,11 @@ def _check_comparison(report: dict, columns: tuple[str, ...] = COLUMNS) -> None:
     assert set(report["local_only"]["train_seconds"]) == set(report["agents"])
 
 
+def _final(report: dict, agent: str) -> Installed:
+    """What an agent of a demo run serves inference with at the end (`sdk.ledger.installed`)."""
+    return installed(Path(report["run_dir"]) / "agents" / agent)
+
+
 def _final_prior(report: dict, agent: str) -> tuple[float, ...]:
     """The label prior on the adapter an agent of a demo run ended with (its inference adds it)."""
     ledger = Ledger.read(Path(report["run_dir"]) / "agents" / agent)
@@ -385,20 +390,15 @@ def test_demo_end_to_end(tmp_path):
     assert report["config"]["loss"] == "balanced-softmax"
     assert any("balanced softmax" in n for n in report["notes"]), report["notes"]
     assert all(_final_prior(report, a) for a in report["agents"])
-    # ce-lora personalizes: each agent got its own adapter and, beside it, the round's global one
-    # (real agents: checked against the bundle and completed with their local factors)
-    last_round = report["rounds"][-1]["round"]
-    last = global_version(last_round)
-    for agent in report["agents"]:
-        now = installed(Path(report["run_dir"]) / "agents" / agent)
-        assert now.version == agent_version(agent, last_round) and now.fallback is not None, (agent, now)
-        assert load_adapter(now.fallback)[1].version == last
-        assert set(load_adapter(now.fallback)[0]) == set(load_adapter(now.file)[0])
+    # ce-lora personalizes, each agent its own A and B: no global adapter travels beside its own
+    assert all(_final(report, a).fallback is None for a in report["agents"])
 
     # A second run into the same folder needs no cleanup, and reuses the base; with plain CE no
     # adapter carries a prior; with --personal-mu each agent's final adapter is also tuned on its
     # own images (`fedclip-agent train --prox-mu`) and scored as a fourth column.
-    argv = _demo_argv(out, "--rounds", "1", "--loss", "ce", "--personal-mu", "1.5", *base)
+    argv = _demo_argv(
+        out, "--rounds", "1", "--loss", "ce", "--personal-mu", "1.5", "--strategy", "fleet-lora", *base
+    )
     r2 = subprocess.run(argv, capture_output=True, text=True, timeout=800)
     assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
     assert len(list((out / "runs").iterdir())) == 2
@@ -410,6 +410,13 @@ def test_demo_end_to_end(tmp_path):
     assert [p.stem for p in tuned] == sorted(report2["agents"])
     assert all(load_adapter(p)[1].strategy == "personal" for p in tuned)
     assert report2["config"]["loss"] == "ce" and not any(_final_prior(report2, a) for a in report2["agents"])
+    # fleet-lora: each agent's own adapter and, beside it, the round's global one (`--fallback`;
+    # real agents: checked against the bundle and completed as their own adapter is)
+    for agent in report2["agents"]:
+        now = _final(report2, agent)
+        assert now.version.startswith(agent_version(agent, 1)) and now.fallback is not None, (agent, now)
+        assert load_adapter(now.fallback)[1].version == global_version(1)
+        assert set(load_adapter(now.fallback)[0]) == set(load_adapter(now.file)[0])
     if fashion_mnist_installed():
         assert report2["base"]["cached"] is True and report2["base"]["weights"] == report["base"]["weights"]
 

@@ -183,3 +183,30 @@ def test_a_rollout_database_from_before_fallback_gets_its_column(tmp_path):
         assert store.get(rid).fallback and RolloutParams.of(store.get(rid)).fallback
     finally:
         store.close()
+
+
+def test_a_fallback_is_refused_where_the_global_adapter_is_no_model_a_device_can_serve(tmp_path):
+    """ce-lora's global cores sit in no device's basis (each has its own A and B): `--fallback` with
+    a ce-lora round is refused before anything is published; fleet-lora's is sent."""
+    from fedclip.coordinator.rollout_store import RolloutError
+
+    broker = MemoryBroker()
+    tensors = {"x.lora_A": np.ones((2, 2), np.float32)}
+
+    def source(strategy: str) -> DictSource:
+        meta = AdapterMeta("b" * 64, "g-r1", round=1, strategy=strategy)
+        own = AdapterMeta("b" * 64, "a-a-r1", round=1, strategy=strategy, agent="a")
+        return DictSource({"g-r1": (tensors, meta)}, {("g-r1", "a"): (tensors, own)})
+
+    store = RolloutStore(tmp_path / "rollout.sqlite")
+    try:
+        params = RolloutParams("g-r1", Target.parse("agents:a"), canary="0", fallback=True)
+        ce = RolloutManager(broker.client(), TOPICS, store, generate_key(), source("ce-lora"))
+        with pytest.raises(RolloutError, match="ce-lora round's global adapter is no model"):
+            ce.start(params, {})
+        assert store.rollouts() == []
+        fleet = RolloutManager(broker.client(), TOPICS, store, generate_key(), source("fleet-lora"))
+        rid = fleet.start(params, {})
+        assert store.get(rid).fallback
+    finally:
+        store.close()

@@ -210,7 +210,8 @@ def deliver_final(
     cfg: DemoConfig, procs: ProcessGroup, broker: BrokerInfo, run: FleetRun, wait_s: float = 60.0
 ) -> list[str]:
     """Roll the last round's adapters out to the agents (each its own, for personalized strategies,
-    with the round's global adapter beside it for an open-set gate: `rollout start --fallback`).
+    with the round's global adapter beside it for an open-set gate where that adapter is a model a
+    device can serve: `rollout start --fallback`, `Strategy.shared_global`).
 
     The round loop only hands an aggregate to an agent with its next task, so without this the
     agents would never run the result of the last round. Returns the agents that did not install it.
@@ -222,7 +223,8 @@ def deliver_final(
         to="all", canary=0, fleet_wait=2, state=run.coordinator_state, broker=broker.url, fleet=cfg.fleet,
         stage_timeout=wait_s, wait_timeout=wait_s + 30,
     )  # fmt: skip
-    if strategies.get(cfg.strategy).personalized:
+    strategy = strategies.get(cfg.strategy)
+    if strategy.personalized and strategy.shared_global:
         options.append("--fallback")
     try:
         # --wait: `serve` has finished, so the rollout command itself records the agents' acks

@@ -92,6 +92,10 @@ class Strategy(ABC):
     # Data statistics the agents must send with their updates (task body `stats`).
     stats: ClassVar[tuple[str, ...]] = ()
     personalized: ClassVar[bool] = False
+    # Its global adapter is a model any device can serve, so a personalized round's global one can
+    # travel beside each device's own as the open-set gate's fallback (`rollout start --fallback`).
+    # Not for ce-lora: each device's A and B are its own, and a mean of cores means nothing there.
+    shared_global: ClassVar[bool] = True
 
     def __init__(self, options: StrategyOptions | None = None):
         self.options = options or StrategyOptions()

@@ -54,6 +54,7 @@ class _Column(Sequence):
 class CeLora(Strategy):
     name = "ce-lora"
     personalized = True
+    shared_global = False  # cores in each device's own basis (A, B): their mean is no fleet model
 
     @property
     def stats(self) -> tuple[str, ...]:  # type: ignore[override]  # a property over the base class attribute

@@ -29,6 +29,7 @@ from fedclip.sdk.wire import STAT_LABEL_HIST, STAT_MEAN, STAT_VAR
 class FleetCore(CeLora):
     name = "fleet-core"
     personalized = True
+    shared_global = True  # A and B are the bundle's frozen seed on every device: the mean core is a model
 
     def __init__(self, options: StrategyOptions | None = None, fleet_weight: float = 0.2) -> None:
         super().__init__(options)

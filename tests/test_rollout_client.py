@@ -22,6 +22,7 @@ from fedclip.device_agent.rollout_client import RolloutClient
 from fedclip.device_agent.state import AgentState
 from fedclip.sdk import messages
 from fedclip.sdk.adapters import AdapterMeta, adapter_bytes, load_adapter
+from fedclip.sdk.errors import WireError
 from fedclip.sdk.ledger import Ledger, installed
 from fedclip.sdk.messages import Ack, AdapterPush, RolloutCommand
 from fedclip.sdk.signing import generate_key, sign_envelope
@@ -274,6 +275,38 @@ def test_a_fallback_without_its_version_is_refused_and_changes_nothing(rig, capl
     (line,) = refusals(caplog)
     assert "fallback_version" in line and "\n" not in line
     assert rig.ledger().entries == () and not (rig.root / "adapters").exists()
+
+
+def test_a_fallback_that_does_not_fit_the_bundle_rejects_the_whole_push(tmp_path, caplog):
+    """The agent checks the fallback as it checks the adapter (`check_fn`: the bundle's names and
+    shapes); a bad one is refused in one line, acked `rejected`, and nothing is installed."""
+    caplog.set_level(logging.INFO, logger="fedclip")
+
+    def check(t, where):
+        bad = [k for k, v in t.items() if v.shape != (2, 2)]
+        if bad:
+            raise WireError(f"{where}: tensor {bad[0]!r} has the wrong shape")
+        return t
+
+    rig = Rig(tmp_path / "agent")
+    rig.client.check_fn = check
+    try:
+        push = AdapterPush(
+            "a-dev-1-r1",
+            BUNDLE,
+            rollout=4,
+            adapter=tensors(1.0),
+            fallback_version="g-r1",
+            fallback={"x.lora_A": np.ones((3, 3), np.float32)},
+        )
+        rig.send("adapter", messages.encode(push, FLEET, AGENT, key=rig.key))
+        (line,) = refusals(caplog)
+        assert "fallback" in line and "wrong shape" in line and "\n" not in line
+        (ack,) = rig.acks()
+        assert (ack.rollout, ack.status) == (4, "rejected") and "fallback" in ack.reason
+        assert rig.ledger().entries == () and rig.client.current_version is None
+    finally:
+        rig.state.close()
 
 
 def test_a_pinned_device_stays_on_its_version(rig):

@@ -313,6 +313,15 @@ def test_rollout_commands_json(mosquitto, tmp_path):
     assert listed["pins"] == {}
     one = _json("rollout", "status", "1", "--state", str(state), "--json")
     assert one == first | {"updated_at": one["updated_at"]}
+    assert one["fallback"] is False
+    # --fallback needs a personalized round: g-r0 gives every agent the global adapter itself
+    refused = _coord("rollout", "start", "g-r0", "--to", "agents:a", "--fallback", *common)
+    assert refused.returncode != 0 and "--fallback: no target gets its own adapter of g-r0" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert [r["id"] for r in _json("rollout", "status", "--state", str(state), "--json")["rollouts"]] == [
+        2,
+        1,
+    ]
 
 
 def test_ops_settings_are_checked():

@@ -81,6 +81,14 @@ class _AdapterCollector:
         )
         away.add_metric([], stats.open_set_sent_away)
         yield away
+        if clf.open_set_gate is not None:  # where the gate sends them now
+            fallback = GaugeMetricFamily(
+                "fedclip_inference_open_set_fallback",
+                "1 for the model the open-set gate sends images to (version empty: the bundle's own)",
+                labels=["version"],
+            )
+            fallback.add_metric([stats.open_set_fallback or ""], 1)
+            yield fallback
         if stats.last_swap is not None:
             last = GaugeMetricFamily(
                 "fedclip_inference_adapter_last_swap_timestamp_seconds", "Unix time of the last switch"

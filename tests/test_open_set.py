@@ -253,6 +253,7 @@ def test_serve_inference_gates_and_shows_it_in_health_and_metrics(tiny_bundle, t
         sent = server.request("GET", "/health")[1]["open_set"]["sent_away"]
         assert sent == 4
         assert server.metrics()[("fedclip_inference_open_set_sent_away_total", ())] == sent
+        assert server.metrics()[("fedclip_inference_open_set_fallback", (("version", ""),))] == 1
     finally:
         assert server.stop() == 0
     with pytest.raises(DataError, match="quantile must be in"):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from fedclip.coordinator.store.db import Database, columns
+from fedclip.coordinator.store.db import Database, columns, transaction
 from fedclip.sdk.errors import FedclipError
 
 T = TypeVar("T")
@@ -312,9 +312,13 @@ class RolloutStore:
 
 def _add_fallback_column(conn: sqlite3.Connection) -> None:
     """A rollout database made before `--fallback` gets its column (every old rollout: none)."""
+
+    def fn(c: sqlite3.Connection) -> None:  # checked again under the write lock: two openers add it once
+        if "fallback" not in columns(c, "rollouts"):
+            c.execute("ALTER TABLE rollouts ADD COLUMN fallback INTEGER NOT NULL DEFAULT 0")
+
     if "fallback" not in columns(conn, "rollouts"):
-        conn.execute("ALTER TABLE rollouts ADD COLUMN fallback INTEGER NOT NULL DEFAULT 0")
-        conn.commit()
+        transaction(conn, fn)
 
 
 def _rollout(r: tuple) -> RolloutRow:

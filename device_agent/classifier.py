@@ -156,6 +156,8 @@ class Classifier:
         if fallback is not None and open_set is None:
             raise DataError("fallback is where the open-set gate sends images: pass open_set too")
         self._served = self._build(version, tensors, meta, str(adapter), fallback)
+        # (version, its fallback file's identity): what `refresh` compares the agent's ledger with
+        self._served_key: tuple = (version, None)
         self.device = self._served.predictor.device  # auto resolved: cpu or cuda, for every later build
         if self.labels is not None:
             self._text_features(self._served, self._prompts(self.labels, None))  # fail early, warm cache
@@ -271,7 +273,9 @@ class Classifier:
         stamp = state_stamp(self._state_dir)
         now = installed(self._state_dir)
         self._stamp = stamp
-        if now.version == self._served.version:
+        # with a gate, a fallback delivered for the version in use (a second rollout) is a change too
+        key = (now.version, _file_key(now.fallback) if self._own_images is not None else None)
+        if key == self._served_key:
             return False
         if now.bundle_id != self.manifest.bundle_id:
             raise StateError(
@@ -279,7 +283,20 @@ class Classifier:
             )
         version, path = now.version, now.file
         tensors, meta = self._load(path, StateError) if path is not None else (None, None)
-        served = self._build(version, tensors, meta, str(path), now.fallback)  # complete before visible
+        try:
+            served = self._build(version, tensors, meta, str(path), now.fallback)  # complete before visible
+        except (FedclipError, OSError) as e:
+            if now.fallback is None:
+                raise
+            # the fallback is the gate's second opinion: a bad one must not keep the adapter out
+            self._count_failure()
+            log.error(
+                "open-set fallback %s not loaded (%s); the bundle's own model takes its place",
+                now.fallback,
+                e,
+            )
+            served = self._build(version, tensors, meta, str(path), None)
+        self._served_key = key
         with self._lock:
             old, self._served = self._served, served
             self._swaps, self._last_swap = self._swaps + 1, time.time()
@@ -422,6 +439,17 @@ class Classifier:
         if not texts or any(not isinstance(t, str) for t in texts):
             raise DataError("texts must be a non-empty list of strings")
         return self._text_features(self._served, texts)[0]
+
+
+def _file_key(path: Path | None) -> tuple[str, int, int] | None:
+    """A file's identity for noticing that it was replaced (the agent replaces files atomically)."""
+    if path is None:
+        return None
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return str(path), st.st_ino, st.st_mtime_ns
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:

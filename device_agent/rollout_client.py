@@ -199,12 +199,12 @@ class RolloutClient:
                 self.acks.send(rid, "rejected", version, reason=f"evaluation failed: {e}")
                 return
         previous = self.current_version
+        extra = (self._completed(fallback), _fallback_meta(push)) if fallback is not None else None
         if version != previous:
             kept = self._completed(tensors)
-            extra = None
-            if fallback is not None:
-                extra = (self._completed(fallback), _fallback_meta(push))
             rollout_history.install(self.state, kept, _meta(push, self.agent_id), rid, extra)
+        elif extra is not None:  # the version in use, now with its fallback (`--fallback` again)
+            self.state.keep_fallback(version, *extra)
         self.memory.applied(msg.envelope.sent_at)
         self.acks.send(rid, "installed", version, previous_version=previous or "", metrics=metrics)
         log.info("adapter %s installed (rollout %s, previous %s)%s", version, rid, previous, _fmt(metrics))

@@ -44,7 +44,7 @@ from fedclip.sdk.hashing import sha256_bytes
 from fedclip.sdk.ids import ID_PATTERN
 
 # the ledger's file and format are the sdk's (`sdk.ledger`): its readers and this writer agree
-from fedclip.sdk.ledger import STATE_FILE, STATE_FORMAT, Ledger, read_record
+from fedclip.sdk.ledger import SERVING, STATE_FILE, STATE_FORMAT, Ledger, read_record
 
 log = logging.getLogger(__name__)
 
@@ -195,15 +195,21 @@ class AgentState:
         fallback: tuple[Mapping[str, np.ndarray], AdapterMeta] | None = None,
     ) -> Path:
         """Keep an adapter in the ledger (`sdk.ledger`) and, with `use`, make it the one inference uses;
-        with its `fallback` (tensors, meta) beside it. Idempotent for a version already there."""
+        with its `fallback` (tensors, meta) beside it. Idempotent for a version already there: its
+        personal copy and fallback stay with it (they belong to the version, not to how it came)."""
         if not ID_PATTERN.match(version or ""):
             raise StateError(f"adapter version {version!r} is not a valid id")
         rel = f"adapters/{version}.safetensors"
         prior = self.label_prior()
         if prior:  # a balanced-softmax fleet's adapter: inference adds this prior back
             meta = replace(meta, label_prior=prior)
-        if version not in self.record["adapters"] or not (self.root / rel).is_file():
+        old = self.record["adapters"].get(version)
+        if old is None or not (self.root / rel).is_file():
             self._write(rel, adapter_bytes(tensors, meta))
+        if old is not None and source == "task" and old.get("source") in SERVING:
+            # A task that starts from an adapter a rollout already installed here (a fleet's next round
+            # starts from its last one): that entry, its rollout id and its side files stay as they are.
+            return self.root / rel
         # strictly increasing, so the ledger's order (and a rollback's target) never rests on a tie
         latest = max((e.get("installed_at", 0.0) for e in self.record["adapters"].values()), default=0.0)
         entry: dict[str, Any] = {
@@ -213,18 +219,30 @@ class AgentState:
             "rollout": rollout,
             "installed_at": max(time.time(), latest + 1e-6),
         }
-        if fallback is not None:  # the file first: the record never names a missing one
-            fb_rel = f"adapters/{version}.fallback.safetensors"
-            self._write(fb_rel, adapter_bytes(*fallback))
-            entry["fallback"] = {"file": fb_rel, "version": fallback[1].version}
-        old = self.record["adapters"].get(version, {})
+        entry.update({k: v for k, v in (old or {}).items() if k in ("personal", "fallback")})
+        if fallback is not None:
+            entry["fallback"] = self._write_fallback(version, fallback)  # the file first
         self.record["adapters"][version] = entry
         if use:
             self.record["current_adapter"] = version
         self._save()
-        if fallback is None and isinstance(old.get("fallback"), dict):  # installed again without one
-            remove(self.root / old["fallback"]["file"])
         return self.root / rel
+
+    def keep_fallback(self, version: str, tensors: Mapping[str, np.ndarray], meta: AdapterMeta) -> Path:
+        """Keep the fleet's adapter `meta.version` beside ledger entry `version` as its fallback (a
+        `--fallback` rollout of a version this device has already): where its open-set gate sends
+        unfamiliar images while `version` is in use."""
+        entry = self.record["adapters"].get(version)
+        if entry is None:
+            raise StateError(f"adapter {version!r} is not in the ledger")
+        entry["fallback"] = self._write_fallback(version, (tensors, meta))  # the file first
+        self._save()
+        return self.root / entry["fallback"]["file"]
+
+    def _write_fallback(self, version: str, fallback: tuple[Mapping[str, np.ndarray], AdapterMeta]) -> dict:
+        rel = f"adapters/{version}.fallback.safetensors"
+        self._write(rel, adapter_bytes(*fallback))
+        return {"file": rel, "version": fallback[1].version}
 
     def keep_personal(
         self, version: str, tensors: Mapping[str, np.ndarray], meta: AdapterMeta, metrics: Mapping[str, float]

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from waiting import eventually
 
 from fedclip.device_agent.open_set import DEFAULT_QUANTILE, OpenSet, fit_gate
 from fedclip.sdk.adapters import AdapterMeta, load_adapter, save_adapter
@@ -168,6 +169,19 @@ def test_the_gate_sends_away_to_the_fleets_adapter_when_one_was_delivered(tiny_b
             assert clf.wait_for("v2", 30)
             np.testing.assert_allclose(clf.predict(frames).logits[~kept], base[~kept], atol=1e-5)
             assert clf.swap_stats().open_set_fallback is None
+            # the version in use gets its fallback later (a second rollout with --fallback): followed
+            state.keep_fallback("v2", *fb)
+            eventually(lambda: clf.swap_stats().open_set_fallback == "g-r1", 30, "the new fallback served")
+            np.testing.assert_allclose(clf.predict(frames).logits[~kept], fleet_logits[~kept], atol=1e-5)
+            # a fallback that cannot be loaded (another bundle's) keeps no adapter out: the bundle's
+            # own model takes its place, and the failure is counted
+            state.install_adapter(
+                "v3", tensors, meta, source="rollout", fallback=(fleet_t, AdapterMeta("0" * 64, "g-r9"))
+            )
+            assert clf.wait_for("v3", 30)
+            stats = clf.swap_stats()
+            assert (stats.open_set_fallback, stats.load_failures) == (None, 1)
+            np.testing.assert_allclose(clf.predict(frames).logits[~kept], base[~kept], atol=1e-5)
         other = save_adapter(tmp_path / "o.safetensors", fleet_t, AdapterMeta("0" * 64, "g-r1"))
         for call, why in (
             (lambda: Classifier.from_bundle(tiny_bundle, adapter=adapter, fallback=fleet), "pass open_set"),

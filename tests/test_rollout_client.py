@@ -268,6 +268,43 @@ def test_a_fallback_is_kept_beside_its_adapter_and_goes_where_its_adapter_goes(r
     assert rig.ledger().entry("a-dev-1-r1") is None and not entry.fallback.exists()
 
 
+def test_the_next_rounds_task_and_a_second_rollout_of_the_version_keep_its_side_files(rig):
+    """A personalized fleet's next task starts from the version a rollout installed: the entry (its
+    rollout id, fallback and personal copy) stays. Rolling the version in use out again with
+    `--fallback` gives it the fallback; nothing else changes."""
+    version = "a-dev-1-r1"
+    rig.push(1, version, 1.0)  # without a fallback first
+    assert installed(rig.root).fallback is None
+    again = AdapterPush(
+        version, BUNDLE, rollout=2, adapter=tensors(1.0), fallback_version="g-r1", fallback=tensors(9.0)
+    )
+    rig.send("adapter", messages.encode(again, FLEET, AGENT, key=rig.key))
+    assert [(a.rollout, a.status) for a in rig.acks()] == [(1, "installed"), (2, "installed")]
+    entry = rig.ledger().entry(version)
+    assert entry.rollout == 1 and load_adapter(entry.fallback)[0]["x.lora_A"][0, 0] == 9.0
+    rig.state.keep_personal(version, tensors(1.5), AdapterMeta(BUNDLE, version), {"accuracy": 0.9})
+
+    rig.state.install_adapter(
+        version, tensors(1.0), AdapterMeta(BUNDLE, version), source="task", rnd=2, use=False
+    )
+    after = rig.ledger().entry(version)
+    assert (after.source, after.rollout, after.fallback, after.personal) == (
+        "rollout",
+        1,
+        entry.fallback,
+        rig.root / f"adapters/{version}.personal.safetensors",
+    )
+    assert after.fallback.is_file() and after.personal.is_file()
+    assert installed(rig.root) == installed(rig.root).__class__(
+        BUNDLE, version + "+personal", after.personal, after.fallback
+    )
+    rig.push(3, "v2", 2.0)
+    rig.push(4, version, 1.0)  # installed again by a rollout without --fallback: its side files stay
+    again = rig.ledger().entry(version)
+    assert (again.rollout, again.fallback, again.personal) == (4, entry.fallback, after.personal)
+    assert installed(rig.root).fallback == entry.fallback and entry.fallback.is_file()
+
+
 def test_a_fallback_without_its_version_is_refused_and_changes_nothing(rig, caplog):
     caplog.set_level(logging.INFO, logger="fedclip")
     half = {**tensors(1.0), "fallback/x.lora_A": np.ones((2, 2), np.float32)}

@@ -7,6 +7,8 @@ own):
   prior   `Classifier.from_bundle(bundle, adapter=A)`: the label prior on every image
   gated   the same with `open_set=OpenSet(own, 0.05)`: `own` holds 32 images of each of the two
           labels; the gate is fitted when the classifier is built (and on every adapter swap)
+  fallback  gated, the images it sends away going to a second adapter (the fleet's global one a
+          `rollout start --fallback` delivers: `fallback=G`) instead of the bundle's own model
 at batch 1 and 32: images/s, p50/p99 latency, CPU ms per image; the build time (sessions, and for
 `gated` the gate's pass over its images and the bundle's own model); the share of images the gate
 sent to the bundle's own model.
@@ -79,6 +81,8 @@ def work_prepare(spec: dict) -> dict:
     counts = tuple(float(PER_LABEL) if k in OWN else 0.0 for k in range(len(m.task.labels)))
     tensors = {t.name: rng.normal(0, 0.05, t.shape).astype(np.float32) for t in m.trainable}
     save_adapter(out / "a.safetensors", tensors, AdapterMeta(m.bundle_id, "bench-a", label_prior=counts))
+    fleet = {t.name: rng.normal(0, 0.05, t.shape).astype(np.float32) for t in m.trainable}
+    save_adapter(out / "g.safetensors", fleet, AdapterMeta(m.bundle_id, "bench-g"))  # no prior
     return {"source": source, "own_images": PER_LABEL * len(OWN)}
 
 
@@ -91,8 +95,9 @@ def work_classify(spec: dict) -> dict:
     rss0 = M.rss_mb()
     gate = OpenSet(work / "own", spec["quantile"]) if spec["gated"] else None
     t0 = time.perf_counter()
+    fallback = work / "g.safetensors" if spec.get("fallback") else None
     clf = Classifier.from_bundle(
-        spec["bundle"], work / "a.safetensors", threads=spec["threads"], open_set=gate
+        spec["bundle"], work / "a.safetensors", threads=spec["threads"], open_set=gate, fallback=fallback
     )
     build_s = time.perf_counter() - t0
     rss_built = M.rss_mb()
@@ -107,18 +112,24 @@ WORKERS = {"export": work_export, "prepare": work_prepare, "classify": work_clas
 
 def report(doc: dict) -> str:
     p, g = doc["results"]["prior"], doc["results"]["gated"]
+    f = doc["results"].get("fallback")  # runs before session 20 have no fallback column
 
-    def row(name: str, a: float, b: float, digits: int = 2) -> list[str]:
-        return [name, f"{a:.{digits}f}", f"{b:.{digits}f}", f"{M.ratio(b, a):.2f}x"]
+    def row(name: str, key: str, digits: int = 2, i: int | None = None) -> list[str]:
+        a, b = (r[key] if i is None else r["runs"][i][key] for r in (p, g))
+        cells = [name, f"{a:.{digits}f}", f"{b:.{digits}f}", f"{M.ratio(b, a):.2f}x"]
+        if f is not None:
+            c = f[key] if i is None else f["runs"][i][key]
+            cells += [f"{c:.{digits}f}", f"{M.ratio(c, b):.2f}x"]
+        return cells
 
-    rows = [
-        row("build (s)", p["build_s"], g["build_s"]),
-        row("peak RSS (MiB)", p["peak_rss_mb"], g["peak_rss_mb"], 0),
-    ]
-    for pr, gr in zip(p["runs"], g["runs"], strict=True):
+    rows = [row("build (s)", "build_s"), row("peak RSS (MiB)", "peak_rss_mb", 0)]
+    for i, pr in enumerate(p["runs"]):
         for key, name in (("images_per_s", "images/s"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"),
                           ("cpu_ms_per_image", "CPU ms / image")):  # fmt: skip
-            rows.append(row(f"batch {pr['batch']}: {name}", pr[key], gr[key]))
+            rows.append(row(f"batch {pr['batch']}: {name}", key, i=i))
+    header = ["", "prior only", "gated", "gated / prior"]
+    if f is not None:
+        header += ["gated, fleet fallback", "fallback / gated"]
     lines = [
         f"# The open-set gate's cost at inference ({doc['model']}, {doc['threads']} thread)",
         "",
@@ -128,9 +139,10 @@ def report(doc: dict) -> str:
         f" the device's two labels; the gate fitted on {doc['own_images']} own images at q"
         f" {doc['quantile']:g}; {doc['calls']} timed calls per batch size. Command: `{doc['command']}`.",
         "",
-        M.md_table(["", "prior only", "gated", "gated / prior"], rows),
+        M.md_table(header, rows),
         "",
-        f"The gate sent {100 * g['sent_away_share']:.0f}% of the images to the bundle's own model.",
+        f"The gate sent {100 * g['sent_away_share']:.0f}% of the images to the bundle's own model"
+        + (f" ({100 * f['sent_away_share']:.0f}% to the fleet's adapter with the fallback)." if f else "."),
     ]
     notes = M.RESULTS / f"{doc['out_name']}_notes.md"
     if notes.is_file():
@@ -172,9 +184,13 @@ def main() -> None:
                 "threads": args.threads, "quantile": args.quantile}  # fmt: skip
         prep = M.run_worker(__file__, "prepare", spec, args.threads).result
         results = {}
-        for name, gated in (("prior", False), ("gated", True)):
+        for name, gated, fallback in (
+            ("prior", False, False),
+            ("gated", True, False),
+            ("fallback", True, True),
+        ):
             print(f"running {name} ...", file=sys.stderr)
-            run = M.run_worker(__file__, "classify", dict(spec, gated=gated), args.threads)
+            run = M.run_worker(__file__, "classify", dict(spec, gated=gated, fallback=fallback), args.threads)
             results[name] = dict(run.result, peak_rss_mb=run.peak_rss_mb, wall_s=run.wall_s)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -199,6 +199,16 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
+def write_md_json(out: Path, name: str, lines: Sequence[str], doc: Any) -> None:
+    """`out/<name>.md`: `lines`, then the reading written by hand (`<name>_notes.md`) when there is
+    one; `out/<name>.json`: `doc`, what the report is made again from."""
+    notes = out / f"{name}_notes.md"
+    if notes.exists():
+        lines = [*lines, "", notes.read_text().strip()]
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(doc, indent=1))
+
+
 def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def cell(v: Any) -> str:
         if isinstance(v, float):

@@ -30,6 +30,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from _measure import write_md_json  # noqa: E402
 from _plots import panel_grid  # noqa: E402
 from fmnist_ceiling import EVAL_PSEUDO, log_prior, run_main  # noqa: E402
 from fmnist_open_set import _ms, embed, local_and_bar, train_fleet  # noqa: E402
@@ -179,11 +180,7 @@ def write_report(paths: list[Path], out: Path, doc: str) -> None:
             lines.append(f"| {score} | " + " | ".join(cells) + " |")
     plot(runs, out / "fmnist_gate_scores.png")
     lines += ["", "![each score's q curve per fleet](fmnist_gate_scores.png)"]
-    notes = out / "fmnist_gate_scores_notes.md"
-    if notes.exists():
-        lines += ["", notes.read_text().strip()]
-    (out / "fmnist_gate_scores.md").write_text("\n".join(lines) + "\n")
-    (out / "fmnist_gate_scores.json").write_text(json.dumps(runs, indent=1))
+    write_md_json(out, "fmnist_gate_scores", lines, runs)
 
 
 def main() -> None:

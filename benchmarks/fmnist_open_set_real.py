@@ -33,6 +33,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from _measure import write_md_json  # noqa: E402
 from _plots import panel_grid  # noqa: E402
 from fmnist_fl_regimes import final_adapters  # noqa: E402
 from fmnist_open_set import _ms  # noqa: E402
@@ -197,11 +198,7 @@ def write_report(paths: list[Path], out: Path) -> None:
             )
     plot(runs, out / "fmnist_open_set_real.png")
     lines += ["", "![own vs all-class per fleet](fmnist_open_set_real.png)"]
-    notes = out / "fmnist_open_set_real_notes.md"
-    if notes.exists():
-        lines += ["", notes.read_text().strip()]
-    (out / "fmnist_open_set_real.md").write_text("\n".join(lines) + "\n")
-    (out / "fmnist_open_set_real.json").write_text(json.dumps({"runs": runs}, indent=1))
+    write_md_json(out, "fmnist_open_set_real", lines, {"runs": runs})
 
 
 def main() -> None:

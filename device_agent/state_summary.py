@@ -22,13 +22,6 @@ def summarize(state_dir: str | Path) -> dict[str, Any]:
     return summarize_record(root, read_record(root))
 
 
-def _fallback_version(record: Mapping[str, Any], version: str) -> str | None:
-    fallback = (record.get("adapters") or {}).get(version, {}).get("fallback")
-    if not isinstance(fallback, dict) or not fallback.get("version"):
-        return None
-    return str(fallback["version"])
-
-
 def summarize_record(root: Path, record: Mapping[str, Any]) -> dict[str, Any]:
     """`summarize` of a state record already read (the metrics collector reads it itself)."""
     rounds = record.get("rounds", {})
@@ -48,7 +41,7 @@ def summarize_record(root: Path, record: Mapping[str, Any]) -> dict[str, Any]:
         # what inference serves: the adapter, or its copy tuned on this device (`<version>+personal`)
         "serving": in_use.served[0] if in_use else None,
         # the fleet's adapter delivered with it, where an open-set gate sends unfamiliar images
-        "open_set_fallback": _fallback_version(record, in_use.version) if in_use else None,
+        "open_set_fallback": (in_use.fallback_version or None) if in_use else None,
         # a personal tuning paused for a message or a stop: {adapter, epoch it resumes in, epochs}
         "personal_tuning": paused_tuning(root),
         "pinned": (record.get("rollout") or {}).get("pinned") or None,

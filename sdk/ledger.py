@@ -66,6 +66,7 @@ class LedgerEntry:
     rolled_back_at: float = 0.0  # when its rollout was rolled back on this device (0: never)
     personal: Path | None = None  # this device's tuned copy of it (absolute), if one was made
     fallback: Path | None = None  # the fleet's adapter delivered with it (absolute), if one was
+    fallback_version: str = ""  # that adapter's version ("": none)
 
     @property
     def served(self) -> tuple[str, Path]:
@@ -106,6 +107,7 @@ class Ledger:
                 rolled_back_at=float(e.get("rolled_back_at", 0.0)),
                 personal=_side_file(root, e.get("personal")),
                 fallback=_side_file(root, e.get("fallback")),
+                fallback_version=_side_version(e.get("fallback")),
             )
             for version, e in record.get("adapters", {}).items()
         ]
@@ -186,6 +188,10 @@ def state_stamp(state_dir: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_ino, st.st_mtime_ns
+
+
+def _side_version(side: Any) -> str:
+    return str(side.get("version") or "") if isinstance(side, dict) else ""
 
 
 def _side_file(root: Path, side: Any) -> Path | None:

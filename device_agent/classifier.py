@@ -43,7 +43,7 @@ from fedclip.device_agent.predictor import Predictor
 from fedclip.sdk.adapters import AdapterMeta, load_adapter
 from fedclip.sdk.errors import DataError, FedclipError, StateError
 from fedclip.sdk.label_prior import inference_bias
-from fedclip.sdk.ledger import installed, installed_adapter, state_stamp
+from fedclip.sdk.ledger import file_stamp, installed, installed_adapter, state_stamp
 from fedclip.sdk.manifest import Manifest
 from fedclip.sdk.preprocess import ImageTransform, load_image
 
@@ -274,7 +274,7 @@ class Classifier:
         now = installed(self._state_dir)
         self._stamp = stamp
         # with a gate, a fallback delivered for the version in use (a second rollout) is a change too
-        key = (now.version, _file_key(now.fallback) if self._own_images is not None else None)
+        key = (now.version, file_stamp(now.fallback) if self._own_images is not None else None)
         if key == self._served_key:
             return False
         if now.bundle_id != self.manifest.bundle_id:
@@ -439,17 +439,6 @@ class Classifier:
         if not texts or any(not isinstance(t, str) for t in texts):
             raise DataError("texts must be a non-empty list of strings")
         return self._text_features(self._served, texts)[0]
-
-
-def _file_key(path: Path | None) -> tuple[str, int, int] | None:
-    """A file's identity for noticing that it was replaced (the agent replaces files atomically)."""
-    if path is None:
-        return None
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return str(path), st.st_ino, st.st_mtime_ns
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:

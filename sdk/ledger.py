@@ -181,10 +181,17 @@ def installed_adapter(state_dir: str | Path) -> tuple[str, str | None, Path | No
 
 
 def state_stamp(state_dir: Path) -> tuple[int, int] | None:
-    """Changes whenever the agent replaces its state file (atomic replace: a new inode): what the
-    `Classifier`'s watcher polls before it reads the ledger again."""
+    """Changes whenever the agent replaces its state file: what the `Classifier`'s watcher polls
+    before it reads the ledger again."""
+    return file_stamp(state_dir / STATE_FILE)
+
+
+def file_stamp(path: Path | None) -> tuple[int, int] | None:
+    """Changes whenever the agent replaces the file (atomic replace: a new inode); None: no file."""
+    if path is None:
+        return None
     try:
-        st = (state_dir / STATE_FILE).stat()
+        st = path.stat()
     except OSError:
         return None
     return st.st_ino, st.st_mtime_ns

@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 
 LOCK_FILE = "state.lock"
+# files a ledger entry may carry beside its adapter, `adapters/<version>.<side>.safetensors`
+SIDES = ("personal", "fallback")
 
 BUILT = "built"  # update blob on disk, not yet acknowledged by the broker
 DONE = "done"  # update published (PUBACK received)
@@ -219,9 +221,12 @@ class AgentState:
             "rollout": rollout,
             "installed_at": max(time.time(), latest + 1e-6),
         }
-        entry.update({k: v for k, v in (old or {}).items() if k in ("personal", "fallback")})
+        entry.update({k: v for k, v in (old or {}).items() if k in SIDES})
         if fallback is not None:
-            entry["fallback"] = self._write_fallback(version, fallback)  # the file first
+            fb_tensors, fb_meta = fallback
+            entry["fallback"] = self._side_file(
+                version, "fallback", fb_tensors, fb_meta, {"version": fb_meta.version}
+            )
         self.record["adapters"][version] = entry
         if use:
             self.record["current_adapter"] = version
@@ -232,31 +237,33 @@ class AgentState:
         """Keep the fleet's adapter `meta.version` beside ledger entry `version` as its fallback (a
         `--fallback` rollout of a version this device has already): where its open-set gate sends
         unfamiliar images while `version` is in use."""
-        entry = self.record["adapters"].get(version)
-        if entry is None:
-            raise StateError(f"adapter {version!r} is not in the ledger")
-        entry["fallback"] = self._write_fallback(version, (tensors, meta))  # the file first
-        self._save()
-        return self.root / entry["fallback"]["file"]
-
-    def _write_fallback(self, version: str, fallback: tuple[Mapping[str, np.ndarray], AdapterMeta]) -> dict:
-        rel = f"adapters/{version}.fallback.safetensors"
-        self._write(rel, adapter_bytes(*fallback))
-        return {"file": rel, "version": fallback[1].version}
+        return self._keep_side(version, "fallback", tensors, meta, {"version": meta.version})
 
     def keep_personal(
         self, version: str, tensors: Mapping[str, np.ndarray], meta: AdapterMeta, metrics: Mapping[str, float]
     ) -> Path:
         """Keep this device's personal copy of ledger entry `version` (`device_agent.personal`) beside
         it: inference serves the copy while `version` is in use."""
+        return self._keep_side(version, "personal", tensors, meta, {k: float(v) for k, v in metrics.items()})
+
+    def _keep_side(
+        self, version: str, side: str, tensors: Mapping[str, np.ndarray], meta: AdapterMeta, fields: Mapping
+    ) -> Path:
         entry = self.record["adapters"].get(version)
         if entry is None:
             raise StateError(f"adapter {version!r} is not in the ledger")
-        rel = f"adapters/{version}.personal.safetensors"
-        self._write(rel, adapter_bytes(tensors, meta))  # the file first: the record never names a missing one
-        entry["personal"] = {"file": rel, **{k: float(v) for k, v in metrics.items()}}
+        entry[side] = self._side_file(version, side, tensors, meta, fields)
         self._save()
-        return self.root / rel
+        return self.root / entry[side]["file"]
+
+    def _side_file(
+        self, version: str, side: str, tensors: Mapping[str, np.ndarray], meta: AdapterMeta, fields: Mapping
+    ) -> dict[str, Any]:
+        """`adapters/<version>.<side>.safetensors` written, and its record (`{"file", **fields}`) to
+        put on the entry after it: the record never names a missing file."""
+        rel = f"adapters/{version}.{side}.safetensors"
+        self._write(rel, adapter_bytes(tensors, meta))
+        return {"file": rel, **fields}
 
     def personal_metrics(self) -> dict[str, float]:
         """The held-out metrics of the personal copy inference serves now (empty: none)."""
@@ -289,7 +296,7 @@ class AgentState:
         self._save()  # the record first, then the files: it never names a file that is gone
         for _, entry in gone if forget else ():
             remove(self.root / entry["file"])
-            for side in ("personal", "fallback"):  # its personal copy and its fallback go with it
+            for side in SIDES:  # its personal copy and its fallback go with it
                 if isinstance(entry.get(side), dict):
                     remove(self.root / entry[side]["file"])
 

@@ -52,6 +52,8 @@ def status_from_message(topic_agent: str, msg: Message) -> AgentInfo:
         info["personal"] = dict(status.personal)
     if status.tuning is not None:  # a personal tuning of the adapter in use, not finished yet
         info["tuning"] = status.tuning.to_body()
+    if status.fallback_version:  # where its open-set gate sends unfamiliar images (rollout --fallback)
+        info["fallback"] = status.fallback_version
     return AgentInfo(
         id=topic_agent,
         online=status.state == "online",

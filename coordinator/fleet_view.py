@@ -288,6 +288,8 @@ class FleetView:
                     "device_tuning": finite(info.get("personal") or {}) or None,
                     # ... or is tuning it: {adapter, epoch (from 1), epochs}, as its last status said
                     "tuning_progress": info.get("tuning") or None,
+                    # the fleet's adapter it keeps beside that one for its open-set gate (--fallback)
+                    "open_set_fallback": info.get("fallback") or None,
                     "last_round": a["last_round"],
                     "groups": [g for g in groups if isinstance(g, str)] if isinstance(groups, list) else [],
                     "device": info.get("device"),

@@ -254,7 +254,8 @@ def status(
             a["agent"],
             "yes" if a["online"] else "no",
             (a["bundle_id"] or "")[:12],
-            a["adapter_version"] or "-",
+            (a["adapter_version"] or "-")
+            + (f" (fallback {a['open_set_fallback']})" if a["open_set_fallback"] else ""),
             str(a["last_round"]),
             a["personal_version"] or "-",
             shown or "-",

@@ -273,6 +273,15 @@ class AgentState:
             return {}
         return {k: float(v) for k, v in personal.items() if k != "file"}
 
+    def fallback_version(self) -> str:
+        """The version of the fleet's adapter kept beside the adapter in use, where its file is there
+        (what `sdk.ledger.installed` serves the open-set gate's images with); "": none."""
+        ledger = self.ledger()
+        entry = ledger.entry(ledger.current)
+        if entry is None or entry.fallback is None or not entry.fallback.is_file():
+            return ""
+        return entry.fallback_version
+
     def scratch_path(self, name: str) -> Path:
         """A file of the state dir for one operation's own use (its caller removes it)."""
         return self.root / name

@@ -1,5 +1,6 @@
-"""The agent's retained status message: what it says about itself (bundle, adapter in use, last
-round, software versions, device, groups, why the last task was refused) and keeping it on the broker.
+"""The agent's retained status message: what it says about itself (bundle, adapter in use and the
+fleet's adapter beside it, last round, software versions, device, groups, why the last task was
+refused) and keeping it on the broker.
 
 The status is retained, so the coordinator sees the latest one whenever it looks; the broker's last
 will (built from `status_blob(..., "offline")` before connecting) covers an agent that dies.
@@ -76,6 +77,7 @@ def status_blob(
         personal=state.personal_metrics(),
         # only the adapter in use's: an install or rollback ends what a tuning of another meant
         tuning=tuning if tuning is not None and tuning.adapter == state.current_adapter else None,
+        fallback_version=state.fallback_version(),
     )
     return messages.encode(status, cfg.fleet, cfg.id, key=cfg.signing_key())
 

@@ -56,8 +56,9 @@ class GroupAgent(ScriptedAgent):
         if self.tuning is not None:  # still tuning the adapter it uses: it serves the adapter itself
             body["adapter_version"] = self.tuning[0]
             body["tuning"] = dict(zip(("adapter", "epoch", "epochs"), self.tuning, strict=True))
-        elif self.groups:  # serves its adapter tuned on the device (agent `personal:`)
+        elif self.groups:  # serves its adapter tuned on the device (agent `personal:`) ...
             body["personal"] = {"accuracy": 0.7, "accuracy_fleet": 0.5, "mu": 1.5}
+            body["fallback_version"] = "g-r0"  # ... with the fleet's adapter beside it for its gate
         return encode(Envelope(MsgType.STATUS, FLEET, self.id, body=body))
 
 

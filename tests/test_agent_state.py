@@ -271,6 +271,21 @@ def test_status_names_where_the_adapter_in_use_came_from(tmp_path):
     )
     s.close()
     assert summarize(tmp_path)["open_set_fallback"] == "g-r5"
+    # ... and the agent's retained status names it, for the coordinator's fleet view, while its file
+    # is there (what inference serves the gate's images with: `sdk.ledger.installed`)
+    from fedclip.device_agent.config import AgentConfig
+    from fedclip.device_agent.status import status_blob
+    from fedclip.sdk import messages
+
+    s = _open(tmp_path)
+    cfg = AgentConfig(broker="mqtt://127.0.0.1:1", fleet="f1", id="dev-1", bundle=tmp_path, data=tmp_path,
+                      state=tmp_path)  # fmt: skip
+    said = messages.decode(messages.AgentStatus, status_blob(cfg, BUNDLE, s, 0, "online"), fleet="f1")
+    assert (said.adapter_version, said.fallback_version) == ("a-x-r5", "g-r5")
+    (tmp_path / "adapters" / "a-x-r5.fallback.safetensors").unlink()
+    said = messages.decode(messages.AgentStatus, status_blob(cfg, BUNDLE, s, 0, "online"), fleet="f1")
+    assert said.fallback_version == "" and s.fallback_version() == ""
+    s.close()
 
 
 def test_a_personal_copy_is_served_beside_its_adapter_and_goes_with_it(tmp_path):

@@ -89,6 +89,8 @@ def test_dashboard_shows_the_fleet_and_follows_rounds(mosquitto, bundle_factory,
         # an agent serving its adapter tuned on the device says so (ops_fleet.GroupAgent's status)
         assert "tuned on device (70.0% vs 50.0%)" in agent_rows["cam1"]
         assert "g-r0 (tuning on device: epoch 3 of 15)" in agent_rows["cam2"]  # ... or still tunes it
+        # the fleet's adapter a device keeps for its open-set gate, where its status names one
+        assert "(fallback g-r0)" in agent_rows["cam1"] and "fallback" not in agent_rows["cam2"]
         assert rows('#agents tbody tr[data-online="true"]') and text("#agents-online") == "2"
         assert rows('#rounds tbody tr[data-round="1"][data-state="aggregated"]')
         assert rows('#rounds tbody tr[data-round="2"][data-state="collecting"]')

@@ -213,6 +213,7 @@ VALID = {
         adapter_version="v1",
         personal={"accuracy": 0.8, "mu": 1.5},
         tuning=m.TuningProgress("v1", 3, 15),
+        fallback_version="g-r1",
     ),
     m.Ack: m.Ack(4, "installed", "v1", new=m.AckMetrics(0.5, 1.0, 10)),
     m.AdapterPush: m.AdapterPush(
@@ -312,6 +313,14 @@ def test_missing_required_fields_are_refused(cls):
     }[cls]
     for key in required:
         assert not accepts(cls, {k: v for k, v in body.items() if k != key}), key
+
+
+def test_a_status_names_the_fleets_adapter_only_when_it_keeps_one():
+    """`fallback_version` (rollout --fallback) round-trips, and is left out when empty, so a status
+    without one still reaches a coordinator older than the field."""
+    said = VALID[m.AgentStatus]
+    assert m.decode(m.AgentStatus, m.encode(said, FLEET, AGENT), fleet=FLEET).fallback_version == "g-r1"
+    assert "fallback_version" not in m.AgentStatus("online", adapter_version="v1").to_body()
 
 
 def test_hyperparameters_bounds_hold_for_builders_too():

@@ -131,6 +131,10 @@ def test_metrics_dashboard_json_and_cli_json_follow_a_real_run(mosquitto, lora_b
         assert by_agent["cam1"]["device_tuning"] == {"accuracy": 0.7, "accuracy_fleet": 0.5, "mu": 1.5}
         assert by_agent["cam2"]["device_tuning"] is None and by_agent["cam1"]["tuning_progress"] is None
         assert by_agent["cam2"]["tuning_progress"] == {"adapter": "g-r0", "epoch": 3, "epochs": 15}
+        assert (by_agent["cam1"]["open_set_fallback"], by_agent["cam2"]["open_set_fallback"]) == (
+            "g-r0",
+            None,
+        )
         assert by_agent["cam1"]["metrics"]["accuracy"] == pytest.approx(0.4)
         assert [v["version"] for v in doc["versions"]] == ["g-r0", "g-r1"]
         assert doc["versions"][1]["parent"] == "g-r0"
@@ -162,6 +166,9 @@ def test_metrics_dashboard_json_and_cli_json_follow_a_real_run(mosquitto, lora_b
         "metrics": {"accuracy": pytest.approx(0.6), "loss": pytest.approx(0.4), "updates": 2},
     }
     assert {a["agent"]: a["groups"] for a in st["agents"]} == {"cam1": ["lab"], "cam2": []}
+    assert {a["agent"]: a["open_set_fallback"] for a in st["agents"]} == {"cam1": "g-r0", "cam2": None}
+    table = _coord("status", "--state", str(state))  # the table names it beside the adapter in use
+    assert table.returncode == 0 and "(fallback g-r0)" in table.stdout, table.stdout + table.stderr
 
     listed = _json("adapters", "list", "--state", str(state), "--json")["versions"]
     assert [(v["version"], v["parent"], v["round"], v["scope"]) for v in listed] == [

@@ -26,10 +26,11 @@ function fmtPct(x) {
   return typeof x === "number" ? (100 * x).toFixed(1) + "%" : "-";
 }
 
-// The adapter an agent's inference uses; with personal tuning on the device, its tuned copy and
-// that copy's held-out accuracy beside the adapter's own, or how far the tuning of it has come.
+// The adapter an agent's inference uses (and the fleet's adapter its open-set gate sends unfamiliar
+// images to, when a rollout delivered one beside it); with personal tuning on the device, its tuned
+// copy and that copy's held-out accuracy beside the adapter's own, or how far the tuning has come.
 function inUse(a) {
-  const v = a.adapter_version || "-";
+  const v = (a.adapter_version || "-") + (a.open_set_fallback ? " (fallback " + a.open_set_fallback + ")" : "");
   const p = a.tuning_progress;
   if (p && typeof p === "object") {  // of the adapter in use: the status contract says so
     return v + " (tuning on device: epoch " + p.epoch + " of " + p.epochs + ")";

@@ -128,6 +128,7 @@ class AgentStatus(WireBody):
             "notice",
             "personal",
             "tuning",
+            "fallback_version",
         }
     )
 
@@ -146,6 +147,9 @@ class AgentStatus(WireBody):
     # A personal tuning of `adapter_version` not finished yet (inference serves the adapter itself
     # meanwhile, so `personal` is empty); None: none.
     tuning: TuningProgress | None = None
+    # The fleet's adapter kept beside `adapter_version` (`rollout start --fallback`): where the
+    # device's open-set gate sends the images unlike its own. "": none (the bundle's own model).
+    fallback_version: str = ""
 
     def envelope_round(self) -> int:
         return self.last_round
@@ -170,6 +174,8 @@ class AgentStatus(WireBody):
             body["personal"] = dict(self.personal)
         if self.tuning is not None:
             body["tuning"] = self.tuning.to_body()
+        if self.fallback_version:  # only when set: a coordinator older than the field reads the rest
+            body["fallback_version"] = self.fallback_version
         return body
 
     @classmethod
@@ -188,6 +194,7 @@ class AgentStatus(WireBody):
             notice=_str(body, "notice", 4 * MAX_TEXT, where, "")[:MAX_TEXT],
             personal=_metrics(body.get("personal", {}), "personal", where),
             tuning=_tuning(body, where),
+            fallback_version=_str(body, "fallback_version", MAX_VERSION, where, ""),
         )
 
 

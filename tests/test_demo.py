@@ -8,6 +8,7 @@ on who the parent is after the demo has exited.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from rich.console import Console
 from waiting import eventually
 
 from fedclip.coordinator.demo import (
@@ -31,8 +33,12 @@ from fedclip.coordinator.demo import (
     DemoConfig,
     FleetRun,
     build_report,
+    columns,
+    final_adapter,
+    final_fallback,
     plot_accuracy,
     read_partition,
+    report_tables,
     resolve_dataset,
     round_records,
     write_markdown,
@@ -176,11 +182,21 @@ def test_port_helpers():
         ("personal_mu", -1.0, "--personal-mu"),
         ("personal_mu", float("nan"), "--personal-mu"),
         ("personal_mu", 1e9, "--personal-mu"),
+        ("open_set_q", -0.1, "--open-set-quantile"),
+        ("open_set_q", 0.5, "--open-set-quantile"),
+        ("open_set_q", float("nan"), "--open-set-quantile"),
     ],
 )
 def test_demo_config_rejects_bad_values(field, value, match):
     with pytest.raises(ConfigError, match=match):
         DemoConfig(**{field: value})
+
+
+def test_the_gated_column_is_on_by_default_where_there_is_a_prior():
+    """The gate decides where the label prior applies: with plain CE there is none, so no column."""
+    assert DemoConfig().gated and columns(DemoConfig()) == (*COLUMNS, "gated")
+    assert not DemoConfig(loss="ce").gated and columns(DemoConfig(loss="ce")) == COLUMNS
+    assert columns(DemoConfig(open_set_q=0.0, personal_mu=1.5)) == (*COLUMNS, "personal")
 
 
 def test_every_coordinator_strategy_has_its_bundle():
@@ -234,7 +250,7 @@ def test_read_partition_falls_back_to_folders(tmp_path):
 
 
 def test_report_files(tmp_path):
-    cfg = DemoConfig(out=tmp_path, agents=2, rounds=2)
+    cfg = DemoConfig(out=tmp_path, agents=2, rounds=2, open_set_q=0.0)
     run = FleetRun(
         rounds=[
             {"round": 1, "state": "aggregated", "seconds": 3.0, "uplink_bytes": 1000, "downlink_bytes": 2000},
@@ -272,20 +288,48 @@ def test_report_files(tmp_path):
     assert "own +7.5, all-class +10.0" in md  # fedclip minus local-only, mean points
     plot_accuracy(report, tmp_path / "accuracy.png")
     assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # With --personal-mu: a fourth column, in the mean, the table, the gains and the plot.
+    # The default open-set gate and --personal-mu: two more columns, in the mean, the tables, the gains
+    # and the plot, and what the gates did.
+    more = {"gated": {"own": {"a": 0.4, "b": 0.3}, "all_class": {"a": 0.5, "b": 0.35}},
+            "personal": {"own": {"a": 0.6, "b": 0.35}, "all_class": {"a": 0.4, "b": 0.3}}}  # fmt: skip
     for name, rows in table.items():
         for aid, row in rows.items():
-            row["personal"] = {"own": {"a": 0.6, "b": 0.35}, "all_class": {"a": 0.4, "b": 0.3}}[name][aid]
+            row.update({column: more[column][name][aid] for column in more})
+    gate = {
+        "a": {
+            "fallback": "g-r2",
+            "sent_away": {"own": 1, "all_class": 8},
+            "images": {"own": 10, "all_class": 20},
+        },
+        "b": {
+            "fallback": "g-r2",
+            "sent_away": {"own": 0, "all_class": 4},
+            "images": {"own": 10, "all_class": 20},
+        },
+    }
     tuned = build_report(DemoConfig(out=tmp_path, agents=2, rounds=2, personal_mu=1.5), "digits", ["0", "1"],
-                         run, acc, 9.0, comparison=Comparison(acc, table))  # fmt: skip
+                         run, acc, 9.0, comparison=Comparison(acc, table, gate=gate))  # fmt: skip
     assert tuned["mean"]["own"]["personal"] == pytest.approx(0.475)
+    assert tuned["mean"]["all_class"]["gated"] == pytest.approx(0.425)
+    assert tuned["agents"]["a"]["open_set"] == gate["a"]
+    assert tuned["open_set"]["sent_away_share"] == pytest.approx({"own": 0.05, "all_class": 0.3})
     write_markdown(tuned, tmp_path / "tuned.md")
     md = (tmp_path / "tuned.md").read_text()
-    assert "| a | 10.0% | 45.0% | 50.0% | 60.0% | 30.0% | 20.0% | 35.0% | 40.0% |" in md
+    assert "| a | 10.0% | 45.0% | 50.0% | 40.0% | 60.0% | 30.0% | 20.0% | 35.0% | 50.0% | 40.0% |" in md
+    assert "fedclip + gate (q 0.05) minus local-only (mean, points): own -2.5, all-class +22.5." in md
     assert (
         "fedclip + personal tuning (mu 1.5) minus local-only (mean, points): own +10.0, all-class +15.0."
         in md
     )
+    assert "sent 5% of the own images, 30% of the all-class images away from the label prior, to the " \
+           "fleet's adapter (g-r2)" in md  # fmt: skip
+    # The terminal's tables fit 80 columns (they also go to logs and CI output): no header cut short.
+    console = Console(width=80, record=True, file=io.StringIO())
+    for t in report_tables(tuned):
+        console.print(t)
+    text = console.export_text()
+    assert "fedclip + gate" in text and "personal" in text and "…" not in text
+    assert max(len(line) for line in text.splitlines()) <= 80
     plot_accuracy(tuned, tmp_path / "tuned.png")
     assert (tmp_path / "tuned.png").stat().st_size > 0
     # A report without the comparison (what benchmarks build) still renders: before/after only.
@@ -372,7 +416,15 @@ def test_demo_end_to_end(tmp_path):
         assert len(a["accuracy_per_round"]) == 3
         for acc in a["accuracy_per_round"]:
             assert isinstance(acc, float) and 0.0 <= acc <= 1.0
-    _check_comparison(report)
+    # balanced softmax by default, so the open-set gate's column too (ce-lora: no fleet's adapter beside
+    # each agent's own, so the gate sends its images to the bundle's own model)
+    _check_comparison(report, (*COLUMNS, "gated"))
+    assert report["open_set"]["quantile"] == 0.05 and report["open_set"]["fallbacks"] == []
+    every_label = len(report["labels"]) * report["config"]["all_class_per_label"]
+    for a in report["agents"].values():
+        assert a["open_set"]["images"]["all_class"] == every_label and a["open_set"]["fallback"] is None
+    assert report["open_set"]["sent_away_share"]["all_class"] > 0  # unseen labels do leave the prior
+    assert "fedclip + gate (q 0.05) minus local-only" in r.stdout
     if fashion_mnist_installed():
         # The pretrained base, and agents cut from the test set only (none holds a pretraining image).
         assert report["base"]["kind"] == "pretrained" and report["base"]["cached"] is False
@@ -417,6 +469,11 @@ def test_demo_end_to_end(tmp_path):
         assert now.version.startswith(agent_version(agent, 1)) and now.fallback is not None, (agent, now)
         assert load_adapter(now.fallback)[1].version == global_version(1)
         assert set(load_adapter(now.fallback)[0]) == set(load_adapter(now.file)[0])
+        # where a gated column's evaluation would send the images it gates away
+        states = {a: Path(report2["run_dir"]) / "agents" / a for a in report2["agents"]}
+        run2 = FleetRun(rounds=[{"round": 1}], agent_states=states)
+        final = final_adapter(run2, agent, 1)
+        assert final == now.file and final_fallback(run2, agent, final) == now.fallback
     if fashion_mnist_installed():
         assert report2["base"]["cached"] is True and report2["base"]["weights"] == report["base"]["weights"]
 

@@ -9,14 +9,22 @@ The package only orchestrates: every step is one of the public commands run as a
 (`fedclip.coordinator.procs`), so the demo does exactly what a user's fleet would do, and the
 benchmarks reuse `run_federation` to drive the same path. Rooms: `config`, `base` (the pretrained
 model it starts from), `launch` (broker, data, bundle), `federation`, `evaluation` (child jobs two at a
-time), `comparison` (zero-shot / local-only / federated, own and all-class), `report`, `plot`,
+time), `comparison` (zero-shot / local-only / federated / gated, own and all-class), `report`, `plot`,
 `command`. This front door names what the CLI, the
 benchmarks and the tests use.
 """
 
 from fedclip.coordinator.demo.base import Base, choose_base, client_dataset
 from fedclip.coordinator.demo.command import demo, run_demo
-from fedclip.coordinator.demo.comparison import COLUMNS, SETS, Comparison, compare
+from fedclip.coordinator.demo.comparison import (
+    COLUMNS,
+    SETS,
+    Comparison,
+    columns,
+    compare,
+    final_adapter,
+    final_fallback,
+)
 from fedclip.coordinator.demo.config import (
     DEFAULT_STRATEGY,
     STRATEGY_BUNDLE,
@@ -57,8 +65,8 @@ from fedclip.coordinator.demo.report import build_report, report_tables, write_m
 __all__ = [
     "COLUMNS", "DEFAULT_STRATEGY", "SETS", "STRATEGY_BUNDLE", "Base", "BrokerInfo", "Comparison",
     "DemoConfig", "FleetRun", "Job", "accuracy_per_round", "agent_cli", "auth_flags", "broker_for",
-    "build_report", "check_bundle", "choose_base", "client_dataset", "compare", "coord_cli",
-    "demo", "deliver_final", "export", "finish_eval", "flags", "partition",
+    "build_report", "check_bundle", "choose_base", "client_dataset", "columns", "compare", "coord_cli",
+    "demo", "deliver_final", "export", "final_adapter", "final_fallback", "finish_eval", "flags", "partition",
     "plot_accuracy", "read_partition", "report_tables", "resolve_dataset", "round_adapters",
     "round_costs", "round_records", "run_demo", "run_federation", "run_jobs", "spawn_eval",
     "write_all_class", "write_markdown",

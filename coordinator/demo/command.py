@@ -187,6 +187,13 @@ def demo(
         "proximal weight, as an agent with `personal: {mu}` serves it (1.5 with --strategy fedavg "
         "keeps the labels an agent has not seen; docs/aggregation.md). 0: off.",
     ),
+    open_set_q: float = typer.Option(
+        DemoConfig.open_set_q,
+        "--open-set-quantile",
+        help="Also show each agent's adapter served with the open-set gate (`serve-inference --open-set`: "
+        "the label prior only for images like the agent's own; this share of those may be sent away; "
+        "docs/inference.md). Balanced softmax only. 0: off.",
+    ),
     broker: str | None = typer.Option(
         None, "--broker", help="Use this MQTT broker (mqtt://host:port) instead of starting the embedded one."
     ),
@@ -237,6 +244,7 @@ def demo(
         lr=lr,
         loss=loss,
         personal_mu=personal_mu,
+        open_set_q=open_set_q,
         broker=broker,
         username=username,
         password=password,

@@ -4,9 +4,11 @@ For every agent, three adapters on two test sets:
 - adapters: zero-shot (the bundle's initial adapter), local-only (the agent's own torch-free
   training, `fedclip-agent train`, on the same images with the same epochs, batch size, learning
   rate and held-out share, from the same initial adapter, without the fleet), federated (the
-  adapter the agent ended the run with), and with `--personal-mu` personal (that adapter tuned the
-  same way with the proximal term toward it, `train --prox-mu`: what an agent with `personal:`
-  serves);
+  adapter the agent ended the run with, its label prior added to every image), gated (the same
+  adapter served with the open-set gate, `--open-set-quantile`: the prior only for images like the
+  agent's own, the others scored by the fleet's adapter the final rollout delivered beside it, else
+  by the bundle's own model), and with `--personal-mu` personal (that adapter tuned the same way
+  with the proximal term toward it, `train --prox-mu`: what an agent with `personal:` serves);
 - sets: its own held-out test split (its label mix and camera), and its all-class set (every label
   in equal numbers under its camera, `fedclip.sdk.all_class`): what it faces when a label it has
   not trained on shows up.
@@ -29,21 +31,24 @@ from fedclip.coordinator.demo.evaluation import (
     eval_argv,
     eval_cache,
     fill_skipped_rounds,
+    gated_eval_argv,
     round_eval_jobs,
     run_jobs,
 )
 from fedclip.coordinator.demo.federation import FleetRun, last_round, round_adapters
 from fedclip.coordinator.procs import ProcessGroup
 from fedclip.sdk.all_class import ALL_SPLIT
+from fedclip.sdk.ledger import installed
 from fedclip.sdk.messages.rounds import Hyperparameters
 
 COLUMNS = ("zero_shot", "local_only", "federated")
+GATED = "gated"  # the column `--open-set-quantile` adds (with balanced softmax, by default)
 PERSONAL = "personal"  # the column `--personal-mu` adds
 SETS = ("own", "all_class")
 
 
 def columns(cfg: DemoConfig) -> tuple[str, ...]:
-    return (*COLUMNS, PERSONAL) if cfg.personal_mu else COLUMNS
+    return (*COLUMNS, *((GATED,) if cfg.gated else ()), *((PERSONAL,) if cfg.personal_mu else ()))
 
 
 @dataclass
@@ -54,6 +59,9 @@ class Comparison:
     own_per_round: dict[str, list[float | None]]
     table: dict[str, dict[str, dict[str, float | None]]]
     local_train_seconds: dict[str, float] = field(default_factory=dict)
+    # agent -> what its gate did (the gated column): {"fallback": the version it sent images to (None:
+    # the bundle's own model), "sent_away": {set: images}, "images": {set: images}}
+    gate: dict[str, dict] = field(default_factory=dict)
 
 
 def local_train_argv(
@@ -78,6 +86,13 @@ def final_adapter(run: FleetRun, agent: str, rounds: int) -> Path | None:
         r: p for r, p in round_adapters(run.agent_states[agent], last_round(run)).items() if r <= rounds
     }
     return adapters[max(adapters)] if adapters else None
+
+
+def final_fallback(run: FleetRun, agent: str, final: Path | None) -> Path | None:
+    """The fleet's adapter the final rollout delivered beside `final` (`rollout start --fallback`),
+    where the agent serves `final` now; None: the gate sends its images to the bundle's own model."""
+    now = installed(run.agent_states[agent])
+    return now.fallback if final is not None and now.file == final else None
 
 
 def compare(
@@ -116,6 +131,13 @@ def compare(
                     Job(aid, f"eval-{aid}-all-{column}", argv, _put(table["all_class"][aid], column))
                 )
         for name, data in sets.items():
+            if cfg.gated:
+                fallback = final_fallback(run, aid, final)
+                argv = gated_eval_argv(
+                    bundle, data, final, data_dir / aid / "train", cfg.open_set_q, fallback
+                )
+                done = _gated(table[name][aid], result.gate.setdefault(aid, {}), name)
+                eval_jobs.append(Job(aid, f"eval-{aid}-{name}-gated", argv, done))
             for column, adapter in trained.items():
                 argv = eval_argv(bundle, data, adapter, cache)
                 job = f"eval-{aid}-{name}-{_SHORT[column]}"
@@ -140,6 +162,16 @@ def _ignore(res: dict) -> None:
 def _put(row: dict[str, float | None], column: str) -> Callable[[dict], None]:
     def done(res: dict) -> None:
         row[column] = accuracy_of(res)
+
+    return done
+
+
+def _gated(row: dict[str, float | None], gate: dict, name: str) -> Callable[[dict], None]:
+    def done(res: dict) -> None:
+        row[GATED] = accuracy_of(res)
+        gate["fallback"] = res.get("open_set_fallback")
+        gate.setdefault("sent_away", {})[name] = int(res.get("open_set_sent_away") or 0)
+        gate.setdefault("images", {})[name] = int(res.get("num_samples") or 0)
 
     return done
 

@@ -75,6 +75,12 @@ class DemoConfig:
     # > 0: also tune each agent's final adapter on its own images with this proximal weight
     # (`fedclip-agent train --prox-mu`, what an agent with `personal: {mu}` serves) and show it
     personal_mu: float = 0.0
+    # > 0: also score each agent's final adapter as `fedclip-agent serve-inference --open-set` serves
+    # it: the label prior only for images like the agent's own training images, the share q of those
+    # its gate may send away (docs/inference.md, "Open-set gate"). The product's way to keep labels a
+    # device has not trained on (issue 13's all-class target, benchmarks/results/fmnist_open_set_real.md);
+    # the agent's default quantile. Only with balanced softmax: without a prior there is nothing to gate.
+    open_set_q: float = 0.05
     broker: str | None = None
     username: str | None = None
     password: str | None = None
@@ -119,6 +125,8 @@ class DemoConfig:
             raise ConfigError(
                 f"--personal-mu: must be in [0, {MAX_PROX_MU:g}] (0: off), got {self.personal_mu}"
             )
+        if not (math.isfinite(self.open_set_q) and 0.0 <= self.open_set_q < 0.5):
+            raise ConfigError(f"--open-set-quantile: must be in [0, 0.5) (0: off), got {self.open_set_q}")
         if self.round_timeout <= 0 or self.timeout <= 0:
             raise ConfigError("--round-timeout, --timeout: must be > 0")
         if self.bundle is not None and not (Path(self.bundle) / "manifest.yaml").is_file():
@@ -132,6 +140,11 @@ class DemoConfig:
     def init(self) -> str | None:
         """The tri-lora init the strategy's bundle needs (None: the exporter's default)."""
         return STRATEGY_BUNDLE[self.strategy][1]
+
+    @property
+    def gated(self) -> bool:
+        """Whether the comparison has the open-set gate's column (`open_set_q`)."""
+        return self.open_set_q > 0 and self.loss == "balanced-softmax"
 
     @property
     def run_dir(self) -> Path:

@@ -29,6 +29,17 @@ def eval_argv(bundle: Path, data: Path, adapter: Path | None, cache_dir: Path | 
     return agent_cli("eval", *options, "--quiet", "--json")
 
 
+def gated_eval_argv(
+    bundle: Path, data: Path, adapter: Path | None, own_images: Path, quantile: float, fallback: Path | None
+) -> list[str]:
+    """`fedclip-agent eval --open-set --json`: `adapter` as `serve-inference --open-set` serves it, its
+    gate fitted on `own_images` (the agent's training folder), the images it sends away scored by
+    `fallback` (None: the bundle's own model)."""
+    options = flags(bundle=bundle, data=data, adapter=adapter, threads=1, open_set=own_images,
+                    open_set_quantile=quantile, open_set_fallback=fallback)  # fmt: skip
+    return agent_cli("eval", *options, "--quiet", "--json")
+
+
 def spawn_eval(
     procs: ProcessGroup,
     name: str,

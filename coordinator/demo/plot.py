@@ -5,10 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedclip.coordinator.demo.comparison import PERSONAL, SETS
+from fedclip.coordinator.demo.comparison import GATED, PERSONAL, SETS
 from fedclip.coordinator.demo.report import SET_TITLES, column_names, report_columns
 
-COLOURS = {"zero_shot": "#9e9e9e", "local_only": "#f28e2b", "federated": "#4e79a7", PERSONAL: "#59a14f"}
+COLOURS = {
+    "zero_shot": "#9e9e9e",
+    "local_only": "#f28e2b",
+    "federated": "#4e79a7",
+    GATED: "#76b7b2",
+    PERSONAL: "#59a14f",
+}
 
 
 def plot_accuracy(report: dict, path: Path) -> None:
@@ -18,7 +24,8 @@ def plot_accuracy(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     bars = "mean" in report  # a report without a comparison has the per-round panel only
-    fig, axes = plt.subplots(1, 3 if bars else 1, figsize=(15 if bars else 6, 4.2), dpi=110, squeeze=False)
+    size = (15, 4.8) if bars else (6, 4.2)  # the taller one leaves room for legends under the bars
+    fig, axes = plt.subplots(1, 3 if bars else 1, figsize=size, dpi=110, squeeze=False)
     if bars:
         for ax, name in zip(axes[0][:2], SETS, strict=True):
             _bars(ax, report, name)
@@ -51,7 +58,8 @@ def _bars(ax, report: dict, name: str) -> None:
         f"{SET_TITLES[name]} test set" + (" (every label, the agent's camera)" if name != "own" else "")
     )
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize="small")
+    # under the axes: inside, four or five columns' legend covers the bars
+    ax.legend(fontsize="small", ncol=min(len(shown), 3), loc="upper center", bbox_to_anchor=(0.5, -0.1))
 
 
 def _rounds(ax, report: dict) -> None:

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from rich import box
 from rich.table import Table
+from rich.text import Text
 
 from fedclip.coordinator.demo.base import Base
-from fedclip.coordinator.demo.comparison import COLUMNS, PERSONAL, SETS, Comparison, columns
+from fedclip.coordinator.demo.comparison import COLUMNS, GATED, PERSONAL, SETS, Comparison, columns
 from fedclip.coordinator.demo.config import DemoConfig
 from fedclip.coordinator.demo.federation import FleetRun
 from fedclip.sdk.messages.rounds import Hyperparameters
@@ -83,6 +84,8 @@ def build_report(
             name: {c: _mean(row[c] for row in comparison.table[name].values()) for c in columns(cfg)}
             for name in SETS
         }
+        if comparison.gate:
+            report["open_set"] = _open_set(cfg, comparison, agents)
         report["local_only"] = {
             "epochs": cfg.rounds * cfg.local_epochs,
             "batch_size": Hyperparameters.batch_size,
@@ -103,6 +106,38 @@ def build_report(
 def _mean(values: Iterable[float | None]) -> float | None:
     known = [v for v in values if v is not None]
     return sum(known) / len(known) if known else None
+
+
+def _open_set(cfg: DemoConfig, comparison: Comparison, agents: dict[str, dict]) -> dict:
+    """The gate's column: per agent what it did (`Comparison.gate`), and the share of each set's
+    images the gates sent away, over the fleet."""
+    for aid, gate in comparison.gate.items():
+        agents[aid]["open_set"] = gate
+    share = {}
+    for name in SETS:
+        sent = sum(g.get("sent_away", {}).get(name, 0) for g in comparison.gate.values())
+        seen = sum(g.get("images", {}).get(name, 0) for g in comparison.gate.values())
+        share[name] = sent / seen if seen else None
+    fallbacks = sorted({str(g["fallback"]) for g in comparison.gate.values() if g.get("fallback")})
+    return {"quantile": cfg.open_set_q, "sent_away_share": share, "fallbacks": fallbacks}
+
+
+def open_set_line(report: dict) -> str:
+    """What the gates did, in one sentence ("" without the gated column)."""
+    gate = report.get("open_set")
+    if not gate:
+        return ""
+    share = ", ".join(
+        f"{100 * v:.0f}% of the {SET_TITLES[n]} images"
+        for n, v in gate["sent_away_share"].items()
+        if v is not None
+    )
+    to = (
+        f"the fleet's adapter ({', '.join(gate['fallbacks'])})"
+        if gate["fallbacks"]
+        else "the bundle's own model"
+    )
+    return f"fedclip + gate (q {gate['quantile']:g}) sent {share} away from the label prior, to {to}"
 
 
 def _base(base: Base | None) -> dict | None:
@@ -154,6 +189,7 @@ def column_names(report: dict) -> dict[str, str]:
         "zero_shot": "zero-shot",
         "local_only": "local-only",
         "federated": "fedclip",
+        GATED: "fedclip + gate",
         PERSONAL: "personal",
     }
 
@@ -189,8 +225,14 @@ def gain_line(report: dict) -> str:
     if not mean:
         return ""
     lines = []
-    mu = report.get("config", {}).get("personal_mu") or 0
-    for column, title in (("federated", "fedclip"), (PERSONAL, f"fedclip + personal tuning (mu {mu:g})")):
+    config = report.get("config", {})
+    mu, q = config.get("personal_mu") or 0, config.get("open_set_q") or 0
+    titles = (
+        ("federated", "fedclip"),
+        (GATED, f"fedclip + gate (q {q:g})"),
+        (PERSONAL, f"fedclip + personal tuning (mu {mu:g})"),
+    )
+    for column, title in titles:
         parts = []
         for name in SETS:
             got, local = mean[name].get(column), mean[name]["local_only"]
@@ -201,23 +243,32 @@ def gain_line(report: dict) -> str:
     return "\n".join(lines)
 
 
-def report_tables(report: dict) -> tuple[Table, Table]:
-    agents = Table(
-        title=f"accuracy per agent (fedclip = {report['config']['strategy']}): own test split, and "
-        "all-class set (every label, under the agent's camera)",
-        caption=gain_line(report) or None,
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        collapse_padding=True,  # seven columns fit in 80: the report also goes to logs and CI output
-    )
+def report_tables(report: dict) -> tuple[Table | Text, ...]:
+    """The accuracy per agent, one table per test set (so that up to six columns fit in 80: the report
+    also goes to logs and CI output), the gains over local-only and what the gates did (lines as
+    wide as the terminal, not the tables), and the rounds table."""
     columns = _columns(report)
-    agents.add_column("agent")
-    for _, _, header in columns:
-        agents.add_column(header.replace(": ", "\n"), justify="right")
-    for aid, a in report["agents"].items():
-        agents.add_row(aid, *(_fmt_acc(_cell(a, n, c)) for n, c, _ in columns))
     mean = _mean_row(report)
-    agents.add_row("mean", *(_fmt_acc(mean[n][c]) for n, c, _ in columns), style="bold")
+    sets = [n for n in SETS if any(c[0] == n for c in columns)]
+    tables: list[Table | Text] = []
+    for name in sets:
+        shown = [(n, c, h) for n, c, h in columns if n == name]
+        title = (
+            f"own test split (fedclip = {report['config']['strategy']})"
+            if name == "own"
+            else "all-class set (every label, under the agent's camera)"
+        )
+        table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        table.add_column("agent")
+        for _, _, header in shown:
+            table.add_column(header.split(": ", 1)[-1], justify="right")
+        for aid, a in report["agents"].items():
+            table.add_row(aid, *(_fmt_acc(_cell(a, n, c)) for n, c, _ in shown))
+        table.add_row("mean", *(_fmt_acc(mean[n][c]) for n, c, _ in shown), style="bold")
+        tables.append(table)
+    said = "\n".join(filter(None, (gain_line(report), open_set_line(report))))
+    if said:
+        tables.append(Text(said + "\n"))
     rounds = Table(title="rounds")
     for col in ("round", "seconds", "uplink", "downlink", "updates"):
         rounds.add_column(col, justify="right")
@@ -233,7 +284,7 @@ def report_tables(report: dict) -> tuple[Table, Table]:
             str(r["updates"] or "-"),
         )
     rounds.add_row("total", f"{total_s:.1f}", _fmt_bytes(total_up), _fmt_bytes(total_down), "", style="bold")
-    return agents, rounds
+    return (*tables, rounds)
 
 
 def write_markdown(report: dict, path: Path) -> None:
@@ -254,6 +305,8 @@ def write_markdown(report: dict, path: Path) -> None:
     lines.append("| **mean** | " + " | ".join(_fmt_acc(mean[n][c]) for n, c, _ in columns) + " |")
     if gain_line(report):
         lines += ["", *(f"{line}." for line in gain_line(report).splitlines())]
+    if open_set_line(report):
+        lines += ["", f"{open_set_line(report)} (`serve-inference --open-set`, docs/inference.md)."]
     lines += ["", "| round | seconds | uplink | downlink |", "|---:|---:|---:|---:|"]
     for r in report["rounds"]:
         secs = "-" if r["seconds"] is None else f"{r['seconds']:.1f}"

@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from _plots import panel_grid  # the benchmarks folder: run as fmnist_ceiling.py --report
+from _measure import write_md_json  # the benchmarks folder: run as fmnist_ceiling.py --report
+from _plots import panel_grid
 
 TARGET_OWN = 5.0  # issue 13: own accuracy >= local-only + 5 points
 TARGET_ALL = -2.0  # all-class >= the better of zero-shot and FedAvg-LoRA - 2 points
@@ -124,3 +125,14 @@ def write_report(paths: list[Path], out: Path, doc: str) -> None:
     (out / "fmnist_ceiling.md").write_text("\n".join(lines).rstrip() + "\n")
     plot(runs, out / "fmnist_ceiling.png")
     print(f"report: {out / 'fmnist_ceiling.md'}")
+
+
+def write_runs_report(paths: list[Path], out: Path, name: str, title: str, doc: str, body, plot_fn) -> None:
+    """`out/<name>.md, .json, .png` from run JSONs (`fmnist_ensemble`, `fmnist_capacity`): `title`,
+    then the script's docstring `doc` past its first paragraph (its commands and protocol), then
+    `body(runs)` lines, then `<name>_notes.md`; `plot_fn(runs, path)` draws the PNG."""
+    runs = {p.stem: json.loads(p.read_text()) for p in paths}
+    lines = [f"# {title}", "", doc.split("\n\n", 1)[1].strip(), "", *body(runs)]
+    plot_fn(runs, out / f"{name}.png")
+    write_md_json(out, name, lines, runs)
+    print(f"report: {out / (name + '.md')}")

@@ -6,19 +6,13 @@ seeds. The reading is `results/fmnist_ensemble_notes.md`, put at the end when pr
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-from _measure import write_md_json  # the benchmarks folder: run as fmnist_ensemble.py --report
-from _plots import panel_grid
-from fmnist_ceiling_report import TARGET_OWN, _ms
+from _plots import panel_grid  # the benchmarks folder: run as fmnist_ensemble.py --report
+from fmnist_ceiling_report import TARGET_OWN, _ms, _seeds, write_runs_report
 
 BASELINE = "local-only"
-
-
-def _seeds(run: dict) -> list[dict]:
-    return list(run["results"].values())
 
 
 def _gain(seeds: list[dict], row: str, which: int) -> list[float]:
@@ -73,14 +67,8 @@ def plot(runs: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write_report(paths: list[Path], out: Path, doc: str) -> None:
-    """`doc`: fmnist_ensemble's docstring (its commands and protocol open the report)."""
-    runs = {p.stem: json.loads(p.read_text()) for p in paths}
+def body(runs: dict) -> list[str]:
     lines = [
-        "# FMNIST-FL: two adapters on the device (its own and the fleet's) against issue 13's own target",
-        "",
-        doc.split("\n\n", 1)[1].strip(),
-        "",
         "## Own accuracy over local-only (points; mean ± sd over seeds; bold: the target, +5, met)",
         "",
         *summary(runs),
@@ -92,6 +80,10 @@ def write_report(paths: list[Path], out: Path, doc: str) -> None:
     ]
     for name, run in runs.items():
         lines += detail(name, run)
-    plot(runs, out / "fmnist_ensemble.png")
-    write_md_json(out, "fmnist_ensemble", lines, runs)
-    print(f"report: {out / 'fmnist_ensemble.md'}")
+    return lines
+
+
+def write_report(paths: list[Path], out: Path, doc: str) -> None:
+    """`doc`: fmnist_ensemble's docstring (its commands and protocol open the report)."""
+    title = "FMNIST-FL: two adapters on the device (its own and the fleet's) against issue 13's own target"
+    write_runs_report(paths, out, "fmnist_ensemble", title, doc, body, plot)

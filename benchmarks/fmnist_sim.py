@@ -74,7 +74,10 @@ METHODS = {
 class Model:
     """One adapted fedclip-tiny classify graph; adapters are swapped in as numpy dicts."""
 
-    def __init__(self, pretrained: str, classes, kind: str, init: str, rank: int, seed: int) -> None:
+    def __init__(
+        self, pretrained: str, classes, kind: str, init: str, rank: int, seed: int,
+        targets: tuple[str, ...] = ("q", "v"),
+    ) -> None:  # fmt: skip
         from fedclip.exporters.bundle import tokenize
         from fedclip.exporters.lora import adapter_tensors, inject_adapters, trainable_factors
         from fedclip.exporters.models import build_base_model
@@ -82,7 +85,8 @@ class Model:
         from fedclip.sdk.manifest import AdapterSpec
 
         base = build_base_model("fedclip-tiny", pretrained)
-        self.spec = AdapterSpec(kind, rank, 2.0 * rank, ("q", "v"), ("vision", "text"), init, seed)
+        # `targets`: the exporter's (q, k, v, o of attention, mlp); q, v is fedclip's default
+        self.spec = AdapterSpec(kind, rank, 2.0 * rank, targets, ("vision", "text"), init, seed)
         inject_adapters(base.model, self.spec)
         tokens = tokenize([f"a photo of a {c}." for c in classes], base.context_length)
         self.graph = ClassifyGraph(base.model, tokens, from_embeds=False, text_adapted=True)

@@ -57,7 +57,14 @@ from fedclip.sdk.adapters import AdapterMeta, adapter_bytes
 from fedclip.sdk.errors import FedclipError, WireError
 from fedclip.sdk.hashing import sha256_bytes
 from fedclip.sdk.ids import check_id
-from fedclip.sdk.messages import AdapterPush, RolloutCommand, WireBody
+from fedclip.sdk.messages import (
+    FEATURE_FALLBACK,
+    FEATURES_KEY,
+    AdapterPush,
+    RolloutCommand,
+    WireBody,
+    wire_features,
+)
 from fedclip.sdk.mqtt import Incoming
 from fedclip.sdk.signing import Ed25519PrivateKey
 from fedclip.sdk.transport import Transport
@@ -182,6 +189,7 @@ class RolloutManager:
             )
         if fallbacks:
             _check_fallback_strategy(fallbacks[0][1])
+            _check_fallback_takers([a for a, f in zip(targets, wanted, strict=True) if f is not None], fleet)
         rid = self.store.create(
             params.version,
             str(params.target),
@@ -352,6 +360,24 @@ class RolloutManager:
                 self.handle(incoming)
                 incoming = self.transport.get(timeout=0)
             self.tick()
+
+
+def _check_fallback_takers(agents: Sequence[str], fleet: Mapping[str, AgentInfo]) -> None:
+    """Refuse, before anything is published, a fallback for an agent whose status says it runs a
+    fedclip agent older than fallbacks: it would refuse the push without an ack, so its stage would
+    time out and roll the rollout back. An agent the coordinator has no status of is not refused."""
+    old = [
+        a
+        for a in agents
+        if a in fleet and FEATURE_FALLBACK not in wire_features(fleet[a].info.get("versions") or {})
+    ]
+    if old:
+        shown = ", ".join(old[:5]) + (f" and {len(old) - 5} more" if len(old) > 5 else "")
+        raise RolloutError(
+            f"--fallback: {len(old)} target(s) run an agent that cannot take one (its status names no "
+            f"{FEATURES_KEY} {FEATURE_FALLBACK}): {shown}; upgrade them, leave them out (--to), or roll "
+            "out without --fallback"
+        )
 
 
 def _check_fallback_strategy(meta: AdapterMeta) -> None:

@@ -19,7 +19,7 @@ from fedclip.device_agent.ort_loader import device_providers
 from fedclip.device_agent.state import AgentState
 from fedclip.sdk import messages
 from fedclip.sdk.errors import BackendError, MqttError
-from fedclip.sdk.messages import MAX_TEXT, AgentStatus, TuningProgress
+from fedclip.sdk.messages import AGENT_FEATURES, FEATURES_KEY, MAX_TEXT, AgentStatus, TuningProgress
 from fedclip.sdk.transport import Transport
 from fedclip.sdk.wire import Topics
 
@@ -37,8 +37,10 @@ _DISTRIBUTIONS = (
 
 
 def software_versions() -> dict[str, str]:
-    """Python and the installed fedclip / onnxruntime distributions, as the status reports them."""
-    out = {"python": platform.python_version()}
+    """Python and the installed fedclip / onnxruntime distributions, as the status reports them, and
+    the wire features this agent takes (`sdk.messages.FEATURES_KEY`: what a coordinator checks
+    before it sends one)."""
+    out = {"python": platform.python_version(), FEATURES_KEY: ",".join(AGENT_FEATURES)}
     for dist in _DISTRIBUTIONS:
         try:
             out[dist] = metadata.version(dist)

@@ -14,6 +14,7 @@ from fixtures_data import write_label_folders
 from fedclip.coordinator.rollout_sources import DictSource
 from fedclip.device_agent.rollout_client import RolloutClient
 from fedclip.device_agent.state import AgentState
+from fedclip.device_agent.status import software_versions
 from fedclip.sdk.adapters import AdapterMeta
 from fedclip.sdk.data import Dataset
 from fedclip.sdk.manifest import Manifest
@@ -93,8 +94,11 @@ class HarnessAgent:
         evaluate,
         groups=("site1",),
         baseline=None,
+        older: bool = False,
     ):
         self.url, self.id, self.state, self.public_key = url, agent_id, state, public_key
+        # `older`: its status names no wire features, as an agent before fallbacks (it still takes them)
+        self.older = older
         self.evaluate, self.groups, self.baseline = evaluate, tuple(groups), baseline
         self.topics = Topics(FLEET)
         self.session: MqttSession | None = None
@@ -114,6 +118,8 @@ class HarnessAgent:
             "groups": list(self.groups),
             "adapter_version": version or "",
             "bundle_id": "",
+            # what a real agent says it is and takes (device_agent.status.software_versions)
+            "versions": {} if self.older else software_versions(),
         }
         return encode(Envelope(MsgType.STATUS, FLEET, self.id, body=body))
 

@@ -282,6 +282,7 @@ def test_status_names_where_the_adapter_in_use_came_from(tmp_path):
                       state=tmp_path)  # fmt: skip
     said = messages.decode(messages.AgentStatus, status_blob(cfg, BUNDLE, s, 0, "online"), fleet="f1")
     assert (said.adapter_version, said.fallback_version) == ("a-x-r5", "g-r5")
+    assert messages.FEATURE_FALLBACK in messages.wire_features(said.versions)  # it says it takes them
     (tmp_path / "adapters" / "a-x-r5.fallback.safetensors").unlink()
     said = messages.decode(messages.AgentStatus, status_blob(cfg, BUNDLE, s, 0, "online"), fleet="f1")
     assert said.fallback_version == "" and s.fallback_version() == ""

@@ -323,6 +323,15 @@ def test_a_status_names_the_fleets_adapter_only_when_it_keeps_one():
     assert "fallback_version" not in m.AgentStatus("online", adapter_version="v1").to_body()
 
 
+def test_wire_features_are_read_from_the_status_versions():
+    """What an agent takes beyond schema 1 travels in `versions` (a field every coordinator reads)."""
+    versions = {"python": "3.11", m.FEATURES_KEY: "fallback,later-thing"}
+    said = m.AgentStatus("online", versions=versions)
+    got = m.decode(m.AgentStatus, m.encode(said, FLEET, AGENT), fleet=FLEET).versions
+    assert m.wire_features(got) == {"fallback", "later-thing"}
+    assert m.wire_features({"python": "3.11"}) == frozenset() == m.wire_features({m.FEATURES_KEY: ""})
+
+
 def test_hyperparameters_bounds_hold_for_builders_too():
     with pytest.raises(WireError, match="epochs"):
         m.Hyperparameters(epochs=m.MAX_EPOCHS + 1)

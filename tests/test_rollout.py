@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 from fixtures_rollout import FLEET, HarnessAgent
@@ -46,8 +47,10 @@ def fleet(mosquitto, tmp_path, world):
     manager.subscribe()
     agents: dict[str, HarnessAgent] = {}
 
-    def add(agent_id: str, groups=("site1",), start: bool = True) -> HarnessAgent:
-        a = HarnessAgent(mosquitto.url, agent_id, tmp_path / "agents" / agent_id, pub, ev, groups)
+    def add(agent_id: str, groups=("site1",), start: bool = True, older: bool = False) -> HarnessAgent:
+        a = HarnessAgent(
+            mosquitto.url, agent_id, tmp_path / "agents" / agent_id, pub, ev, groups, older=older
+        )
         agents[agent_id] = a
         return a.start() if start else a
 
@@ -454,13 +457,21 @@ def test_a_personalized_rollout_with_fallback_sends_the_global_beside_own_adapte
 
     manager.adapters = DictSource(
         {"g-r1": (good, meta("g-r1", 1)), "g-r2": (dict(good), meta("g-r2", 2))},
-        {(f"g-r{r}", "a"): (personal, meta(f"a-a-r{r}", r)) for r in (1, 2)},
+        {(f"g-r{r}", x): (personal, meta(f"a-{x}-r{r}", r)) for r in (1, 2) for x in ("a", "c")},
     )
     a, b = add("a"), add("b")
     with pytest.raises(RolloutError, match="no target gets its own adapter"):
         manager.start(RolloutParams("g-r1", Target.parse("agents:b"), canary="0", fallback=True), {})
+    # An agent whose status says it is older than fallbacks (no wire features) would refuse the push
+    # without an ack: refused before anything is published, naming it; without --fallback it goes.
+    add("c", groups=("site2",), older=True)
+    view = _fleet_view(manager, 3)
     params = RolloutParams("g-r1", Target.parse("all"), canary="0", stage_timeout=WAIT_S, fallback=True)
-    rid = manager.start(params, _fleet_view(manager, 2))
+    with pytest.raises(RolloutError, match=r"1 target\(s\) run an agent that cannot take one .*: c;"):
+        manager.start(params, view)
+    assert manager.store.rollouts(limit=5) == []
+    params = replace(params, target=Target.parse("group:site1"))
+    rid = manager.start(params, view)
     assert manager.wait(rid, timeout=WAIT_S).state == COMPLETE
     assert manager.store.get(rid).fallback
     assert any("fallback: 1 of 2 agent(s)" in text for _, text in manager.store.events(rid))

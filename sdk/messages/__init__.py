@@ -41,7 +41,15 @@ from fedclip.sdk.messages.base import (
 )
 from fedclip.sdk.messages.rollout import Ack, AckMetrics, AdapterPush, RolloutCommand
 from fedclip.sdk.messages.rounds import Hyperparameters, Task, Update
-from fedclip.sdk.messages.status import AgentStatus, CoordinatorStatus, TuningProgress
+from fedclip.sdk.messages.status import (
+    AGENT_FEATURES,
+    FEATURE_FALLBACK,
+    FEATURES_KEY,
+    AgentStatus,
+    CoordinatorStatus,
+    TuningProgress,
+    wire_features,
+)
 from fedclip.sdk.wire import DEFAULT_MAX_PAYLOAD, STATS_PREFIX, Envelope, tensors_digest
 from fedclip.sdk.wire import decode as wire_decode
 from fedclip.sdk.wire import encode as wire_encode
@@ -101,6 +109,10 @@ def decode(
 
 
 __all__ = [
+    "AGENT_FEATURES",
+    "FEATURE_FALLBACK",
+    "FEATURES_KEY",
+    "wire_features",
     "ACK_INSTALLED",
     "ACK_PINNED",
     "ACK_REJECTED",

@@ -33,6 +33,20 @@ from fedclip.sdk.wire import (
     MsgType,
 )
 
+# Wire features an agent takes beyond schema 1, comma-separated in its status's `versions` under
+# this key. A new body field would make every coordinator older than it refuse the whole status; an
+# entry of `versions` reaches them all. `fallback`: an AdapterPush carrying the fleet's adapter beside
+# the agent's own (`sdk.messages.rollout`), which agents before it refuse without an ack.
+FEATURES_KEY = "fedclip-wire"
+FEATURE_FALLBACK = "fallback"
+AGENT_FEATURES = (FEATURE_FALLBACK,)  # what this version's agents take
+
+
+def wire_features(versions: Mapping[str, str]) -> frozenset[str]:
+    """The wire features a status's `versions` names (empty: an agent before there were any)."""
+    raw = versions.get(FEATURES_KEY, "")
+    return frozenset(f for f in raw.split(",") if f) if isinstance(raw, str) else frozenset()
+
 
 def _device(raw: Any, where: str) -> dict[str, str | int | float | None]:
     if not isinstance(raw, dict) or len(raw) > MAX_DEVICE_FIELDS:

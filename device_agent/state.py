@@ -278,9 +278,8 @@ class AgentState:
         (what `sdk.ledger.installed` serves the open-set gate's images with); "": none."""
         ledger = self.ledger()
         entry = ledger.entry(ledger.current)
-        if entry is None or entry.fallback is None or not entry.fallback.is_file():
-            return ""
-        return entry.fallback_version
+        kept = entry.fallback_kept if entry is not None else None
+        return kept[0] if kept else ""
 
     def scratch_path(self, name: str) -> Path:
         """A file of the state dir for one operation's own use (its caller removes it)."""

@@ -41,7 +41,7 @@ def summarize_record(root: Path, record: Mapping[str, Any]) -> dict[str, Any]:
         # what inference serves: the adapter, or its copy tuned on this device (`<version>+personal`)
         "serving": in_use.served[0] if in_use else None,
         # the fleet's adapter delivered with it, where an open-set gate sends unfamiliar images
-        "open_set_fallback": (in_use.fallback_version or None) if in_use else None,
+        "open_set_fallback": kept[0] if in_use and (kept := in_use.fallback_kept) else None,
         # a personal tuning paused for a message or a stop: {adapter, epoch it resumes in, epochs}
         "personal_tuning": paused_tuning(root),
         "pinned": (record.get("rollout") or {}).get("pinned") or None,

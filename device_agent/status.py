@@ -19,7 +19,14 @@ from fedclip.device_agent.ort_loader import device_providers
 from fedclip.device_agent.state import AgentState
 from fedclip.sdk import messages
 from fedclip.sdk.errors import BackendError, MqttError
-from fedclip.sdk.messages import AGENT_FEATURES, FEATURES_KEY, MAX_TEXT, AgentStatus, TuningProgress
+from fedclip.sdk.messages import (
+    AGENT_FEATURES,
+    DEVICE_FALLBACK,
+    FEATURES_KEY,
+    MAX_TEXT,
+    AgentStatus,
+    TuningProgress,
+)
 from fedclip.sdk.transport import Transport
 from fedclip.sdk.wire import Topics
 
@@ -72,6 +79,8 @@ def status_blob(
             "system": platform.system(),
             "release": platform.release(),
             "threads": cfg.threads,
+            # the fleet's adapter its open-set gate uses, when it keeps one (sdk.messages.DEVICE_FALLBACK)
+            **({DEVICE_FALLBACK: fallback} if (fallback := state.fallback_version()) else {}),
         },
         groups=tuple(cfg.groups),
         num_samples=num_samples,
@@ -79,7 +88,6 @@ def status_blob(
         personal=state.personal_metrics(),
         # only the adapter in use's: an install or rollback ends what a tuning of another meant
         tuning=tuning if tuning is not None and tuning.adapter == state.current_adapter else None,
-        fallback_version=state.fallback_version(),
     )
     return messages.encode(status, cfg.fleet, cfg.id, key=cfg.signing_key())
 

@@ -76,6 +76,14 @@ class LedgerEntry:
         return self.version, self.file
 
     @property
+    def fallback_kept(self) -> tuple[str, Path] | None:
+        """(version, file) of its fallback where the file is there: what inference's open-set gate
+        uses, the agent's status and `fedclip-agent status` name; None: none."""
+        if self.fallback is not None and self.fallback.is_file():
+            return self.fallback_version, self.fallback
+        return None
+
+    @property
     def usable(self) -> bool:
         """Inference may go back to it: kept for inference, never rolled back, its file there."""
         return self.source in SERVING and not self.rolled_back_at and self.file.is_file()
@@ -170,8 +178,8 @@ def installed(state_dir: str | Path) -> Installed:
     if entry is None:
         return Installed(ledger.bundle_id, None, None)
     version, file = entry.served
-    fallback = entry.fallback if entry.fallback is not None and entry.fallback.is_file() else None
-    return Installed(ledger.bundle_id, version, file, fallback)
+    kept = entry.fallback_kept
+    return Installed(ledger.bundle_id, version, file, kept[1] if kept else None)
 
 
 def installed_adapter(state_dir: str | Path) -> tuple[str, str | None, Path | None]:

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_coordinator import FLEET, ScriptedAgent, wait_for
 
 from fedclip.sdk.broker_ports import free_port
+from fedclip.sdk.messages import DEVICE_FALLBACK
 from fedclip.sdk.wire import Envelope, MsgType, encode
 
 WAIT_S = 120.0  # generous: the suite shares 2 cores
@@ -58,7 +59,7 @@ class GroupAgent(ScriptedAgent):
             body["tuning"] = dict(zip(("adapter", "epoch", "epochs"), self.tuning, strict=True))
         elif self.groups:  # serves its adapter tuned on the device (agent `personal:`) ...
             body["personal"] = {"accuracy": 0.7, "accuracy_fleet": 0.5, "mu": 1.5}
-            body["fallback_version"] = "g-r0"  # ... with the fleet's adapter beside it for its gate
+            body["device"] = {**body["device"], DEVICE_FALLBACK: "g-r0"}  # ... and the fleet's for its gate
         return encode(Envelope(MsgType.STATUS, FLEET, self.id, body=body))
 
 

@@ -287,6 +287,7 @@ def test_status_names_where_the_adapter_in_use_came_from(tmp_path):
     said = messages.decode(messages.AgentStatus, status_blob(cfg, BUNDLE, s, 0, "online"), fleet="f1")
     assert said.fallback_version == "" and s.fallback_version() == ""
     s.close()
+    assert summarize(tmp_path)["open_set_fallback"] is None  # the same rule for `fedclip-agent status`
 
 
 def test_a_personal_copy_is_served_beside_its_adapter_and_goes_with_it(tmp_path):

@@ -199,6 +199,15 @@ def test_the_gated_column_is_on_by_default_where_there_is_a_prior():
     assert columns(DemoConfig(open_set_q=0.0, personal_mu=1.5)) == (*COLUMNS, "personal")
 
 
+def test_no_fallback_for_an_agent_without_a_ledger_or_an_adapter(tmp_path):
+    """An agent that never started (no ledger) or never installed an adapter: its gate has the bundle's
+    own model only, and the comparison goes on."""
+    run = FleetRun(rounds=[{"round": 1}], agent_states={"a": tmp_path / "nothing-here"})
+    assert final_adapter(run, "a", 1) is None
+    assert final_fallback(run, "a", None) is None
+    assert final_fallback(run, "a", tmp_path / "x.safetensors") is None
+
+
 def test_every_coordinator_strategy_has_its_bundle():
     """--strategy takes every strategy `serve` knows, and exports the adapters it needs."""
     from fedclip.coordinator import strategies
@@ -301,8 +310,8 @@ def test_report_files(tmp_path):
             "sent_away": {"own": 1, "all_class": 8},
             "images": {"own": 10, "all_class": 20},
         },
-        "b": {
-            "fallback": "g-r2",
+        "b": {  # its final rollout did not reach it: its gate sends images to the bundle's own model
+            "fallback": None,
             "sent_away": {"own": 0, "all_class": 4},
             "images": {"own": 10, "all_class": 20},
         },
@@ -313,6 +322,7 @@ def test_report_files(tmp_path):
     assert tuned["mean"]["all_class"]["gated"] == pytest.approx(0.425)
     assert tuned["agents"]["a"]["open_set"] == gate["a"]
     assert tuned["open_set"]["sent_away_share"] == pytest.approx({"own": 0.05, "all_class": 0.3})
+    assert (tuned["open_set"]["fallbacks"], tuned["open_set"]["to_base"]) == ({"g-r2": 1}, 1)
     write_markdown(tuned, tmp_path / "tuned.md")
     md = (tmp_path / "tuned.md").read_text()
     assert "| a | 10.0% | 45.0% | 50.0% | 40.0% | 60.0% | 30.0% | 20.0% | 35.0% | 50.0% | 40.0% |" in md
@@ -322,7 +332,7 @@ def test_report_files(tmp_path):
         in md
     )
     assert "sent 5% of the own images, 30% of the all-class images away from the label prior, to the " \
-           "fleet's adapter (g-r2)" in md  # fmt: skip
+           "fleet's adapter g-r2 (1 agent) and the bundle's own model (1 agent)" in md  # fmt: skip
     # The terminal's tables fit 80 columns (they also go to logs and CI output): no header cut short.
     console = Console(width=80, record=True, file=io.StringIO())
     for t in report_tables(tuned):
@@ -332,6 +342,12 @@ def test_report_files(tmp_path):
     assert max(len(line) for line in text.splitlines()) <= 80
     plot_accuracy(tuned, tmp_path / "tuned.png")
     assert (tmp_path / "tuned.png").stat().st_size > 0
+    # Plain CE: no prior, so no gate to score, and the report says why the column is missing.
+    ce = build_report(
+        DemoConfig(out=tmp_path, agents=2, rounds=2, loss="ce"), "digits", ["0", "1"], run, acc, 9.0
+    )
+    assert any("no open-set gate" in n for n in ce["notes"]), ce["notes"]
+    assert not any("gate" in n for n in report["notes"])  # --open-set-quantile 0: off, nothing to say
     # A report without the comparison (what benchmarks build) still renders: before/after only.
     plain = build_report(cfg, "digits", ["0", "1"], run, acc, 9.0)
     write_markdown(plain, tmp_path / "plain.md")
@@ -419,7 +435,8 @@ def test_demo_end_to_end(tmp_path):
     # balanced softmax by default, so the open-set gate's column too (ce-lora: no fleet's adapter beside
     # each agent's own, so the gate sends its images to the bundle's own model)
     _check_comparison(report, (*COLUMNS, "gated"))
-    assert report["open_set"]["quantile"] == 0.05 and report["open_set"]["fallbacks"] == []
+    assert report["open_set"]["quantile"] == 0.05
+    assert (report["open_set"]["fallbacks"], report["open_set"]["to_base"]) == ({}, 2)
     every_label = len(report["labels"]) * report["config"]["all_class_per_label"]
     for a in report["agents"].values():
         assert a["open_set"]["images"]["all_class"] == every_label and a["open_set"]["fallback"] is None
@@ -445,23 +462,20 @@ def test_demo_end_to_end(tmp_path):
     # ce-lora personalizes, each agent its own A and B: no global adapter travels beside its own
     assert all(_final(report, a).fallback is None for a in report["agents"])
 
-    # A second run into the same folder needs no cleanup, and reuses the base; with plain CE no
-    # adapter carries a prior; with --personal-mu each agent's final adapter is also tuned on its
-    # own images (`fedclip-agent train --prox-mu`) and scored as a fourth column.
-    argv = _demo_argv(
-        out, "--rounds", "1", "--loss", "ce", "--personal-mu", "1.5", "--strategy", "fleet-lora", *base
-    )
+    # A second run into the same folder needs no cleanup, and reuses the base; with --personal-mu
+    # each agent's final adapter is also tuned on its own images (`fedclip-agent train --prox-mu`)
+    # and scored as one more column.
+    argv = _demo_argv(out, "--rounds", "1", "--personal-mu", "1.5", "--strategy", "fleet-lora", *base)
     r2 = subprocess.run(argv, capture_output=True, text=True, timeout=800)
     assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
     assert len(list((out / "runs").iterdir())) == 2
     report2 = json.loads((out / "report.json").read_text())
     assert len(report2["rounds"]) == 1
-    _check_comparison(report2, (*COLUMNS, "personal"))
+    _check_comparison(report2, (*COLUMNS, "gated", "personal"))
     assert "fedclip + personal tuning (mu 1.5) minus local-only" in (out / "report.md").read_text()
     tuned = sorted((Path(report2["run_dir"]) / "personal").glob("*.safetensors"))
     assert [p.stem for p in tuned] == sorted(report2["agents"])
     assert all(load_adapter(p)[1].strategy == "personal" for p in tuned)
-    assert report2["config"]["loss"] == "ce" and not any(_final_prior(report2, a) for a in report2["agents"])
     # fleet-lora: each agent's own adapter and, beside it, the round's global one (`--fallback`;
     # real agents: checked against the bundle and completed as their own adapter is)
     for agent in report2["agents"]:
@@ -469,11 +483,9 @@ def test_demo_end_to_end(tmp_path):
         assert now.version.startswith(agent_version(agent, 1)) and now.fallback is not None, (agent, now)
         assert load_adapter(now.fallback)[1].version == global_version(1)
         assert set(load_adapter(now.fallback)[0]) == set(load_adapter(now.file)[0])
-        # where a gated column's evaluation would send the images it gates away
-        states = {a: Path(report2["run_dir"]) / "agents" / a for a in report2["agents"]}
-        run2 = FleetRun(rounds=[{"round": 1}], agent_states=states)
-        final = final_adapter(run2, agent, 1)
-        assert final == now.file and final_fallback(run2, agent, final) == now.fallback
+    # ... and the gated column's gates sent the images unlike an agent's own to that one
+    assert report2["open_set"]["fallbacks"] == {global_version(1): 2} and report2["open_set"]["to_base"] == 0
+    assert all(a["open_set"]["fallback"] == global_version(1) for a in report2["agents"].values())
     if fashion_mnist_installed():
         assert report2["base"]["cached"] is True and report2["base"]["weights"] == report["base"]["weights"]
 

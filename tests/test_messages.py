@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from fedclip.sdk import messages as m
 from fedclip.sdk.adapters import encode_tensors
 from fedclip.sdk.errors import WireError
+from fedclip.sdk.messages.base import MAX_NAME
 from fedclip.sdk.signing import generate_key, sign_envelope
 from fedclip.sdk.wire import MAX_ROUND, STAT_LABEL_HIST, STAT_MEAN, Envelope, MsgType, tensors_digest
 from fedclip.sdk.wire import encode as wire_encode
@@ -213,7 +214,6 @@ VALID = {
         adapter_version="v1",
         personal={"accuracy": 0.8, "mu": 1.5},
         tuning=m.TuningProgress("v1", 3, 15),
-        fallback_version="g-r1",
     ),
     m.Ack: m.Ack(4, "installed", "v1", new=m.AckMetrics(0.5, 1.0, 10)),
     m.AdapterPush: m.AdapterPush(
@@ -315,12 +315,24 @@ def test_missing_required_fields_are_refused(cls):
         assert not accepts(cls, {k: v for k, v in body.items() if k != key}), key
 
 
-def test_a_status_names_the_fleets_adapter_only_when_it_keeps_one():
-    """`fallback_version` (rollout --fallback) round-trips, and is left out when empty, so a status
-    without one still reaches a coordinator older than the field."""
-    said = VALID[m.AgentStatus]
+# The status body fields every coordinator since schema 1's `tuning` knows: a status with another
+# field is refused whole by those coordinators, so what agents add later travels inside these.
+STATUS_FIELDS_EVERY_COORDINATOR_KNOWS = {
+    "state", "bundle_id", "adapter_version", "last_round", "versions", "device", "groups", "num_samples",
+    "notice", "personal", "tuning",
+}  # fmt: skip
+
+
+def test_a_status_names_the_fleets_adapter_in_its_device_map():
+    """The fallback a device keeps (rollout --fallback) rides in `device`, which every coordinator
+    reads; a junk value there names none."""
+    said = m.AgentStatus(
+        "online", adapter_version="a-x-r1", device={"kind": "cpu", m.DEVICE_FALLBACK: "g-r1"}
+    )
+    assert set(said.to_body()) <= STATUS_FIELDS_EVERY_COORDINATOR_KNOWS
     assert m.decode(m.AgentStatus, m.encode(said, FLEET, AGENT), fleet=FLEET).fallback_version == "g-r1"
-    assert "fallback_version" not in m.AgentStatus("online", adapter_version="v1").to_body()
+    for junk in ("../g", "x" * 200, 7, None, ""):
+        assert m.AgentStatus("online", device={m.DEVICE_FALLBACK: junk}).fallback_version == ""
 
 
 def test_wire_features_are_read_from_the_status_versions():
@@ -330,6 +342,8 @@ def test_wire_features_are_read_from_the_status_versions():
     got = m.decode(m.AgentStatus, m.encode(said, FLEET, AGENT), fleet=FLEET).versions
     assert m.wire_features(got) == {"fallback", "later-thing"}
     assert m.wire_features({"python": "3.11"}) == frozenset() == m.wire_features({m.FEATURES_KEY: ""})
+    assert m.wire_features({m.FEATURES_KEY: " fallback , x,,"}) == {"fallback", "x"}
+    assert len(",".join(m.AGENT_FEATURES)) <= MAX_NAME  # every coordinator cuts versions values there
 
 
 def test_hyperparameters_bounds_hold_for_builders_too():

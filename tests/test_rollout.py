@@ -459,7 +459,7 @@ def test_a_personalized_rollout_with_fallback_sends_the_global_beside_own_adapte
         {"g-r1": (good, meta("g-r1", 1)), "g-r2": (dict(good), meta("g-r2", 2))},
         {(f"g-r{r}", x): (personal, meta(f"a-{x}-r{r}", r)) for r in (1, 2) for x in ("a", "c")},
     )
-    a, b = add("a"), add("b")
+    a, b = add("a"), add("b", older=True)  # b gets the global adapter alone: its age does not matter
     with pytest.raises(RolloutError, match="no target gets its own adapter"):
         manager.start(RolloutParams("g-r1", Target.parse("agents:b"), canary="0", fallback=True), {})
     # An agent whose status says it is older than fallbacks (no wire features) would refuse the push

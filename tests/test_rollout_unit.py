@@ -210,3 +210,38 @@ def test_a_fallback_is_refused_where_the_global_adapter_is_no_model_a_device_can
         assert store.get(rid).fallback
     finally:
         store.close()
+
+
+def test_a_fallback_goes_only_to_agents_that_say_they_take_one(tmp_path):
+    """An agent whose status names no `fedclip-wire: fallback` (older than fallbacks) would refuse the
+    push without an ack: refused up front, naming it. One the coordinator has no status of is sent
+    (nothing says it cannot), and so is an older one that gets no fallback (the global adapter)."""
+    from fedclip.coordinator.rollout_store import RolloutError
+    from fedclip.device_agent.status import software_versions
+
+    tensors = {"x.lora_A": np.ones((2, 2), np.float32)}
+    meta = AdapterMeta("b" * 64, "g-r1", round=1, strategy="fleet-lora")
+
+    def mine(a: str) -> AdapterMeta:
+        return AdapterMeta("b" * 64, f"a-{a}-r1", round=1, strategy="fleet-lora", agent=a)
+
+    own = {("g-r1", a): (tensors, mine(a)) for a in ("new", "old", "unseen")}
+    source = DictSource({"g-r1": (tensors, meta)}, own)
+    fleet = {
+        "new": AgentInfo("new", info={"versions": software_versions()}),
+        "old": AgentInfo("old", info={"versions": {"python": "3.11", "fedclip": "0.1.0"}}),
+        "plain": AgentInfo("plain", info={}),  # no own adapter of g-r1: the global one, no fallback
+    }
+    store = RolloutStore(tmp_path / "rollout.sqlite")
+    try:
+        manager = RolloutManager(MemoryBroker().client(), TOPICS, store, generate_key(), source)
+
+        def start(to: str) -> int:
+            return manager.start(RolloutParams("g-r1", Target.parse(to), canary="0", fallback=True), fleet)
+
+        with pytest.raises(RolloutError, match=r"1 target\(s\) run an agent that cannot take one .*: old;"):
+            start("all")
+        assert store.rollouts() == []
+        assert store.get(start("agents:new,plain,unseen")).fallback
+    finally:
+        store.close()

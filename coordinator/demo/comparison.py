@@ -38,6 +38,7 @@ from fedclip.coordinator.demo.evaluation import (
 from fedclip.coordinator.demo.federation import FleetRun, last_round, round_adapters
 from fedclip.coordinator.procs import ProcessGroup
 from fedclip.sdk.all_class import ALL_SPLIT
+from fedclip.sdk.errors import StateError
 from fedclip.sdk.ledger import installed
 from fedclip.sdk.messages.rounds import Hyperparameters
 
@@ -91,8 +92,13 @@ def final_adapter(run: FleetRun, agent: str, rounds: int) -> Path | None:
 def final_fallback(run: FleetRun, agent: str, final: Path | None) -> Path | None:
     """The fleet's adapter the final rollout delivered beside `final` (`rollout start --fallback`),
     where the agent serves `final` now; None: the gate sends its images to the bundle's own model."""
-    now = installed(run.agent_states[agent])
-    return now.fallback if final is not None and now.file == final else None
+    if final is None:
+        return None
+    try:
+        now = installed(run.agent_states[agent])
+    except StateError:  # no ledger to read (the agent never started): the gate has the base only
+        return None
+    return now.fallback if now.file == final else None
 
 
 def compare(
@@ -168,7 +174,9 @@ def _put(row: dict[str, float | None], column: str) -> Callable[[dict], None]:
 
 def _gated(row: dict[str, float | None], gate: dict, name: str) -> Callable[[dict], None]:
     def done(res: dict) -> None:
-        row[GATED] = accuracy_of(res)
+        # No gate where the adapter carries no label prior (the agent never installed one): the
+        # column would be the plain adapter's accuracy under another name, so it stays empty.
+        row[GATED] = accuracy_of(res) if res.get("open_set") else None
         gate["fallback"] = res.get("open_set_fallback")
         gate.setdefault("sent_away", {})[name] = int(res.get("open_set_sent_away") or 0)
         gate.setdefault("images", {})[name] = int(res.get("num_samples") or 0)

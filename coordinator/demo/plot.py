@@ -51,7 +51,8 @@ def _bars(ax, report: dict, name: str) -> None:
         xs = [i + (k - (len(shown) - 1) / 2) * width for i in range(len(groups))]
         ys = [float("nan") if row[column] is None else row[column] for row in rows]
         ax.bar(xs, ys, width, label=names[column], color=COLOURS[column])
-    ax.set_xticks(range(len(groups)), groups, rotation=30 if len(groups) > 6 else 0, fontsize="small")
+    rotated = len(groups) > 6
+    ax.set_xticks(range(len(groups)), groups, rotation=30 if rotated else 0, fontsize="small")
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
     ax.set_title(
@@ -59,7 +60,9 @@ def _bars(ax, report: dict, name: str) -> None:
     )
     ax.grid(axis="y", alpha=0.3)
     # under the axes: inside, four or five columns' legend covers the bars
-    ax.legend(fontsize="small", ncol=min(len(shown), 3), loc="upper center", bbox_to_anchor=(0.5, -0.1))
+    # (lower under rotated agent names, which reach further down)
+    below = -0.24 if rotated else -0.1
+    ax.legend(fontsize="small", ncol=min(len(shown), 3), loc="upper center", bbox_to_anchor=(0.5, below))
 
 
 def _rounds(ax, report: dict) -> None:

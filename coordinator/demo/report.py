@@ -6,6 +6,7 @@ the federated adapter (`comparison`); per round: seconds and bytes.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
@@ -118,8 +119,10 @@ def _open_set(cfg: DemoConfig, comparison: Comparison, agents: dict[str, dict]) 
         sent = sum(g.get("sent_away", {}).get(name, 0) for g in comparison.gate.values())
         seen = sum(g.get("images", {}).get(name, 0) for g in comparison.gate.values())
         share[name] = sent / seen if seen else None
-    fallbacks = sorted({str(g["fallback"]) for g in comparison.gate.values() if g.get("fallback")})
-    return {"quantile": cfg.open_set_q, "sent_away_share": share, "fallbacks": fallbacks}
+    # where each agent's gate sent its images: the fleet's adapter its rollout delivered, or the base
+    to = Counter(str(g.get("fallback") or "") for g in comparison.gate.values())
+    fallbacks = {v: n for v, n in sorted(to.items()) if v}
+    return {"quantile": cfg.open_set_q, "sent_away_share": share, "fallbacks": fallbacks, "to_base": to[""]}
 
 
 def open_set_line(report: dict) -> str:
@@ -132,12 +135,14 @@ def open_set_line(report: dict) -> str:
         for n, v in gate["sent_away_share"].items()
         if v is not None
     )
-    to = (
-        f"the fleet's adapter ({', '.join(gate['fallbacks'])})"
-        if gate["fallbacks"]
-        else "the bundle's own model"
-    )
-    return f"fedclip + gate (q {gate['quantile']:g}) sent {share} away from the label prior, to {to}"
+    to = [f"the fleet's adapter {v} ({_agents(n)})" for v, n in gate["fallbacks"].items()]
+    to += [f"the bundle's own model ({_agents(gate['to_base'])})"] if gate["to_base"] else []
+    where = " and ".join(to)
+    return f"fedclip + gate (q {gate['quantile']:g}) sent {share} away from the label prior, to {where}"
+
+
+def _agents(n: int) -> str:
+    return f"{n} agent{'s' if n != 1 else ''}"
 
 
 def _base(base: Base | None) -> dict | None:
@@ -154,6 +159,11 @@ def _notes(cfg: DemoConfig, run: FleetRun, base: Base | None) -> list[str]:
         notes.append(f"{cfg.model} has random weights (no --pretrained): accuracies start near chance")
     elif base is not None and base.note:
         notes.append(base.note)
+    if cfg.loss != "balanced-softmax" and cfg.open_set_q > 0:
+        notes.append(
+            f"agents trained with {cfg.loss}: no adapter carries a label prior, so there is no open-set "
+            "gate to score (the fedclip + gate column needs balanced softmax)"
+        )
     if cfg.loss == "balanced-softmax":
         notes.append(
             "agents trained with balanced softmax: fedclip's accuracies add each agent's label prior "
@@ -237,7 +247,8 @@ def gain_line(report: dict) -> str:
         for name in SETS:
             got, local = mean[name].get(column), mean[name]["local_only"]
             if got is not None and local is not None:
-                parts.append(f"{SET_TITLES[name]} {100 * (got - local):+.1f}")
+                gain = round(100 * (got - local), 1) + 0.0  # + 0.0: a gain that rounds to 0 is not "-0.0"
+                parts.append(f"{SET_TITLES[name]} {gain:+.1f}")
         if parts:
             lines.append(f"{title} minus local-only (mean, points): {', '.join(parts)}")
     return "\n".join(lines)

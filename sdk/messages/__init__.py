@@ -43,6 +43,7 @@ from fedclip.sdk.messages.rollout import Ack, AckMetrics, AdapterPush, RolloutCo
 from fedclip.sdk.messages.rounds import Hyperparameters, Task, Update
 from fedclip.sdk.messages.status import (
     AGENT_FEATURES,
+    DEVICE_FALLBACK,
     FEATURE_FALLBACK,
     FEATURES_KEY,
     AgentStatus,
@@ -110,6 +111,7 @@ def decode(
 
 __all__ = [
     "AGENT_FEATURES",
+    "DEVICE_FALLBACK",
     "FEATURE_FALLBACK",
     "FEATURES_KEY",
     "wire_features",

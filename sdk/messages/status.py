@@ -42,10 +42,21 @@ FEATURE_FALLBACK = "fallback"
 AGENT_FEATURES = (FEATURE_FALLBACK,)  # what this version's agents take
 
 
+# Every coordinator cuts `versions` values to MAX_NAME characters: the joined list must fit
+assert len(",".join(AGENT_FEATURES)) <= MAX_NAME, "wire features: the list outgrew a versions value"
+# The status's `device` entry naming the fleet's adapter kept beside the adapter in use, for the
+# fleet view (`AgentStatus.fallback_version`). In `device` for the same reason as the features: a
+# body field would make coordinators from before it (which can already send fallbacks) refuse the
+# whole status of every device that keeps one.
+DEVICE_FALLBACK = "open_set_fallback"
+
+
 def wire_features(versions: Mapping[str, str]) -> frozenset[str]:
     """The wire features a status's `versions` names (empty: an agent before there were any)."""
     raw = versions.get(FEATURES_KEY, "")
-    return frozenset(f for f in raw.split(",") if f) if isinstance(raw, str) else frozenset()
+    if not isinstance(raw, str):
+        return frozenset()
+    return frozenset(f.strip() for f in raw.split(",") if f.strip())
 
 
 def _device(raw: Any, where: str) -> dict[str, str | int | float | None]:
@@ -142,7 +153,6 @@ class AgentStatus(WireBody):
             "notice",
             "personal",
             "tuning",
-            "fallback_version",
         }
     )
 
@@ -161,9 +171,6 @@ class AgentStatus(WireBody):
     # A personal tuning of `adapter_version` not finished yet (inference serves the adapter itself
     # meanwhile, so `personal` is empty); None: none.
     tuning: TuningProgress | None = None
-    # The fleet's adapter kept beside `adapter_version` (`rollout start --fallback`): where the
-    # device's open-set gate sends the images unlike its own. "": none (the bundle's own model).
-    fallback_version: str = ""
 
     def envelope_round(self) -> int:
         return self.last_round
@@ -188,8 +195,6 @@ class AgentStatus(WireBody):
             body["personal"] = dict(self.personal)
         if self.tuning is not None:
             body["tuning"] = self.tuning.to_body()
-        if self.fallback_version:  # only when set: a coordinator older than the field reads the rest
-            body["fallback_version"] = self.fallback_version
         return body
 
     @classmethod
@@ -208,8 +213,14 @@ class AgentStatus(WireBody):
             notice=_str(body, "notice", 4 * MAX_TEXT, where, "")[:MAX_TEXT],
             personal=_metrics(body.get("personal", {}), "personal", where),
             tuning=_tuning(body, where),
-            fallback_version=_str(body, "fallback_version", MAX_VERSION, where, ""),
         )
+
+    @property
+    def fallback_version(self) -> str:
+        """The fleet's adapter the device keeps beside `adapter_version` (`rollout start --fallback`),
+        where its open-set gate sends the images unlike its own; "": none (`DEVICE_FALLBACK`)."""
+        v = self.device.get(DEVICE_FALLBACK)
+        return v if isinstance(v, str) and len(v) <= MAX_VERSION and ID_PATTERN.match(v) else ""
 
 
 @dataclass(frozen=True)

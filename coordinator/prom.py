@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import logging
 import sqlite3
+from collections import Counter
 from collections.abc import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -104,6 +105,18 @@ class FleetCollector:
         for (group, bundle), n in sorted(groups_of(agents).items()):
             online.add_metric([group, bundle], n)
         yield online
+        # Which fleet adapter the online devices' open-set gates fall back to ("" none: the bundle's own
+        # model). Fallbacks are global versions (g-r<N>), so the label stays a handful of values even
+        # where every device serves its own adapter (whose versions would be one label per agent).
+        gate = GaugeMetricFamily(
+            "fedclip_agents_open_set_fallback",
+            'Online agents by the fleet adapter their open-set gate falls back to ("" for none)',
+            labels=["version"],
+        )
+        kept = Counter(a["open_set_fallback"] or "" for a in agents if a["online"])
+        for version, n in sorted(kept.items()):
+            gate.add_metric([version], n)
+        yield gate
 
         fleet = GaugeMetricFamily(
             "fedclip_fleet_metric",

@@ -110,6 +110,9 @@ def test_metrics_dashboard_json_and_cli_json_follow_a_real_run(mosquitto, lora_b
         assert sample(m, "fedclip_agents_online", group="lab", bundle=bundle_id[:12]) == 1
         assert sample(m, "fedclip_agents_online", group="", bundle=bundle_id[:12]) == 1
         assert sample(m, "fedclip_agents_known") == 2
+        # cam1's gate falls back to the fleet's g-r0 (ops_fleet.GroupAgent's status), cam2's to the base
+        assert sample(m, "fedclip_agents_open_set_fallback", version="g-r0") == 1
+        assert sample(m, "fedclip_agents_open_set_fallback", version="") == 1
         assert sample(m, "fedclip_round_duration_seconds_count") == 1  # round 1 closed
         assert sample(m, "fedclip_aggregation_duration_seconds_count") == 1
         assert sample(m, "fedclip_round_duration_seconds_bucket", le="+Inf") == 1

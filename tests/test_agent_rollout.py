@@ -14,6 +14,8 @@ from fixtures_fleet import FLEET
 from fedclip.device_agent.state import current_adapter_path, read_record
 from fedclip.sdk.adapters import load_adapter
 from fedclip.sdk.ledger import Ledger
+from fedclip.sdk.messages import DEVICE_FALLBACK, FEATURE_FALLBACK, wire_features
+from fedclip.sdk.messages.rollout import FALLBACK_PREFIX
 from fedclip.sdk.signing import ensure_keypair, sign_envelope
 from fedclip.sdk.wire import Envelope, MsgType, encode
 
@@ -32,8 +34,11 @@ def test_rollout_switches_status_and_rollback_restores_the_previous_adapter(
     coord.wait_status(agent, lambda b: b["state"] == "online" and b["adapter_version"] == "", "online")
     bundle_id = coord.manifest.bundle_id
 
-    def push(rid: int, version: str, tensors: dict) -> None:
+    def push(rid: int, version: str, tensors: dict, fallback: tuple[str, dict] | None = None) -> None:
         body = {"rollout": rid, "stage": "rest", "version": version, "bundle_id": bundle_id}
+        if fallback is not None:  # the fleet's adapter beside it, as `rollout start --fallback` sends
+            body["fallback_version"] = fallback[0]
+            tensors = {**tensors, **{FALLBACK_PREFIX + k: v for k, v in fallback[1].items()}}
         env = Envelope(MsgType.ADAPTER, FLEET, agent.id, base_version=version, body=body)
         coord.publish(coord.topics.adapter(agent.id), encode(sign_envelope(key, env, tensors), tensors), True)
 
@@ -88,4 +93,17 @@ def test_rollout_switches_status_and_rollback_restores_the_previous_adapter(
     rollouts = [(e.version, e.rollout, e.rolled_back_at > 0) for e in ledger.entries if e.source == "rollout"]
     assert rollouts == [("r1", 1, True), ("r2", 2, False), ("r3", 3, True)]
     assert not (agent.state / "rollout").exists()  # no second history beside the ledger
+
+    # The agent says it takes fallbacks; one delivered with an adapter is named in its retained
+    # status (the device map, which every coordinator reads) until a rollback leaves that adapter.
+    status = coord.wait_status(agent, lambda b: True, "a status").envelope.body
+    assert FEATURE_FALLBACK in wire_features(status["versions"]) and DEVICE_FALLBACK not in status["device"]
+    push(4, "a-r4", coord.starting_adapter(44), fallback=("g-r4", coord.starting_adapter(45)))
+    coord.wait_status(
+        agent, lambda b: b["device"].get(DEVICE_FALLBACK) == "g-r4", "status naming the fallback"
+    )
+    assert read_record(agent.state)["current_adapter"] == "a-r4"
+    rollback(4, "a-r4")
+    on("r2", "status after rolling back rollout 4")
+    coord.wait_status(agent, lambda b: DEVICE_FALLBACK not in b["device"], "status without a fallback")
     assert agent.terminate() == 0

@@ -127,12 +127,17 @@ def write_report(paths: list[Path], out: Path, doc: str) -> None:
     print(f"report: {out / 'fmnist_ceiling.md'}")
 
 
-def write_runs_report(paths: list[Path], out: Path, name: str, title: str, doc: str, body, plot_fn) -> None:
+def write_runs_report(paths: list[Path], out: Path, name: str, title: str, doc: str, preface, section,
+                      plot_fn) -> None:  # fmt: skip
     """`out/<name>.md, .json, .png` from run JSONs (`fmnist_ensemble`, `fmnist_capacity`): `title`,
-    then the script's docstring `doc` past its first paragraph (its commands and protocol), then
-    `body(runs)` lines, then `<name>_notes.md`; `plot_fn(runs, path)` draws the PNG."""
+    the script's docstring `doc` past its first paragraph (its commands and protocol), the
+    `preface(runs)` lines, the plot, `section(run name, run)` for every run, then
+    `<name>_notes.md`; `plot_fn(runs, path)` draws the PNG."""
     runs = {p.stem: json.loads(p.read_text()) for p in paths}
-    lines = [f"# {title}", "", doc.split("\n\n", 1)[1].strip(), "", *body(runs)]
+    lines = [f"# {title}", "", doc.split("\n\n", 1)[1].strip(), "", *preface(runs)]
+    lines += [f"![{title}]({name}.png)", "", "## Every run", ""]
+    for run_name, run in runs.items():
+        lines += section(run_name, run)
     plot_fn(runs, out / f"{name}.png")
     write_md_json(out, name, lines, runs)
     print(f"report: {out / (name + '.md')}")

@@ -67,23 +67,12 @@ def plot(runs: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def body(runs: dict) -> list[str]:
-    lines = [
-        "## Own accuracy over local-only (points; mean ± sd over seeds; bold: the target, +5, met)",
-        "",
-        *summary(runs),
-        "",
-        "![own over local-only](fmnist_ensemble.png)",
-        "",
-        "## Every row",
-        "",
-    ]
-    for name, run in runs.items():
-        lines += detail(name, run)
-    return lines
+def preface(runs: dict) -> list[str]:
+    title = "## Own accuracy over local-only (points; mean ± sd over seeds; bold: the target, +5, met)"
+    return [title, "", *summary(runs), ""]
 
 
 def write_report(paths: list[Path], out: Path, doc: str) -> None:
     """`doc`: fmnist_ensemble's docstring (its commands and protocol open the report)."""
     title = "FMNIST-FL: two adapters on the device (its own and the fleet's) against issue 13's own target"
-    write_runs_report(paths, out, "fmnist_ensemble", title, doc, body, plot)
+    write_runs_report(paths, out, "fmnist_ensemble", title, doc, preface, detail, plot)

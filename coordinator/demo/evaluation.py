@@ -19,14 +19,17 @@ from fedclip.coordinator.demo.federation import FleetRun, last_round, round_adap
 from fedclip.coordinator.procs import Child, ChildFailed, ProcessGroup, procs_wait
 
 
-def eval_argv(bundle: Path, data: Path, adapter: Path | None, cache_dir: Path | None = None) -> list[str]:
-    """`fedclip-agent eval --json` on one split, with `adapter` (None: the bundle's initial one).
+def eval_argv(
+    bundle: Path, data: Path, adapter: Path | None, cache_dir: Path | None = None, **options: object
+) -> list[str]:
+    """`fedclip-agent eval --json` on one split, with `adapter` (None: the bundle's initial one) and
+    any more `options` of the command (`flags`).
 
     `cache_dir`: the image-embedding cache of text-tower bundles. Give each agent its own: evals
     running side by side on one cache folder can lose its data file (see docs/demo.md).
     """
-    options = flags(bundle=bundle, data=data, adapter=adapter, threads=1, cache_dir=cache_dir)
-    return agent_cli("eval", *options, "--quiet", "--json")
+    argv = flags(bundle=bundle, data=data, adapter=adapter, threads=1, cache_dir=cache_dir, **options)
+    return agent_cli("eval", *argv, "--quiet", "--json")
 
 
 def gated_eval_argv(
@@ -35,9 +38,9 @@ def gated_eval_argv(
     """`fedclip-agent eval --open-set --json`: `adapter` as `serve-inference --open-set` serves it, its
     gate fitted on `own_images` (the agent's training folder), the images it sends away scored by
     `fallback` (None: the bundle's own model)."""
-    options = flags(bundle=bundle, data=data, adapter=adapter, threads=1, open_set=own_images,
-                    open_set_quantile=quantile, open_set_fallback=fallback)  # fmt: skip
-    return agent_cli("eval", *options, "--quiet", "--json")
+    return eval_argv(
+        bundle, data, adapter, open_set=own_images, open_set_quantile=quantile, open_set_fallback=fallback
+    )
 
 
 def spawn_eval(

@@ -81,12 +81,14 @@ def build_report(
         for aid, a in agents.items():
             for name in SETS:
                 a[name] = dict(comparison.table[name][aid])
+            if aid in comparison.gate:
+                a["open_set"] = comparison.gate[aid]
         report["mean"] = {
             name: {c: _mean(row[c] for row in comparison.table[name].values()) for c in columns(cfg)}
             for name in SETS
         }
         if comparison.gate:
-            report["open_set"] = _open_set(cfg, comparison, agents)
+            report["open_set"] = _open_set(cfg, comparison)
         report["local_only"] = {
             "epochs": cfg.rounds * cfg.local_epochs,
             "batch_size": Hyperparameters.batch_size,
@@ -109,11 +111,9 @@ def _mean(values: Iterable[float | None]) -> float | None:
     return sum(known) / len(known) if known else None
 
 
-def _open_set(cfg: DemoConfig, comparison: Comparison, agents: dict[str, dict]) -> dict:
-    """The gate's column: per agent what it did (`Comparison.gate`), and the share of each set's
-    images the gates sent away, over the fleet."""
-    for aid, gate in comparison.gate.items():
-        agents[aid]["open_set"] = gate
+def _open_set(cfg: DemoConfig, comparison: Comparison) -> dict:
+    """The gate's column over the fleet: the share of each set's images the gates sent away, and
+    where they sent them (per agent: `Comparison.gate`)."""
     share = {}
     for name in SETS:
         sent = sum(g.get("sent_away", {}).get(name, 0) for g in comparison.gate.values())
@@ -159,7 +159,7 @@ def _notes(cfg: DemoConfig, run: FleetRun, base: Base | None) -> list[str]:
         notes.append(f"{cfg.model} has random weights (no --pretrained): accuracies start near chance")
     elif base is not None and base.note:
         notes.append(base.note)
-    if cfg.loss != "balanced-softmax" and cfg.open_set_q > 0:
+    if cfg.open_set_q > 0 and not cfg.gated:
         notes.append(
             f"agents trained with {cfg.loss}: no adapter carries a label prior, so there is no open-set "
             "gate to score (the fedclip + gate column needs balanced softmax)"
@@ -314,10 +314,11 @@ def write_markdown(report: dict, path: Path) -> None:
         lines.append(f"| {aid} | " + " | ".join(_fmt_acc(_cell(a, n, c)) for n, c, _ in columns) + " |")
     mean = _mean_row(report)
     lines.append("| **mean** | " + " | ".join(_fmt_acc(mean[n][c]) for n, c, _ in columns) + " |")
-    if gain_line(report):
-        lines += ["", *(f"{line}." for line in gain_line(report).splitlines())]
-    if open_set_line(report):
-        lines += ["", f"{open_set_line(report)} (`serve-inference --open-set`, docs/inference.md)."]
+    gains, gates = gain_line(report), open_set_line(report)
+    if gains:
+        lines += ["", *(f"{line}." for line in gains.splitlines())]
+    if gates:
+        lines += ["", f"{gates} (`serve-inference --open-set`, docs/inference.md)."]
     lines += ["", "| round | seconds | uplink | downlink |", "|---:|---:|---:|---:|"]
     for r in report["rounds"]:
         secs = "-" if r["seconds"] is None else f"{r['seconds']:.1f}"

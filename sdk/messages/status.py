@@ -40,10 +40,9 @@ from fedclip.sdk.wire import (
 FEATURES_KEY = "fedclip-wire"
 FEATURE_FALLBACK = "fallback"
 AGENT_FEATURES = (FEATURE_FALLBACK,)  # what this version's agents take
-
-
 # Every coordinator cuts `versions` values to MAX_NAME characters: the joined list must fit
 assert len(",".join(AGENT_FEATURES)) <= MAX_NAME, "wire features: the list outgrew a versions value"
+
 # The status's `device` entry naming the fleet's adapter kept beside the adapter in use, for the
 # fleet view (`AgentStatus.fallback_version`). In `device` for the same reason as the features: a
 # body field would make coordinators from before it (which can already send fallbacks) refuse the
@@ -220,7 +219,7 @@ class AgentStatus(WireBody):
         """The fleet's adapter the device keeps beside `adapter_version` (`rollout start --fallback`),
         where its open-set gate sends the images unlike its own; "": none (`DEVICE_FALLBACK`)."""
         v = self.device.get(DEVICE_FALLBACK)
-        return v if isinstance(v, str) and len(v) <= MAX_VERSION and ID_PATTERN.match(v) else ""
+        return v if isinstance(v, str) and ID_PATTERN.match(v) else ""  # an id: at most 64 characters
 
 
 @dataclass(frozen=True)

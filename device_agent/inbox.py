@@ -16,7 +16,7 @@ from fedclip.device_agent.config import AgentConfig
 from fedclip.device_agent.policy import check_task
 from fedclip.device_agent.rollout_client import RolloutClient
 from fedclip.device_agent.rounds import RoundRunner
-from fedclip.device_agent.state import BUILT, DONE
+from fedclip.device_agent.state_rounds import BUILT, DONE
 from fedclip.device_agent.status import StatusReporter
 from fedclip.device_agent.task import WrongBundle, parse_adapter, parse_task
 from fedclip.device_agent.updates import UpdatePublisher

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedclip.device_agent.personal import paused_tuning
-from fedclip.device_agent.state import BUILT, DONE
+from fedclip.device_agent.state_rounds import BUILT, DONE
 from fedclip.sdk.ledger import Ledger, read_record
 
 

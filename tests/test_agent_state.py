@@ -12,13 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedclip.device_agent.state import (
-    BUILT,
-    DONE,
-    AgentState,
-    current_adapter_path,
-    read_record,
-)
+from fedclip.device_agent.state import AgentState, current_adapter_path, read_record
+from fedclip.device_agent.state_rounds import BUILT, DONE
 from fedclip.device_agent.state_summary import summarize
 from fedclip.sdk.adapters import AdapterMeta, load_adapter
 from fedclip.sdk.errors import ConfigError, StateError

@@ -15,7 +15,7 @@ from fixtures_data import synthetic_images
 from fedclip.device_agent.agent import Agent
 from fedclip.device_agent.config import AgentConfig
 from fedclip.device_agent.rounds import RoundRunner
-from fedclip.device_agent.state import DONE
+from fedclip.device_agent.state_rounds import DONE
 from fedclip.sdk.errors import ConfigError
 from fedclip.sdk.manifest import Manifest
 from fedclip.sdk.transport import MemoryBroker, MemoryTransport

@@ -13,6 +13,7 @@ AGENT_MODULES = (
     "fedclip.device_agent.predictor",
     "fedclip.device_agent.classifier",
     "fedclip.device_agent.predictions",
+    "fedclip.device_agent.state_rounds",
     "fedclip.device_agent.inference_http",
     "fedclip.device_agent.embed_cache",
     "fedclip.device_agent.batches",

@@ -20,8 +20,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -48,7 +46,7 @@ def run_seed(pool, transform, args, seed: int) -> dict:
                                                           bsm=True), (1.0,)),
         }  # fmt: skip
         res[name] = {
-            "params": int(sum(np.asarray(model.init[n]).size for n in model.exchanged)),
+            "params": model.exchanged_size(),
             **{row: next(iter(by_scale.values())) for row, by_scale in got.items()},
         }
         shown = " ".join(f"{row} {o * 100:.1f}/{al * 100:.1f}" for row, (o, al) in got_pairs(res[name]))
@@ -57,8 +55,8 @@ def run_seed(pool, transform, args, seed: int) -> dict:
 
 
 def got_pairs(row: dict) -> list[tuple[str, tuple[float, float]]]:
-    """(method, (own, all-class)) of one adapter's results, without its parameter count."""
-    return [(k, v) for k, v in row.items() if k != "params"]
+    """(method, (own, all-class)) of one adapter's results, without its numbers (parameter count, weights)."""
+    return [(k, v) for k, v in row.items() if isinstance(v, (list, tuple))]
 
 
 def main() -> None:

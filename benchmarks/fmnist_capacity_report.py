@@ -6,6 +6,7 @@ seed, then mean ± sd over seeds. The reading is `results/fmnist_capacity_notes.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from _plots import panel_grid  # the benchmarks folder: run as fmnist_capacity.p
 from fmnist_ceiling_report import TARGET_OWN, _ms, _seeds, write_runs_report
 
 METHODS = ("fleet-lora-bsm", "all-pooled-bsm")
+WHAT = "own accuracy over training alone, by adapter size"  # the plot's title
 
 
 def _pts(seeds: list[dict], adapter: str, row: str, which: int, minus_local: bool = False) -> list[float]:
@@ -20,42 +22,43 @@ def _pts(seeds: list[dict], adapter: str, row: str, which: int, minus_local: boo
             for s in seeds]  # fmt: skip
 
 
-def table(name: str, run: dict) -> list[str]:
+def table(name: str, run: dict, methods=METHODS, first: str = "adapter") -> list[str]:
+    """The run's section: a row per adapter (`first` names the column), own gains of `methods`."""
     seeds = _seeds(run)
+    gain_heads = "".join(f"| {m} own - local-only " for m in methods)
     out = [f"### {name}", "", f"`{run['command']}` ({run['seconds'] / 60:.1f} min)", "",
-           "| adapter | exchanged parameters | local-only own / all-class (%) "
-           "| fleet-lora-bsm own - local-only | all-pooled-bsm own - local-only "
-           "| fleet-lora-bsm all-class - local-only |",
-           "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+           f"| {first} | exchanged parameters | local-only own / all-class (%) {gain_heads}"
+           f"| {methods[0]} all-class - local-only |",
+           "|---|---:|---:|" + "---:|" * (len(methods) + 1)]  # fmt: skip
     for adapter in seeds[0]:
         local = f"{_ms(_pts(seeds, adapter, 'local-only', 0))} / {_ms(_pts(seeds, adapter, 'local-only', 1))}"
         gains = []
-        for m in METHODS:
+        for m in methods:
             g = _pts(seeds, adapter, m, 0, minus_local=True)
             gains.append(f"**{_ms(g)}**" if np.mean(g) >= TARGET_OWN else _ms(g))
-        every = _ms(_pts(seeds, adapter, "fleet-lora-bsm", 1, minus_local=True))
+        every = _ms(_pts(seeds, adapter, methods[0], 1, minus_local=True))
         params = seeds[0][adapter]["params"]
         out.append(f"| {adapter} | {params:,} | {local} | {' | '.join(gains)} | {every} |")
     return [*out, ""]
 
 
-def plot(runs: dict, path: Path) -> None:
+def plot(runs: dict, path: Path, methods=METHODS, what: str = WHAT) -> None:
     plt, fig, axes = panel_grid(len(runs), 3, 4.6, 3.4)
     for ax, (name, run) in zip(axes, runs.items(), strict=True):
         seeds = _seeds(run)
         adapters = list(seeds[0])
         xs = np.arange(len(adapters))
-        for k, (m, colour) in enumerate(zip(METHODS, ("#4e79a7", "#9e9e9e"), strict=True)):
+        for k, (m, colour) in enumerate(zip(methods, ("#4e79a7", "#9e9e9e"), strict=True)):
             gains = [np.mean(_pts(seeds, a, m, 0, minus_local=True)) for a in adapters]
             ax.bar(xs + (k - 0.5) * 0.38, gains, 0.38, label=m, color=colour)
         ax.axhline(TARGET_OWN, color="#e15759", ls="--", lw=1, label="target: local-only + 5")
         ax.axhline(0, color="black", lw=0.8)
-        ax.set_xticks(xs, adapters, fontsize=8)
+        ax.set_xticks(xs, [textwrap.fill(a, 14) for a in adapters], fontsize=8)
         ax.set_ylabel("own - local-only, same adapter (points)", fontsize=8)
         ax.set_title(name, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle("own accuracy over training alone, by adapter size (means over seeds)", fontsize=9)
+    fig.suptitle(textwrap.fill(f"{what} (means over seeds)", 28 * min(len(runs), 3)), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

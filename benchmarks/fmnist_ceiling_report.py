@@ -103,7 +103,7 @@ def write_report(paths: list[Path], out: Path, doc: str) -> None:
         "# FMNIST-FL: what pooling can buy (the ceiling of issue 13's own-accuracy target), and "
         "balanced-softmax training",
         "",
-        doc.split("\n\n", 1)[1].strip(),
+        doc.split("\n\n", 1)[1].strip("\n"),
         "",
         "## Summary (points; mean ± sd over seeds of per-seed differences)",
         "",
@@ -134,7 +134,8 @@ def write_runs_report(paths: list[Path], out: Path, name: str, title: str, doc: 
     `preface(runs)` lines, the plot, `section(run name, run)` for every run, then
     `<name>_notes.md`; `plot_fn(runs, path)` draws the PNG."""
     runs = {p.stem: json.loads(p.read_text()) for p in paths}
-    lines = [f"# {title}", "", doc.split("\n\n", 1)[1].strip(), "", *preface(runs)]
+    # strip("\n") keeps the commands' indent: markdown shows them as code
+    lines = [f"# {title}", "", doc.split("\n\n", 1)[1].strip("\n"), "", *preface(runs)]
     lines += [f"![{title}]({name}.png)", "", "## Every run", ""]
     for run_name, run in runs.items():
         lines += section(run_name, run)

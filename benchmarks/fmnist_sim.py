@@ -107,6 +107,10 @@ class Model:
     def state(self) -> dict:
         return {n: p.detach().numpy().copy() for n, p in self.params.items()}
 
+    def exchanged_size(self) -> int:
+        """How many numbers an update carries (the exchanged tensors')."""
+        return int(sum(np.asarray(self.init[n]).size for n in self.exchanged))
+
     def train(
         self, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, seed: int, bias=None,
         anchor: dict | None = None, mu: float = 0.0, pull: float = 0.0,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fedclip.sdk.errors import ConfigError
+from fedclip.sdk.messages import FLEET_GAIN, FLEET_GAIN_SHARE
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -25,6 +26,13 @@ def weighted_means(
             sums[name] = sums.get(name, 0.0) + w * float(value)
             weights[name] = weights.get(name, 0.0) + w
     return {k: sums[k] / weights[k] for k in sorted(sums)}
+
+
+def fleet_gain_share(per_agent: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """`FLEET_GAIN_SHARE`: of the agents whose update reports a fleet gain, the share for which the
+    fleet's adapter scored above the one the agent had trained (none report: nothing)."""
+    gains = [m[FLEET_GAIN] for m in per_agent.values() if FLEET_GAIN in m]
+    return {FLEET_GAIN_SHARE: sum(g > 0 for g in gains) / len(gains)} if gains else {}
 
 
 class MetricsLog:

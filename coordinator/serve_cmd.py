@@ -223,6 +223,7 @@ def status(
     from fedclip.coordinator.fleet_view import FleetView
     from fedclip.coordinator.metrics import METRICS_FILE, MetricsLog
     from fedclip.coordinator.metrics import plot as plot_metrics
+    from fedclip.sdk.messages import FLEET_GAIN
 
     with FleetView(state) as view:
         doc = {**view.summary(), "fleet_metrics": view.fleet_metrics(), "agents": view.agents()}
@@ -248,7 +249,9 @@ def status(
     for a in doc["agents"]:
         m = a["metrics"] if a["metrics_round"] == last_done else {}
         shown = ", ".join(
-            f"{k}={v:.3g}" for k, v in sorted(m.items()) if v is not None and ("acc" in k or "loss" in k)
+            f"{k}={v:.3g}"
+            for k, v in sorted(m.items())
+            if v is not None and ("acc" in k or "loss" in k or k == FLEET_GAIN)
         )
         table.add_row(
             a["agent"],

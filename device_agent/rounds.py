@@ -31,7 +31,7 @@ from fedclip.sdk.data import Dataset
 from fedclip.sdk.errors import DataError, FedclipError, StateError
 from fedclip.sdk.ids import ID_PATTERN
 from fedclip.sdk.manifest import Manifest
-from fedclip.sdk.messages import Task
+from fedclip.sdk.messages import FLEET_GAIN, Task
 
 log = logging.getLogger("fedclip.agent")
 
@@ -216,6 +216,7 @@ class RoundRunner:
             agent_id=self.cfg.id,
             bundle_id=self.manifest.bundle_id,
             key=self.cfg.signing_key(),
+            extra=fleet_gain(task, prog.metrics_before or {}, self.state.last_trained_summary(rnd)),
         )
         self.state.store_update(rnd, blob, summary, save_trainer_checkpoint=self.trainer.save_checkpoint)
         log.info(
@@ -309,6 +310,21 @@ class RoundRunner:
                 steps_done,
             )
         return True
+
+
+def fleet_gain(task: Task, before: Mapping[str, float], last: Mapping[str, Any] | None) -> dict[str, float]:
+    """`FLEET_GAIN` (sdk.messages): the held-out accuracy `before` training of the adapter the fleet
+    sent with `task`, minus that after training of the adapter this device trained in its last
+    trained round (`last`, its kept summary). Only where the two compare: the task carries an
+    adapter, and both rounds scored the same number of held-out images under the same loss (balanced
+    softmax scores with the label prior); else nothing."""
+    if not task.adapter or last is None or "accuracy" not in before:
+        return {}
+    previous = last.get("metrics", {}).get("accuracy_after")
+    same_scoring = last.get("held_out") == int(before.get("num_samples", -1)) and (
+        last.get("loss") == task.hyperparameters.loss
+    )
+    return {FLEET_GAIN: before["accuracy"] - previous} if same_scoring and previous is not None else {}
 
 
 def _bundle_dir(cfg: AgentConfig) -> Path:

@@ -44,6 +44,14 @@ class RoundsState:
         rounds = [int(r) for r in self.record["rounds"]]
         return max(rounds) if rounds else -1
 
+    def last_trained_summary(self, before: int) -> Mapping[str, Any] | None:
+        """The kept summary of the latest round before `before` that trained (steps > 0), if any."""
+        done = [
+            (int(r), e) for r, e in self.record["rounds"].items()
+            if int(r) < before and (e.get("metrics") or {}).get("steps", 0) > 0
+        ]  # fmt: skip
+        return max(done, key=lambda x: x[0])[1] if done else None
+
     def round_status(self, rnd: int) -> str | None:
         entry = self.record["rounds"].get(str(rnd))
         return entry["status"] if entry else None

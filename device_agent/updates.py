@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
+from collections.abc import Mapping
 from typing import Any
 
 from fedclip.device_agent.batches import Trainer
@@ -41,11 +42,14 @@ def build_update(
     agent_id: str,
     bundle_id: str,
     key: Ed25519PrivateKey | None = None,
+    extra: Mapping[str, float] | None = None,
 ) -> tuple[bytes, dict[str, Any]]:
-    """(encoded update, summary kept in the state dir) for a trained round."""
+    """(encoded update, summary kept in the state dir) for a trained round; `extra`: more metrics
+    (`RoundRunner`'s fleet gain)."""
     before = progress.metrics_before or {}
     metrics = {f"{k}_before": v for k, v in before.items() if k != "num_samples"}
     metrics.update({f"{k}_after": v for k, v in after.items() if k != "num_samples"})
+    metrics.update(extra or {})
     metrics.update({f"train_{k}": v for k, v in progress.train_metrics.items() if k.startswith("loss_")})
     metrics["steps"] = float(progress.steps_done)
     # The noise seed depends on agent and round only, so a redone round draws the same noise.
@@ -76,7 +80,14 @@ def build_update(
         adapter=dict(trainer.get_tensors("exchanged")),
         stats=wire_statistics(stats),
     )
-    summary = {"metrics": metrics, "num_samples": readable, "train_seconds": update.train_seconds}
+    # `held_out` and `loss`: what the next round's fleet gain must share with this round's scores
+    summary = {
+        "metrics": metrics,
+        "num_samples": readable,
+        "train_seconds": update.train_seconds,
+        "held_out": int(before.get("num_samples", 0)),
+        "loss": task.hyperparameters.loss,
+    }
     return messages.encode(update, fleet, agent_id, key=key), summary
 
 

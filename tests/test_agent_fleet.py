@@ -20,6 +20,7 @@ from fedclip.sdk.adapters import check_adapter, load_adapter
 from fedclip.sdk.broker_mosquitto import MosquittoBroker
 from fedclip.sdk.errors import WireError
 from fedclip.sdk.ledger import Ledger
+from fedclip.sdk.messages import FLEET_GAIN
 from fedclip.sdk.wire import (
     STAT_LABEL_HIST,
     STAT_MEAN,
@@ -70,7 +71,8 @@ def test_agent_serves_rounds_and_survives_hostile_input(
     assert "python" in online.envelope.body["versions"]
 
     task1 = coord.send_task(agent.id, 1)
-    _check_update(coord.wait_update(agent, 1), coord, agent.id, 1)
+    update1 = coord.wait_update(agent, 1)
+    _check_update(update1, coord, agent.id, 1)
 
     # Hostile or wrong messages: each is dropped with a log line and the agent keeps serving.
     topic = coord.topics.task(agent.id)
@@ -111,7 +113,13 @@ def test_agent_serves_rounds_and_survives_hostile_input(
     coord.publish(coord.topics.adapter(agent.id), _adapter_push(coord, agent.id, "pers-1"))
 
     coord.send_task(agent.id, 2)  # the agent still serves
-    _check_update(coord.wait_update(agent, 2), coord, agent.id, 2)
+    update2 = coord.wait_update(agent, 2)
+    _check_update(update2, coord, agent.id, 2)
+    # The fleet gain: round 2's adapter from the "fleet" against the one this agent trained in
+    # round 1, on the same held-out images; round 1 had nothing of its own to compare with.
+    m1, m2 = (u.envelope.body["metrics"] for u in (update1, update2))
+    assert FLEET_GAIN not in m1
+    assert m2[FLEET_GAIN] == pytest.approx(m2["accuracy_before"] - m1["accuracy_after"], abs=1e-9)
     assert sorted(r for a, r, _ in coord.updates) == [1, 2]  # nothing for duplicate, stale, hostile
     log = agent.text()
     assert log.count("dropped:") >= len(hostile), agent.tail(80)

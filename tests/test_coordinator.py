@@ -26,6 +26,7 @@ from fedclip.coordinator.server import Server
 from fedclip.coordinator.store import Store
 from fedclip.sdk.adapters import encode_tensors
 from fedclip.sdk.manifest import Manifest
+from fedclip.sdk.messages import FLEET_GAIN, FLEET_GAIN_SHARE
 from fedclip.sdk.mqtt import MqttSession, Will
 from fedclip.sdk.wire import Envelope, Message, MsgType, Topics, decode, encode
 
@@ -72,14 +73,16 @@ class ScriptedAgent:
         round_id: int | None = None,
         tensors: dict | None = None,
         stats: dict | None = None,
+        metrics: dict | None = None,
     ) -> bytes:
+        """`metrics`: added to the loss and accuracy `delta` stands for."""
         env = task.envelope
         if tensors is None:
             tensors = {k: (v + np.float32(delta)).astype(v.dtype) for k, v in task.adapter_tensors.items()}
         body = {
             "bundle_id": self.bundle_id,
             "num_samples": num_samples,
-            "metrics": {"loss": 1.0 - delta, "accuracy": delta},
+            "metrics": {"loss": 1.0 - delta, "accuracy": delta, **(metrics or {})},
         }
         out = Envelope(
             MsgType.UPDATE,
@@ -201,8 +204,9 @@ def test_full_rounds_fedavg(mosquitto, lora_bundle, tmp_path):
             )
             np.testing.assert_allclose(ta2.tensors[k], g1[k], atol=0)
         tb2 = b.task(2)
-        a.send(a.update(ta2, 0.2))
-        b.send(b.update(tb2, 0.2))
+        # agents say how the fleet's adapter scored against the one they trained (FLEET_GAIN)
+        a.send(a.update(ta2, 0.2, metrics={FLEET_GAIN: 0.05}))
+        b.send(b.update(tb2, 0.2, metrics={FLEET_GAIN: -0.01}))
         assert run.join() == 0
     finally:
         a.close()
@@ -215,6 +219,11 @@ def test_full_rounds_fedavg(mosquitto, lora_bundle, tmp_path):
         assert s.metrics(1)[0] == (1, "", "accuracy", pytest.approx(0.4))
     lines = [json.loads(x) for x in (state / "metrics.jsonl").read_text().splitlines()]
     assert [x["round"] for x in lines] == [1, 2] and lines[0]["agents"]["b"]["accuracy"] == 0.5
+    # round 1: no agent reported a fleet gain, so no share; round 2: its sample-weighted mean (10
+    # samples each) and the share of agents the fleet's adapter helped
+    assert FLEET_GAIN not in lines[0]["metrics"] and FLEET_GAIN_SHARE not in lines[0]["metrics"]
+    assert lines[1]["metrics"][FLEET_GAIN] == pytest.approx(0.02)
+    assert lines[1]["metrics"][FLEET_GAIN_SHARE] == 0.5
     assert _retained(mosquitto.url, Topics(FLEET).all_agents("task")) == []  # no stale task left
     status = _retained(mosquitto.url, Topics(FLEET).coordinator_status)
     assert json.loads(status[0][1])["body"]["state"] == "offline"

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 
 from fedclip.coordinator.config import CoordConfig
-from fedclip.coordinator.metrics import MetricsLog, plot, weighted_means
+from fedclip.coordinator.metrics import MetricsLog, fleet_gain_share, plot, weighted_means
 from fedclip.coordinator.registry import Registry
 from fedclip.coordinator.store import Store
 from fedclip.coordinator.store.rows import agent_values
 from fedclip.coordinator.strategies.base import AggregateResult
 from fedclip.sdk.adapters import load_adapter
 from fedclip.sdk.errors import ConfigError
+from fedclip.sdk.messages import FLEET_GAIN, FLEET_GAIN_SHARE
 
 
 def _coord(*args: str) -> subprocess.CompletedProcess:
@@ -121,6 +122,12 @@ def test_serve_config_errors_name_the_field(tmp_path):
     cfg.write_text("broker: mqtt://127.0.0.1:1\nfleet: f\nbundle: b\nstate: s\nrounds: 3\n")
     c = CoordConfig.load(cfg, {"rounds": 5, "lr": None})
     assert c.rounds == 5 and c.mqtt_client_id == "fedclip-coord-f"
+
+
+def test_fleet_gain_share_counts_only_the_agents_that_report_one():
+    per_agent = {"a": {FLEET_GAIN: 0.1}, "b": {FLEET_GAIN: -0.2}, "c": {FLEET_GAIN: 0.0}, "d": {"acc": 1.0}}
+    assert fleet_gain_share(per_agent) == {FLEET_GAIN_SHARE: pytest.approx(1 / 3)}  # 0.0 did not help
+    assert fleet_gain_share({"d": {"acc": 1.0}}) == {}  # no agent of an earlier version divides by 0
 
 
 def test_weighted_means_and_plot_refuses_empty(tmp_path):

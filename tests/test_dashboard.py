@@ -16,6 +16,7 @@ import pytest
 from ops_fleet import FLEET, WAIT_S, GroupAgent, ServeWithOps, play_round
 
 from fedclip.sdk.manifest import Manifest
+from fedclip.sdk.messages import FLEET_GAIN
 from fedclip.sdk.wire import Envelope, MsgType, encode
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(400)]
@@ -113,8 +114,9 @@ def test_dashboard_shows_the_fleet_and_follows_rounds(mosquitto, bundle_factory,
         assert browser.execute_script("return window.__xss === undefined")
 
         # the page follows the fleet: round 2 closes while it is open
-        for a, t in zip(agents, tasks, strict=True):
-            a.send(a.update(t, 0.7, num_samples=10))
+        # ... with each agent's fleet gain (the fleet's adapter against its own of round 1)
+        for a, t, gain in zip(agents, tasks, (0.05, -0.01), strict=True):
+            a.send(a.update(t, 0.7, num_samples=10, metrics={FLEET_GAIN: gain}))
         wait.until(
             lambda _: rows('#rounds tbody tr[data-round="2"][data-state="aggregated"]'),
             "the page to show round 2 aggregated",
@@ -122,6 +124,10 @@ def test_dashboard_shows_the_fleet_and_follows_rounds(mosquitto, bundle_factory,
         wait.until(lambda _: chart.get_attribute("data-points") == "2", "the chart's second point")
         wait.until(lambda _: text("#global-version") == "g-r2", "the new global adapter")
         assert "70.0%" in text('#rounds tbody tr[data-round="2"]')
+        # the mean of +5 and -1 points, and one agent of two helped; each agent's own in its row
+        assert "(fleet gain +2.0 pts, 50.0% helped)" in text('#rounds tbody tr[data-round="2"]')
+        assert "fleet gain +5.0 pts" in text('#agents tbody tr[data-agent="cam1"]')
+        assert "fleet gain -1.0 pts" in text('#agents tbody tr[data-agent="cam2"]')
         assert text("#lineage") == "g-r2 ← g-r1 ← g-r0"
         wait.until(lambda _: text("#last-round") == "3", "round 3 to start")
 

@@ -43,11 +43,13 @@ from fedclip.coordinator.demo import (
     round_records,
     write_markdown,
 )
+from fedclip.coordinator.metrics import METRICS_FILE, MetricsLog
 from fedclip.coordinator.procs import ChildFailed, ProcessGroup, port_is_free, wait_port_free
 from fedclip.coordinator.registry import agent_version, global_version
 from fedclip.sdk.adapters import load_adapter
 from fedclip.sdk.errors import ConfigError
 from fedclip.sdk.ledger import Installed, Ledger, installed
+from fedclip.sdk.messages import FLEET_GAIN
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -448,6 +450,15 @@ def test_demo_end_to_end(tmp_path):
         assert report["config"]["pretrained"] == report["base"]["weights"]
         assert report["dataset"] == "fashion-mnist-test"
     assert report["bytes_total"] > 0
+    # Round 2's fleet gain: each agent's adapter from the fleet against its own of round 1, on the
+    # same held-out images (round 1 had nothing of its own to compare with)
+    first, second = report["rounds"]
+    assert first["fleet_gain"] is None and 0.0 <= second["fleet_gain_share"] <= 1.0
+    kept = MetricsLog(Path(report["run_dir"]) / "coordinator" / METRICS_FILE).read()
+    agents = {rec["round"]: rec["agents"] for rec in kept if rec.get("state") == "aggregated"}
+    for aid, m in agents[2].items():
+        assert m[FLEET_GAIN] == pytest.approx(m["accuracy_before"] - agents[1][aid]["accuracy_after"])
+    assert "fleet gain" in r.stdout
     # The last round's adapters reached every agent by signed rollout (agents hold the coordinator key).
     assert not [n for n in report["notes"] if "did not reach" in n], report["notes"]
     assert "agent-00" in r.stdout and "total" in r.stdout and "local-only" in r.stdout  # the tables

@@ -69,7 +69,18 @@ function fmtMetrics(m) {
   }
   const loss = m.loss_after ?? m.loss;
   if (typeof loss === "number") parts.push("loss " + fmtNum(loss));
+  const gain = fmtGain(m);
+  if (gain) parts.push(gain);
   return parts.join(", ") || "-";
+}
+
+// The fleet's adapter against the agent's own of its last round (docs/agent.md, "Fleet gain"): in
+// points, with the share of agents it helped where a round reports one.
+function fmtGain(m) {
+  if (typeof m.fleet_gain !== "number") return "";
+  const pts = (m.fleet_gain >= 0 ? "+" : "") + (100 * m.fleet_gain).toFixed(1);
+  const share = typeof m.fleet_gain_share === "number" ? ", " + fmtPct(m.fleet_gain_share) + " helped" : "";
+  return "fleet gain " + pts + " pts" + share;
 }
 
 function stateCell(state) {
@@ -169,7 +180,9 @@ function render(doc) {
   fillTable("rounds", rounds.slice(-30).reverse(), (r) => {
     const m = r.metrics || {};
     const before = m.accuracy_before ?? null, after = m.accuracy_after ?? m.accuracy ?? null;
-    const accuracy = before === null ? fmtPct(after) : fmtPct(before) + " → " + fmtPct(after);
+    const gain = fmtGain(m);
+    const accuracy = (before === null ? fmtPct(after) : fmtPct(before) + " → " + fmtPct(after))
+      + (gain ? " (" + gain + ")" : "");
     const note = el("td", r.reason || (r.extended ? "deadline extended" : ""), "reason");
     return row([r.round, stateCell(r.state), r.updates + " / " + r.selected,
       accuracy, fmtSecs(r.duration_s), fmtSecs(r.aggregate_s),

@@ -19,12 +19,27 @@ from fedclip.coordinator.demo.base import Base
 from fedclip.coordinator.demo.comparison import COLUMNS, GATED, PERSONAL, SETS, Comparison, columns
 from fedclip.coordinator.demo.config import DemoConfig
 from fedclip.coordinator.demo.federation import FleetRun
-from fedclip.sdk.messages.rounds import Hyperparameters
+from fedclip.sdk.messages.rounds import FLEET_GAIN, FLEET_GAIN_SHARE, Hyperparameters
 
 SET_TITLES = {"own": "own", "all_class": "all-class"}
 
 
 # ---- report ------------------------------------------------------------------------------------
+FLEET_GAIN_NOTE = (
+    "Fleet gain: held-out accuracy of the adapter the fleet sent each agent for the round minus that of "
+    "the adapter the agent trained in its last round (mean, points), and the share of agents it helped "
+    '(docs/agent.md, "Fleet gain").'
+)
+
+
+def _fmt_fleet_gain(r: dict) -> str:
+    """`+1.2 (50%)`: a round's fleet gain in points and the share of agents it helped; `-` for none."""
+    gain, share = r.get("fleet_gain"), r.get("fleet_gain_share")
+    if gain is None:
+        return "-"
+    return f"{100 * gain:+.1f}" + ("" if share is None else f" ({share:.0%})")
+
+
 def _num(rec: dict, *keys: str) -> float | None:
     for k in keys:
         v = rec.get(k)
@@ -60,6 +75,9 @@ def build_report(
                 "bytes": (up or 0) + (down or 0) if up is not None or down is not None else None,
                 "updates": rec.get("updates"),
                 "agent_metrics": rec.get("metrics", {}),
+                # the fleet's adapter against each agent's own of its last round (sdk.messages)
+                "fleet_gain": _num(rec.get("metrics", {}), FLEET_GAIN),
+                "fleet_gain_share": _num(rec.get("metrics", {}), FLEET_GAIN_SHARE),
             }
         )
     agents: dict[str, dict] = {
@@ -281,7 +299,7 @@ def report_tables(report: dict) -> tuple[Table | Text, ...]:
     if said:
         tables.append(Text(said + "\n"))
     rounds = Table(title="rounds")
-    for col in ("round", "seconds", "uplink", "downlink", "updates"):
+    for col in ("round", "seconds", "uplink", "downlink", "updates", "fleet gain"):
         rounds.add_column(col, justify="right")
     total_s = sum(r["seconds"] or 0 for r in report["rounds"])
     total_up = sum(r["uplink_bytes"] or 0 for r in report["rounds"])
@@ -293,8 +311,10 @@ def report_tables(report: dict) -> tuple[Table | Text, ...]:
             _fmt_bytes(r["uplink_bytes"]),
             _fmt_bytes(r["downlink_bytes"]),
             str(r["updates"] or "-"),
+            _fmt_fleet_gain(r),
         )
-    rounds.add_row("total", f"{total_s:.1f}", _fmt_bytes(total_up), _fmt_bytes(total_down), "", style="bold")
+    totals = ("total", f"{total_s:.1f}", _fmt_bytes(total_up), _fmt_bytes(total_down), "", "")
+    rounds.add_row(*totals, style="bold")
     return (*tables, rounds)
 
 
@@ -319,12 +339,13 @@ def write_markdown(report: dict, path: Path) -> None:
         lines += ["", *(f"{line}." for line in gains.splitlines())]
     if gates:
         lines += ["", f"{gates} (`serve-inference --open-set`, docs/inference.md)."]
-    lines += ["", "| round | seconds | uplink | downlink |", "|---:|---:|---:|---:|"]
+    lines += ["", "| round | seconds | uplink | downlink | fleet gain |", "|---:|---:|---:|---:|---:|"]
     for r in report["rounds"]:
         secs = "-" if r["seconds"] is None else f"{r['seconds']:.1f}"
-        lines.append(
-            f"| {r['round']} | {secs} | {_fmt_bytes(r['uplink_bytes'])} | {_fmt_bytes(r['downlink_bytes'])} |"
-        )
+        up, down = _fmt_bytes(r["uplink_bytes"]), _fmt_bytes(r["downlink_bytes"])
+        lines.append(f"| {r['round']} | {secs} | {up} | {down} | {_fmt_fleet_gain(r)} |")
+    if any(r["fleet_gain"] is not None for r in report["rounds"]):
+        lines += ["", FLEET_GAIN_NOTE]
     lines += ["", f"Total wall time {report['total_seconds']:.0f} s; run folder `{report['run_dir']}`."]
     lines += [f"Note: {n}." for n in report["notes"]] + [""]
     path.write_text("\n".join(lines))

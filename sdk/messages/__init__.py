@@ -40,7 +40,7 @@ from fedclip.sdk.messages.base import (
     WireBody,
 )
 from fedclip.sdk.messages.rollout import Ack, AckMetrics, AdapterPush, RolloutCommand
-from fedclip.sdk.messages.rounds import Hyperparameters, Task, Update
+from fedclip.sdk.messages.rounds import FLEET_GAIN, FLEET_GAIN_SHARE, Hyperparameters, Task, Update
 from fedclip.sdk.messages.status import (
     AGENT_FEATURES,
     DEVICE_FALLBACK,
@@ -114,6 +114,8 @@ __all__ = [
     "DEVICE_FALLBACK",
     "FEATURE_FALLBACK",
     "FEATURES_KEY",
+    "FLEET_GAIN",
+    "FLEET_GAIN_SHARE",
     "wire_features",
     "ACK_INSTALLED",
     "ACK_PINNED",

@@ -35,6 +35,22 @@ def fleet_gain_share(per_agent: Mapping[str, Mapping[str, float]]) -> dict[str, 
     return {FLEET_GAIN_SHARE: sum(g > 0 for g in gains) / len(gains)} if gains else {}
 
 
+def fleet_gain_warning(rnd: int, metrics: Mapping[str, float], personalized: bool) -> str | None:
+    """One line for the serve log when the adapter the fleet sent for round `rnd` scored below what
+    most of its agents had trained themselves (`fleet_gain` < 0, helping fewer than half), else None."""
+    gain, share = metrics.get(FLEET_GAIN), metrics.get(FLEET_GAIN_SHARE)
+    if gain is None or share is None or gain >= 0 or share >= 0.5:
+        return None
+    hint = "" if personalized else (
+        "; a personalized strategy (fleet-lora, ce-lora) hands each device back its own fit "
+        "(docs/aggregation.md)"
+    )  # fmt: skip
+    return (
+        f"round {rnd}: the adapter the fleet sent scored {100 * -gain:.1f} points below what the agents "
+        f"had trained themselves, and helped {share:.0%} of them{hint}"
+    )
+
+
 class MetricsLog:
     def __init__(self, path: str | Path):
         self.path = Path(path)

@@ -181,7 +181,7 @@ def _retained(url: str, topic: str) -> list[tuple[str, bytes]]:
     return out
 
 
-def test_full_rounds_fedavg(mosquitto, lora_bundle, tmp_path):
+def test_full_rounds_fedavg(mosquitto, lora_bundle, tmp_path, caplog):
     manifest = Manifest.load(lora_bundle)
     init = load_initial_adapter(lora_bundle, manifest)
     state = tmp_path / "state"
@@ -205,7 +205,7 @@ def test_full_rounds_fedavg(mosquitto, lora_bundle, tmp_path):
             np.testing.assert_allclose(ta2.tensors[k], g1[k], atol=0)
         tb2 = b.task(2)
         # agents say how the fleet's adapter scored against the one they trained (FLEET_GAIN)
-        a.send(a.update(ta2, 0.2, metrics={FLEET_GAIN: 0.05}))
+        a.send(a.update(ta2, 0.2, metrics={FLEET_GAIN: -0.05}))
         b.send(b.update(tb2, 0.2, metrics={FLEET_GAIN: -0.01}))
         assert run.join() == 0
     finally:
@@ -220,10 +220,16 @@ def test_full_rounds_fedavg(mosquitto, lora_bundle, tmp_path):
     lines = [json.loads(x) for x in (state / "metrics.jsonl").read_text().splitlines()]
     assert [x["round"] for x in lines] == [1, 2] and lines[0]["agents"]["b"]["accuracy"] == 0.5
     # round 1: no agent reported a fleet gain, so no share; round 2: its sample-weighted mean (10
-    # samples each) and the share of agents the fleet's adapter helped
+    # samples each) and the share of agents the fleet's adapter helped (none), which the log says
     assert FLEET_GAIN not in lines[0]["metrics"] and FLEET_GAIN_SHARE not in lines[0]["metrics"]
-    assert lines[1]["metrics"][FLEET_GAIN] == pytest.approx(0.02)
-    assert lines[1]["metrics"][FLEET_GAIN_SHARE] == 0.5
+    assert lines[1]["metrics"][FLEET_GAIN] == pytest.approx(-0.03)
+    assert lines[1]["metrics"][FLEET_GAIN_SHARE] == 0.0
+    warned = [r.getMessage() for r in caplog.records if "the adapter the fleet sent" in r.getMessage()]
+    assert warned == [
+        "round 2: the adapter the fleet sent scored 3.0 points below what the agents had trained "
+        "themselves, and helped 0% of them; a personalized strategy (fleet-lora, ce-lora) hands each "
+        "device back its own fit (docs/aggregation.md)"
+    ]
     assert _retained(mosquitto.url, Topics(FLEET).all_agents("task")) == []  # no stale task left
     status = _retained(mosquitto.url, Topics(FLEET).coordinator_status)
     assert json.loads(status[0][1])["body"]["state"] == "offline"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fedclip.coordinator.config import CoordConfig
-from fedclip.coordinator.metrics import MetricsLog, fleet_gain_share, plot, weighted_means
+from fedclip.coordinator.metrics import MetricsLog, fleet_gain_share, fleet_gain_warning, plot, weighted_means
 from fedclip.coordinator.registry import Registry
 from fedclip.coordinator.store import Store
 from fedclip.coordinator.store.rows import agent_values
@@ -128,6 +128,19 @@ def test_fleet_gain_share_counts_only_the_agents_that_report_one():
     per_agent = {"a": {FLEET_GAIN: 0.1}, "b": {FLEET_GAIN: -0.2}, "c": {FLEET_GAIN: 0.0}, "d": {"acc": 1.0}}
     assert fleet_gain_share(per_agent) == {FLEET_GAIN_SHARE: pytest.approx(1 / 3)}  # 0.0 did not help
     assert fleet_gain_share({"d": {"acc": 1.0}}) == {}  # no agent of an earlier version divides by 0
+
+
+def test_the_serve_log_warns_when_the_fleet_costs_most_agents_their_own_fit():
+    costly = {FLEET_GAIN: -0.079, FLEET_GAIN_SHARE: 0.0}
+    line = fleet_gain_warning(3, costly, personalized=False)
+    assert line == (
+        "round 3: the adapter the fleet sent scored 7.9 points below what the agents had trained "
+        "themselves, and helped 0% of them; a personalized strategy (fleet-lora, ce-lora) hands each "
+        "device back its own fit (docs/aggregation.md)"
+    )
+    assert "personalized strategy" not in fleet_gain_warning(3, costly, personalized=True)
+    for fine in ({FLEET_GAIN: 0.01, FLEET_GAIN_SHARE: 0.25}, {FLEET_GAIN: -0.01, FLEET_GAIN_SHARE: 0.5}, {}):
+        assert fleet_gain_warning(3, fine, personalized=False) is None, fine
 
 
 def test_weighted_means_and_plot_refuses_empty(tmp_path):

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fedclip.coordinator.metrics import fleet_gain_share, weighted_means
+from fedclip.coordinator.metrics import fleet_gain_share, fleet_gain_warning, weighted_means
 from fedclip.coordinator.server.context import RoundContext
 from fedclip.coordinator.server.tasks import RoundState
 from fedclip.coordinator.strategies.aggregate import clip_delta
@@ -88,6 +88,9 @@ class RoundCloser:
         round_metrics = weighted_means(per_agent, samples)
         round_metrics.update(fleet_gain_share(per_agent))
         round_metrics.update(result.metrics)
+        warning = fleet_gain_warning(st.round, round_metrics, bool(result.per_agent))
+        if warning:
+            log.warning(warning)
         gv = self.registry.commit_round(
             st.round, self.strategy.name, result, st.selected, per_agent, round_metrics
         )

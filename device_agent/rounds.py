@@ -9,7 +9,10 @@ Nothing here talks to the broker: the agent (`device_agent.agent`) publishes wha
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import math
 import threading
 import time
 import zlib
@@ -24,6 +27,7 @@ from fedclip.device_agent.config import AgentConfig
 from fedclip.device_agent.loops import evaluate, train_local
 from fedclip.device_agent.round_progress import RoundProgress
 from fedclip.device_agent.state import AgentState
+from fedclip.device_agent.statistics import data_digest
 from fedclip.device_agent.updates import build_update
 from fedclip.sdk import label_prior
 from fedclip.sdk.adapters import AdapterMeta
@@ -127,6 +131,14 @@ class RoundRunner:
         )
         return evaluate(self.trainer, self.eval_source, batch_size=self.cfg.eval_batch_size, logit_bias=bias)
 
+    def scoring(self, task: Task) -> str:
+        """sha256 of what this round's held-out scores depend on besides the adapter: the held-out
+        files (`data_digest`: key, size, label), the task's loss and the label prior balanced softmax
+        scores with. Two rounds' scores compare (the fleet gain) only where it is the same."""
+        h = hashlib.sha256(data_digest(self.held_out, (), 0.0).encode())
+        h.update(json.dumps({"loss": task.hyperparameters.loss, "prior": self.state.label_prior()}).encode())
+        return h.hexdigest()
+
     def _use_loss(self, task: Task) -> None:
         """Train with the task's loss: under balanced softmax every batch carries the log prior of
         this device's training split, and the state dir records the histogram so that the adapters
@@ -206,6 +218,7 @@ class RoundRunner:
         # A statistics-only task (epochs 0, a newcomer's first) trained nothing: the adapter is the
         # one just scored, so its score is not computed twice.
         after = self._evaluate() if task.hyperparameters.epochs else dict(prog.metrics_before or {})
+        scoring = self.scoring(task)
         blob, summary = build_update(
             self.trainer,
             self.train_set,
@@ -216,7 +229,8 @@ class RoundRunner:
             agent_id=self.cfg.id,
             bundle_id=self.manifest.bundle_id,
             key=self.cfg.signing_key(),
-            extra=fleet_gain(task, prog.metrics_before or {}, self.state.last_trained_summary(rnd)),
+            extra=fleet_gain(task, prog.metrics_before or {}, self.state.last_trained_summary(rnd), scoring),
+            scoring=scoring,
         )
         self.state.store_update(rnd, blob, summary, save_trainer_checkpoint=self.trainer.save_checkpoint)
         log.info(
@@ -312,19 +326,23 @@ class RoundRunner:
         return True
 
 
-def fleet_gain(task: Task, before: Mapping[str, float], last: Mapping[str, Any] | None) -> dict[str, float]:
+def fleet_gain(
+    task: Task, before: Mapping[str, float], last: Mapping[str, Any] | None, scoring: str
+) -> dict[str, float]:
     """`FLEET_GAIN` (sdk.messages): the held-out accuracy `before` training of the adapter the fleet
     sent with `task`, minus that after training of the adapter this device trained in its last
-    trained round (`last`, its kept summary). Only where the two compare: the task carries an
-    adapter, and both rounds scored the same number of held-out images under the same loss (balanced
-    softmax scores with the label prior); else nothing."""
-    if not task.adapter or last is None or "accuracy" not in before:
+    trained round (`last`, its kept summary). Only where the two compare: the task carries an adapter
+    and both rounds scored under the same `scoring` (`RoundRunner.scoring`: the same held-out files,
+    loss and label prior); else nothing. Never raises: a round's update must not fail on it."""
+    previous = (last or {}).get("metrics") or {}
+    previous = previous.get("accuracy_after") if isinstance(previous, Mapping) else None
+    now = before.get("accuracy")
+    if not task.adapter or not scoring or (last or {}).get("scoring") != scoring:
         return {}
-    previous = last.get("metrics", {}).get("accuracy_after")
-    same_scoring = last.get("held_out") == int(before.get("num_samples", -1)) and (
-        last.get("loss") == task.hyperparameters.loss
-    )
-    return {FLEET_GAIN: before["accuracy"] - previous} if same_scoring and previous is not None else {}
+    if not (isinstance(now, (int, float)) and isinstance(previous, (int, float))):
+        return {}
+    gain = float(now) - float(previous)
+    return {FLEET_GAIN: gain} if math.isfinite(gain) else {}
 
 
 def _bundle_dir(cfg: AgentConfig) -> Path:

@@ -46,10 +46,7 @@ class RoundsState:
 
     def last_trained_summary(self, before: int) -> Mapping[str, Any] | None:
         """The kept summary of the latest round before `before` that trained (steps > 0), if any."""
-        done = [
-            (int(r), e) for r, e in self.record["rounds"].items()
-            if int(r) < before and (e.get("metrics") or {}).get("steps", 0) > 0
-        ]  # fmt: skip
+        done = [(int(r), e) for r, e in self.record["rounds"].items() if int(r) < before and _trained(e)]
         return max(done, key=lambda x: x[0])[1] if done else None
 
     def round_status(self, rnd: int) -> str | None:
@@ -182,3 +179,10 @@ class RoundsState:
                 remove(p)
         if not any(folder.iterdir()):
             remove(folder)
+
+
+def _trained(entry: Mapping[str, Any]) -> bool:
+    """A kept round that took optimizer steps (not a statistics-only one), read defensively."""
+    metrics = entry.get("metrics")
+    steps = metrics.get("steps") if isinstance(metrics, Mapping) else None
+    return isinstance(steps, (int, float)) and steps > 0

@@ -43,9 +43,11 @@ def build_update(
     bundle_id: str,
     key: Ed25519PrivateKey | None = None,
     extra: Mapping[str, float] | None = None,
+    scoring: str = "",
 ) -> tuple[bytes, dict[str, Any]]:
     """(encoded update, summary kept in the state dir) for a trained round; `extra`: more metrics
-    (`RoundRunner`'s fleet gain)."""
+    (`RoundRunner`'s fleet gain); `scoring`: what its held-out scores depend on besides the adapter
+    (`RoundRunner.scoring`), kept in the summary for the next round's fleet gain."""
     before = progress.metrics_before or {}
     metrics = {f"{k}_before": v for k, v in before.items() if k != "num_samples"}
     metrics.update({f"{k}_after": v for k, v in after.items() if k != "num_samples"})
@@ -80,13 +82,11 @@ def build_update(
         adapter=dict(trainer.get_tensors("exchanged")),
         stats=wire_statistics(stats),
     )
-    # `held_out` and `loss`: what the next round's fleet gain must share with this round's scores
     summary = {
         "metrics": metrics,
         "num_samples": readable,
         "train_seconds": update.train_seconds,
-        "held_out": int(before.get("num_samples", 0)),
-        "loss": task.hyperparameters.loss,
+        "scoring": scoring,
     }
     return messages.encode(update, fleet, agent_id, key=key), summary
 

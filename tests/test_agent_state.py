@@ -20,7 +20,7 @@ from fedclip.sdk.adapters import AdapterMeta, load_adapter
 from fedclip.sdk.errors import ConfigError, StateError
 from fedclip.sdk.fsutil import atomic_write
 from fedclip.sdk.ledger import Ledger
-from fedclip.sdk.messages import FLEET_GAIN, Hyperparameters, Task
+from fedclip.sdk.messages import FLEET_GAIN, Task
 
 BUNDLE = "b" * 64
 
@@ -115,35 +115,37 @@ def test_round_lifecycle_and_summary(tmp_path):
     assert info["last_metrics"] == {"accuracy_after": 0.5}
 
 
-def _built(s: AgentState, rnd: int, steps: float, accuracy_after: float, **summary) -> None:
+def _built(s: AgentState, rnd: int, steps, accuracy_after: float, scoring: str = "held-out A") -> None:
     s.begin_round(rnd, b"task")
     metrics = {"accuracy_after": accuracy_after, "steps": steps}
-    s.store_update(rnd, b"u", {"metrics": metrics, **summary}, save_trainer_checkpoint=_fake_ckpt(b"t"))
+    s.store_update(
+        rnd, b"u", {"metrics": metrics, "scoring": scoring}, save_trainer_checkpoint=_fake_ckpt(b"t")
+    )
 
 
 def test_the_fleet_gain_compares_the_fleets_adapter_with_the_last_one_trained(tmp_path):
     s = _open(tmp_path)
     assert s.last_trained_summary(9) is None
-    _built(s, 2, 10, 0.6, held_out=20, loss="ce")
-    _built(s, 4, 0, 0.3, held_out=20, loss="ce")  # statistics only (a newcomer's first): trained nothing
-    _built(s, 5, 10, 0.9, held_out=20, loss="ce")
+    _built(s, 2, 10, 0.6)
+    _built(s, 4, 0, 0.3)  # statistics only (a newcomer's first): trained nothing
+    _built(s, 5, 10, 0.9)
+    _built(s, 6, None, 0.1)  # a record without a step count is not taken for a trained round
     assert s.last_trained_summary(5)["metrics"]["accuracy_after"] == 0.6  # before 5, not 4
     last = s.last_trained_summary(7)
+    assert last["metrics"]["accuracy_after"] == 0.9
     s.close()
     task = Task(7, BUNDLE, 100.0, adapter={"w": np.zeros(2, np.float32)})
     before = {"accuracy": 0.75, "num_samples": 20.0}
     # the fleet's adapter scored 0.75 where the device's own last one scored 0.9: the fleet cost it
-    assert fleet_gain(task, before, last) == {FLEET_GAIN: pytest.approx(-0.15)}
-    assert fleet_gain(task, {**before, "accuracy": 0.95}, last) == {FLEET_GAIN: pytest.approx(0.05)}
+    assert fleet_gain(task, before, last, "held-out A") == {FLEET_GAIN: pytest.approx(-0.15)}
+    assert fleet_gain(task, {"accuracy": 0.95}, last, "held-out A") == {FLEET_GAIN: pytest.approx(0.05)}
     # nothing where the two scores do not compare, or there is nothing to compare
-    assert fleet_gain(task, {**before, "num_samples": 21.0}, last) == {}  # other held-out images
-    bsm = Task(
-        7, BUNDLE, 100.0, adapter=task.adapter, hyperparameters=Hyperparameters(loss="balanced-softmax")
-    )
-    assert fleet_gain(bsm, before, last) == {}  # scored under another loss (the label prior)
-    assert fleet_gain(Task(7, BUNDLE, 100.0), before, last) == {}  # no adapter from the fleet
-    assert fleet_gain(task, before, None) == {}  # no round trained before
-    assert fleet_gain(task, before, {"metrics": {"steps": 3.0}, "held_out": 20, "loss": "ce"}) == {}
+    assert fleet_gain(task, before, last, "held-out B") == {}  # other held-out files, loss or prior
+    assert fleet_gain(task, before, last, "") == {}
+    assert fleet_gain(Task(7, BUNDLE, 100.0), before, last, "held-out A") == {}  # no adapter from the fleet
+    assert fleet_gain(task, before, None, "held-out A") == {}  # no round trained before
+    for odd in ({"metrics": {"steps": 3.0}}, {"metrics": None}, {"metrics": {"accuracy_after": "x"}}):
+        assert fleet_gain(task, before, {**odd, "scoring": "held-out A"}, "held-out A") == {}, odd
 
 
 def test_state_survives_reopen_and_resume_points_at_checkpoint(tmp_path):

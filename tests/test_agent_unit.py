@@ -4,6 +4,7 @@ real state dir, no broker. The mosquitto tests (test_agent_fleet.py) cover the s
 from __future__ import annotations
 
 import math
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from fedclip.device_agent.rounds import RoundRunner
 from fedclip.device_agent.state_rounds import DONE
 from fedclip.sdk.errors import ConfigError
 from fedclip.sdk.manifest import Manifest
+from fedclip.sdk.messages import Hyperparameters, Task
 from fedclip.sdk.transport import MemoryBroker, MemoryTransport
 from fedclip.sdk.wire import Envelope, Message, MsgType, Topics, decode, encode
 
@@ -181,6 +183,33 @@ def test_a_reconnect_during_a_status_publish_sends_the_newest_status_after_it(ha
         hook.join(10)
     sent = [p for t, p, _ in harness.broker.published if t == topic][before:]
     assert len(sent) == 2 and sent[1] == status._online == harness.broker.retained(topic)
+
+
+def test_the_scoring_digest_names_what_held_out_scores_depend_on(step_bundle, image_dir, tmp_path):
+    """Two rounds' held-out scores compare (the fleet gain) only under the same digest: it changes
+    with the held-out files and the loss, and stays put across restarts on the same data."""
+    data = tmp_path / "data"
+    shutil.copytree(image_dir, data)
+
+    def scoring(loss: str = "ce") -> str:
+        cfg = AgentConfig(broker="mqtt://127.0.0.1:1", fleet=FLEET, id=AGENT, bundle=step_bundle, data=data,
+                          state=tmp_path / "state", backend="step", threads=1, holdout=0.25)  # fmt: skip
+        runner = RoundRunner.open(cfg, threading.Event())
+        try:
+            task = Task(
+                1, runner.manifest.bundle_id, time.time() + 60, hyperparameters=Hyperparameters(loss=loss)
+            )
+            held_out = runner.held_out.samples[0].path
+            return runner.scoring(task), held_out
+        finally:
+            runner.close()
+
+    first, held_out = scoring()
+    assert scoring()[0] == first  # the same files and loss after a restart
+    assert scoring("balanced-softmax")[0] != first
+    with open(held_out, "ab") as f:  # a held-out image rewritten
+        f.write(b"\0")
+    assert scoring()[0] != first
 
 
 def test_a_valid_task_publishes_one_update(harness):

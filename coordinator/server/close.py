@@ -88,7 +88,7 @@ class RoundCloser:
         round_metrics = weighted_means(per_agent, samples)
         round_metrics.update(fleet_gain_share(per_agent))
         round_metrics.update(result.metrics)
-        warning = fleet_gain_warning(st.round, round_metrics, bool(result.per_agent))
+        warning = fleet_gain_warning(st.round, round_metrics, self.strategy.personalized)
         if warning:
             log.warning(warning)
         gv = self.registry.commit_round(

@@ -86,7 +86,7 @@ def plot(records: Sequence[Mapping[str, Any]], out: str | Path, names: Sequence[
         raise ConfigError("metrics: no aggregated round to plot yet")
     all_names = sorted({k for r in done for k in r.get("metrics", {})})
     if names is None:
-        names = [n for n in all_names if "acc" in n or "loss" in n] or all_names
+        names = [n for n in all_names if "acc" in n or "loss" in n or n == FLEET_GAIN] or all_names
     names = list(names)[:8]
     if not names:
         raise ConfigError("metrics: the rounds carry no metrics to plot")
@@ -98,6 +98,8 @@ def plot(records: Sequence[Mapping[str, Any]], out: str | Path, names: Sequence[
             ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=0.8, alpha=0.5, marker=".")
         pts = [(r["round"], r["metrics"][name]) for r in done if name in r.get("metrics", {})]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "k-", lw=2, marker="o", label="fleet (weighted)")
+        if name == FLEET_GAIN:  # above the line the fleet's adapter beat the device's own
+            ax.axhline(0.0, color="#c62828", lw=0.8, ls="--")
         ax.set_title(name)
         ax.set_xlabel("round")
         ax.legend(loc="best", fontsize=7)

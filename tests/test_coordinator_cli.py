@@ -143,6 +143,17 @@ def test_the_serve_log_warns_when_the_fleet_costs_most_agents_their_own_fit():
         assert fleet_gain_warning(3, fine, personalized=False) is None, fine
 
 
+def test_the_metrics_plot_has_a_fleet_gain_panel_when_rounds_report_one(tmp_path):
+    def panels(records) -> int:  # 2.6 inches a panel at 100 dpi: the PNG's height (IHDR) counts them
+        png = plot(records, tmp_path / "m.png").read_bytes()
+        return round(int.from_bytes(png[20:24], "big") / 260)
+
+    rnd = {"round": 1, "state": "aggregated", "metrics": {"accuracy": 0.5, "steps": 3.0}, "agents": {}}
+    assert panels([rnd]) == 1  # accuracy; steps is not drawn by default
+    gained = {**rnd, "round": 2, "metrics": {"accuracy": 0.6, FLEET_GAIN: -0.02, FLEET_GAIN_SHARE: 0.0}}
+    assert panels([rnd, gained]) == 2  # and the fleet gain
+
+
 def test_weighted_means_and_plot_refuses_empty(tmp_path):
     m = weighted_means({"a": {"acc": 1.0}, "b": {"acc": 0.0, "loss": 2.0}}, {"a": 3, "b": 1})
     assert m == {"acc": 0.75, "loss": 2.0}

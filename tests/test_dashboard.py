@@ -122,6 +122,9 @@ def test_dashboard_shows_the_fleet_and_follows_rounds(mosquitto, bundle_factory,
             "the page to show round 2 aggregated",
         )
         wait.until(lambda _: chart.get_attribute("data-points") == "2", "the chart's second point")
+        gains = browser.find_element(By.CSS_SELECTOR, "#chart-gain")  # round 1 has none: a gap, then +2
+        wait.until(lambda _: gains.get_attribute("data-points") == "2", "the fleet gain's chart")
+        assert gains.find_elements(By.CSS_SELECTOR, "canvas")
         wait.until(lambda _: text("#global-version") == "g-r2", "the new global adapter")
         assert "70.0%" in text('#rounds tbody tr[data-round="2"]')
         # the mean of +5 and -1 points, and one agent of two helped; each agent's own in its row

@@ -144,6 +144,9 @@ function renderCharts(rounds) {
     [cx, closed.map((r) => r.bytes_in), closed.map((r) => r.bytes_out)], "bytes");
   chart("chart-durations", ["round duration", "aggregation"],
     [cx, closed.map((r) => r.duration_s), closed.map((r) => r.aggregate_s)], "seconds");
+  // above 0 the adapter the fleet sent beat what the devices had trained themselves (docs/agent.md)
+  const gain = (r) => (typeof (r.metrics || {}).fleet_gain === "number" ? 100 * r.metrics.fleet_gain : null);
+  chart("chart-gain", ["fleet gain"], [xs, done.map(gain)], "points");
 }
 
 function lineage(versions, head) {

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fedclip.sdk.errors import ConfigError
-from fedclip.sdk.messages import FLEET_GAIN, FLEET_GAIN_SHARE
+from fedclip.sdk.messages import FLEET_GAIN, FLEET_GAIN_HELPED, FLEET_GAIN_HURT
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -28,18 +28,22 @@ def weighted_means(
     return {k: sums[k] / weights[k] for k in sorted(sums)}
 
 
-def fleet_gain_share(per_agent: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """`FLEET_GAIN_SHARE`: of the agents whose update reports a fleet gain, the share for which the
-    fleet's adapter scored above the one the agent had trained (none report: nothing)."""
+def fleet_gain_shares(per_agent: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """`FLEET_GAIN_HELPED` and `FLEET_GAIN_HURT`: of the agents whose update reports a fleet gain, the
+    shares for which the fleet's adapter scored above and below the one the agent had trained (the
+    rest: level; none report: nothing)."""
     gains = [m[FLEET_GAIN] for m in per_agent.values() if FLEET_GAIN in m]
-    return {FLEET_GAIN_SHARE: sum(g > 0 for g in gains) / len(gains)} if gains else {}
+    if not gains:
+        return {}
+    return {FLEET_GAIN_HELPED: sum(g > 0 for g in gains) / len(gains),
+            FLEET_GAIN_HURT: sum(g < 0 for g in gains) / len(gains)}  # fmt: skip
 
 
 def fleet_gain_warning(rnd: int, metrics: Mapping[str, float], personalized: bool) -> str | None:
     """One line for the serve log when the adapter the fleet sent for round `rnd` scored below what
-    most of its agents had trained themselves (`fleet_gain` < 0, helping fewer than half), else None."""
-    gain, share = metrics.get(FLEET_GAIN), metrics.get(FLEET_GAIN_SHARE)
-    if gain is None or share is None or gain >= 0 or share >= 0.5:
+    its agents had trained themselves (`fleet_gain` < 0, more agents hurt than helped), else None."""
+    gain, helped, hurt = (metrics.get(k) for k in (FLEET_GAIN, FLEET_GAIN_HELPED, FLEET_GAIN_HURT))
+    if gain is None or helped is None or hurt is None or gain >= 0 or hurt <= helped:
         return None
     hint = "" if personalized else (
         "; a personalized strategy (fleet-lora, ce-lora) hands each device back its own fit "
@@ -47,7 +51,7 @@ def fleet_gain_warning(rnd: int, metrics: Mapping[str, float], personalized: boo
     )  # fmt: skip
     return (
         f"round {rnd}: the adapter the fleet sent scored {100 * -gain:.1f} points below what the agents "
-        f"had trained themselves, and helped {share:.0%} of them{hint}"
+        f"had trained themselves (it helped {helped:.0%} of them and cost {hurt:.0%}){hint}"
     )
 
 

@@ -26,7 +26,7 @@ from fedclip.coordinator.server import Server
 from fedclip.coordinator.store import Store
 from fedclip.sdk.adapters import encode_tensors
 from fedclip.sdk.manifest import Manifest
-from fedclip.sdk.messages import FLEET_GAIN, FLEET_GAIN_SHARE
+from fedclip.sdk.messages import FLEET_GAIN, FLEET_GAIN_HELPED, FLEET_GAIN_HURT
 from fedclip.sdk.mqtt import MqttSession, Will
 from fedclip.sdk.wire import Envelope, Message, MsgType, Topics, decode, encode
 
@@ -220,15 +220,16 @@ def test_full_rounds_fedavg(mosquitto, lora_bundle, tmp_path, caplog):
     lines = [json.loads(x) for x in (state / "metrics.jsonl").read_text().splitlines()]
     assert [x["round"] for x in lines] == [1, 2] and lines[0]["agents"]["b"]["accuracy"] == 0.5
     # round 1: no agent reported a fleet gain, so no share; round 2: its sample-weighted mean (10
-    # samples each) and the share of agents the fleet's adapter helped (none), which the log says
-    assert FLEET_GAIN not in lines[0]["metrics"] and FLEET_GAIN_SHARE not in lines[0]["metrics"]
+    # samples each) and the shares of agents the fleet's adapter helped (none) and cost (both), which
+    # the log says
+    assert FLEET_GAIN not in lines[0]["metrics"] and FLEET_GAIN_HELPED not in lines[0]["metrics"]
     assert lines[1]["metrics"][FLEET_GAIN] == pytest.approx(-0.03)
-    assert lines[1]["metrics"][FLEET_GAIN_SHARE] == 0.0
+    assert (lines[1]["metrics"][FLEET_GAIN_HELPED], lines[1]["metrics"][FLEET_GAIN_HURT]) == (0.0, 1.0)
     warned = [r.getMessage() for r in caplog.records if "the adapter the fleet sent" in r.getMessage()]
     assert warned == [
         "round 2: the adapter the fleet sent scored 3.0 points below what the agents had trained "
-        "themselves, and helped 0% of them; a personalized strategy (fleet-lora, ce-lora) hands each "
-        "device back its own fit (docs/aggregation.md)"
+        "themselves (it helped 0% of them and cost 100%); a personalized strategy (fleet-lora, ce-lora) "
+        "hands each device back its own fit (docs/aggregation.md)"
     ]
     assert _retained(mosquitto.url, Topics(FLEET).all_agents("task")) == []  # no stale task left
     status = _retained(mosquitto.url, Topics(FLEET).coordinator_status)

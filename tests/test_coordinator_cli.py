@@ -11,14 +11,20 @@ import numpy as np
 import pytest
 
 from fedclip.coordinator.config import CoordConfig
-from fedclip.coordinator.metrics import MetricsLog, fleet_gain_share, fleet_gain_warning, plot, weighted_means
+from fedclip.coordinator.metrics import (
+    MetricsLog,
+    fleet_gain_shares,
+    fleet_gain_warning,
+    plot,
+    weighted_means,
+)
 from fedclip.coordinator.registry import Registry
 from fedclip.coordinator.store import Store
 from fedclip.coordinator.store.rows import agent_values
 from fedclip.coordinator.strategies.base import AggregateResult
 from fedclip.sdk.adapters import load_adapter
 from fedclip.sdk.errors import ConfigError
-from fedclip.sdk.messages import FLEET_GAIN, FLEET_GAIN_SHARE
+from fedclip.sdk.messages import FLEET_GAIN, FLEET_GAIN_HELPED, FLEET_GAIN_HURT
 
 
 def _coord(*args: str) -> subprocess.CompletedProcess:
@@ -124,23 +130,33 @@ def test_serve_config_errors_name_the_field(tmp_path):
     assert c.rounds == 5 and c.mqtt_client_id == "fedclip-coord-f"
 
 
-def test_fleet_gain_share_counts_only_the_agents_that_report_one():
+def test_fleet_gain_shares_count_only_the_agents_that_report_one():
     per_agent = {"a": {FLEET_GAIN: 0.1}, "b": {FLEET_GAIN: -0.2}, "c": {FLEET_GAIN: 0.0}, "d": {"acc": 1.0}}
-    assert fleet_gain_share(per_agent) == {FLEET_GAIN_SHARE: pytest.approx(1 / 3)}  # 0.0 did not help
-    assert fleet_gain_share({"d": {"acc": 1.0}}) == {}  # no agent of an earlier version divides by 0
+    # of a, b and c: a helped, b hurt, c level (no held-out answer changed)
+    assert fleet_gain_shares(per_agent) == {
+        FLEET_GAIN_HELPED: pytest.approx(1 / 3),
+        FLEET_GAIN_HURT: pytest.approx(1 / 3),
+    }
+    assert fleet_gain_shares({"d": {"acc": 1.0}}) == {}  # no agent of an earlier version divides by 0
 
 
-def test_the_serve_log_warns_when_the_fleet_costs_most_agents_their_own_fit():
-    costly = {FLEET_GAIN: -0.079, FLEET_GAIN_SHARE: 0.0}
+def test_the_serve_log_warns_when_the_fleet_costs_more_agents_than_it_helps():
+    costly = {FLEET_GAIN: -0.079, FLEET_GAIN_HELPED: 0.0, FLEET_GAIN_HURT: 0.5}
     line = fleet_gain_warning(3, costly, personalized=False)
     assert line == (
         "round 3: the adapter the fleet sent scored 7.9 points below what the agents had trained "
-        "themselves, and helped 0% of them; a personalized strategy (fleet-lora, ce-lora) hands each "
-        "device back its own fit (docs/aggregation.md)"
+        "themselves (it helped 0% of them and cost 50%); a personalized strategy (fleet-lora, ce-lora) "
+        "hands each device back its own fit (docs/aggregation.md)"
     )
     assert "personalized strategy" not in fleet_gain_warning(3, costly, personalized=True)
-    for fine in ({FLEET_GAIN: 0.01, FLEET_GAIN_SHARE: 0.25}, {FLEET_GAIN: -0.01, FLEET_GAIN_SHARE: 0.5}, {}):
-        assert fleet_gain_warning(3, fine, personalized=False) is None, fine
+    fine = (
+        {FLEET_GAIN: 0.01, FLEET_GAIN_HELPED: 0.25, FLEET_GAIN_HURT: 0.0},  # a gain
+        {FLEET_GAIN: -0.01, FLEET_GAIN_HELPED: 0.25, FLEET_GAIN_HURT: 0.25},  # as many helped as hurt
+        {FLEET_GAIN: -0.01, FLEET_GAIN_HELPED: 0.5},  # a coordinator's older record
+        {},
+    )
+    for metrics in fine:
+        assert fleet_gain_warning(3, metrics, personalized=False) is None, metrics
 
 
 def test_the_metrics_plot_has_a_fleet_gain_panel_when_rounds_report_one(tmp_path):
@@ -150,7 +166,7 @@ def test_the_metrics_plot_has_a_fleet_gain_panel_when_rounds_report_one(tmp_path
 
     rnd = {"round": 1, "state": "aggregated", "metrics": {"accuracy": 0.5, "steps": 3.0}, "agents": {}}
     assert panels([rnd]) == 1  # accuracy; steps is not drawn by default
-    gained = {**rnd, "round": 2, "metrics": {"accuracy": 0.6, FLEET_GAIN: -0.02, FLEET_GAIN_SHARE: 0.0}}
+    gained = {**rnd, "round": 2, "metrics": {"accuracy": 0.6, FLEET_GAIN: -0.02, FLEET_GAIN_HELPED: 0.0}}
     assert panels([rnd, gained]) == 2  # and the fleet gain
 
 

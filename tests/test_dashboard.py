@@ -128,7 +128,7 @@ def test_dashboard_shows_the_fleet_and_follows_rounds(mosquitto, bundle_factory,
         wait.until(lambda _: text("#global-version") == "g-r2", "the new global adapter")
         assert "70.0%" in text('#rounds tbody tr[data-round="2"]')
         # the mean of +5 and -1 points, and one agent of two helped; each agent's own in its row
-        assert "(fleet gain +2.0 pts, 50.0% helped)" in text('#rounds tbody tr[data-round="2"]')
+        assert "(fleet gain +2.0 pts, 50.0% helped, 50.0% hurt)" in text('#rounds tbody tr[data-round="2"]')
         assert "fleet gain +5.0 pts" in text('#agents tbody tr[data-agent="cam1"]')
         assert "fleet gain -1.0 pts" in text('#agents tbody tr[data-agent="cam2"]')
         assert text("#lineage") == "g-r2 ← g-r1 ← g-r0"

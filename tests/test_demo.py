@@ -453,7 +453,8 @@ def test_demo_end_to_end(tmp_path):
     # Round 2's fleet gain: each agent's adapter from the fleet against its own of round 1, on the
     # same held-out images (round 1 had nothing of its own to compare with)
     first, second = report["rounds"]
-    assert first["fleet_gain"] is None and 0.0 <= second["fleet_gain_share"] <= 1.0
+    assert first["fleet_gain"] is None
+    assert 0.0 <= second["fleet_gain_helped"] <= 1.0 and 0.0 <= second["fleet_gain_hurt"] <= 1.0
     kept = MetricsLog(Path(report["run_dir"]) / "coordinator" / METRICS_FILE).read()
     agents = {rec["round"]: rec["agents"] for rec in kept if rec.get("state") == "aggregated"}
     for aid, m in agents[2].items():

@@ -75,12 +75,13 @@ function fmtMetrics(m) {
 }
 
 // The fleet's adapter against the agent's own of its last round (docs/agent.md, "Fleet gain"): in
-// points, with the share of agents it helped where a round reports one.
+// points, with the shares of agents it helped and cost where a round reports them.
 function fmtGain(m) {
   if (typeof m.fleet_gain !== "number") return "";
   const pts = (m.fleet_gain >= 0 ? "+" : "") + (100 * m.fleet_gain).toFixed(1);
-  const share = typeof m.fleet_gain_share === "number" ? ", " + fmtPct(m.fleet_gain_share) + " helped" : "";
-  return "fleet gain " + pts + " pts" + share;
+  const shares = typeof m.fleet_gain_helped === "number" && typeof m.fleet_gain_hurt === "number"
+    ? ", " + fmtPct(m.fleet_gain_helped) + " helped, " + fmtPct(m.fleet_gain_hurt) + " hurt" : "";
+  return "fleet gain " + pts + " pts" + shares;
 }
 
 function stateCell(state) {

@@ -19,7 +19,7 @@ from fedclip.coordinator.demo.base import Base
 from fedclip.coordinator.demo.comparison import COLUMNS, GATED, PERSONAL, SETS, Comparison, columns
 from fedclip.coordinator.demo.config import DemoConfig
 from fedclip.coordinator.demo.federation import FleetRun
-from fedclip.sdk.messages.rounds import FLEET_GAIN, FLEET_GAIN_SHARE, Hyperparameters
+from fedclip.sdk.messages.rounds import FLEET_GAIN, FLEET_GAIN_HELPED, FLEET_GAIN_HURT, Hyperparameters
 
 SET_TITLES = {"own": "own", "all_class": "all-class"}
 
@@ -27,17 +27,18 @@ SET_TITLES = {"own": "own", "all_class": "all-class"}
 # ---- report ------------------------------------------------------------------------------------
 FLEET_GAIN_NOTE = (
     "Fleet gain: held-out accuracy of the adapter the fleet sent each agent for the round minus that of "
-    "the adapter the agent trained in its last round (mean, points), and the share of agents it helped "
-    '(docs/agent.md, "Fleet gain").'
+    "the adapter the agent trained in its last round (mean, points), and the shares of agents it helped "
+    '(up) and cost (down); the rest kept every held-out answer (docs/agent.md, "Fleet gain").'
 )
 
 
 def _fmt_fleet_gain(r: dict) -> str:
-    """`+1.2 (50%)`: a round's fleet gain in points and the share of agents it helped; `-` for none."""
-    gain, share = r.get("fleet_gain"), r.get("fleet_gain_share")
+    """`+1.2 (50% up, 0% down)`: a round's fleet gain in points and the shares of agents it helped and
+    cost; `-` for none."""
+    gain, up, down = r.get("fleet_gain"), r.get("fleet_gain_helped"), r.get("fleet_gain_hurt")
     if gain is None:
         return "-"
-    return f"{100 * gain:+.1f}" + ("" if share is None else f" ({share:.0%})")
+    return f"{100 * gain:+.1f}" + ("" if up is None or down is None else f" ({up:.0%} up, {down:.0%} down)")
 
 
 def _num(rec: dict, *keys: str) -> float | None:
@@ -77,7 +78,8 @@ def build_report(
                 "agent_metrics": rec.get("metrics", {}),
                 # the fleet's adapter against each agent's own of its last round (sdk.messages)
                 "fleet_gain": _num(rec.get("metrics", {}), FLEET_GAIN),
-                "fleet_gain_share": _num(rec.get("metrics", {}), FLEET_GAIN_SHARE),
+                "fleet_gain_helped": _num(rec.get("metrics", {}), FLEET_GAIN_HELPED),
+                "fleet_gain_hurt": _num(rec.get("metrics", {}), FLEET_GAIN_HURT),
             }
         )
     agents: dict[str, dict] = {

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fedclip.coordinator.metrics import fleet_gain_share, fleet_gain_warning, weighted_means
+from fedclip.coordinator.metrics import fleet_gain_shares, fleet_gain_warning, weighted_means
 from fedclip.coordinator.server.context import RoundContext
 from fedclip.coordinator.server.tasks import RoundState
 from fedclip.coordinator.strategies.aggregate import clip_delta
@@ -86,7 +86,7 @@ class RoundCloser:
         per_agent = {u.agent: dict(u.metrics) for u in updates}
         samples = {u.agent: u.num_samples for u in updates}
         round_metrics = weighted_means(per_agent, samples)
-        round_metrics.update(fleet_gain_share(per_agent))
+        round_metrics.update(fleet_gain_shares(per_agent))
         round_metrics.update(result.metrics)
         warning = fleet_gain_warning(st.round, round_metrics, self.strategy.personalized)
         if warning:

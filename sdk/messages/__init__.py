@@ -40,7 +40,14 @@ from fedclip.sdk.messages.base import (
     WireBody,
 )
 from fedclip.sdk.messages.rollout import Ack, AckMetrics, AdapterPush, RolloutCommand
-from fedclip.sdk.messages.rounds import FLEET_GAIN, FLEET_GAIN_SHARE, Hyperparameters, Task, Update
+from fedclip.sdk.messages.rounds import (
+    FLEET_GAIN,
+    FLEET_GAIN_HELPED,
+    FLEET_GAIN_HURT,
+    Hyperparameters,
+    Task,
+    Update,
+)
 from fedclip.sdk.messages.status import (
     AGENT_FEATURES,
     DEVICE_FALLBACK,
@@ -115,7 +122,8 @@ __all__ = [
     "FEATURE_FALLBACK",
     "FEATURES_KEY",
     "FLEET_GAIN",
-    "FLEET_GAIN_SHARE",
+    "FLEET_GAIN_HELPED",
+    "FLEET_GAIN_HURT",
     "wire_features",
     "ACK_INSTALLED",
     "ACK_PINNED",

@@ -166,9 +166,10 @@ class Task(WireBody):
 # An update's metric: the held-out accuracy of the adapter the fleet sent for this round minus that of
 # the adapter the device trained in its last trained round, on the same held-out files, loss and
 # label prior: what the fleet's aggregation added over the device's own training. Agents of earlier
-# versions do not send it; the coordinator averages it like every metric and adds FLEET_GAIN_SHARE,
-# the share of the round's reporting agents for which it was positive (docs/agent.md, "Fleet gain").
-FLEET_GAIN, FLEET_GAIN_SHARE = "fleet_gain", "fleet_gain_share"
+# versions do not send it; the coordinator averages it like every metric and adds FLEET_GAIN_HELPED
+# and FLEET_GAIN_HURT, the shares of the round's reporting agents for which it was positive and
+# negative (the rest: no held-out answer changed; docs/agent.md, "Fleet gain").
+FLEET_GAIN, FLEET_GAIN_HELPED, FLEET_GAIN_HURT = "fleet_gain", "fleet_gain_helped", "fleet_gain_hurt"
 
 
 @dataclass(frozen=True)

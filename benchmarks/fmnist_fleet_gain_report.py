@@ -70,7 +70,7 @@ def plot(runs: dict, path: Path) -> None:
         for m in methods(run):
             g = 100 * np.nanmean(gains(run, m)[:, 1:], axis=0)  # round 1 has no gain
             ax.plot(range(2, len(g) + 2), g, marker="o", label=m)
-            ax.set_xticks(range(2, len(g) + 2))
+        ax.set_xticks(range(2, int(run["protocol"]["rounds"]) + 1))
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xlabel("round")
         ax.set_ylabel("fleet gain (points, mean over seeds)", fontsize=8)

@@ -28,6 +28,12 @@ def weighted_means(
     return {k: sums[k] / weights[k] for k in sorted(sums)}
 
 
+def headline(name: str) -> bool:
+    """The metrics worth a glance, which `status` lists per agent and `plot` draws by default:
+    accuracies, losses and the fleet gain."""
+    return "acc" in name or "loss" in name or name == FLEET_GAIN
+
+
 def fleet_gain_shares(per_agent: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """`FLEET_GAIN_HELPED` and `FLEET_GAIN_HURT`: of the agents whose update reports a fleet gain, the
     shares for which the fleet's adapter scored above and below the one the agent had trained (the
@@ -90,7 +96,7 @@ def plot(records: Sequence[Mapping[str, Any]], out: str | Path, names: Sequence[
         raise ConfigError("metrics: no aggregated round to plot yet")
     all_names = sorted({k for r in done for k in r.get("metrics", {})})
     if names is None:
-        names = [n for n in all_names if "acc" in n or "loss" in n or n == FLEET_GAIN] or all_names
+        names = [n for n in all_names if headline(n)] or all_names
     names = list(names)[:8]
     if not names:
         raise ConfigError("metrics: the rounds carry no metrics to plot")

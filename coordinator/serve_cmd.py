@@ -221,9 +221,8 @@ def status(
     from rich.table import Table
 
     from fedclip.coordinator.fleet_view import FleetView
-    from fedclip.coordinator.metrics import METRICS_FILE, MetricsLog
+    from fedclip.coordinator.metrics import METRICS_FILE, MetricsLog, headline
     from fedclip.coordinator.metrics import plot as plot_metrics
-    from fedclip.sdk.messages import FLEET_GAIN
 
     with FleetView(state) as view:
         doc = {**view.summary(), "fleet_metrics": view.fleet_metrics(), "agents": view.agents()}
@@ -248,11 +247,7 @@ def status(
     table = Table("agent", "online", "bundle", "adapter version", "last round", "personal adapter", "metrics")
     for a in doc["agents"]:
         m = a["metrics"] if a["metrics_round"] == last_done else {}
-        shown = ", ".join(
-            f"{k}={v:.3g}"
-            for k, v in sorted(m.items())
-            if v is not None and ("acc" in k or "loss" in k or k == FLEET_GAIN)
-        )
+        shown = ", ".join(f"{k}={v:.3g}" for k, v in sorted(m.items()) if v is not None and headline(k))
         table.add_row(
             a["agent"],
             "yes" if a["online"] else "no",

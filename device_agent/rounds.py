@@ -334,11 +334,11 @@ def fleet_gain(
     trained round (`last`, its kept summary). Only where the two compare: the task carries an adapter
     and both rounds scored under the same `scoring` (`RoundRunner.scoring`: the same held-out files,
     loss and label prior); else nothing. Never raises: a round's update must not fail on it."""
-    previous = (last or {}).get("metrics") or {}
-    previous = previous.get("accuracy_after") if isinstance(previous, Mapping) else None
-    now = before.get("accuracy")
-    if not task.adapter or not scoring or (last or {}).get("scoring") != scoring:
+    if not task.adapter or not scoring or last is None or last.get("scoring") != scoring:
         return {}
+    kept = last.get("metrics")
+    previous = kept.get("accuracy_after") if isinstance(kept, Mapping) else None
+    now = before.get("accuracy")
     if not (isinstance(now, (int, float)) and isinstance(previous, (int, float))):
         return {}
     gain = float(now) - float(previous)

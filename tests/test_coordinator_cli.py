@@ -157,6 +157,12 @@ def test_the_serve_log_warns_when_the_fleet_costs_more_agents_than_it_helps():
     )
     for metrics in fine:
         assert fleet_gain_warning(3, metrics, personalized=False) is None, metrics
+    # a device that claims an absurd gain (the wire takes any finite number) moves the mean, not the
+    # shares, and the line stays one line
+    shares = fleet_gain_shares({"liar": {FLEET_GAIN: -1e308}, "b": {FLEET_GAIN: 0.1}, "c": {FLEET_GAIN: 0.2}})
+    assert shares == {FLEET_GAIN_HELPED: pytest.approx(2 / 3), FLEET_GAIN_HURT: pytest.approx(1 / 3)}
+    line = fleet_gain_warning(4, {FLEET_GAIN: -1e308, FLEET_GAIN_HELPED: 0.0, FLEET_GAIN_HURT: 1.0}, True)
+    assert line is not None and "\n" not in line and line.startswith("round 4: ")
 
 
 def test_the_metrics_plot_has_a_fleet_gain_panel_when_rounds_report_one(tmp_path):

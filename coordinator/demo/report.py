@@ -66,6 +66,7 @@ def build_report(
     rounds = []
     for rec in run.rounds:
         rec = {**rec, **run.costs.get(rec["round"], {})}
+        metrics = rec.get("metrics", {})
         up, down = _num(rec, "uplink_bytes"), _num(rec, "downlink_bytes")
         rounds.append(
             {
@@ -75,11 +76,11 @@ def build_report(
                 "downlink_bytes": down,
                 "bytes": (up or 0) + (down or 0) if up is not None or down is not None else None,
                 "updates": rec.get("updates"),
-                "agent_metrics": rec.get("metrics", {}),
+                "agent_metrics": metrics,
                 # the fleet's adapter against each agent's own of its last round (sdk.messages)
-                "fleet_gain": _num(rec.get("metrics", {}), FLEET_GAIN),
-                "fleet_gain_helped": _num(rec.get("metrics", {}), FLEET_GAIN_HELPED),
-                "fleet_gain_hurt": _num(rec.get("metrics", {}), FLEET_GAIN_HURT),
+                "fleet_gain": _num(metrics, FLEET_GAIN),
+                "fleet_gain_helped": _num(metrics, FLEET_GAIN_HELPED),
+                "fleet_gain_hurt": _num(metrics, FLEET_GAIN_HURT),
             }
         )
     agents: dict[str, dict] = {
